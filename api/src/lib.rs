@@ -1,0 +1,1 @@
+//! Waveline HTTP API. The routes land with the API issue.

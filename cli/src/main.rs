@@ -1,0 +1,248 @@
+//! `waveline`: the one binary for every role.
+//!
+//! Each subcommand reads the same layered configuration (`--config FILE`, then `WAVELINE_*`
+//! variables; see `waveline.example.toml`) and prints for people by default or one JSON
+//! document with `--json`. Roles arrive with their issues; this build has:
+//!
+//! - `migrate`: create the database if needed, apply the schema, prepare the storage;
+//! - `check`: prove that the database, the storage and the queue answer, with a round trip;
+//! - `config`: print the effective configuration, secrets redacted.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use waveline_shared::config::{LogFormat, Settings, StorageBackend};
+use waveline_shared::storage::{ObjectKey, S3Storage};
+use waveline_shared::{db, queue, storage};
+
+#[derive(Debug, Parser)]
+#[command(name = "waveline", version, about = "Waveline: the backend of a social audio platform")]
+struct Cli {
+    /// TOML configuration file (default: $WAVELINE_CONFIG, else none). Environment variables
+    /// override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database if it is missing, apply pending migrations, and prepare the
+    /// storage (the directory, or the S3 bucket).
+    Migrate {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that the database, the storage and the queue answer; exits 1 if any does not.
+    Check {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration, with secrets redacted.
+    Config {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("waveline: configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&settings);
+    for name in &settings.unknown_env {
+        tracing::warn!(variable = %name, "ignoring an environment variable that names no setting");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("waveline: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("waveline: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate { json } => migrate(&settings, json).await,
+        Command::Check { json } => check(&settings, json).await,
+        Command::Config { json } => {
+            let shown = settings.redacted();
+            if json {
+                println!("{shown}");
+            } else if let Some(fields) = shown.as_object() {
+                for (key, value) in fields {
+                    println!("{key} = {value}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    use secrecy::ExposeSecret;
+    let created = db::create_database_if_missing(settings.database_url.expose_secret())
+        .await
+        .context("cannot reach PostgreSQL to create the database")?;
+    let pool = db::connect(settings).await.context("cannot connect to PostgreSQL")?;
+    let applied = db::migrate(&pool).await.context("cannot apply the migrations")?;
+    let storage_note = match &settings.storage {
+        StorageBackend::Fs { root } => {
+            storage::FsStorage::open(root).await.with_context(|| format!("cannot prepare {}", root.display()))?;
+            format!("directory {} ready", root.display())
+        }
+        StorageBackend::S3 { bucket, endpoint, region } => {
+            let s3 = S3Storage::from_env(bucket, endpoint.as_deref(), region)?;
+            s3.ensure_bucket().await.with_context(|| format!("cannot create bucket {bucket}"))?;
+            format!("bucket {bucket} ready")
+        }
+    };
+    if json {
+        println!("{}", json!({"database_created": created, "applied": applied, "storage": storage_note}));
+    } else {
+        if created {
+            println!("created the database");
+        }
+        match applied.len() {
+            0 => println!("schema up to date"),
+            n => println!("applied {n} migration(s): {applied:?}"),
+        }
+        println!("{storage_note}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The outcome of one check.
+struct Probe {
+    name: &'static str,
+    backend: String,
+    result: Result<String, String>,
+    elapsed: Duration,
+}
+
+async fn check(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let probes = vec![check_database(settings).await, check_storage(settings).await, check_queue(settings).await];
+    let healthy = probes.iter().all(|probe| probe.result.is_ok());
+    if json {
+        let checks: Vec<_> = probes
+            .iter()
+            .map(|probe| {
+                json!({
+                    "name": probe.name,
+                    "backend": probe.backend,
+                    "ok": probe.result.is_ok(),
+                    "detail": match &probe.result { Ok(text) | Err(text) => text },
+                    "ms": probe.elapsed.as_millis() as u64,
+                })
+            })
+            .collect();
+        println!("{}", json!({"ok": healthy, "checks": checks}));
+    } else {
+        for probe in &probes {
+            let (mark, detail) = match &probe.result {
+                Ok(text) => ("ok  ", text),
+                Err(text) => ("FAIL", text),
+            };
+            println!("{mark} {:<8} {:<6} {detail} ({} ms)", probe.name, probe.backend, probe.elapsed.as_millis());
+        }
+    }
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn check_database(settings: &Settings) -> Probe {
+    let started = Instant::now();
+    let result = async {
+        let pool = db::connect(settings).await.map_err(|err| err.to_string())?;
+        let pending = db::MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .count();
+        let applied: i64 = sqlx_count(&pool).await.map_err(|err| format!("schema not migrated ({err}); run `waveline migrate`"))?;
+        let missing = pending as i64 - applied;
+        if missing > 0 {
+            return Err(format!("{missing} migration(s) not applied; run `waveline migrate`"));
+        }
+        Ok(format!("connected, schema at {applied} migration(s)"))
+    }
+    .await;
+    Probe { name: "database", backend: "postgres".into(), result, elapsed: started.elapsed() }
+}
+
+async fn sqlx_count(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(pool).await
+}
+
+async fn check_storage(settings: &Settings) -> Probe {
+    let started = Instant::now();
+    let mut backend = String::from("?");
+    let result = async {
+        let store = storage::open(&settings.storage).await.map_err(|err| err.to_string())?;
+        backend = store.backend().to_owned();
+        let key = ObjectKey::parse(format!("healthcheck/{}", uuid::Uuid::new_v4())).map_err(|err| err.to_string())?;
+        let payload = bytes::Bytes::from_static(b"waveline check");
+        let body = storage::byte_stream(futures::stream::iter([Ok(payload.clone())]));
+        store.put(&key, "text/plain", body).await.map_err(|err| format!("write failed: {err}"))?;
+        let read = store.get(&key, None).await.map_err(|err| format!("read failed: {err}"));
+        let deleted = store.delete(&key).await.map_err(|err| format!("delete failed: {err}"));
+        let mut read = read?;
+        deleted?;
+        let mut got = Vec::new();
+        use futures::StreamExt;
+        while let Some(chunk) = read.body.next().await {
+            got.extend_from_slice(&chunk.map_err(|err| err.to_string())?);
+        }
+        if got != payload {
+            return Err("read back different bytes than written".to_owned());
+        }
+        Ok("write, read and delete of a probe object".to_owned())
+    }
+    .await;
+    Probe { name: "storage", backend, result, elapsed: started.elapsed() }
+}
+
+async fn check_queue(settings: &Settings) -> Probe {
+    let started = Instant::now();
+    let mut backend = String::from("?");
+    let result = async {
+        let jobs = tokio::time::timeout(Duration::from_secs(15), queue::open(settings))
+            .await
+            .map_err(|_| "no answer within 15 s".to_owned())?
+            .map_err(|err| err.to_string())?;
+        backend = jobs.backend().to_owned();
+        let stats = jobs.stats().await.map_err(|err| err.to_string())?;
+        Ok(format!("{} ready, {} dead, {} consumer(s)", stats.ready, stats.dead, stats.consumers))
+    }
+    .await;
+    Probe { name: "queue", backend, result, elapsed: started.elapsed() }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs and starts the services (setup.sh),
+# checks formatting and lints, then runs every test with cargo-nextest against real
+# PostgreSQL, RabbitMQ, an S3-compatible server and FFmpeg. Exits non-zero on any failure.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+scripts/setup.sh
+
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-waveline-test}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-waveline-test-secret}
+export WAVELINE_TEST_S3_ENDPOINT=${WAVELINE_TEST_S3_ENDPOINT:-http://127.0.0.1:${WAVELINE_TEST_S3_PORT:-9900}}
+export WAVELINE_TEST_DATABASE_URL=${WAVELINE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+export WAVELINE_TEST_AMQP_URL=${WAVELINE_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+
+# Databases left by an earlier run that was killed before its clean-up.
+psql "$WAVELINE_TEST_DATABASE_URL" -Atqc \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'waveline\_test\_%'" | while read -r db; do
+  psql "$WAVELINE_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build the waveline binary for the end-to-end tests"
+cargo build --locked -p waveline
+echo "== tests"
+cargo nextest run --workspace --locked --no-fail-fast

@@ -1,0 +1,628 @@
+//! Configuration: one typed [`Settings`], layered.
+//!
+//! Layers, later ones winning: built-in defaults, then an optional TOML file (`--config FILE`
+//! or `WAVELINE_CONFIG`), then `WAVELINE_*` environment variables. A key of the file and its
+//! variable share a name: `storage` in the file is `WAVELINE_STORAGE` in the environment.
+//! Every value goes through the same parser whichever layer it came from, so a bad value fails
+//! at start-up with one message that names the setting (the variable, or the key and the file)
+//! and says what was expected.
+//!
+//! `waveline.example.toml` at the repository root documents every key; keep it in step with
+//! the field docs below (a test checks that it parses and names every key).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use url::Url;
+
+/// The environment variable prefix of every setting.
+pub const ENV_PREFIX: &str = "WAVELINE_";
+
+/// The variable that names the TOML file when `--config` is not given.
+pub const CONFIG_FILE_ENV: &str = "WAVELINE_CONFIG";
+
+/// Every Waveline setting, after layering and validation.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// PostgreSQL connection URL (`postgres://user:pass@host:port/db`). Held as a secret: it
+    /// may carry a password. Default `postgres://postgres@127.0.0.1:5432/waveline`.
+    pub database_url: SecretString,
+    /// Largest number of pooled database connections per process. Default 10.
+    pub database_max_connections: u32,
+    /// The job queue: `memory` (in-process, the embedded default) or
+    /// `amqp://user:pass@host:port/vhost` for RabbitMQ.
+    pub queue: QueueBackend,
+    /// Object storage: `file:///absolute/dir` (the embedded default, under the user's data
+    /// directory) or `s3://BUCKET?endpoint=http://host:port&region=REGION` (path-style
+    /// addressing; credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
+    pub storage: StorageBackend,
+    /// The address the HTTP API binds. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// How many times a job is tried before it is dead-lettered. Default 5.
+    pub job_max_attempts: u32,
+    /// Delay before the first retry of a failed job; each further retry doubles it.
+    /// Milliseconds, default 2000.
+    pub job_retry_base: Duration,
+    /// The longest delay between two retries. Milliseconds, default 300000 (5 min).
+    pub job_retry_max: Duration,
+    /// Log filter in `tracing` syntax (`info`, `waveline=debug,sqlx=warn`). Default `info`.
+    pub log: String,
+    /// Log line format: `text` for people, `json` for log shippers. Default `text`.
+    pub log_format: LogFormat,
+    /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
+    pub unknown_env: Vec<String>,
+}
+
+/// Which [`JobQueue`](crate::queue::JobQueue) backend to run.
+#[derive(Clone)]
+pub enum QueueBackend {
+    /// The in-process queue: same semantics, no durability.
+    Memory,
+    /// RabbitMQ at this AMQP URL (which may hold a password).
+    Amqp { url: SecretString },
+}
+
+impl fmt::Debug for QueueBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl QueueBackend {
+    /// The value as it can be shown: any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self {
+            QueueBackend::Memory => "memory".to_owned(),
+            QueueBackend::Amqp { url } => redact_url(url.expose_secret()),
+        }
+    }
+}
+
+/// Which [`Storage`](crate::storage::Storage) backend to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// Files under an absolute directory.
+    Fs { root: PathBuf },
+    /// An S3-compatible bucket, path-style.
+    S3 {
+        bucket: String,
+        /// Custom endpoint (MinIO, a local server); `None` means AWS itself.
+        endpoint: Option<String>,
+        region: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that cannot be used; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{setting}: expected {expected}, got {got}")]
+    Invalid {
+        /// `WAVELINE_STORAGE`, or `storage (in /etc/waveline.toml)`.
+        setting: String,
+        expected: String,
+        /// The offending value, quoted, or `(hidden)` for secrets.
+        got: String,
+    },
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { .. } => "config_invalid",
+            ConfigError::Read { .. } => "config_unreadable",
+            ConfigError::Parse { .. } => "config_malformed",
+        }
+    }
+}
+
+/// One setting's name, its parser and whether its value is secret.
+struct Key {
+    name: &'static str,
+    secret: bool,
+}
+
+/// The keys in documentation order; `waveline.example.toml` lists the same.
+const KEYS: [Key; 10] = [
+    Key { name: "database_url", secret: true },
+    Key { name: "database_max_connections", secret: false },
+    Key { name: "queue", secret: true },
+    Key { name: "storage", secret: false },
+    Key { name: "listen", secret: false },
+    Key { name: "job_max_attempts", secret: false },
+    Key { name: "job_retry_base_ms", secret: false },
+    Key { name: "job_retry_max_ms", secret: false },
+    Key { name: "log", secret: false },
+    Key { name: "log_format", secret: false },
+];
+
+/// The names of every setting key, as used in the TOML file.
+pub fn keys() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|key| key.name)
+}
+
+/// The environment variable of a key: `storage` → `WAVELINE_STORAGE`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+}
+
+/// A raw value and the words that name where it came from.
+struct Raw {
+    value: String,
+    setting: String,
+    secret: bool,
+}
+
+impl Raw {
+    fn invalid(&self, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            setting: self.setting.clone(),
+            expected: expected.into(),
+            got: if self.secret {
+                "(hidden)".to_owned()
+            } else {
+                format!("{:?}", self.value)
+            },
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the settings from the process: defaults, then `config_file` (or the file named
+    /// by `WAVELINE_CONFIG`), then the `WAVELINE_*` environment.
+    pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        let file = config_file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get(CONFIG_FILE_ENV).map(PathBuf::from));
+        Settings::from_sources(file.as_deref(), &env)
+    }
+
+    /// Builds the settings from an optional TOML file and a set of environment variables;
+    /// [`Settings::load`] passes the process's own. Variables without the `WAVELINE_` prefix
+    /// are ignored.
+    pub fn from_sources(
+        config_file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+        if let Some(path) = config_file {
+            read_file_layer(path, &mut raw)?;
+        }
+        let mut unknown_env = Vec::new();
+        for (name, value) in env {
+            let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            match KEYS.iter().find(|key| key.name.eq_ignore_ascii_case(suffix)) {
+                Some(key) if suffix == key.name.to_ascii_uppercase() => {
+                    raw.insert(
+                        key.name,
+                        Raw { value: value.clone(), setting: name.clone(), secret: key.secret },
+                    );
+                }
+                _ if name == CONFIG_FILE_ENV || suffix.starts_with("TEST_") => {}
+                _ => unknown_env.push(name.clone()),
+            }
+        }
+        Settings::resolve(raw, unknown_env)
+    }
+
+    fn resolve(
+        mut raw: BTreeMap<&'static str, Raw>,
+        unknown_env: Vec<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut take = |key: &str| raw.remove(key);
+        let database_url = match take("database_url") {
+            Some(raw) => parse_database_url(&raw)?,
+            None => SecretString::from("postgres://postgres@127.0.0.1:5432/waveline"),
+        };
+        let database_max_connections = match take("database_max_connections") {
+            Some(raw) => parse_int(&raw, 1, 10_000)?,
+            None => 10,
+        };
+        let queue = match take("queue") {
+            Some(raw) => parse_queue(&raw)?,
+            None => QueueBackend::Memory,
+        };
+        let storage = match take("storage") {
+            Some(raw) => parse_storage(&raw)?,
+            None => StorageBackend::Fs { root: default_data_dir().join("objects") },
+        };
+        let listen = match take("listen") {
+            Some(raw) => raw
+                .value
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|_| raw.invalid("a socket address such as 127.0.0.1:8080 or [::]:8080"))?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let job_max_attempts = match take("job_max_attempts") {
+            Some(raw) => parse_int(&raw, 1, 100)?,
+            None => 5,
+        };
+        let job_retry_base = match take("job_retry_base_ms") {
+            Some(raw) => Duration::from_millis(parse_int(&raw, 1, 86_400_000)?.into()),
+            None => Duration::from_secs(2),
+        };
+        let job_retry_max = match take("job_retry_max_ms") {
+            Some(raw) => Duration::from_millis(parse_int(&raw, 1, 86_400_000)?.into()),
+            None => Duration::from_secs(300),
+        };
+        let log = take("log").map_or_else(|| "info".to_owned(), |raw| raw.value);
+        let log_format = match take("log_format") {
+            Some(raw) => match raw.value.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(raw.invalid("`text` or `json`")),
+            },
+            None => LogFormat::Text,
+        };
+        Ok(Settings {
+            database_url,
+            database_max_connections,
+            queue,
+            storage,
+            listen,
+            job_max_attempts,
+            job_retry_base,
+            job_retry_max: job_retry_max.max(job_retry_base),
+            log,
+            log_format,
+            unknown_env,
+        })
+    }
+
+    /// The settings as they can be shown to an operator: secrets redacted.
+    pub fn redacted(&self) -> serde_json::Value {
+        serde_json::json!({
+            "database_url": redact_url(self.database_url.expose_secret()),
+            "database_max_connections": self.database_max_connections,
+            "queue": self.queue.redacted(),
+            "storage": self.storage,
+            "listen": self.listen.to_string(),
+            "job_max_attempts": self.job_max_attempts,
+            "job_retry_base_ms": self.job_retry_base.as_millis() as u64,
+            "job_retry_max_ms": self.job_retry_max.as_millis() as u64,
+            "log": self.log,
+            "log_format": self.log_format,
+        })
+    }
+}
+
+fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|err: toml::de::Error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        })?;
+    for (name, value) in table {
+        let Some(key) = KEYS.iter().find(|key| key.name == name) else {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "unknown key `{name}`; the keys are: {}",
+                    keys().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        };
+        let setting = format!("{name} (in {})", path.display());
+        let value = match value {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(number) => number.to_string(),
+            other => {
+                return Err(ConfigError::Invalid {
+                    setting,
+                    expected: "a string or an integer".to_owned(),
+                    got: format!("a TOML {}", other.type_str()),
+                });
+            }
+        };
+        raw.insert(key.name, Raw { value, setting, secret: key.secret });
+    }
+    Ok(())
+}
+
+fn parse_int(raw: &Raw, min: u32, max: u32) -> Result<u32, ConfigError> {
+    raw.value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|value| (min..=max).contains(value))
+        .ok_or_else(|| raw.invalid(format!("a whole number from {min} to {max}")))
+}
+
+fn parse_database_url(raw: &Raw) -> Result<SecretString, ConfigError> {
+    const EXPECTED: &str = "a PostgreSQL URL such as postgres://user:password@host:5432/database";
+    let url = Url::parse(raw.value.trim()).map_err(|_| raw.invalid(EXPECTED))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(raw.invalid(EXPECTED));
+    }
+    Ok(SecretString::from(raw.value.trim().to_owned()))
+}
+
+fn parse_queue(raw: &Raw) -> Result<QueueBackend, ConfigError> {
+    const EXPECTED: &str = "`memory` or an AMQP URL such as amqp://user:password@host:5672/vhost";
+    let value = raw.value.trim();
+    if value == "memory" {
+        return Ok(QueueBackend::Memory);
+    }
+    let url = Url::parse(value).map_err(|_| raw.invalid(EXPECTED))?;
+    if !matches!(url.scheme(), "amqp" | "amqps") || url.host_str().is_none_or(str::is_empty) {
+        return Err(raw.invalid(EXPECTED));
+    }
+    Ok(QueueBackend::Amqp { url: SecretString::from(value.to_owned()) })
+}
+
+fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
+    const EXPECTED: &str = "file:///absolute/dir or s3://BUCKET?endpoint=http://host:port&region=REGION";
+    let value = raw.value.trim();
+    let url = Url::parse(value).map_err(|_| raw.invalid(EXPECTED))?;
+    match url.scheme() {
+        "file" => {
+            if url.host_str().is_some_and(|host| !host.is_empty()) || url.query().is_some() {
+                return Err(raw.invalid("file:/// followed by an absolute directory, e.g. file:///var/lib/waveline"));
+            }
+            let root = url
+                .to_file_path()
+                .map_err(|()| raw.invalid("file:/// followed by an absolute directory"))?;
+            if !root.is_absolute() || root == Path::new("/") {
+                return Err(raw.invalid("file:/// followed by an absolute directory other than /"));
+            }
+            Ok(StorageBackend::Fs { root })
+        }
+        "s3" => {
+            let bucket = url.host_str().unwrap_or_default().to_owned();
+            if !valid_bucket_name(&bucket) {
+                return Err(raw.invalid(
+                    "s3://BUCKET with a bucket name of 3 to 63 lowercase letters, digits, dots and hyphens",
+                ));
+            }
+            if !matches!(url.path(), "" | "/") || url.port().is_some() || !url.username().is_empty() {
+                return Err(raw.invalid(format!(
+                    "{EXPECTED} (no port, path or credentials after the bucket; credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                )));
+            }
+            let mut endpoint = None;
+            let mut region = None;
+            for (name, value) in url.query_pairs() {
+                match &*name {
+                    "endpoint" => {
+                        let parsed = Url::parse(&value)
+                            .ok()
+                            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+                        if parsed.is_none() {
+                            return Err(raw.invalid("endpoint=http://host:port or endpoint=https://host"));
+                        }
+                        endpoint = Some(value.trim_end_matches('/').to_owned());
+                    }
+                    "region" if !value.is_empty() => region = Some(value.into_owned()),
+                    _ => {
+                        return Err(raw.invalid(format!(
+                            "{EXPECTED} (unknown or empty parameter `{name}`; the parameters are endpoint and region)"
+                        )));
+                    }
+                }
+            }
+            Ok(StorageBackend::S3 {
+                bucket,
+                endpoint,
+                region: region.unwrap_or_else(|| "us-east-1".to_owned()),
+            })
+        }
+        _ => Err(raw.invalid(EXPECTED)),
+    }
+}
+
+fn valid_bucket_name(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+}
+
+/// `amqp://user:secret@host/` → `amqp://user:***@host/`; unparsable text is hidden whole.
+fn redact_url(text: &str) -> String {
+    match Url::parse(text) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // Only fails for URLs that cannot have a password, which this one has.
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "(hidden)".to_owned(),
+    }
+}
+
+/// Where the embedded mode keeps its files when no storage is configured:
+/// `$XDG_DATA_HOME/waveline`, else `$HOME/.local/share/waveline`, else `/var/lib/waveline`.
+pub fn default_data_dir() -> PathBuf {
+    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(dir) = absolute("XDG_DATA_HOME") {
+        return dir.join("waveline");
+    }
+    if let Some(home) = absolute("HOME") {
+        return home.join(".local/share/waveline");
+    }
+    PathBuf::from("/var/lib/waveline")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::from_sources(None, &env(pairs))
+    }
+
+    fn error_text(pairs: &[(&str, &str)]) -> String {
+        match load(pairs) {
+            Ok(settings) => panic!("expected an error, got {settings:?}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_mode() {
+        let settings = load(&[]).expect("defaults are valid");
+        assert!(matches!(settings.queue, QueueBackend::Memory));
+        assert!(matches!(settings.storage, StorageBackend::Fs { ref root } if root.is_absolute()));
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            settings.database_url.expose_secret(),
+            "postgres://postgres@127.0.0.1:5432/waveline"
+        );
+    }
+
+    #[test]
+    fn the_four_contract_variables_are_read() {
+        let settings = load(&[
+            ("WAVELINE_DATABASE_URL", "postgres://app:pw@db.internal:6432/wl"),
+            ("WAVELINE_QUEUE", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ("WAVELINE_STORAGE", "s3://media-bucket?endpoint=http://127.0.0.1:9000&region=eu-west-1"),
+            ("WAVELINE_LISTEN", "0.0.0.0:9090"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.database_url.expose_secret(), "postgres://app:pw@db.internal:6432/wl");
+        match &settings.queue {
+            QueueBackend::Amqp { url } => assert_eq!(url.expose_secret(), "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            other => panic!("expected amqp, got {other:?}"),
+        }
+        assert_eq!(
+            settings.storage,
+            StorageBackend::S3 {
+                bucket: "media-bucket".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                region: "eu-west-1".into(),
+            }
+        );
+        assert_eq!(settings.listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(settings.queue.redacted(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        let shown = settings.redacted().to_string();
+        assert!(!shown.contains(":pw@"), "{shown}");
+    }
+
+    #[test]
+    fn file_storage_must_be_an_absolute_directory() {
+        let settings = load(&[("WAVELINE_STORAGE", "file:///srv/waveline/objects")]).expect("valid");
+        assert_eq!(settings.storage, StorageBackend::Fs { root: "/srv/waveline/objects".into() });
+        for bad in ["file://relative/dir", "file:///", "/srv/waveline", "file:///srv?x=1"] {
+            let text = error_text(&[("WAVELINE_STORAGE", bad)]);
+            assert!(text.starts_with("WAVELINE_STORAGE: expected"), "{bad}: {text}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_what_was_expected() {
+        let cases = [
+            ("WAVELINE_QUEUE", "redis://localhost", "`memory` or an AMQP URL"),
+            ("WAVELINE_QUEUE", "amqp://", "`memory` or an AMQP URL"),
+            ("WAVELINE_STORAGE", "s3://Bad_Bucket", "bucket name"),
+            ("WAVELINE_STORAGE", "s3://bucket?endpoint=ftp://x", "endpoint=http://host:port"),
+            ("WAVELINE_STORAGE", "s3://bucket?bogus=1", "unknown or empty parameter `bogus`"),
+            ("WAVELINE_STORAGE", "gs://bucket", "file:///absolute/dir or s3://"),
+            ("WAVELINE_LISTEN", "localhost", "a socket address"),
+            ("WAVELINE_DATABASE_URL", "mysql://x", "a PostgreSQL URL"),
+            ("WAVELINE_JOB_MAX_ATTEMPTS", "0", "a whole number from 1 to 100"),
+            ("WAVELINE_LOG_FORMAT", "xml", "`text` or `json`"),
+        ];
+        for (var, value, expected) in cases {
+            let text = error_text(&[(var, value)]);
+            assert!(text.starts_with(&format!("{var}: expected")), "{var}={value}: {text}");
+            assert!(text.contains(expected), "{var}={value}: {text}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_echoed_in_errors() {
+        let text = error_text(&[("WAVELINE_DATABASE_URL", "mysql://root:hunter2@db")]);
+        assert!(!text.contains("hunter2"), "{text}");
+        let text = error_text(&[("WAVELINE_QUEUE", "amqq://root:hunter2@mq")]);
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("waveline.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\nqueue = \"amqp://mq:5672/%2f\"\njob_max_attempts = 3\n",
+        )
+        .expect("write");
+        let settings = Settings::from_sources(Some(&path), &env(&[("WAVELINE_LISTEN", "127.0.0.1:7001")]))
+            .expect("valid");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(settings.queue.redacted(), "amqp://mq:5672/%2f");
+        assert_eq!(settings.job_max_attempts, 3);
+    }
+
+    #[test]
+    fn file_errors_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("waveline.toml");
+        std::fs::write(&path, "storage = \"file://relative\"\n").expect("write");
+        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
+        assert!(text.starts_with(&format!("storage (in {}): expected", path.display())), "{text}");
+
+        std::fs::write(&path, "stroage = \"file:///srv\"\n").expect("write");
+        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
+        assert!(text.contains("unknown key `stroage`"), "{text}");
+
+        std::fs::write(&path, "listen = [1]\n").expect("write");
+        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
+        assert!(text.contains("listen (in"), "{text}");
+
+        let missing = dir.path().join("missing.toml");
+        let err = Settings::from_sources(Some(&missing), &env(&[])).expect_err("missing");
+        assert_eq!(err.code(), "config_unreadable");
+    }
+
+    #[test]
+    fn unknown_variables_are_reported_not_fatal() {
+        let settings = load(&[("WAVELINE_QEUE", "memory"), ("WAVELINE_TEST_S3", "x"), ("PATH", "/bin")])
+            .expect("valid");
+        assert_eq!(settings.unknown_env, vec!["WAVELINE_QEUE".to_owned()]);
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key_and_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../waveline.example.toml");
+        let text = std::fs::read_to_string(&path).expect("waveline.example.toml exists");
+        for key in keys() {
+            assert!(text.contains(&format!("# {key} =")) || text.contains(&format!("\n{key} =")), "{key} is not documented");
+        }
+        Settings::from_sources(Some(&path), &env(&[])).expect("the example parses");
+    }
+}

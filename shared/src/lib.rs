@@ -1,0 +1,20 @@
+//! `waveline-shared`: everything more than one Waveline crate needs.
+//!
+//! - [`config`]: the one typed [`Settings`](config::Settings), layered from defaults, a TOML
+//!   file and `WAVELINE_*` environment variables;
+//! - [`domain`]: identifiers and the track's processing states with their allowed transitions;
+//! - [`job`]: the versioned job message that travels through the queue;
+//! - [`db`]: the PostgreSQL pool, the migrations and the track repository;
+//! - [`storage`]: the [`Storage`](storage::Storage) seam with its S3 and filesystem backends;
+//! - [`queue`]: the [`JobQueue`](queue::JobQueue) seam with its AMQP and in-process backends.
+//!
+//! Error policy: every module has its own `thiserror` enum whose variants say what went wrong
+//! in the module's terms, with a stable snake_case `code()` and `is_permanent()` (whether
+//! retrying the same operation can ever succeed). `anyhow` appears only in binaries and tests.
+
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod job;
+pub mod queue;
+pub mod storage;

@@ -1,0 +1,294 @@
+//! `FsStorage`: objects as files under one directory, for the embedded mode.
+//!
+//! A key maps to the path `root/key` ([`ObjectKey`] forbids anything that could step out of
+//! the root or collide with our own dot-directories). A write streams into a uniquely named
+//! file in `root/.tmp/`, is synced, then renamed over the key's path: rename is atomic on one
+//! filesystem, so readers see the old object or the new one, never part of either, and of
+//! two concurrent writers the later rename wins whole.
+//!
+//! The content type rides on the file itself as the `user.waveline.content_type` extended
+//! attribute, set before the rename so it moves with the bytes; on a filesystem without user
+//! attributes it is derived from the key's extension. The ETag is built from the inode,
+//! modification time and size: every write creates a new inode, so it changes whenever the
+//! object is replaced, without hashing the bytes.
+
+use std::io::SeekFrom;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+use uuid::Uuid;
+
+use super::{
+    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload, Storage,
+    StorageError,
+};
+
+const CONTENT_TYPE_ATTR: &str = "user.waveline.content_type";
+const TMP_DIR: &str = ".tmp";
+/// Read chunk size: large enough for throughput, small enough to bound memory per stream.
+const CHUNK: usize = 64 * 1024;
+
+/// Objects as files under a root directory.
+#[derive(Debug, Clone)]
+pub struct FsStorage {
+    root: PathBuf,
+}
+
+impl FsStorage {
+    /// Uses `root`, creating it (and its temp directory) when missing. Stale temp files of
+    /// writes cut short by a crash are removed.
+    pub async fn open(root: &Path) -> Result<FsStorage, StorageError> {
+        if !root.is_absolute() {
+            return Err(StorageError::Config(format!("{} is not an absolute path", root.display())));
+        }
+        let tmp = root.join(TMP_DIR);
+        tokio::fs::create_dir_all(&tmp).await?;
+        let mut entries = tokio::fs::read_dir(&tmp).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let stale = entry
+                .metadata()
+                .await
+                .ok()
+                .and_then(|meta| meta.modified().ok())
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+            if stale {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+        Ok(FsStorage { root: root.to_path_buf() })
+    }
+
+    /// The directory objects live under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    fn meta_of(&self, path: &Path, key: &ObjectKey, stat: &std::fs::Metadata) -> ObjectMeta {
+        let content_type = xattr::get(path, CONTENT_TYPE_ATTR)
+            .ok()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .unwrap_or_else(|| guess_content_type(key.as_str()));
+        let mtime_ns = stat.mtime() as i128 * 1_000_000_000 + i128::from(stat.mtime_nsec());
+        ObjectMeta {
+            size: stat.len(),
+            etag: format!("\"{:x}-{:x}-{:x}\"", stat.ino(), mtime_ns, stat.len()),
+            content_type,
+            last_modified: DateTime::<Utc>::from_timestamp(stat.mtime(), stat.mtime_nsec() as u32)
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn write_temp(&self, tmp: &Path, content_type: &str, mut body: ByteStream) -> Result<(), StorageError> {
+        let mut file = tokio::fs::File::create(tmp).await?;
+        while let Some(chunk) = body.next().await {
+            file.write_all(&chunk?).await?;
+        }
+        file.sync_all().await?;
+        drop(file);
+        match xattr::set(tmp, CONTENT_TYPE_ATTR, content_type.as_bytes()) {
+            Ok(()) => Ok(()),
+            // No user attributes on this filesystem: head falls back to the extension.
+            Err(err) if err.raw_os_error() == Some(95) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+fn not_found(key: &ObjectKey) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |err| match err.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
+            StorageError::NotFound { key: key.to_string() }
+        }
+        _ => StorageError::Io(err),
+    }
+}
+
+#[async_trait]
+impl Storage for FsStorage {
+    fn backend(&self) -> &'static str {
+        "fs"
+    }
+
+    async fn put(&self, key: &ObjectKey, content_type: &str, body: ByteStream) -> Result<ObjectMeta, StorageError> {
+        let tmp = self.root.join(TMP_DIR).join(Uuid::new_v4().to_string());
+        if let Err(err) = self.write_temp(&tmp, content_type, body).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(err);
+        }
+        let path = self.path_of(key);
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        // A concurrent delete may prune the parent directory between the two calls; one more
+        // round settles it.
+        let mut renamed = Ok(());
+        for _ in 0..3 {
+            tokio::fs::create_dir_all(&parent).await?;
+            renamed = tokio::fs::rename(&tmp, &path).await;
+            match &renamed {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                _ => break,
+            }
+        }
+        if let Err(err) = renamed {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(err.into());
+        }
+        let stat = tokio::fs::metadata(&path).await?;
+        Ok(self.meta_of(&path, key, &stat))
+    }
+
+    async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+        let path = self.path_of(key);
+        let mut file = tokio::fs::File::open(&path).await.map_err(not_found(key))?;
+        // The open handle pins this version of the object, even if a writer replaces it now.
+        let stat = file.metadata().await?;
+        if stat.is_dir() {
+            return Err(StorageError::NotFound { key: key.to_string() });
+        }
+        let meta = self.meta_of(&path, key, &stat);
+        let resolved = match range {
+            Some(range) => {
+                Some(range.resolve(meta.size).ok_or(StorageError::RangeNotSatisfiable { size: meta.size })?)
+            }
+            None => ByteRange::From { first: 0 }.resolve(meta.size),
+        };
+        let body: ByteStream = match resolved {
+            Some(range) => {
+                file.seek(SeekFrom::Start(range.first)).await?;
+                super::byte_stream(ReaderStream::with_capacity(file.take(range.len()), CHUNK))
+            }
+            None => Box::pin(futures::stream::empty()),
+        };
+        Ok(ObjectRead { meta, range: resolved, body })
+    }
+
+    async fn head(&self, key: &ObjectKey) -> Result<ObjectMeta, StorageError> {
+        let path = self.path_of(key);
+        let stat = tokio::fs::metadata(&path).await.map_err(not_found(key))?;
+        if stat.is_dir() {
+            return Err(StorageError::NotFound { key: key.to_string() });
+        }
+        Ok(self.meta_of(&path, key, &stat))
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        let path = self.path_of(key);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                return Ok(());
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::IsADirectory => return Ok(()),
+            Err(err) => return Err(err.into()),
+        }
+        // Prune directories left empty, up to the root; a non-empty one stops the walk.
+        let mut dir = path.parent();
+        while let Some(current) = dir {
+            if current == self.root || tokio::fs::remove_dir(current).await.is_err() {
+                break;
+            }
+            dir = current.parent();
+        }
+        Ok(())
+    }
+
+    async fn list_prefix(&self, prefix: &str) -> Result<Vec<ObjectSummary>, StorageError> {
+        // Walk only the deepest directory the prefix names whole.
+        let base = match prefix.rfind('/') {
+            Some(slash) => &prefix[..slash],
+            None => "",
+        };
+        if !base.is_empty() && ObjectKey::parse(base).is_err() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![(self.root.join(base), base.to_owned())];
+        while let Some((dir, dir_key)) = pending.pop() {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            while let Some(entry) = entries.next_entry().await? {
+                let Ok(name) = entry.file_name().into_string() else { continue };
+                if name.starts_with('.') {
+                    continue;
+                }
+                let key = if dir_key.is_empty() { name } else { format!("{dir_key}/{name}") };
+                let file_type = entry.file_type().await?;
+                if file_type.is_dir() {
+                    if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
+                        pending.push((entry.path(), key));
+                    }
+                } else if file_type.is_file() && key.starts_with(prefix) {
+                    let size = match entry.metadata().await {
+                        Ok(meta) => meta.len(),
+                        // Deleted while we listed: it is not there any more.
+                        Err(_) => continue,
+                    };
+                    if let Ok(key) = ObjectKey::parse(key) {
+                        found.push(ObjectSummary { key, size });
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn presign_put(
+        &self,
+        _key: &ObjectKey,
+        _content_type: &str,
+        _expires_in: Duration,
+    ) -> Result<Option<PresignedUpload>, StorageError> {
+        Ok(None)
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        let probe = self.root.join(TMP_DIR).join(format!("ping-{}", Uuid::new_v4()));
+        tokio::fs::write(&probe, b"").await?;
+        tokio::fs::remove_file(&probe).await?;
+        Ok(())
+    }
+}
+
+/// The media type for a key's extension; the fallback when no type was stored.
+fn guess_content_type(key: &str) -> String {
+    let extension = key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase());
+    match extension.as_deref() {
+        // The audio types the ladder writes, named as players expect them.
+        Some("mp3") => "audio/mpeg".to_owned(),
+        Some("opus" | "ogg" | "oga") => "audio/ogg".to_owned(),
+        Some("m4a" | "m4s" | "mp4") => "audio/mp4".to_owned(),
+        Some("m3u8") => "application/vnd.apple.mpegurl".to_owned(),
+        Some("dat") => "application/octet-stream".to_owned(),
+        _ => mime_guess::from_path(key).first_or_octet_stream().essence_str().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_follow_the_ladder() {
+        assert_eq!(guess_content_type("r/1/mp3_128/audio.mp3"), "audio/mpeg");
+        assert_eq!(guess_content_type("r/1/aac_hls/master.m3u8"), "application/vnd.apple.mpegurl");
+        assert_eq!(guess_content_type("r/1/waveform.json"), "application/json");
+        assert_eq!(guess_content_type("originals/t/source"), "application/octet-stream");
+    }
+}

@@ -1,0 +1,208 @@
+//! Support for the contract and end-to-end suites: each test gets its own database, bucket,
+//! directory and queue topology, on the real services that `scripts/setup.sh` starts, and
+//! removes them afterwards.
+//!
+//! The services are found through these variables, with the defaults `setup.sh` uses:
+//!
+//! | variable | default |
+//! |---|---|
+//! | `WAVELINE_TEST_DATABASE_URL` (an admin connection) | `postgres://postgres@127.0.0.1:5432/postgres` |
+//! | `WAVELINE_TEST_AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+//! | `WAVELINE_TEST_S3_ENDPOINT` | `http://127.0.0.1:9900` |
+//! | `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` | `waveline-test` / `waveline-test-secret` |
+//!
+//! A service that is down fails the test with a message saying which one: these suites never
+//! skip.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use waveline_shared::queue::Topology;
+use waveline_shared::storage::{S3Credentials, S3Storage};
+
+fn var_or(name: &str, default: &str) -> String {
+    std::env::var(name).ok().filter(|value| !value.is_empty()).unwrap_or_else(|| default.to_owned())
+}
+
+/// An admin URL for PostgreSQL.
+pub fn postgres_admin_url() -> String {
+    var_or("WAVELINE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+}
+
+/// The RabbitMQ URL.
+pub fn amqp_url() -> String {
+    var_or("WAVELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+
+/// The S3-compatible server's endpoint.
+pub fn s3_endpoint() -> String {
+    var_or("WAVELINE_TEST_S3_ENDPOINT", "http://127.0.0.1:9900")
+}
+
+/// The S3 credentials `(access key, secret key)`.
+pub fn s3_credentials() -> (String, String) {
+    (var_or("AWS_ACCESS_KEY_ID", "waveline-test"), var_or("AWS_SECRET_ACCESS_KEY", "waveline-test-secret"))
+}
+
+/// A short unique suffix for names.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A database of the test's own, migrated, dropped when the value is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// Creates `waveline_test_<unique>` and applies the migrations.
+    pub async fn new() -> anyhow::Result<TestDb> {
+        let admin_url = postgres_admin_url();
+        let name = format!("waveline_test_{}", unique());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&admin_url)
+            .await
+            .with_context(|| format!("PostgreSQL is not reachable at {admin_url}; run scripts/setup.sh"))?;
+        // `name` is ours: a fixed prefix and hex digits.
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&admin).await?;
+        admin.close().await;
+        let url = database_url(&admin_url, &name);
+        let pool = PgPoolOptions::new().max_connections(5).connect(&url).await?;
+        waveline_shared::db::migrate(&pool).await?;
+        Ok(TestDb { name, url, pool })
+    }
+}
+
+/// `admin_url` with its database replaced by `name`.
+pub fn database_url(admin_url: &str, name: &str) -> String {
+    match url::Url::parse(admin_url) {
+        Ok(mut url) => {
+            url.set_path(name);
+            url.to_string()
+        }
+        Err(_) => admin_url.to_owned(),
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let pool = self.pool.clone();
+        // Drop runs outside async context guarantees; do the clean-up on a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                pool.close().await;
+                if let Ok(admin) = PgPoolOptions::new().max_connections(1).connect(&postgres_admin_url()).await {
+                    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&admin).await;
+                    admin.close().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A bucket of the test's own on the S3-compatible server.
+pub async fn test_bucket() -> anyhow::Result<S3Storage> {
+    let (access_key, secret_key) = s3_credentials();
+    let credentials = S3Credentials::new(access_key, secret_key, None, None, "test");
+    let storage = S3Storage::new(&format!("wl-test-{}", unique()), Some(&s3_endpoint()), "us-east-1", credentials);
+    storage
+        .ensure_bucket()
+        .await
+        .with_context(|| format!("the S3 server at {} is not answering; run scripts/setup.sh", s3_endpoint()))?;
+    Ok(storage)
+}
+
+/// A queue topology of the test's own, removed by the broker ten minutes after last use
+/// even if the test dies before its clean-up.
+pub fn test_topology() -> Topology {
+    Topology { name: format!("wltest.{}", unique()), expires: Some(Duration::from_secs(600)) }
+}
+
+/// A temporary directory that is removed when dropped.
+pub fn temp_dir() -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix("waveline-test-").tempdir()?)
+}
+
+/// The path of the `waveline` binary built for these tests.
+pub fn waveline_bin() -> PathBuf {
+    let mut path = std::env::current_exe().unwrap_or_default();
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    path.join("waveline")
+}
+
+/// A TCP relay between a client and a real server that a test can cut, to play a network
+/// failure or a broker restart for this client alone (other tests share the broker).
+#[derive(Debug, Clone)]
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    links: Arc<Mutex<Vec<AbortHandle>>>,
+    refusing: Arc<Mutex<bool>>,
+}
+
+impl TcpProxy {
+    /// Listens on a free loopback port and relays every connection to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<TcpProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let proxy = TcpProxy {
+            addr: listener.local_addr()?,
+            links: Arc::default(),
+            refusing: Arc::default(),
+        };
+        let links = proxy.links.clone();
+        let refusing = proxy.refusing.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *refusing.lock().unwrap_or_else(|p| p.into_inner()) {
+                    drop(client);
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                links.lock().unwrap_or_else(|p| p.into_inner()).push(relay.abort_handle());
+            }
+        });
+        Ok(proxy)
+    }
+
+    /// Cuts every open connection and refuses new ones for `outage`, in the background.
+    pub fn outage(&self, outage: Duration) {
+        *self.refusing.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        for link in self.links.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            link.abort();
+        }
+        let refusing = self.refusing.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(outage).await;
+            *refusing.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        });
+    }
+}

@@ -1,0 +1,1 @@
+//! Waveline workers. The job loop lands with the worker-fleet issue.
