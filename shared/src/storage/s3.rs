@@ -7,6 +7,11 @@
 //! aborted, so nothing half-written becomes visible. Reads pass the range to the server and
 //! stream the response body through.
 //!
+//! A suffix range (`bytes=-N`) is resolved against a `HEAD` first and sent as an explicit
+//! `first-last` range pinned to the ETag seen (`If-Match`): one more round trip for a rare
+//! request form, in exchange for the same answer on every server (some S3-compatible servers
+//! fail a suffix longer than the object, or one on an empty object, instead of clamping it).
+//!
 //! Checksums are sent and validated only where the S3 API requires them: several
 //! S3-compatible servers reject the SDK's newer default of trailing checksums on every
 //! request, and TLS plus SigV4 already protect the bytes in flight.
@@ -274,16 +279,32 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+        let asked = range;
+        let mut pinned_etag = None;
+        let mut range = range;
+        if let Some(ByteRange::Suffix { len }) = range {
+            let head = self.head(key).await?;
+            let resolved = ByteRange::Suffix { len }
+                .resolve(head.size)
+                .ok_or(StorageError::RangeNotSatisfiable { size: head.size })?;
+            range = Some(ByteRange::Inclusive { first: resolved.first, last: resolved.last });
+            pinned_etag = Some(head.etag);
+        }
         let output = match self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key.as_str())
             .set_range(range.map(ByteRange::header_value))
+            .set_if_match(pinned_etag.clone())
             .send()
             .await
         {
             Ok(output) => output,
+            // Replaced between the HEAD and the GET: resolve again against the new version.
+            Err(err) if pinned_etag.is_some() && err.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
+                return self.get(key, asked).await;
+            }
             Err(err) if err.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
                 let size = self.head(key).await?.size;
                 return Err(StorageError::RangeNotSatisfiable { size });
