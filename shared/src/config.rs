@@ -145,16 +145,46 @@ struct Key {
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
 const KEYS: [Key; 10] = [
-    Key { name: "database_url", secret: true },
-    Key { name: "database_max_connections", secret: false },
-    Key { name: "queue", secret: true },
-    Key { name: "storage", secret: false },
-    Key { name: "listen", secret: false },
-    Key { name: "job_max_attempts", secret: false },
-    Key { name: "job_retry_base_ms", secret: false },
-    Key { name: "job_retry_max_ms", secret: false },
-    Key { name: "log", secret: false },
-    Key { name: "log_format", secret: false },
+    Key {
+        name: "database_url",
+        secret: true,
+    },
+    Key {
+        name: "database_max_connections",
+        secret: false,
+    },
+    Key {
+        name: "queue",
+        secret: true,
+    },
+    Key {
+        name: "storage",
+        secret: false,
+    },
+    Key {
+        name: "listen",
+        secret: false,
+    },
+    Key {
+        name: "job_max_attempts",
+        secret: false,
+    },
+    Key {
+        name: "job_retry_base_ms",
+        secret: false,
+    },
+    Key {
+        name: "job_retry_max_ms",
+        secret: false,
+    },
+    Key {
+        name: "log",
+        secret: false,
+    },
+    Key {
+        name: "log_format",
+        secret: false,
+    },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -217,11 +247,18 @@ impl Settings {
             let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            match KEYS.iter().find(|key| key.name.eq_ignore_ascii_case(suffix)) {
+            match KEYS
+                .iter()
+                .find(|key| key.name.eq_ignore_ascii_case(suffix))
+            {
                 Some(key) if suffix == key.name.to_ascii_uppercase() => {
                     raw.insert(
                         key.name,
-                        Raw { value: value.clone(), setting: name.clone(), secret: key.secret },
+                        Raw {
+                            value: value.clone(),
+                            setting: name.clone(),
+                            secret: key.secret,
+                        },
                     );
                 }
                 _ if name == CONFIG_FILE_ENV || suffix.starts_with("TEST_") => {}
@@ -250,16 +287,17 @@ impl Settings {
         };
         let storage = match take("storage") {
             Some(raw) => parse_storage(&raw)?,
-            None => StorageBackend::Fs { root: default_data_dir().join("objects") },
+            None => StorageBackend::Fs {
+                root: default_data_dir().join("objects"),
+            },
         };
-        let listen = match take("listen") {
-            Some(raw) => raw
-                .value
-                .trim()
-                .parse::<SocketAddr>()
-                .map_err(|_| raw.invalid("a socket address such as 127.0.0.1:8080 or [::]:8080"))?,
-            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
-        };
+        let listen =
+            match take("listen") {
+                Some(raw) => raw.value.trim().parse::<SocketAddr>().map_err(|_| {
+                    raw.invalid("a socket address such as 127.0.0.1:8080 or [::]:8080")
+                })?,
+                None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            };
         let job_max_attempts = match take("job_max_attempts") {
             Some(raw) => parse_int(&raw, 1, 100)?,
             None => 5,
@@ -314,8 +352,10 @@ impl Settings {
 }
 
 fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let table: toml::Table = text
         .parse()
         .map_err(|err: toml::de::Error| ConfigError::Parse {
@@ -344,7 +384,14 @@ fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result
                 });
             }
         };
-        raw.insert(key.name, Raw { value, setting, secret: key.secret });
+        raw.insert(
+            key.name,
+            Raw {
+                value,
+                setting,
+                secret: key.secret,
+            },
+        );
     }
     Ok(())
 }
@@ -377,17 +424,22 @@ fn parse_queue(raw: &Raw) -> Result<QueueBackend, ConfigError> {
     if !matches!(url.scheme(), "amqp" | "amqps") || url.host_str().is_none_or(str::is_empty) {
         return Err(raw.invalid(EXPECTED));
     }
-    Ok(QueueBackend::Amqp { url: SecretString::from(value.to_owned()) })
+    Ok(QueueBackend::Amqp {
+        url: SecretString::from(value.to_owned()),
+    })
 }
 
 fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
-    const EXPECTED: &str = "file:///absolute/dir or s3://BUCKET?endpoint=http://host:port&region=REGION";
+    const EXPECTED: &str =
+        "file:///absolute/dir or s3://BUCKET?endpoint=http://host:port&region=REGION";
     let value = raw.value.trim();
     let url = Url::parse(value).map_err(|_| raw.invalid(EXPECTED))?;
     match url.scheme() {
         "file" => {
             if url.host_str().is_some_and(|host| !host.is_empty()) || url.query().is_some() {
-                return Err(raw.invalid("file:/// followed by an absolute directory, e.g. file:///var/lib/waveline"));
+                return Err(raw.invalid(
+                    "file:/// followed by an absolute directory, e.g. file:///var/lib/waveline",
+                ));
             }
             let root = url
                 .to_file_path()
@@ -404,7 +456,8 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
                     "s3://BUCKET with a bucket name of 3 to 63 lowercase letters, digits, dots and hyphens",
                 ));
             }
-            if !matches!(url.path(), "" | "/") || url.port().is_some() || !url.username().is_empty() {
+            if !matches!(url.path(), "" | "/") || url.port().is_some() || !url.username().is_empty()
+            {
                 return Err(raw.invalid(format!(
                     "{EXPECTED} (no port, path or credentials after the bucket; credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
                 )));
@@ -414,11 +467,13 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
             for (name, value) in url.query_pairs() {
                 match &*name {
                     "endpoint" => {
-                        let parsed = Url::parse(&value)
-                            .ok()
-                            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+                        let parsed = Url::parse(&value).ok().filter(|url| {
+                            matches!(url.scheme(), "http" | "https") && url.host().is_some()
+                        });
                         if parsed.is_none() {
-                            return Err(raw.invalid("endpoint=http://host:port or endpoint=https://host"));
+                            return Err(
+                                raw.invalid("endpoint=http://host:port or endpoint=https://host")
+                            );
                         }
                         endpoint = Some(value.trim_end_matches('/').to_owned());
                     }
@@ -442,7 +497,9 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
 
 fn valid_bucket_name(name: &str) -> bool {
     (3..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
 }
@@ -464,7 +521,11 @@ fn redact_url(text: &str) -> String {
 /// Where the embedded mode keeps its files when no storage is configured:
 /// `$XDG_DATA_HOME/waveline`, else `$HOME/.local/share/waveline`, else `/var/lib/waveline`.
 pub fn default_data_dir() -> PathBuf {
-    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
     if let Some(dir) = absolute("XDG_DATA_HOME") {
         return dir.join("waveline");
     }
@@ -479,7 +540,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -508,15 +572,26 @@ mod tests {
     #[test]
     fn the_four_contract_variables_are_read() {
         let settings = load(&[
-            ("WAVELINE_DATABASE_URL", "postgres://app:pw@db.internal:6432/wl"),
+            (
+                "WAVELINE_DATABASE_URL",
+                "postgres://app:pw@db.internal:6432/wl",
+            ),
             ("WAVELINE_QUEUE", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-            ("WAVELINE_STORAGE", "s3://media-bucket?endpoint=http://127.0.0.1:9000&region=eu-west-1"),
+            (
+                "WAVELINE_STORAGE",
+                "s3://media-bucket?endpoint=http://127.0.0.1:9000&region=eu-west-1",
+            ),
             ("WAVELINE_LISTEN", "0.0.0.0:9090"),
         ])
         .expect("valid");
-        assert_eq!(settings.database_url.expose_secret(), "postgres://app:pw@db.internal:6432/wl");
+        assert_eq!(
+            settings.database_url.expose_secret(),
+            "postgres://app:pw@db.internal:6432/wl"
+        );
         match &settings.queue {
-            QueueBackend::Amqp { url } => assert_eq!(url.expose_secret(), "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            QueueBackend::Amqp { url } => {
+                assert_eq!(url.expose_secret(), "amqp://guest:guest@127.0.0.1:5672/%2f")
+            }
             other => panic!("expected amqp, got {other:?}"),
         }
         assert_eq!(
@@ -528,38 +603,78 @@ mod tests {
             }
         );
         assert_eq!(settings.listen.to_string(), "0.0.0.0:9090");
-        assert_eq!(settings.queue.redacted(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(
+            settings.queue.redacted(),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
         let shown = settings.redacted().to_string();
         assert!(!shown.contains(":pw@"), "{shown}");
     }
 
     #[test]
     fn file_storage_must_be_an_absolute_directory() {
-        let settings = load(&[("WAVELINE_STORAGE", "file:///srv/waveline/objects")]).expect("valid");
-        assert_eq!(settings.storage, StorageBackend::Fs { root: "/srv/waveline/objects".into() });
-        for bad in ["file://relative/dir", "file:///", "/srv/waveline", "file:///srv?x=1"] {
+        let settings =
+            load(&[("WAVELINE_STORAGE", "file:///srv/waveline/objects")]).expect("valid");
+        assert_eq!(
+            settings.storage,
+            StorageBackend::Fs {
+                root: "/srv/waveline/objects".into()
+            }
+        );
+        for bad in [
+            "file://relative/dir",
+            "file:///",
+            "/srv/waveline",
+            "file:///srv?x=1",
+        ] {
             let text = error_text(&[("WAVELINE_STORAGE", bad)]);
-            assert!(text.starts_with("WAVELINE_STORAGE: expected"), "{bad}: {text}");
+            assert!(
+                text.starts_with("WAVELINE_STORAGE: expected"),
+                "{bad}: {text}"
+            );
         }
     }
 
     #[test]
     fn bad_values_name_the_setting_and_what_was_expected() {
         let cases = [
-            ("WAVELINE_QUEUE", "redis://localhost", "`memory` or an AMQP URL"),
+            (
+                "WAVELINE_QUEUE",
+                "redis://localhost",
+                "`memory` or an AMQP URL",
+            ),
             ("WAVELINE_QUEUE", "amqp://", "`memory` or an AMQP URL"),
             ("WAVELINE_STORAGE", "s3://Bad_Bucket", "bucket name"),
-            ("WAVELINE_STORAGE", "s3://bucket?endpoint=ftp://x", "endpoint=http://host:port"),
-            ("WAVELINE_STORAGE", "s3://bucket?bogus=1", "unknown or empty parameter `bogus`"),
-            ("WAVELINE_STORAGE", "gs://bucket", "file:///absolute/dir or s3://"),
+            (
+                "WAVELINE_STORAGE",
+                "s3://bucket?endpoint=ftp://x",
+                "endpoint=http://host:port",
+            ),
+            (
+                "WAVELINE_STORAGE",
+                "s3://bucket?bogus=1",
+                "unknown or empty parameter `bogus`",
+            ),
+            (
+                "WAVELINE_STORAGE",
+                "gs://bucket",
+                "file:///absolute/dir or s3://",
+            ),
             ("WAVELINE_LISTEN", "localhost", "a socket address"),
             ("WAVELINE_DATABASE_URL", "mysql://x", "a PostgreSQL URL"),
-            ("WAVELINE_JOB_MAX_ATTEMPTS", "0", "a whole number from 1 to 100"),
+            (
+                "WAVELINE_JOB_MAX_ATTEMPTS",
+                "0",
+                "a whole number from 1 to 100",
+            ),
             ("WAVELINE_LOG_FORMAT", "xml", "`text` or `json`"),
         ];
         for (var, value, expected) in cases {
             let text = error_text(&[(var, value)]);
-            assert!(text.starts_with(&format!("{var}: expected")), "{var}={value}: {text}");
+            assert!(
+                text.starts_with(&format!("{var}: expected")),
+                "{var}={value}: {text}"
+            );
             assert!(text.contains(expected), "{var}={value}: {text}");
         }
     }
@@ -581,8 +696,9 @@ mod tests {
             "listen = \"127.0.0.1:7000\"\nqueue = \"amqp://mq:5672/%2f\"\njob_max_attempts = 3\n",
         )
         .expect("write");
-        let settings = Settings::from_sources(Some(&path), &env(&[("WAVELINE_LISTEN", "127.0.0.1:7001")]))
-            .expect("valid");
+        let settings =
+            Settings::from_sources(Some(&path), &env(&[("WAVELINE_LISTEN", "127.0.0.1:7001")]))
+                .expect("valid");
         assert_eq!(settings.listen.to_string(), "127.0.0.1:7001");
         assert_eq!(settings.queue.redacted(), "amqp://mq:5672/%2f");
         assert_eq!(settings.job_max_attempts, 3);
@@ -593,15 +709,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("waveline.toml");
         std::fs::write(&path, "storage = \"file://relative\"\n").expect("write");
-        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
-        assert!(text.starts_with(&format!("storage (in {}): expected", path.display())), "{text}");
+        let text = Settings::from_sources(Some(&path), &env(&[]))
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            text.starts_with(&format!("storage (in {}): expected", path.display())),
+            "{text}"
+        );
 
         std::fs::write(&path, "stroage = \"file:///srv\"\n").expect("write");
-        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
+        let text = Settings::from_sources(Some(&path), &env(&[]))
+            .expect_err("invalid")
+            .to_string();
         assert!(text.contains("unknown key `stroage`"), "{text}");
 
         std::fs::write(&path, "listen = [1]\n").expect("write");
-        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
+        let text = Settings::from_sources(Some(&path), &env(&[]))
+            .expect_err("invalid")
+            .to_string();
         assert!(text.contains("listen (in"), "{text}");
 
         let missing = dir.path().join("missing.toml");
@@ -611,8 +736,12 @@ mod tests {
 
     #[test]
     fn unknown_variables_are_reported_not_fatal() {
-        let settings = load(&[("WAVELINE_QEUE", "memory"), ("WAVELINE_TEST_S3", "x"), ("PATH", "/bin")])
-            .expect("valid");
+        let settings = load(&[
+            ("WAVELINE_QEUE", "memory"),
+            ("WAVELINE_TEST_S3", "x"),
+            ("PATH", "/bin"),
+        ])
+        .expect("valid");
         assert_eq!(settings.unknown_env, vec!["WAVELINE_QEUE".to_owned()]);
     }
 
@@ -621,7 +750,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../waveline.example.toml");
         let text = std::fs::read_to_string(&path).expect("waveline.example.toml exists");
         for key in keys() {
-            assert!(text.contains(&format!("# {key} =")) || text.contains(&format!("\n{key} =")), "{key} is not documented");
+            assert!(
+                text.contains(&format!("# {key} =")) || text.contains(&format!("\n{key} =")),
+                "{key} is not documented"
+            );
         }
         Settings::from_sources(Some(&path), &env(&[])).expect("the example parses");
     }

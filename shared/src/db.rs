@@ -38,9 +38,10 @@ pub enum DbError {
 impl From<sqlx::Error> for DbError {
     fn from(err: sqlx::Error) -> DbError {
         match err {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-                DbError::Unavailable(err)
-            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => DbError::Unavailable(err),
             other => DbError::Query(other),
         }
     }
@@ -75,7 +76,10 @@ pub async fn connect(settings: &Settings) -> Result<PgPool, DbError> {
 
 /// Creates the database named in the URL when it does not exist yet; returns whether it did.
 pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
-    if Postgres::database_exists(url).await.map_err(DbError::Unavailable)? {
+    if Postgres::database_exists(url)
+        .await
+        .map_err(DbError::Unavailable)?
+    {
         return Ok(false);
     }
     match Postgres::create_database(url).await {
@@ -91,11 +95,16 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, DbError> {
     let before: Vec<i64> = applied_versions(pool).await.unwrap_or_default();
     MIGRATOR.run(pool).await?;
     let after = applied_versions(pool).await?;
-    Ok(after.into_iter().filter(|version| !before.contains(version)).collect())
+    Ok(after
+        .into_iter()
+        .filter(|version| !before.contains(version))
+        .collect())
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version").fetch_all(pool).await
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(pool)
+        .await
 }
 
 /// A track as stored.
@@ -145,7 +154,9 @@ impl PgTracks {
         original_key: Option<&str>,
     ) -> Result<TrackRow, DbError> {
         if !matches!(state, TrackState::AwaitingUpload | TrackState::Uploaded) {
-            return Err(DbError::Invalid(format!("a new track starts awaiting_upload or uploaded, not {state}")));
+            return Err(DbError::Invalid(format!(
+                "a new track starts awaiting_upload or uploaded, not {state}"
+            )));
         }
         let id = TrackId::new();
         sqlx::query("INSERT INTO tracks (id, owner_id, title, state, original_key) VALUES ($1, $2, $3, $4, $5)")
@@ -156,7 +167,9 @@ impl PgTracks {
             .bind(original_key)
             .execute(&self.pool)
             .await?;
-        self.get(id).await?.ok_or_else(|| DbError::Invalid(format!("track {id} vanished after insert")))
+        self.get(id)
+            .await?
+            .ok_or_else(|| DbError::Invalid(format!("track {id} vanished after insert")))
     }
 
     /// The track, if it exists.
@@ -176,7 +189,9 @@ impl PgTracks {
             id: row.try_get("id")?,
             owner_id: row.try_get("owner_id")?,
             title: row.try_get("title")?,
-            state: state.parse().map_err(|err: crate::domain::UnknownState| DbError::Invalid(err.to_string()))?,
+            state: state
+                .parse()
+                .map_err(|err: crate::domain::UnknownState| DbError::Invalid(err.to_string()))?,
             stage: stage
                 .map(|stage| stage.parse())
                 .transpose()
@@ -206,10 +221,14 @@ impl PgTracks {
         failure: Option<Failure<'_>>,
     ) -> Result<bool, DbError> {
         if !expected.can_become(next) {
-            return Err(DbError::Invalid(format!("a track cannot go from {expected} to {next}")));
+            return Err(DbError::Invalid(format!(
+                "a track cannot go from {expected} to {next}"
+            )));
         }
         if (next == TrackState::Failed) != failure.is_some() {
-            return Err(DbError::Invalid("a failure reason goes with, and only with, the failed state".into()));
+            return Err(DbError::Invalid(
+                "a failure reason goes with, and only with, the failed state".into(),
+            ));
         }
         let reprocess = expected.is_terminal() && next == TrackState::Queued;
         let result = sqlx::query(
@@ -240,11 +259,16 @@ impl PgTracks {
     /// Counts tracks per state (every state, zeros included).
     pub async fn count_by_state(&self) -> Result<Vec<(TrackState, i64)>, DbError> {
         let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM tracks GROUP BY state").fetch_all(&self.pool).await?;
+            sqlx::query_as("SELECT state, count(*) FROM tracks GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(TrackState::ALL
             .into_iter()
             .map(|state| {
-                let count = rows.iter().find(|(name, _)| name == state.as_str()).map_or(0, |(_, n)| *n);
+                let count = rows
+                    .iter()
+                    .find(|(name, _)| name == state.as_str())
+                    .map_or(0, |(_, n)| *n);
                 (state, count)
             })
             .collect())

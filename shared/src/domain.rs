@@ -133,7 +133,9 @@ impl fmt::Display for TrackState {
 
 /// A stored state name that is not one of [`TrackState`]'s.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown track state {0:?}; expected one of awaiting_upload, uploaded, queued, processing, ready, failed")]
+#[error(
+    "unknown track state {0:?}; expected one of awaiting_upload, uploaded, queued, processing, ready, failed"
+)]
 pub struct UnknownState(pub String);
 
 impl FromStr for TrackState {
@@ -221,7 +223,10 @@ mod tests {
     fn names_round_trip() {
         for state in TrackState::ALL {
             assert_eq!(state.as_str().parse::<TrackState>().ok(), Some(state));
-            assert_eq!(serde_json::to_value(state).ok(), Some(serde_json::json!(state.as_str())));
+            assert_eq!(
+                serde_json::to_value(state).ok(),
+                Some(serde_json::json!(state.as_str()))
+            );
         }
         for stage in ProcessingStage::ALL {
             assert_eq!(stage.as_str().parse::<ProcessingStage>().ok(), Some(stage));

@@ -20,25 +20,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::{AssertSqlSafe, PgPool};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use waveline_shared::queue::Topology;
 use waveline_shared::storage::{S3Credentials, S3Storage};
 
 fn var_or(name: &str, default: &str) -> String {
-    std::env::var(name).ok().filter(|value| !value.is_empty()).unwrap_or_else(|| default.to_owned())
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// An admin URL for PostgreSQL.
 pub fn postgres_admin_url() -> String {
-    var_or("WAVELINE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    var_or(
+        "WAVELINE_TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
 }
 
 /// The RabbitMQ URL.
 pub fn amqp_url() -> String {
-    var_or("WAVELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    var_or(
+        "WAVELINE_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    )
 }
 
 /// The S3-compatible server's endpoint.
@@ -48,7 +57,10 @@ pub fn s3_endpoint() -> String {
 
 /// The S3 credentials `(access key, secret key)`.
 pub fn s3_credentials() -> (String, String) {
-    (var_or("AWS_ACCESS_KEY_ID", "waveline-test"), var_or("AWS_SECRET_ACCESS_KEY", "waveline-test-secret"))
+    (
+        var_or("AWS_ACCESS_KEY_ID", "waveline-test"),
+        var_or("AWS_SECRET_ACCESS_KEY", "waveline-test-secret"),
+    )
 }
 
 /// A short unique suffix for names.
@@ -82,12 +94,19 @@ impl TestDb {
             .acquire_timeout(Duration::from_secs(5))
             .connect(&admin_url)
             .await
-            .with_context(|| format!("PostgreSQL is not reachable at {admin_url}; run scripts/setup.sh"))?;
+            .with_context(|| {
+                format!("PostgreSQL is not reachable at {admin_url}; run scripts/setup.sh")
+            })?;
         // `name` is ours: a fixed prefix and hex digits.
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&admin).await?;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&admin)
+            .await?;
         admin.close().await;
         let url = database_url(&admin_url, &name);
-        let pool = PgPoolOptions::new().max_connections(5).connect(&url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&url)
+            .await?;
         waveline_shared::db::migrate(&pool).await?;
         Ok(TestDb { name, url, pool })
     }
@@ -107,14 +126,27 @@ pub fn database_url(admin_url: &str, name: &str) -> String {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let pool = self.pool.clone();
-        // Drop runs outside async context guarantees; do the clean-up on a thread of its own.
+        // The test's runtime may be the one blocked in this drop, so the clean-up runs on a
+        // thread and runtime of its own, and leaves the pool alone: `WITH (FORCE)` ends its
+        // connections from the server side.
         let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             runtime.block_on(async move {
-                pool.close().await;
-                if let Ok(admin) = PgPoolOptions::new().max_connections(1).connect(&postgres_admin_url()).await {
-                    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&admin).await;
+                if let Ok(admin) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&postgres_admin_url())
+                    .await
+                {
+                    let _ = sqlx::query(AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                    )))
+                    .execute(&admin)
+                    .await;
                     admin.close().await;
                 }
             });
@@ -127,23 +159,35 @@ impl Drop for TestDb {
 pub async fn test_bucket() -> anyhow::Result<S3Storage> {
     let (access_key, secret_key) = s3_credentials();
     let credentials = S3Credentials::new(access_key, secret_key, None, None, "test");
-    let storage = S3Storage::new(&format!("wl-test-{}", unique()), Some(&s3_endpoint()), "us-east-1", credentials);
-    storage
-        .ensure_bucket()
-        .await
-        .with_context(|| format!("the S3 server at {} is not answering; run scripts/setup.sh", s3_endpoint()))?;
+    let storage = S3Storage::new(
+        &format!("wl-test-{}", unique()),
+        Some(&s3_endpoint()),
+        "us-east-1",
+        credentials,
+    );
+    storage.ensure_bucket().await.with_context(|| {
+        format!(
+            "the S3 server at {} is not answering; run scripts/setup.sh",
+            s3_endpoint()
+        )
+    })?;
     Ok(storage)
 }
 
 /// A queue topology of the test's own, removed by the broker ten minutes after last use
 /// even if the test dies before its clean-up.
 pub fn test_topology() -> Topology {
-    Topology { name: format!("wltest.{}", unique()), expires: Some(Duration::from_secs(600)) }
+    Topology {
+        name: format!("wltest.{}", unique()),
+        expires: Some(Duration::from_secs(600)),
+    }
 }
 
 /// A temporary directory that is removed when dropped.
 pub fn temp_dir() -> anyhow::Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new().prefix("waveline-test-").tempdir()?)
+    Ok(tempfile::Builder::new()
+        .prefix("waveline-test-")
+        .tempdir()?)
 }
 
 /// The path of the `waveline` binary built for these tests.
@@ -187,7 +231,10 @@ impl TcpProxy {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
-                links.lock().unwrap_or_else(|p| p.into_inner()).push(relay.abort_handle());
+                links
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(relay.abort_handle());
             }
         });
         Ok(proxy)
@@ -196,7 +243,12 @@ impl TcpProxy {
     /// Cuts every open connection and refuses new ones for `outage`, in the background.
     pub fn outage(&self, outage: Duration) {
         *self.refusing.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        for link in self.links.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for link in self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             link.abort();
         }
         let refusing = self.refusing.clone();
