@@ -8,6 +8,8 @@
 //! - `check`: prove that the database, the storage and the queue answer, with a round trip;
 //! - `config`: print the effective configuration, secrets redacted.
 
+mod process;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -49,6 +51,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Process one audio file into the rendition ladder, waveform, loudness and manifest
+    /// (no database, queue or storage involved). Exit 2 for bad input, 1 for internal errors.
+    Process {
+        /// The audio file: WAV, AIFF, FLAC, MP3, AAC/ALAC in M4A, Ogg Vorbis or Opus.
+        input: PathBuf,
+        /// Directory for the outputs and manifest.json (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// TOML presets file: the ladder, limits and waveform settings (default: built in).
+        #[arg(long, value_name = "FILE")]
+        presets: Option<PathBuf>,
+        /// Print the manifest (or {"error":{code,message}}) as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration, with secrets redacted.
     Config {
         /// Print one JSON document instead of text.
@@ -59,6 +76,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `process` is a file-to-files tool: it needs no database, queue or storage settings.
+    if let Command::Process {
+        input,
+        out,
+        presets,
+        json,
+    } = &cli.command
+    {
+        return process::run(input, out, presets.as_deref(), *json);
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -102,6 +129,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate { json } => migrate(&settings, json).await,
         Command::Check { json } => check(&settings, json).await,
+        Command::Process { .. } => Ok(ExitCode::SUCCESS),
         Command::Config { json } => {
             let shown = settings.redacted();
             if json {

@@ -14,6 +14,8 @@
 //! A service that is down fails the test with a message saying which one: these suites never
 //! skip.
 
+pub mod audio;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

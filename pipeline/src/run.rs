@@ -1,0 +1,741 @@
+//! One run: decode once, fan the PCM out to every consumer, and write the outputs.
+//!
+//! ```text
+//!                 ┌─▶ loudness (source channels and rate)
+//!  decode ─ block ┼─▶ waveform (mono mixdown, inline)
+//!                 ├─▶ stereo @ 44.1 kHz ─┬─▶ mp3_128 ─▶ file
+//!                 │   (downmix+resample) ├─▶ aac 96/160/256 ─▶ HLS variants
+//!                 │                      └─▶ preview (clip) ─▶ file
+//!                 └─▶ stereo @ 48 kHz ───────▶ opus_64 ─▶ file
+//! ```
+//!
+//! Every arrow is a bounded channel of shared blocks, so memory is a few blocks per consumer
+//! whatever the track's length, and a slow encoder slows the decoder instead of piling up
+//! audio. Each encoder runs on its own thread: on N cores a run takes about as long as the
+//! slowest encoder, not the sum of all of them.
+//!
+//! Outputs are written to a staging directory inside the output directory and moved into
+//! place only when everything succeeded; `manifest.json` comes last. A failed run removes
+//! its staging directory and leaves no manifest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::channels::{StereoDownmix, mono_mixdown};
+use crate::decode::{self, SourceFacts};
+use crate::encode::{EncodeSpec, Encoded, Encoder, Target};
+use crate::error::PipelineError;
+use crate::hls::{self, MasterEntry};
+use crate::loudness::{LoudnessMeter, LoudnessReport};
+use crate::manifest::{
+    Manifest, ManifestTags, Rendition, RenditionKind, Source, Variant, WaveformFiles,
+};
+use crate::presets::{PipelineConfig, Preset};
+use crate::sniff::{self, Container};
+use crate::tags;
+use crate::waveform::{WaveformBits, WaveformBuilder};
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Reading headers and tags.
+    Probing,
+    /// The one pass: decoding, analysing and encoding together.
+    Encoding,
+    /// Packaging: playlists, waveform files, the manifest.
+    Finishing,
+}
+
+/// A progress report: the stage and the fraction of the run done (0..=1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub stage: Stage,
+    pub fraction: f64,
+}
+
+/// Frames per block handed to the consumers.
+const BLOCK_FRAMES: usize = 8192;
+/// Blocks a consumer may have waiting.
+const QUEUE_DEPTH: usize = 4;
+/// Progress reports at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+type Block = Arc<Vec<f32>>;
+
+/// Processes `input` into `out_dir` with `config`, reporting progress along the way.
+pub fn process(
+    input: &Path,
+    out_dir: &Path,
+    config: &PipelineConfig,
+    on_progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Manifest, PipelineError> {
+    on_progress(Progress {
+        stage: Stage::Probing,
+        fraction: 0.0,
+    });
+    let container = sniff::sniff_file(input)?;
+    check_header(input, container, config)?;
+    let reader = decode::open(input, container)?;
+    let facts = reader.facts().clone();
+    check_limits(&facts, config)?;
+    let (tags, artwork) = tags::read(input);
+
+    std::fs::create_dir_all(out_dir).map_err(|err| {
+        PipelineError::internal(&format!("cannot create {}", out_dir.display()), err)
+    })?;
+    let manifest_path = out_dir.join("manifest.json");
+    match std::fs::remove_file(&manifest_path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
+        _ => {}
+    }
+    let staging = out_dir.join(format!(".staging-{}-{}", std::process::id(), nanos()));
+    std::fs::create_dir_all(&staging)?;
+    let result = run_pass(reader, &facts, &tags, config, &staging, on_progress).and_then(|pass| {
+        on_progress(Progress {
+            stage: Stage::Finishing,
+            fraction: 0.97,
+        });
+        finish(pass, &facts, tags.clone(), artwork, config, &staging)
+    });
+    let manifest = match result {
+        Ok(manifest) => manifest,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(err);
+        }
+    };
+    let published = publish(&staging, out_dir, &manifest);
+    let _ = std::fs::remove_dir_all(&staging);
+    published?;
+    on_progress(Progress {
+        stage: Stage::Finishing,
+        fraction: 1.0,
+    });
+    Ok(manifest)
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Refuses absurd or over-limit headers before a decoder is even built.
+fn check_header(
+    input: &Path,
+    container: Container,
+    config: &PipelineConfig,
+) -> Result<(), PipelineError> {
+    if let Some(declared) = sniff::declared_format(input, container) {
+        if declared.sample_rate == 0 {
+            return Err(PipelineError::CorruptAudio(
+                "the header declares a sample rate of 0 Hz".into(),
+            ));
+        }
+        if declared.channels == 0 {
+            return Err(PipelineError::CorruptAudio(
+                "the header declares no channels".into(),
+            ));
+        }
+        check_rate_and_channels(declared.sample_rate, u64::from(declared.channels), config)?;
+        if let Some(frames) = declared.frames {
+            if frames == 0 {
+                return Err(PipelineError::EmptyAudio);
+            }
+            check_duration(frames as f64 / declared.sample_rate as f64, config)?;
+        }
+    }
+    if container == Container::Ogg && !sniff::ogg_ends_cleanly(input) {
+        return Err(PipelineError::CorruptAudio(
+            "the Ogg stream does not end with a complete end-of-stream page (truncated)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_rate_and_channels(
+    rate: u64,
+    channels: u64,
+    config: &PipelineConfig,
+) -> Result<(), PipelineError> {
+    let limits = &config.limits;
+    if rate < u64::from(limits.min_sample_rate) || rate > u64::from(limits.max_sample_rate) {
+        return Err(PipelineError::LimitExceeded(format!(
+            "a sample rate of {rate} Hz is outside the accepted {}–{} Hz",
+            limits.min_sample_rate, limits.max_sample_rate
+        )));
+    }
+    if channels > u64::from(limits.max_channels) {
+        return Err(PipelineError::LimitExceeded(format!(
+            "{channels} channels is more than the accepted {}",
+            limits.max_channels
+        )));
+    }
+    Ok(())
+}
+
+fn check_duration(seconds: f64, config: &PipelineConfig) -> Result<(), PipelineError> {
+    if seconds > config.limits.max_duration_s as f64 {
+        return Err(PipelineError::TooLong {
+            duration_s: seconds,
+            limit_s: config.limits.max_duration_s,
+        });
+    }
+    Ok(())
+}
+
+fn check_limits(facts: &SourceFacts, config: &PipelineConfig) -> Result<(), PipelineError> {
+    check_rate_and_channels(
+        u64::from(facts.sample_rate),
+        u64::from(facts.channels),
+        config,
+    )?;
+    if StereoDownmix::new(facts.channels).is_none() {
+        return Err(PipelineError::LimitExceeded(format!(
+            "{} channels cannot be mixed to stereo",
+            facts.channels
+        )));
+    }
+    if let Some(frames) = facts.declared_frames {
+        check_duration(frames as f64 / f64::from(facts.sample_rate), config)?;
+    }
+    Ok(())
+}
+
+/// One encoder of the run.
+struct EncoderPlan {
+    preset: String,
+    spec: EncodeSpec,
+    /// `(first frame, frames)` at the encoder's rate, for clips.
+    clip: Option<(u64, u64)>,
+    /// HLS variant bitrate, for the manifest.
+    variant_kbps: Option<u32>,
+}
+
+/// What the pass produced before packaging.
+struct PassOutput {
+    frames: u64,
+    loudness: LoudnessReport,
+    waveform: crate::waveform::Waveform,
+    encoded: Vec<(EncoderPlan, Encoded)>,
+}
+
+fn plan_encoders(
+    facts: &SourceFacts,
+    tags: &tags::Tags,
+    config: &PipelineConfig,
+    staging: &Path,
+) -> Result<Vec<EncoderPlan>, PipelineError> {
+    let mut plans = Vec::new();
+    for preset in &config.presets {
+        let title = tags.title.clone();
+        let artist = tags.artist.clone();
+        match preset {
+            Preset::Progressive {
+                name,
+                codec,
+                bitrate_kbps,
+                sample_rate,
+                clip_start_s,
+                clip_duration_s,
+            } => {
+                let clip = match (clip_start_s, clip_duration_s) {
+                    (None, None) => None,
+                    (start, duration) => {
+                        let rate = f64::from(*sample_rate);
+                        let mut first = (start.unwrap_or(0.0) * rate).round() as u64;
+                        let length = duration.map_or(u64::MAX, |d| (d * rate).round() as u64);
+                        // A start past the end would make an empty preview: start at zero.
+                        if let Some(total) = facts.declared_frames {
+                            let total_at_rate =
+                                (total as f64 * rate / f64::from(facts.sample_rate)) as u64;
+                            if first >= total_at_rate {
+                                first = 0;
+                            }
+                        }
+                        Some((first, length))
+                    }
+                };
+                plans.push(EncoderPlan {
+                    preset: name.clone(),
+                    spec: EncodeSpec {
+                        codec: *codec,
+                        bitrate_kbps: *bitrate_kbps,
+                        sample_rate: *sample_rate,
+                        target: Target::File(staging.join(format!("{name}.{}", extension(*codec)))),
+                        title,
+                        artist,
+                    },
+                    clip,
+                    variant_kbps: None,
+                });
+            }
+            Preset::Hls {
+                name,
+                codec,
+                sample_rate,
+                variants_kbps,
+                segment_s,
+            } => {
+                for kbps in variants_kbps {
+                    let dir = staging.join(name).join(format!("{kbps}k"));
+                    std::fs::create_dir_all(&dir)?;
+                    plans.push(EncoderPlan {
+                        preset: name.clone(),
+                        spec: EncodeSpec {
+                            codec: *codec,
+                            bitrate_kbps: *kbps,
+                            sample_rate: *sample_rate,
+                            target: Target::HlsVariant {
+                                playlist: dir.join("index.m3u8"),
+                                segment_s: *segment_s,
+                            },
+                            title: None,
+                            artist: None,
+                        },
+                        clip: None,
+                        variant_kbps: Some(*kbps),
+                    });
+                }
+            }
+        }
+    }
+    Ok(plans)
+}
+
+fn extension(codec: crate::presets::Codec) -> &'static str {
+    match codec {
+        crate::presets::Codec::Mp3 => "mp3",
+        crate::presets::Codec::Opus => "opus",
+        crate::presets::Codec::Aac => "m4a",
+    }
+}
+
+fn run_pass(
+    mut reader: Box<dyn decode::PcmReader>,
+    facts: &SourceFacts,
+    tags: &tags::Tags,
+    config: &PipelineConfig,
+    staging: &Path,
+    on_progress: &(dyn Fn(Progress) + Sync),
+) -> Result<PassOutput, PipelineError> {
+    let plans = plan_encoders(facts, tags, config, staging)?;
+    let channels = usize::from(facts.channels);
+    let max_frames =
+        (config.limits.max_duration_s as f64 * f64::from(facts.sample_rate)).ceil() as u64;
+    let bits = if config.waveform.bits == 16 {
+        WaveformBits::Sixteen
+    } else {
+        WaveformBits::Eight
+    };
+    let mut waveform =
+        WaveformBuilder::new(facts.sample_rate, config.waveform.samples_per_pixel, bits);
+    let mut meter = LoudnessMeter::new(facts.channels, facts.sample_rate)
+        .map_err(|err| PipelineError::LimitExceeded(format!("cannot measure loudness: {err}")))?;
+
+    // One feeder per encoder rate: downmix to stereo, resample, fan out to its encoders.
+    let mut rates: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (index, plan) in plans.iter().enumerate() {
+        rates.entry(plan.spec.sample_rate).or_default().push(index);
+    }
+
+    let plans_ref = &plans;
+    let (frames, loudness, encoded) = std::thread::scope(|scope| {
+        let (loudness_tx, loudness_rx) = bounded::<Block>(QUEUE_DEPTH);
+        let loudness = scope.spawn(move || -> Result<LoudnessReport, PipelineError> {
+            for block in loudness_rx {
+                meter
+                    .add(&block)
+                    .map_err(|err| PipelineError::internal("loudness", err))?;
+            }
+            meter
+                .finish()
+                .map_err(|err| PipelineError::internal("loudness", err))
+        });
+
+        let mut feeder_txs: Vec<Sender<Block>> = Vec::new();
+        let mut feeders = Vec::new();
+        let mut encoders = Vec::new();
+        for (rate, members) in &rates {
+            let mut encoder_txs = Vec::new();
+            for &index in members {
+                let (tx, rx) = bounded::<Block>(QUEUE_DEPTH);
+                encoder_txs.push(tx);
+                let plan = &plans_ref[index];
+                encoders.push((index, scope.spawn(move || run_encoder(plan, rx))));
+            }
+            let (tx, rx) = bounded::<Block>(QUEUE_DEPTH);
+            feeder_txs.push(tx);
+            let (from, to) = (facts.sample_rate, *rate);
+            feeders
+                .push(scope.spawn(move || run_feeder(rx, encoder_txs, facts.channels, from, to)));
+        }
+
+        // The decode loop, on this thread.
+        let mut decoded = Vec::with_capacity(BLOCK_FRAMES * channels * 2);
+        let mut mono = Vec::with_capacity(BLOCK_FRAMES * 2);
+        let mut frames: u64 = 0;
+        let mut last_report = Instant::now();
+        let mut pass_error = None;
+        loop {
+            decoded.clear();
+            let mut more = true;
+            while decoded.len() < BLOCK_FRAMES * channels && more {
+                match reader.read(&mut decoded) {
+                    Ok(true) => {}
+                    Ok(false) => more = false,
+                    Err(err) => {
+                        pass_error = Some(err);
+                        more = false;
+                    }
+                }
+            }
+            if pass_error.is_some() {
+                break;
+            }
+            let block_frames = decoded.len() / channels;
+            if block_frames > 0 {
+                frames += block_frames as u64;
+                if frames > max_frames {
+                    pass_error = Some(PipelineError::TooLong {
+                        duration_s: frames as f64 / f64::from(facts.sample_rate),
+                        limit_s: config.limits.max_duration_s,
+                    });
+                    break;
+                }
+                mono.clear();
+                mono_mixdown(&decoded, facts.channels, &mut mono);
+                waveform.add_mono(&mono);
+                let block: Block = Arc::new(std::mem::take(&mut decoded));
+                let delivered = loudness_tx.send(block.clone()).is_ok()
+                    && feeder_txs.iter().all(|tx| tx.send(block.clone()).is_ok());
+                if !delivered {
+                    // A consumer stopped early: its own error says why.
+                    break;
+                }
+                decoded = Vec::with_capacity(BLOCK_FRAMES * channels * 2);
+                if last_report.elapsed() >= PROGRESS_EVERY {
+                    last_report = Instant::now();
+                    if let Some(total) = facts.declared_frames.filter(|t| *t > 0) {
+                        let fraction = 0.02 + 0.95 * (frames as f64 / total as f64).min(1.0);
+                        on_progress(Progress {
+                            stage: Stage::Encoding,
+                            fraction,
+                        });
+                    }
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        drop(loudness_tx);
+        drop(feeder_txs);
+
+        let mut first_error = pass_error;
+        let mut keep = |result: Result<(), PipelineError>| {
+            if let Err(err) = result
+                && first_error.is_none()
+            {
+                first_error = Some(err);
+            }
+        };
+        for feeder in feeders {
+            keep(feeder.join().unwrap_or_else(|_| {
+                Err(PipelineError::Internal("a feeder thread panicked".into()))
+            }));
+        }
+        let mut encoded = Vec::new();
+        for (index, handle) in encoders {
+            match handle.join().unwrap_or_else(|_| {
+                Err(PipelineError::Internal("an encoder thread panicked".into()))
+            }) {
+                Ok(result) => encoded.push((index, result)),
+                Err(err) => keep(Err(err)),
+            }
+        }
+        let loudness = loudness.join().unwrap_or_else(|_| {
+            Err(PipelineError::Internal(
+                "the loudness thread panicked".into(),
+            ))
+        });
+        if let Some(err) = first_error {
+            return Err(err);
+        }
+        let loudness = loudness?;
+        if frames == 0 {
+            return Err(PipelineError::EmptyAudio);
+        }
+        if let Some(declared) = facts.declared_frames {
+            // Containers round their counts a little; a real cut loses far more.
+            let slack = (declared / 1000).max(4096);
+            if frames + slack < declared {
+                return Err(PipelineError::CorruptAudio(format!(
+                    "the file declares {:.1} s of audio but holds {:.1} s (truncated)",
+                    declared as f64 / f64::from(facts.sample_rate),
+                    frames as f64 / f64::from(facts.sample_rate)
+                )));
+            }
+        }
+        Ok((frames, loudness, encoded))
+    })?;
+    let mut by_index: BTreeMap<usize, Encoded> = encoded.into_iter().collect();
+    let encoded = plans
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, plan)| by_index.remove(&index).map(|result| (plan, result)))
+        .collect();
+    Ok(PassOutput {
+        frames,
+        loudness,
+        waveform: waveform.finish(),
+        encoded,
+    })
+}
+
+/// Downmixes and resamples for one encoder rate, fanning blocks out to its encoders.
+fn run_feeder(
+    rx: Receiver<Block>,
+    encoders: Vec<Sender<Block>>,
+    channels: u16,
+    from: u32,
+    to: u32,
+) -> Result<(), PipelineError> {
+    let downmix = StereoDownmix::new(channels).ok_or_else(|| {
+        PipelineError::LimitExceeded(format!("{channels} channels cannot be mixed to stereo"))
+    })?;
+    let mut resampler = crate::resample::StreamResampler::new(from, to, 2)?;
+    let mut stereo = Vec::new();
+    let send = |samples: Vec<f32>| -> bool {
+        let block: Block = Arc::new(samples);
+        encoders.iter().all(|tx| tx.send(block.clone()).is_ok())
+    };
+    for block in rx {
+        stereo.clear();
+        downmix.process(&block, &mut stereo);
+        let mut out = Vec::with_capacity(stereo.len() * to as usize / from as usize + 64);
+        resampler.push(&stereo, &mut out)?;
+        if !out.is_empty() && !send(out) {
+            return Ok(());
+        }
+    }
+    let mut tail = Vec::new();
+    resampler.finish(&mut tail)?;
+    if !tail.is_empty() {
+        send(tail);
+    }
+    Ok(())
+}
+
+/// Runs one encoder over its stream of stereo blocks.
+fn run_encoder(plan: &EncoderPlan, rx: Receiver<Block>) -> Result<Encoded, PipelineError> {
+    let mut encoder = Encoder::open(&plan.spec)?;
+    let mut position: u64 = 0;
+    for block in rx {
+        let block_frames = (block.len() / 2) as u64;
+        let (start, end) = match plan.clip {
+            None => (0, block_frames),
+            Some((first, length)) => {
+                let clip_end = first.saturating_add(length);
+                let start = first.saturating_sub(position).min(block_frames);
+                let end = clip_end.saturating_sub(position).min(block_frames);
+                (start, end.max(start))
+            }
+        };
+        position += block_frames;
+        if end > start {
+            encoder.push(&block[start as usize * 2..end as usize * 2])?;
+        }
+    }
+    encoder.finish()
+}
+
+/// Packages the pass: playlists, waveform files, artwork, the manifest (not yet written).
+fn finish(
+    pass: PassOutput,
+    facts: &SourceFacts,
+    tags: tags::Tags,
+    artwork: Option<tags::Artwork>,
+    config: &PipelineConfig,
+    staging: &Path,
+) -> Result<Manifest, PipelineError> {
+    let waveform_json = serde_json::to_vec(&pass.waveform.to_json())
+        .map_err(|e| PipelineError::internal("waveform", e))?;
+    std::fs::write(staging.join("waveform.json"), waveform_json)?;
+    std::fs::write(staging.join("waveform.dat"), pass.waveform.to_dat())?;
+    let summary = pass.waveform.summary(config.waveform.summary_points);
+    std::fs::write(
+        staging.join("waveform_summary.json"),
+        serde_json::to_vec(&summary).map_err(|e| PipelineError::internal("waveform summary", e))?,
+    )?;
+    let artwork_path = match artwork {
+        Some(art) => {
+            let name = format!("artwork.{}", art.extension);
+            std::fs::write(staging.join(&name), &art.bytes)?;
+            Some(name)
+        }
+        None => None,
+    };
+
+    let mut renditions: Vec<Rendition> = Vec::new();
+    let mut hls_variants: BTreeMap<String, Vec<(u32, String, hls::VariantStats, u64)>> =
+        BTreeMap::new();
+    for (plan, encoded) in &pass.encoded {
+        let duration_ms =
+            (encoded.frames as f64 * 1000.0 / f64::from(plan.spec.sample_rate)).round() as u64;
+        match &plan.spec.target {
+            Target::File(path) => renditions.push(Rendition {
+                preset: plan.preset.clone(),
+                kind: RenditionKind::Progressive,
+                path: relative(staging, path),
+                codec: plan.spec.codec.as_str().to_owned(),
+                bitrate_kbps: plan.spec.bitrate_kbps,
+                sample_rate: plan.spec.sample_rate,
+                channels: 2,
+                duration_ms,
+                bytes: std::fs::metadata(path)?.len(),
+                variants: None,
+            }),
+            Target::HlsVariant { playlist, .. } => {
+                let stats = hls::measure_variant(playlist)?;
+                hls_variants.entry(plan.preset.clone()).or_default().push((
+                    plan.variant_kbps.unwrap_or(plan.spec.bitrate_kbps),
+                    relative(staging, playlist),
+                    stats,
+                    duration_ms,
+                ));
+            }
+        }
+    }
+    for preset in &config.presets {
+        let Preset::Hls {
+            name,
+            codec,
+            sample_rate,
+            ..
+        } = preset
+        else {
+            continue;
+        };
+        let Some(variants) = hls_variants.remove(name) else {
+            continue;
+        };
+        let master_rel = format!("{name}/master.m3u8");
+        let entries: Vec<(String, hls::VariantStats)> = variants
+            .iter()
+            .map(|(_, path, stats, _)| {
+                (
+                    path.trim_start_matches(&format!("{name}/")).to_owned(),
+                    *stats,
+                )
+            })
+            .collect();
+        let master = hls::master_playlist(
+            &entries
+                .iter()
+                .map(|(uri, stats)| MasterEntry { uri, stats: *stats })
+                .collect::<Vec<_>>(),
+        );
+        std::fs::write(staging.join(&master_rel), &master)?;
+        let total_bytes = variants
+            .iter()
+            .map(|(_, _, stats, _)| stats.bytes)
+            .sum::<u64>()
+            + master.len() as u64;
+        renditions.push(Rendition {
+            preset: name.clone(),
+            kind: RenditionKind::Hls,
+            path: master_rel,
+            codec: codec.as_str().to_owned(),
+            bitrate_kbps: variants
+                .iter()
+                .map(|(kbps, ..)| *kbps)
+                .max()
+                .unwrap_or_default(),
+            sample_rate: *sample_rate,
+            channels: 2,
+            duration_ms: variants
+                .iter()
+                .map(|(.., ms)| *ms)
+                .max()
+                .unwrap_or_default(),
+            bytes: total_bytes,
+            variants: Some(
+                variants
+                    .iter()
+                    .map(|(kbps, path, stats, _)| Variant {
+                        bitrate_kbps: *kbps,
+                        path: path.clone(),
+                        bandwidth: stats.peak_bps,
+                        segments: stats.segments,
+                        bytes: stats.bytes,
+                    })
+                    .collect(),
+            ),
+        });
+    }
+    // Manifest order follows the presets file.
+    renditions.sort_by_key(|r| {
+        config
+            .presets
+            .iter()
+            .position(|p| p.name() == r.preset)
+            .unwrap_or(usize::MAX)
+    });
+
+    Ok(Manifest {
+        source: Source {
+            container: facts.container.as_str().to_owned(),
+            codec: facts.codec.clone(),
+            sample_rate: facts.sample_rate,
+            channels: facts.channels,
+            bits_per_sample: facts.bits_per_sample,
+            duration_ms: (pass.frames as f64 * 1000.0 / f64::from(facts.sample_rate)).round()
+                as u64,
+        },
+        tags: ManifestTags {
+            tags,
+            artwork: artwork_path,
+        },
+        loudness: pass.loudness,
+        waveform: WaveformFiles {
+            json: "waveform.json".into(),
+            dat: "waveform.dat".into(),
+            summary: "waveform_summary.json".into(),
+            samples_per_pixel: config.waveform.samples_per_pixel,
+            length: pass.waveform.length(),
+        },
+        renditions,
+    })
+}
+
+fn relative(base: &Path, path: &Path) -> String {
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Moves the staged outputs into `out_dir`, replacing earlier ones, then writes the manifest.
+fn publish(staging: &Path, out_dir: &Path, manifest: &Manifest) -> Result<(), PipelineError> {
+    for entry in std::fs::read_dir(staging)? {
+        let entry = entry?;
+        let target: PathBuf = out_dir.join(entry.file_name());
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target)?;
+        } else if target.exists() {
+            std::fs::remove_file(&target)?;
+        }
+        std::fs::rename(entry.path(), &target)?;
+    }
+    let text = serde_json::to_vec_pretty(manifest)
+        .map_err(|err| PipelineError::internal("manifest", err))?;
+    let temp = out_dir.join(".manifest.json.tmp");
+    std::fs::write(&temp, text)?;
+    std::fs::rename(&temp, out_dir.join("manifest.json"))?;
+    Ok(())
+}
