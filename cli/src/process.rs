@@ -15,8 +15,9 @@ use waveline_pipeline::{PipelineConfig, PipelineError, Stage};
 pub fn run(input: &Path, out: &Path, presets: Option<&Path>, json: bool) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WAVELINE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("WAVELINE_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,symphonia_core=error,symphonia=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .try_init();

@@ -45,7 +45,15 @@ pub trait PcmReader: Send {
 }
 
 /// Opens `path` with Symphonia, or with FFmpeg when Symphonia cannot.
+///
+/// MP4 and raw AAC go to FFmpeg first: Symphonia's MP4 reader does not apply the edit list,
+/// so AAC would keep its encoder priming and padding and read some 30 ms long.
 pub fn open(path: &Path, container: Container) -> Result<Box<dyn PcmReader>, PipelineError> {
+    if matches!(container, Container::Mp4 | Container::Adts)
+        && let Ok(reader) = FfmpegReader::open(path, container)
+    {
+        return Ok(Box::new(reader));
+    }
     match SymphoniaReader::open(path, container) {
         Ok(reader) => Ok(Box::new(reader)),
         Err(symphonia_err) => match FfmpegReader::open(path, container) {

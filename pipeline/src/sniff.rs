@@ -294,7 +294,7 @@ mod tests {
         let align = channels * bits / 8;
         let mut out = Vec::new();
         out.extend_from_slice(b"RIFF");
-        out.extend_from_slice(&(36 + data_size).to_le_bytes());
+        out.extend_from_slice(&data_size.wrapping_add(36).to_le_bytes());
         out.extend_from_slice(b"WAVEfmt ");
         out.extend_from_slice(&16u32.to_le_bytes());
         out.extend_from_slice(&1u16.to_le_bytes());
