@@ -37,7 +37,7 @@ install_packages() {
   local wanted=(pkg-config clang ffmpeg sox postgresql
     libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libswresample-dev libswscale-dev libavdevice-dev)
   if [ "$mode" != --embedded ]; then
-    wanted+=(rabbitmq-server nginx-light wrk hyperfine)
+    wanted+=(rabbitmq-server nginx-light wrk hyperfine time bc)
   fi
   local missing=()
   for pkg in "${wanted[@]}"; do

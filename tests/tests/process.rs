@@ -788,12 +788,26 @@ fn aac_in_m4a() -> Result<()> {
     )
 }
 
+// ffmpeg's FLAC and ALAC encoders pick 24 bits for the sine's float samples unless told
+// otherwise, so the 16-bit fixtures ask for 16-bit samples.
+
 #[test]
 fn alac_in_m4a() -> Result<()> {
     check_format(
         "lossless.m4a",
-        |p| tone(p, 8.0, 44_100, 2, &["-c:a", "alac"]),
+        |p| tone(p, 8.0, 44_100, 2, &["-c:a", "alac", "-sample_fmt", "s16p"]),
         &lossless("mp4", "alac", 44_100, 2, 16),
+    )
+}
+
+#[test]
+fn alac_24_bit_in_m4a() -> Result<()> {
+    // The ALAC cookie of this file declares a bit depth of 24 (ffprobe's
+    // bits_per_raw_sample), though its decoder hands out 32-bit samples.
+    check_format(
+        "hires.m4a",
+        |p| tone(p, 8.0, 44_100, 2, &["-c:a", "alac", "-sample_fmt", "s32p"]),
+        &lossless("mp4", "alac", 44_100, 2, 24),
     )
 }
 
@@ -821,7 +835,15 @@ fn the_type_comes_from_the_bytes_not_the_extension() -> Result<()> {
     // A FLAC named .mp3 and a WAV named .flac are what their bytes say.
     check_format(
         "really-flac.mp3",
-        |p| tone(p, 8.0, 44_100, 2, &["-c:a", "flac", "-f", "flac"]),
+        |p| {
+            tone(
+                p,
+                8.0,
+                44_100,
+                2,
+                &["-c:a", "flac", "-sample_fmt", "s16", "-f", "flac"],
+            )
+        },
         &lossless("flac", "flac", 44_100, 2, 16),
     )?;
     check_format(
@@ -859,7 +881,7 @@ fn surround_5_1_aac_is_mixed_down_to_stereo() -> Result<()> {
 fn surround_7_1_flac_is_mixed_down_to_stereo() -> Result<()> {
     check_format(
         "surround71.flac",
-        |p| tone(p, 8.0, 48_000, 8, &["-c:a", "flac"]),
+        |p| tone(p, 8.0, 48_000, 8, &["-c:a", "flac", "-sample_fmt", "s16"]),
         &lossless("flac", "flac", 48_000, 8, 16),
     )
 }
@@ -1900,10 +1922,22 @@ fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
         16,
         &sine_s16(441_000, 2, 44_100, 0.5, 0),
     )?;
+    let limits = "[limits]\nmax_duration_s = 5\nmax_channels = 8\nmin_sample_rate = 8000\nmax_sample_rate = 192000\n";
     cases.push(BadInput {
-        name: "10 s under max_duration_s = 5",
+        name: "10 s under max_duration_s = 5 (whole [limits] section)",
         input: ten.clone(),
-        presets: Some(put(dir, "short.toml", b"[limits]\nmax_duration_s = 5\n")?),
+        presets: Some(put(dir, "short.toml", limits.as_bytes())?),
+        code: "too_long",
+    });
+    // A user tightening one limit should not have to restate the others.
+    cases.push(BadInput {
+        name: "10 s under max_duration_s = 5 (the only key given)",
+        input: ten.clone(),
+        presets: Some(put(
+            dir,
+            "short-only.toml",
+            b"[limits]\nmax_duration_s = 5\n",
+        )?),
         code: "too_long",
     });
     cases.push(case(
