@@ -4,8 +4,9 @@
 # it installs and starts what it needs (scripts/setup.sh --embedded).
 #
 # What it runs today: prepares the database and storage, proves that every backend answers,
-# and makes a 30 s test track. The audio pipeline and the API that process and serve that
-# track are the next issues; until they land, this script says so instead of pretending.
+# makes a 30 s test track and runs the audio pipeline over it (`waveline process`): the
+# rendition ladder, waveform, loudness and manifest. Uploading it through the API and
+# following the worker are the next issues; this script says so instead of pretending.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -42,10 +43,20 @@ ffmpeg -hide_banner -loglevel error -y \
 ffprobe -v error -show_entries format=duration,size:stream=codec_name,sample_rate,channels \
   -of default=noprint_wrappers=1 "$demo/input.flac"
 
+say "waveline process: one decode → MP3, Opus, HLS AAC ×3, preview, waveform, loudness"
+"$waveline" process "$demo/input.flac" --out "$demo/renditions"
+
+say "What a player gets"
+ffprobe -v error -show_entries format=format_name,duration,bit_rate -of compact "$demo/renditions/mp3_128.mp3"
+head -n 8 "$demo/renditions/aac_hls/master.m3u8"
+python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('loudness', m['loudness']); print('waveform points', m['waveform']['length'])" \
+  "$demo/renditions/manifest.json"
+
 say "Done"
 cat <<TXT
 What ran: the embedded configuration is healthy (PostgreSQL migrated, objects under
-${WAVELINE_STORAGE#file://}, in-process queue), and a test track waits at $demo/input.flac.
-Not yet built: processing that track into renditions (the pipeline issue) and serving it over
-HTTP (the API issue); this script will upload, follow and stream it once they land.
+${WAVELINE_STORAGE#file://}, in-process queue); a 30 s track at $demo/input.flac was processed
+into $demo/renditions (manifest.json lists every file).
+Not yet built: uploading it over HTTP and following the in-process worker (the worker and API
+issues); this script will upload, follow and stream it once they land.
 TXT

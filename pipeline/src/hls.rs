@@ -3,7 +3,9 @@
 //!
 //! `BANDWIDTH` is what RFC 8216 asks for, the peak segment bitrate (with the init segment
 //! counted in the first), measured from the files rather than copied from the nominal
-//! bitrate, so players pick variants on what they will really download.
+//! bitrate, so players pick variants on what they will really download. A closing segment
+//! shorter than a second is left out of the peak: it is mostly fixed box overhead, and
+//! counting it would misstate a 96 kb/s variant as 160.
 
 use std::path::Path;
 
@@ -51,7 +53,7 @@ pub fn measure_variant(playlist: &Path) -> Result<VariantStats, PipelineError> {
             })?;
             let size = std::fs::metadata(dir.join(line.trim()))?.len();
             let counted = size + if segments == 0 { init_bytes } else { 0 };
-            if seconds > 0.0 {
+            if seconds >= 1.0 || segments == 0 {
                 peak_bps = peak_bps.max((counted as f64 * 8.0 / seconds).ceil() as u64);
             }
             segments += 1;

@@ -959,9 +959,10 @@ fn sine_at_minus_23_dbfs_reads_minus_23_lufs() -> Result<()> {
 fn loudness_agrees_with_ffmpeg_ebur128() -> Result<()> {
     let dir = temp_dir()?;
     let input = dir.path().join("rich.wav");
-    // Pink noise and two tones under a slow swell: a loudness range of several LU, and
-    // peaks between samples for the true-peak meter to find. 48 kHz because ffmpeg's meter
-    // resamples anything else.
+    // Pink noise and two tones under a slow swell: a loudness range of several LU. 48 kHz
+    // because ffmpeg's meter resamples anything else. ffmpeg samples the short-term loudness
+    // for LRA at 10 Hz, as EBU Tech 3342 (2016) requires, so on 20 s the LRA comparison also
+    // tells whether the meter does.
     let input_str = input.to_str().context("temp path is not UTF-8")?;
     ffmpeg(&[
         "-f",
@@ -1017,6 +1018,32 @@ fn loudness_agrees_with_ffmpeg_ebur128() -> Result<()> {
     ensure!(
         reference.range_lu > 3.0,
         "the fixture is too steady: {reference:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn true_peak_finds_the_peaks_between_samples() -> Result<()> {
+    let dir = temp_dir()?;
+    let input = dir.path().join("quarter.wav");
+    // A sine at a quarter of the sample rate, 45° off: every sample lands at ±0.707 of the
+    // wave's peak of 0.5, so the sample peak is −9.03 dBFS and the true peak −6.02 dBTP.
+    render(
+        &input,
+        "aevalsrc=exprs='0.5*sin(2*PI*12000*t+PI/4)|0.5*sin(2*PI*12000*t+PI/4)':s=48000:d=10:c=stereo",
+        &["-c:a", "pcm_s16le"],
+    )?;
+    let manifest = process_ok(&input, &dir.path().join("out"), &[])?;
+    let loudness = &manifest["loudness"];
+    let sample_peak = number(&loudness["sample_peak_dbfs"], "sample_peak_dbfs")?;
+    let true_peak = number(&loudness["true_peak_dbtp"], "true_peak_dbtp")?;
+    ensure!(
+        close(sample_peak, -9.03, 0.1),
+        "sample peak {sample_peak} dBFS, expected −9.03: {loudness}"
+    );
+    ensure!(
+        close(true_peak, -6.02, 0.3),
+        "true peak {true_peak} dBTP, expected −6.02 (3 dB over the samples): {loudness}"
     );
     Ok(())
 }
@@ -1989,7 +2016,9 @@ fn malformed_inputs_are_refused_with_exit_2_and_the_right_code() -> Result<()> {
             extra.push("--presets");
             extra.push(presets.to_str().context("temp path is not UTF-8")?);
         }
+        let started = std::time::Instant::now();
         let output = run_process(&case.input, &out, &extra)?;
+        eprintln!("TIMING {} {:?}", case.name, started.elapsed());
         let mut problems = Vec::new();
         if output.status.code() != Some(2) {
             problems.push(format!("exit {:?}, expected 2", output.status.code()));
