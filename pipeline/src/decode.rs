@@ -46,15 +46,14 @@ pub trait PcmReader: Send {
 
 /// Opens `path` with Symphonia, or with FFmpeg when Symphonia cannot.
 ///
-/// MP4 and raw AAC go to FFmpeg first: Symphonia's MP4 reader does not apply the edit list,
-/// so AAC would keep its encoder priming and padding and read some 30 ms long.
+/// AAC goes to FFmpeg even when Symphonia can read it: Symphonia's MP4 reader does not apply
+/// the edit list, so AAC would keep its encoder priming and padding and read some 30 ms long.
 pub fn open(path: &Path, container: Container) -> Result<Box<dyn PcmReader>, PipelineError> {
-    if matches!(container, Container::Mp4 | Container::Adts)
-        && let Ok(reader) = FfmpegReader::open(path, container)
-    {
-        return Ok(Box::new(reader));
-    }
     match SymphoniaReader::open(path, container) {
+        Ok(reader) if reader.facts.codec == "aac" => match FfmpegReader::open(path, container) {
+            Ok(ffmpeg) => Ok(Box::new(ffmpeg)),
+            Err(_) => Ok(Box::new(reader)),
+        },
         Ok(reader) => Ok(Box::new(reader)),
         Err(symphonia_err) => match FfmpegReader::open(path, container) {
             Ok(reader) => {
@@ -64,6 +63,30 @@ pub fn open(path: &Path, container: Container) -> Result<Box<dyn PcmReader>, Pip
             Err(ffmpeg_err) => Err(classify_open_failure(&symphonia_err, ffmpeg_err)),
         },
     }
+}
+
+/// The bit depth in an ALAC magic cookie (ALACSpecificConfig: frame length u32, version u8,
+/// bit depth u8, …), with or without the `alac` atom header in front.
+fn alac_bit_depth(cookie: &[u8]) -> Option<u32> {
+    let config = match cookie.get(4..8) {
+        Some(b"alac") => cookie.get(12..)?,
+        _ => cookie,
+    };
+    config
+        .get(5)
+        .map(|bits| u32::from(*bits))
+        .filter(|bits| (8..=32).contains(bits))
+}
+
+/// The bit depth a PCM codec name implies (`pcm_f32le` → 32).
+fn pcm_bits(codec: &str) -> Option<u32> {
+    let digits: String = codec
+        .strip_prefix("pcm_")?
+        .chars()
+        .skip(1)
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 fn classify_open_failure(
@@ -124,16 +147,25 @@ impl SymphoniaReader {
         if sample_rate == 0 || channels == 0 {
             return Err(SymphoniaError::DecodeError("zero sample rate or channels"));
         }
-        let codec = codec_name(params.codec, params.bits_per_sample)
+        let codec = codec_name(params.codec)
             .map(str::to_owned)
             .unwrap_or_else(|| decoder.codec_info().short_name.to_owned());
         let lossless = codec.starts_with("pcm_") || matches!(codec.as_str(), "flac" | "alac");
+        let bits_per_sample = params
+            .bits_per_sample
+            .or_else(|| pcm_bits(&codec))
+            .or_else(|| {
+                (codec == "alac")
+                    .then(|| params.extra_data.as_deref().and_then(alac_bit_depth))
+                    .flatten()
+            })
+            .filter(|_| lossless);
         let facts = SourceFacts {
             container,
             codec,
             sample_rate,
             channels: u16::try_from(channels).unwrap_or(u16::MAX),
-            bits_per_sample: params.bits_per_sample.filter(|_| lossless),
+            bits_per_sample,
             declared_frames: track.num_frames,
         };
         let track_id = track.id;
@@ -197,12 +229,8 @@ impl PcmReader for SymphoniaReader {
 }
 
 /// FFmpeg-style names for the codecs Symphonia reports.
-fn codec_name(
-    codec: symphonia::core::codecs::audio::AudioCodecId,
-    bits: Option<u32>,
-) -> Option<&'static str> {
+fn codec_name(codec: symphonia::core::codecs::audio::AudioCodecId) -> Option<&'static str> {
     use codec_ids::*;
-    let _ = bits;
     Some(match codec {
         CODEC_ID_PCM_S16LE | CODEC_ID_PCM_S16LE_PLANAR => "pcm_s16le",
         CODEC_ID_PCM_S16BE | CODEC_ID_PCM_S16BE_PLANAR => "pcm_s16be",
@@ -295,7 +323,7 @@ impl FfmpegReader {
         } else {
             None
         };
-        let bits = decoder.format().bytes() as u32 * 8;
+        let bits = pcm_bits(&codec_name).unwrap_or(decoder.format().bytes() as u32 * 8);
         let lossless =
             codec_name.starts_with("pcm_") || matches!(codec_name.as_str(), "flac" | "alac");
         let layout = match decoder.channel_layout() {

@@ -91,6 +91,14 @@ pub struct LoudnessReport {
 pub struct LoudnessMeter {
     meter: EbuR128,
     channels: u16,
+    /// Frames in one 100 ms block, and frames fed since the last block ended.
+    block_frames: usize,
+    pending_frames: usize,
+    /// The energies of the last thirty 100 ms blocks: one 3 s short-term window.
+    window: std::collections::VecDeque<f64>,
+    window_sum: f64,
+    /// Short-term energies, one every 100 ms once the first 3 s are in (for the range).
+    short_term: Vec<f64>,
 }
 
 impl fmt::Debug for LoudnessMeter {
@@ -137,7 +145,9 @@ impl LoudnessMeter {
         }
         // Not HISTOGRAM mode: it would bound memory but quantise block energies, and keeping
         // every 100 ms block costs well under a megabyte even for a three-hour mix.
-        let mode = Mode::I | Mode::LRA | Mode::TRUE_PEAK | Mode::SAMPLE_PEAK;
+        // The loudness range is computed here from 100 ms short-term readings (see
+        // `loudness_range`), not with the crate's LRA mode, which reads once a second.
+        let mode = Mode::I | Mode::TRUE_PEAK | Mode::SAMPLE_PEAK;
         let mut meter = EbuR128::new(u32::from(channels), sample_rate, mode).map_err(|source| {
             LoudnessError::Meter {
                 action: "starting",
@@ -154,7 +164,16 @@ impl LoudnessMeter {
                 action: "setting the channel map",
                 source,
             })?;
-        Ok(LoudnessMeter { meter, channels })
+        let block_frames = (sample_rate as usize / 10).max(1);
+        Ok(LoudnessMeter {
+            meter,
+            channels,
+            block_frames,
+            pending_frames: 0,
+            window: std::collections::VecDeque::with_capacity(SHORT_TERM_BLOCKS),
+            window_sum: 0.0,
+            short_term: Vec::new(),
+        })
     }
 
     /// Feeds the next interleaved frames; buffers may be of any whole number of frames.
@@ -165,12 +184,56 @@ impl LoudnessMeter {
                 channels: self.channels,
             });
         }
-        self.meter
-            .add_frames_f32(interleaved)
+        // Feed up to each 100 ms boundary, and read that block's energy there.
+        let channels = usize::from(self.channels);
+        let mut rest = interleaved;
+        while !rest.is_empty() {
+            let room = self.block_frames - self.pending_frames;
+            let take = room.min(rest.len() / channels);
+            let (now, later) = rest.split_at(take * channels);
+            self.meter
+                .add_frames_f32(now)
+                .map_err(|source| LoudnessError::Meter {
+                    action: "adding frames",
+                    source,
+                })?;
+            self.pending_frames += take;
+            rest = later;
+            if self.pending_frames == self.block_frames {
+                self.pending_frames = 0;
+                self.close_block()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close_block(&mut self) -> Result<(), LoudnessError> {
+        let loudness = self
+            .meter
+            .loudness_window(100)
             .map_err(|source| LoudnessError::Meter {
-                action: "adding frames",
+                action: "reading a 100 ms block",
                 source,
-            })
+            })?;
+        let energy = if loudness.is_finite() {
+            10f64.powf((loudness + 0.691) / 10.0)
+        } else {
+            0.0
+        };
+        self.window.push_back(energy);
+        self.window_sum += energy;
+        if self.window.len() > SHORT_TERM_BLOCKS {
+            self.window_sum -= self.window.pop_front().unwrap_or(0.0);
+        }
+        if self.window.len() == SHORT_TERM_BLOCKS {
+            // Re-summing now and then keeps rounding drift out of a six-hour running sum.
+            if self.short_term.len() % 1000 == 0 {
+                self.window_sum = self.window.iter().sum();
+            }
+            self.short_term
+                .push(self.window_sum / SHORT_TERM_BLOCKS as f64);
+        }
+        Ok(())
     }
 
     /// The measurement of everything fed so far. The meter can keep being fed afterwards.
@@ -182,13 +245,7 @@ impl LoudnessMeter {
                 action: "reading the integrated loudness",
                 source,
             })?;
-        let range = self
-            .meter
-            .loudness_range()
-            .map_err(|source| LoudnessError::Meter {
-                action: "reading the loudness range",
-                source,
-            })?;
+        let range = loudness_range(&self.short_term);
 
         // Peaks are over every channel, the LFE included: clipping there is clipping too.
         let mut true_peak = 0.0_f64;
@@ -222,6 +279,36 @@ impl LoudnessMeter {
                 .map(|lufs| round2(REPLAYGAIN_REFERENCE_LUFS - lufs)),
         })
     }
+}
+
+/// Blocks of 100 ms in one 3 s short-term window.
+const SHORT_TERM_BLOCKS: usize = 30;
+
+/// EBU Tech 3342 loudness range from short-term energies taken every 100 ms: gate at
+/// −70 LUFS, then 20 LU below the power mean of what passed, and take the spread between the
+/// 10th and 95th percentiles of the rest. The 2016 revision asks for at least ten readings a
+/// second, as FFmpeg's `ebur128` filter takes; reading once a second (the `ebur128` crate's
+/// LRA mode) comes out up to half an LU low on material that swells.
+fn loudness_range(short_term: &[f64]) -> f64 {
+    let absolute_gate = 10f64.powf((-70.0 + 0.691) / 10.0);
+    let gated: Vec<f64> = short_term
+        .iter()
+        .copied()
+        .filter(|e| *e >= absolute_gate)
+        .collect();
+    if gated.is_empty() {
+        return 0.0;
+    }
+    let mean = gated.iter().sum::<f64>() / gated.len() as f64;
+    let relative_gate = mean * 10f64.powf(-20.0 / 10.0);
+    let mut kept: Vec<f64> = gated.into_iter().filter(|e| *e >= relative_gate).collect();
+    if kept.is_empty() {
+        return 0.0;
+    }
+    kept.sort_by(f64::total_cmp);
+    let percentile = |p: f64| kept[((kept.len() - 1) as f64 * p).round() as usize];
+    let to_lufs = |energy: f64| 10.0 * energy.log10() - 0.691;
+    (to_lufs(percentile(0.95)) - to_lufs(percentile(0.10))).max(0.0)
 }
 
 /// `None` for −∞ (silence) and for the NaN that non-finite input samples would produce.

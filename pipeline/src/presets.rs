@@ -66,7 +66,7 @@ pub struct PipelineConfig {
 
 /// Inputs beyond these fail before the expensive work starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Longest accepted input, in seconds.
     pub max_duration_s: u64,
@@ -77,7 +77,7 @@ pub struct Limits {
 
 /// How the waveform is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct WaveformSettings {
     /// Source samples per waveform point.
     pub samples_per_pixel: u32,
@@ -85,6 +85,29 @@ pub struct WaveformSettings {
     pub bits: u8,
     /// Points of the fixed-width summary for list views.
     pub summary_points: usize,
+}
+
+/// A key left out of `[limits]` keeps its default: tightening one limit should not mean
+/// restating the others.
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_duration_s: 6 * 3600,
+            max_channels: 8,
+            min_sample_rate: 8000,
+            max_sample_rate: 192_000,
+        }
+    }
+}
+
+impl Default for WaveformSettings {
+    fn default() -> WaveformSettings {
+        WaveformSettings {
+            samples_per_pixel: 256,
+            bits: 8,
+            summary_points: 1800,
+        }
+    }
 }
 
 /// The codec a preset encodes with.
@@ -313,6 +336,18 @@ mod tests {
 
     #[test]
     fn a_partial_file_keeps_the_other_defaults() {
+        let one_key = PipelineConfig::parse(
+            "[limits]\nmax_duration_s = 5\n",
+            Some(&PipelineConfig::default()),
+        )
+        .expect("valid");
+        assert_eq!(
+            one_key.limits,
+            Limits {
+                max_duration_s: 5,
+                ..Limits::default()
+            }
+        );
         let config = PipelineConfig::parse("[limits]\nmax_duration_s = 5\nmax_channels = 2\nmin_sample_rate = 8000\nmax_sample_rate = 48000\n", Some(&PipelineConfig::default()))
             .expect("valid");
         assert_eq!(config.limits.max_duration_s, 5);

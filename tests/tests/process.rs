@@ -5,6 +5,13 @@
 //! against ffmpeg's EBU R128 meter, the rendition ladder (MP3, Opus, AAC over HLS, preview),
 //! the audiowaveform files, tags and cover art, custom presets, and a corpus of malformed
 //! uploads that must each be refused with exit code 2 and the right error code.
+//!
+//! Durations of progressive renditions are measured by decoding them with ffmpeg and
+//! counting samples, because ffprobe's container duration of an MP3 counts whole frames,
+//! encoder delay and padding included (up to about 2.5 frames over what plays), while the
+//! decoder trims what the LAME header or the Opus pre-skip declares, as a player does. HLS
+//! variants are measured by ffprobe on their playlists (the sum of `EXTINF`), which is what
+//! a player's timeline shows.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,8 +21,9 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waveline_tests::audio::{
     WAVE_FORMAT_EXTENSIBLE, WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_PCM, audio_stream, cover_png, cut,
-    decoded_seconds, ebur128_reference, ffmpeg, ffprobe_json, max_volume_db, probe_number, raw_pcm,
-    render, seeded_bytes, sine_s16, sox, tone, tone_source, wav_header, write_wav,
+    decoded_seconds, ebur128_reference, ffmpeg, ffprobe_json, ffprobe_json_with, max_volume_db,
+    probe_number, raw_pcm, render, seeded_bytes, sine_s16, sox, tone, tone_source, wav_header,
+    write_wav,
 };
 use waveline_tests::{temp_dir, waveline_bin};
 
@@ -506,7 +514,7 @@ fn check_hls(
     ensure!(total_segments > 0, "no segments at all");
 
     // A player starts from the master: ffprobe must get through it to AAC audio.
-    let probe = waveline_tests::audio::ffprobe_json_with(
+    let probe = ffprobe_json_with(
         &master_path,
         &["-allowed_extensions", "ALL", "-protocol_whitelist", "file"],
     )?;
@@ -701,6 +709,8 @@ fn wav_pcm_s32() -> Result<()> {
 
 #[test]
 fn wav_ieee_float_32() -> Result<()> {
+    // The fmt chunk declares 32 bits per sample, and ffprobe reports 32 for pcm_f32le: the
+    // depth is defined here even though the samples are floats.
     check_format(
         "f32.wav",
         |p| {
@@ -1762,6 +1772,25 @@ fn a_progress_bar_draws_on_a_terminal() -> Result<()> {
 // Malformed input
 // ---------------------------------------------------------------------------------------
 
+#[test]
+fn an_out_dir_that_cannot_be_made_is_an_internal_failure() -> Result<()> {
+    let dir = temp_dir()?;
+    let input = dir.path().join("tone.wav");
+    tone(&input, 2.0, 44_100, 2, &["-c:a", "pcm_s16le"])?;
+    // The input is fine; the place to write is not: that is not the uploader's fault, so it
+    // is exit 1 rather than the bad-input 2.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory")?;
+    let output = run_process(&input, &blocker.join("out"), &["--json"])?;
+    ensure!(output.status.code() == Some(1), "{}", describe(&output));
+    ensure!(
+        !String::from_utf8_lossy(&output.stderr).contains("panicked"),
+        "{}",
+        describe(&output)
+    );
+    Ok(())
+}
+
 /// One refused input: the file (which may not exist), an optional presets file, and the
 /// error code the JSON must carry.
 #[derive(Debug)]
@@ -1778,20 +1807,20 @@ fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Encodes a 4 s stereo tone to `name` and keeps the first half of it, as an interrupted
+/// Encodes a 3 s stereo tone to `name` and keeps the first half of it, as an interrupted
 /// upload would.
 fn truncated(dir: &Path, name: &str, codec_args: &[&str]) -> Result<PathBuf> {
     let whole = dir.join(format!("whole-{name}"));
-    tone(&whole, 4.0, 44_100, 2, codec_args)?;
+    tone(&whole, 3.0, 44_100, 2, codec_args)?;
     let half = dir.join(name);
     cut(&whole, &half, 0.5)?;
     Ok(half)
 }
 
-/// A canonical WAV header followed by one second of 16-bit stereo, the header saying
-/// whatever the case needs.
+/// A canonical WAV header followed by 0.2 s of 16-bit samples (at 44.1 kHz), the header
+/// saying whatever the case needs.
 fn lying_wav(dir: &Path, name: &str, channels: u16, rate: u32) -> Result<PathBuf> {
-    let data = sine_s16(44_100, channels, 44_100, 0.5, 0);
+    let data = sine_s16(8_820, channels, 44_100, 0.5, 0);
     let mut bytes = wav_header(
         WAVE_FORMAT_PCM,
         channels,
@@ -2016,9 +2045,7 @@ fn malformed_inputs_are_refused_with_exit_2_and_the_right_code() -> Result<()> {
             extra.push("--presets");
             extra.push(presets.to_str().context("temp path is not UTF-8")?);
         }
-        let started = std::time::Instant::now();
         let output = run_process(&case.input, &out, &extra)?;
-        eprintln!("TIMING {} {:?}", case.name, started.elapsed());
         let mut problems = Vec::new();
         if output.status.code() != Some(2) {
             problems.push(format!("exit {:?}, expected 2", output.status.code()));
