@@ -227,7 +227,7 @@ impl LoudnessMeter {
         }
         if self.window.len() == SHORT_TERM_BLOCKS {
             // Re-summing now and then keeps rounding drift out of a six-hour running sum.
-            if self.short_term.len() % 1000 == 0 {
+            if self.short_term.len().is_multiple_of(1000) {
                 self.window_sum = self.window.iter().sum();
             }
             self.short_term
