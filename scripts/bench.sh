@@ -37,7 +37,8 @@ pipeline() {
   for i in $(seq "$runs"); do
     echo "run $i/$runs…" >&2
     measure "$work/ffmpeg" bash "$shared/bench/ffmpeg-reference.sh" "$work/input.flac" "$work/ref"
-    measure "$work/waveline" "$bin" process "$work/input.flac" --out "$work/out"
+    WAVELINE_LOG=waveline_pipeline::cpu=info measure "$work/waveline" "$bin" process "$work/input.flac" --out "$work/out"
+    grep -o 'analysis_share=[0-9.e-]*' "$work/waveline.err" | cut -d= -f2 >>"$work/share"
   done
   local fw fc fm ww wc wm
   fw=$(cut -d' ' -f1 "$work/ffmpeg" | median); fc=$(cut -d' ' -f2 "$work/ffmpeg" | median); fm=$(cut -d' ' -f3 "$work/ffmpeg" | median)
@@ -51,6 +52,8 @@ pipeline() {
   printf "| waveline process | %.2f | %.2f | %.0f |\n" "$ww" "$wc" "$(echo "$wm / 1024" | bc -l)"
   printf "| ratio waveline / ffmpeg | **%.2f×** | **%.2f×** | %.2f× |\n" \
     "$(echo "$ww / $fw" | bc -l)" "$(echo "$wc / $fc" | bc -l)" "$(echo "$wm / $fm" | bc -l)"
+  printf "\nloudness + waveform: %.1f%% of waveline's CPU time (median; from its per-stage accounting)\n" \
+    "$(median <"$work/share" | awk '{print $1 * 100}')"
   echo
   echo "every run (wall CPU RSS-KiB): ffmpeg: $(tr '\n' ';' <"$work/ffmpeg") waveline: $(tr '\n' ';' <"$work/waveline")"
 }

@@ -20,6 +20,7 @@ pub fn run(input: &Path, out: &Path, presets: Option<&Path>, json: bool) -> Exit
             }),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     let started = std::time::Instant::now();
     let result = presets

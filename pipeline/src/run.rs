@@ -346,16 +346,19 @@ fn run_pass(
     let plans_ref = &plans;
     let (frames, loudness, encoded) = std::thread::scope(|scope| {
         let (loudness_tx, loudness_rx) = bounded::<Block>(QUEUE_DEPTH);
-        let loudness = scope.spawn(move || -> Result<LoudnessReport, PipelineError> {
-            for block in loudness_rx {
-                meter
-                    .add(&block)
+        let loudness = scope.spawn(
+            move || -> Result<(LoudnessReport, Duration), PipelineError> {
+                for block in loudness_rx {
+                    meter
+                        .add(&block)
+                        .map_err(|err| PipelineError::internal("loudness", err))?;
+                }
+                let report = meter
+                    .finish()
                     .map_err(|err| PipelineError::internal("loudness", err))?;
-            }
-            meter
-                .finish()
-                .map_err(|err| PipelineError::internal("loudness", err))
-        });
+                Ok((report, thread_cpu()))
+            },
+        );
 
         let mut feeder_txs: Vec<Sender<Block>> = Vec::new();
         let mut feeders = Vec::new();
@@ -380,6 +383,8 @@ fn run_pass(
         let mut mono = Vec::with_capacity(BLOCK_FRAMES * 2);
         let mut frames: u64 = 0;
         let mut last_report = Instant::now();
+        let decode_cpu_start = thread_cpu();
+        let mut waveform_time = Duration::ZERO;
         let mut pass_error = None;
         loop {
             decoded.clear();
@@ -407,9 +412,11 @@ fn run_pass(
                     });
                     break;
                 }
+                let waveform_started = Instant::now();
                 mono.clear();
                 mono_mixdown(&decoded, facts.channels, &mut mono);
                 waveform.add_mono(&mono);
+                waveform_time += waveform_started.elapsed();
                 let block: Block = Arc::new(std::mem::take(&mut decoded));
                 let delivered = loudness_tx.send(block.clone()).is_ok()
                     && feeder_txs.iter().all(|tx| tx.send(block.clone()).is_ok());
@@ -435,6 +442,9 @@ fn run_pass(
         }
         drop(loudness_tx);
         drop(feeder_txs);
+        let decode_cpu = thread_cpu()
+            .saturating_sub(decode_cpu_start)
+            .saturating_sub(waveform_time);
 
         let mut first_error = pass_error;
         let mut keep = |result: Result<(), PipelineError>| {
@@ -444,17 +454,26 @@ fn run_pass(
                 first_error = Some(err);
             }
         };
+        let mut resample_cpu = Duration::ZERO;
         for feeder in feeders {
-            keep(feeder.join().unwrap_or_else(|_| {
-                Err(PipelineError::Internal("a feeder thread panicked".into()))
-            }));
+            match feeder
+                .join()
+                .unwrap_or_else(|_| Err(PipelineError::Internal("a feeder thread panicked".into())))
+            {
+                Ok(cpu) => resample_cpu += cpu,
+                Err(err) => keep(Err(err)),
+            }
         }
         let mut encoded = Vec::new();
+        let mut encode_cpu = Duration::ZERO;
         for (index, handle) in encoders {
             match handle.join().unwrap_or_else(|_| {
                 Err(PipelineError::Internal("an encoder thread panicked".into()))
             }) {
-                Ok(result) => encoded.push((index, result)),
+                Ok((result, cpu)) => {
+                    encode_cpu += cpu;
+                    encoded.push((index, result));
+                }
                 Err(err) => keep(Err(err)),
             }
         }
@@ -466,7 +485,18 @@ fn run_pass(
         if let Some(err) = first_error {
             return Err(err);
         }
-        let loudness = loudness?;
+        let (loudness, loudness_cpu) = loudness?;
+        let total = decode_cpu + waveform_time + loudness_cpu + resample_cpu + encode_cpu;
+        tracing::info!(
+            target: "waveline_pipeline::cpu",
+            decode_s = decode_cpu.as_secs_f64(),
+            waveform_s = waveform_time.as_secs_f64(),
+            loudness_s = loudness_cpu.as_secs_f64(),
+            resample_s = resample_cpu.as_secs_f64(),
+            encode_s = encode_cpu.as_secs_f64(),
+            analysis_share = (waveform_time + loudness_cpu).as_secs_f64() / total.as_secs_f64().max(1e-9),
+            "CPU time by stage"
+        );
         if frames == 0 {
             return Err(PipelineError::EmptyAudio);
         }
@@ -504,7 +534,7 @@ fn run_feeder(
     channels: u16,
     from: u32,
     to: u32,
-) -> Result<(), PipelineError> {
+) -> Result<Duration, PipelineError> {
     let downmix = StereoDownmix::new(channels).ok_or_else(|| {
         PipelineError::LimitExceeded(format!("{channels} channels cannot be mixed to stereo"))
     })?;
@@ -520,7 +550,7 @@ fn run_feeder(
         let mut out = Vec::with_capacity(stereo.len() * to as usize / from as usize + 64);
         resampler.push(&stereo, &mut out)?;
         if !out.is_empty() && !send(out) {
-            return Ok(());
+            return Ok(thread_cpu());
         }
     }
     let mut tail = Vec::new();
@@ -528,11 +558,14 @@ fn run_feeder(
     if !tail.is_empty() {
         send(tail);
     }
-    Ok(())
+    Ok(thread_cpu())
 }
 
 /// Runs one encoder over its stream of stereo blocks.
-fn run_encoder(plan: &EncoderPlan, rx: Receiver<Block>) -> Result<Encoded, PipelineError> {
+fn run_encoder(
+    plan: &EncoderPlan,
+    rx: Receiver<Block>,
+) -> Result<(Encoded, Duration), PipelineError> {
     let mut encoder = Encoder::open(&plan.spec)?;
     let mut position: u64 = 0;
     for block in rx {
@@ -551,7 +584,17 @@ fn run_encoder(plan: &EncoderPlan, rx: Receiver<Block>) -> Result<Encoded, Pipel
             encoder.push(&block[start as usize * 2..end as usize * 2])?;
         }
     }
-    encoder.finish()
+    let encoded = encoder.finish()?;
+    Ok((encoded, thread_cpu()))
+}
+
+/// CPU time used by the calling thread so far (Linux; zero where unknown). For the per-stage
+/// accounting logged at the end of a run, which `scripts/bench.sh` reads.
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
 /// Packages the pass: playlists, waveform files, artwork, the manifest (not yet written).
