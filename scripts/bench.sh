@@ -28,8 +28,8 @@ pipeline() {
   command -v /usr/bin/time >/dev/null || die "GNU time is missing: apt-get install time"
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  local bin=$root/target/release/waveline work
-  work=$(mktemp -d)
+  local bin=$root/target/release/waveline
+  work=$(mktemp -d)  # global: the EXIT trap needs it
   trap 'rm -rf "$work"' EXIT
   echo "generating a ${seconds}s signal…" >&2
   bash "$shared/bench/gen-signal.sh" "$seconds" "$work/input.flac"

@@ -8,6 +8,7 @@
 //! - `check`: prove that the database, the storage and the queue answer, with a round trip;
 //! - `config`: print the effective configuration, secrets redacted.
 
+mod fleet;
 mod process;
 
 use std::path::PathBuf;
@@ -66,12 +67,134 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a worker: take jobs from the queue, process them, record the results. SIGTERM
+    /// stops taking work and finishes (or hands back) the jobs in hand.
+    Worker {
+        /// Jobs at once (and the queue prefetch).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: u16,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Upload local files as new tracks and enqueue them for processing.
+    Import {
+        /// Audio files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The owning account (default: the `system` account).
+        #[arg(long, value_name = "USERNAME")]
+        owner: Option<String>,
+        /// Title for every imported track (default: each file's name).
+        #[arg(long, value_name = "T")]
+        title: Option<String>,
+        /// Print {"tracks":[{id,file,state}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect tracks.
+    Tracks {
+        #[command(subcommand)]
+        command: TracksCommand,
+    },
+    /// Enqueue a backlog of tracks again, by filter (each gets a new revision).
+    Reprocess {
+        /// Only tracks in this state (repeatable; default ready and failed).
+        #[arg(long = "state", value_name = "S")]
+        states: Vec<String>,
+        /// Only ready tracks without a rendition of this preset.
+        #[arg(long, value_name = "P")]
+        missing_preset: Option<String>,
+        /// Only tracks created at or after this instant (RFC 3339).
+        #[arg(long, value_name = "RFC3339")]
+        since: Option<String>,
+        /// Only these tracks (repeatable).
+        #[arg(long = "track", value_name = "ID")]
+        tracks: Vec<String>,
+        /// At most this many tracks.
+        #[arg(long, value_name = "N")]
+        limit: Option<i64>,
+        /// At most this many tracks enqueued per second.
+        #[arg(long, value_name = "PER_SEC")]
+        rate: Option<f64>,
+        /// Show what would be enqueued without doing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print {matched, enqueued, skipped}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect the queue: depth, dead letters, replay.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// Print the effective configuration, with secrets redacted.
     Config {
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TracksCommand {
+    /// List tracks, oldest first.
+    List {
+        /// Only tracks in this state (repeatable).
+        #[arg(long = "state", value_name = "S")]
+        states: Vec<String>,
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One track with its state, error and renditions.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Queue depth, consumers, dead letters, unsent outbox rows and tracks per state.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead letters, with their reasons.
+    Dead {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the queue as first attempts.
+    Replay {
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Dead-letter ids, from `waveline jobs dead`.
+        ids: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_states(states: &[String]) -> anyhow::Result<Vec<waveline_shared::domain::TrackState>> {
+    states
+        .iter()
+        .map(|s| s.parse().map_err(|err| anyhow::anyhow!("--state: {err}")))
+        .collect()
+}
+
+fn parse_ids<T: std::str::FromStr>(ids: &[String], what: &str) -> anyhow::Result<Vec<T>> {
+    ids.iter()
+        .map(|id| {
+            id.parse()
+                .map_err(|_| anyhow::anyhow!("{what} {id:?} is not an id (a UUID)"))
+        })
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -118,7 +241,8 @@ fn init_logging(settings: &Settings) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match settings.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -130,6 +254,65 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Migrate { json } => migrate(&settings, json).await,
         Command::Check { json } => check(&settings, json).await,
         Command::Process { .. } => Ok(ExitCode::SUCCESS),
+        Command::Worker {
+            concurrency,
+            metrics_listen,
+        } => fleet::worker(&settings, concurrency, metrics_listen).await,
+        Command::Import {
+            files,
+            owner,
+            title,
+            json,
+        } => fleet::import(&settings, &files, owner.as_deref(), title.as_deref(), json).await,
+        Command::Tracks {
+            command:
+                TracksCommand::List {
+                    states,
+                    limit,
+                    json,
+                },
+        } => fleet::tracks_list(&settings, &parse_states(&states)?, limit, json).await,
+        Command::Tracks {
+            command: TracksCommand::Show { id, json },
+        } => {
+            let id = parse_ids(std::slice::from_ref(&id), "track")?.remove(0);
+            fleet::tracks_show(&settings, id, json).await
+        }
+        Command::Reprocess {
+            states,
+            missing_preset,
+            since,
+            tracks,
+            limit,
+            rate,
+            dry_run,
+            json,
+        } => {
+            let since = since
+                .map(|text| {
+                    chrono::DateTime::parse_from_rfc3339(&text)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .map_err(|err| anyhow::anyhow!("--since {text:?}: {err}"))
+                })
+                .transpose()?;
+            let filter = waveline_shared::db::TrackFilter {
+                states: parse_states(&states)?,
+                missing_preset,
+                since,
+                ids: parse_ids(&tracks, "track")?,
+                limit,
+            };
+            fleet::reprocess(&settings, filter, rate, dry_run, json).await
+        }
+        Command::Jobs {
+            command: JobsCommand::Stats { json },
+        } => fleet::jobs_stats(&settings, json).await,
+        Command::Jobs {
+            command: JobsCommand::Dead { json },
+        } => fleet::jobs_dead(&settings, json).await,
+        Command::Jobs {
+            command: JobsCommand::Replay { all, ids, json },
+        } => fleet::jobs_replay(&settings, &parse_ids(&ids, "dead letter")?, all, json).await,
         Command::Config { json } => {
             let shown = settings.redacted();
             if json {

@@ -54,6 +54,23 @@ pub struct Settings {
     pub log: String,
     /// Log line format: `text` for people, `json` for log shippers. Default `text`.
     pub log_format: LogFormat,
+    /// Base name of the RabbitMQ exchange and queues (`N`, `N.dead`, `N.retry.*`). Default
+    /// `waveline.jobs`.
+    pub queue_name: String,
+    /// A processing track whose heartbeat is older than this many seconds has lost its
+    /// worker and is re-queued by the reconciler. Default 120.
+    pub heartbeat_stale: Duration,
+    /// A queued track unclaimed for this many seconds has its job published again (the
+    /// message is presumed lost). Default 600.
+    pub queued_stale: Duration,
+    /// Seconds between reconciler passes. Default 30.
+    pub reconcile_interval: Duration,
+    /// Seconds a stopping worker lets its jobs run before handing them back. Default 30.
+    pub shutdown_grace: Duration,
+    /// A presets file for the pipeline (the ladder and limits); default: the built-in one.
+    pub presets: Option<PathBuf>,
+    /// Where workers make their temporary directories; default: the system temp dir.
+    pub work_dir: Option<PathBuf>,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -144,7 +161,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 10] = [
+const KEYS: [Key; 17] = [
     Key {
         name: "database_url",
         secret: true,
@@ -183,6 +200,34 @@ const KEYS: [Key; 10] = [
     },
     Key {
         name: "log_format",
+        secret: false,
+    },
+    Key {
+        name: "queue_name",
+        secret: false,
+    },
+    Key {
+        name: "heartbeat_stale_s",
+        secret: false,
+    },
+    Key {
+        name: "queued_stale_s",
+        secret: false,
+    },
+    Key {
+        name: "reconcile_interval_s",
+        secret: false,
+    },
+    Key {
+        name: "shutdown_grace_s",
+        secret: false,
+    },
+    Key {
+        name: "presets",
+        secret: false,
+    },
+    Key {
+        name: "work_dir",
         secret: false,
     },
 ];
@@ -319,7 +364,52 @@ impl Settings {
             },
             None => LogFormat::Text,
         };
+        let seconds = |raw: Option<Raw>, default: u64| -> Result<Duration, ConfigError> {
+            Ok(match raw {
+                Some(raw) => Duration::from_secs(parse_int(&raw, 1, 86_400)?.into()),
+                None => Duration::from_secs(default),
+            })
+        };
+        let queue_name = match take("queue_name") {
+            Some(raw) => {
+                let name = raw.value.trim().to_owned();
+                let valid = !name.is_empty()
+                    && name.len() <= 200
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                if !valid {
+                    return Err(
+                        raw.invalid("1 to 200 letters, digits, dots, underscores and hyphens")
+                    );
+                }
+                name
+            }
+            None => "waveline.jobs".to_owned(),
+        };
+        let heartbeat_stale = seconds(take("heartbeat_stale_s"), 120)?;
+        let queued_stale = seconds(take("queued_stale_s"), 600)?;
+        let reconcile_interval = seconds(take("reconcile_interval_s"), 30)?;
+        let shutdown_grace = seconds(take("shutdown_grace_s"), 30)?;
+        let absolute_path = |raw: Option<Raw>| -> Result<Option<PathBuf>, ConfigError> {
+            match raw {
+                Some(raw) if Path::new(raw.value.trim()).is_absolute() => {
+                    Ok(Some(PathBuf::from(raw.value.trim())))
+                }
+                Some(raw) => Err(raw.invalid("an absolute path")),
+                None => Ok(None),
+            }
+        };
+        let presets = absolute_path(take("presets"))?;
+        let work_dir = absolute_path(take("work_dir"))?;
         Ok(Settings {
+            queue_name,
+            heartbeat_stale,
+            queued_stale,
+            reconcile_interval,
+            shutdown_grace,
+            presets,
+            work_dir,
             database_url,
             database_max_connections,
             queue,
@@ -347,6 +437,13 @@ impl Settings {
             "job_retry_max_ms": self.job_retry_max.as_millis() as u64,
             "log": self.log,
             "log_format": self.log_format,
+            "queue_name": self.queue_name,
+            "heartbeat_stale_s": self.heartbeat_stale.as_secs(),
+            "queued_stale_s": self.queued_stale.as_secs(),
+            "reconcile_interval_s": self.reconcile_interval.as_secs(),
+            "shutdown_grace_s": self.shutdown_grace.as_secs(),
+            "presets": self.presets,
+            "work_dir": self.work_dir,
         })
     }
 }

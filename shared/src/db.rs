@@ -274,3 +274,537 @@ impl PgTracks {
             .collect())
     }
 }
+
+/// A worker's claim on a track: the attempt number fences every later write, so a claim
+/// released (or taken over after a stale heartbeat) can no longer change the track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub track_id: TrackId,
+    pub attempt: i32,
+    pub revision: i32,
+    pub original_key: Option<String>,
+}
+
+/// One rendition row, as the worker records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RenditionRow {
+    pub preset: String,
+    pub kind: String,
+    pub storage_key: String,
+    pub storage_keys: Vec<String>,
+    pub codec: String,
+    pub bitrate_kbps: i32,
+    pub sample_rate: i32,
+    pub channels: i16,
+    pub duration_ms: i64,
+    pub bytes: i64,
+}
+
+/// What a finished run records on the track.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub source: serde_json::Value,
+    pub loudness: serde_json::Value,
+    pub tags: serde_json::Value,
+    pub duration_ms: i64,
+    pub waveform_key: String,
+    pub waveform_dat_key: String,
+    pub waveform_summary_key: String,
+    pub artwork_key: Option<String>,
+    pub renditions: Vec<RenditionRow>,
+}
+
+impl PgTracks {
+    /// The pool, for callers that compose their own transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Moves a track to `queued` from `expected` (`uploaded`, or `ready`/`failed` to
+    /// reprocess) and writes the job to the outbox in the same transaction: the message
+    /// exists if and only if the state change committed.
+    pub async fn enqueue(&self, id: TrackId, expected: TrackState) -> Result<bool, DbError> {
+        if !expected.can_become(TrackState::Queued) || expected == TrackState::Processing {
+            return Err(DbError::Invalid(format!(
+                "a {expected} track cannot be enqueued"
+            )));
+        }
+        let reprocess = expected.is_terminal();
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE tracks SET state = 'queued', stage = NULL, progress = 0,
+                 error_code = NULL, error_message = NULL,
+                 attempts = CASE WHEN $3 THEN 0 ELSE attempts END,
+                 revision = CASE WHEN $3 THEN revision + 1 ELSE revision END,
+                 enqueued_at = now(), updated_at = now(), state_changed_at = now()
+             WHERE id = $1 AND state = $2",
+        )
+        .bind(id)
+        .bind(expected.as_str())
+        .bind(reprocess)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if moved {
+            insert_outbox(&mut tx, id).await?;
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Claims a queued track for processing (attempt + 1); `None` when it is not queued any
+    /// more (a duplicate or late message).
+    pub async fn claim(&self, id: TrackId) -> Result<Option<Claim>, DbError> {
+        let row: Option<(i32, i32, Option<String>)> = sqlx::query_as(
+            "UPDATE tracks SET state = 'processing', stage = 'probing', progress = 0,
+                 attempts = attempts + 1, heartbeat_at = now(), updated_at = now(), state_changed_at = now()
+             WHERE id = $1 AND state = 'queued'
+             RETURNING attempts, revision, original_key",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(attempt, revision, original_key)| Claim {
+            track_id: id,
+            attempt,
+            revision,
+            original_key,
+        }))
+    }
+
+    /// Records stage and progress and beats the heartbeat; `false` when the claim is gone.
+    pub async fn heartbeat(
+        &self,
+        claim: &Claim,
+        stage: ProcessingStage,
+        progress: i16,
+    ) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE tracks SET stage = $3, progress = $4, heartbeat_at = now(), updated_at = now()
+             WHERE id = $1 AND state = 'processing' AND attempts = $2",
+        )
+        .bind(claim.track_id)
+        .bind(claim.attempt)
+        .bind(stage.as_str())
+        .bind(progress.clamp(0, 100))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Gives a claim back (`processing → queued`) so the job's retry can claim it again.
+    pub async fn release(&self, claim: &Claim) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE tracks SET state = 'queued', stage = NULL, progress = 0, heartbeat_at = NULL,
+                 enqueued_at = now(), updated_at = now(), state_changed_at = now()
+             WHERE id = $1 AND state = 'processing' AND attempts = $2",
+        )
+        .bind(claim.track_id)
+        .bind(claim.attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Fails a track held by `claim` (`processing → failed`).
+    pub async fn fail_claimed(&self, claim: &Claim, failure: Failure<'_>) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE tracks SET state = 'failed', stage = NULL, progress = 0, heartbeat_at = NULL,
+                 error_code = $3, error_message = $4, updated_at = now(), state_changed_at = now()
+             WHERE id = $1 AND state = 'processing' AND attempts = $2",
+        )
+        .bind(claim.track_id)
+        .bind(claim.attempt)
+        .bind(failure.code)
+        .bind(failure.message)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Commits a finished run: the rendition rows and `processing → ready` in one
+    /// transaction, fenced by the claim. Returns the revision that was live before (whose
+    /// objects the caller now deletes), or `Err(Stale)`-like `Ok(None)` wrapped in
+    /// [`Committed::Stale`] when the claim was lost.
+    pub async fn complete(&self, claim: &Claim, done: &Completion) -> Result<Committed, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let previous: Option<(Option<i32>,)> = sqlx::query_as(
+            "SELECT ready_revision FROM tracks
+             WHERE id = $1 AND state = 'processing' AND attempts = $2 AND revision = $3 FOR UPDATE",
+        )
+        .bind(claim.track_id)
+        .bind(claim.attempt)
+        .bind(claim.revision)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((previous,)) = previous else {
+            return Ok(Committed::Stale);
+        };
+        sqlx::query("DELETE FROM renditions WHERE track_id = $1 AND revision = $2")
+            .bind(claim.track_id)
+            .bind(claim.revision)
+            .execute(&mut *tx)
+            .await?;
+        for rendition in &done.renditions {
+            sqlx::query(
+                "INSERT INTO renditions (track_id, revision, preset, kind, storage_key, storage_keys, codec,
+                     bitrate_kbps, sample_rate, channels, duration_ms, bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(claim.track_id)
+            .bind(claim.revision)
+            .bind(&rendition.preset)
+            .bind(&rendition.kind)
+            .bind(&rendition.storage_key)
+            .bind(&rendition.storage_keys)
+            .bind(&rendition.codec)
+            .bind(rendition.bitrate_kbps)
+            .bind(rendition.sample_rate)
+            .bind(rendition.channels)
+            .bind(rendition.duration_ms)
+            .bind(rendition.bytes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE tracks SET state = 'ready', stage = NULL, progress = 100, heartbeat_at = NULL,
+                 ready_revision = revision, source = $2, loudness = $3, track_tags = $4, duration_ms = $5,
+                 waveform_key = $6, waveform_dat_key = $7, waveform_summary_key = $8, artwork_key = $9,
+                 updated_at = now(), state_changed_at = now()
+             WHERE id = $1",
+        )
+        .bind(claim.track_id)
+        .bind(&done.source)
+        .bind(&done.loudness)
+        .bind(&done.tags)
+        .bind(done.duration_ms)
+        .bind(&done.waveform_key)
+        .bind(&done.waveform_dat_key)
+        .bind(&done.waveform_summary_key)
+        .bind(&done.artwork_key)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(old) = previous.filter(|old| *old != claim.revision) {
+            sqlx::query("DELETE FROM renditions WHERE track_id = $1 AND revision = $2")
+                .bind(claim.track_id)
+                .bind(old)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Committed::Ready {
+            previous_revision: previous.filter(|old| *old != claim.revision),
+        })
+    }
+
+    /// The rendition rows of the live revision.
+    pub async fn renditions(&self, id: TrackId) -> Result<Vec<RenditionRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT r.preset, r.kind, r.storage_key, r.storage_keys, r.codec, r.bitrate_kbps, r.sample_rate,
+                    r.channels, r.duration_ms, r.bytes
+             FROM renditions r JOIN tracks t ON t.id = r.track_id AND t.ready_revision = r.revision
+             WHERE r.track_id = $1 ORDER BY r.preset",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(RenditionRow {
+                    preset: row.try_get("preset")?,
+                    kind: row.try_get("kind")?,
+                    storage_key: row.try_get("storage_key")?,
+                    storage_keys: row.try_get("storage_keys")?,
+                    codec: row.try_get("codec")?,
+                    bitrate_kbps: row.try_get("bitrate_kbps")?,
+                    sample_rate: row.try_get("sample_rate")?,
+                    channels: row.try_get("channels")?,
+                    duration_ms: row.try_get("duration_ms")?,
+                    bytes: row.try_get("bytes")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+}
+
+/// How [`PgTracks::complete`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The track is ready; `previous_revision`'s objects are now orphans to delete.
+    Ready { previous_revision: Option<i32> },
+    /// The claim was lost (released or taken over): nothing was written.
+    Stale,
+}
+
+async fn insert_outbox(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    id: TrackId,
+) -> Result<(), DbError> {
+    let message = crate::job::JobMessage::new(crate::job::Job::ProcessTrack { track_id: id });
+    let payload =
+        serde_json::to_value(&message).map_err(|err| DbError::Invalid(err.to_string()))?;
+    sqlx::query("INSERT INTO outbox (payload) VALUES ($1)")
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The outbox: messages waiting to be published.
+#[derive(Debug, Clone)]
+pub struct PgOutbox {
+    pool: PgPool,
+}
+
+impl PgOutbox {
+    pub fn new(pool: PgPool) -> PgOutbox {
+        PgOutbox { pool }
+    }
+
+    /// Publishes up to `limit` unsent messages through `publish`, oldest first, stamping each
+    /// one sent after its confirm. Rows are locked (`SKIP LOCKED`) so several relays share
+    /// the work without sending a row twice. Returns how many were sent.
+    pub async fn relay<F, Fut>(&self, limit: i64, publish: F) -> Result<u64, DbError>
+    where
+        F: Fn(Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+            "SELECT id, payload FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut sent = 0;
+        for (id, payload) in rows {
+            let bytes =
+                serde_json::to_vec(&payload).map_err(|err| DbError::Invalid(err.to_string()))?;
+            match publish(bytes).await {
+                Ok(()) => {
+                    sqlx::query(
+                        "UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    sent += 1;
+                }
+                Err(error) => {
+                    sqlx::query(
+                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await?;
+                    break;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(sent)
+    }
+
+    /// Unsent messages.
+    pub async fn pending(&self) -> Result<i64, DbError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Removes sent messages older than `days`.
+    pub async fn prune(&self, days: i32) -> Result<u64, DbError> {
+        let result =
+            sqlx::query("DELETE FROM outbox WHERE sent_at < now() - make_interval(days => $1)")
+                .bind(days)
+                .execute(&self.pool)
+                .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// What one reconciler pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reconciled {
+    /// Queued tracks whose message was presumed lost, published again.
+    pub requeued_queued: u64,
+    /// Processing tracks with a stale heartbeat, released and published again.
+    pub requeued_stale: u64,
+    /// Stale tracks that had used every attempt, failed with `retries_exhausted`.
+    pub exhausted: u64,
+}
+
+/// The advisory-lock key that makes the reconciler run in one worker at a time.
+const RECONCILER_LOCK: i64 = 0x5741_5645_4c49_4e45; // "WAVELINE"
+
+/// One reconciler pass, if this process wins the advisory lock; `None` when another
+/// process holds it.
+pub async fn reconcile(
+    pool: &PgPool,
+    queued_stale: std::time::Duration,
+    heartbeat_stale: std::time::Duration,
+    max_attempts: i32,
+) -> Result<Option<Reconciled>, DbError> {
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RECONCILER_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let result = reconcile_locked(&mut conn, queued_stale, heartbeat_stale, max_attempts).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(RECONCILER_LOCK)
+        .execute(&mut *conn)
+        .await;
+    result.map(Some)
+}
+
+async fn reconcile_locked(
+    conn: &mut sqlx::PgConnection,
+    queued_stale: std::time::Duration,
+    heartbeat_stale: std::time::Duration,
+    max_attempts: i32,
+) -> Result<Reconciled, DbError> {
+    let mut done = Reconciled::default();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // Queued for too long: the message may be lost. A duplicate is harmless (the claim is a
+    // compare-and-set); `enqueued_at` moves on so the same track is not re-sent every pass.
+    let lost: Vec<(TrackId,)> = sqlx::query_as(
+        "UPDATE tracks SET enqueued_at = now()
+         WHERE state = 'queued' AND coalesce(enqueued_at, state_changed_at) < now() - make_interval(secs => $1)
+         RETURNING id",
+    )
+    .bind(queued_stale.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id,) in &lost {
+        insert_outbox(&mut tx, *id).await?;
+    }
+    done.requeued_queued = lost.len() as u64;
+    // Heartbeat stale: the worker died. Fail what has no attempts left; release the rest.
+    let exhausted = sqlx::query(
+        "UPDATE tracks SET state = 'failed', stage = NULL, progress = 0, heartbeat_at = NULL,
+             error_code = 'retries_exhausted',
+             error_message = 'the worker processing this track stopped answering, and no attempts are left',
+             updated_at = now(), state_changed_at = now()
+         WHERE state = 'processing' AND heartbeat_at < now() - make_interval(secs => $1) AND attempts >= $2",
+    )
+    .bind(heartbeat_stale.as_secs_f64())
+    .bind(max_attempts)
+    .execute(&mut *tx)
+    .await?;
+    done.exhausted = exhausted.rows_affected();
+    let stale: Vec<(TrackId,)> = sqlx::query_as(
+        "UPDATE tracks SET state = 'queued', stage = NULL, progress = 0, heartbeat_at = NULL,
+             enqueued_at = now(), updated_at = now(), state_changed_at = now()
+         WHERE state = 'processing' AND heartbeat_at < now() - make_interval(secs => $1)
+         RETURNING id",
+    )
+    .bind(heartbeat_stale.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id,) in &stale {
+        insert_outbox(&mut tx, *id).await?;
+    }
+    done.requeued_stale = stale.len() as u64;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Which tracks an operator means (`waveline tracks list`, `waveline reprocess`).
+#[derive(Debug, Clone, Default)]
+pub struct TrackFilter {
+    /// Any of these states (all when empty).
+    pub states: Vec<TrackState>,
+    /// Ready tracks whose live revision has no rendition of this preset.
+    pub missing_preset: Option<String>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Only these tracks (all when empty).
+    pub ids: Vec<TrackId>,
+    pub limit: Option<i64>,
+}
+
+impl PgTracks {
+    /// Tracks matching `filter`, oldest first.
+    pub async fn list(&self, filter: &TrackFilter) -> Result<Vec<TrackRow>, DbError> {
+        let states: Vec<String> = filter
+            .states
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let ids: Vec<uuid::Uuid> = filter.ids.iter().map(|id| id.0).collect();
+        let found: Vec<(TrackId,)> = sqlx::query_as(
+            "SELECT t.id FROM tracks t
+             WHERE (cardinality($1::text[]) = 0 OR t.state = ANY($1))
+               AND (cardinality($2::uuid[]) = 0 OR t.id = ANY($2))
+               AND ($3::timestamptz IS NULL OR t.created_at >= $3)
+               AND ($4::text IS NULL OR NOT EXISTS (
+                     SELECT 1 FROM renditions r
+                     WHERE r.track_id = t.id AND r.revision = t.ready_revision AND r.preset = $4))
+             ORDER BY t.created_at, t.id
+             LIMIT $5",
+        )
+        .bind(&states)
+        .bind(&ids)
+        .bind(filter.since)
+        .bind(&filter.missing_preset)
+        .bind(filter.limit.unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rows = Vec::with_capacity(found.len());
+        for (id,) in found {
+            if let Some(row) = self.get(id).await? {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The user with this username.
+    pub async fn user_id(&self, username: &str) -> Result<Option<UserId>, DbError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
+                .bind(username)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Removes a track row (and, by cascade, its renditions).
+    pub async fn delete(&self, id: TrackId) -> Result<bool, DbError> {
+        Ok(sqlx::query("DELETE FROM tracks WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// Sets where the original is stored and marks it uploaded (`awaiting_upload → uploaded`).
+    pub async fn mark_uploaded(
+        &self,
+        id: TrackId,
+        original_key: &str,
+        size: i64,
+    ) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE tracks SET state = 'uploaded', original_key = $2, original_size = $3,
+                 updated_at = now(), state_changed_at = now()
+             WHERE id = $1 AND state = 'awaiting_upload'",
+        )
+        .bind(id)
+        .bind(original_key)
+        .bind(size)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}

@@ -3,8 +3,10 @@
 //! The state machine is the one of DESIGN.md:
 //! `awaiting_upload → uploaded → queued → processing → ready`, and `failed` from `queued` or
 //! `processing`. Reprocessing moves a `ready` or `failed` track back to `queued` (a new
-//! revision); nothing else moves backwards. The database enforces the same rule with a
-//! compare-and-set on every transition, so this type is the single description of it.
+//! revision). A `processing` track goes back to `queued` only when its claim is released: a
+//! transient failure waiting for its retry, or a worker whose heartbeat went stale. The
+//! database enforces the same rules with a compare-and-set on every transition, fenced by the
+//! claim's attempt number, so a late worker can never overwrite a newer claim.
 
 use std::fmt;
 use std::str::FromStr;
@@ -100,9 +102,8 @@ impl TrackState {
 
     /// Whether `self → next` is an allowed transition.
     ///
-    /// `queued → queued` and `processing → queued` are not here: a lost message or a stale
-    /// heartbeat is recovered by re-publishing, not by a state change, so a late job can never
-    /// move a track backwards.
+    /// `processing → queued` releases a claim (retry, or a dead worker's job reclaimed); it
+    /// keeps the attempt count, which fences the released claim out.
     pub fn can_become(self, next: TrackState) -> bool {
         use TrackState::*;
         matches!(
@@ -111,6 +112,7 @@ impl TrackState {
                 | (Uploaded, Queued)
                 | (Queued, Processing)
                 | (Processing, Ready)
+                | (Processing, Queued)
                 | (Queued, Failed)
                 | (Processing, Failed)
                 // reprocessing: a new revision of a finished track
@@ -207,13 +209,23 @@ mod tests {
         let path = [AwaitingUpload, Uploaded, Queued, Processing, Ready];
         for pair in path.windows(2) {
             assert!(pair[0].can_become(pair[1]), "{} → {}", pair[0], pair[1]);
-            assert!(!pair[1].can_become(pair[0]), "{} → {}", pair[1], pair[0]);
+        }
+        for (from, to) in [
+            (Uploaded, AwaitingUpload),
+            (Queued, Uploaded),
+            (Ready, Processing),
+            (Ready, Uploaded),
+        ] {
+            assert!(!from.can_become(to), "{from} → {to}");
         }
         assert!(Queued.can_become(Failed));
         assert!(Processing.can_become(Failed));
         assert!(!Uploaded.can_become(Failed));
         assert!(!Ready.can_become(Processing));
-        assert!(!Processing.can_become(Queued));
+        assert!(
+            Processing.can_become(Queued),
+            "a released claim is queued again"
+        );
         for state in TrackState::ALL {
             assert!(!state.can_become(state), "{state} → itself");
         }

@@ -353,7 +353,11 @@ pub async fn open(settings: &Settings) -> Result<Arc<dyn JobQueue>, QueueError> 
     Ok(match &settings.queue {
         QueueBackend::Memory => Arc::new(MemoryQueue::new(policy)),
         QueueBackend::Amqp { url } => {
-            Arc::new(AmqpQueue::connect(url.clone(), Topology::default(), policy).await?)
+            let topology = Topology {
+                name: settings.queue_name.clone(),
+                expires: None,
+            };
+            Arc::new(AmqpQueue::connect(url.clone(), topology, policy).await?)
         }
     })
 }

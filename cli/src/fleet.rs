@@ -1,0 +1,508 @@
+//! The worker and the operator commands: `worker`, `import`, `tracks`, `reprocess`, `jobs`.
+//! Every command reads the same configuration; `--json` prints one machine-readable document.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use waveline_pipeline::PipelineConfig;
+use waveline_shared::config::Settings;
+use waveline_shared::db::{self, PgOutbox, PgTracks, SYSTEM_USER, TrackFilter, TrackRow};
+use waveline_shared::domain::{TrackId, TrackState};
+use waveline_shared::queue::{self, JobQueue};
+use waveline_shared::storage::{self, ObjectKey, Storage};
+use waveline_workers::{Context, HeldClaims, WorkerOptions};
+
+/// The pieces every fleet command connects to.
+pub struct Services {
+    pub tracks: PgTracks,
+    pub outbox: PgOutbox,
+    pub storage: Arc<dyn Storage>,
+    pub queue: Arc<dyn JobQueue>,
+}
+
+impl Services {
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Services> {
+        let pool = db::connect(settings)
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let storage = storage::open(&settings.storage)
+            .await
+            .context("cannot open the storage")?;
+        let queue = queue::open(settings)
+            .await
+            .context("cannot connect to the queue")?;
+        Ok(Services {
+            tracks: PgTracks::new(pool.clone()),
+            outbox: PgOutbox::new(pool),
+            storage,
+            queue,
+        })
+    }
+}
+
+/// Builds a worker's context from the settings.
+pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Result<Arc<Context>> {
+    let pipeline = match &settings.presets {
+        Some(path) => PipelineConfig::load(path)
+            .with_context(|| format!("presets file {}", path.display()))?,
+        None => PipelineConfig::default(),
+    };
+    let temp_root = settings.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&temp_root)
+        .with_context(|| format!("cannot create {}", temp_root.display()))?;
+    Ok(Arc::new(Context {
+        tracks: services.tracks.clone(),
+        outbox: services.outbox.clone(),
+        storage: services.storage.clone(),
+        pipeline: Arc::new(pipeline),
+        temp_root,
+        heartbeat_every: Duration::from_secs(1),
+        claims: HeldClaims::default(),
+    }))
+}
+
+pub fn worker_options(settings: &Settings, concurrency: u16) -> WorkerOptions {
+    WorkerOptions {
+        concurrency,
+        grace: settings.shutdown_grace,
+        reconcile_every: settings.reconcile_interval,
+        queued_stale: settings.queued_stale,
+        heartbeat_stale: settings.heartbeat_stale,
+        max_attempts: settings.job_max_attempts,
+        relay_every: Duration::from_millis(500),
+    }
+}
+
+/// `waveline worker`.
+pub async fn worker(
+    settings: &Settings,
+    concurrency: u16,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let services = Services::connect(settings).await?;
+    let context = worker_context(settings, &services)?;
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::info!("stop signal received: finishing the jobs in hand");
+        signals.cancel();
+    });
+    waveline_workers::run(
+        context,
+        services.queue,
+        worker_options(settings, concurrency),
+        shutdown,
+    )
+    .await?;
+    tracing::info!("worker stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// `waveline import`.
+pub async fn import(
+    settings: &Settings,
+    files: &[PathBuf],
+    owner: Option<&str>,
+    title: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let services = Services::connect(settings).await?;
+    let owner_id = match owner {
+        Some(username) => services
+            .tracks
+            .user_id(username)
+            .await?
+            .with_context(|| format!("no user named {username}"))?,
+        None => SYSTEM_USER,
+    };
+    let mut imported = Vec::new();
+    let mut failed = false;
+    for file in files {
+        match import_one(&services, file, owner_id, title).await {
+            Ok(track) => {
+                if !json {
+                    println!("{}  {}  {}", track.id, track.state, file.display());
+                }
+                imported.push(json!({"id": track.id, "file": file, "state": track.state}));
+            }
+            Err(err) => {
+                failed = true;
+                eprintln!("waveline import: {}: {err:#}", file.display());
+                imported.push(
+                    json!({"id": null, "file": file, "state": null, "error": format!("{err:#}")}),
+                );
+            }
+        }
+    }
+    // The in-process queue belongs to the serving process; its relay publishes these rows.
+    if services.queue.backend() != "memory" {
+        let relayed = services
+            .outbox
+            .relay(1000, |payload| {
+                let queue = services.queue.clone();
+                async move {
+                    queue
+                        .publish_payload(payload)
+                        .await
+                        .map_err(|err| err.to_string())
+                }
+            })
+            .await?;
+        tracing::debug!(relayed, "published the import jobs");
+    }
+    if json {
+        println!("{}", json!({"tracks": imported}));
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn import_one(
+    services: &Services,
+    file: &Path,
+    owner: waveline_shared::domain::UserId,
+    title: Option<&str>,
+) -> anyhow::Result<TrackRow> {
+    let size = tokio::fs::metadata(file)
+        .await
+        .context("cannot read the file")?
+        .len();
+    let title = title.map(str::to_owned).unwrap_or_else(|| {
+        file.file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "Untitled".into())
+    });
+    let title: String = title.chars().take(200).collect();
+    let track = services
+        .tracks
+        .create(owner, &title, TrackState::AwaitingUpload, None)
+        .await?;
+    let key = format!("originals/{}/source", track.id);
+    let uploaded = async {
+        let body = storage::byte_stream(tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::open(file).await?,
+            256 * 1024,
+        ));
+        services
+            .storage
+            .put(
+                &ObjectKey::parse(key.clone())?,
+                "application/octet-stream",
+                body,
+            )
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(err) = uploaded {
+        // Nothing half-done stays behind: no row without its original.
+        let _ = services.tracks.delete(track.id).await;
+        return Err(err.context("upload to storage failed"));
+    }
+    services
+        .tracks
+        .mark_uploaded(track.id, &key, size as i64)
+        .await?;
+    services
+        .tracks
+        .enqueue(track.id, TrackState::Uploaded)
+        .await?;
+    services
+        .tracks
+        .get(track.id)
+        .await?
+        .context("the track vanished")
+}
+
+fn track_json(track: &TrackRow, renditions: &[db::RenditionRow]) -> Value {
+    json!({
+        "id": track.id,
+        "title": track.title,
+        "state": track.state,
+        "stage": track.stage,
+        "progress": track.progress,
+        "attempts": track.attempts,
+        "revision": track.revision,
+        "error": track.error_code.as_ref().map(|code| json!({"code": code, "message": track.error_message})),
+        "renditions": renditions,
+        "created_at": track.created_at,
+    })
+}
+
+/// `waveline tracks list`.
+pub async fn tracks_list(
+    settings: &Settings,
+    states: &[TrackState],
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(settings).await?;
+    let tracks = PgTracks::new(pool);
+    let rows = tracks
+        .list(&TrackFilter {
+            states: states.to_vec(),
+            limit: Some(limit),
+            ..TrackFilter::default()
+        })
+        .await?;
+    if json {
+        let list: Vec<Value> = rows.iter().map(|t| track_json(t, &[])).collect();
+        println!("{}", json!({"tracks": list}));
+    } else {
+        for track in &rows {
+            let error = track
+                .error_code
+                .as_deref()
+                .map(|code| format!("  [{code}]"))
+                .unwrap_or_default();
+            println!(
+                "{}  {:<10} r{} a{}  {}{error}",
+                track.id, track.state, track.revision, track.attempts, track.title
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waveline tracks show`.
+pub async fn tracks_show(settings: &Settings, id: TrackId, json: bool) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(settings).await?;
+    let tracks = PgTracks::new(pool);
+    let Some(track) = tracks.get(id).await? else {
+        if json {
+            println!(
+                "{}",
+                json!({"error": {"code": "not_found", "message": format!("no track {id}")}})
+            );
+        }
+        eprintln!("waveline tracks show: no track {id}");
+        return Ok(ExitCode::from(2));
+    };
+    let renditions = tracks.renditions(id).await?;
+    let shown = track_json(&track, &renditions);
+    if json {
+        println!("{shown}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waveline reprocess`.
+pub async fn reprocess(
+    settings: &Settings,
+    filter: TrackFilter,
+    rate: Option<f64>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if filter.states.iter().any(|s| {
+        !matches!(
+            s,
+            TrackState::Ready | TrackState::Failed | TrackState::Uploaded
+        )
+    }) {
+        bail!("only ready, failed and uploaded tracks can be reprocessed");
+    }
+    let services = Services::connect(settings).await?;
+    let mut filter = filter;
+    if filter.states.is_empty() {
+        filter.states = vec![TrackState::Ready, TrackState::Failed];
+    }
+    let matched = services.tracks.list(&filter).await?;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(matched.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{bar:40}] {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let pause = rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let (mut enqueued, mut skipped) = (0u64, 0u64);
+    for track in &matched {
+        let done = if dry_run {
+            matches!(
+                track.state,
+                TrackState::Ready | TrackState::Failed | TrackState::Uploaded
+            )
+        } else {
+            services.tracks.enqueue(track.id, track.state).await?
+        };
+        if done {
+            enqueued += 1
+        } else {
+            skipped += 1
+        }
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !dry_run && services.queue.backend() != "memory" {
+        let queue = services.queue.clone();
+        services
+            .outbox
+            .relay(10_000, |payload| {
+                let queue = queue.clone();
+                async move {
+                    queue
+                        .publish_payload(payload)
+                        .await
+                        .map_err(|err| err.to_string())
+                }
+            })
+            .await?;
+    }
+    let summary = json!({"matched": matched.len(), "enqueued": enqueued, "skipped": skipped, "dry_run": dry_run});
+    if json {
+        println!("{summary}");
+    } else {
+        println!(
+            "matched {}, {} {enqueued}, skipped {skipped}",
+            matched.len(),
+            if dry_run { "would enqueue" } else { "enqueued" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waveline jobs stats`.
+pub async fn jobs_stats(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let services = Services::connect(settings).await?;
+    let stats = services.queue.stats().await?;
+    let states = services.tracks.count_by_state().await?;
+    let pending = services.outbox.pending().await?;
+    let by_state: serde_json::Map<String, Value> = states
+        .iter()
+        .map(|(s, n)| (s.as_str().to_owned(), json!(n)))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            json!({"queue": {"backend": services.queue.backend(), "ready": stats.ready, "consumers": stats.consumers, "dead": stats.dead},
+                   "outbox_pending": pending, "tracks": by_state})
+        );
+    } else {
+        println!(
+            "queue ({}): {} ready, {} consumer(s), {} dead",
+            services.queue.backend(),
+            stats.ready,
+            stats.consumers,
+            stats.dead
+        );
+        println!("outbox: {pending} unsent");
+        for (state, count) in states {
+            println!("  {:<16} {count}", state.as_str());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waveline jobs dead`.
+pub async fn jobs_dead(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let services = Services::connect(settings).await?;
+    let dead = services.queue.dead_letters(10_000).await?;
+    if json {
+        println!("{}", json!({"dead": dead}));
+    } else {
+        for letter in &dead {
+            let track = letter
+                .job
+                .as_ref()
+                .map(|j| j.job.track_id().to_string())
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{}  {}  track {track}  {}",
+                letter.id, letter.code, letter.reason
+            );
+        }
+        println!("{} dead letter(s)", dead.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waveline jobs replay`.
+pub async fn jobs_replay(
+    settings: &Settings,
+    ids: &[uuid::Uuid],
+    all: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if all != ids.is_empty() {
+        bail!("give either --all or one or more dead-letter ids");
+    }
+    let services = Services::connect(settings).await?;
+    // A dead-lettered track is `failed`; replaying its job must find it queued again.
+    let dead = services.queue.dead_letters(10_000).await?;
+    for letter in dead.iter().filter(|l| all || ids.contains(&l.id)) {
+        if let Some(job) = &letter.job {
+            let id = job.job.track_id();
+            if let Some(track) = services.tracks.get(id).await?
+                && track.state == TrackState::Failed
+            {
+                services
+                    .tracks
+                    .transition(id, TrackState::Failed, TrackState::Queued, None)
+                    .await?;
+            }
+        }
+    }
+    let report = services
+        .queue
+        .replay_dead(if all { None } else { Some(ids) })
+        .await?;
+    if json {
+        println!("{}", json!(report));
+    } else {
+        println!(
+            "replayed {}, left {} unreadable",
+            report.replayed, report.unreadable
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

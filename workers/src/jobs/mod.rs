@@ -1,0 +1,35 @@
+//! The jobs a worker runs, one file each, and what a job's end means for its delivery.
+//!
+//! Every job is idempotent: it may run twice (at-least-once delivery), and it carries on
+//! when its rows have vanished. All kinds are dispatched from [`run`].
+
+pub mod process_track;
+
+use waveline_shared::job::Job;
+
+use crate::Context;
+
+/// How a job ended, which decides what happens to its message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Done, or nothing to do (a duplicate, a deleted track): ack.
+    Done,
+    /// A transient failure (storage, database, broker): retry with backoff.
+    Retry(String),
+    /// A permanent failure already recorded on the track: ack, never retry.
+    Abort { code: &'static str, message: String },
+}
+
+/// Runs one job to its [`Outcome`].
+pub async fn run(context: &Context, job: &Job, attempt: u32) -> Outcome {
+    match job {
+        Job::ProcessTrack { track_id } => {
+            process_track::ProcessTrack {
+                track_id: *track_id,
+                attempt,
+            }
+            .run(context)
+            .await
+        }
+    }
+}
