@@ -606,9 +606,13 @@ fn finish(
     config: &PipelineConfig,
     staging: &Path,
 ) -> Result<Manifest, PipelineError> {
-    let waveform_json = serde_json::to_vec(&pass.waveform.to_json())
+    // Streamed straight from the points: a `serde_json::Value` of a three-hour waveform
+    // (3.7 million numbers) would cost over 100 MiB.
+    let mut json = std::io::BufWriter::new(std::fs::File::create(staging.join("waveform.json"))?);
+    serde_json::to_writer(&mut json, &pass.waveform)
         .map_err(|e| PipelineError::internal("waveform", e))?;
-    std::fs::write(staging.join("waveform.json"), waveform_json)?;
+    std::io::Write::flush(&mut json)?;
+    drop(json);
     std::fs::write(staging.join("waveform.dat"), pass.waveform.to_dat())?;
     let summary = pass.waveform.summary(config.waveform.summary_points);
     std::fs::write(

@@ -1,0 +1,673 @@
+//! The worker fleet end to end: jobs through the real queue backends into real storage and
+//! PostgreSQL, with the faults the design must survive: duplicates, poison, lost messages,
+//! dead workers, bad media, and the worker binary killed mid-job.
+//!
+//! In-process cases run the worker loop itself (the embedded mode: `MemoryQueue` and
+//! `FsStorage`); distributed cases run the real `waveline worker` and `waveline import`
+//! binaries against RabbitMQ and the S3 server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use waveline_pipeline::PipelineConfig;
+use waveline_shared::db::{PgOutbox, PgTracks, SYSTEM_USER, TrackRow};
+use waveline_shared::domain::{TrackId, TrackState};
+use waveline_shared::job::{Job, JobMessage};
+use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
+use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
+use waveline_tests::{
+    TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, test_bucket, unique,
+    waveline_bin,
+};
+use waveline_workers::{Context, HeldClaims, WorkerOptions};
+
+/// An embedded fleet: one worker loop in this process.
+struct Embedded {
+    db: TestDb,
+    tracks: PgTracks,
+    storage: Arc<dyn Storage>,
+    queue: Arc<MemoryQueue>,
+    work: tempfile::TempDir,
+    _objects: tempfile::TempDir,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+fn fast_options() -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 2,
+        grace: Duration::from_secs(5),
+        reconcile_every: Duration::from_millis(300),
+        queued_stale: Duration::from_secs(2),
+        heartbeat_stale: Duration::from_secs(2),
+        max_attempts: 3,
+        relay_every: Duration::from_millis(100),
+    }
+}
+
+impl Embedded {
+    async fn start(options: WorkerOptions) -> Result<Embedded> {
+        let db = TestDb::new().await?;
+        let objects = temp_dir()?;
+        let work = temp_dir()?;
+        let storage: Arc<dyn Storage> = Arc::new(FsStorage::open(objects.path()).await?);
+        let policy = RetryPolicy {
+            max_attempts: options.max_attempts,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        let queue = Arc::new(MemoryQueue::new(policy));
+        let tracks = PgTracks::new(db.pool.clone());
+        let context = Arc::new(Context {
+            tracks: tracks.clone(),
+            outbox: PgOutbox::new(db.pool.clone()),
+            storage: storage.clone(),
+            pipeline: Arc::new(PipelineConfig::default()),
+            temp_root: work.path().to_path_buf(),
+            heartbeat_every: Duration::from_millis(300),
+            claims: HeldClaims::default(),
+        });
+        let stop = CancellationToken::new();
+        let worker = {
+            let (queue, stop) = (queue.clone() as Arc<dyn JobQueue>, stop.clone());
+            tokio::spawn(async move {
+                if let Err(err) = waveline_workers::run(context, queue, options, stop).await {
+                    eprintln!("worker ended: {err}");
+                }
+            })
+        };
+        Ok(Embedded {
+            db,
+            tracks,
+            storage,
+            queue,
+            work,
+            _objects: objects,
+            stop,
+            worker,
+        })
+    }
+
+    /// Stores `file` as a new track's original and leaves it `uploaded`.
+    async fn upload(&self, file: &Path) -> Result<TrackId> {
+        let track = self
+            .tracks
+            .create(SYSTEM_USER, "test track", TrackState::AwaitingUpload, None)
+            .await?;
+        let key = format!("originals/{}/source", track.id);
+        let bytes = std::fs::read(file)?;
+        let size = bytes.len() as i64;
+        self.storage
+            .put(
+                &ObjectKey::parse(key.clone())?,
+                "application/octet-stream",
+                byte_stream(futures::stream::iter([Ok(bytes.into())])),
+            )
+            .await?;
+        ensure!(self.tracks.mark_uploaded(track.id, &key, size).await?);
+        Ok(track.id)
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.worker).await??;
+        let left: Vec<_> = std::fs::read_dir(self.work.path())?.collect();
+        ensure!(left.is_empty(), "temp files left behind: {left:?}");
+        drop(self.db);
+        Ok(())
+    }
+}
+
+async fn wait_for(
+    tracks: &PgTracks,
+    id: TrackId,
+    want: TrackState,
+    within: Duration,
+) -> Result<TrackRow> {
+    let deadline = Instant::now() + within;
+    loop {
+        let track = tracks.get(id).await?.context("the track vanished")?;
+        if track.state == want {
+            return Ok(track);
+        }
+        if Instant::now() > deadline {
+            bail!("track stayed {} (wanted {want}): {track:?}", track.state);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn fixture(dir: &Path, name: &str, secs: f64) -> Result<PathBuf> {
+    let path = dir.join(name);
+    audio::tone(&path, secs, 44100, 2, &[])?;
+    Ok(path)
+}
+
+/// Every object key under `prefix`.
+async fn keys(storage: &dyn Storage, prefix: &str) -> Result<Vec<String>> {
+    Ok(storage
+        .list_prefix(prefix)
+        .await?
+        .into_iter()
+        .map(|o| o.key.to_string())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet
+        .upload(&fixture(dir.path(), "song.flac", 6.0)?)
+        .await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(
+        track.attempts == 1 && track.revision == 1 && track.progress == 100,
+        "{track:?}"
+    );
+    let renditions = fleet.tracks.renditions(id).await?;
+    let presets: Vec<&str> = renditions.iter().map(|r| r.preset.as_str()).collect();
+    ensure!(
+        presets == ["aac_hls", "mp3_128", "opus_64", "preview"],
+        "{presets:?}"
+    );
+    for rendition in &renditions {
+        ensure!(
+            rendition
+                .storage_key
+                .starts_with(&format!("renditions/{id}/1/{}/", rendition.preset)),
+            "{rendition:?}"
+        );
+        for key in &rendition.storage_keys {
+            let head = fleet.storage.head(&ObjectKey::parse(key.clone())?).await?;
+            ensure!(head.size > 0, "{key} is empty");
+        }
+        ensure!(
+            (5900..=6100).contains(&rendition.duration_ms),
+            "{rendition:?}"
+        );
+    }
+    let hls = renditions.iter().find(|r| r.kind == "hls").context("hls")?;
+    ensure!(
+        hls.storage_keys
+            .iter()
+            .filter(|k| k.ends_with(".m4s"))
+            .count()
+            >= 3,
+        "{hls:?}"
+    );
+    let stored = keys(
+        fleet.storage.as_ref(),
+        &format!("renditions/{id}/1/waveform/"),
+    )
+    .await?;
+    ensure!(
+        stored.iter().any(|k| k.ends_with("waveform.json")) && stored.len() == 3,
+        "{stored:?}"
+    );
+    // The original stays.
+    ensure!(
+        fleet
+            .storage
+            .head(&ObjectKey::parse(format!("originals/{id}/source"))?)
+            .await
+            .is_ok()
+    );
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_message_is_processed_once() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 4.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    // The same job, published twice more behind the outbox's own message.
+    let duplicate = JobMessage::new(Job::ProcessTrack { track_id: id });
+    fleet.queue.publish(&duplicate).await?;
+    fleet.queue.publish(&duplicate).await?;
+    let track = wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = fleet.tracks.get(id).await?.context("track")?;
+    ensure!(
+        after.state == TrackState::Ready && after.attempts == 1 && after.revision == 1,
+        "{track:?} → {after:?}"
+    );
+    let revisions = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
+    ensure!(
+        revisions
+            .iter()
+            .all(|k| k.starts_with(&format!("renditions/{id}/1/"))),
+        "{revisions:?}"
+    );
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let text = dir.path().join("notes.mp3");
+    std::fs::write(&text, "this is not audio\n".repeat(100))?;
+    let id = fleet.upload(&text).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Failed,
+        Duration::from_secs(30),
+    )
+    .await?;
+    ensure!(
+        track.error_code.as_deref() == Some("unsupported_format") && track.attempts == 1,
+        "{track:?}"
+    );
+    ensure!(
+        track
+            .error_message
+            .as_deref()
+            .is_some_and(|m| !m.is_empty())
+    );
+    ensure!(
+        fleet
+            .storage
+            .head(&ObjectKey::parse(format!("originals/{id}/source"))?)
+            .await
+            .is_ok()
+    );
+    ensure!(
+        keys(fleet.storage.as_ref(), &format!("renditions/{id}/"))
+            .await?
+            .is_empty()
+    );
+    ensure!(
+        fleet.queue.stats().await?.dead == 0,
+        "a permanent failure is not a dead letter"
+    );
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_the_worker_goes_on() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    fleet
+        .queue
+        .publish_payload(b"{\"v\":7,\"kind\":\"process_track\"}".to_vec())
+        .await?;
+    fleet.queue.publish_payload(b"\x00garbage".to_vec()).await?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let dead = fleet.queue.dead_letters(10).await?;
+    let codes: Vec<&str> = dead.iter().map(|d| d.code.as_str()).collect();
+    ensure!(
+        codes.contains(&"unsupported_version") && codes.contains(&"not_json"),
+        "{codes:?}"
+    );
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_message_is_found_by_the_reconciler() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
+    // Queued with no message at all: the state change without its outbox row.
+    ensure!(
+        fleet
+            .tracks
+            .transition(id, TrackState::Uploaded, TrackState::Queued, None)
+            .await?
+    );
+    let track = wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(track.attempts == 1, "{track:?}");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_claim_is_taken_over_after_its_heartbeat_goes_stale() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
+    ensure!(
+        fleet
+            .tracks
+            .transition(id, TrackState::Uploaded, TrackState::Queued, None)
+            .await?
+    );
+    // A worker claims it and dies: no heartbeat follows.
+    let ghost = fleet.tracks.claim(id).await?.context("claim")?;
+    let track = wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(track.attempts == 2, "{track:?}");
+    // The dead worker's late commit cannot land: its claim is fenced out.
+    ensure!(
+        !fleet
+            .tracks
+            .heartbeat(
+                &ghost,
+                waveline_shared::domain::ProcessingStage::Encoding,
+                50
+            )
+            .await?
+    );
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprocessing_serves_the_old_revision_until_the_new_one_commits() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet
+        .upload(&fixture(dir.path(), "song.flac", 4.0)?)
+        .await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Ready).await?);
+    // Until revision 2 commits, revision 1's rows and objects are what is served.
+    let during = fleet.tracks.renditions(id).await?;
+    ensure!(
+        during
+            .iter()
+            .all(|r| r.storage_key.contains(&format!("/{id}/1/"))),
+        "{during:?}"
+    );
+    let track = wait_for(
+        &fleet.tracks,
+        id,
+        TrackState::Ready,
+        Duration::from_secs(60),
+    )
+    .await?;
+    ensure!(track.revision == 2, "{track:?}");
+    let after = fleet.tracks.renditions(id).await?;
+    ensure!(
+        after.len() == 4
+            && after
+                .iter()
+                .all(|r| r.storage_key.contains(&format!("/{id}/2/"))),
+        "{after:?}"
+    );
+    let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
+    ensure!(
+        !stored.is_empty()
+            && stored
+                .iter()
+                .all(|k| k.starts_with(&format!("renditions/{id}/2/"))),
+        "orphans: {stored:?}"
+    );
+    fleet.stop().await
+}
+
+// ---- distributed: the real binaries, RabbitMQ and S3 ----
+
+struct Distributed {
+    db: TestDb,
+    env: Vec<(&'static str, String)>,
+    bucket: waveline_shared::storage::S3Storage,
+    queue_name: String,
+}
+
+impl Distributed {
+    async fn new(extra: &[(&'static str, &str)]) -> Result<Distributed> {
+        let db = TestDb::new().await?;
+        let bucket = test_bucket().await?;
+        let queue_name = format!("wltest.{}", unique());
+        let (access, secret) = s3_credentials();
+        let mut env = vec![
+            ("WAVELINE_DATABASE_URL", db.url.clone()),
+            ("WAVELINE_QUEUE", amqp_url()),
+            ("WAVELINE_QUEUE_NAME", queue_name.clone()),
+            (
+                "WAVELINE_STORAGE",
+                format!(
+                    "s3://{}?endpoint={}&region=us-east-1",
+                    bucket.bucket(),
+                    s3_endpoint()
+                ),
+            ),
+            ("WAVELINE_RECONCILE_INTERVAL_S", "1".to_owned()),
+            ("WAVELINE_HEARTBEAT_STALE_S", "3".to_owned()),
+            ("WAVELINE_JOB_RETRY_BASE_MS", "200".to_owned()),
+            ("AWS_ACCESS_KEY_ID", access),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+        ];
+        for (name, value) in extra {
+            env.push((name, (*value).to_owned()));
+        }
+        Ok(Distributed {
+            db,
+            env,
+            bucket,
+            queue_name,
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(waveline_bin());
+        command.args(args);
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
+            command.env_remove(name);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (*k, v.as_str())));
+        command
+    }
+
+    fn worker(&self) -> Result<Child> {
+        Ok(self
+            .command(&["worker", "--concurrency", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    fn json(&self, args: &[&str]) -> Result<Value> {
+        let output = self.command(args).output()?;
+        ensure!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    async fn cleanup(self) -> Result<()> {
+        let queue = waveline_shared::queue::AmqpQueue::connect(
+            secrecy::SecretString::from(amqp_url()),
+            waveline_shared::queue::Topology {
+                name: self.queue_name.clone(),
+                expires: None,
+            },
+            RetryPolicy::default(),
+        )
+        .await?;
+        queue.delete_topology().await?;
+        self.bucket.destroy_bucket().await?;
+        drop(self.db);
+        Ok(())
+    }
+}
+
+fn stop(mut child: Child) -> Result<std::process::ExitStatus> {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            bail!("the worker did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()> {
+    let fleet = Distributed::new(&[]).await?;
+    migrate(&fleet)?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "song.flac", 5.0)?;
+    let notes = dir.path().join("notes.wav");
+    std::fs::write(&notes, "not audio at all")?;
+    let imported = fleet.json(&[
+        "import",
+        song.to_str().unwrap_or_default(),
+        notes.to_str().unwrap_or_default(),
+        "--json",
+    ])?;
+    let ids: Vec<String> = imported["tracks"]
+        .as_array()
+        .context("tracks")?
+        .iter()
+        .filter_map(|t| t["id"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        ids.len() == 2 && imported["tracks"][0]["state"] == "queued",
+        "{imported}"
+    );
+    let worker = fleet.worker()?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let ready = wait_for(
+        &tracks,
+        ids[0].parse()?,
+        TrackState::Ready,
+        Duration::from_secs(90),
+    )
+    .await;
+    let failed = wait_for(
+        &tracks,
+        ids[1].parse()?,
+        TrackState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let status = stop(worker)?;
+    ready?;
+    let failed = failed?;
+    ensure!(
+        status.success(),
+        "the worker exited with {status} after SIGTERM"
+    );
+    ensure!(
+        failed.error_code.as_deref() == Some("unsupported_format"),
+        "{failed:?}"
+    );
+    let shown = fleet.json(&["tracks", "show", &ids[0], "--json"])?;
+    ensure!(
+        shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(),
+        "{shown}"
+    );
+    ensure!(
+        shown["renditions"].as_array().is_some_and(|r| r.len() == 4),
+        "{shown}"
+    );
+    let stats = fleet.json(&["jobs", "stats", "--json"])?;
+    ensure!(
+        stats["tracks"]["ready"] == 1
+            && stats["tracks"]["failed"] == 1
+            && stats["outbox_pending"] == 0,
+        "{stats}"
+    );
+    fleet.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
+    let fleet = Distributed::new(&[]).await?;
+    migrate(&fleet)?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "long.flac", 90.0)?;
+    let imported = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?;
+    let id: TrackId = imported["tracks"][0]["id"]
+        .as_str()
+        .context("id")?
+        .parse()?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let mut first = fleet.worker()?;
+    wait_for(&tracks, id, TrackState::Processing, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    first.kill()?; // SIGKILL: no clean-up of any kind
+    first.wait()?;
+    let second = fleet.worker()?;
+    let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(120)).await;
+    stop(second)?;
+    let track = ready?;
+    ensure!(track.attempts == 2 && track.revision == 1, "{track:?}");
+    let stored = keys(&fleet.bucket, &format!("renditions/{id}/")).await?;
+    ensure!(
+        stored
+            .iter()
+            .all(|k| k.starts_with(&format!("renditions/{id}/1/"))),
+        "{stored:?}"
+    );
+    let rows = tracks.renditions(id).await?;
+    let listed: std::collections::BTreeSet<&String> =
+        rows.iter().flat_map(|r| r.storage_keys.iter()).collect();
+    let media: Vec<&String> = stored
+        .iter()
+        .filter(|k| {
+            !k.contains("/waveform/") && !k.ends_with("manifest.json") && !k.contains("/artwork/")
+        })
+        .collect();
+    ensure!(
+        media.iter().all(|k| listed.contains(k)),
+        "objects no rendition row lists: {media:?}"
+    );
+    fleet.cleanup().await
+}
+
+fn migrate(fleet: &Distributed) -> Result<()> {
+    let output = fleet.command(&["migrate"]).output()?;
+    ensure!(
+        output.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
