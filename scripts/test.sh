@@ -28,3 +28,7 @@ echo "== build the waveline binary for the end-to-end tests"
 cargo build --locked -p waveline
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
+# Tests that restart shared services (named exclusive_*, #[ignore]d so the parallel pass skips
+# them) run alone, one at a time, after everything else.
+echo "== tests that restart shared services, one at a time"
+cargo nextest run --workspace --locked --no-fail-fast --run-ignored only --test-threads 1

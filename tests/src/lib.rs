@@ -260,3 +260,86 @@ impl TcpProxy {
         });
     }
 }
+
+/// A private S3-compatible server (s3s-fs) on a free loopback port, for tests that take the
+/// storage away: stopping it fails only this test's requests.
+#[derive(Debug)]
+pub struct S3Server {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl S3Server {
+    /// Starts the server and waits until it answers.
+    pub fn start() -> anyhow::Result<S3Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut server = S3Server {
+            port,
+            dir: temp_dir()?,
+            child: None,
+        };
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// The endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let bin = std::env::var("CARGO_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+            })
+            .join("bin/s3s-fs");
+        let (access, secret) = s3_credentials();
+        let child = std::process::Command::new(&bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--access-key",
+                &access,
+                "--secret-key",
+                &secret,
+            ])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}; run scripts/setup.sh", bin.display()))?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "s3s-fs did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops it (SIGKILL): every request fails until [`S3Server::resume`].
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.pause();
+    }
+}

@@ -21,8 +21,7 @@ use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
 use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
 use waveline_tests::{
-    TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, test_bucket, unique,
-    waveline_bin,
+    S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin,
 };
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
@@ -452,10 +451,26 @@ struct Distributed {
 
 impl Distributed {
     async fn new(extra: &[(&'static str, &str)]) -> Result<Distributed> {
+        Distributed::with_s3(extra, &s3_endpoint()).await
+    }
+
+    async fn with_s3(extra: &[(&'static str, &str)], endpoint: &str) -> Result<Distributed> {
         let db = TestDb::new().await?;
-        let bucket = test_bucket().await?;
-        let queue_name = format!("wltest.{}", unique());
         let (access, secret) = s3_credentials();
+        let bucket = waveline_shared::storage::S3Storage::new(
+            &format!("wl-test-{}", unique()),
+            Some(endpoint),
+            "us-east-1",
+            waveline_shared::storage::S3Credentials::new(
+                access.clone(),
+                secret.clone(),
+                None,
+                None,
+                "test",
+            ),
+        );
+        bucket.ensure_bucket().await?;
+        let queue_name = format!("wltest.{}", unique());
         let mut env = vec![
             ("WAVELINE_DATABASE_URL", db.url.clone()),
             ("WAVELINE_QUEUE", amqp_url()),
@@ -463,9 +478,8 @@ impl Distributed {
             (
                 "WAVELINE_STORAGE",
                 format!(
-                    "s3://{}?endpoint={}&region=us-east-1",
-                    bucket.bucket(),
-                    s3_endpoint()
+                    "s3://{}?endpoint={endpoint}&region=us-east-1",
+                    bucket.bucket()
                 ),
             ),
             ("WAVELINE_RECONCILE_INTERVAL_S", "1".to_owned()),
@@ -670,4 +684,138 @@ fn migrate(fleet: &Distributed) -> Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_outages_are_retried_until_storage_returns() -> Result<()> {
+    let mut s3 = S3Server::start()?;
+    // Backoff 1, 2, 4, 8 s: the outage below ends well inside it.
+    let fleet = Distributed::with_s3(
+        &[
+            ("WAVELINE_JOB_MAX_ATTEMPTS", "5"),
+            ("WAVELINE_JOB_RETRY_BASE_MS", "1000"),
+        ],
+        &s3.endpoint(),
+    )
+    .await?;
+    migrate(&fleet)?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "song.wav", 3.0)?;
+    let id: TrackId =
+        fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
+            .as_str()
+            .context("id")?
+            .parse()?;
+    s3.pause()?;
+    let worker = fleet.worker()?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tracks.get(id).await?.context("track")?.attempts < 2 {
+        ensure!(
+            Instant::now() < deadline,
+            "no retry while the storage was down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s3.resume()?;
+    let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(60)).await;
+    stop(worker)?;
+    let track = ready?;
+    ensure!(track.attempts >= 2, "{track:?}");
+    fleet.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() -> Result<()> {
+    let mut s3 = S3Server::start()?;
+    let fleet = Distributed::with_s3(
+        &[
+            ("WAVELINE_JOB_MAX_ATTEMPTS", "3"),
+            ("WAVELINE_JOB_RETRY_BASE_MS", "200"),
+        ],
+        &s3.endpoint(),
+    )
+    .await?;
+    migrate(&fleet)?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "song.wav", 3.0)?;
+    let id: TrackId =
+        fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
+            .as_str()
+            .context("id")?
+            .parse()?;
+    s3.pause()?;
+    let worker = fleet.worker()?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let failed = wait_for(&tracks, id, TrackState::Failed, Duration::from_secs(60)).await;
+    stop(worker)?;
+    let track = failed?;
+    ensure!(
+        track.error_code.as_deref() == Some("retries_exhausted") && track.attempts == 3,
+        "{track:?}"
+    );
+    let dead = fleet.json(&["jobs", "dead", "--json"])?;
+    let letters = dead["dead"].as_array().context("dead")?;
+    ensure!(
+        letters.len() == 1 && letters[0]["code"] == "retries_exhausted",
+        "{dead}"
+    );
+    ensure!(letters[0]["job"]["track_id"] == id.to_string(), "{dead}");
+    // With the storage back, the operator replays it and the track is processed.
+    s3.resume()?;
+    let replayed = fleet.json(&["jobs", "replay", "--all", "--json"])?;
+    ensure!(replayed["replayed"] == 1, "{replayed}");
+    let worker = fleet.worker()?;
+    let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(60)).await;
+    stop(worker)?;
+    ready?;
+    fleet.cleanup().await
+}
+
+/// Restarts the shared RabbitMQ, so it runs in the exclusive pass of `scripts/test.sh`
+/// (`--run-ignored only`, one test at a time), never beside tests that use the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared broker: run alone, as scripts/test.sh does"]
+async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Result<()> {
+    let fleet = Distributed::new(&[]).await?;
+    migrate(&fleet)?;
+    let dir = temp_dir()?;
+    let mut files = Vec::new();
+    for n in 0..6 {
+        files.push(fixture(dir.path(), &format!("song{n}.wav"), 4.0)?);
+    }
+    let mut args = vec!["import".to_owned()];
+    args.extend(files.iter().map(|f| f.to_string_lossy().into_owned()));
+    args.push("--json".into());
+    let imported = fleet.json(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let ids: Vec<TrackId> = imported["tracks"]
+        .as_array()
+        .context("tracks")?
+        .iter()
+        .filter_map(|t| t["id"].as_str()?.parse().ok())
+        .collect();
+    ensure!(ids.len() == 6);
+    let worker = fleet.worker()?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    wait_for(&tracks, ids[0], TrackState::Ready, Duration::from_secs(60)).await?;
+    let restarted = Command::new("rabbitmqctl")
+        .args(["stop_app"])
+        .status()?
+        .success()
+        && Command::new("rabbitmqctl")
+            .args(["start_app"])
+            .status()?
+            .success();
+    ensure!(restarted, "could not restart RabbitMQ with rabbitmqctl");
+    let mut outcome = Ok(());
+    for id in &ids {
+        if let Err(err) = wait_for(&tracks, *id, TrackState::Ready, Duration::from_secs(120)).await
+        {
+            outcome = Err(err);
+            break;
+        }
+    }
+    stop(worker)?;
+    outcome?;
+    fleet.cleanup().await
 }
