@@ -12,7 +12,9 @@ ALTER TABLE tracks
     -- The revision whose renditions are live; NULL until the first one is ready. Reprocessing
     -- works on `revision` while this keeps pointing at the old set.
     ADD COLUMN ready_revision integer,
-    ADD COLUMN enqueued_at timestamptz;
+    ADD COLUMN enqueued_at timestamptz,
+    -- When the current claim was taken: with enqueued_at, the queueing delay.
+    ADD COLUMN claimed_at timestamptz;
 
 CREATE TABLE renditions (
     track_id      uuid NOT NULL REFERENCES tracks (id) ON DELETE CASCADE,

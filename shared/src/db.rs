@@ -358,7 +358,8 @@ impl PgTracks {
     pub async fn claim(&self, id: TrackId) -> Result<Option<Claim>, DbError> {
         let row: Option<(i32, i32, Option<String>)> = sqlx::query_as(
             "UPDATE tracks SET state = 'processing', stage = 'probing', progress = 0,
-                 attempts = attempts + 1, heartbeat_at = now(), updated_at = now(), state_changed_at = now()
+                 attempts = attempts + 1, heartbeat_at = now(), claimed_at = now(),
+                 updated_at = now(), state_changed_at = now()
              WHERE id = $1 AND state = 'queued'
              RETURNING attempts, revision, original_key",
         )
