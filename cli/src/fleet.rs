@@ -29,34 +29,21 @@ pub struct Services {
 
 impl Services {
     pub async fn connect(settings: &Settings) -> anyhow::Result<Services> {
-        let pool = db::connect(settings)
-            .await
-            .context("cannot connect to PostgreSQL")?;
-        let storage = storage::open(&settings.storage)
-            .await
-            .context("cannot open the storage")?;
-        let queue = queue::open(settings)
-            .await
-            .context("cannot connect to the queue")?;
-        Ok(Services {
-            tracks: PgTracks::new(pool.clone()),
-            outbox: PgOutbox::new(pool),
-            storage,
-            queue,
-        })
+        let pool = db::connect(settings).await.context("cannot connect to PostgreSQL")?;
+        let storage = storage::open(&settings.storage).await.context("cannot open the storage")?;
+        let queue = queue::open(settings).await.context("cannot connect to the queue")?;
+        Ok(Services { tracks: PgTracks::new(pool.clone()), outbox: PgOutbox::new(pool), storage, queue })
     }
 }
 
 /// Builds a worker's context from the settings.
 pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Result<Arc<Context>> {
     let pipeline = match &settings.presets {
-        Some(path) => PipelineConfig::load(path)
-            .with_context(|| format!("presets file {}", path.display()))?,
+        Some(path) => PipelineConfig::load(path).with_context(|| format!("presets file {}", path.display()))?,
         None => PipelineConfig::default(),
     };
     let temp_root = settings.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&temp_root)
-        .with_context(|| format!("cannot create {}", temp_root.display()))?;
+    std::fs::create_dir_all(&temp_root).with_context(|| format!("cannot create {}", temp_root.display()))?;
     Ok(Arc::new(Context {
         tracks: services.tracks.clone(),
         outbox: services.outbox.clone(),
@@ -102,23 +89,14 @@ pub async fn worker(
         tracing::info!("stop signal received: finishing the jobs in hand");
         signals.cancel();
     });
-    waveline_workers::run(
-        context,
-        services.queue,
-        worker_options(settings, concurrency),
-        shutdown,
-    )
-    .await?;
+    waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown).await?;
     tracing::info!("worker stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -139,11 +117,9 @@ pub async fn import(
 ) -> anyhow::Result<ExitCode> {
     let services = Services::connect(settings).await?;
     let owner_id = match owner {
-        Some(username) => services
-            .tracks
-            .user_id(username)
-            .await?
-            .with_context(|| format!("no user named {username}"))?,
+        Some(username) => {
+            services.tracks.user_id(username).await?.with_context(|| format!("no user named {username}"))?
+        }
         None => SYSTEM_USER,
     };
     let mut imported = Vec::new();
@@ -159,9 +135,7 @@ pub async fn import(
             Err(err) => {
                 failed = true;
                 eprintln!("waveline import: {}: {err:#}", file.display());
-                imported.push(
-                    json!({"id": null, "file": file, "state": null, "error": format!("{err:#}")}),
-                );
+                imported.push(json!({"id": null, "file": file, "state": null, "error": format!("{err:#}")}));
             }
         }
     }
@@ -171,12 +145,7 @@ pub async fn import(
             .outbox
             .relay(1000, |payload| {
                 let queue = services.queue.clone();
-                async move {
-                    queue
-                        .publish_payload(payload)
-                        .await
-                        .map_err(|err| err.to_string())
-                }
+                async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) }
             })
             .await?;
         tracing::debug!(relayed, "published the import jobs");
@@ -184,11 +153,7 @@ pub async fn import(
     if json {
         println!("{}", json!({"tracks": imported}));
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 async fn import_one(
@@ -197,34 +162,19 @@ async fn import_one(
     owner: waveline_shared::domain::UserId,
     title: Option<&str>,
 ) -> anyhow::Result<TrackRow> {
-    let size = tokio::fs::metadata(file)
-        .await
-        .context("cannot read the file")?
-        .len();
+    let size = tokio::fs::metadata(file).await.context("cannot read the file")?.len();
     let title = title.map(str::to_owned).unwrap_or_else(|| {
-        file.file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "Untitled".into())
+        file.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_else(|| "Untitled".into())
     });
     let title: String = title.chars().take(200).collect();
-    let track = services
-        .tracks
-        .create(owner, &title, TrackState::AwaitingUpload, None)
-        .await?;
+    let track = services.tracks.create(owner, &title, TrackState::AwaitingUpload, None).await?;
     let key = format!("originals/{}/source", track.id);
     let uploaded = async {
         let body = storage::byte_stream(tokio_util::io::ReaderStream::with_capacity(
             tokio::fs::File::open(file).await?,
             256 * 1024,
         ));
-        services
-            .storage
-            .put(
-                &ObjectKey::parse(key.clone())?,
-                "application/octet-stream",
-                body,
-            )
-            .await?;
+        services.storage.put(&ObjectKey::parse(key.clone())?, "application/octet-stream", body).await?;
         anyhow::Ok(())
     }
     .await;
@@ -233,19 +183,9 @@ async fn import_one(
         let _ = services.tracks.delete(track.id).await;
         return Err(err.context("upload to storage failed"));
     }
-    services
-        .tracks
-        .mark_uploaded(track.id, &key, size as i64)
-        .await?;
-    services
-        .tracks
-        .enqueue(track.id, TrackState::Uploaded)
-        .await?;
-    services
-        .tracks
-        .get(track.id)
-        .await?
-        .context("the track vanished")
+    services.tracks.mark_uploaded(track.id, &key, size as i64).await?;
+    services.tracks.enqueue(track.id, TrackState::Uploaded).await?;
+    services.tracks.get(track.id).await?.context("the track vanished")
 }
 
 fn track_json(track: &TrackRow, renditions: &[db::RenditionRow]) -> Value {
@@ -272,23 +212,14 @@ pub async fn tracks_list(
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(settings).await?;
     let tracks = PgTracks::new(pool);
-    let rows = tracks
-        .list(&TrackFilter {
-            states: states.to_vec(),
-            limit: Some(limit),
-            ..TrackFilter::default()
-        })
-        .await?;
+    let rows =
+        tracks.list(&TrackFilter { states: states.to_vec(), limit: Some(limit), ..TrackFilter::default() }).await?;
     if json {
         let list: Vec<Value> = rows.iter().map(|t| track_json(t, &[])).collect();
         println!("{}", json!({"tracks": list}));
     } else {
         for track in &rows {
-            let error = track
-                .error_code
-                .as_deref()
-                .map(|code| format!("  [{code}]"))
-                .unwrap_or_default();
+            let error = track.error_code.as_deref().map(|code| format!("  [{code}]")).unwrap_or_default();
             println!(
                 "{}  {:<10} r{} a{}  {}{error}",
                 track.id, track.state, track.revision, track.attempts, track.title
@@ -304,10 +235,7 @@ pub async fn tracks_show(settings: &Settings, id: TrackId, json: bool) -> anyhow
     let tracks = PgTracks::new(pool);
     let Some(track) = tracks.get(id).await? else {
         if json {
-            println!(
-                "{}",
-                json!({"error": {"code": "not_found", "message": format!("no track {id}")}})
-            );
+            println!("{}", json!({"error": {"code": "not_found", "message": format!("no track {id}")}}));
         }
         eprintln!("waveline tracks show: no track {id}");
         return Ok(ExitCode::from(2));
@@ -330,12 +258,7 @@ pub async fn reprocess(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    if filter.states.iter().any(|s| {
-        !matches!(
-            s,
-            TrackState::Ready | TrackState::Failed | TrackState::Uploaded
-        )
-    }) {
+    if filter.states.iter().any(|s| !matches!(s, TrackState::Ready | TrackState::Failed | TrackState::Uploaded)) {
         bail!("only ready, failed and uploaded tracks can be reprocessed");
     }
     let services = Services::connect(settings).await?;
@@ -347,24 +270,17 @@ pub async fn reprocess(
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(matched.len() as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] [{bar:40}] {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:40}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         bar
     });
-    let pause = rate
-        .filter(|r| *r > 0.0)
-        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let pause = rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
     let (mut enqueued, mut skipped) = (0u64, 0u64);
     for track in &matched {
         let done = if dry_run {
-            matches!(
-                track.state,
-                TrackState::Ready | TrackState::Failed | TrackState::Uploaded
-            )
+            matches!(track.state, TrackState::Ready | TrackState::Failed | TrackState::Uploaded)
         } else {
             services.tracks.enqueue(track.id, track.state).await?
         };
@@ -389,12 +305,7 @@ pub async fn reprocess(
             .outbox
             .relay(10_000, |payload| {
                 let queue = queue.clone();
-                async move {
-                    queue
-                        .publish_payload(payload)
-                        .await
-                        .map_err(|err| err.to_string())
-                }
+                async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) }
             })
             .await?;
     }
@@ -417,10 +328,8 @@ pub async fn jobs_stats(settings: &Settings, json: bool) -> anyhow::Result<ExitC
     let stats = services.queue.stats().await?;
     let states = services.tracks.count_by_state().await?;
     let pending = services.outbox.pending().await?;
-    let by_state: serde_json::Map<String, Value> = states
-        .iter()
-        .map(|(s, n)| (s.as_str().to_owned(), json!(n)))
-        .collect();
+    let by_state: serde_json::Map<String, Value> =
+        states.iter().map(|(s, n)| (s.as_str().to_owned(), json!(n))).collect();
     if json {
         println!(
             "{}",
@@ -451,15 +360,8 @@ pub async fn jobs_dead(settings: &Settings, json: bool) -> anyhow::Result<ExitCo
         println!("{}", json!({"dead": dead}));
     } else {
         for letter in &dead {
-            let track = letter
-                .job
-                .as_ref()
-                .map(|j| j.job.track_id().to_string())
-                .unwrap_or_else(|| "-".into());
-            println!(
-                "{}  {}  track {track}  {}",
-                letter.id, letter.code, letter.reason
-            );
+            let track = letter.job.as_ref().map(|j| j.job.track_id().to_string()).unwrap_or_else(|| "-".into());
+            println!("{}  {}  track {track}  {}", letter.id, letter.code, letter.reason);
         }
         println!("{} dead letter(s)", dead.len());
     }
@@ -467,12 +369,7 @@ pub async fn jobs_dead(settings: &Settings, json: bool) -> anyhow::Result<ExitCo
 }
 
 /// `waveline jobs replay`.
-pub async fn jobs_replay(
-    settings: &Settings,
-    ids: &[uuid::Uuid],
-    all: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+pub async fn jobs_replay(settings: &Settings, ids: &[uuid::Uuid], all: bool, json: bool) -> anyhow::Result<ExitCode> {
     if all != ids.is_empty() {
         bail!("give either --all or one or more dead-letter ids");
     }
@@ -485,24 +382,15 @@ pub async fn jobs_replay(
             if let Some(track) = services.tracks.get(id).await?
                 && track.state == TrackState::Failed
             {
-                services
-                    .tracks
-                    .transition(id, TrackState::Failed, TrackState::Queued, None)
-                    .await?;
+                services.tracks.transition(id, TrackState::Failed, TrackState::Queued, None).await?;
             }
         }
     }
-    let report = services
-        .queue
-        .replay_dead(if all { None } else { Some(ids) })
-        .await?;
+    let report = services.queue.replay_dead(if all { None } else { Some(ids) }).await?;
     if json {
         println!("{}", json!(report));
     } else {
-        println!(
-            "replayed {}, left {} unreadable",
-            report.replayed, report.unreadable
-        );
+        println!("replayed {}, left {} unreadable", report.replayed, report.unreadable);
     }
     Ok(ExitCode::SUCCESS)
 }

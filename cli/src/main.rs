@@ -23,11 +23,7 @@ use waveline_shared::storage::{ObjectKey, S3Storage};
 use waveline_shared::{db, queue, storage};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "waveline",
-    version,
-    about = "Waveline: the backend of a social audio platform"
-)]
+#[command(name = "waveline", version, about = "Waveline: the backend of a social audio platform")]
 struct Cli {
     /// TOML configuration file (default: $WAVELINE_CONFIG, else none). Environment variables
     /// override it.
@@ -182,31 +178,17 @@ enum JobsCommand {
 }
 
 fn parse_states(states: &[String]) -> anyhow::Result<Vec<waveline_shared::domain::TrackState>> {
-    states
-        .iter()
-        .map(|s| s.parse().map_err(|err| anyhow::anyhow!("--state: {err}")))
-        .collect()
+    states.iter().map(|s| s.parse().map_err(|err| anyhow::anyhow!("--state: {err}"))).collect()
 }
 
 fn parse_ids<T: std::str::FromStr>(ids: &[String], what: &str) -> anyhow::Result<Vec<T>> {
-    ids.iter()
-        .map(|id| {
-            id.parse()
-                .map_err(|_| anyhow::anyhow!("{what} {id:?} is not an id (a UUID)"))
-        })
-        .collect()
+    ids.iter().map(|id| id.parse().map_err(|_| anyhow::anyhow!("{what} {id:?} is not an id (a UUID)"))).collect()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `process` is a file-to-files tool: it needs no database, queue or storage settings.
-    if let Command::Process {
-        input,
-        out,
-        presets,
-        json,
-    } = &cli.command
-    {
+    if let Command::Process { input, out, presets, json } = &cli.command {
         return process::run(input, out, presets.as_deref(), *json);
     }
     let settings = match Settings::load(cli.config.as_deref()) {
@@ -254,40 +236,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Migrate { json } => migrate(&settings, json).await,
         Command::Check { json } => check(&settings, json).await,
         Command::Process { .. } => Ok(ExitCode::SUCCESS),
-        Command::Worker {
-            concurrency,
-            metrics_listen,
-        } => fleet::worker(&settings, concurrency, metrics_listen).await,
-        Command::Import {
-            files,
-            owner,
-            title,
-            json,
-        } => fleet::import(&settings, &files, owner.as_deref(), title.as_deref(), json).await,
-        Command::Tracks {
-            command:
-                TracksCommand::List {
-                    states,
-                    limit,
-                    json,
-                },
-        } => fleet::tracks_list(&settings, &parse_states(&states)?, limit, json).await,
-        Command::Tracks {
-            command: TracksCommand::Show { id, json },
-        } => {
+        Command::Worker { concurrency, metrics_listen } => fleet::worker(&settings, concurrency, metrics_listen).await,
+        Command::Import { files, owner, title, json } => {
+            fleet::import(&settings, &files, owner.as_deref(), title.as_deref(), json).await
+        }
+        Command::Tracks { command: TracksCommand::List { states, limit, json } } => {
+            fleet::tracks_list(&settings, &parse_states(&states)?, limit, json).await
+        }
+        Command::Tracks { command: TracksCommand::Show { id, json } } => {
             let id = parse_ids(std::slice::from_ref(&id), "track")?.remove(0);
             fleet::tracks_show(&settings, id, json).await
         }
-        Command::Reprocess {
-            states,
-            missing_preset,
-            since,
-            tracks,
-            limit,
-            rate,
-            dry_run,
-            json,
-        } => {
+        Command::Reprocess { states, missing_preset, since, tracks, limit, rate, dry_run, json } => {
             let since = since
                 .map(|text| {
                     chrono::DateTime::parse_from_rfc3339(&text)
@@ -304,15 +264,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             };
             fleet::reprocess(&settings, filter, rate, dry_run, json).await
         }
-        Command::Jobs {
-            command: JobsCommand::Stats { json },
-        } => fleet::jobs_stats(&settings, json).await,
-        Command::Jobs {
-            command: JobsCommand::Dead { json },
-        } => fleet::jobs_dead(&settings, json).await,
-        Command::Jobs {
-            command: JobsCommand::Replay { all, ids, json },
-        } => fleet::jobs_replay(&settings, &parse_ids(&ids, "dead letter")?, all, json).await,
+        Command::Jobs { command: JobsCommand::Stats { json } } => fleet::jobs_stats(&settings, json).await,
+        Command::Jobs { command: JobsCommand::Dead { json } } => fleet::jobs_dead(&settings, json).await,
+        Command::Jobs { command: JobsCommand::Replay { all, ids, json } } => {
+            fleet::jobs_replay(&settings, &parse_ids(&ids, "dead letter")?, all, json).await
+        }
         Command::Config { json } => {
             let shown = settings.redacted();
             if json {
@@ -332,36 +288,21 @@ async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let created = db::create_database_if_missing(settings.database_url.expose_secret())
         .await
         .context("cannot reach PostgreSQL to create the database")?;
-    let pool = db::connect(settings)
-        .await
-        .context("cannot connect to PostgreSQL")?;
-    let applied = db::migrate(&pool)
-        .await
-        .context("cannot apply the migrations")?;
+    let pool = db::connect(settings).await.context("cannot connect to PostgreSQL")?;
+    let applied = db::migrate(&pool).await.context("cannot apply the migrations")?;
     let storage_note = match &settings.storage {
         StorageBackend::Fs { root } => {
-            storage::FsStorage::open(root)
-                .await
-                .with_context(|| format!("cannot prepare {}", root.display()))?;
+            storage::FsStorage::open(root).await.with_context(|| format!("cannot prepare {}", root.display()))?;
             format!("directory {} ready", root.display())
         }
-        StorageBackend::S3 {
-            bucket,
-            endpoint,
-            region,
-        } => {
+        StorageBackend::S3 { bucket, endpoint, region } => {
             let s3 = S3Storage::from_env(bucket, endpoint.as_deref(), region)?;
-            s3.ensure_bucket()
-                .await
-                .with_context(|| format!("cannot create bucket {bucket}"))?;
+            s3.ensure_bucket().await.with_context(|| format!("cannot create bucket {bucket}"))?;
             format!("bucket {bucket} ready")
         }
     };
     if json {
-        println!(
-            "{}",
-            json!({"database_created": created, "applied": applied, "storage": storage_note})
-        );
+        println!("{}", json!({"database_created": created, "applied": applied, "storage": storage_note}));
     } else {
         if created {
             println!("created the database");
@@ -384,11 +325,7 @@ struct Probe {
 }
 
 async fn check(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let probes = vec![
-        check_database(settings).await,
-        check_storage(settings).await,
-        check_queue(settings).await,
-    ];
+    let probes = vec![check_database(settings).await, check_storage(settings).await, check_queue(settings).await];
     let healthy = probes.iter().all(|probe| probe.result.is_ok());
     if json {
         let checks: Vec<_> = probes
@@ -410,79 +347,45 @@ async fn check(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
                 Ok(text) => ("ok  ", text),
                 Err(text) => ("FAIL", text),
             };
-            println!(
-                "{mark} {:<8} {:<6} {detail} ({} ms)",
-                probe.name,
-                probe.backend,
-                probe.elapsed.as_millis()
-            );
+            println!("{mark} {:<8} {:<6} {detail} ({} ms)", probe.name, probe.backend, probe.elapsed.as_millis());
         }
     }
-    Ok(if healthy {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn check_database(settings: &Settings) -> Probe {
     let started = Instant::now();
     let result = async {
         let pool = db::connect(settings).await.map_err(|err| err.to_string())?;
-        let pending = db::MIGRATOR
-            .iter()
-            .filter(|m| !m.migration_type.is_down_migration())
-            .count();
-        let applied: i64 = sqlx_count(&pool)
-            .await
-            .map_err(|err| format!("schema not migrated ({err}); run `waveline migrate`"))?;
+        let pending = db::MIGRATOR.iter().filter(|m| !m.migration_type.is_down_migration()).count();
+        let applied: i64 =
+            sqlx_count(&pool).await.map_err(|err| format!("schema not migrated ({err}); run `waveline migrate`"))?;
         let missing = pending as i64 - applied;
         if missing > 0 {
-            return Err(format!(
-                "{missing} migration(s) not applied; run `waveline migrate`"
-            ));
+            return Err(format!("{missing} migration(s) not applied; run `waveline migrate`"));
         }
         Ok(format!("connected, schema at {applied} migration(s)"))
     }
     .await;
-    Probe {
-        name: "database",
-        backend: "postgres".into(),
-        result,
-        elapsed: started.elapsed(),
-    }
+    Probe { name: "database", backend: "postgres".into(), result, elapsed: started.elapsed() }
 }
 
 async fn sqlx_count(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(pool).await
 }
 
 async fn check_storage(settings: &Settings) -> Probe {
     let started = Instant::now();
     let mut backend = String::from("?");
     let result = async {
-        let store = storage::open(&settings.storage)
-            .await
-            .map_err(|err| err.to_string())?;
+        let store = storage::open(&settings.storage).await.map_err(|err| err.to_string())?;
         backend = store.backend().to_owned();
-        let key = ObjectKey::parse(format!("healthcheck/{}", uuid::Uuid::new_v4()))
-            .map_err(|err| err.to_string())?;
+        let key = ObjectKey::parse(format!("healthcheck/{}", uuid::Uuid::new_v4())).map_err(|err| err.to_string())?;
         let payload = bytes::Bytes::from_static(b"waveline check");
         let body = storage::byte_stream(futures::stream::iter([Ok(payload.clone())]));
-        store
-            .put(&key, "text/plain", body)
-            .await
-            .map_err(|err| format!("write failed: {err}"))?;
-        let read = store
-            .get(&key, None)
-            .await
-            .map_err(|err| format!("read failed: {err}"));
-        let deleted = store
-            .delete(&key)
-            .await
-            .map_err(|err| format!("delete failed: {err}"));
+        store.put(&key, "text/plain", body).await.map_err(|err| format!("write failed: {err}"))?;
+        let read = store.get(&key, None).await.map_err(|err| format!("read failed: {err}"));
+        let deleted = store.delete(&key).await.map_err(|err| format!("delete failed: {err}"));
         let mut read = read?;
         deleted?;
         let mut got = Vec::new();
@@ -496,12 +399,7 @@ async fn check_storage(settings: &Settings) -> Probe {
         Ok("write, read and delete of a probe object".to_owned())
     }
     .await;
-    Probe {
-        name: "storage",
-        backend,
-        result,
-        elapsed: started.elapsed(),
-    }
+    Probe { name: "storage", backend, result, elapsed: started.elapsed() }
 }
 
 async fn check_queue(settings: &Settings) -> Probe {
@@ -514,16 +412,8 @@ async fn check_queue(settings: &Settings) -> Probe {
             .map_err(|err| err.to_string())?;
         backend = jobs.backend().to_owned();
         let stats = jobs.stats().await.map_err(|err| err.to_string())?;
-        Ok(format!(
-            "{} ready, {} dead, {} consumer(s)",
-            stats.ready, stats.dead, stats.consumers
-        ))
+        Ok(format!("{} ready, {} dead, {} consumer(s)", stats.ready, stats.dead, stats.consumers))
     }
     .await;
-    Probe {
-        name: "queue",
-        backend,
-        result,
-        elapsed: started.elapsed(),
-    }
+    Probe { name: "queue", backend, result, elapsed: started.elapsed() }
 }

@@ -15,18 +15,15 @@ use waveline_pipeline::{PipelineConfig, PipelineError, Stage};
 pub fn run(input: &Path, out: &Path, presets: Option<&Path>, json: bool) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WAVELINE_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,symphonia_core=error,symphonia=error")
-            }),
+            tracing_subscriber::EnvFilter::try_from_env("WAVELINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,symphonia_core=error,symphonia=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     let started = std::time::Instant::now();
-    let result = presets
-        .map(PipelineConfig::load)
-        .unwrap_or_else(|| Ok(PipelineConfig::default()))
-        .and_then(|config| {
+    let result =
+        presets.map(PipelineConfig::load).unwrap_or_else(|| Ok(PipelineConfig::default())).and_then(|config| {
             let bar = (!json && std::io::stderr().is_terminal()).then(progress_bar);
             let report = |progress: waveline_pipeline::Progress| {
                 if let Some(bar) = &bar {
@@ -64,10 +61,7 @@ pub fn run(input: &Path, out: &Path, presets: Option<&Path>, json: bool) -> Exit
                     Some(lufs) => println!(
                         "loudness: {lufs:.1} LUFS, range {:.1} LU, true peak {} dBTP",
                         manifest.loudness.range_lu,
-                        manifest
-                            .loudness
-                            .true_peak_dbtp
-                            .map_or("-inf".to_owned(), |p| format!("{p:.1}"))
+                        manifest.loudness.true_peak_dbtp.map_or("-inf".to_owned(), |p| format!("{p:.1}"))
                     ),
                     None => println!("loudness: silent"),
                 }
@@ -82,10 +76,7 @@ pub fn run(input: &Path, out: &Path, presets: Option<&Path>, json: bool) -> Exit
                         rendition.path
                     );
                 }
-                println!(
-                    "  waveform   {} points, manifest.json",
-                    manifest.waveform.length
-                );
+                println!("  waveform   {} points, manifest.json", manifest.waveform.length);
             }
             ExitCode::SUCCESS
         }
@@ -95,26 +86,17 @@ pub fn run(input: &Path, out: &Path, presets: Option<&Path>, json: bool) -> Exit
 
 fn report_error(err: &PipelineError, json: bool) -> ExitCode {
     if json {
-        println!(
-            "{}",
-            json!({"error": {"code": err.code(), "message": err.to_string()}})
-        );
+        println!("{}", json!({"error": {"code": err.code(), "message": err.to_string()}}));
     }
     eprintln!("waveline process: {} ({})", err, err.code());
-    if err.is_permanent() {
-        ExitCode::from(2)
-    } else {
-        ExitCode::FAILURE
-    }
+    if err.is_permanent() { ExitCode::from(2) } else { ExitCode::FAILURE }
 }
 
 fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(1000);
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] [{bar:40}] {percent:>3}% {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:40}] {percent:>3}% {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     bar.set_style(style);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar

@@ -30,9 +30,7 @@ pub enum Speaker {
     SideRight,
 }
 
-use Speaker::{
-    BackCenter, BackLeft, BackRight, FrontCenter, FrontLeft, FrontRight, Lfe, SideLeft, SideRight,
-};
+use Speaker::{BackCenter, BackLeft, BackRight, FrontCenter, FrontLeft, FrontRight, Lfe, SideLeft, SideRight};
 
 const MONO: [Speaker; 1] = [FrontCenter];
 const STEREO: [Speaker; 2] = [FrontLeft, FrontRight];
@@ -40,25 +38,8 @@ const SURROUND_3_0: [Speaker; 3] = [FrontLeft, FrontRight, FrontCenter];
 const QUAD: [Speaker; 4] = [FrontLeft, FrontRight, BackLeft, BackRight];
 const SURROUND_5_0: [Speaker; 5] = [FrontLeft, FrontRight, FrontCenter, SideLeft, SideRight];
 const SURROUND_5_1: [Speaker; 6] = [FrontLeft, FrontRight, FrontCenter, Lfe, SideLeft, SideRight];
-const SURROUND_6_1: [Speaker; 7] = [
-    FrontLeft,
-    FrontRight,
-    FrontCenter,
-    Lfe,
-    BackCenter,
-    SideLeft,
-    SideRight,
-];
-const SURROUND_7_1: [Speaker; 8] = [
-    FrontLeft,
-    FrontRight,
-    FrontCenter,
-    Lfe,
-    BackLeft,
-    BackRight,
-    SideLeft,
-    SideRight,
-];
+const SURROUND_6_1: [Speaker; 7] = [FrontLeft, FrontRight, FrontCenter, Lfe, BackCenter, SideLeft, SideRight];
+const SURROUND_7_1: [Speaker; 8] = [FrontLeft, FrontRight, FrontCenter, Lfe, BackLeft, BackRight, SideLeft, SideRight];
 
 /// The layout assumed for a stream that says how many channels it has but not which.
 ///
@@ -133,17 +114,9 @@ impl StereoDownmix {
         let mix = match channels {
             1 => Mix::Mono,
             2 => Mix::Stereo,
-            _ => Mix::Matrix(
-                layout
-                    .iter()
-                    .map(|&speaker| stereo_gains(speaker))
-                    .collect(),
-            ),
+            _ => Mix::Matrix(layout.iter().map(|&speaker| stereo_gains(speaker)).collect()),
         };
-        Some(StereoDownmix {
-            channels: layout.len(),
-            mix,
-        })
+        Some(StereoDownmix { channels: layout.len(), mix })
     }
 
     /// Appends the stereo frames of `interleaved` to `out`.
@@ -190,11 +163,7 @@ pub fn mono_mixdown(interleaved: &[f32], channels: u16, out: &mut Vec<f32>) {
             let scale = 1.0 / f32::from(channels);
             let channels = usize::from(channels);
             out.reserve(interleaved.len() / channels);
-            out.extend(
-                interleaved
-                    .chunks_exact(channels)
-                    .map(|frame| frame.iter().sum::<f32>() * scale),
-            );
+            out.extend(interleaved.chunks_exact(channels).map(|frame| frame.iter().sum::<f32>() * scale));
         }
     }
 }
@@ -221,9 +190,7 @@ mod tests {
 
     fn downmix(channels: u16, input: &[f32]) -> Vec<f32> {
         let mut out = Vec::new();
-        StereoDownmix::new(channels)
-            .expect("layout exists")
-            .process(input, &mut out);
+        StereoDownmix::new(channels).expect("layout exists").process(input, &mut out);
         out
     }
 
@@ -242,50 +209,17 @@ mod tests {
     fn layouts_follow_wave_channel_mask_order() {
         assert_eq!(default_layout(1), Some(&[FrontCenter][..]));
         assert_eq!(default_layout(2), Some(&[FrontLeft, FrontRight][..]));
-        assert_eq!(
-            default_layout(3),
-            Some(&[FrontLeft, FrontRight, FrontCenter][..])
-        );
-        assert_eq!(
-            default_layout(4),
-            Some(&[FrontLeft, FrontRight, BackLeft, BackRight][..])
-        );
-        assert_eq!(
-            default_layout(5),
-            Some(&[FrontLeft, FrontRight, FrontCenter, SideLeft, SideRight][..])
-        );
-        assert_eq!(
-            default_layout(6),
-            Some(&[FrontLeft, FrontRight, FrontCenter, Lfe, SideLeft, SideRight][..])
-        );
+        assert_eq!(default_layout(3), Some(&[FrontLeft, FrontRight, FrontCenter][..]));
+        assert_eq!(default_layout(4), Some(&[FrontLeft, FrontRight, BackLeft, BackRight][..]));
+        assert_eq!(default_layout(5), Some(&[FrontLeft, FrontRight, FrontCenter, SideLeft, SideRight][..]));
+        assert_eq!(default_layout(6), Some(&[FrontLeft, FrontRight, FrontCenter, Lfe, SideLeft, SideRight][..]));
         assert_eq!(
             default_layout(7),
-            Some(
-                &[
-                    FrontLeft,
-                    FrontRight,
-                    FrontCenter,
-                    Lfe,
-                    BackCenter,
-                    SideLeft,
-                    SideRight
-                ][..]
-            )
+            Some(&[FrontLeft, FrontRight, FrontCenter, Lfe, BackCenter, SideLeft, SideRight][..])
         );
         assert_eq!(
             default_layout(8),
-            Some(
-                &[
-                    FrontLeft,
-                    FrontRight,
-                    FrontCenter,
-                    Lfe,
-                    BackLeft,
-                    BackRight,
-                    SideLeft,
-                    SideRight
-                ][..]
-            )
+            Some(&[FrontLeft, FrontRight, FrontCenter, Lfe, BackLeft, BackRight, SideLeft, SideRight][..])
         );
     }
 
@@ -297,10 +231,7 @@ mod tests {
 
     #[test]
     fn mono_goes_to_both_sides_at_unity() {
-        assert_eq!(
-            downmix(1, &[0.25, -1.0, 0.0]),
-            vec![0.25, 0.25, -1.0, -1.0, 0.0, 0.0]
-        );
+        assert_eq!(downmix(1, &[0.25, -1.0, 0.0]), vec![0.25, 0.25, -1.0, -1.0, 0.0, 0.0]);
     }
 
     #[test]
@@ -321,10 +252,7 @@ mod tests {
     #[test]
     fn centre_goes_to_both_sides_at_minus_3_db() {
         for channels in [3, 5, 6, 7, 8] {
-            assert_close(
-                &downmix(channels, &impulse(channels, 2, 0.5)),
-                &[0.5 * H, 0.5 * H],
-            );
+            assert_close(&downmix(channels, &impulse(channels, 2, 0.5)), &[0.5 * H, 0.5 * H]);
         }
     }
 
@@ -346,12 +274,7 @@ mod tests {
         assert_close(&downmix(6, &impulse(6, 4, 0.5)), &[0.5 * H, 0.0]);
         assert_close(&downmix(6, &impulse(6, 5, 0.5)), &[0.0, 0.5 * H]);
         // 7.1: back and side both fold into their side.
-        for (index, expected) in [
-            (4, [0.5 * H, 0.0]),
-            (5, [0.0, 0.5 * H]),
-            (6, [0.5 * H, 0.0]),
-            (7, [0.0, 0.5 * H]),
-        ] {
+        for (index, expected) in [(4, [0.5 * H, 0.0]), (5, [0.0, 0.5 * H]), (6, [0.5 * H, 0.0]), (7, [0.0, 0.5 * H])] {
             assert_close(&downmix(8, &impulse(8, index, 0.5)), &expected);
         }
     }
@@ -381,12 +304,8 @@ mod tests {
         assert_close(&out, &[9.0, 9.0, 0.5, 0.0, 0.0, 0.5]);
 
         let mut out = Vec::new();
-        StereoDownmix::new(1)
-            .expect("layout exists")
-            .process(&[], &mut out);
-        StereoDownmix::new(2)
-            .expect("layout exists")
-            .process(&[0.5], &mut out);
+        StereoDownmix::new(1).expect("layout exists").process(&[], &mut out);
+        StereoDownmix::new(2).expect("layout exists").process(&[0.5], &mut out);
         assert!(out.is_empty());
     }
 

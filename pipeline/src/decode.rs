@@ -72,36 +72,21 @@ fn alac_bit_depth(cookie: &[u8]) -> Option<u32> {
         Some(b"alac") => cookie.get(12..)?,
         _ => cookie,
     };
-    config
-        .get(5)
-        .map(|bits| u32::from(*bits))
-        .filter(|bits| (8..=32).contains(bits))
+    config.get(5).map(|bits| u32::from(*bits)).filter(|bits| (8..=32).contains(bits))
 }
 
 /// The bit depth a PCM codec name implies (`pcm_f32le` → 32).
 fn pcm_bits(codec: &str) -> Option<u32> {
-    let digits: String = codec
-        .strip_prefix("pcm_")?
-        .chars()
-        .skip(1)
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let digits: String = codec.strip_prefix("pcm_")?.chars().skip(1).take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
 
-fn classify_open_failure(
-    symphonia_err: &SymphoniaError,
-    ffmpeg_err: PipelineError,
-) -> PipelineError {
+fn classify_open_failure(symphonia_err: &SymphoniaError, ffmpeg_err: PipelineError) -> PipelineError {
     match ffmpeg_err {
         PipelineError::UnsupportedFormat(message) => PipelineError::UnsupportedFormat(message),
         PipelineError::EmptyAudio => PipelineError::EmptyAudio,
-        PipelineError::InputUnreadable { path, source } => {
-            PipelineError::InputUnreadable { path, source }
-        }
-        other => PipelineError::CorruptAudio(format!(
-            "no decoder can read it ({symphonia_err}; {other})"
-        )),
+        PipelineError::InputUnreadable { path, source } => PipelineError::InputUnreadable { path, source },
+        other => PipelineError::CorruptAudio(format!("no decoder can read it ({symphonia_err}; {other})")),
     }
 }
 
@@ -125,40 +110,27 @@ impl SymphoniaReader {
             FormatOptions::default(),
             MetadataOptions::default(),
         )?;
-        let track = format
-            .default_track(TrackType::Audio)
-            .ok_or(SymphoniaError::Unsupported("no audio track"))?;
+        let track = format.default_track(TrackType::Audio).ok_or(SymphoniaError::Unsupported("no audio track"))?;
         let params = track
             .codec_params
             .as_ref()
             .and_then(|params| params.audio())
             .ok_or(SymphoniaError::Unsupported("no audio codec parameters"))?
             .clone();
-        let decoder = symphonia::default::get_codecs()
-            .make_audio_decoder(&params, &AudioDecoderOptions::default())?;
-        let sample_rate = params
-            .sample_rate
-            .ok_or(SymphoniaError::DecodeError("no sample rate"))?;
-        let channels = params
-            .channels
-            .as_ref()
-            .map(|c| c.count())
-            .ok_or(SymphoniaError::DecodeError("no channel count"))?;
+        let decoder = symphonia::default::get_codecs().make_audio_decoder(&params, &AudioDecoderOptions::default())?;
+        let sample_rate = params.sample_rate.ok_or(SymphoniaError::DecodeError("no sample rate"))?;
+        let channels =
+            params.channels.as_ref().map(|c| c.count()).ok_or(SymphoniaError::DecodeError("no channel count"))?;
         if sample_rate == 0 || channels == 0 {
             return Err(SymphoniaError::DecodeError("zero sample rate or channels"));
         }
-        let codec = codec_name(params.codec)
-            .map(str::to_owned)
-            .unwrap_or_else(|| decoder.codec_info().short_name.to_owned());
+        let codec =
+            codec_name(params.codec).map(str::to_owned).unwrap_or_else(|| decoder.codec_info().short_name.to_owned());
         let lossless = codec.starts_with("pcm_") || matches!(codec.as_str(), "flac" | "alac");
         let bits_per_sample = params
             .bits_per_sample
             .or_else(|| pcm_bits(&codec))
-            .or_else(|| {
-                (codec == "alac")
-                    .then(|| params.extra_data.as_deref().and_then(alac_bit_depth))
-                    .flatten()
-            })
+            .or_else(|| (codec == "alac").then(|| params.extra_data.as_deref().and_then(alac_bit_depth)).flatten())
             .filter(|_| lossless);
         let facts = SourceFacts {
             container,
@@ -169,13 +141,7 @@ impl SymphoniaReader {
             declared_frames: track.num_frames,
         };
         let track_id = track.id;
-        Ok(SymphoniaReader {
-            facts,
-            format,
-            decoder,
-            track_id,
-            channels,
-        })
+        Ok(SymphoniaReader { facts, format, decoder, track_id, channels })
     }
 }
 
@@ -189,34 +155,27 @@ impl PcmReader for SymphoniaReader {
             let packet = match self.format.next_packet() {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return Ok(false),
-                Err(SymphoniaError::IoError(err))
-                    if err.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
+                Err(SymphoniaError::IoError(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Err(PipelineError::CorruptAudio(
                         "the file ends in the middle of a packet (truncated)".into(),
                     ));
                 }
                 Err(SymphoniaError::ResetRequired) => {
-                    return Err(PipelineError::UnsupportedFormat(
-                        "the stream changes its format midway".into(),
-                    ));
+                    return Err(PipelineError::UnsupportedFormat("the stream changes its format midway".into()));
                 }
                 Err(err) => {
-                    return Err(PipelineError::CorruptAudio(format!(
-                        "cannot read the next packet: {err}"
-                    )));
+                    return Err(PipelineError::CorruptAudio(format!("cannot read the next packet: {err}")));
                 }
             };
             if packet.track_id != self.track_id {
                 continue;
             }
-            let decoded = self.decoder.decode(&packet).map_err(|err| {
-                PipelineError::CorruptAudio(format!("cannot decode a packet: {err}"))
-            })?;
+            let decoded = self
+                .decoder
+                .decode(&packet)
+                .map_err(|err| PipelineError::CorruptAudio(format!("cannot decode a packet: {err}")))?;
             if decoded.spec().channels().count() != self.channels {
-                return Err(PipelineError::UnsupportedFormat(
-                    "the channel count changes midway".into(),
-                ));
+                return Err(PipelineError::UnsupportedFormat("the channel count changes midway".into()));
             }
             let start = out.len();
             out.resize(start + decoded.samples_interleaved(), 0.0);
@@ -290,9 +249,10 @@ impl FfmpegReader {
         ffmpeg_init()?;
         let input = ffmpeg_next::format::input(&path)
             .map_err(|err| PipelineError::CorruptAudio(format!("FFmpeg cannot open it: {err}")))?;
-        let stream = input.streams().best(media::Type::Audio).ok_or_else(|| {
-            PipelineError::UnsupportedFormat("the file has no audio stream".into())
-        })?;
+        let stream = input
+            .streams()
+            .best(media::Type::Audio)
+            .ok_or_else(|| PipelineError::UnsupportedFormat("the file has no audio stream".into()))?;
         let stream_index = stream.index();
         let context = codec::context::Context::from_parameters(stream.parameters())
             .map_err(|err| PipelineError::CorruptAudio(format!("bad codec parameters: {err}")))?;
@@ -301,31 +261,25 @@ impl FfmpegReader {
             ffmpeg_next::Error::DecoderNotFound => {
                 PipelineError::UnsupportedFormat(format!("no decoder for codec {codec_name}"))
             }
-            other => PipelineError::CorruptAudio(format!(
-                "cannot open the {codec_name} decoder: {other}"
-            )),
+            other => PipelineError::CorruptAudio(format!("cannot open the {codec_name} decoder: {other}")),
         })?;
         let channels = decoder.channels();
         let sample_rate = decoder.rate();
         if channels == 0 || sample_rate == 0 {
-            return Err(PipelineError::CorruptAudio(
-                "the stream declares zero channels or a zero sample rate".into(),
-            ));
+            return Err(PipelineError::CorruptAudio("the stream declares zero channels or a zero sample rate".into()));
         }
         let frames = stream.frames();
         let declared_frames = if frames > 0 {
             Some(frames as u64)
         } else if stream.duration() > 0 {
             let tb = stream.time_base();
-            let seconds = stream.duration() as f64 * f64::from(tb.numerator())
-                / f64::from(tb.denominator().max(1));
+            let seconds = stream.duration() as f64 * f64::from(tb.numerator()) / f64::from(tb.denominator().max(1));
             Some((seconds * f64::from(sample_rate)).round() as u64)
         } else {
             None
         };
         let bits = pcm_bits(&codec_name).unwrap_or(decoder.format().bytes() as u32 * 8);
-        let lossless =
-            codec_name.starts_with("pcm_") || matches!(codec_name.as_str(), "flac" | "alac");
+        let lossless = codec_name.starts_with("pcm_") || matches!(codec_name.as_str(), "flac" | "alac");
         let layout = match decoder.channel_layout() {
             layout if layout.channels() == i32::from(channels) && !layout.is_empty() => layout,
             // Mono WAV and some others carry no layout: FFmpeg 5.1 needs one to convert.
@@ -374,23 +328,14 @@ impl FfmpegReader {
         self.converted = ffmpeg_next::frame::Audio::empty();
         resampler
             .run(&self.decoded, &mut self.converted)
-            .map_err(|err| {
-                PipelineError::CorruptAudio(format!("cannot convert decoded samples: {err}"))
-            })?;
+            .map_err(|err| PipelineError::CorruptAudio(format!("cannot convert decoded samples: {err}")))?;
         let samples = self.converted.samples() * usize::from(self.facts.channels);
         let bytes = self.converted.data(0);
         let wanted = samples * 4;
         if bytes.len() < wanted {
-            return Err(PipelineError::internal(
-                "sample conversion",
-                "short output plane",
-            ));
+            return Err(PipelineError::internal("sample conversion", "short output plane"));
         }
-        out.extend(
-            bytes[..wanted]
-                .chunks_exact(4)
-                .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
-        );
+        out.extend(bytes[..wanted].chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
         Ok(())
     }
 }
@@ -420,20 +365,16 @@ impl PcmReader for FfmpegReader {
                     if packet.stream() != self.stream_index {
                         continue;
                     }
-                    self.decoder.send_packet(&packet).map_err(|err| {
-                        PipelineError::CorruptAudio(format!("cannot decode a packet: {err}"))
-                    })?;
+                    self.decoder
+                        .send_packet(&packet)
+                        .map_err(|err| PipelineError::CorruptAudio(format!("cannot decode a packet: {err}")))?;
                 }
                 Err(ffmpeg_next::Error::Eof) => {
-                    self.decoder
-                        .send_eof()
-                        .map_err(|err| PipelineError::internal("decoder flush", err))?;
+                    self.decoder.send_eof().map_err(|err| PipelineError::internal("decoder flush", err))?;
                     self.draining = true;
                 }
                 Err(err) => {
-                    return Err(PipelineError::CorruptAudio(format!(
-                        "cannot read the next packet: {err}"
-                    )));
+                    return Err(PipelineError::CorruptAudio(format!("cannot read the next packet: {err}")));
                 }
             }
         }

@@ -60,10 +60,7 @@ pub struct Encoder {
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder")
-            .field("format", &self.format)
-            .field("frames", &self.frames)
-            .finish_non_exhaustive()
+        f.debug_struct("Encoder").field("format", &self.format).field("frames", &self.frames).finish_non_exhaustive()
     }
 }
 
@@ -89,25 +86,14 @@ impl Encoder {
         let path = match &spec.target {
             Target::File(path) | Target::HlsVariant { playlist: path, .. } => path.clone(),
         };
-        let codec = encoder::find_by_name(encoder_name).ok_or_else(|| {
-            PipelineError::Internal(format!("this FFmpeg has no {encoder_name} encoder"))
-        })?;
+        let codec = encoder::find_by_name(encoder_name)
+            .ok_or_else(|| PipelineError::Internal(format!("this FFmpeg has no {encoder_name} encoder")))?;
         let audio_codec = codec.audio().map_err(failed("encoder capabilities"))?;
-        let format = pick_format(
-            audio_codec
-                .formats()
-                .map(|formats| formats.collect::<Vec<_>>())
-                .unwrap_or_default(),
-        )
-        .ok_or_else(|| {
-            PipelineError::Internal(format!("{encoder_name} takes no sample format we produce"))
-        })?;
+        let format = pick_format(audio_codec.formats().map(|formats| formats.collect::<Vec<_>>()).unwrap_or_default())
+            .ok_or_else(|| PipelineError::Internal(format!("{encoder_name} takes no sample format we produce")))?;
 
         let mut output = format::output_as(&path, muxer).map_err(failed("opening the output"))?;
-        let global_header = output
-            .format()
-            .flags()
-            .contains(format::flag::Flags::GLOBAL_HEADER);
+        let global_header = output.format().flags().contains(format::flag::Flags::GLOBAL_HEADER);
         let mut metadata = Dictionary::new();
         if let Some(title) = &spec.title {
             metadata.set("title", title);
@@ -117,10 +103,8 @@ impl Encoder {
         }
         output.set_metadata(metadata);
 
-        let mut context = codec::context::Context::new_with_codec(codec)
-            .encoder()
-            .audio()
-            .map_err(failed("encoder"))?;
+        let mut context =
+            codec::context::Context::new_with_codec(codec).encoder().audio().map_err(failed("encoder"))?;
         let encoder_tb = Rational::new(1, spec.sample_rate as i32);
         context.set_rate(spec.sample_rate as i32);
         context.set_channel_layout(ChannelLayout::STEREO);
@@ -136,44 +120,28 @@ impl Encoder {
             // Constant bitrate, as the ladder promises byte-range seeking by time.
             options.set("abr", "0");
         }
-        let encoder = context
-            .open_as_with(codec, options)
-            .map_err(failed("opening the encoder"))?;
+        let encoder = context.open_as_with(codec, options).map_err(failed("opening the encoder"))?;
         let frame_size = match encoder.frame_size() as usize {
             0 => 1024,
             n => n,
         };
         {
-            let mut stream = output
-                .add_stream(codec)
-                .map_err(failed("adding the stream"))?;
+            let mut stream = output.add_stream(codec).map_err(failed("adding the stream"))?;
             stream.set_time_base(encoder_tb);
             stream.set_parameters(&encoder);
         }
         let mut header_options = Dictionary::new();
-        if let Target::HlsVariant {
-            playlist,
-            segment_s,
-        } = &spec.target
-        {
+        if let Target::HlsVariant { playlist, segment_s } = &spec.target {
             let dir = playlist.parent().unwrap_or(Path::new("."));
             header_options.set("hls_time", &segment_s.to_string());
             header_options.set("hls_playlist_type", "vod");
             header_options.set("hls_segment_type", "fmp4");
             header_options.set("hls_fmp4_init_filename", "init.mp4");
-            header_options.set(
-                "hls_segment_filename",
-                &dir.join("seg_%05d.m4s").to_string_lossy(),
-            );
+            header_options.set("hls_segment_filename", &dir.join("seg_%05d.m4s").to_string_lossy());
             header_options.set("hls_flags", "independent_segments");
         }
-        output
-            .write_header_with(header_options)
-            .map_err(failed("writing the header"))?;
-        let stream_tb = output
-            .stream(0)
-            .map(|s| s.time_base())
-            .unwrap_or(encoder_tb);
+        output.write_header_with(header_options).map_err(failed("writing the header"))?;
+        let stream_tb = output.stream(0).map(|s| s.time_base()).unwrap_or(encoder_tb);
         Ok(Encoder {
             output,
             encoder,
@@ -206,16 +174,10 @@ impl Encoder {
         if left > 0 {
             self.send(0, left)?;
         }
-        self.encoder
-            .send_eof()
-            .map_err(failed("flushing the encoder"))?;
+        self.encoder.send_eof().map_err(failed("flushing the encoder"))?;
         self.drain_packets()?;
-        self.output
-            .write_trailer()
-            .map_err(failed("finishing the file"))?;
-        Ok(Encoded {
-            frames: self.frames,
-        })
+        self.output.write_trailer().map_err(failed("finishing the file"))?;
+        Ok(Encoded { frames: self.frames })
     }
 
     fn send(&mut self, offset: usize, frames: usize) -> Result<(), PipelineError> {
@@ -244,18 +206,13 @@ impl Encoder {
                 }
             }
             _ => {
-                return Err(PipelineError::Internal(format!(
-                    "unhandled encoder sample format {:?}",
-                    self.format
-                )));
+                return Err(PipelineError::Internal(format!("unhandled encoder sample format {:?}", self.format)));
             }
         }
         audio.set_pts(Some(self.pts));
         self.pts += frames as i64;
         self.frames += frames as u64;
-        self.encoder
-            .send_frame(&audio)
-            .map_err(failed("encoding"))?;
+        self.encoder.send_frame(&audio).map_err(failed("encoding"))?;
         self.drain_packets()
     }
 
@@ -264,9 +221,7 @@ impl Encoder {
         while self.encoder.receive_packet(&mut packet).is_ok() {
             packet.set_stream(0);
             packet.rescale_ts(self.encoder_tb, self.stream_tb);
-            packet
-                .write_interleaved(&mut self.output)
-                .map_err(failed("writing a packet"))?;
+            packet.write_interleaved(&mut self.output).map_err(failed("writing a packet"))?;
         }
         Ok(())
     }
@@ -278,11 +233,7 @@ fn to_i16(sample: f32) -> i16 {
 
 /// The encoder's preferred format among those we can write.
 fn pick_format(supported: Vec<Sample>) -> Option<Sample> {
-    [
-        Sample::F32(SampleType::Planar),
-        Sample::F32(SampleType::Packed),
-        Sample::I16(SampleType::Packed),
-    ]
-    .into_iter()
-    .find(|candidate| supported.contains(candidate))
+    [Sample::F32(SampleType::Planar), Sample::F32(SampleType::Packed), Sample::I16(SampleType::Packed)]
+        .into_iter()
+        .find(|candidate| supported.contains(candidate))
 }

@@ -46,10 +46,7 @@ pub fn measure_variant(playlist: &Path) -> Result<VariantStats, PipelineError> {
             pending_duration = seconds;
         } else if !line.starts_with('#') && !line.trim().is_empty() {
             let seconds = pending_duration.take().ok_or_else(|| {
-                PipelineError::Internal(format!(
-                    "segment {line} in {} has no duration",
-                    playlist.display()
-                ))
+                PipelineError::Internal(format!("segment {line} in {} has no duration", playlist.display()))
             })?;
             let size = std::fs::metadata(dir.join(line.trim()))?.len();
             let counted = size + if segments == 0 { init_bytes } else { 0 };
@@ -62,10 +59,7 @@ pub fn measure_variant(playlist: &Path) -> Result<VariantStats, PipelineError> {
         }
     }
     if segments == 0 {
-        return Err(PipelineError::Internal(format!(
-            "{} lists no segments",
-            playlist.display()
-        )));
+        return Err(PipelineError::Internal(format!("{} lists no segments", playlist.display())));
     }
     let playlist_bytes = std::fs::metadata(playlist)?.len();
     Ok(VariantStats {
@@ -73,8 +67,7 @@ pub fn measure_variant(playlist: &Path) -> Result<VariantStats, PipelineError> {
         bytes: playlist_bytes + init_bytes + media_bytes,
         duration_s,
         peak_bps,
-        average_bps: ((init_bytes + media_bytes) as f64 * 8.0 / duration_s.max(0.001)).ceil()
-            as u64,
+        average_bps: ((init_bytes + media_bytes) as f64 * 8.0 / duration_s.max(0.001)).ceil() as u64,
     })
 }
 
@@ -118,14 +111,8 @@ mod tests {
         assert_eq!(stats.segments, 2);
         assert_eq!(stats.peak_bps, 100_000);
         assert_eq!(stats.average_bps, (105_000.0f64 * 8.0 / 9.0).ceil() as u64);
-        let master = master_playlist(&[MasterEntry {
-            uri: "96k/index.m3u8",
-            stats,
-        }]);
+        let master = master_playlist(&[MasterEntry { uri: "96k/index.m3u8", stats }]);
         assert!(master.starts_with("#EXTM3U\n"));
-        assert!(
-            master.contains("BANDWIDTH=100000,")
-                && master.contains("CODECS=\"mp4a.40.2\"\n96k/index.m3u8\n")
-        );
+        assert!(master.contains("BANDWIDTH=100000,") && master.contains("CODECS=\"mp4a.40.2\"\n96k/index.m3u8\n"));
     }
 }

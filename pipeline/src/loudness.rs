@@ -138,8 +138,7 @@ const fn meter_channel(speaker: Speaker) -> Channel {
 impl LoudnessMeter {
     /// A meter for `channels` channels at `sample_rate` Hz.
     pub fn new(channels: u16, sample_rate: u32) -> Result<LoudnessMeter, LoudnessError> {
-        let layout =
-            default_layout(channels).ok_or(LoudnessError::UnsupportedChannels(channels))?;
+        let layout = default_layout(channels).ok_or(LoudnessError::UnsupportedChannels(channels))?;
         if !SAMPLE_RATES.contains(&sample_rate) {
             return Err(LoudnessError::UnsupportedSampleRate(sample_rate));
         }
@@ -148,22 +147,12 @@ impl LoudnessMeter {
         // The loudness range is computed here from 100 ms short-term readings (see
         // `loudness_range`), not with the crate's LRA mode, which reads once a second.
         let mode = Mode::I | Mode::TRUE_PEAK | Mode::SAMPLE_PEAK;
-        let mut meter = EbuR128::new(u32::from(channels), sample_rate, mode).map_err(|source| {
-            LoudnessError::Meter {
-                action: "starting",
-                source,
-            }
-        })?;
-        let map: Vec<Channel> = layout
-            .iter()
-            .map(|&speaker| meter_channel(speaker))
-            .collect();
+        let mut meter = EbuR128::new(u32::from(channels), sample_rate, mode)
+            .map_err(|source| LoudnessError::Meter { action: "starting", source })?;
+        let map: Vec<Channel> = layout.iter().map(|&speaker| meter_channel(speaker)).collect();
         meter
             .set_channel_map(&map)
-            .map_err(|source| LoudnessError::Meter {
-                action: "setting the channel map",
-                source,
-            })?;
+            .map_err(|source| LoudnessError::Meter { action: "setting the channel map", source })?;
         let block_frames = (sample_rate as usize / 10).max(1);
         Ok(LoudnessMeter {
             meter,
@@ -179,10 +168,7 @@ impl LoudnessMeter {
     /// Feeds the next interleaved frames; buffers may be of any whole number of frames.
     pub fn add(&mut self, interleaved: &[f32]) -> Result<(), LoudnessError> {
         if !interleaved.len().is_multiple_of(usize::from(self.channels)) {
-            return Err(LoudnessError::PartialFrame {
-                samples: interleaved.len(),
-                channels: self.channels,
-            });
+            return Err(LoudnessError::PartialFrame { samples: interleaved.len(), channels: self.channels });
         }
         // Feed up to each 100 ms boundary, and read that block's energy there.
         let channels = usize::from(self.channels);
@@ -193,10 +179,7 @@ impl LoudnessMeter {
             let (now, later) = rest.split_at(take * channels);
             self.meter
                 .add_frames_f32(now)
-                .map_err(|source| LoudnessError::Meter {
-                    action: "adding frames",
-                    source,
-                })?;
+                .map_err(|source| LoudnessError::Meter { action: "adding frames", source })?;
             self.pending_frames += take;
             rest = later;
             if self.pending_frames == self.block_frames {
@@ -211,15 +194,8 @@ impl LoudnessMeter {
         let loudness = self
             .meter
             .loudness_window(100)
-            .map_err(|source| LoudnessError::Meter {
-                action: "reading a 100 ms block",
-                source,
-            })?;
-        let energy = if loudness.is_finite() {
-            10f64.powf((loudness + 0.691) / 10.0)
-        } else {
-            0.0
-        };
+            .map_err(|source| LoudnessError::Meter { action: "reading a 100 ms block", source })?;
+        let energy = if loudness.is_finite() { 10f64.powf((loudness + 0.691) / 10.0) } else { 0.0 };
         self.window.push_back(energy);
         self.window_sum += energy;
         if self.window.len() > SHORT_TERM_BLOCKS {
@@ -230,8 +206,7 @@ impl LoudnessMeter {
             if self.short_term.len().is_multiple_of(1000) {
                 self.window_sum = self.window.iter().sum();
             }
-            self.short_term
-                .push(self.window_sum / SHORT_TERM_BLOCKS as f64);
+            self.short_term.push(self.window_sum / SHORT_TERM_BLOCKS as f64);
         }
         Ok(())
     }
@@ -241,30 +216,21 @@ impl LoudnessMeter {
         let integrated = self
             .meter
             .loudness_global()
-            .map_err(|source| LoudnessError::Meter {
-                action: "reading the integrated loudness",
-                source,
-            })?;
+            .map_err(|source| LoudnessError::Meter { action: "reading the integrated loudness", source })?;
         let range = loudness_range(&self.short_term);
 
         // Peaks are over every channel, the LFE included: clipping there is clipping too.
         let mut true_peak = 0.0_f64;
         let mut sample_peak = 0.0_f64;
         for channel in 0..u32::from(self.channels) {
-            let channel_true_peak =
-                self.meter
-                    .true_peak(channel)
-                    .map_err(|source| LoudnessError::Meter {
-                        action: "reading the true peak",
-                        source,
-                    })?;
-            let channel_sample_peak =
-                self.meter
-                    .sample_peak(channel)
-                    .map_err(|source| LoudnessError::Meter {
-                        action: "reading the sample peak",
-                        source,
-                    })?;
+            let channel_true_peak = self
+                .meter
+                .true_peak(channel)
+                .map_err(|source| LoudnessError::Meter { action: "reading the true peak", source })?;
+            let channel_sample_peak = self
+                .meter
+                .sample_peak(channel)
+                .map_err(|source| LoudnessError::Meter { action: "reading the sample peak", source })?;
             true_peak = true_peak.max(channel_true_peak);
             sample_peak = sample_peak.max(channel_sample_peak);
         }
@@ -275,8 +241,7 @@ impl LoudnessMeter {
             range_lu: finite(range).map_or(0.0, round2),
             true_peak_dbtp: finite(20.0 * true_peak.log10()).map(round2),
             sample_peak_dbfs: finite(20.0 * sample_peak.log10()).map(round2),
-            replaygain_track_gain_db: integrated_lufs
-                .map(|lufs| round2(REPLAYGAIN_REFERENCE_LUFS - lufs)),
+            replaygain_track_gain_db: integrated_lufs.map(|lufs| round2(REPLAYGAIN_REFERENCE_LUFS - lufs)),
         })
     }
 }
@@ -291,11 +256,7 @@ const SHORT_TERM_BLOCKS: usize = 30;
 /// LRA mode) comes out up to half an LU low on material that swells.
 fn loudness_range(short_term: &[f64]) -> f64 {
     let absolute_gate = 10f64.powf((-70.0 + 0.691) / 10.0);
-    let gated: Vec<f64> = short_term
-        .iter()
-        .copied()
-        .filter(|e| *e >= absolute_gate)
-        .collect();
+    let gated: Vec<f64> = short_term.iter().copied().filter(|e| *e >= absolute_gate).collect();
     if gated.is_empty() {
         return 0.0;
     }
@@ -331,21 +292,12 @@ mod tests {
 
     /// `seconds` of a sine of `frequency` Hz and peak `amplitude`, starting at `phase` radians,
     /// written into the channels of `channels` whose index is in `active` (silence elsewhere).
-    fn sine(
-        channels: u16,
-        active: &[usize],
-        frequency: f64,
-        amplitude: f64,
-        phase: f64,
-        seconds: f64,
-    ) -> Vec<f32> {
+    fn sine(channels: u16, active: &[usize], frequency: f64, amplitude: f64, phase: f64, seconds: f64) -> Vec<f32> {
         let channels = usize::from(channels);
         let frames = (seconds * f64::from(RATE)) as usize;
         let mut out = vec![0.0_f32; frames * channels];
         for (n, frame) in out.chunks_exact_mut(channels).enumerate() {
-            let value = (amplitude
-                * (2.0 * PI * frequency * n as f64 / f64::from(RATE) + phase).sin())
-                as f32;
+            let value = (amplitude * (2.0 * PI * frequency * n as f64 / f64::from(RATE) + phase).sin()) as f32;
             for &channel in active {
                 frame[channel] = value;
             }
@@ -368,10 +320,7 @@ mod tests {
     }
 
     fn assert_near(actual: f64, expected: f64, tolerance: f64) {
-        assert!(
-            (actual - expected).abs() <= tolerance,
-            "{actual} is not {expected} ± {tolerance}"
-        );
+        assert!((actual - expected).abs() <= tolerance, "{actual} is not {expected} ± {tolerance}");
     }
 
     // EBU Tech 3341 case 1. A sine's mean square is half its peak squared (−3.01 dB), the
@@ -443,9 +392,7 @@ mod tests {
         // 1 kHz at 48 kHz has 48 samples a period, so one of them lands on the crest.
         let report = measure(2, &sine(2, &[0, 1], 1000.0, 0.5, 0.0, 2.0));
         assert_near(report.sample_peak_dbfs.expect("peak"), -6.02, 0.01);
-        assert!(
-            report.true_peak_dbtp.expect("true peak") >= report.sample_peak_dbfs.expect("peak")
-        );
+        assert!(report.true_peak_dbtp.expect("true peak") >= report.sample_peak_dbfs.expect("peak"));
     }
 
     #[test]
@@ -456,10 +403,7 @@ mod tests {
         let sample_peak = report.sample_peak_dbfs.expect("peak");
         let true_peak = report.true_peak_dbtp.expect("true peak");
         assert_near(sample_peak, -9.03, 0.01);
-        assert!(
-            true_peak >= sample_peak + 2.5,
-            "true peak {true_peak}, sample peak {sample_peak}"
-        );
+        assert!(true_peak >= sample_peak + 2.5, "true peak {true_peak}, sample peak {sample_peak}");
         assert_near(true_peak, -6.02, 0.5);
     }
 
@@ -489,21 +433,8 @@ mod tests {
         let centre = integrated(&measure(6, &sine(6, &[2], 1000.0, amplitude, 0.0, 5.0)));
         let surround_weight = 10.0 * 1.41_f64.log10();
         assert_near(centre, front_left, 0.01);
-        for (channels, surround) in [
-            (4, 2),
-            (4, 3),
-            (5, 3),
-            (6, 4),
-            (6, 5),
-            (8, 4),
-            (8, 5),
-            (8, 6),
-            (8, 7),
-        ] {
-            let reading = integrated(&measure(
-                channels,
-                &sine(channels, &[surround], 1000.0, amplitude, 0.0, 5.0),
-            ));
+        for (channels, surround) in [(4, 2), (4, 3), (5, 3), (6, 4), (6, 5), (8, 4), (8, 5), (8, 6), (8, 7)] {
+            let reading = integrated(&measure(channels, &sine(channels, &[surround], 1000.0, amplitude, 0.0, 5.0)));
             assert_near(reading - front_left, surround_weight, 0.02);
         }
     }
@@ -554,17 +485,8 @@ mod tests {
     fn partial_frames_are_rejected() {
         let mut meter = LoudnessMeter::new(6, RATE).expect("meter");
         let error = meter.add(&[0.0; 7]).expect_err("partial frame");
-        assert!(matches!(
-            error,
-            LoudnessError::PartialFrame {
-                samples: 7,
-                channels: 6
-            }
-        ));
-        assert_eq!(
-            error.to_string(),
-            "7 interleaved samples are not whole frames of 6 channels"
-        );
+        assert!(matches!(error, LoudnessError::PartialFrame { samples: 7, channels: 6 }));
+        assert_eq!(error.to_string(), "7 interleaved samples are not whole frames of 6 channels");
     }
 
     #[test]

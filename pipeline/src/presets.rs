@@ -91,22 +91,13 @@ pub struct WaveformSettings {
 /// restating the others.
 impl Default for Limits {
     fn default() -> Limits {
-        Limits {
-            max_duration_s: 6 * 3600,
-            max_channels: 8,
-            min_sample_rate: 8000,
-            max_sample_rate: 192_000,
-        }
+        Limits { max_duration_s: 6 * 3600, max_channels: 8, min_sample_rate: 8000, max_sample_rate: 192_000 }
     }
 }
 
 impl Default for WaveformSettings {
     fn default() -> WaveformSettings {
-        WaveformSettings {
-            samples_per_pixel: 256,
-            bits: 8,
-            summary_points: 1800,
-        }
+        WaveformSettings { samples_per_pixel: 256, bits: 8, summary_points: 1800 }
     }
 }
 
@@ -148,13 +139,7 @@ pub enum Preset {
         clip_duration_s: Option<f64>,
     },
     /// HLS: one fMP4 variant per bitrate and a master playlist.
-    Hls {
-        name: String,
-        codec: Codec,
-        sample_rate: u32,
-        variants_kbps: Vec<u32>,
-        segment_s: u32,
-    },
+    Hls { name: String, codec: Codec, sample_rate: u32, variants_kbps: Vec<u32>, segment_s: u32 },
 }
 
 impl Preset {
@@ -172,9 +157,7 @@ impl Preset {
 
     pub fn sample_rate(&self) -> u32 {
         match self {
-            Preset::Progressive { sample_rate, .. } | Preset::Hls { sample_rate, .. } => {
-                *sample_rate
-            }
+            Preset::Progressive { sample_rate, .. } | Preset::Hls { sample_rate, .. } => *sample_rate,
         }
     }
 }
@@ -201,33 +184,19 @@ impl Default for PipelineConfig {
 impl PipelineConfig {
     /// Reads a presets file; its sections replace the defaults'.
     pub fn load(path: &Path) -> Result<PipelineConfig, PipelineError> {
-        let text = std::fs::read_to_string(path).map_err(|err| {
-            PipelineError::InvalidPresets(format!("cannot read {}: {err}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| PipelineError::InvalidPresets(format!("cannot read {}: {err}", path.display())))?;
         PipelineConfig::parse(&text, Some(&PipelineConfig::default()))
     }
 
     /// Parses presets text over `base` (or over nothing: then every section is required).
-    pub fn parse(
-        text: &str,
-        base: Option<&PipelineConfig>,
-    ) -> Result<PipelineConfig, PipelineError> {
-        let file: PresetsFile =
-            toml::from_str(text).map_err(|err| PipelineError::InvalidPresets(err.to_string()))?;
+    pub fn parse(text: &str, base: Option<&PipelineConfig>) -> Result<PipelineConfig, PipelineError> {
+        let file: PresetsFile = toml::from_str(text).map_err(|err| PipelineError::InvalidPresets(err.to_string()))?;
         let missing = |section: &str| PipelineError::InvalidPresets(format!("missing [{section}]"));
         let config = PipelineConfig {
-            limits: file
-                .limits
-                .or(base.map(|b| b.limits))
-                .ok_or_else(|| missing("limits"))?,
-            waveform: file
-                .waveform
-                .or(base.map(|b| b.waveform))
-                .ok_or_else(|| missing("waveform"))?,
-            presets: file
-                .presets
-                .or(base.map(|b| b.presets.clone()))
-                .ok_or_else(|| missing("presets"))?,
+            limits: file.limits.or(base.map(|b| b.limits)).ok_or_else(|| missing("limits"))?,
+            waveform: file.waveform.or(base.map(|b| b.waveform)).ok_or_else(|| missing("waveform"))?,
+            presets: file.presets.or(base.map(|b| b.presets.clone())).ok_or_else(|| missing("presets"))?,
         };
         config.validate()?;
         Ok(config)
@@ -254,14 +223,8 @@ impl PipelineConfig {
         let mut names = std::collections::BTreeSet::new();
         for preset in &self.presets {
             let name = preset.name();
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                return bad(format!(
-                    "preset name {name:?}: use letters, digits, _ and -"
-                ));
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return bad(format!("preset name {name:?}: use letters, digits, _ and -"));
             }
             if !names.insert(name.to_owned()) {
                 return bad(format!("preset {name} appears twice"));
@@ -269,10 +232,7 @@ impl PipelineConfig {
             let allowed_rates: &[u32] = match preset.codec() {
                 Codec::Mp3 => &[8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000],
                 Codec::Opus => &[8000, 12000, 16000, 24000, 48000],
-                Codec::Aac => &[
-                    8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200,
-                    96000,
-                ],
+                Codec::Aac => &[8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000],
             };
             if !allowed_rates.contains(&preset.sample_rate()) {
                 return bad(format!(
@@ -282,34 +242,19 @@ impl PipelineConfig {
                 ));
             }
             match preset {
-                Preset::Progressive {
-                    bitrate_kbps,
-                    clip_start_s,
-                    clip_duration_s,
-                    ..
-                } => {
+                Preset::Progressive { bitrate_kbps, clip_start_s, clip_duration_s, .. } => {
                     if !(6..=512).contains(bitrate_kbps) {
                         return bad(format!("preset {name}: bitrate_kbps must be 6..=512"));
                     }
                     if clip_start_s.is_some_and(|s| !(s >= 0.0 && s.is_finite()))
                         || clip_duration_s.is_some_and(|d| !(d > 0.0 && d.is_finite()))
                     {
-                        return bad(format!(
-                            "preset {name}: clip_start_s >= 0 and clip_duration_s > 0"
-                        ));
+                        return bad(format!("preset {name}: clip_start_s >= 0 and clip_duration_s > 0"));
                     }
                 }
-                Preset::Hls {
-                    variants_kbps,
-                    segment_s,
-                    ..
-                } => {
-                    if variants_kbps.is_empty()
-                        || variants_kbps.iter().any(|k| !(6..=512).contains(k))
-                    {
-                        return bad(format!(
-                            "preset {name}: variants_kbps needs bitrates in 6..=512"
-                        ));
+                Preset::Hls { variants_kbps, segment_s, .. } => {
+                    if variants_kbps.is_empty() || variants_kbps.iter().any(|k| !(6..=512).contains(k)) {
+                        return bad(format!("preset {name}: variants_kbps needs bitrates in 6..=512"));
                     }
                     if !(1..=60).contains(segment_s) {
                         return bad(format!("preset {name}: segment_s must be 1..=60"));
@@ -336,20 +281,14 @@ mod tests {
 
     #[test]
     fn a_partial_file_keeps_the_other_defaults() {
-        let one_key = PipelineConfig::parse(
-            "[limits]\nmax_duration_s = 5\n",
+        let one_key =
+            PipelineConfig::parse("[limits]\nmax_duration_s = 5\n", Some(&PipelineConfig::default())).expect("valid");
+        assert_eq!(one_key.limits, Limits { max_duration_s: 5, ..Limits::default() });
+        let config = PipelineConfig::parse(
+            "[limits]\nmax_duration_s = 5\nmax_channels = 2\nmin_sample_rate = 8000\nmax_sample_rate = 48000\n",
             Some(&PipelineConfig::default()),
         )
         .expect("valid");
-        assert_eq!(
-            one_key.limits,
-            Limits {
-                max_duration_s: 5,
-                ..Limits::default()
-            }
-        );
-        let config = PipelineConfig::parse("[limits]\nmax_duration_s = 5\nmax_channels = 2\nmin_sample_rate = 8000\nmax_sample_rate = 48000\n", Some(&PipelineConfig::default()))
-            .expect("valid");
         assert_eq!(config.limits.max_duration_s, 5);
         assert_eq!(config.presets.len(), 4);
     }

@@ -28,31 +28,18 @@ pub struct StreamResampler {
 
 impl std::fmt::Debug for StreamResampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamResampler")
-            .field("ratio", &self.ratio)
-            .field("channels", &self.channels)
-            .finish()
+        f.debug_struct("StreamResampler").field("ratio", &self.ratio).field("channels", &self.channels).finish()
     }
 }
 
 impl StreamResampler {
-    pub fn new(
-        in_rate: u32,
-        out_rate: u32,
-        channels: usize,
-    ) -> Result<StreamResampler, PipelineError> {
+    pub fn new(in_rate: u32, out_rate: u32, channels: usize) -> Result<StreamResampler, PipelineError> {
         let inner = if in_rate == out_rate {
             None
         } else {
             Some(
-                Fft::<f32>::new(
-                    in_rate as usize,
-                    out_rate as usize,
-                    CHUNK,
-                    channels,
-                    FixedSync::Input,
-                )
-                .map_err(|err| PipelineError::internal("resampler", err))?,
+                Fft::<f32>::new(in_rate as usize, out_rate as usize, CHUNK, channels, FixedSync::Input)
+                    .map_err(|err| PipelineError::internal("resampler", err))?,
             )
         };
         let skip = inner.as_ref().map_or(0, |r| r.output_delay());
@@ -80,10 +67,7 @@ impl StreamResampler {
         self.pending.extend_from_slice(input);
         let mut consumed = 0;
         loop {
-            let needed = self
-                .inner
-                .as_ref()
-                .map_or(usize::MAX, |r| r.input_frames_next());
+            let needed = self.inner.as_ref().map_or(usize::MAX, |r| r.input_frames_next());
             let available = (self.pending.len() - consumed) / self.channels;
             if available < needed {
                 break;
@@ -111,10 +95,7 @@ impl StreamResampler {
             remaining = 0;
             rounds += 1;
             if rounds > 64 {
-                return Err(PipelineError::internal(
-                    "resampler",
-                    "the flush did not converge",
-                ));
+                return Err(PipelineError::internal("resampler", "the flush did not converge"));
             }
         }
         let excess = (self.frames_out - expected) as usize;
@@ -152,10 +133,7 @@ impl StreamResampler {
         let out_frames = self.scratch.len() / channels;
         let mut buffer_out = InterleavedSlice::new_mut(&mut self.scratch, channels, out_frames)
             .map_err(|e| PipelineError::internal("resampler output", e))?;
-        let indexing = Indexing {
-            partial_len: partial,
-            ..Indexing::default()
-        };
+        let indexing = Indexing { partial_len: partial, ..Indexing::default() };
         let (used, produced) = inner
             .process_into_buffer(&buffer_in, &mut buffer_out, Some(&indexing))
             .map_err(|e| PipelineError::internal("resampling", e))?;
@@ -182,12 +160,9 @@ mod tests {
 
     #[test]
     fn output_length_is_exact_whatever_the_block_sizes() {
-        for (from, to, frames) in [
-            (44100, 48000, 44100 * 3 + 17),
-            (48000, 44100, 1000),
-            (96000, 44100, 96000),
-            (8000, 48000, 5),
-        ] {
+        for (from, to, frames) in
+            [(44100, 48000, 44100 * 3 + 17), (48000, 44100, 1000), (96000, 44100, 96000), (8000, 48000, 5)]
+        {
             let input = sine(from, 440.0, frames);
             let mut resampler = StreamResampler::new(from, to, 2).expect("resampler");
             let mut out = Vec::new();

@@ -31,9 +31,7 @@ use crate::encode::{EncodeSpec, Encoded, Encoder, Target};
 use crate::error::PipelineError;
 use crate::hls::{self, MasterEntry};
 use crate::loudness::{LoudnessMeter, LoudnessReport};
-use crate::manifest::{
-    Manifest, ManifestTags, Rendition, RenditionKind, Source, Variant, WaveformFiles,
-};
+use crate::manifest::{Manifest, ManifestTags, Rendition, RenditionKind, Source, Variant, WaveformFiles};
 use crate::presets::{PipelineConfig, Preset};
 use crate::sniff::{self, Container};
 use crate::tags;
@@ -73,10 +71,7 @@ pub fn process(
     config: &PipelineConfig,
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Manifest, PipelineError> {
-    on_progress(Progress {
-        stage: Stage::Probing,
-        fraction: 0.0,
-    });
+    on_progress(Progress { stage: Stage::Probing, fraction: 0.0 });
     let container = sniff::sniff_file(input)?;
     check_header(input, container, config)?;
     let reader = decode::open(input, container)?;
@@ -84,9 +79,8 @@ pub fn process(
     check_limits(&facts, config)?;
     let (tags, artwork) = tags::read(input);
 
-    std::fs::create_dir_all(out_dir).map_err(|err| {
-        PipelineError::internal(&format!("cannot create {}", out_dir.display()), err)
-    })?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|err| PipelineError::internal(&format!("cannot create {}", out_dir.display()), err))?;
     let manifest_path = out_dir.join("manifest.json");
     match std::fs::remove_file(&manifest_path) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
@@ -95,10 +89,7 @@ pub fn process(
     let staging = out_dir.join(format!(".staging-{}-{}", std::process::id(), nanos()));
     std::fs::create_dir_all(&staging)?;
     let result = run_pass(reader, &facts, &tags, config, &staging, on_progress).and_then(|pass| {
-        on_progress(Progress {
-            stage: Stage::Finishing,
-            fraction: 0.97,
-        });
+        on_progress(Progress { stage: Stage::Finishing, fraction: 0.97 });
         finish(pass, &facts, tags.clone(), artwork, config, &staging)
     });
     let manifest = match result {
@@ -111,35 +102,22 @@ pub fn process(
     let published = publish(&staging, out_dir, &manifest);
     let _ = std::fs::remove_dir_all(&staging);
     published?;
-    on_progress(Progress {
-        stage: Stage::Finishing,
-        fraction: 1.0,
-    });
+    on_progress(Progress { stage: Stage::Finishing, fraction: 1.0 });
     Ok(manifest)
 }
 
 fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 /// Refuses absurd or over-limit headers before a decoder is even built.
-fn check_header(
-    input: &Path,
-    container: Container,
-    config: &PipelineConfig,
-) -> Result<(), PipelineError> {
+fn check_header(input: &Path, container: Container, config: &PipelineConfig) -> Result<(), PipelineError> {
     if let Some(declared) = sniff::declared_format(input, container) {
         if declared.sample_rate == 0 {
-            return Err(PipelineError::CorruptAudio(
-                "the header declares a sample rate of 0 Hz".into(),
-            ));
+            return Err(PipelineError::CorruptAudio("the header declares a sample rate of 0 Hz".into()));
         }
         if declared.channels == 0 {
-            return Err(PipelineError::CorruptAudio(
-                "the header declares no channels".into(),
-            ));
+            return Err(PipelineError::CorruptAudio("the header declares no channels".into()));
         }
         check_rate_and_channels(declared.sample_rate, u64::from(declared.channels), config)?;
         if let Some(frames) = declared.frames {
@@ -157,11 +135,7 @@ fn check_header(
     Ok(())
 }
 
-fn check_rate_and_channels(
-    rate: u64,
-    channels: u64,
-    config: &PipelineConfig,
-) -> Result<(), PipelineError> {
+fn check_rate_and_channels(rate: u64, channels: u64, config: &PipelineConfig) -> Result<(), PipelineError> {
     let limits = &config.limits;
     if rate < u64::from(limits.min_sample_rate) || rate > u64::from(limits.max_sample_rate) {
         return Err(PipelineError::LimitExceeded(format!(
@@ -180,25 +154,15 @@ fn check_rate_and_channels(
 
 fn check_duration(seconds: f64, config: &PipelineConfig) -> Result<(), PipelineError> {
     if seconds > config.limits.max_duration_s as f64 {
-        return Err(PipelineError::TooLong {
-            duration_s: seconds,
-            limit_s: config.limits.max_duration_s,
-        });
+        return Err(PipelineError::TooLong { duration_s: seconds, limit_s: config.limits.max_duration_s });
     }
     Ok(())
 }
 
 fn check_limits(facts: &SourceFacts, config: &PipelineConfig) -> Result<(), PipelineError> {
-    check_rate_and_channels(
-        u64::from(facts.sample_rate),
-        u64::from(facts.channels),
-        config,
-    )?;
+    check_rate_and_channels(u64::from(facts.sample_rate), u64::from(facts.channels), config)?;
     if StereoDownmix::new(facts.channels).is_none() {
-        return Err(PipelineError::LimitExceeded(format!(
-            "{} channels cannot be mixed to stereo",
-            facts.channels
-        )));
+        return Err(PipelineError::LimitExceeded(format!("{} channels cannot be mixed to stereo", facts.channels)));
     }
     if let Some(frames) = facts.declared_frames {
         check_duration(frames as f64 / f64::from(facts.sample_rate), config)?;
@@ -235,14 +199,7 @@ fn plan_encoders(
         let title = tags.title.clone();
         let artist = tags.artist.clone();
         match preset {
-            Preset::Progressive {
-                name,
-                codec,
-                bitrate_kbps,
-                sample_rate,
-                clip_start_s,
-                clip_duration_s,
-            } => {
+            Preset::Progressive { name, codec, bitrate_kbps, sample_rate, clip_start_s, clip_duration_s } => {
                 let clip = match (clip_start_s, clip_duration_s) {
                     (None, None) => None,
                     (start, duration) => {
@@ -251,8 +208,7 @@ fn plan_encoders(
                         let length = duration.map_or(u64::MAX, |d| (d * rate).round() as u64);
                         // A start past the end would make an empty preview: start at zero.
                         if let Some(total) = facts.declared_frames {
-                            let total_at_rate =
-                                (total as f64 * rate / f64::from(facts.sample_rate)) as u64;
+                            let total_at_rate = (total as f64 * rate / f64::from(facts.sample_rate)) as u64;
                             if first >= total_at_rate {
                                 first = 0;
                             }
@@ -274,13 +230,7 @@ fn plan_encoders(
                     variant_kbps: None,
                 });
             }
-            Preset::Hls {
-                name,
-                codec,
-                sample_rate,
-                variants_kbps,
-                segment_s,
-            } => {
+            Preset::Hls { name, codec, sample_rate, variants_kbps, segment_s } => {
                 for kbps in variants_kbps {
                     let dir = staging.join(name).join(format!("{kbps}k"));
                     std::fs::create_dir_all(&dir)?;
@@ -290,10 +240,7 @@ fn plan_encoders(
                             codec: *codec,
                             bitrate_kbps: *kbps,
                             sample_rate: *sample_rate,
-                            target: Target::HlsVariant {
-                                playlist: dir.join("index.m3u8"),
-                                segment_s: *segment_s,
-                            },
+                            target: Target::HlsVariant { playlist: dir.join("index.m3u8"), segment_s: *segment_s },
                             title: None,
                             artist: None,
                         },
@@ -325,15 +272,9 @@ fn run_pass(
 ) -> Result<PassOutput, PipelineError> {
     let plans = plan_encoders(facts, tags, config, staging)?;
     let channels = usize::from(facts.channels);
-    let max_frames =
-        (config.limits.max_duration_s as f64 * f64::from(facts.sample_rate)).ceil() as u64;
-    let bits = if config.waveform.bits == 16 {
-        WaveformBits::Sixteen
-    } else {
-        WaveformBits::Eight
-    };
-    let mut waveform =
-        WaveformBuilder::new(facts.sample_rate, config.waveform.samples_per_pixel, bits);
+    let max_frames = (config.limits.max_duration_s as f64 * f64::from(facts.sample_rate)).ceil() as u64;
+    let bits = if config.waveform.bits == 16 { WaveformBits::Sixteen } else { WaveformBits::Eight };
+    let mut waveform = WaveformBuilder::new(facts.sample_rate, config.waveform.samples_per_pixel, bits);
     let mut meter = LoudnessMeter::new(facts.channels, facts.sample_rate)
         .map_err(|err| PipelineError::LimitExceeded(format!("cannot measure loudness: {err}")))?;
 
@@ -346,19 +287,13 @@ fn run_pass(
     let plans_ref = &plans;
     let (frames, loudness, encoded) = std::thread::scope(|scope| {
         let (loudness_tx, loudness_rx) = bounded::<Block>(QUEUE_DEPTH);
-        let loudness = scope.spawn(
-            move || -> Result<(LoudnessReport, Duration), PipelineError> {
-                for block in loudness_rx {
-                    meter
-                        .add(&block)
-                        .map_err(|err| PipelineError::internal("loudness", err))?;
-                }
-                let report = meter
-                    .finish()
-                    .map_err(|err| PipelineError::internal("loudness", err))?;
-                Ok((report, thread_cpu()))
-            },
-        );
+        let loudness = scope.spawn(move || -> Result<(LoudnessReport, Duration), PipelineError> {
+            for block in loudness_rx {
+                meter.add(&block).map_err(|err| PipelineError::internal("loudness", err))?;
+            }
+            let report = meter.finish().map_err(|err| PipelineError::internal("loudness", err))?;
+            Ok((report, thread_cpu()))
+        });
 
         let mut feeder_txs: Vec<Sender<Block>> = Vec::new();
         let mut feeders = Vec::new();
@@ -374,8 +309,7 @@ fn run_pass(
             let (tx, rx) = bounded::<Block>(QUEUE_DEPTH);
             feeder_txs.push(tx);
             let (from, to) = (facts.sample_rate, *rate);
-            feeders
-                .push(scope.spawn(move || run_feeder(rx, encoder_txs, facts.channels, from, to)));
+            feeders.push(scope.spawn(move || run_feeder(rx, encoder_txs, facts.channels, from, to)));
         }
 
         // The decode loop, on this thread.
@@ -429,10 +363,7 @@ fn run_pass(
                     last_report = Instant::now();
                     if let Some(total) = facts.declared_frames.filter(|t| *t > 0) {
                         let fraction = 0.02 + 0.95 * (frames as f64 / total as f64).min(1.0);
-                        on_progress(Progress {
-                            stage: Stage::Encoding,
-                            fraction,
-                        });
+                        on_progress(Progress { stage: Stage::Encoding, fraction });
                     }
                 }
             }
@@ -442,9 +373,7 @@ fn run_pass(
         }
         drop(loudness_tx);
         drop(feeder_txs);
-        let decode_cpu = thread_cpu()
-            .saturating_sub(decode_cpu_start)
-            .saturating_sub(waveform_time);
+        let decode_cpu = thread_cpu().saturating_sub(decode_cpu_start).saturating_sub(waveform_time);
 
         let mut first_error = pass_error;
         let mut keep = |result: Result<(), PipelineError>| {
@@ -456,10 +385,7 @@ fn run_pass(
         };
         let mut resample_cpu = Duration::ZERO;
         for feeder in feeders {
-            match feeder
-                .join()
-                .unwrap_or_else(|_| Err(PipelineError::Internal("a feeder thread panicked".into())))
-            {
+            match feeder.join().unwrap_or_else(|_| Err(PipelineError::Internal("a feeder thread panicked".into()))) {
                 Ok(cpu) => resample_cpu += cpu,
                 Err(err) => keep(Err(err)),
             }
@@ -467,9 +393,7 @@ fn run_pass(
         let mut encoded = Vec::new();
         let mut encode_cpu = Duration::ZERO;
         for (index, handle) in encoders {
-            match handle.join().unwrap_or_else(|_| {
-                Err(PipelineError::Internal("an encoder thread panicked".into()))
-            }) {
+            match handle.join().unwrap_or_else(|_| Err(PipelineError::Internal("an encoder thread panicked".into()))) {
                 Ok((result, cpu)) => {
                     encode_cpu += cpu;
                     encoded.push((index, result));
@@ -477,11 +401,8 @@ fn run_pass(
                 Err(err) => keep(Err(err)),
             }
         }
-        let loudness = loudness.join().unwrap_or_else(|_| {
-            Err(PipelineError::Internal(
-                "the loudness thread panicked".into(),
-            ))
-        });
+        let loudness =
+            loudness.join().unwrap_or_else(|_| Err(PipelineError::Internal("the loudness thread panicked".into())));
         if let Some(err) = first_error {
             return Err(err);
         }
@@ -519,12 +440,7 @@ fn run_pass(
         .enumerate()
         .filter_map(|(index, plan)| by_index.remove(&index).map(|result| (plan, result)))
         .collect();
-    Ok(PassOutput {
-        frames,
-        loudness,
-        waveform: waveform.finish(),
-        encoded,
-    })
+    Ok(PassOutput { frames, loudness, waveform: waveform.finish(), encoded })
 }
 
 /// Downmixes and resamples for one encoder rate, fanning blocks out to its encoders.
@@ -535,9 +451,8 @@ fn run_feeder(
     from: u32,
     to: u32,
 ) -> Result<Duration, PipelineError> {
-    let downmix = StereoDownmix::new(channels).ok_or_else(|| {
-        PipelineError::LimitExceeded(format!("{channels} channels cannot be mixed to stereo"))
-    })?;
+    let downmix = StereoDownmix::new(channels)
+        .ok_or_else(|| PipelineError::LimitExceeded(format!("{channels} channels cannot be mixed to stereo")))?;
     let mut resampler = crate::resample::StreamResampler::new(from, to, 2)?;
     let mut stereo = Vec::new();
     let send = |samples: Vec<f32>| -> bool {
@@ -562,10 +477,7 @@ fn run_feeder(
 }
 
 /// Runs one encoder over its stream of stereo blocks.
-fn run_encoder(
-    plan: &EncoderPlan,
-    rx: Receiver<Block>,
-) -> Result<(Encoded, Duration), PipelineError> {
+fn run_encoder(plan: &EncoderPlan, rx: Receiver<Block>) -> Result<(Encoded, Duration), PipelineError> {
     let mut encoder = Encoder::open(&plan.spec)?;
     let mut position: u64 = 0;
     for block in rx {
@@ -609,8 +521,7 @@ fn finish(
     // Streamed straight from the points: a `serde_json::Value` of a three-hour waveform
     // (3.7 million numbers) would cost over 100 MiB.
     let mut json = std::io::BufWriter::new(std::fs::File::create(staging.join("waveform.json"))?);
-    serde_json::to_writer(&mut json, &pass.waveform)
-        .map_err(|e| PipelineError::internal("waveform", e))?;
+    serde_json::to_writer(&mut json, &pass.waveform).map_err(|e| PipelineError::internal("waveform", e))?;
     std::io::Write::flush(&mut json)?;
     drop(json);
     std::fs::write(staging.join("waveform.dat"), pass.waveform.to_dat())?;
@@ -629,11 +540,9 @@ fn finish(
     };
 
     let mut renditions: Vec<Rendition> = Vec::new();
-    let mut hls_variants: BTreeMap<String, Vec<(u32, String, hls::VariantStats, u64)>> =
-        BTreeMap::new();
+    let mut hls_variants: BTreeMap<String, Vec<(u32, String, hls::VariantStats, u64)>> = BTreeMap::new();
     for (plan, encoded) in &pass.encoded {
-        let duration_ms =
-            (encoded.frames as f64 * 1000.0 / f64::from(plan.spec.sample_rate)).round() as u64;
+        let duration_ms = (encoded.frames as f64 * 1000.0 / f64::from(plan.spec.sample_rate)).round() as u64;
         match &plan.spec.target {
             Target::File(path) => renditions.push(Rendition {
                 preset: plan.preset.clone(),
@@ -659,13 +568,7 @@ fn finish(
         }
     }
     for preset in &config.presets {
-        let Preset::Hls {
-            name,
-            codec,
-            sample_rate,
-            ..
-        } = preset
-        else {
+        let Preset::Hls { name, codec, sample_rate, .. } = preset else {
             continue;
         };
         let Some(variants) = hls_variants.remove(name) else {
@@ -674,42 +577,22 @@ fn finish(
         let master_rel = format!("{name}/master.m3u8");
         let entries: Vec<(String, hls::VariantStats)> = variants
             .iter()
-            .map(|(_, path, stats, _)| {
-                (
-                    path.trim_start_matches(&format!("{name}/")).to_owned(),
-                    *stats,
-                )
-            })
+            .map(|(_, path, stats, _)| (path.trim_start_matches(&format!("{name}/")).to_owned(), *stats))
             .collect();
         let master = hls::master_playlist(
-            &entries
-                .iter()
-                .map(|(uri, stats)| MasterEntry { uri, stats: *stats })
-                .collect::<Vec<_>>(),
+            &entries.iter().map(|(uri, stats)| MasterEntry { uri, stats: *stats }).collect::<Vec<_>>(),
         );
         std::fs::write(staging.join(&master_rel), &master)?;
-        let total_bytes = variants
-            .iter()
-            .map(|(_, _, stats, _)| stats.bytes)
-            .sum::<u64>()
-            + master.len() as u64;
+        let total_bytes = variants.iter().map(|(_, _, stats, _)| stats.bytes).sum::<u64>() + master.len() as u64;
         renditions.push(Rendition {
             preset: name.clone(),
             kind: RenditionKind::Hls,
             path: master_rel,
             codec: codec.as_str().to_owned(),
-            bitrate_kbps: variants
-                .iter()
-                .map(|(kbps, ..)| *kbps)
-                .max()
-                .unwrap_or_default(),
+            bitrate_kbps: variants.iter().map(|(kbps, ..)| *kbps).max().unwrap_or_default(),
             sample_rate: *sample_rate,
             channels: 2,
-            duration_ms: variants
-                .iter()
-                .map(|(.., ms)| *ms)
-                .max()
-                .unwrap_or_default(),
+            duration_ms: variants.iter().map(|(.., ms)| *ms).max().unwrap_or_default(),
             bytes: total_bytes,
             variants: Some(
                 variants
@@ -726,13 +609,7 @@ fn finish(
         });
     }
     // Manifest order follows the presets file.
-    renditions.sort_by_key(|r| {
-        config
-            .presets
-            .iter()
-            .position(|p| p.name() == r.preset)
-            .unwrap_or(usize::MAX)
-    });
+    renditions.sort_by_key(|r| config.presets.iter().position(|p| p.name() == r.preset).unwrap_or(usize::MAX));
 
     Ok(Manifest {
         source: Source {
@@ -741,13 +618,9 @@ fn finish(
             sample_rate: facts.sample_rate,
             channels: facts.channels,
             bits_per_sample: facts.bits_per_sample,
-            duration_ms: (pass.frames as f64 * 1000.0 / f64::from(facts.sample_rate)).round()
-                as u64,
+            duration_ms: (pass.frames as f64 * 1000.0 / f64::from(facts.sample_rate)).round() as u64,
         },
-        tags: ManifestTags {
-            tags,
-            artwork: artwork_path,
-        },
+        tags: ManifestTags { tags, artwork: artwork_path },
         loudness: pass.loudness,
         waveform: WaveformFiles {
             json: "waveform.json".into(),
@@ -761,10 +634,7 @@ fn finish(
 }
 
 fn relative(base: &Path, path: &Path) -> String {
-    path.strip_prefix(base)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .into_owned()
+    path.strip_prefix(base).unwrap_or(path).to_string_lossy().into_owned()
 }
 
 /// Moves the staged outputs into `out_dir`, replacing earlier ones, then writes the manifest.
@@ -779,8 +649,7 @@ fn publish(staging: &Path, out_dir: &Path, manifest: &Manifest) -> Result<(), Pi
         }
         std::fs::rename(entry.path(), &target)?;
     }
-    let text = serde_json::to_vec_pretty(manifest)
-        .map_err(|err| PipelineError::internal("manifest", err))?;
+    let text = serde_json::to_vec_pretty(manifest).map_err(|err| PipelineError::internal("manifest", err))?;
     let temp = out_dir.join(".manifest.json.tmp");
     std::fs::write(&temp, text)?;
     std::fs::rename(&temp, out_dir.join("manifest.json"))?;

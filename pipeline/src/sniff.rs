@@ -58,10 +58,7 @@ impl Container {
 
 /// Reads the head of `path` and names its container.
 pub fn sniff_file(path: &Path) -> Result<Container, PipelineError> {
-    let unreadable = |source| PipelineError::InputUnreadable {
-        path: path.to_path_buf(),
-        source,
-    };
+    let unreadable = |source| PipelineError::InputUnreadable { path: path.to_path_buf(), source };
     let mut file = std::fs::File::open(path).map_err(unreadable)?;
     let meta = file.metadata().map_err(unreadable)?;
     if meta.is_dir() {
@@ -141,11 +138,7 @@ pub struct DeclaredFormat {
 /// containers or when the chunks are not where they can be found cheaply.
 pub fn declared_format(path: &Path, container: Container) -> Option<DeclaredFormat> {
     let mut head = Vec::with_capacity(64 * 1024);
-    std::fs::File::open(path)
-        .ok()?
-        .take(64 * 1024)
-        .read_to_end(&mut head)
-        .ok()?;
+    std::fs::File::open(path).ok()?.take(64 * 1024).read_to_end(&mut head).ok()?;
     match container {
         Container::Wav => wav_format(&head),
         Container::Aiff => aiff_format(&head),
@@ -158,17 +151,10 @@ fn chunks(body: &[u8], big_endian: bool) -> impl Iterator<Item = (&[u8], u64, &[
     std::iter::from_fn(move || {
         let header = body.get(offset..offset + 8)?;
         let size_bytes = [header[4], header[5], header[6], header[7]];
-        let size = u64::from(if big_endian {
-            u32::from_be_bytes(size_bytes)
-        } else {
-            u32::from_le_bytes(size_bytes)
-        });
+        let size = u64::from(if big_endian { u32::from_be_bytes(size_bytes) } else { u32::from_le_bytes(size_bytes) });
         let start = offset + 8;
-        let data =
-            &body[start.min(body.len())..(start as u64 + size).min(body.len() as u64) as usize];
-        offset = start
-            .saturating_add(usize::try_from(size).ok()?)
-            .saturating_add((size % 2) as usize);
+        let data = &body[start.min(body.len())..(start as u64 + size).min(body.len() as u64) as usize];
+        offset = start.saturating_add(usize::try_from(size).ok()?).saturating_add((size % 2) as usize);
         Some((&header[..4], size, data))
     })
 }
@@ -193,14 +179,9 @@ fn wav_format(head: &[u8]) -> Option<DeclaredFormat> {
     }
     let (channels, sample_rate, block_align) = format?;
     // RF64 keeps the real size elsewhere: 0xFFFFFFFF here means "see ds64", not a size.
-    let frames = data_size
-        .filter(|size| *size != u64::from(u32::MAX) && block_align > 0)
-        .map(|size| size / block_align);
-    Some(DeclaredFormat {
-        channels,
-        sample_rate,
-        frames,
-    })
+    let frames =
+        data_size.filter(|size| *size != u64::from(u32::MAX) && block_align > 0).map(|size| size / block_align);
+    Some(DeclaredFormat { channels, sample_rate, frames })
 }
 
 fn aiff_format(head: &[u8]) -> Option<DeclaredFormat> {
@@ -209,11 +190,7 @@ fn aiff_format(head: &[u8]) -> Option<DeclaredFormat> {
             let channels = u32::from(u16::from_be_bytes([data[0], data[1]]));
             let frames = u64::from(u32::from_be_bytes([data[2], data[3], data[4], data[5]]));
             let rate = extended_to_u64(&data[8..18]);
-            return Some(DeclaredFormat {
-                channels,
-                sample_rate: rate,
-                frames: Some(frames),
-            });
+            return Some(DeclaredFormat { channels, sample_rate: rate, frames: Some(frames) });
         }
     }
     None
@@ -222,9 +199,7 @@ fn aiff_format(head: &[u8]) -> Option<DeclaredFormat> {
 /// AIFF stores its sample rate as an 80-bit IEEE extended float; whole rates are all we need.
 fn extended_to_u64(bytes: &[u8]) -> u64 {
     let exponent = i32::from(u16::from_be_bytes([bytes[0], bytes[1]]) & 0x7fff) - 16383;
-    let mantissa = u64::from_be_bytes([
-        bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7], bytes[8], bytes[9],
-    ]);
+    let mantissa = u64::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7], bytes[8], bytes[9]]);
     match exponent {
         e if e < 0 => 0,
         e if e > 63 => u64::MAX,
@@ -244,9 +219,7 @@ pub fn ogg_ends_cleanly(path: &Path) -> bool {
     };
     let window = len.min(128 * 1024);
     let mut tail = Vec::with_capacity(window as usize);
-    if file.seek(SeekFrom::Start(len - window)).is_err()
-        || file.take(window).read_to_end(&mut tail).is_err()
-    {
+    if file.seek(SeekFrom::Start(len - window)).is_err() || file.take(window).read_to_end(&mut tail).is_err() {
         return false;
     }
     // The last page is the last capture pattern whose header and body exactly reach the end.
@@ -313,30 +286,17 @@ mod tests {
         let header = wav(2, 44100, 16, 44100 * 4 * 10);
         assert_eq!(
             wav_format(&header),
-            Some(DeclaredFormat {
-                channels: 2,
-                sample_rate: 44100,
-                frames: Some(441_000)
-            })
+            Some(DeclaredFormat { channels: 2, sample_rate: 44100, frames: Some(441_000) })
         );
         let absurd = wav(1, 8000, 8, 0xFFFF_FFF0);
-        assert_eq!(
-            wav_format(&absurd).and_then(|f| f.frames),
-            Some(0xFFFF_FFF0)
-        );
+        assert_eq!(wav_format(&absurd).and_then(|f| f.frames), Some(0xFFFF_FFF0));
         assert_eq!(wav_format(b"RIFF\0\0\0\0WAVE"), None);
     }
 
     #[test]
     fn aiff_rates_decode_from_extended_floats() {
         // 44100 as an 80-bit extended float.
-        assert_eq!(
-            extended_to_u64(&[0x40, 0x0e, 0xac, 0x44, 0, 0, 0, 0, 0, 0]),
-            44100
-        );
-        assert_eq!(
-            extended_to_u64(&[0x40, 0x0b, 0xfa, 0, 0, 0, 0, 0, 0, 0]),
-            8000
-        );
+        assert_eq!(extended_to_u64(&[0x40, 0x0e, 0xac, 0x44, 0, 0, 0, 0, 0, 0]), 44100);
+        assert_eq!(extended_to_u64(&[0x40, 0x0b, 0xfa, 0, 0, 0, 0, 0, 0, 0]), 8000);
     }
 }

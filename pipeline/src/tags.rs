@@ -43,19 +43,14 @@ pub fn read(path: &Path) -> (Tags, Option<Artwork>) {
         return (Tags::default(), None);
     };
     let clean = |value: Option<std::borrow::Cow<'_, str>>| {
-        value
-            .map(|text| text.trim().to_owned())
-            .filter(|text| !text.is_empty())
+        value.map(|text| text.trim().to_owned()).filter(|text| !text.is_empty())
     };
     let tags = Tags {
         title: clean(tag.title()),
         artist: clean(tag.artist()),
         album: clean(tag.album()),
         genre: clean(tag.genre()),
-        year: tag
-            .date()
-            .map(|date| u32::from(date.year))
-            .filter(|year| *year > 0),
+        year: tag.date().map(|date| u32::from(date.year)).filter(|year| *year > 0),
         track: tag.track(),
     };
     let pictures = tag.pictures();
@@ -64,10 +59,7 @@ pub fn read(path: &Path) -> (Tags, Option<Artwork>) {
         .find(|picture| picture.pic_type() == lofty::picture::PictureType::CoverFront)
         .or_else(|| pictures.first())
         .filter(|picture| !picture.data().is_empty())
-        .map(|picture| Artwork {
-            bytes: picture.data().to_vec(),
-            extension: image_extension(picture.data()),
-        });
+        .map(|picture| Artwork { bytes: picture.data().to_vec(), extension: image_extension(picture.data()) });
     (tags, cover)
 }
 
@@ -77,21 +69,7 @@ fn image_extension(bytes: &[u8]) -> &'static str {
         [0xff, 0xd8, 0xff, ..] => "jpg",
         [b'G', b'I', b'F', b'8', ..] => "gif",
         [b'B', b'M', ..] => "bmp",
-        [
-            b'R',
-            b'I',
-            b'F',
-            b'F',
-            _,
-            _,
-            _,
-            _,
-            b'W',
-            b'E',
-            b'B',
-            b'P',
-            ..,
-        ] => "webp",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "webp",
         _ => "bin",
     }
 }

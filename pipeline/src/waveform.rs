@@ -100,17 +100,11 @@ impl WaveformBuilder {
             // uses; an arithmetic shift would round −1..−255 down to −1 instead of 0.
             data.iter_mut().for_each(|value| *value /= 256);
         }
-        Waveform {
-            sample_rate: self.sample_rate,
-            samples_per_pixel: self.samples_per_pixel,
-            bits: self.bits,
-            data,
-        }
+        Waveform { sample_rate: self.sample_rate, samples_per_pixel: self.samples_per_pixel, bits: self.bits, data }
     }
 
     fn flush(&mut self) {
-        self.data
-            .extend_from_slice(&[self.pending_min, self.pending_max]);
+        self.data.extend_from_slice(&[self.pending_min, self.pending_max]);
         self.pending = 0;
         self.pending_min = i16::MAX;
         self.pending_max = i16::MIN;
@@ -184,11 +178,7 @@ impl Waveform {
         match self.bits {
             WaveformBits::Eight => {
                 // The clamp only matters for a hand-built `Waveform` with out-of-range data.
-                dat.extend(
-                    self.data
-                        .iter()
-                        .map(|&value| value.clamp(-128, 127) as i8 as u8),
-                );
+                dat.extend(self.data.iter().map(|&value| value.clamp(-128, 127) as i8 as u8));
             }
             WaveformBits::Sixteen => {
                 for value in &self.data {
@@ -257,12 +247,7 @@ mod tests {
 
     use super::*;
 
-    fn build(
-        samples: &[f32],
-        samples_per_pixel: u32,
-        bits: WaveformBits,
-        chunk: usize,
-    ) -> Waveform {
+    fn build(samples: &[f32], samples_per_pixel: u32, bits: WaveformBits, chunk: usize) -> Waveform {
         let mut builder = WaveformBuilder::new(44_100, samples_per_pixel, bits);
         for piece in samples.chunks(chunk) {
             builder.add_mono(piece);
@@ -271,24 +256,15 @@ mod tests {
     }
 
     fn ramp(frames: usize) -> Vec<f32> {
-        (0..frames)
-            .map(|n| ((n % 200) as f32 / 100.0) - 1.0)
-            .collect()
+        (0..frames).map(|n| ((n % 200) as f32 / 100.0) - 1.0).collect()
     }
 
     fn sine(frames: usize, amplitude: f64) -> Vec<f32> {
-        (0..frames)
-            .map(|n| (amplitude * (2.0 * PI * 440.0 * n as f64 / 44_100.0).sin()) as f32)
-            .collect()
+        (0..frames).map(|n| (amplitude * (2.0 * PI * 440.0 * n as f64 / 44_100.0).sin()) as f32).collect()
     }
 
     fn waveform(bits: WaveformBits, data: Vec<i16>) -> Waveform {
-        Waveform {
-            sample_rate: 48_000,
-            samples_per_pixel: 512,
-            bits,
-            data,
-        }
+        Waveform { sample_rate: 48_000, samples_per_pixel: 512, bits, data }
     }
 
     #[test]
@@ -304,11 +280,7 @@ mod tests {
             (10, 1, 10),
         ] {
             let waveform = build(&ramp(frames), samples_per_pixel, WaveformBits::Sixteen, 100);
-            assert_eq!(
-                waveform.length(),
-                expected,
-                "{frames} frames at {samples_per_pixel}"
-            );
+            assert_eq!(waveform.length(), expected, "{frames} frames at {samples_per_pixel}");
             assert_eq!(waveform.data.len(), 2 * expected);
         }
     }
@@ -319,11 +291,7 @@ mod tests {
         let whole = build(&samples, 256, WaveformBits::Sixteen, samples.len());
         assert_eq!(whole.length(), 4);
         for chunk in [1, 7, 255, 256, 257, 999] {
-            assert_eq!(
-                build(&samples, 256, WaveformBits::Sixteen, chunk),
-                whole,
-                "chunks of {chunk}"
-            );
+            assert_eq!(build(&samples, 256, WaveformBits::Sixteen, chunk), whole, "chunks of {chunk}");
             assert_eq!(
                 build(&samples, 256, WaveformBits::Eight, chunk),
                 build(&samples, 256, WaveformBits::Eight, 1000)
@@ -339,26 +307,14 @@ mod tests {
 
     #[test]
     fn each_point_is_the_min_and_max_of_its_samples() {
-        let waveform = build(
-            &[0.5, -0.25, 0.0, 1.0, -1.0, 0.0, 0.1],
-            3,
-            WaveformBits::Sixteen,
-            2,
-        );
+        let waveform = build(&[0.5, -0.25, 0.0, 1.0, -1.0, 0.0, 0.1], 3, WaveformBits::Sixteen, 2);
         assert_eq!(waveform.data, vec![-8192, 16384, -32767, 32767, 3277, 3277]);
     }
 
     #[test]
     fn samples_are_quantised_like_audiowaveform() {
-        let cases = [
-            (1.0, 32767),
-            (-1.0, -32767),
-            (0.5, 16384),
-            (2.0, 32767),
-            (-2.0, -32768),
-            (f32::NAN, 0),
-            (-0.00002, -1),
-        ];
+        let cases =
+            [(1.0, 32767), (-1.0, -32767), (0.5, 16384), (2.0, 32767), (-2.0, -32768), (f32::NAN, 0), (-0.00002, -1)];
         for (sample, expected) in cases {
             assert_eq!(quantise(sample), expected, "{sample}");
         }
@@ -403,12 +359,7 @@ mod tests {
                 "data": [-32, 64, -127, 127, 32, 32],
             })
         );
-        let keys: Vec<&str> = json
-            .as_object()
-            .expect("object")
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let keys: Vec<&str> = json.as_object().expect("object").keys().map(String::as_str).collect();
         assert_eq!(keys.len(), 7);
 
         let sixteen = build(&[0.5, -0.25], 2, WaveformBits::Sixteen, 1).to_json();
@@ -474,10 +425,7 @@ mod tests {
         for points in [0, 1, 7, 100, waveform.length(), waveform.length() + 1, 1800] {
             let summary = waveform.summary(points);
             assert_eq!(summary.len(), points);
-            assert!(
-                summary.iter().all(|value| (0.0..=1.0).contains(value)),
-                "{summary:?}"
-            );
+            assert!(summary.iter().all(|value| (0.0..=1.0).contains(value)), "{summary:?}");
         }
     }
 
@@ -488,15 +436,9 @@ mod tests {
         assert_eq!(waveform.summary(1), vec![1.0]);
         assert_eq!(waveform.summary(4), vec![0.156, 0.5, 0.25, 1.0]);
 
-        let sixteen = Waveform {
-            bits: WaveformBits::Sixteen,
-            ..waveform
-        };
+        let sixteen = Waveform { bits: WaveformBits::Sixteen, ..waveform };
         assert_eq!(sixteen.summary(2), vec![0.002, 0.004]);
-        let full = Waveform {
-            data: vec![-32768, 32767],
-            ..sixteen
-        };
+        let full = Waveform { data: vec![-32768, 32767], ..sixteen };
         assert_eq!(full.summary(1), vec![1.0]);
     }
 

@@ -9,13 +9,7 @@ use std::process::Command;
 use proptest::prelude::*;
 use waveline_pipeline::{PipelineConfig, process};
 
-const INPUT_CODES: &[&str] = &[
-    "unsupported_format",
-    "corrupt_audio",
-    "empty_audio",
-    "too_long",
-    "limit_exceeded",
-];
+const INPUT_CODES: &[&str] = &["unsupported_format", "corrupt_audio", "empty_audio", "too_long", "limit_exceeded"];
 
 fn seeds() -> &'static Vec<Vec<u8>> {
     static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
@@ -35,25 +29,14 @@ fn seeds() -> &'static Vec<Vec<u8>> {
             .map(|(extension, codec)| {
                 let path = dir.path().join(format!("seed.{extension}"));
                 let status = Command::new("ffmpeg")
-                    .args([
-                        "-hide_banner",
-                        "-loglevel",
-                        "error",
-                        "-y",
-                        "-f",
-                        "lavfi",
-                        "-i",
-                    ])
+                    .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i"])
                     .arg("sine=frequency=440:sample_rate=44100:duration=0.4")
                     .args(["-ac", "2"])
                     .args(*codec)
                     .arg(&path)
                     .status()
                     .expect("ffmpeg runs (scripts/setup.sh installs it)");
-                assert!(
-                    status.success(),
-                    "ffmpeg could not make the {extension} seed"
-                );
+                assert!(status.success(), "ffmpeg could not make the {extension} seed");
                 std::fs::read(&path).expect("seed")
             })
             .collect()
@@ -106,16 +89,8 @@ fn check(data: &[u8], dir: &Path) -> Result<(), TestCaseError> {
             prop_assert!(!manifest.renditions.is_empty());
         }
         Err(err) => {
-            prop_assert!(
-                INPUT_CODES.contains(&err.code()),
-                "{} ({})",
-                err,
-                err.code()
-            );
-            prop_assert!(
-                !out.join("manifest.json").exists(),
-                "a failed run left a manifest"
-            );
+            prop_assert!(INPUT_CODES.contains(&err.code()), "{} ({})", err, err.code());
+            prop_assert!(!out.join("manifest.json").exists(), "a failed run left a manifest");
         }
     }
     Ok(())

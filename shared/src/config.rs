@@ -135,10 +135,7 @@ pub enum ConfigError {
         got: String,
     },
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
 }
@@ -162,74 +159,23 @@ struct Key {
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
 const KEYS: [Key; 17] = [
-    Key {
-        name: "database_url",
-        secret: true,
-    },
-    Key {
-        name: "database_max_connections",
-        secret: false,
-    },
-    Key {
-        name: "queue",
-        secret: true,
-    },
-    Key {
-        name: "storage",
-        secret: false,
-    },
-    Key {
-        name: "listen",
-        secret: false,
-    },
-    Key {
-        name: "job_max_attempts",
-        secret: false,
-    },
-    Key {
-        name: "job_retry_base_ms",
-        secret: false,
-    },
-    Key {
-        name: "job_retry_max_ms",
-        secret: false,
-    },
-    Key {
-        name: "log",
-        secret: false,
-    },
-    Key {
-        name: "log_format",
-        secret: false,
-    },
-    Key {
-        name: "queue_name",
-        secret: false,
-    },
-    Key {
-        name: "heartbeat_stale_s",
-        secret: false,
-    },
-    Key {
-        name: "queued_stale_s",
-        secret: false,
-    },
-    Key {
-        name: "reconcile_interval_s",
-        secret: false,
-    },
-    Key {
-        name: "shutdown_grace_s",
-        secret: false,
-    },
-    Key {
-        name: "presets",
-        secret: false,
-    },
-    Key {
-        name: "work_dir",
-        secret: false,
-    },
+    Key { name: "database_url", secret: true },
+    Key { name: "database_max_connections", secret: false },
+    Key { name: "queue", secret: true },
+    Key { name: "storage", secret: false },
+    Key { name: "listen", secret: false },
+    Key { name: "job_max_attempts", secret: false },
+    Key { name: "job_retry_base_ms", secret: false },
+    Key { name: "job_retry_max_ms", secret: false },
+    Key { name: "log", secret: false },
+    Key { name: "log_format", secret: false },
+    Key { name: "queue_name", secret: false },
+    Key { name: "heartbeat_stale_s", secret: false },
+    Key { name: "queued_stale_s", secret: false },
+    Key { name: "reconcile_interval_s", secret: false },
+    Key { name: "shutdown_grace_s", secret: false },
+    Key { name: "presets", secret: false },
+    Key { name: "work_dir", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -254,11 +200,7 @@ impl Raw {
         ConfigError::Invalid {
             setting: self.setting.clone(),
             expected: expected.into(),
-            got: if self.secret {
-                "(hidden)".to_owned()
-            } else {
-                format!("{:?}", self.value)
-            },
+            got: if self.secret { "(hidden)".to_owned() } else { format!("{:?}", self.value) },
         }
     }
 }
@@ -267,22 +209,15 @@ impl Settings {
     /// Loads the settings from the process: defaults, then `config_file` (or the file named
     /// by `WAVELINE_CONFIG`), then the `WAVELINE_*` environment.
     pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let env: BTreeMap<String, String> = std::env::vars()
-            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
-            .collect();
-        let file = config_file
-            .map(Path::to_path_buf)
-            .or_else(|| env.get(CONFIG_FILE_ENV).map(PathBuf::from));
+        let env: BTreeMap<String, String> = std::env::vars().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
+        let file = config_file.map(Path::to_path_buf).or_else(|| env.get(CONFIG_FILE_ENV).map(PathBuf::from));
         Settings::from_sources(file.as_deref(), &env)
     }
 
     /// Builds the settings from an optional TOML file and a set of environment variables;
     /// [`Settings::load`] passes the process's own. Variables without the `WAVELINE_` prefix
     /// are ignored.
-    pub fn from_sources(
-        config_file: Option<&Path>,
-        env: &BTreeMap<String, String>,
-    ) -> Result<Settings, ConfigError> {
+    pub fn from_sources(config_file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
         let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
         if let Some(path) = config_file {
             read_file_layer(path, &mut raw)?;
@@ -292,19 +227,9 @@ impl Settings {
             let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            match KEYS
-                .iter()
-                .find(|key| key.name.eq_ignore_ascii_case(suffix))
-            {
+            match KEYS.iter().find(|key| key.name.eq_ignore_ascii_case(suffix)) {
                 Some(key) if suffix == key.name.to_ascii_uppercase() => {
-                    raw.insert(
-                        key.name,
-                        Raw {
-                            value: value.clone(),
-                            setting: name.clone(),
-                            secret: key.secret,
-                        },
-                    );
+                    raw.insert(key.name, Raw { value: value.clone(), setting: name.clone(), secret: key.secret });
                 }
                 _ if name == CONFIG_FILE_ENV || suffix.starts_with("TEST_") => {}
                 _ => unknown_env.push(name.clone()),
@@ -313,10 +238,7 @@ impl Settings {
         Settings::resolve(raw, unknown_env)
     }
 
-    fn resolve(
-        mut raw: BTreeMap<&'static str, Raw>,
-        unknown_env: Vec<String>,
-    ) -> Result<Settings, ConfigError> {
+    fn resolve(mut raw: BTreeMap<&'static str, Raw>, unknown_env: Vec<String>) -> Result<Settings, ConfigError> {
         let mut take = |key: &str| raw.remove(key);
         let database_url = match take("database_url") {
             Some(raw) => parse_database_url(&raw)?,
@@ -332,17 +254,16 @@ impl Settings {
         };
         let storage = match take("storage") {
             Some(raw) => parse_storage(&raw)?,
-            None => StorageBackend::Fs {
-                root: default_data_dir().join("objects"),
-            },
+            None => StorageBackend::Fs { root: default_data_dir().join("objects") },
         };
-        let listen =
-            match take("listen") {
-                Some(raw) => raw.value.trim().parse::<SocketAddr>().map_err(|_| {
-                    raw.invalid("a socket address such as 127.0.0.1:8080 or [::]:8080")
-                })?,
-                None => SocketAddr::from(([127, 0, 0, 1], 8080)),
-            };
+        let listen = match take("listen") {
+            Some(raw) => raw
+                .value
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|_| raw.invalid("a socket address such as 127.0.0.1:8080 or [::]:8080"))?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
         let job_max_attempts = match take("job_max_attempts") {
             Some(raw) => parse_int(&raw, 1, 100)?,
             None => 5,
@@ -375,13 +296,9 @@ impl Settings {
                 let name = raw.value.trim().to_owned();
                 let valid = !name.is_empty()
                     && name.len() <= 200
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
                 if !valid {
-                    return Err(
-                        raw.invalid("1 to 200 letters, digits, dots, underscores and hyphens")
-                    );
+                    return Err(raw.invalid("1 to 200 letters, digits, dots, underscores and hyphens"));
                 }
                 name
             }
@@ -393,9 +310,7 @@ impl Settings {
         let shutdown_grace = seconds(take("shutdown_grace_s"), 30)?;
         let absolute_path = |raw: Option<Raw>| -> Result<Option<PathBuf>, ConfigError> {
             match raw {
-                Some(raw) if Path::new(raw.value.trim()).is_absolute() => {
-                    Ok(Some(PathBuf::from(raw.value.trim())))
-                }
+                Some(raw) if Path::new(raw.value.trim()).is_absolute() => Ok(Some(PathBuf::from(raw.value.trim()))),
                 Some(raw) => Err(raw.invalid("an absolute path")),
                 None => Ok(None),
             }
@@ -449,24 +364,16 @@ impl Settings {
 }
 
 fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     let table: toml::Table = text
         .parse()
-        .map_err(|err: toml::de::Error| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: err.to_string(),
-        })?;
+        .map_err(|err: toml::de::Error| ConfigError::Parse { path: path.to_path_buf(), message: err.to_string() })?;
     for (name, value) in table {
         let Some(key) = KEYS.iter().find(|key| key.name == name) else {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
-                message: format!(
-                    "unknown key `{name}`; the keys are: {}",
-                    keys().collect::<Vec<_>>().join(", ")
-                ),
+                message: format!("unknown key `{name}`; the keys are: {}", keys().collect::<Vec<_>>().join(", ")),
             });
         };
         let setting = format!("{name} (in {})", path.display());
@@ -481,14 +388,7 @@ fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result
                 });
             }
         };
-        raw.insert(
-            key.name,
-            Raw {
-                value,
-                setting,
-                secret: key.secret,
-            },
-        );
+        raw.insert(key.name, Raw { value, setting, secret: key.secret });
     }
     Ok(())
 }
@@ -521,26 +421,19 @@ fn parse_queue(raw: &Raw) -> Result<QueueBackend, ConfigError> {
     if !matches!(url.scheme(), "amqp" | "amqps") || url.host_str().is_none_or(str::is_empty) {
         return Err(raw.invalid(EXPECTED));
     }
-    Ok(QueueBackend::Amqp {
-        url: SecretString::from(value.to_owned()),
-    })
+    Ok(QueueBackend::Amqp { url: SecretString::from(value.to_owned()) })
 }
 
 fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
-    const EXPECTED: &str =
-        "file:///absolute/dir or s3://BUCKET?endpoint=http://host:port&region=REGION";
+    const EXPECTED: &str = "file:///absolute/dir or s3://BUCKET?endpoint=http://host:port&region=REGION";
     let value = raw.value.trim();
     let url = Url::parse(value).map_err(|_| raw.invalid(EXPECTED))?;
     match url.scheme() {
         "file" => {
             if url.host_str().is_some_and(|host| !host.is_empty()) || url.query().is_some() {
-                return Err(raw.invalid(
-                    "file:/// followed by an absolute directory, e.g. file:///var/lib/waveline",
-                ));
+                return Err(raw.invalid("file:/// followed by an absolute directory, e.g. file:///var/lib/waveline"));
             }
-            let root = url
-                .to_file_path()
-                .map_err(|()| raw.invalid("file:/// followed by an absolute directory"))?;
+            let root = url.to_file_path().map_err(|()| raw.invalid("file:/// followed by an absolute directory"))?;
             if !root.is_absolute() || root == Path::new("/") {
                 return Err(raw.invalid("file:/// followed by an absolute directory other than /"));
             }
@@ -549,12 +442,10 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
         "s3" => {
             let bucket = url.host_str().unwrap_or_default().to_owned();
             if !valid_bucket_name(&bucket) {
-                return Err(raw.invalid(
-                    "s3://BUCKET with a bucket name of 3 to 63 lowercase letters, digits, dots and hyphens",
-                ));
+                return Err(raw
+                    .invalid("s3://BUCKET with a bucket name of 3 to 63 lowercase letters, digits, dots and hyphens"));
             }
-            if !matches!(url.path(), "" | "/") || url.port().is_some() || !url.username().is_empty()
-            {
+            if !matches!(url.path(), "" | "/") || url.port().is_some() || !url.username().is_empty() {
                 return Err(raw.invalid(format!(
                     "{EXPECTED} (no port, path or credentials after the bucket; credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
                 )));
@@ -564,13 +455,11 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
             for (name, value) in url.query_pairs() {
                 match &*name {
                     "endpoint" => {
-                        let parsed = Url::parse(&value).ok().filter(|url| {
-                            matches!(url.scheme(), "http" | "https") && url.host().is_some()
-                        });
+                        let parsed = Url::parse(&value)
+                            .ok()
+                            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
                         if parsed.is_none() {
-                            return Err(
-                                raw.invalid("endpoint=http://host:port or endpoint=https://host")
-                            );
+                            return Err(raw.invalid("endpoint=http://host:port or endpoint=https://host"));
                         }
                         endpoint = Some(value.trim_end_matches('/').to_owned());
                     }
@@ -582,11 +471,7 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
                     }
                 }
             }
-            Ok(StorageBackend::S3 {
-                bucket,
-                endpoint,
-                region: region.unwrap_or_else(|| "us-east-1".to_owned()),
-            })
+            Ok(StorageBackend::S3 { bucket, endpoint, region: region.unwrap_or_else(|| "us-east-1".to_owned()) })
         }
         _ => Err(raw.invalid(EXPECTED)),
     }
@@ -594,9 +479,7 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
 
 fn valid_bucket_name(name: &str) -> bool {
     (3..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
 }
@@ -618,11 +501,7 @@ fn redact_url(text: &str) -> String {
 /// Where the embedded mode keeps its files when no storage is configured:
 /// `$XDG_DATA_HOME/waveline`, else `$HOME/.local/share/waveline`, else `/var/lib/waveline`.
 pub fn default_data_dir() -> PathBuf {
-    let absolute = |var: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
+    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
     if let Some(dir) = absolute("XDG_DATA_HOME") {
         return dir.join("waveline");
     }
@@ -637,10 +516,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -660,31 +536,19 @@ mod tests {
         assert!(matches!(settings.queue, QueueBackend::Memory));
         assert!(matches!(settings.storage, StorageBackend::Fs { ref root } if root.is_absolute()));
         assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(
-            settings.database_url.expose_secret(),
-            "postgres://postgres@127.0.0.1:5432/waveline"
-        );
+        assert_eq!(settings.database_url.expose_secret(), "postgres://postgres@127.0.0.1:5432/waveline");
     }
 
     #[test]
     fn the_four_contract_variables_are_read() {
         let settings = load(&[
-            (
-                "WAVELINE_DATABASE_URL",
-                "postgres://app:pw@db.internal:6432/wl",
-            ),
+            ("WAVELINE_DATABASE_URL", "postgres://app:pw@db.internal:6432/wl"),
             ("WAVELINE_QUEUE", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-            (
-                "WAVELINE_STORAGE",
-                "s3://media-bucket?endpoint=http://127.0.0.1:9000&region=eu-west-1",
-            ),
+            ("WAVELINE_STORAGE", "s3://media-bucket?endpoint=http://127.0.0.1:9000&region=eu-west-1"),
             ("WAVELINE_LISTEN", "0.0.0.0:9090"),
         ])
         .expect("valid");
-        assert_eq!(
-            settings.database_url.expose_secret(),
-            "postgres://app:pw@db.internal:6432/wl"
-        );
+        assert_eq!(settings.database_url.expose_secret(), "postgres://app:pw@db.internal:6432/wl");
         match &settings.queue {
             QueueBackend::Amqp { url } => {
                 assert_eq!(url.expose_secret(), "amqp://guest:guest@127.0.0.1:5672/%2f")
@@ -700,78 +564,38 @@ mod tests {
             }
         );
         assert_eq!(settings.listen.to_string(), "0.0.0.0:9090");
-        assert_eq!(
-            settings.queue.redacted(),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
+        assert_eq!(settings.queue.redacted(), "amqp://guest:***@127.0.0.1:5672/%2f");
         let shown = settings.redacted().to_string();
         assert!(!shown.contains(":pw@"), "{shown}");
     }
 
     #[test]
     fn file_storage_must_be_an_absolute_directory() {
-        let settings =
-            load(&[("WAVELINE_STORAGE", "file:///srv/waveline/objects")]).expect("valid");
-        assert_eq!(
-            settings.storage,
-            StorageBackend::Fs {
-                root: "/srv/waveline/objects".into()
-            }
-        );
-        for bad in [
-            "file://relative/dir",
-            "file:///",
-            "/srv/waveline",
-            "file:///srv?x=1",
-        ] {
+        let settings = load(&[("WAVELINE_STORAGE", "file:///srv/waveline/objects")]).expect("valid");
+        assert_eq!(settings.storage, StorageBackend::Fs { root: "/srv/waveline/objects".into() });
+        for bad in ["file://relative/dir", "file:///", "/srv/waveline", "file:///srv?x=1"] {
             let text = error_text(&[("WAVELINE_STORAGE", bad)]);
-            assert!(
-                text.starts_with("WAVELINE_STORAGE: expected"),
-                "{bad}: {text}"
-            );
+            assert!(text.starts_with("WAVELINE_STORAGE: expected"), "{bad}: {text}");
         }
     }
 
     #[test]
     fn bad_values_name_the_setting_and_what_was_expected() {
         let cases = [
-            (
-                "WAVELINE_QUEUE",
-                "redis://localhost",
-                "`memory` or an AMQP URL",
-            ),
+            ("WAVELINE_QUEUE", "redis://localhost", "`memory` or an AMQP URL"),
             ("WAVELINE_QUEUE", "amqp://", "`memory` or an AMQP URL"),
             ("WAVELINE_STORAGE", "s3://Bad_Bucket", "bucket name"),
-            (
-                "WAVELINE_STORAGE",
-                "s3://bucket?endpoint=ftp://x",
-                "endpoint=http://host:port",
-            ),
-            (
-                "WAVELINE_STORAGE",
-                "s3://bucket?bogus=1",
-                "unknown or empty parameter `bogus`",
-            ),
-            (
-                "WAVELINE_STORAGE",
-                "gs://bucket",
-                "file:///absolute/dir or s3://",
-            ),
+            ("WAVELINE_STORAGE", "s3://bucket?endpoint=ftp://x", "endpoint=http://host:port"),
+            ("WAVELINE_STORAGE", "s3://bucket?bogus=1", "unknown or empty parameter `bogus`"),
+            ("WAVELINE_STORAGE", "gs://bucket", "file:///absolute/dir or s3://"),
             ("WAVELINE_LISTEN", "localhost", "a socket address"),
             ("WAVELINE_DATABASE_URL", "mysql://x", "a PostgreSQL URL"),
-            (
-                "WAVELINE_JOB_MAX_ATTEMPTS",
-                "0",
-                "a whole number from 1 to 100",
-            ),
+            ("WAVELINE_JOB_MAX_ATTEMPTS", "0", "a whole number from 1 to 100"),
             ("WAVELINE_LOG_FORMAT", "xml", "`text` or `json`"),
         ];
         for (var, value, expected) in cases {
             let text = error_text(&[(var, value)]);
-            assert!(
-                text.starts_with(&format!("{var}: expected")),
-                "{var}={value}: {text}"
-            );
+            assert!(text.starts_with(&format!("{var}: expected")), "{var}={value}: {text}");
             assert!(text.contains(expected), "{var}={value}: {text}");
         }
     }
@@ -788,14 +612,10 @@ mod tests {
     fn the_environment_overrides_the_file_which_overrides_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("waveline.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:7000\"\nqueue = \"amqp://mq:5672/%2f\"\njob_max_attempts = 3\n",
-        )
-        .expect("write");
+        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\nqueue = \"amqp://mq:5672/%2f\"\njob_max_attempts = 3\n")
+            .expect("write");
         let settings =
-            Settings::from_sources(Some(&path), &env(&[("WAVELINE_LISTEN", "127.0.0.1:7001")]))
-                .expect("valid");
+            Settings::from_sources(Some(&path), &env(&[("WAVELINE_LISTEN", "127.0.0.1:7001")])).expect("valid");
         assert_eq!(settings.listen.to_string(), "127.0.0.1:7001");
         assert_eq!(settings.queue.redacted(), "amqp://mq:5672/%2f");
         assert_eq!(settings.job_max_attempts, 3);
@@ -806,24 +626,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("waveline.toml");
         std::fs::write(&path, "storage = \"file://relative\"\n").expect("write");
-        let text = Settings::from_sources(Some(&path), &env(&[]))
-            .expect_err("invalid")
-            .to_string();
-        assert!(
-            text.starts_with(&format!("storage (in {}): expected", path.display())),
-            "{text}"
-        );
+        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
+        assert!(text.starts_with(&format!("storage (in {}): expected", path.display())), "{text}");
 
         std::fs::write(&path, "stroage = \"file:///srv\"\n").expect("write");
-        let text = Settings::from_sources(Some(&path), &env(&[]))
-            .expect_err("invalid")
-            .to_string();
+        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
         assert!(text.contains("unknown key `stroage`"), "{text}");
 
         std::fs::write(&path, "listen = [1]\n").expect("write");
-        let text = Settings::from_sources(Some(&path), &env(&[]))
-            .expect_err("invalid")
-            .to_string();
+        let text = Settings::from_sources(Some(&path), &env(&[])).expect_err("invalid").to_string();
         assert!(text.contains("listen (in"), "{text}");
 
         let missing = dir.path().join("missing.toml");
@@ -833,12 +644,8 @@ mod tests {
 
     #[test]
     fn unknown_variables_are_reported_not_fatal() {
-        let settings = load(&[
-            ("WAVELINE_QEUE", "memory"),
-            ("WAVELINE_TEST_S3", "x"),
-            ("PATH", "/bin"),
-        ])
-        .expect("valid");
+        let settings =
+            load(&[("WAVELINE_QEUE", "memory"), ("WAVELINE_TEST_S3", "x"), ("PATH", "/bin")]).expect("valid");
         assert_eq!(settings.unknown_env, vec!["WAVELINE_QEUE".to_owned()]);
     }
 

@@ -38,10 +38,9 @@ pub enum DbError {
 impl From<sqlx::Error> for DbError {
     fn from(err: sqlx::Error) -> DbError {
         match err {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => DbError::Unavailable(err),
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                DbError::Unavailable(err)
+            }
             other => DbError::Query(other),
         }
     }
@@ -76,10 +75,7 @@ pub async fn connect(settings: &Settings) -> Result<PgPool, DbError> {
 
 /// Creates the database named in the URL when it does not exist yet; returns whether it did.
 pub async fn create_database_if_missing(url: &str) -> Result<bool, DbError> {
-    if Postgres::database_exists(url)
-        .await
-        .map_err(DbError::Unavailable)?
-    {
+    if Postgres::database_exists(url).await.map_err(DbError::Unavailable)? {
         return Ok(false);
     }
     match Postgres::create_database(url).await {
@@ -95,16 +91,11 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, DbError> {
     let before: Vec<i64> = applied_versions(pool).await.unwrap_or_default();
     MIGRATOR.run(pool).await?;
     let after = applied_versions(pool).await?;
-    Ok(after
-        .into_iter()
-        .filter(|version| !before.contains(version))
-        .collect())
+    Ok(after.into_iter().filter(|version| !before.contains(version)).collect())
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-        .fetch_all(pool)
-        .await
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version").fetch_all(pool).await
 }
 
 /// A track as stored.
@@ -154,9 +145,7 @@ impl PgTracks {
         original_key: Option<&str>,
     ) -> Result<TrackRow, DbError> {
         if !matches!(state, TrackState::AwaitingUpload | TrackState::Uploaded) {
-            return Err(DbError::Invalid(format!(
-                "a new track starts awaiting_upload or uploaded, not {state}"
-            )));
+            return Err(DbError::Invalid(format!("a new track starts awaiting_upload or uploaded, not {state}")));
         }
         let id = TrackId::new();
         sqlx::query("INSERT INTO tracks (id, owner_id, title, state, original_key) VALUES ($1, $2, $3, $4, $5)")
@@ -167,9 +156,7 @@ impl PgTracks {
             .bind(original_key)
             .execute(&self.pool)
             .await?;
-        self.get(id)
-            .await?
-            .ok_or_else(|| DbError::Invalid(format!("track {id} vanished after insert")))
+        self.get(id).await?.ok_or_else(|| DbError::Invalid(format!("track {id} vanished after insert")))
     }
 
     /// The track, if it exists.
@@ -189,9 +176,7 @@ impl PgTracks {
             id: row.try_get("id")?,
             owner_id: row.try_get("owner_id")?,
             title: row.try_get("title")?,
-            state: state
-                .parse()
-                .map_err(|err: crate::domain::UnknownState| DbError::Invalid(err.to_string()))?,
+            state: state.parse().map_err(|err: crate::domain::UnknownState| DbError::Invalid(err.to_string()))?,
             stage: stage
                 .map(|stage| stage.parse())
                 .transpose()
@@ -221,14 +206,10 @@ impl PgTracks {
         failure: Option<Failure<'_>>,
     ) -> Result<bool, DbError> {
         if !expected.can_become(next) {
-            return Err(DbError::Invalid(format!(
-                "a track cannot go from {expected} to {next}"
-            )));
+            return Err(DbError::Invalid(format!("a track cannot go from {expected} to {next}")));
         }
         if (next == TrackState::Failed) != failure.is_some() {
-            return Err(DbError::Invalid(
-                "a failure reason goes with, and only with, the failed state".into(),
-            ));
+            return Err(DbError::Invalid("a failure reason goes with, and only with, the failed state".into()));
         }
         let reprocess = expected.is_terminal() && next == TrackState::Queued;
         let result = sqlx::query(
@@ -259,16 +240,11 @@ impl PgTracks {
     /// Counts tracks per state (every state, zeros included).
     pub async fn count_by_state(&self) -> Result<Vec<(TrackState, i64)>, DbError> {
         let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM tracks GROUP BY state")
-                .fetch_all(&self.pool)
-                .await?;
+            sqlx::query_as("SELECT state, count(*) FROM tracks GROUP BY state").fetch_all(&self.pool).await?;
         Ok(TrackState::ALL
             .into_iter()
             .map(|state| {
-                let count = rows
-                    .iter()
-                    .find(|(name, _)| name == state.as_str())
-                    .map_or(0, |(_, n)| *n);
+                let count = rows.iter().find(|(name, _)| name == state.as_str()).map_or(0, |(_, n)| *n);
                 (state, count)
             })
             .collect())
@@ -325,9 +301,7 @@ impl PgTracks {
     /// exists if and only if the state change committed.
     pub async fn enqueue(&self, id: TrackId, expected: TrackState) -> Result<bool, DbError> {
         if !expected.can_become(TrackState::Queued) || expected == TrackState::Processing {
-            return Err(DbError::Invalid(format!(
-                "a {expected} track cannot be enqueued"
-            )));
+            return Err(DbError::Invalid(format!("a {expected} track cannot be enqueued")));
         }
         let reprocess = expected.is_terminal();
         let mut tx = self.pool.begin().await?;
@@ -366,21 +340,11 @@ impl PgTracks {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(attempt, revision, original_key)| Claim {
-            track_id: id,
-            attempt,
-            revision,
-            original_key,
-        }))
+        Ok(row.map(|(attempt, revision, original_key)| Claim { track_id: id, attempt, revision, original_key }))
     }
 
     /// Records stage and progress and beats the heartbeat; `false` when the claim is gone.
-    pub async fn heartbeat(
-        &self,
-        claim: &Claim,
-        stage: ProcessingStage,
-        progress: i16,
-    ) -> Result<bool, DbError> {
+    pub async fn heartbeat(&self, claim: &Claim, stage: ProcessingStage, progress: i16) -> Result<bool, DbError> {
         let result = sqlx::query(
             "UPDATE tracks SET stage = $3, progress = $4, heartbeat_at = now(), updated_at = now()
              WHERE id = $1 AND state = 'processing' AND attempts = $2",
@@ -494,9 +458,7 @@ impl PgTracks {
                 .await?;
         }
         tx.commit().await?;
-        Ok(Committed::Ready {
-            previous_revision: previous.filter(|old| *old != claim.revision),
-        })
+        Ok(Committed::Ready { previous_revision: previous.filter(|old| *old != claim.revision) })
     }
 
     /// The rendition rows of the live revision.
@@ -539,17 +501,10 @@ pub enum Committed {
     Stale,
 }
 
-async fn insert_outbox(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    id: TrackId,
-) -> Result<(), DbError> {
+async fn insert_outbox(tx: &mut sqlx::Transaction<'_, Postgres>, id: TrackId) -> Result<(), DbError> {
     let message = crate::job::JobMessage::new(crate::job::Job::ProcessTrack { track_id: id });
-    let payload =
-        serde_json::to_value(&message).map_err(|err| DbError::Invalid(err.to_string()))?;
-    sqlx::query("INSERT INTO outbox (payload) VALUES ($1)")
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
+    let payload = serde_json::to_value(&message).map_err(|err| DbError::Invalid(err.to_string()))?;
+    sqlx::query("INSERT INTO outbox (payload) VALUES ($1)").bind(payload).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -581,26 +536,21 @@ impl PgOutbox {
         .await?;
         let mut sent = 0;
         for (id, payload) in rows {
-            let bytes =
-                serde_json::to_vec(&payload).map_err(|err| DbError::Invalid(err.to_string()))?;
+            let bytes = serde_json::to_vec(&payload).map_err(|err| DbError::Invalid(err.to_string()))?;
             match publish(bytes).await {
                 Ok(()) => {
-                    sqlx::query(
-                        "UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = $1",
-                    )
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("UPDATE outbox SET sent_at = now(), attempts = attempts + 1 WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
                     sent += 1;
                 }
                 Err(error) => {
-                    sqlx::query(
-                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(error)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(error)
+                        .execute(&mut *tx)
+                        .await?;
                     break;
                 }
             }
@@ -611,20 +561,15 @@ impl PgOutbox {
 
     /// Unsent messages.
     pub async fn pending(&self) -> Result<i64, DbError> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetch_one(&self.pool).await?)
     }
 
     /// Removes sent messages older than `days`.
     pub async fn prune(&self, days: i32) -> Result<u64, DbError> {
-        let result =
-            sqlx::query("DELETE FROM outbox WHERE sent_at < now() - make_interval(days => $1)")
-                .bind(days)
-                .execute(&self.pool)
-                .await?;
+        let result = sqlx::query("DELETE FROM outbox WHERE sent_at < now() - make_interval(days => $1)")
+            .bind(days)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected())
     }
 }
@@ -652,18 +597,13 @@ pub async fn reconcile(
     max_attempts: i32,
 ) -> Result<Option<Reconciled>, DbError> {
     let mut conn = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(RECONCILER_LOCK)
-        .fetch_one(&mut *conn)
-        .await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RECONCILER_LOCK).fetch_one(&mut *conn).await?;
     if !locked {
         return Ok(None);
     }
     let result = reconcile_locked(&mut conn, queued_stale, heartbeat_stale, max_attempts).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(RECONCILER_LOCK)
-        .execute(&mut *conn)
-        .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RECONCILER_LOCK).execute(&mut *conn).await;
     result.map(Some)
 }
 
@@ -736,11 +676,7 @@ pub struct TrackFilter {
 impl PgTracks {
     /// Tracks matching `filter`, oldest first.
     pub async fn list(&self, filter: &TrackFilter) -> Result<Vec<TrackRow>, DbError> {
-        let states: Vec<String> = filter
-            .states
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect();
+        let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_owned()).collect();
         let ids: Vec<uuid::Uuid> = filter.ids.iter().map(|id| id.0).collect();
         let found: Vec<(TrackId,)> = sqlx::query_as(
             "SELECT t.id FROM tracks t
@@ -771,31 +707,19 @@ impl PgTracks {
 
     /// The user with this username.
     pub async fn user_id(&self, username: &str) -> Result<Option<UserId>, DbError> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
-                .bind(username)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// Removes a track row (and, by cascade, its renditions).
     pub async fn delete(&self, id: TrackId) -> Result<bool, DbError> {
-        Ok(sqlx::query("DELETE FROM tracks WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected()
-            == 1)
+        Ok(sqlx::query("DELETE FROM tracks WHERE id = $1").bind(id).execute(&self.pool).await?.rows_affected() == 1)
     }
 
     /// Sets where the original is stored and marks it uploaded (`awaiting_upload → uploaded`).
-    pub async fn mark_uploaded(
-        &self,
-        id: TrackId,
-        original_key: &str,
-        size: i64,
-    ) -> Result<bool, DbError> {
+    pub async fn mark_uploaded(&self, id: TrackId, original_key: &str, size: i64) -> Result<bool, DbError> {
         let result = sqlx::query(
             "UPDATE tracks SET state = 'uploaded', original_key = $2, original_size = $3,
                  updated_at = now(), state_changed_at = now()

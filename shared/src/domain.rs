@@ -135,18 +135,13 @@ impl fmt::Display for TrackState {
 
 /// A stored state name that is not one of [`TrackState`]'s.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "unknown track state {0:?}; expected one of awaiting_upload, uploaded, queued, processing, ready, failed"
-)]
+#[error("unknown track state {0:?}; expected one of awaiting_upload, uploaded, queued, processing, ready, failed")]
 pub struct UnknownState(pub String);
 
 impl FromStr for TrackState {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TrackState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
+        TrackState::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
@@ -192,10 +187,7 @@ impl fmt::Display for ProcessingStage {
 impl FromStr for ProcessingStage {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ProcessingStage::ALL
-            .into_iter()
-            .find(|stage| stage.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
+        ProcessingStage::ALL.into_iter().find(|stage| stage.as_str() == s).ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
@@ -210,22 +202,14 @@ mod tests {
         for pair in path.windows(2) {
             assert!(pair[0].can_become(pair[1]), "{} → {}", pair[0], pair[1]);
         }
-        for (from, to) in [
-            (Uploaded, AwaitingUpload),
-            (Queued, Uploaded),
-            (Ready, Processing),
-            (Ready, Uploaded),
-        ] {
+        for (from, to) in [(Uploaded, AwaitingUpload), (Queued, Uploaded), (Ready, Processing), (Ready, Uploaded)] {
             assert!(!from.can_become(to), "{from} → {to}");
         }
         assert!(Queued.can_become(Failed));
         assert!(Processing.can_become(Failed));
         assert!(!Uploaded.can_become(Failed));
         assert!(!Ready.can_become(Processing));
-        assert!(
-            Processing.can_become(Queued),
-            "a released claim is queued again"
-        );
+        assert!(Processing.can_become(Queued), "a released claim is queued again");
         for state in TrackState::ALL {
             assert!(!state.can_become(state), "{state} → itself");
         }
@@ -235,10 +219,7 @@ mod tests {
     fn names_round_trip() {
         for state in TrackState::ALL {
             assert_eq!(state.as_str().parse::<TrackState>().ok(), Some(state));
-            assert_eq!(
-                serde_json::to_value(state).ok(),
-                Some(serde_json::json!(state.as_str()))
-            );
+            assert_eq!(serde_json::to_value(state).ok(), Some(serde_json::json!(state.as_str())));
         }
         for stage in ProcessingStage::ALL {
             assert_eq!(stage.as_str().parse::<ProcessingStage>().ok(), Some(stage));

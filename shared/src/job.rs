@@ -61,13 +61,7 @@ pub struct JobMessage {
 impl JobMessage {
     /// A first attempt at `job`.
     pub fn new(job: Job) -> JobMessage {
-        JobMessage {
-            v: SCHEMA_VERSION,
-            id: Uuid::now_v7(),
-            job,
-            attempt: 1,
-            enqueued_at: Utc::now(),
-        }
+        JobMessage { v: SCHEMA_VERSION, id: Uuid::now_v7(), job, attempt: 1, enqueued_at: Utc::now() }
     }
 
     /// The JSON payload.
@@ -79,33 +73,27 @@ impl JobMessage {
     /// Reads a payload, telling apart what cannot be read at all from a version or kind
     /// this build does not know.
     pub fn decode(payload: &[u8]) -> Result<JobMessage, PoisonMessage> {
-        let value: serde_json::Value = serde_json::from_slice(payload)
-            .map_err(|err| PoisonMessage::NotJson(err.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|err| PoisonMessage::NotJson(err.to_string()))?;
         let Some(object) = value.as_object() else {
-            return Err(PoisonMessage::Malformed(
-                "the payload is not a JSON object".into(),
-            ));
+            return Err(PoisonMessage::Malformed("the payload is not a JSON object".into()));
         };
         match object.get("v").and_then(serde_json::Value::as_u64) {
             Some(v) if v == u64::from(SCHEMA_VERSION) => {}
             Some(v) => return Err(PoisonMessage::UnsupportedVersion(v)),
             None => {
-                return Err(PoisonMessage::Malformed(
-                    "missing or non-integer `v`".into(),
-                ));
+                return Err(PoisonMessage::Malformed("missing or non-integer `v`".into()));
             }
         }
         match object.get("kind").and_then(serde_json::Value::as_str) {
             Some(kind) if KNOWN_KINDS.contains(&kind) => {}
             Some(kind) => return Err(PoisonMessage::UnknownKind(kind.to_owned())),
             None => {
-                return Err(PoisonMessage::Malformed(
-                    "missing or non-string `kind`".into(),
-                ));
+                return Err(PoisonMessage::Malformed("missing or non-string `kind`".into()));
             }
         }
-        let message: JobMessage = serde_json::from_value(value)
-            .map_err(|err| PoisonMessage::Malformed(err.to_string()))?;
+        let message: JobMessage =
+            serde_json::from_value(value).map_err(|err| PoisonMessage::Malformed(err.to_string()))?;
         if message.attempt == 0 {
             return Err(PoisonMessage::Malformed("`attempt` starts at 1".into()));
         }

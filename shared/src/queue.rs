@@ -65,19 +65,13 @@ impl RetryPolicy {
     /// only a handful of delay queues.
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let doublings = attempt.saturating_sub(1).min(30);
-        self.base_delay
-            .saturating_mul(1 << doublings)
-            .min(self.max_delay)
+        self.base_delay.saturating_mul(1 << doublings).min(self.max_delay)
     }
 }
 
 impl Default for RetryPolicy {
     fn default() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 5,
-            base_delay: Duration::from_secs(2),
-            max_delay: Duration::from_secs(300),
-        }
+        RetryPolicy { max_attempts: 5, base_delay: Duration::from_secs(2), max_delay: Duration::from_secs(300) }
     }
 }
 
@@ -172,12 +166,7 @@ pub(crate) trait Settle: Send + Sync {
     /// Makes `payload` deliverable again after `delay`, then acks this delivery.
     async fn retry_later(&mut self, payload: Vec<u8>, delay: Duration) -> Result<(), QueueError>;
     /// Stores `payload` as a dead letter, then acks this delivery.
-    async fn dead_letter(
-        &mut self,
-        payload: Vec<u8>,
-        code: &str,
-        reason: &str,
-    ) -> Result<(), QueueError>;
+    async fn dead_letter(&mut self, payload: Vec<u8>, code: &str, reason: &str) -> Result<(), QueueError>;
     /// The delivery was dropped unsettled: give it back without waiting.
     fn abandon(&mut self);
 }
@@ -209,12 +198,7 @@ impl Delivery {
         policy: RetryPolicy,
         settle: Box<dyn Settle>,
     ) -> Delivery {
-        Delivery {
-            message,
-            redelivered,
-            policy,
-            settle: Some(settle),
-        }
+        Delivery { message, redelivered, policy, settle: Some(settle) }
     }
 
     fn take(&mut self) -> Box<dyn Settle> {
@@ -243,21 +227,15 @@ impl Delivery {
         let mut settle = self.take();
         let attempt = self.message.attempt;
         if attempt >= self.policy.max_attempts {
-            let reason =
-                format!("retries exhausted after {attempt} attempts; last error: {reason}");
-            let result = settle
-                .dead_letter(self.message.encode(), "retries_exhausted", &reason)
-                .await;
+            let reason = format!("retries exhausted after {attempt} attempts; last error: {reason}");
+            let result = settle.dead_letter(self.message.encode(), "retries_exhausted", &reason).await;
             return give_back_on_error(settle, result).map(|()| RetryOutcome::DeadLettered);
         }
         let delay = self.policy.delay_after(attempt);
         let mut next = self.message.clone();
         next.attempt = attempt + 1;
         let result = settle.retry_later(next.encode(), delay).await;
-        give_back_on_error(settle, result).map(|()| RetryOutcome::Scheduled {
-            attempt: attempt + 1,
-            delay,
-        })
+        give_back_on_error(settle, result).map(|()| RetryOutcome::Scheduled { attempt: attempt + 1, delay })
     }
 
     /// The job can never succeed: keep it as a dead letter with this code and reason.
@@ -271,10 +249,7 @@ impl Delivery {
 
 /// A settle that failed half-way (say the retry could not be published) must not strand the
 /// job: hand it back for redelivery, as a dropped delivery would be.
-fn give_back_on_error(
-    mut settle: Box<dyn Settle>,
-    result: Result<(), QueueError>,
-) -> Result<(), QueueError> {
+fn give_back_on_error(mut settle: Box<dyn Settle>, result: Result<(), QueueError>) -> Result<(), QueueError> {
     if result.is_err() {
         settle.abandon();
     }
@@ -353,10 +328,7 @@ pub async fn open(settings: &Settings) -> Result<Arc<dyn JobQueue>, QueueError> 
     Ok(match &settings.queue {
         QueueBackend::Memory => Arc::new(MemoryQueue::new(policy)),
         QueueBackend::Amqp { url } => {
-            let topology = Topology {
-                name: settings.queue_name.clone(),
-                expires: None,
-            };
+            let topology = Topology { name: settings.queue_name.clone(), expires: None };
             Arc::new(AmqpQueue::connect(url.clone(), topology, policy).await?)
         }
     })
@@ -368,14 +340,9 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let policy = RetryPolicy {
-            max_attempts: 10,
-            base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(3),
-        };
-        let delays: Vec<u128> = (1..=6)
-            .map(|attempt| policy.delay_after(attempt).as_millis())
-            .collect();
+        let policy =
+            RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(500), max_delay: Duration::from_secs(3) };
+        let delays: Vec<u128> = (1..=6).map(|attempt| policy.delay_after(attempt).as_millis()).collect();
         assert_eq!(delays, [500, 1000, 2000, 3000, 3000, 3000]);
         assert_eq!(policy.delay_after(u32::MAX), Duration::from_secs(3));
     }

@@ -57,10 +57,7 @@ impl ObjectKey {
             Some("it is longer than 1024 bytes")
         } else if key.chars().any(|c| c.is_control() || c == '\\') {
             Some("it holds a control character or a backslash")
-        } else if key
-            .split('/')
-            .any(|segment| segment.is_empty() || segment.starts_with('.'))
-        {
+        } else if key.split('/').any(|segment| segment.is_empty() || segment.starts_with('.')) {
             Some("a segment is empty or starts with a dot")
         } else {
             None
@@ -99,14 +96,10 @@ impl ByteRange {
     /// says; `None` when it is unsatisfiable.
     pub fn resolve(self, size: u64) -> Option<ResolvedRange> {
         let (first, last) = match self {
-            ByteRange::Inclusive { first, last } if first <= last => {
-                (first, last.min(size.checked_sub(1)?))
-            }
+            ByteRange::Inclusive { first, last } if first <= last => (first, last.min(size.checked_sub(1)?)),
             ByteRange::Inclusive { .. } => return None,
             ByteRange::From { first } => (first, size.checked_sub(1)?),
-            ByteRange::Suffix { len } if len > 0 => {
-                (size.saturating_sub(len), size.checked_sub(1)?)
-            }
+            ByteRange::Suffix { len } if len > 0 => (size.saturating_sub(len), size.checked_sub(1)?),
             ByteRange::Suffix { .. } => return None,
         };
         (first < size && first <= last).then_some(ResolvedRange { first, last })
@@ -166,10 +159,7 @@ pub struct ObjectRead {
 
 impl fmt::Debug for ObjectRead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ObjectRead")
-            .field("meta", &self.meta)
-            .field("range", &self.range)
-            .finish_non_exhaustive()
+        f.debug_struct("ObjectRead").field("meta", &self.meta).field("range", &self.range).finish_non_exhaustive()
     }
 }
 
@@ -200,19 +190,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Streams `body` into `key`, replacing any object there. Nothing becomes visible under
     /// `key` unless the whole body arrived: a body that ends in an error leaves the previous
     /// object (or nothing) in place.
-    async fn put(
-        &self,
-        key: &ObjectKey,
-        content_type: &str,
-        body: ByteStream,
-    ) -> Result<ObjectMeta, StorageError>;
+    async fn put(&self, key: &ObjectKey, content_type: &str, body: ByteStream) -> Result<ObjectMeta, StorageError>;
 
     /// Reads an object, or the asked-for part of it.
-    async fn get(
-        &self,
-        key: &ObjectKey,
-        range: Option<ByteRange>,
-    ) -> Result<ObjectRead, StorageError>;
+    async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError>;
 
     /// Size, ETag, content type and modification time, without the body.
     async fn head(&self, key: &ObjectKey) -> Result<ObjectMeta, StorageError>;
@@ -297,11 +278,9 @@ impl StorageError {
 pub async fn open(backend: &StorageBackend) -> Result<Arc<dyn Storage>, StorageError> {
     Ok(match backend {
         StorageBackend::Fs { root } => Arc::new(FsStorage::open(root).await?),
-        StorageBackend::S3 {
-            bucket,
-            endpoint,
-            region,
-        } => Arc::new(S3Storage::from_env(bucket, endpoint.as_deref(), region)?),
+        StorageBackend::S3 { bucket, endpoint, region } => {
+            Arc::new(S3Storage::from_env(bucket, endpoint.as_deref(), region)?)
+        }
     })
 }
 
@@ -311,27 +290,10 @@ mod tests {
 
     #[test]
     fn keys_cannot_escape_or_hide() {
-        for good in [
-            "originals/abc/source",
-            "renditions/t/1/mp3_128/audio.mp3",
-            "a",
-            "ünï/cödé",
-        ] {
+        for good in ["originals/abc/source", "renditions/t/1/mp3_128/audio.mp3", "a", "ünï/cödé"] {
             assert!(ObjectKey::parse(good).is_ok(), "{good}");
         }
-        for bad in [
-            "",
-            "/abs",
-            "a//b",
-            "../x",
-            "a/../b",
-            "a/./b",
-            ".tmp/x",
-            "a/.hidden",
-            "a\\b",
-            "a\nb",
-            "trailing/",
-        ] {
+        for bad in ["", "/abs", "a//b", "../x", "a/../b", "a/./b", ".tmp/x", "a/.hidden", "a\\b", "a\nb", "trailing/"] {
             let err = ObjectKey::parse(bad).expect_err(bad);
             assert_eq!(err.code(), "invalid_key");
         }
@@ -341,26 +303,9 @@ mod tests {
     #[test]
     fn ranges_resolve_as_rfc_9110_says() {
         let r = |first, last| Some(ResolvedRange { first, last });
-        assert_eq!(
-            ByteRange::Inclusive { first: 0, last: 0 }.resolve(10),
-            r(0, 0)
-        );
-        assert_eq!(
-            ByteRange::Inclusive {
-                first: 9,
-                last: 100
-            }
-            .resolve(10),
-            r(9, 9)
-        );
-        assert_eq!(
-            ByteRange::Inclusive {
-                first: 10,
-                last: 12
-            }
-            .resolve(10),
-            None
-        );
+        assert_eq!(ByteRange::Inclusive { first: 0, last: 0 }.resolve(10), r(0, 0));
+        assert_eq!(ByteRange::Inclusive { first: 9, last: 100 }.resolve(10), r(9, 9));
+        assert_eq!(ByteRange::Inclusive { first: 10, last: 12 }.resolve(10), None);
         assert_eq!(ByteRange::Inclusive { first: 5, last: 4 }.resolve(10), None);
         assert_eq!(ByteRange::From { first: 3 }.resolve(10), r(3, 9));
         assert_eq!(ByteRange::From { first: 10 }.resolve(10), None);

@@ -20,8 +20,7 @@ pub const WAVE_FORMAT_IEEE_FLOAT: u16 = 0x0003;
 pub const WAVE_FORMAT_EXTENSIBLE: u16 = 0xFFFE;
 
 fn path_str(path: &Path) -> Result<&str> {
-    path.to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))
+    path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 /// Runs `ffmpeg` quietly, overwriting its output; fails with ffmpeg's own message.
@@ -31,27 +30,14 @@ pub fn ffmpeg(args: &[&str]) -> Result<()> {
         .args(args)
         .output()
         .context("cannot run ffmpeg; run scripts/setup.sh")?;
-    ensure!(
-        output.status.success(),
-        "ffmpeg {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "ffmpeg {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
     Ok(())
 }
 
 /// Runs `sox`; fails with sox's own message.
 pub fn sox(args: &[&str]) -> Result<()> {
-    let output = Command::new("sox")
-        .args(args)
-        .output()
-        .context("cannot run sox; run scripts/setup.sh")?;
-    ensure!(
-        output.status.success(),
-        "sox {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = Command::new("sox").args(args).output().context("cannot run sox; run scripts/setup.sh")?;
+    ensure!(output.status.success(), "sox {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
     Ok(())
 }
 
@@ -69,14 +55,8 @@ fn layout(channels: u32) -> Option<&'static str> {
 /// An `aevalsrc` source of `secs` seconds with a different sine on each channel (440 Hz,
 /// 550 Hz, …, all at −6 dBFS), so a mix-down that drops or cancels a channel shows.
 pub fn tone_source(secs: f64, rate: u32, channels: u32) -> String {
-    let exprs: Vec<String> = (0..channels)
-        .map(|channel| {
-            format!(
-                "0.5*sin(2*PI*{}*t)",
-                440.0 * (1.0 + 0.25 * f64::from(channel))
-            )
-        })
-        .collect();
+    let exprs: Vec<String> =
+        (0..channels).map(|channel| format!("0.5*sin(2*PI*{}*t)", 440.0 * (1.0 + 0.25 * f64::from(channel)))).collect();
     let mut source = format!("aevalsrc=exprs='{}':s={rate}:d={secs}", exprs.join("|"));
     if let Some(layout) = layout(channels) {
         source.push_str(&format!(":c={layout}"));
@@ -111,11 +91,7 @@ pub fn raw_pcm(secs: f64, rate: u32, channels: u32, sample_format: &str) -> Resu
         .args([sample_format, "-"])
         .output()
         .context("cannot run ffmpeg; run scripts/setup.sh")?;
-    ensure!(
-        output.status.success(),
-        "ffmpeg raw {sample_format}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "ffmpeg raw {sample_format}: {}", String::from_utf8_lossy(&output.stderr));
     Ok(output.stdout)
 }
 
@@ -143,14 +119,7 @@ pub fn wav_header(format_tag: u16, channels: u16, rate: u32, bits: u16, data_len
 }
 
 /// Writes a WAV whose header truthfully declares `samples`.
-pub fn write_wav(
-    path: &Path,
-    format_tag: u16,
-    channels: u16,
-    rate: u32,
-    bits: u16,
-    samples: &[u8],
-) -> Result<()> {
+pub fn write_wav(path: &Path, format_tag: u16, channels: u16, rate: u32, bits: u16, samples: &[u8]) -> Result<()> {
     let data_len = u32::try_from(samples.len()).context("too many samples for a WAV")?;
     let mut bytes = wav_header(format_tag, channels, rate, bits, data_len);
     bytes.extend_from_slice(samples);
@@ -159,13 +128,7 @@ pub fn write_wav(
 
 /// Interleaved signed 16-bit samples: `frames` frames of a 440 Hz sine of peak `amplitude`
 /// (0..1 of full scale), the same on every channel, silent before `onset_frame`.
-pub fn sine_s16(
-    frames: u64,
-    channels: u16,
-    rate: u32,
-    amplitude: f64,
-    onset_frame: u64,
-) -> Vec<u8> {
+pub fn sine_s16(frames: u64, channels: u16, rate: u32, amplitude: f64, onset_frame: u64) -> Vec<u8> {
     let mut samples = Vec::with_capacity(frames as usize * usize::from(channels) * 2);
     for frame in 0..frames {
         let value = if frame < onset_frame {
@@ -200,15 +163,7 @@ pub fn seeded_bytes(seed: u64, len: usize) -> Vec<u8> {
 
 /// A 64×64 red PNG, for embedding as cover art.
 pub fn cover_png(path: &Path) -> Result<()> {
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "color=red:s=64x64",
-        "-frames:v",
-        "1",
-        path_str(path)?,
-    ])
+    ffmpeg(&["-f", "lavfi", "-i", "color=red:s=64x64", "-frames:v", "1", path_str(path)?])
 }
 
 /// Copies the first `fraction` of `src` to `dst`, as an interrupted upload would leave it.
@@ -228,12 +183,7 @@ pub fn ffprobe_json_with(path: &Path, input_options: &[&str]) -> Result<Value> {
         .arg(path)
         .output()
         .context("cannot run ffprobe; run scripts/setup.sh")?;
-    ensure!(
-        output.status.success(),
-        "ffprobe {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "ffprobe {}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).context("ffprobe printed no JSON")
 }
 
@@ -252,9 +202,7 @@ pub fn audio_stream(probe: &Value) -> Result<&Value> {
 
 /// A numeric ffprobe field, which ffprobe prints as a string or a number depending on it.
 pub fn probe_number(value: &Value) -> Option<f64> {
-    value
-        .as_f64()
-        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+    value.as_f64().or_else(|| value.as_str().and_then(|s| s.parse().ok()))
 }
 
 /// How long `path` plays, in seconds: its first audio stream decoded by ffmpeg and the
@@ -268,25 +216,10 @@ pub fn decoded_seconds(path: &Path) -> Result<f64> {
     let output = Command::new("ffmpeg")
         .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-i"])
         .arg(path)
-        .args([
-            "-map",
-            "0:a:0",
-            "-ac",
-            "1",
-            "-c:a",
-            "pcm_s16le",
-            "-f",
-            "s16le",
-            "-",
-        ])
+        .args(["-map", "0:a:0", "-ac", "1", "-c:a", "pcm_s16le", "-f", "s16le", "-"])
         .output()
         .context("cannot run ffmpeg; run scripts/setup.sh")?;
-    ensure!(
-        output.status.success(),
-        "decoding {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "decoding {}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
     Ok(output.stdout.len() as f64 / 2.0 / rate)
 }
 
@@ -302,26 +235,16 @@ fn analyse(path: &Path, input_options: &[&str], filter: &str) -> Result<String> 
         .output()
         .context("cannot run ffmpeg; run scripts/setup.sh")?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    ensure!(
-        output.status.success(),
-        "ffmpeg {filter} on {}: {stderr}",
-        path.display()
-    );
+    ensure!(output.status.success(), "ffmpeg {filter} on {}: {stderr}", path.display());
     Ok(stderr)
 }
 
 /// The first number after `label` in `text`.
 fn number_after(text: &str, label: &str) -> Result<f64> {
-    let at = text
-        .find(label)
-        .with_context(|| format!("no {label:?} in {text}"))?;
+    let at = text.find(label).with_context(|| format!("no {label:?} in {text}"))?;
     let rest = text[at + label.len()..].trim_start();
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.' || c == '+'))
-        .unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .with_context(|| format!("{label:?} is followed by {:?}", &rest[..end]))
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.' || c == '+')).unwrap_or(rest.len());
+    rest[..end].parse().with_context(|| format!("{label:?} is followed by {:?}", &rest[..end]))
 }
 
 /// The sample peak of `path` in dBFS as ffmpeg's `volumedetect` reports it (0.1 dB steps),

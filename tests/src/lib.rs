@@ -30,26 +30,17 @@ use waveline_shared::queue::Topology;
 use waveline_shared::storage::{S3Credentials, S3Storage};
 
 fn var_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|value| !value.is_empty())
-        .unwrap_or_else(|| default.to_owned())
+    std::env::var(name).ok().filter(|value| !value.is_empty()).unwrap_or_else(|| default.to_owned())
 }
 
 /// An admin URL for PostgreSQL.
 pub fn postgres_admin_url() -> String {
-    var_or(
-        "WAVELINE_TEST_DATABASE_URL",
-        "postgres://postgres@127.0.0.1:5432/postgres",
-    )
+    var_or("WAVELINE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 }
 
 /// The RabbitMQ URL.
 pub fn amqp_url() -> String {
-    var_or(
-        "WAVELINE_TEST_AMQP_URL",
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-    )
+    var_or("WAVELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 }
 
 /// The S3-compatible server's endpoint.
@@ -59,10 +50,7 @@ pub fn s3_endpoint() -> String {
 
 /// The S3 credentials `(access key, secret key)`.
 pub fn s3_credentials() -> (String, String) {
-    (
-        var_or("AWS_ACCESS_KEY_ID", "waveline-test"),
-        var_or("AWS_SECRET_ACCESS_KEY", "waveline-test-secret"),
-    )
+    (var_or("AWS_ACCESS_KEY_ID", "waveline-test"), var_or("AWS_SECRET_ACCESS_KEY", "waveline-test-secret"))
 }
 
 /// A short unique suffix for names.
@@ -96,19 +84,12 @@ impl TestDb {
             .acquire_timeout(Duration::from_secs(5))
             .connect(&admin_url)
             .await
-            .with_context(|| {
-                format!("PostgreSQL is not reachable at {admin_url}; run scripts/setup.sh")
-            })?;
+            .with_context(|| format!("PostgreSQL is not reachable at {admin_url}; run scripts/setup.sh"))?;
         // `name` is ours: a fixed prefix and hex digits.
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&admin)
-            .await?;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&admin).await?;
         admin.close().await;
         let url = database_url(&admin_url, &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(5)
-            .connect(&url)
-            .await?;
+        let pool = PgPoolOptions::new().max_connections(5).connect(&url).await?;
         waveline_shared::db::migrate(&pool).await?;
         Ok(TestDb { name, url, pool })
     }
@@ -132,23 +113,14 @@ impl Drop for TestDb {
         // thread and runtime of its own, and leaves the pool alone: `WITH (FORCE)` ends its
         // connections from the server side.
         let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             runtime.block_on(async move {
-                if let Ok(admin) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&postgres_admin_url())
-                    .await
-                {
-                    let _ = sqlx::query(AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                    )))
-                    .execute(&admin)
-                    .await;
+                if let Ok(admin) = PgPoolOptions::new().max_connections(1).connect(&postgres_admin_url()).await {
+                    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+                        .execute(&admin)
+                        .await;
                     admin.close().await;
                 }
             });
@@ -161,35 +133,23 @@ impl Drop for TestDb {
 pub async fn test_bucket() -> anyhow::Result<S3Storage> {
     let (access_key, secret_key) = s3_credentials();
     let credentials = S3Credentials::new(access_key, secret_key, None, None, "test");
-    let storage = S3Storage::new(
-        &format!("wl-test-{}", unique()),
-        Some(&s3_endpoint()),
-        "us-east-1",
-        credentials,
-    );
-    storage.ensure_bucket().await.with_context(|| {
-        format!(
-            "the S3 server at {} is not answering; run scripts/setup.sh",
-            s3_endpoint()
-        )
-    })?;
+    let storage = S3Storage::new(&format!("wl-test-{}", unique()), Some(&s3_endpoint()), "us-east-1", credentials);
+    storage
+        .ensure_bucket()
+        .await
+        .with_context(|| format!("the S3 server at {} is not answering; run scripts/setup.sh", s3_endpoint()))?;
     Ok(storage)
 }
 
 /// A queue topology of the test's own, removed by the broker ten minutes after last use
 /// even if the test dies before its clean-up.
 pub fn test_topology() -> Topology {
-    Topology {
-        name: format!("wltest.{}", unique()),
-        expires: Some(Duration::from_secs(600)),
-    }
+    Topology { name: format!("wltest.{}", unique()), expires: Some(Duration::from_secs(600)) }
 }
 
 /// A temporary directory that is removed when dropped.
 pub fn temp_dir() -> anyhow::Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new()
-        .prefix("waveline-test-")
-        .tempdir()?)
+    Ok(tempfile::Builder::new().prefix("waveline-test-").tempdir()?)
 }
 
 /// The path of the `waveline` binary built for these tests.
@@ -215,11 +175,7 @@ impl TcpProxy {
     /// Listens on a free loopback port and relays every connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<TcpProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let proxy = TcpProxy {
-            addr: listener.local_addr()?,
-            links: Arc::default(),
-            refusing: Arc::default(),
-        };
+        let proxy = TcpProxy { addr: listener.local_addr()?, links: Arc::default(), refusing: Arc::default() };
         let links = proxy.links.clone();
         let refusing = proxy.refusing.clone();
         tokio::spawn(async move {
@@ -233,10 +189,7 @@ impl TcpProxy {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
-                links
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(relay.abort_handle());
+                links.lock().unwrap_or_else(|p| p.into_inner()).push(relay.abort_handle());
             }
         });
         Ok(proxy)
@@ -245,12 +198,7 @@ impl TcpProxy {
     /// Cuts every open connection and refuses new ones for `outage`, in the background.
     pub fn outage(&self, outage: Duration) {
         *self.refusing.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        for link in self
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
+        for link in self.links.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             link.abort();
         }
         let refusing = self.refusing.clone();
@@ -273,14 +221,8 @@ pub struct S3Server {
 impl S3Server {
     /// Starts the server and waits until it answers.
     pub fn start() -> anyhow::Result<S3Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut server = S3Server {
-            port,
-            dir: temp_dir()?,
-            child: None,
-        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut server = S3Server { port, dir: temp_dir()?, child: None };
         server.resume()?;
         Ok(server)
     }
@@ -294,9 +236,7 @@ impl S3Server {
     pub fn resume(&mut self) -> anyhow::Result<()> {
         let bin = std::env::var("CARGO_HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
-            })
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"))
             .join("bin/s3s-fs");
         let (access, secret) = s3_credentials();
         let child = std::process::Command::new(&bin)
@@ -318,11 +258,7 @@ impl S3Server {
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "s3s-fs did not start on port {}",
-                self.port
-            );
+            anyhow::ensure!(std::time::Instant::now() < deadline, "s3s-fs did not start on port {}", self.port);
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())

@@ -7,8 +7,7 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waveline_tests::{
-    TestDb, amqp_url, database_url, postgres_admin_url, s3_credentials, s3_endpoint, temp_dir,
-    unique, waveline_bin,
+    TestDb, amqp_url, database_url, postgres_admin_url, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin,
 };
 
 /// Runs `waveline ARGS` with only the given `WAVELINE_*` variables (none inherited).
@@ -19,27 +18,18 @@ fn waveline(args: &[&str], env: &[(&str, String)]) -> Result<Output> {
         command.env_remove(name);
     }
     let (access_key, secret_key) = s3_credentials();
-    command
-        .env("AWS_ACCESS_KEY_ID", access_key)
-        .env("AWS_SECRET_ACCESS_KEY", secret_key);
+    command.env("AWS_ACCESS_KEY_ID", access_key).env("AWS_SECRET_ACCESS_KEY", secret_key);
     for (name, value) in env {
         command.env(name, value);
     }
-    command.output().with_context(|| {
-        format!(
-            "cannot run {}; build it with `cargo build -p waveline`",
-            waveline_bin().display()
-        )
-    })
+    command
+        .output()
+        .with_context(|| format!("cannot run {}; build it with `cargo build -p waveline`", waveline_bin().display()))
 }
 
 fn json_of(output: &Output) -> Result<Value> {
-    serde_json::from_slice(&output.stdout).with_context(|| {
-        format!(
-            "stdout is not JSON: {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("stdout is not JSON: {}", String::from_utf8_lossy(&output.stdout)))
 }
 
 #[test]
@@ -50,47 +40,24 @@ fn bad_configuration_names_the_setting_and_exits_2() -> Result<()> {
             "file://relative/objects",
             "WAVELINE_STORAGE: expected file:/// followed by an absolute directory",
         ),
-        (
-            "WAVELINE_QUEUE",
-            "kafka://broker:9092",
-            "WAVELINE_QUEUE: expected `memory` or an AMQP URL",
-        ),
-        (
-            "WAVELINE_LISTEN",
-            "everywhere",
-            "WAVELINE_LISTEN: expected a socket address",
-        ),
-        (
-            "WAVELINE_DATABASE_URL",
-            "mysql://root:hunter2@db/wl",
-            "WAVELINE_DATABASE_URL: expected a PostgreSQL URL",
-        ),
+        ("WAVELINE_QUEUE", "kafka://broker:9092", "WAVELINE_QUEUE: expected `memory` or an AMQP URL"),
+        ("WAVELINE_LISTEN", "everywhere", "WAVELINE_LISTEN: expected a socket address"),
+        ("WAVELINE_DATABASE_URL", "mysql://root:hunter2@db/wl", "WAVELINE_DATABASE_URL: expected a PostgreSQL URL"),
     ];
     for (name, value, message) in cases {
         let output = waveline(&["config"], &[(name, value.to_owned())])?;
         let stderr = String::from_utf8_lossy(&output.stderr);
-        ensure!(
-            output.status.code() == Some(2),
-            "{name}={value}: exit {:?}",
-            output.status.code()
-        );
+        ensure!(output.status.code() == Some(2), "{name}={value}: exit {:?}", output.status.code());
         ensure!(stderr.contains(message), "{name}={value}: {stderr}");
-        ensure!(
-            !stderr.contains("hunter2"),
-            "a password was echoed: {stderr}"
-        );
+        ensure!(!stderr.contains("hunter2"), "a password was echoed: {stderr}");
     }
     let dir = temp_dir()?;
     let file = dir.path().join("waveline.toml");
     std::fs::write(&file, "queue = \"memory\"\nstorage = \"s3://UPPER\"\n")?;
-    let output = waveline(
-        &["--config", file.to_str().unwrap_or_default(), "config"],
-        &[],
-    )?;
+    let output = waveline(&["--config", file.to_str().unwrap_or_default(), "config"], &[])?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(
-        output.status.code() == Some(2)
-            && stderr.contains(&format!("storage (in {})", file.display())),
+        output.status.code() == Some(2) && stderr.contains(&format!("storage (in {})", file.display())),
         "{stderr}"
     );
     Ok(())
@@ -102,66 +69,31 @@ fn config_shows_the_layers_with_secrets_redacted() -> Result<()> {
     let file = dir.path().join("waveline.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:7000\"\njob_max_attempts = 7\n")?;
     let output = waveline(
-        &[
-            "--config",
-            file.to_str().unwrap_or_default(),
-            "config",
-            "--json",
-        ],
+        &["--config", file.to_str().unwrap_or_default(), "config", "--json"],
         &[
             ("WAVELINE_LISTEN", "0.0.0.0:9000".to_owned()),
-            (
-                "WAVELINE_QUEUE",
-                "amqp://guest:sekrit@mq.internal:5672/%2f".to_owned(),
-            ),
-            (
-                "WAVELINE_STORAGE",
-                "s3://media?endpoint=http://127.0.0.1:9000&region=eu-west-1".to_owned(),
-            ),
+            ("WAVELINE_QUEUE", "amqp://guest:sekrit@mq.internal:5672/%2f".to_owned()),
+            ("WAVELINE_STORAGE", "s3://media?endpoint=http://127.0.0.1:9000&region=eu-west-1".to_owned()),
         ],
     )?;
-    ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let shown = json_of(&output)?;
     ensure!(shown["listen"] == "0.0.0.0:9000", "{shown}");
     ensure!(shown["job_max_attempts"] == 7, "{shown}");
-    ensure!(
-        shown["queue"] == "amqp://guest:***@mq.internal:5672/%2f",
-        "{shown}"
-    );
-    ensure!(
-        shown["storage"]["kind"] == "s3" && shown["storage"]["bucket"] == "media",
-        "{shown}"
-    );
+    ensure!(shown["queue"] == "amqp://guest:***@mq.internal:5672/%2f", "{shown}");
+    ensure!(shown["storage"]["kind"] == "s3" && shown["storage"]["bucket"] == "media", "{shown}");
     ensure!(!output.stdout.windows(6).any(|w| w == b"sekrit"));
     Ok(())
 }
 
-async fn migrate_then_check(
-    env: &[(&str, String)],
-    storage_backend: &str,
-    queue_backend: &str,
-) -> Result<()> {
+async fn migrate_then_check(env: &[(&str, String)], storage_backend: &str, queue_backend: &str) -> Result<()> {
     let migrated = waveline(&["migrate", "--json"], env)?;
-    ensure!(
-        migrated.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
+    ensure!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
     let report = json_of(&migrated)?;
     ensure!(report["database_created"] == true, "{report}");
-    ensure!(
-        report["applied"].as_array().is_some_and(|a| !a.is_empty()),
-        "{report}"
-    );
+    ensure!(report["applied"].as_array().is_some_and(|a| !a.is_empty()), "{report}");
     let again = json_of(&waveline(&["migrate", "--json"], env)?)?;
-    ensure!(
-        again["database_created"] == false && again["applied"] == serde_json::json!([]),
-        "{again}"
-    );
+    ensure!(again["database_created"] == false && again["applied"] == serde_json::json!([]), "{again}");
 
     let checked = waveline(&["check", "--json"], env)?;
     let report = json_of(&checked)?;
@@ -171,10 +103,7 @@ async fn migrate_then_check(
         .context("checks")?
         .iter()
         .map(|c| {
-            (
-                c["name"].as_str().unwrap_or_default().to_owned(),
-                c["backend"].as_str().unwrap_or_default().to_owned(),
-            )
+            (c["name"].as_str().unwrap_or_default().to_owned(), c["backend"].as_str().unwrap_or_default().to_owned())
         })
         .collect();
     ensure!(
@@ -192,11 +121,9 @@ async fn migrate_then_check(
 /// Drops a database the binary created.
 async fn drop_database(name: &str) -> Result<()> {
     let admin = sqlx::PgPool::connect(&postgres_admin_url()).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+        .execute(&admin)
+        .await?;
     Ok(())
 }
 
@@ -205,23 +132,14 @@ async fn embedded_configuration_migrates_and_checks() -> Result<()> {
     let dir = temp_dir()?;
     let name = format!("waveline_test_{}", unique());
     let env = [
-        (
-            "WAVELINE_DATABASE_URL",
-            database_url(&postgres_admin_url(), &name),
-        ),
-        (
-            "WAVELINE_STORAGE",
-            format!("file://{}/objects", dir.path().display()),
-        ),
+        ("WAVELINE_DATABASE_URL", database_url(&postgres_admin_url(), &name)),
+        ("WAVELINE_STORAGE", format!("file://{}/objects", dir.path().display())),
         ("WAVELINE_QUEUE", "memory".to_owned()),
     ];
     let result = migrate_then_check(&env, "fs", "memory").await;
     drop_database(&name).await?;
     result?;
-    ensure!(
-        dir.path().join("objects").is_dir(),
-        "migrate did not prepare the storage directory"
-    );
+    ensure!(dir.path().join("objects").is_dir(), "migrate did not prepare the storage directory");
     Ok(())
 }
 
@@ -230,14 +148,8 @@ async fn distributed_configuration_migrates_and_checks() -> Result<()> {
     let name = format!("waveline_test_{}", unique());
     let bucket = format!("wl-test-{}", unique());
     let env = [
-        (
-            "WAVELINE_DATABASE_URL",
-            database_url(&postgres_admin_url(), &name),
-        ),
-        (
-            "WAVELINE_STORAGE",
-            format!("s3://{bucket}?endpoint={}&region=us-east-1", s3_endpoint()),
-        ),
+        ("WAVELINE_DATABASE_URL", database_url(&postgres_admin_url(), &name)),
+        ("WAVELINE_STORAGE", format!("s3://{bucket}?endpoint={}&region=us-east-1", s3_endpoint())),
         ("WAVELINE_QUEUE", amqp_url()),
     ];
     let result = migrate_then_check(&env, "s3", "amqp").await;
@@ -260,34 +172,16 @@ async fn check_fails_and_says_which_service_is_down() -> Result<()> {
     let dir = temp_dir()?;
     let env = [
         ("WAVELINE_DATABASE_URL", test.url.clone()),
-        (
-            "WAVELINE_STORAGE",
-            format!("file://{}/objects", dir.path().display()),
-        ),
+        ("WAVELINE_STORAGE", format!("file://{}/objects", dir.path().display())),
         // Nothing listens on port 1.
-        (
-            "WAVELINE_QUEUE",
-            "amqp://guest:guest@127.0.0.1:1/%2f".to_owned(),
-        ),
+        ("WAVELINE_QUEUE", "amqp://guest:guest@127.0.0.1:1/%2f".to_owned()),
     ];
     let output = waveline(&["check", "--json"], &env)?;
     let report = json_of(&output)?;
-    ensure!(
-        output.status.code() == Some(1) && report["ok"] == false,
-        "{report}"
-    );
+    ensure!(output.status.code() == Some(1) && report["ok"] == false, "{report}");
     let checks = report["checks"].as_array().context("checks")?;
-    let failing: Vec<&str> = checks
-        .iter()
-        .filter(|c| c["ok"] == false)
-        .filter_map(|c| c["name"].as_str())
-        .collect();
+    let failing: Vec<&str> = checks.iter().filter(|c| c["ok"] == false).filter_map(|c| c["name"].as_str()).collect();
     ensure!(failing == ["queue"], "{report}");
-    ensure!(
-        checks[2]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("unreachable")),
-        "{report}"
-    );
+    ensure!(checks[2]["detail"].as_str().is_some_and(|d| d.contains("unreachable")), "{report}");
     Ok(())
 }

@@ -20,9 +20,7 @@ use waveline_shared::domain::{TrackId, TrackState};
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
 use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
-use waveline_tests::{
-    S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin,
-};
+use waveline_tests::{S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
 /// An embedded fleet: one worker loop in this process.
@@ -80,24 +78,12 @@ impl Embedded {
                 }
             })
         };
-        Ok(Embedded {
-            db,
-            tracks,
-            storage,
-            queue,
-            work,
-            _objects: objects,
-            stop,
-            worker,
-        })
+        Ok(Embedded { db, tracks, storage, queue, work, _objects: objects, stop, worker })
     }
 
     /// Stores `file` as a new track's original and leaves it `uploaded`.
     async fn upload(&self, file: &Path) -> Result<TrackId> {
-        let track = self
-            .tracks
-            .create(SYSTEM_USER, "test track", TrackState::AwaitingUpload, None)
-            .await?;
+        let track = self.tracks.create(SYSTEM_USER, "test track", TrackState::AwaitingUpload, None).await?;
         let key = format!("originals/{}/source", track.id);
         let bytes = std::fs::read(file)?;
         let size = bytes.len() as i64;
@@ -122,12 +108,7 @@ impl Embedded {
     }
 }
 
-async fn wait_for(
-    tracks: &PgTracks,
-    id: TrackId,
-    want: TrackState,
-    within: Duration,
-) -> Result<TrackRow> {
+async fn wait_for(tracks: &PgTracks, id: TrackId, want: TrackState, within: Duration) -> Result<TrackRow> {
     let deadline = Instant::now() + within;
     loop {
         let track = tracks.get(id).await?.context("the track vanished")?;
@@ -149,81 +130,37 @@ fn fixture(dir: &Path, name: &str, secs: f64) -> Result<PathBuf> {
 
 /// Every object key under `prefix`.
 async fn keys(storage: &dyn Storage, prefix: &str) -> Result<Vec<String>> {
-    Ok(storage
-        .list_prefix(prefix)
-        .await?
-        .into_iter()
-        .map(|o| o.key.to_string())
-        .collect())
+    Ok(storage.list_prefix(prefix).await?.into_iter().map(|o| o.key.to_string()).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
-    let id = fleet
-        .upload(&fixture(dir.path(), "song.flac", 6.0)?)
-        .await?;
+    let id = fleet.upload(&fixture(dir.path(), "song.flac", 6.0)?).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
-    let track = wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
-    ensure!(
-        track.attempts == 1 && track.revision == 1 && track.progress == 100,
-        "{track:?}"
-    );
+    let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
+    ensure!(track.attempts == 1 && track.revision == 1 && track.progress == 100, "{track:?}");
     let renditions = fleet.tracks.renditions(id).await?;
     let presets: Vec<&str> = renditions.iter().map(|r| r.preset.as_str()).collect();
-    ensure!(
-        presets == ["aac_hls", "mp3_128", "opus_64", "preview"],
-        "{presets:?}"
-    );
+    ensure!(presets == ["aac_hls", "mp3_128", "opus_64", "preview"], "{presets:?}");
     for rendition in &renditions {
         ensure!(
-            rendition
-                .storage_key
-                .starts_with(&format!("renditions/{id}/1/{}/", rendition.preset)),
+            rendition.storage_key.starts_with(&format!("renditions/{id}/1/{}/", rendition.preset)),
             "{rendition:?}"
         );
         for key in &rendition.storage_keys {
             let head = fleet.storage.head(&ObjectKey::parse(key.clone())?).await?;
             ensure!(head.size > 0, "{key} is empty");
         }
-        ensure!(
-            (5900..=6100).contains(&rendition.duration_ms),
-            "{rendition:?}"
-        );
+        ensure!((5900..=6100).contains(&rendition.duration_ms), "{rendition:?}");
     }
     let hls = renditions.iter().find(|r| r.kind == "hls").context("hls")?;
-    ensure!(
-        hls.storage_keys
-            .iter()
-            .filter(|k| k.ends_with(".m4s"))
-            .count()
-            >= 3,
-        "{hls:?}"
-    );
-    let stored = keys(
-        fleet.storage.as_ref(),
-        &format!("renditions/{id}/1/waveform/"),
-    )
-    .await?;
-    ensure!(
-        stored.iter().any(|k| k.ends_with("waveform.json")) && stored.len() == 3,
-        "{stored:?}"
-    );
+    ensure!(hls.storage_keys.iter().filter(|k| k.ends_with(".m4s")).count() >= 3, "{hls:?}");
+    let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/1/waveform/")).await?;
+    ensure!(stored.iter().any(|k| k.ends_with("waveform.json")) && stored.len() == 3, "{stored:?}");
     // The original stays.
-    ensure!(
-        fleet
-            .storage
-            .head(&ObjectKey::parse(format!("originals/{id}/source"))?)
-            .await
-            .is_ok()
-    );
+    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
     fleet.stop().await
 }
 
@@ -237,26 +174,12 @@ async fn a_duplicate_message_is_processed_once() -> Result<()> {
     let duplicate = JobMessage::new(Job::ProcessTrack { track_id: id });
     fleet.queue.publish(&duplicate).await?;
     fleet.queue.publish(&duplicate).await?;
-    let track = wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
+    let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = fleet.tracks.get(id).await?.context("track")?;
-    ensure!(
-        after.state == TrackState::Ready && after.attempts == 1 && after.revision == 1,
-        "{track:?} → {after:?}"
-    );
+    ensure!(after.state == TrackState::Ready && after.attempts == 1 && after.revision == 1, "{track:?} → {after:?}");
     let revisions = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
-    ensure!(
-        revisions
-            .iter()
-            .all(|k| k.starts_with(&format!("renditions/{id}/1/"))),
-        "{revisions:?}"
-    );
+    ensure!(revisions.iter().all(|k| k.starts_with(&format!("renditions/{id}/1/"))), "{revisions:?}");
     fleet.stop().await
 }
 
@@ -268,39 +191,12 @@ async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
     std::fs::write(&text, "this is not audio\n".repeat(100))?;
     let id = fleet.upload(&text).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
-    let track = wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Failed,
-        Duration::from_secs(30),
-    )
-    .await?;
-    ensure!(
-        track.error_code.as_deref() == Some("unsupported_format") && track.attempts == 1,
-        "{track:?}"
-    );
-    ensure!(
-        track
-            .error_message
-            .as_deref()
-            .is_some_and(|m| !m.is_empty())
-    );
-    ensure!(
-        fleet
-            .storage
-            .head(&ObjectKey::parse(format!("originals/{id}/source"))?)
-            .await
-            .is_ok()
-    );
-    ensure!(
-        keys(fleet.storage.as_ref(), &format!("renditions/{id}/"))
-            .await?
-            .is_empty()
-    );
-    ensure!(
-        fleet.queue.stats().await?.dead == 0,
-        "a permanent failure is not a dead letter"
-    );
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("unsupported_format") && track.attempts == 1, "{track:?}");
+    ensure!(track.error_message.as_deref().is_some_and(|m| !m.is_empty()));
+    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
     fleet.stop().await
 }
 
@@ -308,26 +204,14 @@ async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
 async fn a_poison_message_is_dead_lettered_and_the_worker_goes_on() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
-    fleet
-        .queue
-        .publish_payload(b"{\"v\":7,\"kind\":\"process_track\"}".to_vec())
-        .await?;
+    fleet.queue.publish_payload(b"{\"v\":7,\"kind\":\"process_track\"}".to_vec()).await?;
     fleet.queue.publish_payload(b"\x00garbage".to_vec()).await?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
-    wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
+    wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     let dead = fleet.queue.dead_letters(10).await?;
     let codes: Vec<&str> = dead.iter().map(|d| d.code.as_str()).collect();
-    ensure!(
-        codes.contains(&"unsupported_version") && codes.contains(&"not_json"),
-        "{codes:?}"
-    );
+    ensure!(codes.contains(&"unsupported_version") && codes.contains(&"not_json"), "{codes:?}");
     fleet.stop().await
 }
 
@@ -337,19 +221,8 @@ async fn a_lost_message_is_found_by_the_reconciler() -> Result<()> {
     let dir = temp_dir()?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
     // Queued with no message at all: the state change without its outbox row.
-    ensure!(
-        fleet
-            .tracks
-            .transition(id, TrackState::Uploaded, TrackState::Queued, None)
-            .await?
-    );
-    let track = wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
+    ensure!(fleet.tracks.transition(id, TrackState::Uploaded, TrackState::Queued, None).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     ensure!(track.attempts == 1, "{track:?}");
     fleet.stop().await
 }
@@ -359,33 +232,13 @@ async fn a_dead_workers_claim_is_taken_over_after_its_heartbeat_goes_stale() -> 
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
-    ensure!(
-        fleet
-            .tracks
-            .transition(id, TrackState::Uploaded, TrackState::Queued, None)
-            .await?
-    );
+    ensure!(fleet.tracks.transition(id, TrackState::Uploaded, TrackState::Queued, None).await?);
     // A worker claims it and dies: no heartbeat follows.
     let ghost = fleet.tracks.claim(id).await?.context("claim")?;
-    let track = wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
+    let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     ensure!(track.attempts == 2, "{track:?}");
     // The dead worker's late commit cannot land: its claim is fenced out.
-    ensure!(
-        !fleet
-            .tracks
-            .heartbeat(
-                &ghost,
-                waveline_shared::domain::ProcessingStage::Encoding,
-                50
-            )
-            .await?
-    );
+    ensure!(!fleet.tracks.heartbeat(&ghost, waveline_shared::domain::ProcessingStage::Encoding, 50).await?);
     fleet.stop().await
 }
 
@@ -393,48 +246,20 @@ async fn a_dead_workers_claim_is_taken_over_after_its_heartbeat_goes_stale() -> 
 async fn reprocessing_serves_the_old_revision_until_the_new_one_commits() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
-    let id = fleet
-        .upload(&fixture(dir.path(), "song.flac", 4.0)?)
-        .await?;
+    let id = fleet.upload(&fixture(dir.path(), "song.flac", 4.0)?).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
-    wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
+    wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Ready).await?);
     // Until revision 2 commits, revision 1's rows and objects are what is served.
     let during = fleet.tracks.renditions(id).await?;
-    ensure!(
-        during
-            .iter()
-            .all(|r| r.storage_key.contains(&format!("/{id}/1/"))),
-        "{during:?}"
-    );
-    let track = wait_for(
-        &fleet.tracks,
-        id,
-        TrackState::Ready,
-        Duration::from_secs(60),
-    )
-    .await?;
+    ensure!(during.iter().all(|r| r.storage_key.contains(&format!("/{id}/1/"))), "{during:?}");
+    let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     ensure!(track.revision == 2, "{track:?}");
     let after = fleet.tracks.renditions(id).await?;
-    ensure!(
-        after.len() == 4
-            && after
-                .iter()
-                .all(|r| r.storage_key.contains(&format!("/{id}/2/"))),
-        "{after:?}"
-    );
+    ensure!(after.len() == 4 && after.iter().all(|r| r.storage_key.contains(&format!("/{id}/2/"))), "{after:?}");
     let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
     ensure!(
-        !stored.is_empty()
-            && stored
-                .iter()
-                .all(|k| k.starts_with(&format!("renditions/{id}/2/"))),
+        !stored.is_empty() && stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/2/"))),
         "orphans: {stored:?}"
     );
     fleet.stop().await
@@ -461,13 +286,7 @@ impl Distributed {
             &format!("wl-test-{}", unique()),
             Some(endpoint),
             "us-east-1",
-            waveline_shared::storage::S3Credentials::new(
-                access.clone(),
-                secret.clone(),
-                None,
-                None,
-                "test",
-            ),
+            waveline_shared::storage::S3Credentials::new(access.clone(), secret.clone(), None, None, "test"),
         );
         bucket.ensure_bucket().await?;
         let queue_name = format!("wltest.{}", unique());
@@ -475,13 +294,7 @@ impl Distributed {
             ("WAVELINE_DATABASE_URL", db.url.clone()),
             ("WAVELINE_QUEUE", amqp_url()),
             ("WAVELINE_QUEUE_NAME", queue_name.clone()),
-            (
-                "WAVELINE_STORAGE",
-                format!(
-                    "s3://{}?endpoint={endpoint}&region=us-east-1",
-                    bucket.bucket()
-                ),
-            ),
+            ("WAVELINE_STORAGE", format!("s3://{}?endpoint={endpoint}&region=us-east-1", bucket.bucket())),
             ("WAVELINE_RECONCILE_INTERVAL_S", "1".to_owned()),
             ("WAVELINE_HEARTBEAT_STALE_S", "3".to_owned()),
             ("WAVELINE_JOB_RETRY_BASE_MS", "200".to_owned()),
@@ -491,12 +304,7 @@ impl Distributed {
         for (name, value) in extra {
             env.push((name, (*value).to_owned()));
         }
-        Ok(Distributed {
-            db,
-            env,
-            bucket,
-            queue_name,
-        })
+        Ok(Distributed { db, env, bucket, queue_name })
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -510,30 +318,19 @@ impl Distributed {
     }
 
     fn worker(&self) -> Result<Child> {
-        Ok(self
-            .command(&["worker", "--concurrency", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?)
+        Ok(self.command(&["worker", "--concurrency", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
     }
 
     fn json(&self, args: &[&str]) -> Result<Value> {
         let output = self.command(args).output()?;
-        ensure!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
         Ok(serde_json::from_slice(&output.stdout)?)
     }
 
     async fn cleanup(self) -> Result<()> {
         let queue = waveline_shared::queue::AmqpQueue::connect(
             secrecy::SecretString::from(amqp_url()),
-            waveline_shared::queue::Topology {
-                name: self.queue_name.clone(),
-                expires: None,
-            },
+            waveline_shared::queue::Topology { name: self.queue_name.clone(), expires: None },
             RetryPolicy::default(),
         )
         .await?;
@@ -545,9 +342,7 @@ impl Distributed {
 }
 
 fn stop(mut child: Child) -> Result<std::process::ExitStatus> {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait()? {
@@ -569,65 +364,29 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     let song = fixture(dir.path(), "song.flac", 5.0)?;
     let notes = dir.path().join("notes.wav");
     std::fs::write(&notes, "not audio at all")?;
-    let imported = fleet.json(&[
-        "import",
-        song.to_str().unwrap_or_default(),
-        notes.to_str().unwrap_or_default(),
-        "--json",
-    ])?;
+    let imported =
+        fleet.json(&["import", song.to_str().unwrap_or_default(), notes.to_str().unwrap_or_default(), "--json"])?;
     let ids: Vec<String> = imported["tracks"]
         .as_array()
         .context("tracks")?
         .iter()
         .filter_map(|t| t["id"].as_str().map(str::to_owned))
         .collect();
-    ensure!(
-        ids.len() == 2 && imported["tracks"][0]["state"] == "queued",
-        "{imported}"
-    );
+    ensure!(ids.len() == 2 && imported["tracks"][0]["state"] == "queued", "{imported}");
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
-    let ready = wait_for(
-        &tracks,
-        ids[0].parse()?,
-        TrackState::Ready,
-        Duration::from_secs(90),
-    )
-    .await;
-    let failed = wait_for(
-        &tracks,
-        ids[1].parse()?,
-        TrackState::Failed,
-        Duration::from_secs(30),
-    )
-    .await;
+    let ready = wait_for(&tracks, ids[0].parse()?, TrackState::Ready, Duration::from_secs(90)).await;
+    let failed = wait_for(&tracks, ids[1].parse()?, TrackState::Failed, Duration::from_secs(30)).await;
     let status = stop(worker)?;
     ready?;
     let failed = failed?;
-    ensure!(
-        status.success(),
-        "the worker exited with {status} after SIGTERM"
-    );
-    ensure!(
-        failed.error_code.as_deref() == Some("unsupported_format"),
-        "{failed:?}"
-    );
+    ensure!(status.success(), "the worker exited with {status} after SIGTERM");
+    ensure!(failed.error_code.as_deref() == Some("unsupported_format"), "{failed:?}");
     let shown = fleet.json(&["tracks", "show", &ids[0], "--json"])?;
-    ensure!(
-        shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(),
-        "{shown}"
-    );
-    ensure!(
-        shown["renditions"].as_array().is_some_and(|r| r.len() == 4),
-        "{shown}"
-    );
+    ensure!(shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(), "{shown}");
+    ensure!(shown["renditions"].as_array().is_some_and(|r| r.len() == 4), "{shown}");
     let stats = fleet.json(&["jobs", "stats", "--json"])?;
-    ensure!(
-        stats["tracks"]["ready"] == 1
-            && stats["tracks"]["failed"] == 1
-            && stats["outbox_pending"] == 0,
-        "{stats}"
-    );
+    ensure!(stats["tracks"]["ready"] == 1 && stats["tracks"]["failed"] == 1 && stats["outbox_pending"] == 0, "{stats}");
     fleet.cleanup().await
 }
 
@@ -638,10 +397,7 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
     let dir = temp_dir()?;
     let song = fixture(dir.path(), "long.flac", 90.0)?;
     let imported = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?;
-    let id: TrackId = imported["tracks"][0]["id"]
-        .as_str()
-        .context("id")?
-        .parse()?;
+    let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     let mut first = fleet.worker()?;
     wait_for(&tracks, id, TrackState::Processing, Duration::from_secs(30)).await?;
@@ -654,35 +410,20 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
     let track = ready?;
     ensure!(track.attempts == 2 && track.revision == 1, "{track:?}");
     let stored = keys(&fleet.bucket, &format!("renditions/{id}/")).await?;
-    ensure!(
-        stored
-            .iter()
-            .all(|k| k.starts_with(&format!("renditions/{id}/1/"))),
-        "{stored:?}"
-    );
+    ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/1/"))), "{stored:?}");
     let rows = tracks.renditions(id).await?;
-    let listed: std::collections::BTreeSet<&String> =
-        rows.iter().flat_map(|r| r.storage_keys.iter()).collect();
+    let listed: std::collections::BTreeSet<&String> = rows.iter().flat_map(|r| r.storage_keys.iter()).collect();
     let media: Vec<&String> = stored
         .iter()
-        .filter(|k| {
-            !k.contains("/waveform/") && !k.ends_with("manifest.json") && !k.contains("/artwork/")
-        })
+        .filter(|k| !k.contains("/waveform/") && !k.ends_with("manifest.json") && !k.contains("/artwork/"))
         .collect();
-    ensure!(
-        media.iter().all(|k| listed.contains(k)),
-        "objects no rendition row lists: {media:?}"
-    );
+    ensure!(media.iter().all(|k| listed.contains(k)), "objects no rendition row lists: {media:?}");
     fleet.cleanup().await
 }
 
 fn migrate(fleet: &Distributed) -> Result<()> {
     let output = fleet.command(&["migrate"]).output()?;
-    ensure!(
-        output.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ensure!(output.status.success(), "migrate: {}", String::from_utf8_lossy(&output.stderr));
     Ok(())
 }
 
@@ -691,30 +432,23 @@ async fn storage_outages_are_retried_until_storage_returns() -> Result<()> {
     let mut s3 = S3Server::start()?;
     // Backoff 1, 2, 4, 8 s: the outage below ends well inside it.
     let fleet = Distributed::with_s3(
-        &[
-            ("WAVELINE_JOB_MAX_ATTEMPTS", "5"),
-            ("WAVELINE_JOB_RETRY_BASE_MS", "1000"),
-        ],
+        &[("WAVELINE_JOB_MAX_ATTEMPTS", "5"), ("WAVELINE_JOB_RETRY_BASE_MS", "1000")],
         &s3.endpoint(),
     )
     .await?;
     migrate(&fleet)?;
     let dir = temp_dir()?;
     let song = fixture(dir.path(), "song.wav", 3.0)?;
-    let id: TrackId =
-        fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
-            .as_str()
-            .context("id")?
-            .parse()?;
+    let id: TrackId = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
+        .as_str()
+        .context("id")?
+        .parse()?;
     s3.pause()?;
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     while tracks.get(id).await?.context("track")?.attempts < 2 {
-        ensure!(
-            Instant::now() < deadline,
-            "no retry while the storage was down"
-        );
+        ensure!(Instant::now() < deadline, "no retry while the storage was down");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s3.resume()?;
@@ -729,37 +463,27 @@ async fn storage_outages_are_retried_until_storage_returns() -> Result<()> {
 async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() -> Result<()> {
     let mut s3 = S3Server::start()?;
     let fleet = Distributed::with_s3(
-        &[
-            ("WAVELINE_JOB_MAX_ATTEMPTS", "3"),
-            ("WAVELINE_JOB_RETRY_BASE_MS", "200"),
-        ],
+        &[("WAVELINE_JOB_MAX_ATTEMPTS", "3"), ("WAVELINE_JOB_RETRY_BASE_MS", "200")],
         &s3.endpoint(),
     )
     .await?;
     migrate(&fleet)?;
     let dir = temp_dir()?;
     let song = fixture(dir.path(), "song.wav", 3.0)?;
-    let id: TrackId =
-        fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
-            .as_str()
-            .context("id")?
-            .parse()?;
+    let id: TrackId = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
+        .as_str()
+        .context("id")?
+        .parse()?;
     s3.pause()?;
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     let failed = wait_for(&tracks, id, TrackState::Failed, Duration::from_secs(60)).await;
     stop(worker)?;
     let track = failed?;
-    ensure!(
-        track.error_code.as_deref() == Some("retries_exhausted") && track.attempts == 3,
-        "{track:?}"
-    );
+    ensure!(track.error_code.as_deref() == Some("retries_exhausted") && track.attempts == 3, "{track:?}");
     let dead = fleet.json(&["jobs", "dead", "--json"])?;
     let letters = dead["dead"].as_array().context("dead")?;
-    ensure!(
-        letters.len() == 1 && letters[0]["code"] == "retries_exhausted",
-        "{dead}"
-    );
+    ensure!(letters.len() == 1 && letters[0]["code"] == "retries_exhausted", "{dead}");
     ensure!(letters[0]["job"]["track_id"] == id.to_string(), "{dead}");
     // With the storage back, the operator replays it and the track is processed.
     s3.resume()?;
@@ -798,19 +522,12 @@ async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Re
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     wait_for(&tracks, ids[0], TrackState::Ready, Duration::from_secs(60)).await?;
-    let restarted = Command::new("rabbitmqctl")
-        .args(["stop_app"])
-        .status()?
-        .success()
-        && Command::new("rabbitmqctl")
-            .args(["start_app"])
-            .status()?
-            .success();
+    let restarted = Command::new("rabbitmqctl").args(["stop_app"]).status()?.success()
+        && Command::new("rabbitmqctl").args(["start_app"]).status()?.success();
     ensure!(restarted, "could not restart RabbitMQ with rabbitmqctl");
     let mut outcome = Ok(());
     for id in &ids {
-        if let Err(err) = wait_for(&tracks, *id, TrackState::Ready, Duration::from_secs(120)).await
-        {
+        if let Err(err) = wait_for(&tracks, *id, TrackState::Ready, Duration::from_secs(120)).await {
             outcome = Err(err);
             break;
         }

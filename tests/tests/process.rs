@@ -20,10 +20,9 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waveline_tests::audio::{
-    WAVE_FORMAT_EXTENSIBLE, WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_PCM, audio_stream, cover_png, cut,
-    decoded_seconds, ebur128_reference, ffmpeg, ffprobe_json, ffprobe_json_with, max_volume_db,
-    probe_number, raw_pcm, render, seeded_bytes, sine_s16, sox, tone, tone_source, wav_header,
-    write_wav,
+    WAVE_FORMAT_EXTENSIBLE, WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_PCM, audio_stream, cover_png, cut, decoded_seconds,
+    ebur128_reference, ffmpeg, ffprobe_json, ffprobe_json_with, max_volume_db, probe_number, raw_pcm, render,
+    seeded_bytes, sine_s16, sox, tone, tone_source, wav_header, write_wav,
 };
 use waveline_tests::{temp_dir, waveline_bin};
 
@@ -41,21 +40,13 @@ const OPUS_FRAME_S: f64 = 0.020;
 /// Runs `waveline process INPUT --out OUT EXTRA…` with no `WAVELINE_*` variable inherited.
 fn run_process(input: &Path, out: &Path, extra: &[&str]) -> Result<Output> {
     let mut command = Command::new(waveline_bin());
-    command
-        .arg("process")
-        .arg(input)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
+    command.arg("process").arg(input).arg("--out").arg(out).args(extra);
     for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
         command.env_remove(name);
     }
-    command.output().with_context(|| {
-        format!(
-            "cannot run {}; build it with `cargo build -p waveline`",
-            waveline_bin().display()
-        )
-    })
+    command
+        .output()
+        .with_context(|| format!("cannot run {}; build it with `cargo build -p waveline`", waveline_bin().display()))
 }
 
 fn describe(output: &Output) -> String {
@@ -74,35 +65,19 @@ fn process_ok(input: &Path, out: &Path, extra: &[&str]) -> Result<Value> {
     let mut args = vec!["--json"];
     args.extend_from_slice(extra);
     let output = run_process(input, out, &args)?;
-    ensure!(
-        output.status.success(),
-        "processing {} failed: {}",
-        input.display(),
-        describe(&output)
-    );
-    ensure!(
-        !String::from_utf8_lossy(&output.stderr).contains("panicked"),
-        "{}",
-        describe(&output)
-    );
-    let printed: Value = serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("stdout is not JSON: {}", describe(&output)))?;
-    let written: Value = serde_json::from_slice(
-        &std::fs::read(out.join("manifest.json")).context("no manifest.json")?,
-    )
-    .context("manifest.json is not JSON")?;
-    ensure!(
-        printed == written,
-        "--json printed something else than manifest.json:\n{printed}\n{written}"
-    );
+    ensure!(output.status.success(), "processing {} failed: {}", input.display(), describe(&output));
+    ensure!(!String::from_utf8_lossy(&output.stderr).contains("panicked"), "{}", describe(&output));
+    let printed: Value =
+        serde_json::from_slice(&output.stdout).with_context(|| format!("stdout is not JSON: {}", describe(&output)))?;
+    let written: Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).context("no manifest.json")?)
+        .context("manifest.json is not JSON")?;
+    ensure!(printed == written, "--json printed something else than manifest.json:\n{printed}\n{written}");
     check_listed_files(out, &written)?;
     Ok(written)
 }
 
 fn file_size(path: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(path)
-        .with_context(|| format!("{} is listed but missing", path.display()))?
-        .len())
+    Ok(std::fs::metadata(path).with_context(|| format!("{} is listed but missing", path.display()))?.len())
 }
 
 /// Every file under `dir`, recursively.
@@ -128,27 +103,19 @@ fn total_size(files: &[PathBuf]) -> Result<u64> {
 }
 
 fn text<'a>(value: &'a Value, what: &str) -> Result<&'a str> {
-    value
-        .as_str()
-        .with_context(|| format!("{what} is not a string: {value}"))
+    value.as_str().with_context(|| format!("{what} is not a string: {value}"))
 }
 
 fn number(value: &Value, what: &str) -> Result<f64> {
-    value
-        .as_f64()
-        .with_context(|| format!("{what} is not a number: {value}"))
+    value.as_f64().with_context(|| format!("{what} is not a number: {value}"))
 }
 
 fn integer(value: &Value, what: &str) -> Result<u64> {
-    value
-        .as_u64()
-        .with_context(|| format!("{what} is not a non-negative integer: {value}"))
+    value.as_u64().with_context(|| format!("{what} is not a non-negative integer: {value}"))
 }
 
 fn renditions(manifest: &Value) -> Result<&Vec<Value>> {
-    manifest["renditions"]
-        .as_array()
-        .with_context(|| format!("no renditions in {manifest}"))
+    manifest["renditions"].as_array().with_context(|| format!("no renditions in {manifest}"))
 }
 
 fn rendition<'a>(manifest: &'a Value, preset: &str) -> Result<&'a Value> {
@@ -179,22 +146,15 @@ fn check_listed_files(out: &Path, manifest: &Value) -> Result<()> {
             Some("hls") => {
                 let folder = path.parent().context("HLS master has no folder")?;
                 let size = total_size(&files_under(folder)?)?;
-                ensure!(
-                    bytes == size,
-                    "{rendition}: bytes {bytes}, the preset's files hold {size}"
-                );
-                let variants = rendition["variants"]
-                    .as_array()
-                    .with_context(|| format!("no variants in {rendition}"))?;
+                ensure!(bytes == size, "{rendition}: bytes {bytes}, the preset's files hold {size}");
+                let variants =
+                    rendition["variants"].as_array().with_context(|| format!("no variants in {rendition}"))?;
                 for variant in variants {
                     let playlist = out.join(text(&variant["path"], "variant path")?);
                     let folder = playlist.parent().context("variant has no folder")?;
                     let all = files_under(folder)?;
-                    let media: Vec<PathBuf> = all
-                        .iter()
-                        .filter(|f| f.extension().is_none_or(|e| e != "m3u8"))
-                        .cloned()
-                        .collect();
+                    let media: Vec<PathBuf> =
+                        all.iter().filter(|f| f.extension().is_none_or(|e| e != "m3u8")).cloned().collect();
                     let bytes = integer(&variant["bytes"], "variant bytes")?;
                     // The contract does not say whether a variant's bytes count its
                     // playlist; either reading is a truthful size.
@@ -215,17 +175,9 @@ fn check_listed_files(out: &Path, manifest: &Value) -> Result<()> {
 fn error_code(output: &Output) -> Result<String> {
     let printed: Value = serde_json::from_slice(&output.stdout).context("stdout is not JSON")?;
     let top = printed.as_object().context("stdout is not an object")?;
-    ensure!(
-        top.len() == 1 && top.contains_key("error"),
-        "stdout has more than the error: {printed}"
-    );
-    let error = printed["error"]
-        .as_object()
-        .context("error is not an object")?;
-    ensure!(
-        error.len() == 2,
-        "error has other fields than code and message: {printed}"
-    );
+    ensure!(top.len() == 1 && top.contains_key("error"), "stdout has more than the error: {printed}");
+    let error = printed["error"].as_object().context("error is not an object")?;
+    ensure!(error.len() == 2, "error has other fields than code and message: {printed}");
     let message = text(&printed["error"]["message"], "error.message")?;
     ensure!(!message.trim().is_empty(), "the message is empty");
     Ok(text(&printed["error"]["code"], "error.code")?.to_owned())
@@ -243,16 +195,12 @@ fn close(got: f64, expected: f64, tolerance: f64) -> bool {
 fn first_mp3_frame(bytes: &[u8]) -> Option<&[u8]> {
     let mut start = 0;
     if bytes.starts_with(b"ID3") && bytes.len() >= 10 {
-        let size = bytes[6..10]
-            .iter()
-            .fold(0usize, |size, b| (size << 7) | usize::from(b & 0x7f));
+        let size = bytes[6..10].iter().fold(0usize, |size, b| (size << 7) | usize::from(b & 0x7f));
         let footer = if bytes[5] & 0x10 != 0 { 10 } else { 0 };
         start = 10 + size + footer;
     }
     let rest = bytes.get(start..)?;
-    let sync = rest
-        .windows(2)
-        .position(|w| w[0] == 0xff && w[1] & 0xe0 == 0xe0)?;
+    let sync = rest.windows(2).position(|w| w[0] == 0xff && w[1] & 0xe0 == 0xe0)?;
     rest.get(sync..(sync + 418).min(rest.len()))
 }
 
@@ -270,11 +218,7 @@ fn format_tag(probe: &Value, name: &str) -> Option<String> {
 fn check_mp3(path: &Path, kbps: f64, rate: f64, expected_s: f64) -> Result<()> {
     let probe = ffprobe_json(path)?;
     let stream = audio_stream(&probe)?;
-    ensure!(
-        stream["codec_name"] == "mp3",
-        "{}: {stream}",
-        path.display()
-    );
+    ensure!(stream["codec_name"] == "mp3", "{}: {stream}", path.display());
     ensure!(
         probe_number(&stream["sample_rate"]) == Some(rate) && stream["channels"] == 2,
         "{}: expected {rate} Hz stereo, got {stream}",
@@ -330,18 +274,12 @@ fn check_opus(path: &Path, expected_s: f64) -> Result<()> {
 fn attribute<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let at = line.find(&format!("{key}="))? + key.len() + 1;
     let rest = &line[at..];
-    if let Some(quoted) = rest.strip_prefix('"') {
-        quoted.split('"').next()
-    } else {
-        rest.split(',').next()
-    }
+    if let Some(quoted) = rest.strip_prefix('"') { quoted.split('"').next() } else { rest.split(',').next() }
 }
 
 /// The value after `TAG:` on the first line that starts with it.
 fn tag_value<'a>(playlist: &'a str, tag: &str) -> Option<&'a str> {
-    playlist
-        .lines()
-        .find_map(|line| line.strip_prefix(tag)?.strip_prefix(':'))
+    playlist.lines().find_map(|line| line.strip_prefix(tag)?.strip_prefix(':'))
 }
 
 /// An AAC-over-HLS rendition: the master lists one variant per bitrate, each a VOD fMP4
@@ -357,18 +295,14 @@ fn check_hls(
     expected_s: f64,
     rich_signal: bool,
 ) -> Result<()> {
-    ensure!(
-        rendition["kind"] == "hls" && rendition["codec"] == "aac",
-        "{rendition}"
-    );
+    ensure!(rendition["kind"] == "hls" && rendition["codec"] == "aac", "{rendition}");
     ensure!(
         rendition["bitrate_kbps"].as_u64() == variants_kbps.iter().max().copied(),
         "the preset's bitrate is not its top variant's: {rendition}"
     );
     let master_path = out.join(text(&rendition["path"], "master path")?);
     let master_dir = master_path.parent().context("master has no folder")?;
-    let master = std::fs::read_to_string(&master_path)
-        .with_context(|| format!("{}", master_path.display()))?;
+    let master = std::fs::read_to_string(&master_path).with_context(|| format!("{}", master_path.display()))?;
     ensure!(master.starts_with("#EXTM3U"), "master: {master}");
 
     let mut listed = Vec::new();
@@ -378,10 +312,7 @@ fn check_hls(
             let bandwidth: u64 = attribute(line, "BANDWIDTH")
                 .and_then(|b| b.parse().ok())
                 .with_context(|| format!("no BANDWIDTH in {line}"))?;
-            ensure!(
-                attribute(line, "CODECS") == Some("mp4a.40.2"),
-                "CODECS is not \"mp4a.40.2\": {line}"
-            );
+            ensure!(attribute(line, "CODECS") == Some("mp4a.40.2"), "CODECS is not \"mp4a.40.2\": {line}");
             let uri = lines
                 .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
                 .with_context(|| format!("no URI after {line}"))?;
@@ -395,13 +326,8 @@ fn check_hls(
         variants_kbps.len()
     );
 
-    let variants = rendition["variants"]
-        .as_array()
-        .with_context(|| format!("no variants in {rendition}"))?;
-    let kbps: Vec<u64> = variants
-        .iter()
-        .filter_map(|v| v["bitrate_kbps"].as_u64())
-        .collect();
+    let variants = rendition["variants"].as_array().with_context(|| format!("no variants in {rendition}"))?;
+    let kbps: Vec<u64> = variants.iter().filter_map(|v| v["bitrate_kbps"].as_u64()).collect();
     ensure!(kbps == variants_kbps, "variant bitrates {kbps:?}");
 
     let mut total_segments = 0;
@@ -410,29 +336,15 @@ fn check_hls(
         let (bandwidth, _) = listed
             .iter()
             .find(|(_, uri)| *uri == playlist_path)
-            .with_context(|| {
-                format!(
-                    "the master does not point at {}: {master}",
-                    playlist_path.display()
-                )
-            })?;
-        ensure!(
-            variant["bandwidth"].as_u64() == Some(*bandwidth),
-            "{variant}: the master says BANDWIDTH={bandwidth}"
-        );
+            .with_context(|| format!("the master does not point at {}: {master}", playlist_path.display()))?;
+        ensure!(variant["bandwidth"].as_u64() == Some(*bandwidth), "{variant}: the master says BANDWIDTH={bandwidth}");
         let folder = playlist_path.parent().context("variant has no folder")?;
-        let playlist = std::fs::read_to_string(&playlist_path)
-            .with_context(|| format!("{}", playlist_path.display()))?;
+        let playlist =
+            std::fs::read_to_string(&playlist_path).with_context(|| format!("{}", playlist_path.display()))?;
         let name = playlist_path.display();
         ensure!(playlist.starts_with("#EXTM3U"), "{name}: {playlist}");
-        ensure!(
-            tag_value(&playlist, "#EXT-X-PLAYLIST-TYPE") == Some("VOD"),
-            "{name} is not VOD: {playlist}"
-        );
-        ensure!(
-            playlist.lines().any(|l| l.trim() == "#EXT-X-ENDLIST"),
-            "{name} has no ENDLIST: {playlist}"
-        );
+        ensure!(tag_value(&playlist, "#EXT-X-PLAYLIST-TYPE") == Some("VOD"), "{name} is not VOD: {playlist}");
+        ensure!(playlist.lines().any(|l| l.trim() == "#EXT-X-ENDLIST"), "{name} has no ENDLIST: {playlist}");
         let map = tag_value(&playlist, "#EXT-X-MAP")
             .with_context(|| format!("{name} is not fMP4 (no EXT-X-MAP): {playlist}"))?;
         ensure!(
@@ -442,20 +354,14 @@ fn check_hls(
         let target: f64 = tag_value(&playlist, "#EXT-X-TARGETDURATION")
             .and_then(|t| t.trim().parse().ok())
             .with_context(|| format!("{name}: no TARGETDURATION"))?;
-        ensure!(
-            target <= segment_s.ceil() + 1.0,
-            "{name}: TARGETDURATION {target} for {segment_s} s segments"
-        );
+        ensure!(target <= segment_s.ceil() + 1.0, "{name}: TARGETDURATION {target} for {segment_s} s segments");
         let durations: Vec<f64> = playlist
             .lines()
             .filter_map(|l| l.strip_prefix("#EXTINF:"))
             .filter_map(|d| d.split(',').next()?.trim().parse().ok())
             .collect();
-        let segments: Vec<&str> = playlist
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .collect();
+        let segments: Vec<&str> =
+            playlist.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
         ensure!(
             !segments.is_empty() && segments.len() == durations.len(),
             "{name}: {} segments for {} EXTINF",
@@ -500,10 +406,7 @@ fn check_hls(
             close(duration, expected_s, AAC_FRAME / 44_100.0 + SLACK_S),
             "{name}: lasts {duration:.4} s, expected {expected_s:.4} s within one AAC frame"
         );
-        let media: u64 = segments
-            .iter()
-            .map(|s| file_size(&folder.join(s)))
-            .sum::<Result<u64>>()?;
+        let media: u64 = segments.iter().map(|s| file_size(&folder.join(s))).sum::<Result<u64>>()?;
         let nominal = integer(&variant["bitrate_kbps"], "variant bitrate")? as f64;
         let actual_kbps = media as f64 * 8.0 / duration / 1000.0;
         ensure!(
@@ -514,14 +417,9 @@ fn check_hls(
     ensure!(total_segments > 0, "no segments at all");
 
     // A player starts from the master: ffprobe must get through it to AAC audio.
-    let probe = ffprobe_json_with(
-        &master_path,
-        &["-allowed_extensions", "ALL", "-protocol_whitelist", "file"],
-    )?;
+    let probe = ffprobe_json_with(&master_path, &["-allowed_extensions", "ALL", "-protocol_whitelist", "file"])?;
     let programs = probe["programs"].as_array().map_or(0, Vec::len);
-    let aac_streams = probe["streams"]
-        .as_array()
-        .map_or(0, |s| s.iter().filter(|s| s["codec_name"] == "aac").count());
+    let aac_streams = probe["streams"].as_array().map_or(0, |s| s.iter().filter(|s| s["codec_name"] == "aac").count());
     ensure!(
         programs == variants_kbps.len() && aac_streams == variants_kbps.len(),
         "ffprobe found {programs} programs and {aac_streams} AAC streams in the master"
@@ -570,22 +468,8 @@ struct Source {
     tolerance_s: f64,
 }
 
-fn lossless(
-    container: &'static str,
-    codec: &'static str,
-    rate: u64,
-    channels: u64,
-    bits: u64,
-) -> Source {
-    Source {
-        container,
-        codec,
-        sample_rate: rate,
-        channels,
-        bits: Some(bits),
-        seconds: 8.0,
-        tolerance_s: 0.002,
-    }
+fn lossless(container: &'static str, codec: &'static str, rate: u64, channels: u64, bits: u64) -> Source {
+    Source { container, codec, sample_rate: rate, channels, bits: Some(bits), seconds: 8.0, tolerance_s: 0.002 }
 }
 
 fn lossy(container: &'static str, codec: &'static str, rate: u64, frame_samples: f64) -> Source {
@@ -602,11 +486,7 @@ fn lossy(container: &'static str, codec: &'static str, rate: u64, frame_samples:
 
 /// Makes a fixture with `make`, processes it, and checks the source block, the waveform's
 /// length rule, a measured loudness and stereo renditions.
-fn check_format(
-    file_name: &str,
-    make: impl FnOnce(&Path) -> Result<()>,
-    expected: &Source,
-) -> Result<()> {
+fn check_format(file_name: &str, make: impl FnOnce(&Path) -> Result<()>, expected: &Source) -> Result<()> {
     let dir = temp_dir()?;
     let input = dir.path().join(file_name);
     make(&input)?;
@@ -622,22 +502,12 @@ fn check_format(
         "expected {expected:?}, got {source}"
     );
     match expected.bits {
-        Some(bits) => ensure!(
-            source["bits_per_sample"] == bits,
-            "expected {bits} bits: {source}"
-        ),
-        None => ensure!(
-            source["bits_per_sample"].is_null(),
-            "a lossy codec has no bit depth: {source}"
-        ),
+        Some(bits) => ensure!(source["bits_per_sample"] == bits, "expected {bits} bits: {source}"),
+        None => ensure!(source["bits_per_sample"].is_null(), "a lossy codec has no bit depth: {source}"),
     }
     let duration_ms = integer(&source["duration_ms"], "source.duration_ms")?;
     ensure!(
-        close(
-            duration_ms as f64 / 1000.0,
-            expected.seconds,
-            expected.tolerance_s
-        ),
+        close(duration_ms as f64 / 1000.0, expected.seconds, expected.tolerance_s),
         "source lasts {duration_ms} ms, expected {} s within {} s",
         expected.seconds,
         expected.tolerance_s
@@ -646,17 +516,11 @@ fn check_format(
     // rounded to a millisecond, which can move the count by one pixel.
     let frames = duration_ms as f64 * expected.sample_rate as f64 / 1000.0;
     let length = integer(&manifest["waveform"]["length"], "waveform.length")?;
-    ensure!(
-        close(length as f64, (frames / 256.0).ceil(), 1.0),
-        "waveform length {length} for about {frames} frames"
-    );
+    ensure!(close(length as f64, (frames / 256.0).ceil(), 1.0), "waveform length {length} for about {frames} frames");
     let lufs = number(&manifest["loudness"]["integrated_lufs"], "integrated_lufs")?;
     // −6 dBFS sines read from about −10 LUFS (mono) to about 0 LUFS (7.1, where the
     // surrounds weigh more): the point here is that loudness was measured at all.
-    ensure!(
-        (-30.0..3.0).contains(&lufs),
-        "a −6 dBFS tone reads {lufs} LUFS"
-    );
+    ensure!((-30.0..3.0).contains(&lufs), "a −6 dBFS tone reads {lufs} LUFS");
     check_default_ladder_is_stereo(&out)
 }
 
@@ -675,16 +539,7 @@ fn wav_pcm_s24() -> Result<()> {
     // header is our own.
     check_format(
         "s24.wav",
-        |p| {
-            write_wav(
-                p,
-                WAVE_FORMAT_PCM,
-                2,
-                48_000,
-                24,
-                &raw_pcm(8.0, 48_000, 2, "s24le")?,
-            )
-        },
+        |p| write_wav(p, WAVE_FORMAT_PCM, 2, 48_000, 24, &raw_pcm(8.0, 48_000, 2, "s24le")?),
         &lossless("wav", "pcm_s24le", 48_000, 2, 24),
     )
 }
@@ -693,16 +548,7 @@ fn wav_pcm_s24() -> Result<()> {
 fn wav_pcm_s32() -> Result<()> {
     check_format(
         "s32.wav",
-        |p| {
-            write_wav(
-                p,
-                WAVE_FORMAT_PCM,
-                2,
-                44_100,
-                32,
-                &raw_pcm(8.0, 44_100, 2, "s32le")?,
-            )
-        },
+        |p| write_wav(p, WAVE_FORMAT_PCM, 2, 44_100, 32, &raw_pcm(8.0, 44_100, 2, "s32le")?),
         &lossless("wav", "pcm_s32le", 44_100, 2, 32),
     )
 }
@@ -713,16 +559,7 @@ fn wav_ieee_float_32() -> Result<()> {
     // depth is defined here even though the samples are floats.
     check_format(
         "f32.wav",
-        |p| {
-            write_wav(
-                p,
-                WAVE_FORMAT_IEEE_FLOAT,
-                2,
-                48_000,
-                32,
-                &raw_pcm(8.0, 48_000, 2, "f32le")?,
-            )
-        },
+        |p| write_wav(p, WAVE_FORMAT_IEEE_FLOAT, 2, 48_000, 32, &raw_pcm(8.0, 48_000, 2, "f32le")?),
         &lossless("wav", "pcm_f32le", 48_000, 2, 32),
     )
 }
@@ -760,22 +597,7 @@ fn aiff() -> Result<()> {
 fn flac_24_bit_96k() -> Result<()> {
     check_format(
         "hires.flac",
-        |p| {
-            tone(
-                p,
-                8.0,
-                96_000,
-                2,
-                &[
-                    "-c:a",
-                    "flac",
-                    "-sample_fmt",
-                    "s32",
-                    "-bits_per_raw_sample",
-                    "24",
-                ],
-            )
-        },
+        |p| tone(p, 8.0, 96_000, 2, &["-c:a", "flac", "-sample_fmt", "s32", "-bits_per_raw_sample", "24"]),
         &lossless("flac", "flac", 96_000, 2, 24),
     )
 }
@@ -845,15 +667,7 @@ fn the_type_comes_from_the_bytes_not_the_extension() -> Result<()> {
     // A FLAC named .mp3 and a WAV named .flac are what their bytes say.
     check_format(
         "really-flac.mp3",
-        |p| {
-            tone(
-                p,
-                8.0,
-                44_100,
-                2,
-                &["-c:a", "flac", "-sample_fmt", "s16", "-f", "flac"],
-            )
-        },
+        |p| tone(p, 8.0, 44_100, 2, &["-c:a", "flac", "-sample_fmt", "s16", "-f", "flac"]),
         &lossless("flac", "flac", 44_100, 2, 16),
     )?;
     check_format(
@@ -880,11 +694,7 @@ fn mono_becomes_stereo_renditions() -> Result<()> {
 fn surround_5_1_aac_is_mixed_down_to_stereo() -> Result<()> {
     let mut expected = lossy("mp4", "aac", 48_000, AAC_FRAME);
     expected.channels = 6;
-    check_format(
-        "surround51.m4a",
-        |p| tone(p, 8.0, 48_000, 6, &["-c:a", "aac", "-b:a", "384k"]),
-        &expected,
-    )
+    check_format("surround51.m4a", |p| tone(p, 8.0, 48_000, 6, &["-c:a", "aac", "-b:a", "384k"]), &expected)
 }
 
 #[test]
@@ -927,36 +737,23 @@ fn sine_at_minus_23_dbfs_reads_minus_23_lufs() -> Result<()> {
     let amplitude = format!("{}", 10f64.powf(-23.0 / 20.0));
     let input_str = input.to_str().context("temp path is not UTF-8")?;
     sox(&[
-        "-D", "-n", "-r", "48000", "-c", "2", "-b", "16", input_str, "synth", "20", "sine", "1000",
-        "vol", &amplitude,
+        "-D", "-n", "-r", "48000", "-c", "2", "-b", "16", input_str, "synth", "20", "sine", "1000", "vol", &amplitude,
     ])?;
     let manifest = process_ok(&input, &dir.path().join("out"), &[])?;
     let loudness = &manifest["loudness"];
     let integrated = number(&loudness["integrated_lufs"], "integrated_lufs")?;
-    ensure!(
-        close(integrated, -23.0, 0.1),
-        "integrated {integrated} LUFS, expected −23.0 ± 0.1: {loudness}"
-    );
+    ensure!(close(integrated, -23.0, 0.1), "integrated {integrated} LUFS, expected −23.0 ± 0.1: {loudness}");
     let range = number(&loudness["range_lu"], "range_lu")?;
-    ensure!(
-        range.abs() <= 0.5,
-        "a steady tone has no loudness range: {loudness}"
-    );
+    ensure!(range.abs() <= 0.5, "a steady tone has no loudness range: {loudness}");
     let sample_peak = number(&loudness["sample_peak_dbfs"], "sample_peak_dbfs")?;
-    ensure!(
-        close(sample_peak, -23.0, 0.1),
-        "sample peak {sample_peak} dBFS, expected −23.0: {loudness}"
-    );
+    ensure!(close(sample_peak, -23.0, 0.1), "sample peak {sample_peak} dBFS, expected −23.0: {loudness}");
     let true_peak = number(&loudness["true_peak_dbtp"], "true_peak_dbtp")?;
     ensure!(
         close(true_peak, -23.0, 0.3) && true_peak >= sample_peak - 0.05,
         "true peak {true_peak} dBTP, expected about −23.0 and not under the sample peak: {loudness}"
     );
     // ReplayGain 2.0 plays tracks at −18 LUFS, so this one gets +5 dB.
-    let gain = number(
-        &loudness["replaygain_track_gain_db"],
-        "replaygain_track_gain_db",
-    )?;
+    let gain = number(&loudness["replaygain_track_gain_db"], "replaygain_track_gain_db")?;
     ensure!(
         close(gain, -18.0 - integrated, 0.1),
         "ReplayGain {gain} dB, expected {} dB (−18 LUFS reference): {loudness}",
@@ -1000,35 +797,20 @@ fn loudness_agrees_with_ffmpeg_ebur128() -> Result<()> {
     let sample_peak = number(&loudness["sample_peak_dbfs"], "sample_peak_dbfs")?;
     let mut mismatches = Vec::new();
     if !close(integrated, reference.integrated_lufs, 0.2) {
-        mismatches.push(format!(
-            "integrated {integrated} vs ffmpeg {}",
-            reference.integrated_lufs
-        ));
+        mismatches.push(format!("integrated {integrated} vs ffmpeg {}", reference.integrated_lufs));
     }
     if !close(range, reference.range_lu, 0.5) {
         mismatches.push(format!("LRA {range} vs ffmpeg {}", reference.range_lu));
     }
     if !close(true_peak, reference.true_peak_dbtp, 0.3) {
-        mismatches.push(format!(
-            "true peak {true_peak} vs ffmpeg {}",
-            reference.true_peak_dbtp
-        ));
+        mismatches.push(format!("true peak {true_peak} vs ffmpeg {}", reference.true_peak_dbtp));
     }
     let detected = max_volume_db(&input, &[])?;
     if !close(sample_peak, detected, 0.15) {
-        mismatches.push(format!(
-            "sample peak {sample_peak} vs volumedetect {detected}"
-        ));
+        mismatches.push(format!("sample peak {sample_peak} vs volumedetect {detected}"));
     }
-    ensure!(
-        mismatches.is_empty(),
-        "{}\nmanifest: {loudness}\nffmpeg: {reference:?}",
-        mismatches.join("\n")
-    );
-    ensure!(
-        reference.range_lu > 3.0,
-        "the fixture is too steady: {reference:?}"
-    );
+    ensure!(mismatches.is_empty(), "{}\nmanifest: {loudness}\nffmpeg: {reference:?}", mismatches.join("\n"));
+    ensure!(reference.range_lu > 3.0, "the fixture is too steady: {reference:?}");
     Ok(())
 }
 
@@ -1047,10 +829,7 @@ fn true_peak_finds_the_peaks_between_samples() -> Result<()> {
     let loudness = &manifest["loudness"];
     let sample_peak = number(&loudness["sample_peak_dbfs"], "sample_peak_dbfs")?;
     let true_peak = number(&loudness["true_peak_dbtp"], "true_peak_dbtp")?;
-    ensure!(
-        close(sample_peak, -9.03, 0.1),
-        "sample peak {sample_peak} dBFS, expected −9.03: {loudness}"
-    );
+    ensure!(close(sample_peak, -9.03, 0.1), "sample peak {sample_peak} dBFS, expected −9.03: {loudness}");
     ensure!(
         close(true_peak, -6.02, 0.3),
         "true peak {true_peak} dBTP, expected −6.02 (3 dB over the samples): {loudness}"
@@ -1062,35 +841,17 @@ fn true_peak_finds_the_peaks_between_samples() -> Result<()> {
 fn silence_has_null_loudness() -> Result<()> {
     let dir = temp_dir()?;
     let input = dir.path().join("silence.wav");
-    render(
-        &input,
-        "anullsrc=channel_layout=stereo:sample_rate=44100:duration=8",
-        &["-c:a", "pcm_s16le"],
-    )?;
+    render(&input, "anullsrc=channel_layout=stereo:sample_rate=44100:duration=8", &["-c:a", "pcm_s16le"])?;
     let out = dir.path().join("out");
     let manifest = process_ok(&input, &out, &[])?;
     let loudness = &manifest["loudness"];
-    for key in [
-        "integrated_lufs",
-        "true_peak_dbtp",
-        "sample_peak_dbfs",
-        "replaygain_track_gain_db",
-    ] {
-        ensure!(
-            loudness[key].is_null(),
-            "{key} of silence is not null: {loudness}"
-        );
+    for key in ["integrated_lufs", "true_peak_dbtp", "sample_peak_dbfs", "replaygain_track_gain_db"] {
+        ensure!(loudness[key].is_null(), "{key} of silence is not null: {loudness}");
     }
-    ensure!(
-        loudness["range_lu"].as_f64() == Some(0.0),
-        "silence has a loudness range: {loudness}"
-    );
+    ensure!(loudness["range_lu"].as_f64() == Some(0.0), "silence has a loudness range: {loudness}");
     let waveform: Value = serde_json::from_slice(&std::fs::read(out.join("waveform.json"))?)?;
     let data = waveform["data"].as_array().context("no waveform data")?;
-    ensure!(
-        !data.is_empty() && data.iter().all(|v| v == 0),
-        "the waveform of silence is not flat"
-    );
+    ensure!(!data.is_empty() && data.iter().all(|v| v == 0), "the waveform of silence is not flat");
     Ok(())
 }
 
@@ -1100,8 +861,7 @@ fn silence_has_null_loudness() -> Result<()> {
 
 /// Pink noise with a tone, so the encoders have something to spend their bitrate on.
 fn music_like(path: &Path, secs: f64) -> Result<()> {
-    let source =
-        format!("anoisesrc=color=pink:seed=11:amplitude=0.3:sample_rate=44100:duration={secs}");
+    let source = format!("anoisesrc=color=pink:seed=11:amplitude=0.3:sample_rate=44100:duration={secs}");
     let tone = tone_source(secs, 44_100, 1);
     ffmpeg(&[
         "-f",
@@ -1130,21 +890,12 @@ fn default_ladder_renditions_play_as_promised() -> Result<()> {
     let out = dir.path().join("out");
     let manifest = process_ok(&input, &out, &[])?;
 
-    let presets: BTreeSet<&str> = renditions(&manifest)?
-        .iter()
-        .filter_map(|r| r["preset"].as_str())
-        .collect();
-    ensure!(
-        presets == BTreeSet::from(["aac_hls", "mp3_128", "opus_64", "preview"]),
-        "presets {presets:?}"
-    );
+    let presets: BTreeSet<&str> = renditions(&manifest)?.iter().filter_map(|r| r["preset"].as_str()).collect();
+    ensure!(presets == BTreeSet::from(["aac_hls", "mp3_128", "opus_64", "preview"]), "presets {presets:?}");
     let expect = |preset: &str, fields: Value| -> Result<()> {
         let rendition = rendition(&manifest, preset)?;
         for (key, value) in fields.as_object().context("fields")? {
-            ensure!(
-                &rendition[key] == value,
-                "{preset}.{key}: expected {value}, got {rendition}"
-            );
+            ensure!(&rendition[key] == value, "{preset}.{key}: expected {value}, got {rendition}");
         }
         Ok(())
     };
@@ -1182,20 +933,13 @@ fn default_ladder_renditions_play_as_promised() -> Result<()> {
             failures.push(format!("{what}: {err:#}"));
         }
     };
-    record(
-        "mp3_128",
-        check_mp3(&out.join("mp3_128.mp3"), 128.0, 44_100.0, 10.0),
-    );
+    record("mp3_128", check_mp3(&out.join("mp3_128.mp3"), 128.0, 44_100.0, 10.0));
     record("opus_64", check_opus(&out.join("opus_64.opus"), 10.0));
     record(
         "aac_hls",
-        rendition(&manifest, "aac_hls")
-            .and_then(|r| check_hls(&out, r, &[96, 160, 256], 6.0, 10.0, true)),
+        rendition(&manifest, "aac_hls").and_then(|r| check_hls(&out, r, &[96, 160, 256], 6.0, 10.0, true)),
     );
-    record(
-        "preview",
-        check_mp3(&out.join("preview.mp3"), 128.0, 44_100.0, 10.0),
-    );
+    record("preview", check_mp3(&out.join("preview.mp3"), 128.0, 44_100.0, 10.0));
     record("variant paths", check_default_variant_paths(&manifest));
     record("no artwork", check_no_artwork(&out, &manifest));
     record("manifest written last", check_manifest_written_last(&out));
@@ -1211,12 +955,7 @@ fn check_default_variant_paths(manifest: &Value) -> Result<()> {
         .filter_map(|v| v["path"].as_str())
         .collect();
     ensure!(
-        variants
-            == [
-                "aac_hls/96k/index.m3u8",
-                "aac_hls/160k/index.m3u8",
-                "aac_hls/256k/index.m3u8"
-            ],
+        variants == ["aac_hls/96k/index.m3u8", "aac_hls/160k/index.m3u8", "aac_hls/256k/index.m3u8"],
         "variant paths {variants:?}"
     );
     Ok(())
@@ -1224,15 +963,9 @@ fn check_default_variant_paths(manifest: &Value) -> Result<()> {
 
 /// An input without cover art gets `"artwork": null` and no artwork file.
 fn check_no_artwork(out: &Path, manifest: &Value) -> Result<()> {
-    ensure!(
-        manifest["tags"]["artwork"].is_null(),
-        "{}",
-        manifest["tags"]
-    );
-    let stray: Vec<PathBuf> = files_under(out)?
-        .into_iter()
-        .filter(|f| f.file_stem().is_some_and(|s| s == "artwork"))
-        .collect();
+    ensure!(manifest["tags"]["artwork"].is_null(), "{}", manifest["tags"]);
+    let stray: Vec<PathBuf> =
+        files_under(out)?.into_iter().filter(|f| f.file_stem().is_some_and(|s| s == "artwork")).collect();
     ensure!(stray.is_empty(), "artwork without cover art: {stray:?}");
     Ok(())
 }
@@ -1242,11 +975,7 @@ fn check_manifest_written_last(out: &Path) -> Result<()> {
     let manifest_time = std::fs::metadata(out.join("manifest.json"))?.modified()?;
     for file in files_under(out)? {
         let modified = std::fs::metadata(&file)?.modified()?;
-        ensure!(
-            modified <= manifest_time,
-            "{} was written after manifest.json",
-            file.display()
-        );
+        ensure!(modified <= manifest_time, "{} was written after manifest.json", file.display());
     }
     Ok(())
 }
@@ -1256,21 +985,10 @@ fn preview_is_the_first_30_seconds_of_a_longer_track() -> Result<()> {
     let dir = temp_dir()?;
     let input = dir.path().join("long.wav");
     let frames = 36 * 22_050;
-    write_wav(
-        &input,
-        WAVE_FORMAT_PCM,
-        2,
-        22_050,
-        16,
-        &sine_s16(frames, 2, 22_050, 0.5, 0),
-    )?;
+    write_wav(&input, WAVE_FORMAT_PCM, 2, 22_050, 16, &sine_s16(frames, 2, 22_050, 0.5, 0))?;
     let out = dir.path().join("out");
     let manifest = process_ok(&input, &out, &[])?;
-    ensure!(
-        manifest["source"]["duration_ms"] == 36_000,
-        "{}",
-        manifest["source"]
-    );
+    ensure!(manifest["source"]["duration_ms"] == 36_000, "{}", manifest["source"]);
     let preview = rendition(&manifest, "preview")?;
     let ms = integer(&preview["duration_ms"], "preview.duration_ms")?;
     ensure!(
@@ -1305,9 +1023,7 @@ fn parse_dat(bytes: &[u8]) -> Result<WaveformDat> {
     let data = if flags & 1 == 1 {
         body.iter().map(|b| i64::from(*b as i8)).collect()
     } else {
-        body.chunks_exact(2)
-            .map(|c| i64::from(i16::from_le_bytes([c[0], c[1]])))
-            .collect()
+        body.chunks_exact(2).map(|c| i64::from(i16::from_le_bytes([c[0], c[1]]))).collect()
     };
     Ok(WaveformDat {
         version: i32::from_le_bytes(word(0)),
@@ -1346,11 +1062,7 @@ fn check_waveform_files(
     let header = serde_json::json!({"version": 2, "channels": 1, "sample_rate": rate,
         "samples_per_pixel": samples_per_pixel, "bits": bits, "length": length});
     for (key, value) in header.as_object().context("header")? {
-        ensure!(
-            &json[key] == value,
-            "waveform.json {key}: expected {value}, got {}",
-            json[key]
-        );
+        ensure!(&json[key] == value, "waveform.json {key}: expected {value}, got {}", json[key]);
     }
     let data: Vec<i64> = json["data"]
         .as_array()
@@ -1358,20 +1070,10 @@ fn check_waveform_files(
         .iter()
         .map(|v| v.as_i64().with_context(|| format!("{v} is not an integer")))
         .collect::<Result<_>>()?;
-    ensure!(
-        data.len() as u64 == 2 * length,
-        "waveform.json holds {} values for {length} pixels",
-        data.len()
-    );
+    ensure!(data.len() as u64 == 2 * length, "waveform.json holds {} values for {length} pixels", data.len());
     let limit = 1i64 << (bits - 1);
-    ensure!(
-        data.iter().all(|v| (-limit..limit).contains(v)),
-        "waveform.json has values outside {bits} bits"
-    );
-    ensure!(
-        data.chunks_exact(2).all(|pair| pair[0] <= pair[1]),
-        "waveform.json has a pixel whose min is over its max"
-    );
+    ensure!(data.iter().all(|v| (-limit..limit).contains(v)), "waveform.json has values outside {bits} bits");
+    ensure!(data.chunks_exact(2).all(|pair| pair[0] <= pair[1]), "waveform.json has a pixel whose min is over its max");
 
     let dat_bytes = std::fs::read(out.join("waveform.dat"))?;
     let bytes_per_value = u64::from(bits / 8);
@@ -1390,29 +1092,18 @@ fn check_waveform_files(
             && u64::from(dat.length) == length
             && dat.channels == 1,
         "waveform.dat header: {:?}",
-        WaveformDat {
-            data: Vec::new(),
-            ..dat
-        }
+        WaveformDat { data: Vec::new(), ..dat }
     );
     ensure!(dat.data == data, "waveform.dat and waveform.json disagree");
 
-    let summary: Vec<f64> =
-        serde_json::from_slice::<Value>(&std::fs::read(out.join("waveform_summary.json"))?)?
-            .as_array()
-            .context("the summary is not an array")?
-            .iter()
-            .map(|v| v.as_f64().with_context(|| format!("{v} is not a number")))
-            .collect::<Result<_>>()?;
-    ensure!(
-        summary.len() == summary_points,
-        "the summary has {} points, expected {summary_points}",
-        summary.len()
-    );
-    ensure!(
-        summary.iter().all(|v| (0.0..=1.0).contains(v)),
-        "summary values outside 0..1"
-    );
+    let summary: Vec<f64> = serde_json::from_slice::<Value>(&std::fs::read(out.join("waveform_summary.json"))?)?
+        .as_array()
+        .context("the summary is not an array")?
+        .iter()
+        .map(|v| v.as_f64().with_context(|| format!("{v} is not a number")))
+        .collect::<Result<_>>()?;
+    ensure!(summary.len() == summary_points, "the summary has {} points, expected {summary_points}", summary.len());
+    ensure!(summary.iter().all(|v| (0.0..=1.0).contains(v)), "summary values outside 0..1");
     Ok((data, summary))
 }
 
@@ -1424,14 +1115,7 @@ fn waveform_files_follow_audiowaveform_v2() -> Result<()> {
     // so the last pixel is partial and the length must round up.
     let frames = 441_100;
     let onset = 220_500;
-    write_wav(
-        &input,
-        WAVE_FORMAT_PCM,
-        2,
-        44_100,
-        16,
-        &sine_s16(frames, 2, 44_100, 0.5, onset),
-    )?;
+    write_wav(&input, WAVE_FORMAT_PCM, 2, 44_100, 16, &sine_s16(frames, 2, 44_100, 0.5, onset))?;
     let out = dir.path().join("out");
     let manifest = process_ok(&input, &out, &[])?;
     let (data, summary) = check_waveform_files(&out, &manifest, frames, 44_100, 256, 8, 1800)?;
@@ -1440,18 +1124,11 @@ fn waveform_files_follow_audiowaveform_v2() -> Result<()> {
     let pixels: Vec<&[i64]> = data.chunks_exact(2).collect();
     let silent = (onset / 256) as usize;
     ensure!(
-        pixels[..silent]
-            .iter()
-            .all(|p| p[0].abs() <= 1 && p[1].abs() <= 1),
+        pixels[..silent].iter().all(|p| p[0].abs() <= 1 && p[1].abs() <= 1),
         "pixels before the onset are not flat"
     );
     // Half of full scale is 64 in 8 bits; the last pixel is partial, so it is left out.
-    for (index, pixel) in pixels
-        .iter()
-        .enumerate()
-        .take(pixels.len() - 1)
-        .skip(silent + 1)
-    {
+    for (index, pixel) in pixels.iter().enumerate().take(pixels.len() - 1).skip(silent + 1) {
         ensure!(
             (62..=65).contains(&pixel[1]) && (-65..=-62).contains(&pixel[0]),
             "pixel {index} is {pixel:?}, expected about ±64 for a −6 dBFS sine"
@@ -1480,14 +1157,7 @@ fn custom_presets_replace_the_ladder_and_the_waveform_settings() -> Result<()> {
     let input = dir.path().join("late.wav");
     // Silent for 2 s, then a tone: a clip that starts at 2 s opens loud.
     let frames = 441_000;
-    write_wav(
-        &input,
-        WAVE_FORMAT_PCM,
-        2,
-        44_100,
-        16,
-        &sine_s16(frames, 2, 44_100, 0.5, 88_200),
-    )?;
+    write_wav(&input, WAVE_FORMAT_PCM, 2, 44_100, 16, &sine_s16(frames, 2, 44_100, 0.5, 88_200))?;
     let presets = dir.path().join("presets.toml");
     std::fs::write(
         &presets,
@@ -1526,21 +1196,14 @@ clip_duration_s = 5
     let presets_arg = presets.to_str().context("temp path is not UTF-8")?;
     let manifest = process_ok(&input, &out, &["--presets", presets_arg])?;
 
-    let names: Vec<&str> = renditions(&manifest)?
-        .iter()
-        .filter_map(|r| r["preset"].as_str())
-        .collect();
+    let names: Vec<&str> = renditions(&manifest)?.iter().filter_map(|r| r["preset"].as_str()).collect();
     ensure!(
-        names.iter().copied().collect::<BTreeSet<_>>()
-            == BTreeSet::from(["aac_small", "opus_32", "teaser"])
+        names.iter().copied().collect::<BTreeSet<_>>() == BTreeSet::from(["aac_small", "opus_32", "teaser"])
             && names.len() == 3,
         "the presets file replaces the ladder, got {names:?}"
     );
     for default in ["mp3_128.mp3", "opus_64.opus", "preview.mp3", "aac_hls"] {
-        ensure!(
-            !out.join(default).exists(),
-            "{default} was made though the presets file replaces the default ladder"
-        );
+        ensure!(!out.join(default).exists(), "{default} was made though the presets file replaces the default ladder");
     }
 
     let mut failures = Vec::new();
@@ -1558,8 +1221,7 @@ clip_duration_s = 5
     );
     record(
         "aac_small",
-        rendition(&manifest, "aac_small")
-            .and_then(|r| check_hls(&out, r, &[64, 128], 4.0, 10.0, false)),
+        rendition(&manifest, "aac_small").and_then(|r| check_hls(&out, r, &[64, 128], 4.0, 10.0, false)),
     );
     record(
         "teaser",
@@ -1572,26 +1234,18 @@ clip_duration_s = 5
             let path = out.join(text(&r["path"], "path")?);
             check_mp3(&path, 96.0, 44_100.0, 5.0)?;
             let opening = max_volume_db(&path, &["-t", "0.5"])?;
-            ensure!(
-                opening > -12.0,
-                "the teaser's first 0.5 s peak at {opening} dBFS: the clip did not start at 2 s"
-            );
+            ensure!(opening > -12.0, "the teaser's first 0.5 s peak at {opening} dBFS: the clip did not start at 2 s");
             Ok(())
         }),
     );
     record(
         "waveform",
-        check_waveform_files(&out, &manifest, frames, 44_100, 512, 16, 100).and_then(
-            |(data, _)| {
-                // Half of full scale in 16 bits.
-                let max = data.iter().copied().max().unwrap_or_default();
-                ensure!(
-                    (16_000..=16_500).contains(&max),
-                    "the 16-bit waveform peaks at {max}, expected about 16384"
-                );
-                Ok(())
-            },
-        ),
+        check_waveform_files(&out, &manifest, frames, 44_100, 512, 16, 100).and_then(|(data, _)| {
+            // Half of full scale in 16 bits.
+            let max = data.iter().copied().max().unwrap_or_default();
+            ensure!((16_000..=16_500).contains(&max), "the 16-bit waveform peaks at {max}, expected about 16384");
+            Ok(())
+        }),
     );
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
@@ -1656,11 +1310,7 @@ fn check_tags_and_artwork(file_name: &str, codec_args: &[&str]) -> Result<()> {
     let manifest = process_ok(&input, &out, &[])?;
     let expected = serde_json::json!({"title": TITLE, "artist": ARTIST, "album": "Test Album",
         "genre": "Ambient", "year": 2021, "track": 7, "artwork": "artwork.png"});
-    ensure!(
-        manifest["tags"] == expected,
-        "tags: expected {expected}, got {}",
-        manifest["tags"]
-    );
+    ensure!(manifest["tags"] == expected, "tags: expected {expected}, got {}", manifest["tags"]);
     ensure!(
         std::fs::read(out.join("artwork.png"))? == std::fs::read(&cover)?,
         "artwork.png is not the embedded cover byte for byte"
@@ -1693,18 +1343,13 @@ fn flac_tags_and_cover_art_carry_through() -> Result<()> {
 /// ANSI control sequence other than a colour (`ESC [ … m`), such as erase-line or cursor-up.
 /// `\r\n` does not count: a terminal turns every newline into it.
 fn redraws(bytes: &[u8]) -> bool {
-    let bare_return = bytes
-        .iter()
-        .enumerate()
-        .any(|(at, b)| *b == b'\r' && bytes.get(at + 1) != Some(&b'\n'));
+    let bare_return = bytes.iter().enumerate().any(|(at, b)| *b == b'\r' && bytes.get(at + 1) != Some(&b'\n'));
     if bare_return {
         return true;
     }
     bytes.windows(2).enumerate().any(|(at, pair)| {
         pair == b"\x1b[" && {
-            let end = bytes[at + 2..]
-                .iter()
-                .find(|b| !(b.is_ascii_digit() || **b == b';' || **b == b'?'));
+            let end = bytes[at + 2..].iter().find(|b| !(b.is_ascii_digit() || **b == b';' || **b == b'?'));
             end.is_some_and(|b| *b != b'm')
         }
     })
@@ -1720,14 +1365,8 @@ fn without_json_a_short_summary_and_no_progress_bar_off_a_terminal() -> Result<(
     ensure!(output.status.success(), "{}", describe(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     ensure!(!stdout.trim().is_empty(), "no summary on stdout");
-    ensure!(
-        serde_json::from_str::<Value>(&stdout).is_err(),
-        "without --json stdout is for people, got JSON: {stdout}"
-    );
-    ensure!(
-        stdout.lines().count() <= 40,
-        "the summary is not short: {stdout}"
-    );
+    ensure!(serde_json::from_str::<Value>(&stdout).is_err(), "without --json stdout is for people, got JSON: {stdout}");
+    ensure!(stdout.lines().count() <= 40, "the summary is not short: {stdout}");
     for (stream, bytes) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
         ensure!(
             !redraws(bytes),
@@ -1746,12 +1385,7 @@ fn a_progress_bar_draws_on_a_terminal() -> Result<()> {
     tone(&input, 8.0, 44_100, 2, &["-c:a", "pcm_s16le"])?;
     let out = dir.path().join("out");
     // `script` runs the command on a pseudo-terminal and copies what it draws to stdout.
-    let command = format!(
-        "'{}' process '{}' --out '{}'",
-        waveline_bin().display(),
-        input.display(),
-        out.display()
-    );
+    let command = format!("'{}' process '{}' --out '{}'", waveline_bin().display(), input.display(), out.display());
     let mut script = Command::new("script");
     script.args(["-q", "-e", "-c", &command, "/dev/null"]);
     for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
@@ -1783,11 +1417,7 @@ fn an_out_dir_that_cannot_be_made_is_an_internal_failure() -> Result<()> {
     std::fs::write(&blocker, b"not a directory")?;
     let output = run_process(&input, &blocker.join("out"), &["--json"])?;
     ensure!(output.status.code() == Some(1), "{}", describe(&output));
-    ensure!(
-        !String::from_utf8_lossy(&output.stderr).contains("panicked"),
-        "{}",
-        describe(&output)
-    );
+    ensure!(!String::from_utf8_lossy(&output.stderr).contains("panicked"), "{}", describe(&output));
     Ok(())
 }
 
@@ -1821,24 +1451,13 @@ fn truncated(dir: &Path, name: &str, codec_args: &[&str]) -> Result<PathBuf> {
 /// saying whatever the case needs.
 fn lying_wav(dir: &Path, name: &str, channels: u16, rate: u32) -> Result<PathBuf> {
     let data = sine_s16(8_820, channels, 44_100, 0.5, 0);
-    let mut bytes = wav_header(
-        WAVE_FORMAT_PCM,
-        channels,
-        rate,
-        16,
-        u32::try_from(data.len())?,
-    );
+    let mut bytes = wav_header(WAVE_FORMAT_PCM, channels, rate, 16, u32::try_from(data.len())?);
     bytes.extend_from_slice(&data);
     put(dir, name, &bytes)
 }
 
 fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
-    let case = |name, input, code| BadInput {
-        name,
-        input,
-        presets: None,
-        code,
-    };
+    let case = |name, input, code| BadInput { name, input, presets: None, code };
     let mut cases = vec![
         case("0-byte .wav", put(dir, "empty.wav", b"")?, "empty_audio"),
         case("0-byte .mp3", put(dir, "empty.mp3", b"")?, "empty_audio"),
@@ -1855,94 +1474,35 @@ fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
         cases.push(case(name, put(dir, file, &bytes)?, "unsupported_format"));
     }
     let prose = "This is a plain text file, not audio at all.\n".repeat(200);
-    cases.push(case(
-        "text named .wav",
-        put(dir, "notes.wav", prose.as_bytes())?,
-        "unsupported_format",
-    ));
-    cases.push(case(
-        "text named .flac",
-        put(dir, "notes.flac", prose.as_bytes())?,
-        "unsupported_format",
-    ));
+    cases.push(case("text named .wav", put(dir, "notes.wav", prose.as_bytes())?, "unsupported_format"));
+    cases.push(case("text named .flac", put(dir, "notes.flac", prose.as_bytes())?, "unsupported_format"));
     let png = dir.join("cover.png");
     cover_png(&png)?;
-    cases.push(case(
-        "PNG named .mp3",
-        put(dir, "cover.mp3", &std::fs::read(&png)?)?,
-        "unsupported_format",
-    ));
+    cases.push(case("PNG named .mp3", put(dir, "cover.mp3", &std::fs::read(&png)?)?, "unsupported_format"));
 
     for (name, file, codec_args) in [
         ("truncated WAV", "cut.wav", &["-c:a", "pcm_s16le"][..]),
         ("truncated AIFF", "cut.aiff", &["-c:a", "pcm_s16be"][..]),
         ("truncated FLAC", "cut.flac", &["-c:a", "flac"][..]),
-        (
-            "truncated MP3 (LAME, Info frame count)",
-            "cut.mp3",
-            &["-c:a", "libmp3lame", "-b:a", "128k"][..],
-        ),
-        (
-            "truncated M4A (moov at the end)",
-            "cut.m4a",
-            &["-c:a", "aac", "-b:a", "128k"][..],
-        ),
-        (
-            "truncated Ogg Vorbis",
-            "cut.ogg",
-            &["-c:a", "libvorbis"][..],
-        ),
-        (
-            "truncated Opus",
-            "cut.opus",
-            &["-c:a", "libopus", "-b:a", "96k"][..],
-        ),
+        ("truncated MP3 (LAME, Info frame count)", "cut.mp3", &["-c:a", "libmp3lame", "-b:a", "128k"][..]),
+        ("truncated M4A (moov at the end)", "cut.m4a", &["-c:a", "aac", "-b:a", "128k"][..]),
+        ("truncated Ogg Vorbis", "cut.ogg", &["-c:a", "libvorbis"][..]),
+        ("truncated Opus", "cut.opus", &["-c:a", "libopus", "-b:a", "96k"][..]),
     ] {
-        cases.push(case(
-            name,
-            truncated(dir, file, codec_args)?,
-            "corrupt_audio",
-        ));
+        cases.push(case(name, truncated(dir, file, codec_args)?, "corrupt_audio"));
     }
 
     cases.push(case(
         "WAV header, zero data bytes",
-        put(
-            dir,
-            "nodata.wav",
-            &wav_header(WAVE_FORMAT_PCM, 2, 44_100, 16, 0),
-        )?,
+        put(dir, "nodata.wav", &wav_header(WAVE_FORMAT_PCM, 2, 44_100, 16, 0))?,
         "empty_audio",
     ));
-    cases.push(case(
-        "WAV at 0 Hz",
-        lying_wav(dir, "rate0.wav", 2, 0)?,
-        "corrupt_audio",
-    ));
-    cases.push(case(
-        "WAV at 1 GHz",
-        lying_wav(dir, "rate1g.wav", 2, 1_000_000_000)?,
-        "limit_exceeded",
-    ));
-    cases.push(case(
-        "WAV at 4 kHz",
-        lying_wav(dir, "rate4k.wav", 2, 4_000)?,
-        "limit_exceeded",
-    ));
-    cases.push(case(
-        "WAV with 64 channels",
-        lying_wav(dir, "ch64.wav", 64, 44_100)?,
-        "limit_exceeded",
-    ));
+    cases.push(case("WAV at 0 Hz", lying_wav(dir, "rate0.wav", 2, 0)?, "corrupt_audio"));
+    cases.push(case("WAV at 1 GHz", lying_wav(dir, "rate1g.wav", 2, 1_000_000_000)?, "limit_exceeded"));
+    cases.push(case("WAV at 4 kHz", lying_wav(dir, "rate4k.wav", 2, 4_000)?, "limit_exceeded"));
+    cases.push(case("WAV with 64 channels", lying_wav(dir, "ch64.wav", 64, 44_100)?, "limit_exceeded"));
     let nine = dir.join("ch9.wav");
-    write_wav(
-        &nine,
-        WAVE_FORMAT_PCM,
-        9,
-        44_100,
-        16,
-        &sine_s16(44_100, 9, 44_100, 0.5, 0),
-    )?;
+    write_wav(&nine, WAVE_FORMAT_PCM, 9, 44_100, 16, &sine_s16(44_100, 9, 44_100, 0.5, 0))?;
     cases.push(case("valid WAV with 9 channels", nine, "limit_exceeded"));
 
     // 8 kHz mono 8-bit declaring 0xFFFFFFF0 bytes (about 149 h) but holding 1 s: the header
@@ -1953,11 +1513,7 @@ fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
         let t = f64::from(i) / 8_000.0;
         (128.0 + 64.0 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()) as u8
     }));
-    cases.push(case(
-        "WAV declaring 149 h",
-        put(dir, "huge.wav", &huge)?,
-        "too_long",
-    ));
+    cases.push(case("WAV declaring 149 h", put(dir, "huge.wav", &huge)?, "too_long"));
 
     for (name, file, magic, seed) in [
         ("\"ID3\" then garbage", "id3.mp3", &b"ID3"[..], 4),
@@ -1970,14 +1526,7 @@ fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
     }
 
     let ten = dir.join("ten.wav");
-    write_wav(
-        &ten,
-        WAVE_FORMAT_PCM,
-        2,
-        44_100,
-        16,
-        &sine_s16(441_000, 2, 44_100, 0.5, 0),
-    )?;
+    write_wav(&ten, WAVE_FORMAT_PCM, 2, 44_100, 16, &sine_s16(441_000, 2, 44_100, 0.5, 0))?;
     let limits = "[limits]\nmax_duration_s = 5\nmax_channels = 8\nmin_sample_rate = 8000\nmax_sample_rate = 192000\n";
     cases.push(BadInput {
         name: "10 s under max_duration_s = 5 (whole [limits] section)",
@@ -1989,29 +1538,13 @@ fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
     cases.push(BadInput {
         name: "10 s under max_duration_s = 5 (the only key given)",
         input: ten.clone(),
-        presets: Some(put(
-            dir,
-            "short-only.toml",
-            b"[limits]\nmax_duration_s = 5\n",
-        )?),
+        presets: Some(put(dir, "short-only.toml", b"[limits]\nmax_duration_s = 5\n")?),
         code: "too_long",
     });
-    cases.push(case(
-        "missing input",
-        dir.join("no-such-file.wav"),
-        "input_unreadable",
-    ));
+    cases.push(case("missing input", dir.join("no-such-file.wav"), "input_unreadable"));
     for (name, file, toml) in [
-        (
-            "presets that are not TOML",
-            "broken.toml",
-            "[waveform\nbits = 8\n",
-        ),
-        (
-            "presets with 12-bit waveform",
-            "bits.toml",
-            "[waveform]\nbits = 12\n",
-        ),
+        ("presets that are not TOML", "broken.toml", "[waveform\nbits = 8\n"),
+        ("presets with 12-bit waveform", "bits.toml", "[waveform]\nbits = 12\n"),
         (
             "presets with an unknown codec",
             "codec.toml",
@@ -2032,11 +1565,7 @@ fn malformed_corpus(dir: &Path) -> Result<Vec<BadInput>> {
 fn malformed_inputs_are_refused_with_exit_2_and_the_right_code() -> Result<()> {
     let dir = temp_dir()?;
     let cases = malformed_corpus(dir.path())?;
-    ensure!(
-        cases.len() >= 20,
-        "the corpus has only {} cases",
-        cases.len()
-    );
+    ensure!(cases.len() >= 20, "the corpus has only {} cases", cases.len());
     let mut failures = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let out = dir.path().join(format!("out-{index}"));

@@ -11,17 +11,13 @@ use secrecy::SecretString;
 use waveline_shared::domain::TrackId;
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{
-    AmqpQueue, Delivery, JobConsumer, JobQueue, MemoryQueue, QueueError, RetryOutcome, RetryPolicy,
-    Topology,
+    AmqpQueue, Delivery, JobConsumer, JobQueue, MemoryQueue, QueueError, RetryOutcome, RetryPolicy, Topology,
 };
 use waveline_tests::{TcpProxy, amqp_url, init_logging, test_topology};
 
 /// Short delays so the suite stays fast; the shapes are the production ones.
-const POLICY: RetryPolicy = RetryPolicy {
-    max_attempts: 3,
-    base_delay: Duration::from_millis(200),
-    max_delay: Duration::from_secs(2),
-};
+const POLICY: RetryPolicy =
+    RetryPolicy { max_attempts: 3, base_delay: Duration::from_millis(200), max_delay: Duration::from_secs(2) };
 
 /// Long enough for a broker round trip; short enough to keep "nothing arrives" checks quick.
 const QUIET: Duration = Duration::from_millis(700);
@@ -33,18 +29,12 @@ struct Backend {
 
 impl Backend {
     async fn memory() -> Result<Backend> {
-        Ok(Backend {
-            queue: Arc::new(MemoryQueue::new(POLICY)),
-            amqp: None,
-        })
+        Ok(Backend { queue: Arc::new(MemoryQueue::new(POLICY)), amqp: None })
     }
 
     async fn amqp() -> Result<Backend> {
         let queue = connect_amqp(&amqp_url(), test_topology()).await?;
-        Ok(Backend {
-            queue: Arc::new(queue.clone()),
-            amqp: Some(queue),
-        })
+        Ok(Backend { queue: Arc::new(queue.clone()), amqp: Some(queue) })
     }
 
     async fn cleanup(self) -> Result<()> {
@@ -62,9 +52,7 @@ async fn connect_amqp(url: &str, topology: Topology) -> Result<AmqpQueue> {
 }
 
 fn job() -> JobMessage {
-    JobMessage::new(Job::ProcessTrack {
-        track_id: TrackId::new(),
-    })
+    JobMessage::new(Job::ProcessTrack { track_id: TrackId::new() })
 }
 
 async fn next(consumer: &mut Box<dyn JobConsumer>) -> Result<Delivery> {
@@ -103,10 +91,7 @@ async fn published_jobs_arrive_once_and_ack_removes_them(b: &Backend) -> Result<
     let mut got = Vec::new();
     for _ in 0..5 {
         let delivery = next(&mut consumer).await?;
-        ensure!(
-            !delivery.redelivered && delivery.message.attempt == 1,
-            "{delivery:?}"
-        );
+        ensure!(!delivery.redelivered && delivery.message.attempt == 1, "{delivery:?}");
         got.push(delivery.message.clone());
         delivery.ack().await?;
     }
@@ -116,10 +101,7 @@ async fn published_jobs_arrive_once_and_ack_removes_them(b: &Backend) -> Result<
     ensure!(got == want, "received jobs differ from the published ones");
     nothing_arrives(&mut consumer).await?;
     let stats = b.queue.stats().await?;
-    ensure!(
-        stats.ready == 0 && stats.dead == 0 && stats.consumers == 1,
-        "{stats:?}"
-    );
+    ensure!(stats.ready == 0 && stats.dead == 0 && stats.consumers == 1, "{stats:?}");
     Ok(())
 }
 
@@ -146,15 +128,9 @@ async fn a_consumer_that_dies_without_acking_loses_nothing(b: &Backend) -> Resul
     drop(doomed);
     let mut survivor = b.queue.consume(1).await?;
     let redelivered = next(&mut survivor).await?;
-    ensure!(
-        redelivered.message == sent && redelivered.redelivered,
-        "{redelivered:?}"
-    );
+    ensure!(redelivered.message == sent && redelivered.redelivered, "{redelivered:?}");
     // The dead consumer's handle can no longer settle anything.
-    ensure!(
-        matches!(held.ack().await, Err(QueueError::DeliveryLost)),
-        "a stale ack succeeded"
-    );
+    ensure!(matches!(held.ack().await, Err(QueueError::DeliveryLost)), "a stale ack succeeded");
     redelivered.ack().await?;
     nothing_arrives(&mut survivor).await
 }
@@ -191,30 +167,15 @@ async fn retries_back_off_then_dead_letter(b: &Backend) -> Result<()> {
     let mut consumer = b.queue.consume(1).await?;
     for attempt in 1..=2 {
         let delivery = next(&mut consumer).await?;
-        ensure!(
-            delivery.message.id == sent.id && delivery.message.attempt == attempt,
-            "{delivery:?}"
-        );
+        ensure!(delivery.message.id == sent.id && delivery.message.attempt == attempt, "{delivery:?}");
         let retried_at = Instant::now();
         let outcome = delivery.retry("storage timed out").await?;
         let delay = POLICY.delay_after(attempt);
-        ensure!(
-            outcome
-                == RetryOutcome::Scheduled {
-                    attempt: attempt + 1,
-                    delay
-                },
-            "{outcome:?}"
-        );
+        ensure!(outcome == RetryOutcome::Scheduled { attempt: attempt + 1, delay }, "{outcome:?}");
         let back = next(&mut consumer).await?;
         let waited = retried_at.elapsed();
-        ensure!(
-            waited >= delay,
-            "attempt {attempt}: came back after {waited:?}, before the {delay:?} backoff"
-        );
-        ensure!(
-            back.message.attempt == attempt + 1 && back.message.enqueued_at == sent.enqueued_at
-        );
+        ensure!(waited >= delay, "attempt {attempt}: came back after {waited:?}, before the {delay:?} backoff");
+        ensure!(back.message.attempt == attempt + 1 && back.message.enqueued_at == sent.enqueued_at);
         back.requeue().await?;
     }
     let last = next(&mut consumer).await?;
@@ -254,13 +215,7 @@ async fn poison_messages_are_dead_lettered_and_the_consumer_goes_on(b: &Backend)
     ensure!(delivery.message == good, "{delivery:?}");
     delivery.ack().await?;
     wait_for_stats(&*b.queue, |ready, dead| ready == 0 && dead == 3).await?;
-    let codes: BTreeSet<String> = b
-        .queue
-        .dead_letters(10)
-        .await?
-        .into_iter()
-        .map(|d| d.code)
-        .collect();
+    let codes: BTreeSet<String> = b.queue.dead_letters(10).await?.into_iter().map(|d| d.code).collect();
     let want: BTreeSet<String> = poisons.iter().map(|(_, code)| (*code).to_owned()).collect();
     ensure!(codes == want, "{codes:?}");
     // Unreadable dead letters cannot be replayed and stay put.
@@ -277,34 +232,20 @@ async fn dead_letters_replay_as_first_attempts(b: &Backend) -> Result<()> {
         b.queue.publish(message).await?;
     }
     for _ in 0..2 {
-        next(&mut consumer)
-            .await?
-            .dead_letter("unsupported_format", "not audio")
-            .await?;
+        next(&mut consumer).await?.dead_letter("unsupported_format", "not audio").await?;
     }
     wait_for_stats(&*b.queue, |_, dead| dead == 2).await?;
     let dead = b.queue.dead_letters(10).await?;
-    let target = dead
-        .iter()
-        .find(|d| d.job.as_ref().map(|j| j.id) == Some(replay.id))
-        .context("the dead letter is listed")?;
-    ensure!(
-        target.code == "unsupported_format" && target.reason == "not audio",
-        "{target:?}"
-    );
+    let target =
+        dead.iter().find(|d| d.job.as_ref().map(|j| j.id) == Some(replay.id)).context("the dead letter is listed")?;
+    ensure!(target.code == "unsupported_format" && target.reason == "not audio", "{target:?}");
     let report = b.queue.replay_dead(Some(&[target.id])).await?;
     ensure!(report.replayed == 1 && report.unreadable == 0, "{report:?}");
     let again = next(&mut consumer).await?;
-    ensure!(
-        again.message.id == replay.id && again.message.attempt == 1,
-        "{again:?}"
-    );
+    ensure!(again.message.id == replay.id && again.message.attempt == 1, "{again:?}");
     again.ack().await?;
     let left = b.queue.dead_letters(10).await?;
-    ensure!(
-        left.len() == 1 && left[0].job.as_ref().map(|j| j.id) == Some(keep.id),
-        "{left:?}"
-    );
+    ensure!(left.len() == 1 && left[0].job.as_ref().map(|j| j.id) == Some(keep.id), "{left:?}");
     ensure!(b.queue.replay_dead(None).await?.replayed == 1);
     ensure!(next(&mut consumer).await?.message.id == keep.id);
     Ok(())
@@ -321,8 +262,7 @@ async fn competing_consumers_share_the_work_without_order(b: &Backend) -> Result
             tokio::spawn(async move {
                 let mut consumer = queue.consume(3).await?;
                 let mut seen = Vec::new();
-                while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, consumer.next()).await
-                {
+                while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, consumer.next()).await {
                     seen.push(delivery.message.id);
                     delivery.ack().await?;
                 }
@@ -335,12 +275,7 @@ async fn competing_consumers_share_the_work_without_order(b: &Backend) -> Result
         all.extend(worker.await??);
     }
     let unique: BTreeSet<_> = all.iter().copied().collect();
-    ensure!(
-        all.len() == 30 && unique.len() == 30,
-        "{} deliveries, {} distinct",
-        all.len(),
-        unique.len()
-    );
+    ensure!(all.len() == 30 && unique.len() == 30, "{} deliveries, {} distinct", all.len(), unique.len());
     ensure!(unique == messages.iter().map(|m| m.id).collect::<BTreeSet<_>>());
     Ok(())
 }
@@ -408,14 +343,8 @@ async fn amqp_reconnects_after_the_broker_connection_drops() -> Result<()> {
     let second = job();
     let started = Instant::now();
     queue.publish(&second).await?;
-    ensure!(
-        started.elapsed() >= Duration::from_secs(1),
-        "published through a dead link?"
-    );
-    ensure!(
-        held.ack().await.is_err(),
-        "an ack on the dead channel reported success"
-    );
+    ensure!(started.elapsed() >= Duration::from_secs(1), "published through a dead link?");
+    ensure!(held.ack().await.is_err(), "an ack on the dead channel reported success");
 
     let mut seen = BTreeSet::new();
     while seen.len() < 2 {

@@ -7,8 +7,7 @@ use anyhow::{Result, ensure};
 use bytes::Bytes;
 use futures::StreamExt;
 use waveline_shared::storage::{
-    ByteRange, ByteStream, FsStorage, ObjectKey, ResolvedRange, S3Storage, Storage, StorageError,
-    byte_stream,
+    ByteRange, ByteStream, FsStorage, ObjectKey, ResolvedRange, S3Storage, Storage, StorageError, byte_stream,
 };
 use waveline_tests::{temp_dir, test_bucket};
 
@@ -23,20 +22,12 @@ impl Backend {
     async fn fs() -> Result<Backend> {
         let dir = temp_dir()?;
         let storage = FsStorage::open(dir.path()).await?;
-        Ok(Backend {
-            storage: Arc::new(storage),
-            s3: None,
-            _dir: Some(dir),
-        })
+        Ok(Backend { storage: Arc::new(storage), s3: None, _dir: Some(dir) })
     }
 
     async fn s3() -> Result<Backend> {
         let s3 = test_bucket().await?;
-        Ok(Backend {
-            storage: Arc::new(s3.clone()),
-            s3: Some(s3),
-            _dir: None,
-        })
+        Ok(Backend { storage: Arc::new(s3.clone()), s3: Some(s3), _dir: None })
     }
 
     async fn cleanup(self) -> Result<()> {
@@ -104,13 +95,8 @@ fn peak_rss() -> u64 {
         .ok()
         .and_then(|status| {
             status.lines().find_map(|line| {
-                line.strip_prefix("VmHWM:").and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches(" kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
+                line.strip_prefix("VmHWM:")
+                    .and_then(|rest| rest.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
             })
         })
         .map_or(0, |kib| kib * 1024)
@@ -120,99 +106,44 @@ async fn a_64_mib_object_streams_in_and_out_in_bounded_memory(b: &Backend) -> Re
     const SIZE: usize = 64 * 1024 * 1024;
     let k = key("originals/big/source.wav");
     let before = peak_rss();
-    let meta = b
-        .storage
-        .put(&k, "audio/wav", generated(SIZE, 256 * 1024, 7))
-        .await?;
+    let meta = b.storage.put(&k, "audio/wav", generated(SIZE, 256 * 1024, 7)).await?;
     ensure!(meta.size == SIZE as u64, "put reported {} bytes", meta.size);
     let read = b.storage.get(&k, None).await?;
     ensure!(read.meta.size == SIZE as u64);
-    ensure!(
-        read.range
-            == Some(ResolvedRange {
-                first: 0,
-                last: SIZE as u64 - 1
-            })
-    );
+    ensure!(read.range == Some(ResolvedRange { first: 0, last: SIZE as u64 - 1 }));
     let got = digest(read.body).await?;
     let want = digest(generated(SIZE, 1024 * 1024, 7)).await?;
-    ensure!(
-        got == want,
-        "the bytes read back differ from the bytes written"
-    );
+    ensure!(got == want, "the bytes read back differ from the bytes written");
     let growth = peak_rss().saturating_sub(before);
-    ensure!(
-        growth < 48 * 1024 * 1024,
-        "peak memory grew by {} MiB for a 64 MiB object",
-        growth >> 20
-    );
+    ensure!(growth < 48 * 1024 * 1024, "peak memory grew by {} MiB for a 64 MiB object", growth >> 20);
     Ok(())
 }
 
 async fn ranges_at_the_edges(b: &Backend) -> Result<()> {
     let k = key("renditions/t/1/mp3_128/audio.mp3");
     let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-    b.storage
-        .put(&k, "audio/mpeg", body_of(data.clone()))
-        .await?;
+    b.storage.put(&k, "audio/mpeg", body_of(data.clone())).await?;
     let cases = [
         (ByteRange::Inclusive { first: 0, last: 0 }, 0, 0),
-        (
-            ByteRange::Inclusive {
-                first: 999,
-                last: 999,
-            },
-            999,
-            999,
-        ),
-        (
-            ByteRange::Inclusive {
-                first: 990,
-                last: 5000,
-            },
-            990,
-            999,
-        ),
+        (ByteRange::Inclusive { first: 999, last: 999 }, 999, 999),
+        (ByteRange::Inclusive { first: 990, last: 5000 }, 990, 999),
         (ByteRange::From { first: 500 }, 500, 999),
         (ByteRange::Suffix { len: 1 }, 999, 999),
         (ByteRange::Suffix { len: 10 }, 990, 999),
         (ByteRange::Suffix { len: 5000 }, 0, 999),
-        (
-            ByteRange::Inclusive {
-                first: 100,
-                last: 199,
-            },
-            100,
-            199,
-        ),
+        (ByteRange::Inclusive { first: 100, last: 199 }, 100, 199),
     ];
     for (range, first, last) in cases {
         let read = b.storage.get(&k, Some(range)).await?;
-        ensure!(
-            read.range == Some(ResolvedRange { first, last }),
-            "{range:?}: got {:?}",
-            read.range
-        );
+        ensure!(read.range == Some(ResolvedRange { first, last }), "{range:?}: got {:?}", read.range);
         ensure!(read.meta.size == 1000, "{range:?}: size {}", read.meta.size);
         let body = collect(read.body).await?;
-        ensure!(
-            body == data[first as usize..=last as usize],
-            "{range:?}: wrong bytes"
-        );
+        ensure!(body == data[first as usize..=last as usize], "{range:?}: wrong bytes");
     }
-    for range in [
-        ByteRange::From { first: 1000 },
-        ByteRange::Inclusive {
-            first: 1000,
-            last: 1001,
-        },
-    ] {
+    for range in [ByteRange::From { first: 1000 }, ByteRange::Inclusive { first: 1000, last: 1001 }] {
         match b.storage.get(&k, Some(range)).await {
             Err(StorageError::RangeNotSatisfiable { size: 1000 }) => {}
-            other => anyhow::bail!(
-                "{range:?}: expected RangeNotSatisfiable, got {:?}",
-                other.map(|r| r.range)
-            ),
+            other => anyhow::bail!("{range:?}: expected RangeNotSatisfiable, got {:?}", other.map(|r| r.range)),
         }
     }
     Ok(())
@@ -220,23 +151,10 @@ async fn ranges_at_the_edges(b: &Backend) -> Result<()> {
 
 async fn missing_keys_are_not_found(b: &Backend) -> Result<()> {
     let k = key("originals/nope/source");
-    ensure!(matches!(
-        b.storage.head(&k).await,
-        Err(StorageError::NotFound { .. })
-    ));
-    ensure!(matches!(
-        b.storage.get(&k, None).await.map(|r| r.meta),
-        Err(StorageError::NotFound { .. })
-    ));
-    let ranged = b
-        .storage
-        .get(&k, Some(ByteRange::From { first: 0 }))
-        .await
-        .map(|r| r.meta);
-    ensure!(
-        matches!(ranged, Err(StorageError::NotFound { .. })),
-        "{ranged:?}"
-    );
+    ensure!(matches!(b.storage.head(&k).await, Err(StorageError::NotFound { .. })));
+    ensure!(matches!(b.storage.get(&k, None).await.map(|r| r.meta), Err(StorageError::NotFound { .. })));
+    let ranged = b.storage.get(&k, Some(ByteRange::From { first: 0 })).await.map(|r| r.meta);
+    ensure!(matches!(ranged, Err(StorageError::NotFound { .. })), "{ranged:?}");
     b.storage.delete(&k).await?;
     ensure!(b.storage.list_prefix("originals/nope/").await?.is_empty());
     Ok(())
@@ -244,36 +162,15 @@ async fn missing_keys_are_not_found(b: &Backend) -> Result<()> {
 
 async fn head_reports_size_type_and_an_etag_that_changes(b: &Backend) -> Result<()> {
     let k = key("renditions/t/1/waveform.json");
-    let first = b
-        .storage
-        .put(&k, "application/json", body_of(&b"{\"v\":1}"[..]))
-        .await?;
+    let first = b.storage.put(&k, "application/json", body_of(&b"{\"v\":1}"[..])).await?;
     let head = b.storage.head(&k).await?;
-    ensure!(
-        head.size == 7 && head.content_type == "application/json",
-        "{head:?}"
-    );
-    ensure!(
-        head.etag == first.etag && head.etag.starts_with('"') && head.etag.ends_with('"'),
-        "{head:?}"
-    );
-    let second = b
-        .storage
-        .put(&k, "application/json", body_of(&b"{\"v\":22}"[..]))
-        .await?;
-    ensure!(
-        second.etag != first.etag,
-        "the ETag did not change when the object was replaced"
-    );
+    ensure!(head.size == 7 && head.content_type == "application/json", "{head:?}");
+    ensure!(head.etag == first.etag && head.etag.starts_with('"') && head.etag.ends_with('"'), "{head:?}");
+    let second = b.storage.put(&k, "application/json", body_of(&b"{\"v\":22}"[..])).await?;
+    ensure!(second.etag != first.etag, "the ETag did not change when the object was replaced");
     ensure!(b.storage.head(&k).await?.size == 8);
     let typed = key("renditions/t/1/aac_hls/master.m3u8");
-    b.storage
-        .put(
-            &typed,
-            "application/vnd.apple.mpegurl",
-            body_of(&b"#EXTM3U\n"[..]),
-        )
-        .await?;
+    b.storage.put(&typed, "application/vnd.apple.mpegurl", body_of(&b"#EXTM3U\n"[..])).await?;
     ensure!(b.storage.head(&typed).await?.content_type == "application/vnd.apple.mpegurl");
     Ok(())
 }
@@ -286,15 +183,8 @@ async fn concurrent_writers_leave_one_whole_version(b: &Backend) -> Result<()> {
             let storage = b.storage.clone();
             let k = k.clone();
             tokio::spawn(async move {
-                let chunks = (0..SIZE / (256 * 1024))
-                    .map(move |_| Ok(Bytes::from(vec![writer; 256 * 1024])));
-                storage
-                    .put(
-                        &k,
-                        "application/octet-stream",
-                        byte_stream(futures::stream::iter(chunks)),
-                    )
-                    .await
+                let chunks = (0..SIZE / (256 * 1024)).map(move |_| Ok(Bytes::from(vec![writer; 256 * 1024])));
+                storage.put(&k, "application/octet-stream", byte_stream(futures::stream::iter(chunks))).await
             })
         })
         .collect();
@@ -303,134 +193,58 @@ async fn concurrent_writers_leave_one_whole_version(b: &Backend) -> Result<()> {
     }
     let data = collect(b.storage.get(&k, None).await?.body).await?;
     ensure!(data.len() == SIZE, "{} bytes", data.len());
-    ensure!(
-        data.iter().all(|byte| *byte == data[0]),
-        "the object mixes the bytes of several writers"
-    );
+    ensure!(data.iter().all(|byte| *byte == data[0]), "the object mixes the bytes of several writers");
     let listed = b.storage.list_prefix("originals/race/").await?;
-    ensure!(
-        listed.len() == 1 && listed[0].size == SIZE as u64,
-        "{listed:?}"
-    );
+    ensure!(listed.len() == 1 && listed[0].size == SIZE as u64, "{listed:?}");
     Ok(())
 }
 
 async fn list_and_delete_by_prefix(b: &Backend) -> Result<()> {
-    for name in [
-        "renditions/t/1/a.mp3",
-        "renditions/t/1/hls/s0001.m4s",
-        "renditions/t/2/a.mp3",
-        "renditions/tt/1/a.mp3",
-    ] {
-        b.storage
-            .put(&key(name), "audio/mpeg", body_of(name.as_bytes().to_vec()))
-            .await?;
+    for name in
+        ["renditions/t/1/a.mp3", "renditions/t/1/hls/s0001.m4s", "renditions/t/2/a.mp3", "renditions/tt/1/a.mp3"]
+    {
+        b.storage.put(&key(name), "audio/mpeg", body_of(name.as_bytes().to_vec())).await?;
     }
-    let listed: Vec<String> = b
-        .storage
-        .list_prefix("renditions/t/")
-        .await?
-        .into_iter()
-        .map(|o| o.key.to_string())
-        .collect();
-    ensure!(
-        listed
-            == [
-                "renditions/t/1/a.mp3",
-                "renditions/t/1/hls/s0001.m4s",
-                "renditions/t/2/a.mp3"
-            ],
-        "{listed:?}"
-    );
+    let listed: Vec<String> =
+        b.storage.list_prefix("renditions/t/").await?.into_iter().map(|o| o.key.to_string()).collect();
+    ensure!(listed == ["renditions/t/1/a.mp3", "renditions/t/1/hls/s0001.m4s", "renditions/t/2/a.mp3"], "{listed:?}");
     let partial = b.storage.list_prefix("renditions/t").await?;
     ensure!(partial.len() == 4, "{partial:?}");
     ensure!(partial[0].size == "renditions/t/1/a.mp3".len() as u64);
     ensure!(b.storage.delete_prefix("renditions/t/1/").await? == 2);
-    let left: Vec<String> = b
-        .storage
-        .list_prefix("")
-        .await?
-        .into_iter()
-        .map(|o| o.key.to_string())
-        .collect();
-    ensure!(
-        left == ["renditions/t/2/a.mp3", "renditions/tt/1/a.mp3"],
-        "{left:?}"
-    );
+    let left: Vec<String> = b.storage.list_prefix("").await?.into_iter().map(|o| o.key.to_string()).collect();
+    ensure!(left == ["renditions/t/2/a.mp3", "renditions/tt/1/a.mp3"], "{left:?}");
     ensure!(b.storage.delete_prefix("nothing/").await? == 0);
     Ok(())
 }
 
 async fn a_failed_body_leaves_nothing_behind(b: &Backend) -> Result<()> {
     let k = key("originals/cut/source");
-    b.storage
-        .put(&k, "audio/flac", body_of(&b"the old version"[..]))
-        .await?;
+    b.storage.put(&k, "audio/flac", body_of(&b"the old version"[..])).await?;
     // More than one multipart part, then the client goes away.
     let chunks = (0..40)
         .map(|_| Ok(Bytes::from(vec![1u8; 256 * 1024])))
-        .chain([Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "client went away",
-        ))]);
-    let result = b
-        .storage
-        .put(&k, "audio/flac", byte_stream(futures::stream::iter(chunks)))
-        .await;
-    ensure!(
-        matches!(result, Err(StorageError::Body(_))),
-        "{:?}",
-        result.map(|m| m.size)
-    );
+        .chain([Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "client went away"))]);
+    let result = b.storage.put(&k, "audio/flac", byte_stream(futures::stream::iter(chunks))).await;
+    ensure!(matches!(result, Err(StorageError::Body(_))), "{:?}", result.map(|m| m.size));
     let kept = collect(b.storage.get(&k, None).await?.body).await?;
-    ensure!(
-        kept == b"the old version",
-        "the previous version was damaged"
-    );
+    ensure!(kept == b"the old version", "the previous version was damaged");
     let fresh = key("originals/cut2/source");
-    let chunks = [
-        Ok(Bytes::from_static(b"partial")),
-        Err(std::io::Error::other("truncated")),
-    ];
-    ensure!(
-        b.storage
-            .put(
-                &fresh,
-                "audio/flac",
-                byte_stream(futures::stream::iter(chunks))
-            )
-            .await
-            .is_err()
-    );
-    ensure!(
-        matches!(
-            b.storage.head(&fresh).await,
-            Err(StorageError::NotFound { .. })
-        ),
-        "a cut upload became visible"
-    );
+    let chunks = [Ok(Bytes::from_static(b"partial")), Err(std::io::Error::other("truncated"))];
+    ensure!(b.storage.put(&fresh, "audio/flac", byte_stream(futures::stream::iter(chunks))).await.is_err());
+    ensure!(matches!(b.storage.head(&fresh).await, Err(StorageError::NotFound { .. })), "a cut upload became visible");
     ensure!(b.storage.list_prefix("originals/").await?.len() == 1);
     Ok(())
 }
 
 async fn empty_objects_have_no_ranges(b: &Backend) -> Result<()> {
     let k = key("empty/object");
-    let meta = b
-        .storage
-        .put(
-            &k,
-            "application/octet-stream",
-            byte_stream(futures::stream::empty()),
-        )
-        .await?;
+    let meta = b.storage.put(&k, "application/octet-stream", byte_stream(futures::stream::empty())).await?;
     ensure!(meta.size == 0);
     let read = b.storage.get(&k, None).await?;
     ensure!(collect(read.body).await?.is_empty());
     ensure!(matches!(
-        b.storage
-            .get(&k, Some(ByteRange::Suffix { len: 1 }))
-            .await
-            .map(|r| r.range),
+        b.storage.get(&k, Some(ByteRange::Suffix { len: 1 })).await.map(|r| r.range),
         Err(StorageError::RangeNotSatisfiable { size: 0 })
     ));
     Ok(())
@@ -438,40 +252,24 @@ async fn empty_objects_have_no_ranges(b: &Backend) -> Result<()> {
 
 async fn presigned_uploads_work_where_supported(b: &Backend) -> Result<()> {
     let k = key("uploads/direct/source");
-    let presigned = b
-        .storage
-        .presign_put(&k, "audio/mpeg", std::time::Duration::from_secs(300))
-        .await?;
+    let presigned = b.storage.presign_put(&k, "audio/mpeg", std::time::Duration::from_secs(300)).await?;
     match (b.storage.backend(), presigned) {
         ("fs", None) => Ok(()),
         ("s3", Some(upload)) => {
-            ensure!(
-                upload.method == "PUT" && upload.url.contains("X-Amz-Signature="),
-                "{upload:?}"
-            );
+            ensure!(upload.method == "PUT" && upload.url.contains("X-Amz-Signature="), "{upload:?}");
             let client = reqwest::Client::new();
             let mut request = client.put(&upload.url).body(&b"direct bytes"[..]);
             for (name, value) in &upload.headers {
                 request = request.header(name, value);
             }
             let response = request.send().await?;
-            ensure!(
-                response.status().is_success(),
-                "PUT to the presigned URL: {}",
-                response.status()
-            );
+            ensure!(response.status().is_success(), "PUT to the presigned URL: {}", response.status());
             ensure!(collect(b.storage.get(&k, None).await?.body).await? == b"direct bytes");
             // The signature covers the key: the same URL aimed at another key is refused.
-            let tampered = upload
-                .url
-                .replace("uploads/direct/source", "uploads/direct/other");
+            let tampered = upload.url.replace("uploads/direct/source", "uploads/direct/other");
             ensure!(tampered != upload.url);
             let response = client.put(&tampered).body(&b"evil"[..]).send().await?;
-            ensure!(
-                response.status().as_u16() == 403,
-                "a tampered signature got {}",
-                response.status()
-            );
+            ensure!(response.status().as_u16() == 403, "a tampered signature got {}", response.status());
             Ok(())
         }
         (backend, other) => anyhow::bail!("{backend}: unexpected presign answer {other:?}"),

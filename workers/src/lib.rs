@@ -85,30 +85,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
     let background = CancellationToken::new();
-    let relay = tokio::spawn(relay::run(
-        context.clone(),
-        queue.clone(),
-        options.relay_every,
-        background.clone(),
-    ));
-    let reconciler = tokio::spawn(reconciler::run(
-        context.clone(),
-        options.clone(),
-        background.clone(),
-    ));
-    let depth = tokio::spawn(metrics::watch_queue_depth(
-        queue.clone(),
-        background.clone(),
-    ));
+    let relay = tokio::spawn(relay::run(context.clone(), queue.clone(), options.relay_every, background.clone()));
+    let reconciler = tokio::spawn(reconciler::run(context.clone(), options.clone(), background.clone()));
+    let depth = tokio::spawn(metrics::watch_queue_depth(queue.clone(), background.clone()));
 
     let mut consumer = queue.consume(options.concurrency.max(1)).await?;
     let mut running: JoinSet<()> = JoinSet::new();
     let abandon = CancellationToken::new();
-    tracing::info!(
-        concurrency = options.concurrency,
-        backend = queue.backend(),
-        "worker started"
-    );
+    tracing::info!(concurrency = options.concurrency, backend = queue.backend(), "worker started");
     let result = loop {
         // Reap finished jobs so the set does not grow.
         while running.try_join_next().is_some() {}
@@ -152,12 +136,7 @@ pub async fn run(
 }
 
 /// Runs one delivery's job and settles the delivery by its outcome.
-async fn handle(
-    context: Arc<Context>,
-    delivery: Delivery,
-    abandon: CancellationToken,
-    max_attempts: u32,
-) {
+async fn handle(context: Arc<Context>, delivery: Delivery, abandon: CancellationToken, max_attempts: u32) {
     let job = delivery.message.job.clone();
     let attempt = delivery.message.attempt;
     let track_id = job.track_id();
@@ -197,9 +176,15 @@ async fn handle(
                     Ok(RetryOutcome::DeadLettered) => {
                         let message = format!("gave up after {max_attempts} attempts; last error: {reason}");
                         let failure = Failure { code: "retries_exhausted", message: &message };
-                        match context.tracks.transition(track_id, TrackState::Queued, TrackState::Failed, Some(failure)).await {
+                        match context
+                            .tracks
+                            .transition(track_id, TrackState::Queued, TrackState::Failed, Some(failure))
+                            .await
+                        {
                             Ok(_) => tracing::error!(%message, "dead-lettered"),
-                            Err(err) => tracing::error!(error = %err, "dead-lettered, but the track could not be marked failed"),
+                            Err(err) => {
+                                tracing::error!(error = %err, "dead-lettered, but the track could not be marked failed")
+                            }
                         }
                         "dead_lettered"
                     }

@@ -11,12 +11,7 @@ use waveline_shared::queue::JobQueue;
 use crate::Context;
 
 /// Relays until `stop` is cancelled.
-pub async fn run(
-    context: Arc<Context>,
-    queue: Arc<dyn JobQueue>,
-    every: Duration,
-    stop: CancellationToken,
-) {
+pub async fn run(context: Arc<Context>, queue: Arc<dyn JobQueue>, every: Duration, stop: CancellationToken) {
     loop {
         match relay_once(&context, queue.as_ref()).await {
             Ok(sent) if sent > 0 => {
@@ -34,17 +29,9 @@ pub async fn run(
 }
 
 /// One pass: up to 100 messages.
-pub async fn relay_once(
-    context: &Context,
-    queue: &dyn JobQueue,
-) -> Result<u64, waveline_shared::db::DbError> {
+pub async fn relay_once(context: &Context, queue: &dyn JobQueue) -> Result<u64, waveline_shared::db::DbError> {
     context
         .outbox
-        .relay(100, |payload| async move {
-            queue
-                .publish_payload(payload)
-                .await
-                .map_err(|err| err.to_string())
-        })
+        .relay(100, |payload| async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) })
         .await
 }

@@ -28,9 +28,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -38,8 +38,7 @@ use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 use super::{
-    DeadLetter, Delivery, JobConsumer, JobQueue, QueueError, QueueStats, ReplayReport, RetryPolicy,
-    Settle, log_poison,
+    DeadLetter, Delivery, JobConsumer, JobQueue, QueueError, QueueStats, ReplayReport, RetryPolicy, Settle, log_poison,
 };
 use crate::job::JobMessage;
 
@@ -66,10 +65,7 @@ pub struct Topology {
 
 impl Default for Topology {
     fn default() -> Topology {
-        Topology {
-            name: "waveline.jobs".to_owned(),
-            expires: None,
-        }
+        Topology { name: "waveline.jobs".to_owned(), expires: None }
     }
 }
 
@@ -85,47 +81,19 @@ impl Topology {
     fn queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         if let Some(expires) = self.expires {
-            args.insert(
-                "x-expires".into(),
-                AMQPValue::LongLongInt(expires.as_millis() as i64),
-            );
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
         }
         args
     }
 
     async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .exchange_declare(
-                short(&self.name),
-                ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                short(&self.dead()),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
+        let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+        let durable_queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.exchange_declare(short(&self.name), ExchangeKind::Direct, durable, FieldTable::default()).await?;
+        channel.exchange_declare(short(&self.dead()), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
         let mut work_args = self.queue_args();
-        work_args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead().into()),
-        );
-        channel
-            .queue_declare(short(&self.name), durable_queue, work_args)
-            .await?;
+        work_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead().into()));
+        channel.queue_declare(short(&self.name), durable_queue, work_args).await?;
         channel
             .queue_bind(
                 short(&self.name),
@@ -135,9 +103,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        channel
-            .queue_declare(short(&self.dead()), durable_queue, self.queue_args())
-            .await?;
+        channel.queue_declare(short(&self.dead()), durable_queue, self.queue_args()).await?;
         channel
             .queue_bind(
                 short(&self.dead()),
@@ -150,33 +116,14 @@ impl Topology {
         Ok(())
     }
 
-    async fn declare_delay_queue(
-        &self,
-        channel: &Channel,
-        delay: Duration,
-    ) -> lapin::Result<String> {
+    async fn declare_delay_queue(&self, channel: &Channel, delay: Duration) -> lapin::Result<String> {
         let name = self.delay_queue(delay);
         let mut args = FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(delay.as_millis() as i64),
-        );
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt((delay + DELAY_QUEUE_LINGER).as_millis() as i64),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.name.as_str().into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(ROUTING_KEY.into()),
-        );
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt((delay + DELAY_QUEUE_LINGER).as_millis() as i64));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.name.as_str().into()));
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(ROUTING_KEY.into()));
+        let options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         channel.queue_declare(short(&name), options, args).await?;
         Ok(name)
     }
@@ -198,9 +145,7 @@ pub struct AmqpQueue {
 
 impl fmt::Debug for AmqpQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpQueue")
-            .field("topology", &self.inner.topology)
-            .finish_non_exhaustive()
+        f.debug_struct("AmqpQueue").field("topology", &self.inner.topology).finish_non_exhaustive()
     }
 }
 
@@ -239,36 +184,23 @@ impl Inner {
         }
         let link = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
-            .map_err(|_| {
-                QueueError::Unavailable(format!(
-                    "no answer from the broker within {CONNECT_TIMEOUT:?}"
-                ))
-            })??;
+            .map_err(|_| QueueError::Unavailable(format!("no answer from the broker within {CONNECT_TIMEOUT:?}")))??;
         *guard = Some(link.clone());
         Ok(link)
     }
 
     async fn connect(&self) -> Result<Link, QueueError> {
-        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
-            format!("waveline {} pid {}", self.topology.name, std::process::id()),
-        ));
-        let connection = Connection::connect(self.url.expose_secret(), properties)
-            .await
-            .map_err(unavailable)?;
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(format!(
+            "waveline {} pid {}",
+            self.topology.name,
+            std::process::id()
+        )));
+        let connection = Connection::connect(self.url.expose_secret(), properties).await.map_err(unavailable)?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
-        self.topology
-            .declare(&publisher)
-            .await
-            .map_err(unavailable)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(unavailable)?;
+        self.topology.declare(&publisher).await.map_err(unavailable)?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
         tracing::debug!(topology = %self.topology.name, "connected to the message broker");
-        Ok(Link {
-            connection: Arc::new(connection),
-            publisher,
-        })
+        Ok(Link { connection: Arc::new(connection), publisher })
     }
 
     /// Publishes with confirms, reconnecting and retrying for up to [`RECONNECT_FOR`].
@@ -299,36 +231,20 @@ impl Inner {
             Target::Dead { code, reason } => {
                 let mut headers = FieldTable::default();
                 headers.insert(CODE_HEADER.into(), AMQPValue::LongString((*code).into()));
-                headers.insert(
-                    REASON_HEADER.into(),
-                    AMQPValue::LongString((*reason).into()),
-                );
+                headers.insert(REASON_HEADER.into(), AMQPValue::LongString((*reason).into()));
                 properties = properties.with_headers(headers);
                 (self.topology.dead(), String::new())
             }
             Target::Delay(delay) => {
-                let queue = self
-                    .topology
-                    .declare_delay_queue(&link.publisher, *delay)
-                    .await
-                    .map_err(unavailable)?;
+                let queue = self.topology.declare_delay_queue(&link.publisher, *delay).await.map_err(unavailable)?;
                 (String::new(), queue)
             }
         };
         properties = properties.with_message_id(Uuid::now_v7().to_string().as_str().into());
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
         let confirm = link
             .publisher
-            .basic_publish(
-                short(&exchange),
-                short(&routing_key),
-                options,
-                payload,
-                properties,
-            )
+            .basic_publish(short(&exchange), short(&routing_key), options, payload, properties)
             .await
             .map_err(unavailable)?
             .await
@@ -353,19 +269,8 @@ impl Inner {
 
 impl AmqpQueue {
     /// Connects to the broker at `url` and declares the topology.
-    pub async fn connect(
-        url: SecretString,
-        topology: Topology,
-        policy: RetryPolicy,
-    ) -> Result<AmqpQueue, QueueError> {
-        let queue = AmqpQueue {
-            inner: Arc::new(Inner {
-                url,
-                topology,
-                policy,
-                link: tokio::sync::Mutex::new(None),
-            }),
-        };
+    pub async fn connect(url: SecretString, topology: Topology, policy: RetryPolicy) -> Result<AmqpQueue, QueueError> {
+        let queue = AmqpQueue { inner: Arc::new(Inner { url, topology, policy, link: tokio::sync::Mutex::new(None) }) };
         queue.inner.link().await?;
         Ok(queue)
     }
@@ -381,16 +286,10 @@ impl AmqpQueue {
         let channel = self.inner.side_channel().await?;
         let topology = &self.inner.topology;
         for queue in [topology.name.clone(), topology.dead()] {
-            channel
-                .queue_delete(short(&queue), QueueDeleteOptions::default())
-                .await
-                .map_err(unavailable)?;
+            channel.queue_delete(short(&queue), QueueDeleteOptions::default()).await.map_err(unavailable)?;
         }
         for exchange in [topology.name.clone(), topology.dead()] {
-            channel
-                .exchange_delete(short(&exchange), ExchangeDeleteOptions::default())
-                .await
-                .map_err(unavailable)?;
+            channel.exchange_delete(short(&exchange), ExchangeDeleteOptions::default()).await.map_err(unavailable)?;
         }
         let _ = channel.close(200, "done".into()).await;
         Ok(())
@@ -407,15 +306,10 @@ fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
 
 fn dead_letter_of(delivery: &lapin::message::Delivery) -> DeadLetter {
     let properties = &delivery.properties;
-    let id = properties
-        .message_id()
-        .as_ref()
-        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
-        .unwrap_or_else(Uuid::nil);
-    let dead_at = properties
-        .timestamp()
-        .and_then(|secs| DateTime::<Utc>::from_timestamp(secs as i64, 0))
-        .unwrap_or_default();
+    let id =
+        properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok()).unwrap_or_else(Uuid::nil);
+    let dead_at =
+        properties.timestamp().and_then(|secs| DateTime::<Utc>::from_timestamp(secs as i64, 0)).unwrap_or_default();
     DeadLetter {
         id,
         code: header_text(properties, CODE_HEADER).unwrap_or_else(|| "rejected".to_owned()),
@@ -441,26 +335,17 @@ impl JobQueue for AmqpQueue {
         if prefetch == 0 {
             return Err(QueueError::Config("prefetch must be at least 1".into()));
         }
-        let mut consumer = AmqpConsumer {
-            inner: self.inner.clone(),
-            prefetch,
-            current: None,
-        };
+        let mut consumer = AmqpConsumer { inner: self.inner.clone(), prefetch, current: None };
         consumer.attach().await?;
         Ok(Box::new(consumer))
     }
 
     async fn stats(&self) -> Result<QueueStats, QueueError> {
         let channel = self.inner.side_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
         let topology = &self.inner.topology;
-        let work = channel
-            .queue_declare(short(&topology.name), passive, FieldTable::default())
-            .await
-            .map_err(unavailable)?;
+        let work =
+            channel.queue_declare(short(&topology.name), passive, FieldTable::default()).await.map_err(unavailable)?;
         let dead = channel
             .queue_declare(short(&topology.dead()), passive, FieldTable::default())
             .await
@@ -480,10 +365,7 @@ impl JobQueue for AmqpQueue {
         let mut letters = Vec::new();
         while letters.len() < limit {
             let got = channel
-                .basic_get(
-                    short(&self.inner.topology.dead()),
-                    BasicGetOptions { no_ack: false },
-                )
+                .basic_get(short(&self.inner.topology.dead()), BasicGetOptions { no_ack: false })
                 .await
                 .map_err(unavailable)?;
             let Some(message) = got else { break };
@@ -498,10 +380,7 @@ impl JobQueue for AmqpQueue {
         let mut report = ReplayReport::default();
         loop {
             let got = channel
-                .basic_get(
-                    short(&self.inner.topology.dead()),
-                    BasicGetOptions { no_ack: false },
-                )
+                .basic_get(short(&self.inner.topology.dead()), BasicGetOptions { no_ack: false })
                 .await
                 .map_err(unavailable)?;
             let Some(message) = got else { break };
@@ -515,12 +394,7 @@ impl JobQueue for AmqpQueue {
             };
             job.attempt = 1;
             self.inner.publish(Target::Work, &job.encode()).await?;
-            message
-                .delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(unavailable)?;
+            message.delivery.acker.ack(BasicAckOptions::default()).await.map_err(unavailable)?;
             report.replayed += 1;
         }
         // Whatever was not replayed goes back into the dead-letter queue.
@@ -537,24 +411,15 @@ struct AmqpConsumer {
 
 impl fmt::Debug for AmqpConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConsumer")
-            .field("prefetch", &self.prefetch)
-            .finish_non_exhaustive()
+        f.debug_struct("AmqpConsumer").field("prefetch", &self.prefetch).finish_non_exhaustive()
     }
 }
 
 impl AmqpConsumer {
     async fn attach(&mut self) -> Result<(), QueueError> {
         let link = self.inner.link().await?;
-        let channel = link
-            .connection
-            .create_channel()
-            .await
-            .map_err(unavailable)?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(unavailable)?;
+        let channel = link.connection.create_channel().await.map_err(unavailable)?;
+        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(unavailable)?;
         let consumer = channel
             .basic_consume(
                 short(&self.inner.topology.name),
@@ -602,29 +467,15 @@ impl JobConsumer for AmqpConsumer {
             match consumer.next().await {
                 Some(Ok(delivery)) => match JobMessage::decode(&delivery.data) {
                     Ok(message) => {
-                        let settle = AmqpSettle {
-                            inner: self.inner.clone(),
-                            delivery: Some(delivery.acker.clone()),
-                        };
+                        let settle = AmqpSettle { inner: self.inner.clone(), delivery: Some(delivery.acker.clone()) };
                         let _ = channel;
-                        return Ok(Delivery::new(
-                            message,
-                            delivery.redelivered,
-                            self.inner.policy,
-                            Box::new(settle),
-                        ));
+                        return Ok(Delivery::new(message, delivery.redelivered, self.inner.policy, Box::new(settle)));
                     }
                     Err(poison) => {
                         log_poison(&delivery.data, &poison);
                         let reason = poison.to_string();
                         self.inner
-                            .publish(
-                                Target::Dead {
-                                    code: poison.code(),
-                                    reason: &reason,
-                                },
-                                &delivery.data,
-                            )
+                            .publish(Target::Dead { code: poison.code(), reason: &reason }, &delivery.data)
                             .await?;
                         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                     }
@@ -678,13 +529,7 @@ impl Settle for AmqpSettle {
 
     async fn requeue(&mut self) -> Result<(), QueueError> {
         let acker = self.delivery.take().ok_or(QueueError::DeliveryLost)?;
-        match acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-        {
+        match acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
             Ok(true) => Ok(()),
             _ => Err(QueueError::DeliveryLost),
         }
@@ -695,15 +540,8 @@ impl Settle for AmqpSettle {
         AmqpSettle::ack(self).await
     }
 
-    async fn dead_letter(
-        &mut self,
-        payload: Vec<u8>,
-        code: &str,
-        reason: &str,
-    ) -> Result<(), QueueError> {
-        self.inner
-            .publish(Target::Dead { code, reason }, &payload)
-            .await?;
+    async fn dead_letter(&mut self, payload: Vec<u8>, code: &str, reason: &str) -> Result<(), QueueError> {
+        self.inner.publish(Target::Dead { code, reason }, &payload).await?;
         AmqpSettle::ack(self).await
     }
 
@@ -712,12 +550,7 @@ impl Settle for AmqpSettle {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await;
+                let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
             });
         }
     }

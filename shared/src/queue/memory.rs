@@ -17,8 +17,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    DeadLetter, Delivery, JobConsumer, JobQueue, QueueError, QueueStats, ReplayReport, RetryPolicy,
-    Settle, log_poison,
+    DeadLetter, Delivery, JobConsumer, JobQueue, QueueError, QueueStats, ReplayReport, RetryPolicy, Settle, log_poison,
 };
 use crate::job::JobMessage;
 
@@ -31,9 +30,7 @@ pub struct MemoryQueue {
 
 impl fmt::Debug for MemoryQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryQueue")
-            .field("policy", &self.policy)
-            .finish_non_exhaustive()
+        f.debug_struct("MemoryQueue").field("policy", &self.policy).finish_non_exhaustive()
     }
 }
 
@@ -66,26 +63,17 @@ struct InFlight {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn push(&self, payload: Vec<u8>) {
-        self.lock().ready.push_back(Queued {
-            payload,
-            redelivered: false,
-        });
+        self.lock().ready.push_back(Queued { payload, redelivered: false });
         self.changed.notify_waiters();
     }
 
     /// Removes an in-flight delivery, or says it is no longer ours to settle.
     fn settle(&self, tag: u64) -> Result<Vec<u8>, QueueError> {
-        let taken = self
-            .lock()
-            .in_flight
-            .remove(&tag)
-            .ok_or(QueueError::DeliveryLost);
+        let taken = self.lock().in_flight.remove(&tag).ok_or(QueueError::DeliveryLost);
         self.changed.notify_waiters();
         taken.map(|entry| entry.payload)
     }
@@ -94,13 +82,7 @@ impl Shared {
 impl MemoryQueue {
     /// An empty queue.
     pub fn new(policy: RetryPolicy) -> MemoryQueue {
-        MemoryQueue {
-            shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
-                changed: Notify::new(),
-            }),
-            policy,
-        }
+        MemoryQueue { shared: Arc::new(Shared { state: Mutex::new(State::default()), changed: Notify::new() }), policy }
     }
 }
 
@@ -125,32 +107,16 @@ impl JobQueue for MemoryQueue {
             state.consumers += 1;
             state.next_consumer
         };
-        Ok(Box::new(MemoryConsumer {
-            shared: self.shared.clone(),
-            policy: self.policy,
-            id,
-            prefetch,
-        }))
+        Ok(Box::new(MemoryConsumer { shared: self.shared.clone(), policy: self.policy, id, prefetch }))
     }
 
     async fn stats(&self) -> Result<QueueStats, QueueError> {
         let state = self.shared.lock();
-        Ok(QueueStats {
-            ready: state.ready.len() as u64,
-            dead: state.dead.len() as u64,
-            consumers: state.consumers,
-        })
+        Ok(QueueStats { ready: state.ready.len() as u64, dead: state.dead.len() as u64, consumers: state.consumers })
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        Ok(self
-            .shared
-            .lock()
-            .dead
-            .iter()
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(self.shared.lock().dead.iter().take(limit).cloned().collect())
     }
 
     async fn replay_dead(&self, ids: Option<&[Uuid]>) -> Result<ReplayReport, QueueError> {
@@ -167,10 +133,7 @@ impl JobQueue for MemoryQueue {
                     Some(job) => {
                         let mut fresh = job.clone();
                         fresh.attempt = 1;
-                        state.ready.push_back(Queued {
-                            payload: fresh.encode(),
-                            redelivered: false,
-                        });
+                        state.ready.push_back(Queued { payload: fresh.encode(), redelivered: false });
                         report.replayed += 1;
                     }
                     None => {
@@ -194,10 +157,7 @@ struct MemoryConsumer {
 
 impl fmt::Debug for MemoryConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryConsumer")
-            .field("id", &self.id)
-            .field("prefetch", &self.prefetch)
-            .finish()
+        f.debug_struct("MemoryConsumer").field("id", &self.id).field("prefetch", &self.prefetch).finish()
     }
 }
 
@@ -211,34 +171,16 @@ impl JobConsumer for MemoryConsumer {
             changed.as_mut().enable();
             {
                 let mut state = self.shared.lock();
-                let held = state
-                    .in_flight
-                    .values()
-                    .filter(|entry| entry.consumer == self.id)
-                    .count();
+                let held = state.in_flight.values().filter(|entry| entry.consumer == self.id).count();
                 if held < usize::from(self.prefetch) {
                     while let Some(queued) = state.ready.pop_front() {
                         match JobMessage::decode(&queued.payload) {
                             Ok(message) => {
                                 state.next_tag += 1;
                                 let tag = state.next_tag;
-                                state.in_flight.insert(
-                                    tag,
-                                    InFlight {
-                                        consumer: self.id,
-                                        payload: queued.payload,
-                                    },
-                                );
-                                let settle = MemorySettle {
-                                    shared: self.shared.clone(),
-                                    tag,
-                                };
-                                return Ok(Delivery::new(
-                                    message,
-                                    queued.redelivered,
-                                    self.policy,
-                                    Box::new(settle),
-                                ));
+                                state.in_flight.insert(tag, InFlight { consumer: self.id, payload: queued.payload });
+                                let settle = MemorySettle { shared: self.shared.clone(), tag };
+                                return Ok(Delivery::new(message, queued.redelivered, self.policy, Box::new(settle)));
                             }
                             Err(poison) => {
                                 log_poison(&queued.payload, &poison);
@@ -265,19 +207,12 @@ impl Drop for MemoryConsumer {
         // A consumer that goes away gives back what it held, like a closed AMQP channel.
         let mut state = self.shared.lock();
         state.consumers = state.consumers.saturating_sub(1);
-        let mut mine: Vec<u64> = state
-            .in_flight
-            .iter()
-            .filter(|(_, entry)| entry.consumer == self.id)
-            .map(|(tag, _)| *tag)
-            .collect();
+        let mut mine: Vec<u64> =
+            state.in_flight.iter().filter(|(_, entry)| entry.consumer == self.id).map(|(tag, _)| *tag).collect();
         mine.sort_unstable();
         for tag in mine.into_iter().rev() {
             if let Some(entry) = state.in_flight.remove(&tag) {
-                state.ready.push_front(Queued {
-                    payload: entry.payload,
-                    redelivered: true,
-                });
+                state.ready.push_front(Queued { payload: entry.payload, redelivered: true });
             }
         }
         drop(state);
@@ -298,10 +233,7 @@ impl Settle for MemorySettle {
 
     async fn requeue(&mut self) -> Result<(), QueueError> {
         let payload = self.shared.settle(self.tag)?;
-        self.shared.lock().ready.push_front(Queued {
-            payload,
-            redelivered: true,
-        });
+        self.shared.lock().ready.push_front(Queued { payload, redelivered: true });
         self.shared.changed.notify_waiters();
         Ok(())
     }
@@ -316,12 +248,7 @@ impl Settle for MemorySettle {
         Ok(())
     }
 
-    async fn dead_letter(
-        &mut self,
-        payload: Vec<u8>,
-        code: &str,
-        reason: &str,
-    ) -> Result<(), QueueError> {
+    async fn dead_letter(&mut self, payload: Vec<u8>, code: &str, reason: &str) -> Result<(), QueueError> {
         self.shared.settle(self.tag)?;
         self.shared.lock().dead.push(DeadLetter {
             id: Uuid::now_v7(),
@@ -336,10 +263,7 @@ impl Settle for MemorySettle {
 
     fn abandon(&mut self) {
         if let Ok(payload) = self.shared.settle(self.tag) {
-            self.shared.lock().ready.push_front(Queued {
-                payload,
-                redelivered: true,
-            });
+            self.shared.lock().ready.push_front(Queued { payload, redelivered: true });
             self.shared.changed.notify_waiters();
         }
     }

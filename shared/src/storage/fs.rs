@@ -25,8 +25,7 @@ use tokio_util::io::ReaderStream;
 use uuid::Uuid;
 
 use super::{
-    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload,
-    Storage, StorageError,
+    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload, Storage, StorageError,
 };
 
 const CONTENT_TYPE_ATTR: &str = "user.waveline.content_type";
@@ -45,10 +44,7 @@ impl FsStorage {
     /// writes cut short by a crash are removed.
     pub async fn open(root: &Path) -> Result<FsStorage, StorageError> {
         if !root.is_absolute() {
-            return Err(StorageError::Config(format!(
-                "{} is not an absolute path",
-                root.display()
-            )));
+            return Err(StorageError::Config(format!("{} is not an absolute path", root.display())));
         }
         let tmp = root.join(TMP_DIR);
         tokio::fs::create_dir_all(&tmp).await?;
@@ -65,9 +61,7 @@ impl FsStorage {
                 let _ = tokio::fs::remove_file(entry.path()).await;
             }
         }
-        Ok(FsStorage {
-            root: root.to_path_buf(),
-        })
+        Ok(FsStorage { root: root.to_path_buf() })
     }
 
     /// The directory objects live under.
@@ -90,17 +84,11 @@ impl FsStorage {
             size: stat.len(),
             etag: format!("\"{:x}-{:x}-{:x}\"", stat.ino(), mtime_ns, stat.len()),
             content_type,
-            last_modified: DateTime::<Utc>::from_timestamp(stat.mtime(), stat.mtime_nsec() as u32)
-                .unwrap_or_default(),
+            last_modified: DateTime::<Utc>::from_timestamp(stat.mtime(), stat.mtime_nsec() as u32).unwrap_or_default(),
         }
     }
 
-    async fn write_temp(
-        &self,
-        tmp: &Path,
-        content_type: &str,
-        mut body: ByteStream,
-    ) -> Result<(), StorageError> {
+    async fn write_temp(&self, tmp: &Path, content_type: &str, mut body: ByteStream) -> Result<(), StorageError> {
         let mut file = tokio::fs::File::create(tmp).await?;
         while let Some(chunk) = body.next().await {
             file.write_all(&chunk?).await?;
@@ -119,9 +107,7 @@ impl FsStorage {
 fn not_found(key: &ObjectKey) -> impl Fn(std::io::Error) -> StorageError + '_ {
     move |err| match err.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
-            StorageError::NotFound {
-                key: key.to_string(),
-            }
+            StorageError::NotFound { key: key.to_string() }
         }
         _ => StorageError::Io(err),
     }
@@ -133,12 +119,7 @@ impl Storage for FsStorage {
         "fs"
     }
 
-    async fn put(
-        &self,
-        key: &ObjectKey,
-        content_type: &str,
-        body: ByteStream,
-    ) -> Result<ObjectMeta, StorageError> {
+    async fn put(&self, key: &ObjectKey, content_type: &str, body: ByteStream) -> Result<ObjectMeta, StorageError> {
         let tmp = self.root.join(TMP_DIR).join(Uuid::new_v4().to_string());
         if let Err(err) = self.write_temp(&tmp, content_type, body).await {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -165,27 +146,17 @@ impl Storage for FsStorage {
         Ok(self.meta_of(&path, key, &stat))
     }
 
-    async fn get(
-        &self,
-        key: &ObjectKey,
-        range: Option<ByteRange>,
-    ) -> Result<ObjectRead, StorageError> {
+    async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
         let path = self.path_of(key);
         let mut file = tokio::fs::File::open(&path).await.map_err(not_found(key))?;
         // The open handle pins this version of the object, even if a writer replaces it now.
         let stat = file.metadata().await?;
         if stat.is_dir() {
-            return Err(StorageError::NotFound {
-                key: key.to_string(),
-            });
+            return Err(StorageError::NotFound { key: key.to_string() });
         }
         let meta = self.meta_of(&path, key, &stat);
         let resolved = match range {
-            Some(range) => Some(
-                range
-                    .resolve(meta.size)
-                    .ok_or(StorageError::RangeNotSatisfiable { size: meta.size })?,
-            ),
+            Some(range) => Some(range.resolve(meta.size).ok_or(StorageError::RangeNotSatisfiable { size: meta.size })?),
             None => ByteRange::From { first: 0 }.resolve(meta.size),
         };
         let body: ByteStream = match resolved {
@@ -195,20 +166,14 @@ impl Storage for FsStorage {
             }
             None => Box::pin(futures::stream::empty()),
         };
-        Ok(ObjectRead {
-            meta,
-            range: resolved,
-            body,
-        })
+        Ok(ObjectRead { meta, range: resolved, body })
     }
 
     async fn head(&self, key: &ObjectKey) -> Result<ObjectMeta, StorageError> {
         let path = self.path_of(key);
         let stat = tokio::fs::metadata(&path).await.map_err(not_found(key))?;
         if stat.is_dir() {
-            return Err(StorageError::NotFound {
-                key: key.to_string(),
-            });
+            return Err(StorageError::NotFound { key: key.to_string() });
         }
         Ok(self.meta_of(&path, key, &stat))
     }
@@ -217,12 +182,7 @@ impl Storage for FsStorage {
         let path = self.path_of(key);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => {}
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) =>
-            {
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
                 return Ok(());
             }
             Err(err) if err.kind() == std::io::ErrorKind::IsADirectory => return Ok(()),
@@ -253,12 +213,7 @@ impl Storage for FsStorage {
         while let Some((dir, dir_key)) = pending.pop() {
             let mut entries = match tokio::fs::read_dir(&dir).await {
                 Ok(entries) => entries,
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                    ) =>
-                {
+                Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
                     continue;
                 }
                 Err(err) => return Err(err.into()),
@@ -270,11 +225,7 @@ impl Storage for FsStorage {
                 if name.starts_with('.') {
                     continue;
                 }
-                let key = if dir_key.is_empty() {
-                    name
-                } else {
-                    format!("{dir_key}/{name}")
-                };
+                let key = if dir_key.is_empty() { name } else { format!("{dir_key}/{name}") };
                 let file_type = entry.file_type().await?;
                 if file_type.is_dir() {
                     if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
@@ -306,10 +257,7 @@ impl Storage for FsStorage {
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        let probe = self
-            .root
-            .join(TMP_DIR)
-            .join(format!("ping-{}", Uuid::new_v4()));
+        let probe = self.root.join(TMP_DIR).join(format!("ping-{}", Uuid::new_v4()));
         tokio::fs::write(&probe, b"").await?;
         tokio::fs::remove_file(&probe).await?;
         Ok(())
@@ -318,9 +266,7 @@ impl Storage for FsStorage {
 
 /// The media type for a key's extension; the fallback when no type was stored.
 fn guess_content_type(key: &str) -> String {
-    let extension = key
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase());
+    let extension = key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase());
     match extension.as_deref() {
         // The audio types the ladder writes, named as players expect them.
         Some("mp3") => "audio/mpeg".to_owned(),
@@ -328,10 +274,7 @@ fn guess_content_type(key: &str) -> String {
         Some("m4a" | "m4s" | "mp4") => "audio/mp4".to_owned(),
         Some("m3u8") => "application/vnd.apple.mpegurl".to_owned(),
         Some("dat") => "application/octet-stream".to_owned(),
-        _ => mime_guess::from_path(key)
-            .first_or_octet_stream()
-            .essence_str()
-            .to_owned(),
+        _ => mime_guess::from_path(key).first_or_octet_stream().essence_str().to_owned(),
     }
 }
 
@@ -342,14 +285,8 @@ mod tests {
     #[test]
     fn content_types_follow_the_ladder() {
         assert_eq!(guess_content_type("r/1/mp3_128/audio.mp3"), "audio/mpeg");
-        assert_eq!(
-            guess_content_type("r/1/aac_hls/master.m3u8"),
-            "application/vnd.apple.mpegurl"
-        );
+        assert_eq!(guess_content_type("r/1/aac_hls/master.m3u8"), "application/vnd.apple.mpegurl");
         assert_eq!(guess_content_type("r/1/waveform.json"), "application/json");
-        assert_eq!(
-            guess_content_type("originals/t/source"),
-            "application/octet-stream"
-        );
+        assert_eq!(guess_content_type("originals/t/source"), "application/octet-stream");
     }
 }

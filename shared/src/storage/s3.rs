@@ -33,8 +33,8 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
 use super::{
-    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload,
-    ResolvedRange, Storage, StorageError,
+    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload, ResolvedRange, Storage,
+    StorageError,
 };
 
 /// Size of one multipart part (S3's minimum is 5 MiB for all but the last part).
@@ -50,36 +50,19 @@ pub struct S3Storage {
 impl S3Storage {
     /// Connects with credentials from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and the
     /// optional `AWS_SESSION_TOKEN`.
-    pub fn from_env(
-        bucket: &str,
-        endpoint: Option<&str>,
-        region: &str,
-    ) -> Result<S3Storage, StorageError> {
+    pub fn from_env(bucket: &str, endpoint: Option<&str>, region: &str) -> Result<S3Storage, StorageError> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-        let (Some(access_key), Some(secret_key)) =
-            (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY"))
-        else {
+        let (Some(access_key), Some(secret_key)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) else {
             return Err(StorageError::Config(
                 "the S3 backend needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment".into(),
             ));
         };
-        let credentials = Credentials::new(
-            access_key,
-            secret_key,
-            var("AWS_SESSION_TOKEN"),
-            None,
-            "environment",
-        );
+        let credentials = Credentials::new(access_key, secret_key, var("AWS_SESSION_TOKEN"), None, "environment");
         Ok(S3Storage::new(bucket, endpoint, region, credentials))
     }
 
     /// Connects with explicit credentials.
-    pub fn new(
-        bucket: &str,
-        endpoint: Option<&str>,
-        region: &str,
-        credentials: Credentials,
-    ) -> S3Storage {
+    pub fn new(bucket: &str, endpoint: Option<&str>, region: &str, credentials: Credentials) -> S3Storage {
         let mut config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region.to_owned()))
@@ -87,18 +70,11 @@ impl S3Storage {
             .force_path_style(true)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .build(),
-            );
+            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).build());
         if let Some(endpoint) = endpoint {
             config = config.endpoint_url(endpoint);
         }
-        S3Storage {
-            client: Client::from_conf(config.build()),
-            bucket: bucket.to_owned(),
-        }
+        S3Storage { client: Client::from_conf(config.build()), bucket: bucket.to_owned() }
     }
 
     /// The bucket's name.
@@ -108,29 +84,13 @@ impl S3Storage {
 
     /// Creates the bucket unless it exists (used by `waveline migrate` and the tests).
     pub async fn ensure_bucket(&self) -> Result<(), StorageError> {
-        if self
-            .client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .is_ok()
-        {
+        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
             return Ok(());
         }
-        match self
-            .client
-            .create_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-        {
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
             Ok(_) => Ok(()),
             Err(err) => {
-                let code = err
-                    .as_service_error()
-                    .and_then(|e| e.meta().code())
-                    .unwrap_or_default();
+                let code = err.as_service_error().and_then(|e| e.meta().code()).unwrap_or_default();
                 if matches!(code, "BucketAlreadyOwnedByYou" | "BucketAlreadyExists") {
                     Ok(())
                 } else {
@@ -143,12 +103,7 @@ impl S3Storage {
     /// Deletes every object and then the bucket itself (test clean-up).
     pub async fn destroy_bucket(&self) -> Result<(), StorageError> {
         self.delete_prefix("").await?;
-        self.client
-            .delete_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map_err(remote)?;
+        self.client.delete_bucket().bucket(&self.bucket).send().await.map_err(remote)?;
         Ok(())
     }
 
@@ -170,9 +125,7 @@ impl S3Storage {
             .map_err(remote)?;
         let upload_id = created
             .upload_id()
-            .ok_or_else(|| {
-                StorageError::Remote("CreateMultipartUpload returned no upload id".into())
-            })?
+            .ok_or_else(|| StorageError::Remote("CreateMultipartUpload returned no upload id".into()))?
             .to_owned();
         let result = self.upload_parts(key, &upload_id, first, body).await;
         let completed = match result {
@@ -182,11 +135,7 @@ impl S3Storage {
                 .bucket(&self.bucket)
                 .key(key.as_str())
                 .upload_id(&upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                )
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
                 .send()
                 .await
                 .map(|_| ())
@@ -240,22 +189,14 @@ impl S3Storage {
                 .send()
                 .await
                 .map_err(remote)?;
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(uploaded.e_tag)
-                    .build(),
-            );
+            parts.push(CompletedPart::builder().part_number(number).set_e_tag(uploaded.e_tag).build());
         }
         Ok(parts)
     }
 }
 
 /// Reads up to one part from `body`; `None` when the body is exhausted.
-async fn fill_part(
-    body: &mut ByteStream,
-    buffer: &mut BytesMut,
-) -> Result<Option<Bytes>, StorageError> {
+async fn fill_part(body: &mut ByteStream, buffer: &mut BytesMut) -> Result<Option<Bytes>, StorageError> {
     while buffer.len() < PART_SIZE {
         match body.next().await {
             Some(chunk) => buffer.extend_from_slice(&chunk?),
@@ -275,13 +216,8 @@ fn classify<E>(err: SdkError<E>, key: &ObjectKey) -> StorageError
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    match err
-        .raw_response()
-        .map(|response| response.status().as_u16())
-    {
-        Some(404) => StorageError::NotFound {
-            key: key.to_string(),
-        },
+    match err.raw_response().map(|response| response.status().as_u16()) {
+        Some(404) => StorageError::NotFound { key: key.to_string() },
         _ => remote(err),
     }
 }
@@ -294,8 +230,7 @@ where
 }
 
 fn to_chrono(time: Option<&aws_sdk_s3::primitives::DateTime>) -> DateTime<Utc> {
-    time.and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
-        .unwrap_or_default()
+    time.and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())).unwrap_or_default()
 }
 
 /// `bytes 0-99/1234` → (0..=99, 1234).
@@ -303,13 +238,7 @@ fn parse_content_range(value: &str) -> Option<(ResolvedRange, u64)> {
     let rest = value.strip_prefix("bytes ")?;
     let (span, size) = rest.split_once('/')?;
     let (first, last) = span.split_once('-')?;
-    Some((
-        ResolvedRange {
-            first: first.parse().ok()?,
-            last: last.parse().ok()?,
-        },
-        size.parse().ok()?,
-    ))
+    Some((ResolvedRange { first: first.parse().ok()?, last: last.parse().ok()? }, size.parse().ok()?))
 }
 
 fn sdk_body_stream(body: SdkByteStream) -> ByteStream {
@@ -317,10 +246,7 @@ fn sdk_body_stream(body: SdkByteStream) -> ByteStream {
         let mut body = state?;
         match body.next().await {
             Some(Ok(bytes)) => Some((Ok(bytes), Some(body))),
-            Some(Err(err)) => Some((
-                Err(StorageError::Body(DisplayErrorContext(&err).to_string())),
-                None,
-            )),
+            Some(Err(err)) => Some((Err(StorageError::Body(DisplayErrorContext(&err).to_string())), None)),
             None => None,
         }
     }))
@@ -332,12 +258,7 @@ impl Storage for S3Storage {
         "s3"
     }
 
-    async fn put(
-        &self,
-        key: &ObjectKey,
-        content_type: &str,
-        mut body: ByteStream,
-    ) -> Result<ObjectMeta, StorageError> {
+    async fn put(&self, key: &ObjectKey, content_type: &str, mut body: ByteStream) -> Result<ObjectMeta, StorageError> {
         let mut buffer = BytesMut::with_capacity(PART_SIZE);
         let first = fill_part(&mut body, &mut buffer).await?.unwrap_or_default();
         if first.len() < PART_SIZE {
@@ -356,11 +277,7 @@ impl Storage for S3Storage {
         self.head(key).await
     }
 
-    async fn get(
-        &self,
-        key: &ObjectKey,
-        range: Option<ByteRange>,
-    ) -> Result<ObjectRead, StorageError> {
+    async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
         let asked = range;
         let mut pinned_etag = None;
         let mut range = range;
@@ -369,10 +286,7 @@ impl Storage for S3Storage {
             let resolved = ByteRange::Suffix { len }
                 .resolve(head.size)
                 .ok_or(StorageError::RangeNotSatisfiable { size: head.size })?;
-            range = Some(ByteRange::Inclusive {
-                first: resolved.first,
-                last: resolved.last,
-            });
+            range = Some(ByteRange::Inclusive { first: resolved.first, last: resolved.last });
             pinned_etag = Some(head.etag);
         }
         let output = match self
@@ -387,19 +301,10 @@ impl Storage for S3Storage {
         {
             Ok(output) => output,
             // Replaced between the HEAD and the GET: resolve again against the new version.
-            Err(err)
-                if pinned_etag.is_some()
-                    && err
-                        .raw_response()
-                        .is_some_and(|r| r.status().as_u16() == 412) =>
-            {
+            Err(err) if pinned_etag.is_some() && err.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
                 return self.get(key, asked).await;
             }
-            Err(err)
-                if err
-                    .raw_response()
-                    .is_some_and(|r| r.status().as_u16() == 416) =>
-            {
+            Err(err) if err.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
                 let size = self.head(key).await?.size;
                 return Err(StorageError::RangeNotSatisfiable { size });
             }
@@ -417,17 +322,10 @@ impl Storage for S3Storage {
         let meta = ObjectMeta {
             size,
             etag: output.e_tag().unwrap_or_default().to_owned(),
-            content_type: output
-                .content_type()
-                .unwrap_or("application/octet-stream")
-                .to_owned(),
+            content_type: output.content_type().unwrap_or("application/octet-stream").to_owned(),
             last_modified: to_chrono(output.last_modified()),
         };
-        Ok(ObjectRead {
-            meta,
-            range: resolved,
-            body: sdk_body_stream(output.body),
-        })
+        Ok(ObjectRead { meta, range: resolved, body: sdk_body_stream(output.body) })
     }
 
     async fn head(&self, key: &ObjectKey) -> Result<ObjectMeta, StorageError> {
@@ -442,10 +340,7 @@ impl Storage for S3Storage {
         Ok(ObjectMeta {
             size: output.content_length().unwrap_or_default().max(0) as u64,
             etag: output.e_tag().unwrap_or_default().to_owned(),
-            content_type: output
-                .content_type()
-                .unwrap_or("application/octet-stream")
-                .to_owned(),
+            content_type: output.content_type().unwrap_or("application/octet-stream").to_owned(),
             last_modified: to_chrono(output.last_modified()),
         })
     }
@@ -459,13 +354,7 @@ impl Storage for S3Storage {
             .await
             .map_err(|err| classify(err, key))
             .map(|_| ())
-            .or_else(|err| {
-                if matches!(err, StorageError::NotFound { .. }) {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            })
+            .or_else(|err| if matches!(err, StorageError::NotFound { .. }) { Ok(()) } else { Err(err) })
     }
 
     async fn list_prefix(&self, prefix: &str) -> Result<Vec<ObjectSummary>, StorageError> {
@@ -483,10 +372,7 @@ impl Storage for S3Storage {
                 .map_err(remote)?;
             for object in page.contents() {
                 if let Some(key) = object.key().and_then(|key| ObjectKey::parse(key).ok()) {
-                    found.push(ObjectSummary {
-                        key,
-                        size: object.size().unwrap_or_default().max(0) as u64,
-                    });
+                    found.push(ObjectSummary { key, size: object.size().unwrap_or_default().max(0) as u64 });
                 }
             }
             match page.next_continuation_token() {
@@ -512,14 +398,8 @@ impl Storage for S3Storage {
                 .quiet(true)
                 .build()
                 .map_err(|err| StorageError::Remote(err.to_string()))?;
-            let output = self
-                .client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(remote)?;
+            let output =
+                self.client.delete_objects().bucket(&self.bucket).delete(delete).send().await.map_err(remote)?;
             if let Some(failure) = output.errors().first() {
                 return Err(StorageError::Remote(format!(
                     "could not delete {}: {}",
@@ -537,8 +417,7 @@ impl Storage for S3Storage {
         content_type: &str,
         expires_in: Duration,
     ) -> Result<Option<PresignedUpload>, StorageError> {
-        let config = PresigningConfig::expires_in(expires_in)
-            .map_err(|err| StorageError::Config(err.to_string()))?;
+        let config = PresigningConfig::expires_in(expires_in).map_err(|err| StorageError::Config(err.to_string()))?;
         let request = self
             .client
             .put_object()
@@ -551,22 +430,13 @@ impl Storage for S3Storage {
         Ok(Some(PresignedUpload {
             method: request.method().to_owned(),
             url: request.uri().to_owned(),
-            headers: request
-                .headers()
-                .map(|(name, value)| (name.to_owned(), value.to_owned()))
-                .collect(),
+            headers: request.headers().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
             expires_at: Utc::now() + expires_in,
         }))
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        self.client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map_err(remote)
-            .map(|_| ())
+        self.client.head_bucket().bucket(&self.bucket).send().await.map_err(remote).map(|_| ())
     }
 }
 
@@ -576,10 +446,7 @@ mod tests {
 
     #[test]
     fn content_range_is_read() {
-        assert_eq!(
-            parse_content_range("bytes 0-99/1234"),
-            Some((ResolvedRange { first: 0, last: 99 }, 1234))
-        );
+        assert_eq!(parse_content_range("bytes 0-99/1234"), Some((ResolvedRange { first: 0, last: 99 }, 1234)));
         assert_eq!(parse_content_range("bytes */1234"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
     }

@@ -24,12 +24,7 @@ pub enum Outcome {
 pub async fn run(context: &Context, job: &Job, attempt: u32) -> Outcome {
     match job {
         Job::ProcessTrack { track_id } => {
-            process_track::ProcessTrack {
-                track_id: *track_id,
-                attempt,
-            }
-            .run(context)
-            .await
+            process_track::ProcessTrack { track_id: *track_id, attempt }.run(context).await
         }
     }
 }

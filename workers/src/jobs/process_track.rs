@@ -58,41 +58,23 @@ impl ProcessTrack {
         let claim = match context.tracks.claim(self.track_id).await {
             Ok(Some(claim)) => claim,
             Ok(None) => {
-                tracing::info!(
-                    "track is not queued (a duplicate, late or deleted job): nothing to do"
-                );
+                tracing::info!("track is not queued (a duplicate, late or deleted job): nothing to do");
                 return Outcome::Done;
             }
             Err(err) => return Outcome::Retry(format!("cannot claim the track: {err}")),
         };
-        tracing::info!(
-            attempt = claim.attempt,
-            revision = claim.revision,
-            "claimed"
-        );
+        tracing::info!(attempt = claim.attempt, revision = claim.revision, "claimed");
         context.claims.hold(&claim);
         let result = self.work(context, &claim).await;
         context.claims.drop_claim(claim.track_id);
         match result {
             Ok(()) => Outcome::Done,
             Err(JobError::ClaimLost) => {
-                tracing::warn!(
-                    "the claim was taken over while processing; leaving the track to its new owner"
-                );
+                tracing::warn!("the claim was taken over while processing; leaving the track to its new owner");
                 Outcome::Done
             }
             Err(JobError::Permanent { code, message }) => {
-                match context
-                    .tracks
-                    .fail_claimed(
-                        &claim,
-                        Failure {
-                            code,
-                            message: &message,
-                        },
-                    )
-                    .await
-                {
+                match context.tracks.fail_claimed(&claim, Failure { code, message: &message }).await {
                     Ok(_) => Outcome::Abort { code, message },
                     Err(err) => Outcome::Retry(format!("cannot record the failure {code}: {err}")),
                 }
@@ -113,35 +95,19 @@ impl ProcessTrack {
             .tempdir_in(&context.temp_root)
             .map_err(|err| JobError::Transient(format!("cannot make a temp dir: {err}")))?;
         let input = temp.path().join("original");
-        let original = claim
-            .original_key
-            .as_deref()
-            .ok_or_else(|| JobError::Permanent {
-                code: "original_missing",
-                message: "the track has no original to process".into(),
-            })?;
+        let original = claim.original_key.as_deref().ok_or_else(|| JobError::Permanent {
+            code: "original_missing",
+            message: "the track has no original to process".into(),
+        })?;
         self.fetch(context, original, &input).await?;
 
-        let manifest = self
-            .run_pipeline(context, claim, &input, &temp.path().join("out"))
-            .await?;
+        let manifest = self.run_pipeline(context, claim, &input, &temp.path().join("out")).await?;
         beat(context, claim, ProcessingStage::Storing, 96).await?;
-        let completion = self
-            .upload(context, claim, &temp.path().join("out"), &manifest)
-            .await?;
-        match context
-            .tracks
-            .complete(claim, &completion)
-            .await
-            .map_err(|err| db_error("commit", err))?
-        {
+        let completion = self.upload(context, claim, &temp.path().join("out"), &manifest).await?;
+        match context.tracks.complete(claim, &completion).await.map_err(|err| db_error("commit", err))? {
             Committed::Stale => Err(JobError::ClaimLost),
             Committed::Ready { previous_revision } => {
-                tracing::info!(
-                    revision = claim.revision,
-                    renditions = completion.renditions.len(),
-                    "ready"
-                );
+                tracing::info!(revision = claim.revision, renditions = completion.renditions.len(), "ready");
                 if let Some(old) = previous_revision {
                     let prefix = format!("renditions/{}/{old}/", claim.track_id);
                     match context.storage.delete_prefix(&prefix).await {
@@ -174,16 +140,12 @@ impl ProcessTrack {
             }
             Err(err) => return Err(storage_error("fetching the original", err)),
         };
-        let mut file = tokio::fs::File::create(to)
-            .await
-            .map_err(|err| JobError::Transient(err.to_string()))?;
+        let mut file = tokio::fs::File::create(to).await.map_err(|err| JobError::Transient(err.to_string()))?;
         while let Some(chunk) = read.body.next().await {
             let chunk = chunk.map_err(|err| storage_error("fetching the original", err))?;
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
                 .await
-                .map_err(|err| {
-                    JobError::Transient(format!("writing the original to disk: {err}"))
-                })?;
+                .map_err(|err| JobError::Transient(format!("writing the original to disk: {err}")))?;
         }
         Ok(())
     }
@@ -195,10 +157,8 @@ impl ProcessTrack {
         input: &Path,
         out: &Path,
     ) -> Result<Manifest, JobError> {
-        let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(Progress {
-            stage: Stage::Probing,
-            fraction: 0.0,
-        });
+        let (progress_tx, mut progress_rx) =
+            tokio::sync::watch::channel(Progress { stage: Stage::Probing, fraction: 0.0 });
         let config = context.pipeline.clone();
         let (input, out) = (input.to_path_buf(), out.to_path_buf());
         let span = tracing::Span::current();
@@ -234,14 +194,11 @@ impl ProcessTrack {
         }
         match result {
             Ok(Ok(manifest)) => Ok(manifest),
-            Ok(Err(err)) if err.is_permanent() => Err(JobError::Permanent {
-                code: err.code(),
-                message: err.to_string(),
-            }),
+            Ok(Err(err)) if err.is_permanent() => {
+                Err(JobError::Permanent { code: err.code(), message: err.to_string() })
+            }
             Ok(Err(err)) => Err(JobError::Transient(format!("pipeline: {err}"))),
-            Err(join) => Err(JobError::Transient(format!(
-                "the pipeline thread failed: {join}"
-            ))),
+            Err(join) => Err(JobError::Transient(format!("the pipeline thread failed: {join}"))),
         }
     }
 
@@ -261,12 +218,8 @@ impl ProcessTrack {
                 let file = tokio::fs::File::open(&path)
                     .await
                     .map_err(|err| JobError::Transient(format!("{}: {err}", path.display())))?;
-                let key =
-                    ObjectKey::parse(key).map_err(|err| JobError::Transient(err.to_string()))?;
-                let body = byte_stream(tokio_util::io::ReaderStream::with_capacity(
-                    file,
-                    256 * 1024,
-                ));
+                let key = ObjectKey::parse(key).map_err(|err| JobError::Transient(err.to_string()))?;
+                let body = byte_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
                 storage
                     .put(&key, content_type(&relative), body)
                     .await
@@ -278,17 +231,14 @@ impl ProcessTrack {
         for rendition in &manifest.renditions {
             let (storage_key, storage_keys) = match rendition.kind {
                 waveline_pipeline::manifest::RenditionKind::Progressive => {
-                    let key = put(
-                        rendition.path.clone(),
-                        format!("{base}/{}/{}", rendition.preset, rendition.path),
-                    )
-                    .await?;
+                    let key =
+                        put(rendition.path.clone(), format!("{base}/{}/{}", rendition.preset, rendition.path)).await?;
                     (key.clone(), vec![key])
                 }
                 waveline_pipeline::manifest::RenditionKind::Hls => {
                     let mut keys = Vec::new();
-                    for relative in files_under(out, &rendition.preset)
-                        .map_err(|err| JobError::Transient(err.to_string()))?
+                    for relative in
+                        files_under(out, &rendition.preset).map_err(|err| JobError::Transient(err.to_string()))?
                     {
                         keys.push(put(relative.clone(), format!("{base}/{relative}")).await?);
                     }
@@ -312,29 +262,17 @@ impl ProcessTrack {
             });
         }
         let waveform = &manifest.waveform;
-        let waveform_key = put(
-            waveform.json.clone(),
-            format!("{base}/waveform/{}", waveform.json),
-        )
-        .await?;
-        let waveform_dat_key = put(
-            waveform.dat.clone(),
-            format!("{base}/waveform/{}", waveform.dat),
-        )
-        .await?;
-        let waveform_summary_key = put(
-            waveform.summary.clone(),
-            format!("{base}/waveform/{}", waveform.summary),
-        )
-        .await?;
+        let waveform_key = put(waveform.json.clone(), format!("{base}/waveform/{}", waveform.json)).await?;
+        let waveform_dat_key = put(waveform.dat.clone(), format!("{base}/waveform/{}", waveform.dat)).await?;
+        let waveform_summary_key =
+            put(waveform.summary.clone(), format!("{base}/waveform/{}", waveform.summary)).await?;
         let artwork_key = match &manifest.tags.artwork {
             Some(artwork) => Some(put(artwork.clone(), format!("{base}/artwork/{artwork}")).await?),
             None => None,
         };
         put("manifest.json".into(), format!("{base}/manifest.json")).await?;
-        let to_json = |value: serde_json::Result<serde_json::Value>| {
-            value.map_err(|err| JobError::Transient(err.to_string()))
-        };
+        let to_json =
+            |value: serde_json::Result<serde_json::Value>| value.map_err(|err| JobError::Transient(err.to_string()));
         Ok(Completion {
             source: to_json(serde_json::to_value(&manifest.source))?,
             loudness: to_json(serde_json::to_value(&manifest.loudness))?,
@@ -350,12 +288,7 @@ impl ProcessTrack {
 }
 
 /// Records stage and progress; a claim found gone means someone else owns the track now.
-async fn beat(
-    context: &Context,
-    claim: &Claim,
-    stage: ProcessingStage,
-    percent: i16,
-) -> Result<(), JobError> {
+async fn beat(context: &Context, claim: &Claim, stage: ProcessingStage, percent: i16) -> Result<(), JobError> {
     match context.tracks.heartbeat(claim, stage, percent).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(JobError::ClaimLost),
@@ -422,8 +355,6 @@ impl HeldClaims {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<TrackId, Claim>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
