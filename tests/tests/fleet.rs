@@ -318,7 +318,13 @@ impl Distributed {
     }
 
     fn worker(&self) -> Result<Child> {
-        Ok(self.command(&["worker", "--concurrency", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
+        self.worker_with(&[])
+    }
+
+    fn worker_with(&self, args: &[&str]) -> Result<Child> {
+        let mut all = vec!["worker", "--concurrency", "1"];
+        all.extend_from_slice(args);
+        Ok(self.command(&all).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
     }
 
     fn json(&self, args: &[&str]) -> Result<Value> {
@@ -373,11 +379,23 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
         .filter_map(|t| t["id"].as_str().map(str::to_owned))
         .collect();
     ensure!(ids.len() == 2 && imported["tracks"][0]["state"] == "queued", "{imported}");
-    let worker = fleet.worker()?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let worker = fleet.worker_with(&["--metrics-listen", &metrics_addr])?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     let ready = wait_for(&tracks, ids[0].parse()?, TrackState::Ready, Duration::from_secs(90)).await;
     let failed = wait_for(&tracks, ids[1].parse()?, TrackState::Failed, Duration::from_secs(30)).await;
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics")).await?.text().await;
     let status = stop(worker)?;
+    let metrics = metrics?;
+    for series in [
+        "waveline_jobs_total{result=\"done\"} 1",
+        "waveline_jobs_total{result=\"failed\"} 1",
+        "waveline_job_duration_seconds",
+        "waveline_jobs_in_flight 0",
+    ] {
+        ensure!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
+    }
     ready?;
     let failed = failed?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");
@@ -387,6 +405,24 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ensure!(shown["renditions"].as_array().is_some_and(|r| r.len() == 4), "{shown}");
     let stats = fleet.json(&["jobs", "stats", "--json"])?;
     ensure!(stats["tracks"]["ready"] == 1 && stats["tracks"]["failed"] == 1 && stats["outbox_pending"] == 0, "{stats}");
+    let listed = fleet.json(&["tracks", "list", "--state", "failed", "--json"])?;
+    ensure!(
+        listed["tracks"].as_array().is_some_and(|t| t.len() == 1 && t[0]["error"]["code"] == "unsupported_format"),
+        "{listed}"
+    );
+    // A backlog by filter: the dry run only counts; the real one makes new revisions.
+    let dry = fleet.json(&["reprocess", "--state", "ready", "--dry-run", "--json"])?;
+    ensure!(dry["matched"] == 1 && dry["enqueued"] == 1 && dry["dry_run"] == true, "{dry}");
+    ensure!(tracks.get(ids[0].parse()?).await?.context("track")?.state == TrackState::Ready);
+    let missing = fleet.json(&["reprocess", "--missing-preset", "flac_lossless", "--state", "ready", "--json"])?;
+    ensure!(missing["matched"] == 1 && missing["enqueued"] == 1, "{missing}");
+    let worker = fleet.worker()?;
+    let again = wait_for(&tracks, ids[0].parse()?, TrackState::Ready, Duration::from_secs(90)).await;
+    stop(worker)?;
+    let again = again?;
+    ensure!(again.revision == 2, "{again:?}");
+    let stored = keys(&fleet.bucket, &format!("renditions/{}/", ids[0])).await?;
+    ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{}/2/", ids[0]))), "{stored:?}");
     fleet.cleanup().await
 }
 
