@@ -457,6 +457,14 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
     fleet.cleanup().await
 }
 
+/// Imports a generated tone of `secs` seconds with the CLI; returns the new track's id.
+fn import_tone(fleet: &Distributed, secs: f64) -> Result<TrackId> {
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "song.wav", secs)?;
+    let imported = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?;
+    Ok(imported["tracks"][0]["id"].as_str().context("id")?.parse()?)
+}
+
 fn migrate(fleet: &Distributed) -> Result<()> {
     let output = fleet.command(&["migrate"]).output()?;
     ensure!(output.status.success(), "migrate: {}", String::from_utf8_lossy(&output.stderr));
@@ -473,12 +481,7 @@ async fn storage_outages_are_retried_until_storage_returns() -> Result<()> {
     )
     .await?;
     migrate(&fleet)?;
-    let dir = temp_dir()?;
-    let song = fixture(dir.path(), "song.wav", 3.0)?;
-    let id: TrackId = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
-        .as_str()
-        .context("id")?
-        .parse()?;
+    let id = import_tone(&fleet, 3.0)?;
     s3.pause()?;
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
@@ -504,12 +507,7 @@ async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() 
     )
     .await?;
     migrate(&fleet)?;
-    let dir = temp_dir()?;
-    let song = fixture(dir.path(), "song.wav", 3.0)?;
-    let id: TrackId = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?["tracks"][0]["id"]
-        .as_str()
-        .context("id")?
-        .parse()?;
+    let id = import_tone(&fleet, 3.0)?;
     s3.pause()?;
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
