@@ -235,6 +235,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate { json } => migrate(&settings, json).await,
         Command::Check { json } => check(&settings, json).await,
+        // Handled in `main` before any settings are read: it needs none.
         Command::Process { .. } => Ok(ExitCode::SUCCESS),
         Command::Worker { concurrency, metrics_listen } => fleet::worker(&settings, concurrency, metrics_listen).await,
         Command::Import { files, owner, title, json } => {

@@ -141,7 +141,7 @@ impl StreamResampler {
         self.skip -= dropped;
         out.extend_from_slice(&self.scratch[dropped * channels..produced * channels]);
         self.frames_out += (produced - dropped) as u64;
-        Ok(used.min(frames.max(used)))
+        Ok(used)
     }
 }
 

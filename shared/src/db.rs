@@ -389,9 +389,9 @@ impl PgTracks {
     }
 
     /// Commits a finished run: the rendition rows and `processing → ready` in one
-    /// transaction, fenced by the claim. Returns the revision that was live before (whose
-    /// objects the caller now deletes), or `Err(Stale)`-like `Ok(None)` wrapped in
-    /// [`Committed::Stale`] when the claim was lost.
+    /// transaction, fenced by the claim. Returns [`Committed::Ready`] with the revision that
+    /// was live before (whose objects the caller now deletes), or [`Committed::Stale`] when the
+    /// claim was lost, in which case nothing was written.
     pub async fn complete(&self, claim: &Claim, done: &Completion) -> Result<Committed, DbError> {
         let mut tx = self.pool.begin().await?;
         let previous: Option<(Option<i32>,)> = sqlx::query_as(

@@ -570,3 +570,53 @@ async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Re
     outcome?;
     fleet.cleanup().await
 }
+
+/// Restarts the shared PostgreSQL while a worker drains a backlog: the worker's pool
+/// reconnects and every track still reaches `ready`. Exclusive, like the broker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared PostgreSQL: run alone, as scripts/test.sh does"]
+async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> Result<()> {
+    let fleet = Distributed::new(&[]).await?;
+    migrate(&fleet)?;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(import_tone(&fleet, 4.0)?);
+    }
+    let worker = fleet.worker()?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    wait_for(&tracks, ids[0], TrackState::Ready, Duration::from_secs(60)).await?;
+    let version = std::fs::read_dir("/etc/postgresql")?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .max()
+        .context("no PostgreSQL cluster under /etc/postgresql")?;
+    let restarted = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+        .status()?
+        .success();
+    ensure!(restarted, "could not restart PostgreSQL");
+    let mut outcome = Ok(());
+    for id in &ids {
+        // The test's own pool reconnects too; a query may fail once right after the restart.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match tracks.get(*id).await {
+                Ok(Some(track)) if track.state == TrackState::Ready => break,
+                Ok(Some(track)) if track.state == TrackState::Failed => {
+                    outcome = Err(anyhow::anyhow!("{track:?}"));
+                    break;
+                }
+                _ if Instant::now() > deadline => {
+                    outcome = Err(anyhow::anyhow!("track {id} never became ready after the restart"));
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if outcome.is_err() {
+            break;
+        }
+    }
+    stop(worker)?;
+    outcome?;
+    fleet.cleanup().await
+}

@@ -461,14 +461,13 @@ impl JobConsumer for AmqpConsumer {
             if self.current.is_none() {
                 self.reattach().await?;
             }
-            let Some((channel, consumer)) = self.current.as_mut() else {
+            let Some((_, consumer)) = self.current.as_mut() else {
                 continue;
             };
             match consumer.next().await {
                 Some(Ok(delivery)) => match JobMessage::decode(&delivery.data) {
                     Ok(message) => {
                         let settle = AmqpSettle { inner: self.inner.clone(), delivery: Some(delivery.acker.clone()) };
-                        let _ = channel;
                         return Ok(Delivery::new(message, delivery.redelivered, self.inner.policy, Box::new(settle)));
                     }
                     Err(poison) => {
