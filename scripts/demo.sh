@@ -5,8 +5,9 @@
 #
 # What it runs today: prepares the database and storage, proves that every backend answers,
 # makes a 30 s test track and runs the audio pipeline over it (`waveline process`): the
-# rendition ladder, waveform, loudness and manifest. Uploading it through the API and
-# following the worker are the next issues; this script says so instead of pretending.
+# rendition ladder, waveform, loudness and manifest. Uploading it over HTTP to
+# `waveline serve --workers N` (API and in-process workers in one process) is the API issue;
+# this script says so instead of pretending.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -57,6 +58,6 @@ cat <<TXT
 What ran: the embedded configuration is healthy (PostgreSQL migrated, objects under
 ${WAVELINE_STORAGE#file://}, in-process queue); a 30 s track at $demo/input.flac was processed
 into $demo/renditions (manifest.json lists every file).
-Not yet built: uploading it over HTTP and following the in-process worker (the worker and API
-issues); this script will upload, follow and stream it once they land.
+Not yet built: uploading it over HTTP to \`waveline serve --workers N\` and streaming it back
+(the API issue); the distributed worker fleet is in the README under "Scaling workers".
 TXT
