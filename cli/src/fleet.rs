@@ -107,6 +107,53 @@ async fn wait_for_stop_signal() {
     }
 }
 
+/// `waveline serve [--workers N]`.
+pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot set up the metrics registry")?;
+    let services = Services::connect(settings).await?;
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::info!("stop signal received: draining requests and jobs");
+        signals.cancel();
+    });
+    let worker = if workers > 0 {
+        let context = worker_context(settings, &services)?;
+        let (queue, options, stop) = (services.queue.clone(), worker_options(settings, workers), shutdown.clone());
+        Some(tokio::spawn(async move { waveline_workers::run(context, queue, options, stop).await }))
+    } else {
+        if services.queue.backend() == "memory" {
+            tracing::warn!(
+                "the in-process queue with no in-process workers: nothing will process uploads (use --workers N)"
+            );
+        }
+        None
+    };
+    let state = waveline_api::AppState {
+        tracks: services.tracks.clone(),
+        storage: services.storage.clone(),
+        queue: services.queue.clone(),
+        metrics: Arc::new(move || metrics.render()),
+    };
+    let listener = poem::listener::TcpListener::bind(settings.listen);
+    tracing::info!(listen = %settings.listen, workers, "serving the API");
+    let server = poem::Server::new(listener).run_with_graceful_shutdown(
+        waveline_api::app(state),
+        shutdown.clone().cancelled_owned(),
+        Some(Duration::from_secs(10)),
+    );
+    let served = server.await.with_context(|| format!("cannot serve on {}", settings.listen));
+    shutdown.cancel();
+    if let Some(worker) = worker {
+        worker.await.context("the in-process worker panicked")??;
+    }
+    served?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `waveline import`.
 pub async fn import(
     settings: &Settings,

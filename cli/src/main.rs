@@ -63,6 +63,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the HTTP API on the configured address; with `--workers N`, also run N jobs at
+    /// once in this process (the embedded mode: in-process queue, filesystem store).
+    Serve {
+        /// In-process worker concurrency (0: API only).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+        workers: u16,
+    },
     /// Run a worker: take jobs from the queue, process them, record the results. SIGTERM
     /// stops taking work and finishes (or hands back) the jobs in hand.
     Worker {
@@ -237,6 +244,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Check { json } => check(&settings, json).await,
         // Handled in `main` before any settings are read: it needs none.
         Command::Process { .. } => Ok(ExitCode::SUCCESS),
+        Command::Serve { workers } => fleet::serve(&settings, workers).await,
         Command::Worker { concurrency, metrics_listen } => fleet::worker(&settings, concurrency, metrics_listen).await,
         Command::Import { files, owner, title, json } => {
             fleet::import(&settings, &files, owner.as_deref(), title.as_deref(), json).await
