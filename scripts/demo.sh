@@ -44,20 +44,44 @@ ffmpeg -hide_banner -loglevel error -y \
 ffprobe -v error -show_entries format=duration,size:stream=codec_name,sample_rate,channels \
   -of default=noprint_wrappers=1 "$demo/input.flac"
 
-say "waveline process: one decode → MP3, Opus, HLS AAC ×3, preview, waveform, loudness"
-"$waveline" process "$demo/input.flac" --out "$demo/renditions"
+say "waveline serve --workers 1: the API and an in-process worker, one process"
+listen=127.0.0.1:${WAVELINE_DEMO_PORT:-8088}
+WAVELINE_LISTEN=$listen "$waveline" serve --workers 1 >"$demo/serve.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+for _ in $(seq 100); do curl -fs "http://$listen/healthz" >/dev/null && break; sleep 0.2; done
+curl -fs "http://$listen/readyz"; echo
 
-say "What a player gets"
+say "waveline import: the track is stored and queued (the server's relay hands it to its worker)"
+id=$("$waveline" import "$demo/input.flac" --title "Demo track" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tracks"][0]["id"])')
+echo "track $id"
+
+say "Following GET /v1/tracks/$id/status (ETag polling) until ready"
+etag="" last=""
+for _ in $(seq 600); do
+  status=$(curl -fs -D "$demo/headers" -H "If-None-Match: ${etag:-none}" "http://$listen/v1/tracks/$id/status" || true)
+  if [ -n "$status" ]; then
+    etag=$(awk 'tolower($1)=="etag:" {print $2}' "$demo/headers" | tr -d '\r')
+    now=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(s["state"], s["stage"] or "", str(s["progress"]) + "%")' "$status")
+    [ "$now" != "$last" ] && echo "  $now" && last=$now
+    case "$now" in ready*|failed*) break ;; esac
+  fi
+  sleep 0.2
+done
+
+say "What was stored"
+"$waveline" tracks show "$id"
+find "${WAVELINE_STORAGE#file://}/renditions/$id" -type f | sed "s|${WAVELINE_STORAGE#file://}/||" | sort | head -n 20
+curl -fs "http://$listen/metrics" | grep -E '^waveline_jobs_total' || true
+
+say "waveline process: the same pipeline on one file, no services (for a look at the files)"
+"$waveline" process "$demo/input.flac" --out "$demo/renditions"
 ffprobe -v error -show_entries format=format_name,duration,bit_rate -of compact "$demo/renditions/mp3_128.mp3"
-head -n 8 "$demo/renditions/aac_hls/master.m3u8"
-python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('loudness', m['loudness']); print('waveform points', m['waveform']['length'])" \
-  "$demo/renditions/manifest.json"
 
 say "Done"
 cat <<TXT
-What ran: the embedded configuration is healthy (PostgreSQL migrated, objects under
-${WAVELINE_STORAGE#file://}, in-process queue); a 30 s track at $demo/input.flac was processed
-into $demo/renditions (manifest.json lists every file).
-Not yet built: uploading it over HTTP to \`waveline serve --workers N\` and streaming it back
-(the API issue); the distributed worker fleet is in the README under "Scaling workers".
+What ran: \`waveline serve --workers 1\` in the embedded configuration (PostgreSQL, objects under
+${WAVELINE_STORAGE#file://}, the in-process queue); a 30 s track imported, processed by the
+in-process worker into MP3, Opus, HLS AAC x3, a preview, waveform and loudness, and followed
+over HTTP to ready. Not yet built: accounts, HTTP upload and range streaming (the API issue).
 TXT

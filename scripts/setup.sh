@@ -34,7 +34,7 @@ wait_for() {
 }
 
 install_packages() {
-  local wanted=(pkg-config clang ffmpeg sox postgresql
+  local wanted=(pkg-config clang ffmpeg sox postgresql curl
     libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libswresample-dev libswscale-dev libavdevice-dev)
   if [ "$mode" != --embedded ]; then
     wanted+=(rabbitmq-server nginx-light wrk hyperfine time bc)
