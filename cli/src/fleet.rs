@@ -188,13 +188,7 @@ pub async fn import(
     }
     // The in-process queue belongs to the serving process; its relay publishes these rows.
     if services.queue.backend() != "memory" {
-        let relayed = services
-            .outbox
-            .relay(1000, |payload| {
-                let queue = services.queue.clone();
-                async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) }
-            })
-            .await?;
+        let relayed = waveline_workers::relay::publish(&services.outbox, services.queue.as_ref(), 1000).await?;
         tracing::debug!(relayed, "published the import jobs");
     }
     if json {
@@ -347,14 +341,7 @@ pub async fn reprocess(
         bar.finish_and_clear();
     }
     if !dry_run && services.queue.backend() != "memory" {
-        let queue = services.queue.clone();
-        services
-            .outbox
-            .relay(10_000, |payload| {
-                let queue = queue.clone();
-                async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) }
-            })
-            .await?;
+        waveline_workers::relay::publish(&services.outbox, services.queue.as_ref(), 10_000).await?;
     }
     let summary = json!({"matched": matched.len(), "enqueued": enqueued, "skipped": skipped, "dry_run": dry_run});
     if json {

@@ -30,8 +30,17 @@ pub async fn run(context: Arc<Context>, queue: Arc<dyn JobQueue>, every: Duratio
 
 /// One pass: up to 100 messages.
 pub async fn relay_once(context: &Context, queue: &dyn JobQueue) -> Result<u64, waveline_shared::db::DbError> {
-    context
-        .outbox
-        .relay(100, |payload| async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) })
+    publish(&context.outbox, queue, 100).await
+}
+
+/// Publishes up to `limit` unsent outbox rows to `queue`; returns how many went. The CLI
+/// calls it after `import` and `reprocess` so their jobs need not wait for a worker's relay.
+pub async fn publish(
+    outbox: &waveline_shared::db::PgOutbox,
+    queue: &dyn JobQueue,
+    limit: i64,
+) -> Result<u64, waveline_shared::db::DbError> {
+    outbox
+        .relay(limit, |payload| async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) })
         .await
 }
