@@ -147,6 +147,11 @@ impl ProcessTrack {
                 .await
                 .map_err(|err| JobError::Transient(format!("writing the original to disk: {err}")))?;
         }
+        // Tokio's `File` finishes writes in the background: without this flush the pipeline,
+        // which reads the file with blocking I/O, could see it short or empty.
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(|err| JobError::Transient(format!("writing the original to disk: {err}")))?;
         Ok(())
     }
 
