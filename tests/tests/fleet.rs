@@ -257,11 +257,17 @@ async fn reprocessing_serves_the_old_revision_until_the_new_one_commits() -> Res
     ensure!(track.revision == 2, "{track:?}");
     let after = fleet.tracks.renditions(id).await?;
     ensure!(after.len() == 4 && after.iter().all(|r| r.storage_key.contains(&format!("/{id}/2/"))), "{after:?}");
-    let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
-    ensure!(
-        !stored.is_empty() && stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/2/"))),
-        "orphans: {stored:?}"
-    );
+    // The old revision's objects go right after the commit, so give the deletion a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
+        let clean = !stored.is_empty() && stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/2/")));
+        if clean {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "orphans: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     fleet.stop().await
 }
 
