@@ -82,16 +82,22 @@ pub async fn worker(
     }
     let services = Services::connect(settings).await?;
     let context = worker_context(settings, &services)?;
+    let shutdown = cancel_on_stop_signal("finishing the jobs in hand");
+    waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown).await?;
+    tracing::info!("worker stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT, logging what stopping means here.
+fn cancel_on_stop_signal(what_now: &'static str) -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_stop_signal().await;
-        tracing::info!("stop signal received: finishing the jobs in hand");
+        tracing::info!("stop signal received: {what_now}");
         signals.cancel();
     });
-    waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown).await?;
-    tracing::info!("worker stopped");
-    Ok(ExitCode::SUCCESS)
+    shutdown
 }
 
 async fn wait_for_stop_signal() {
@@ -113,13 +119,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         .install_recorder()
         .context("cannot set up the metrics registry")?;
     let services = Services::connect(settings).await?;
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_stop_signal().await;
-        tracing::info!("stop signal received: draining requests and jobs");
-        signals.cancel();
-    });
+    let shutdown = cancel_on_stop_signal("draining requests and jobs");
     let worker = if workers > 0 {
         let context = worker_context(settings, &services)?;
         let (queue, options, stop) = (services.queue.clone(), worker_options(settings, workers), shutdown.clone());
