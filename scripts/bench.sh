@@ -6,6 +6,20 @@
 #   scripts/bench.sh pipeline [SECONDS=600] [RUNS=3]
 #       `waveline process` against ../shared/bench/ffmpeg-reference.sh (the same ladder,
 #       loudness and waveform in one ffmpeg command) on a generated SECONDS-long signal.
+#
+#   scripts/bench.sh fleet [TRACKS=20] [SECONDS=120]
+#       drains TRACKS imported tracks with 1, then 2 `waveline worker` processes (RabbitMQ, S3).
+#
+#   scripts/bench.sh stream [SECONDS=15] [RUNS=3]
+#       range serving: the same ~10 MB MP3 (the mp3_128 rendition of a 640 s upload) from
+#       `waveline serve` (filesystem store) and from ../shared/bench/nginx-range.sh, driven by
+#       wrk (2 threads, 32 connections, SECONDS per run) with a random 64 KiB-aligned 64 KiB
+#       range per request, alternating runs; prints req/s, p50/p99 and the ratio to nginx.
+#       Then status polling (`If-None-Match` on /v1/tracks/ID/status: 304s per second, p99) and
+#       a 1 GiB streaming multipart upload to a `serve --workers 0` instance (throughput, the
+#       server's RSS growth from VmRSS before to VmHWM after). Targets: range req/s ≥ 0.5×
+#       nginx with p99 ≤ 10 ms; upload RSS growth ≤ 64 MiB. Needs local PostgreSQL (started by
+#       scripts/setup.sh --embedded when it does not answer) and installs wrk and nginx-light.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${WAVELINE_SHARED_DIR:-$root/../shared}
@@ -98,8 +112,261 @@ fleet() {
   echo "delay: from the import's row creation to the claim; with a backlog, it is mostly waiting in line."
 }
 
+# --- stream: range serving, status polling and upload against nginx ---------------------------
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() { local p; while :; do p=$((20000 + RANDOM % 40000)); port_open "$p" || { echo "$p"; return; }; done; }
+# first_string FIELD <JSON: the first string value of "FIELD" in compact JSON.
+first_string() { grep -o "\"$1\":\"[^\"]*\"" | head -1 | cut -d'"' -f4; }
+# le VALUE BYTES: VALUE as little-endian bytes.
+le() { local i out=; for ((i = 0; i < $2; i++)); do out+=$(printf '\\x%02x' $((($1 >> (8 * i)) & 255))); done; printf "$out"; }
+# wav FILE BYTES: a 16-bit stereo 44.1 kHz WAV of silence, BYTES long in all.
+wav() {
+  local data=$(($2 - 44))
+  { printf 'RIFF'; le $((data + 36)) 4; printf 'WAVEfmt '; le 16 4; le 1 2; le 2 2; le 44100 4; le 176400 4; le 4 2; le 16 2
+    printf 'data'; le "$data" 4; head -c "$data" /dev/zero; } >"$1"
+}
+rss_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+
+# start_serve WORKERS STORE: starts `waveline serve` on a free port; sets serve_pid and base.
+start_serve() {
+  local port; port=$(free_port)
+  WAVELINE_LISTEN=127.0.0.1:$port WAVELINE_STORAGE=file://$2 "$bin" serve --workers "$1" >>"$work/serve.log" 2>&1 &
+  serve_pid=$!; serve_pids+=("$serve_pid"); base=http://127.0.0.1:$port
+  local deadline=$((SECONDS + 30))
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/healthz")" = 200 ]; do
+    kill -0 "$serve_pid" 2>/dev/null || { cat "$work/serve.log" >&2; die "waveline serve exited"; }
+    [ "$SECONDS" -lt "$deadline" ] || { cat "$work/serve.log" >&2; die "waveline serve is not answering on $base"; }
+    sleep 0.2
+  done
+}
+stop_serve() { kill -TERM "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
+
+stream_cleanup() {
+  local pid conf
+  for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
+  if [ -n "${nginx_pid:-}" ]; then
+    conf=$(tr '\0' ' ' <"/proc/$nginx_pid/cmdline" 2>/dev/null | grep -o -- '-c [^ ]*/nginx.conf' | cut -c4- || true)
+    kill -QUIT "$nginx_pid" 2>/dev/null || true
+    [ -n "$conf" ] && [ -f "$conf" ] && rm -rf "$(dirname "$conf")"
+  fi
+  rm -rf "$work" "${www:-}"
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+}
+
+# wrk_run NAME URL SCRIPT [HEADER...]: one wrk run; appends its RESULT line (see the scripts)
+# to $work/NAME.
+wrk_run() {
+  local name=$1 url=$2 script=$3 h args=(); shift 3
+  for h in "$@"; do args+=(-H "$h"); done
+  wrk -t2 -c32 -d"${duration}s" --latency -s "$script" "${args[@]}" "$url" >"$work/wrk.out" 2>&1 \
+    || { cat "$work/wrk.out" >&2; die "wrk failed against $url"; }
+  grep '^RESULT ' "$work/wrk.out" | cut -d' ' -f2- >>"$work/$name" || { cat "$work/wrk.out" >&2; die "no result from wrk"; }
+}
+col() { cut -d' ' -f"$1" "$work/$2" | median; }
+sum_col() { cut -d' ' -f"$1" "$work/$2" | paste -sd+ | bc; }
+
+stream() {
+  duration=${1:-15}; local runs=${2:-3}
+  [ -f "$shared/bench/nginx-range.sh" ] || die "the reference scripts are not at $shared/bench (set WAVELINE_SHARED_DIR)"
+  export PATH=$PATH:/usr/sbin
+  local missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v bc >/dev/null || missing+=(bc)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}…" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
+  echo "building waveline (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  bin=$root/target/release/waveline
+  work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www=
+  trap stream_cleanup EXIT
+  [ "$(df -Pk "$work" | awk 'NR == 2 {print $4}')" -gt $((4 * 1024 * 1024)) ] || die "the upload test needs 4 GiB free in $work"
+  export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
+  export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
+  export WAVELINE_UPLOAD_MAX_BYTES=$((2 << 30)) WAVELINE_ACCESS_TOKEN_TTL_S=86400
+  local store=$work/store
+  WAVELINE_STORAGE=file://$store "$bin" migrate >/dev/null
+  start_serve 1 "$store"
+  local api=$base
+
+  echo "generating a 640 s signal and uploading it…" >&2
+  bash "$shared/bench/gen-signal.sh" 640 "$work/input.flac"
+  local code
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"bench@example.com","username":"bench","password":"bench-password-123"}' "$api/v1/auth/register")
+  [ "$code" = 201 ] || die "register: HTTP $code $(cat "$work/resp")"
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"bench@example.com","password":"bench-password-123"}' "$api/v1/auth/login")
+  [ "$code" = 200 ] || die "login: HTTP $code $(cat "$work/resp")"
+  local token auth
+  token=$(first_string access_token <"$work/resp"); auth="Authorization: Bearer $token"
+  [ -n "$token" ] || die "login: no access_token in $(cat "$work/resp")"
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H "$auth" -F "file=@$work/input.flac" -F title=bench -F visibility=public "$api/v1/tracks")
+  [ "$code" = 202 ] || die "upload: HTTP $code $(cat "$work/resp")"
+  local id state=
+  id=$(first_string id <"$work/resp")
+  [ -n "$id" ] || die "upload: no track id in $(cat "$work/resp")"
+  local deadline=$((SECONDS + 900))
+  until [ "$state" = ready ]; do
+    code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H "$auth" "$api/v1/tracks/$id/status")
+    [ "$code" = 200 ] || die "status: HTTP $code $(cat "$work/resp")"
+    state=$(first_string state <"$work/resp")
+    [ "$state" != failed ] || die "processing failed: $(cat "$work/resp")"
+    [ "$SECONDS" -lt "$deadline" ] || die "the track is not ready after 900 s: $(cat "$work/resp")"
+    sleep 1
+  done
+
+  local mp3 size
+  mp3=$(find "$store/renditions/$id" -path '*/mp3_128/*' -name '*.mp3' | head -1)
+  [ -n "$mp3" ] || die "no mp3_128 rendition under $store/renditions/$id"
+  size=$(stat -c %s "$mp3")
+  [ "$size" -ge $((64 * 65536)) ] || die "the rendition is only $size bytes"
+  www=$(mktemp -d); chmod 755 "$www"  # nginx's workers run as nobody under root
+  cp "$mp3" "$www/track.mp3"; chmod 644 "$www/track.mp3"
+  local nport; nport=$(free_port)
+  nginx_pid=$(bash "$shared/bench/nginx-range.sh" "$www" "$nport")
+  [ -n "$nginx_pid" ] && kill -0 "$nginx_pid" 2>/dev/null || die "nginx did not start"
+  local wl_url=$api/v1/tracks/$id/stream/mp3_128 ng_url=http://127.0.0.1:$nport/track.mp3
+
+  # Both must answer a range with 206 and the same 65536 bytes, and the whole file must match.
+  local first=$(((size / 65536 / 2) * 65536)) got
+  for server in nginx waveline; do
+    local url=$ng_url; [ "$server" = waveline ] && url=$wl_url
+    got=$(curl -sS -o "$work/range.$server" -w '%{http_code} %{size_download}' -H "Range: bytes=$first-$((first + 65535))" "$url")
+    [ "$got" = "206 65536" ] || die "$server: a 64 KiB range answered '$got' (status, bytes), expected '206 65536'"
+  done
+  cmp -s "$work/range.nginx" "$work/range.waveline" || die "the same range differs between nginx and waveline"
+  curl -sS -o "$work/whole" "$wl_url" && cmp -s "$work/whole" "$mp3" || die "waveline's whole stream differs from the stored rendition"
+
+  cat >"$work/range.lua" <<LUA
+-- A random 64 KiB-aligned 64 KiB range of a $size-byte file per request.
+local blocks, counter = math.floor($size / 65536), 0
+function setup(thread) counter = counter + 1; thread:set("thread_id", counter) end
+function init(args) math.randomseed(os.time() * 97 + thread_id) end
+function request()
+  local first = math.random(0, blocks - 1) * 65536
+  wrk.headers["Range"] = "bytes=" .. first .. "-" .. (first + 65535)
+  return wrk.format()
+end
+function done(summary, latency, requests)
+  local e, secs = summary.errors, summary.duration / 1e6
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", summary.requests / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.status,
+    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
+end
+LUA
+  echo "range serving: warming up, then $runs runs of ${duration}s each, alternating…" >&2
+  local saved=$duration; duration=3
+  wrk_run warmup "$ng_url" "$work/range.lua"; wrk_run warmup "$wl_url" "$work/range.lua"
+  duration=$saved
+  for i in $(seq "$runs"); do
+    echo "run $i/$runs…" >&2
+    wrk_run nginx "$ng_url" "$work/range.lua"
+    wrk_run waveline "$wl_url" "$work/range.lua"
+  done
+
+  # Status polling: the owner's client revalidates with If-None-Match.
+  local etag
+  etag=$(curl -sS -D - -o /dev/null -H "$auth" "$api/v1/tracks/$id/status" | tr -d '\r' | awk -F': ' 'tolower($1) == "etag" {print $2}')
+  [ -n "$etag" ] || die "status: no ETag header"
+  code=$(curl -sS -o /dev/null -w '%{http_code}' -H "$auth" -H "If-None-Match: $etag" "$api/v1/tracks/$id/status")
+  [ "$code" = 304 ] || die "status with If-None-Match: $etag answered HTTP $code, expected 304"
+  cat >"$work/status.lua" <<'LUA'
+-- Counts the answers that are not 304; RESULT's first field is 304s per second.
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) other = 0 end
+function response(status, headers, body) if status ~= 304 then other = other + 1 end end
+function done(summary, latency, requests)
+  local bad, e, secs = 0, summary.errors, summary.duration / 1e6
+  for _, thread in ipairs(threads) do bad = bad + thread:get("other") end
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - bad) / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad,
+    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
+end
+LUA
+  echo "status polling: $runs runs of ${duration}s…" >&2
+  for i in $(seq "$runs"); do wrk_run status "$api/v1/tracks/$id/status" "$work/status.lua" "$auth" "If-None-Match: $etag"; done
+  kill -QUIT "$nginx_pid"; nginx_pid=
+  stop_serve "$serve_pid"
+
+  # Upload: an API-only instance (--workers 0) only stores and queues, so no processing runs.
+  echo "upload: $runs streaming uploads of 1 GiB…" >&2
+  local store2=$work/store-upload
+  WAVELINE_STORAGE=file://$store2 "$bin" migrate >/dev/null
+  start_serve 0 "$store2"
+  wav "$work/small.wav" $((1 << 20)); wav "$work/big.wav" $((1 << 30))
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H "$auth" -F "file=@$work/small.wav;type=audio/wav" "$base/v1/tracks")
+  [ "$code" = 202 ] || die "upload (1 MiB warm-up): HTTP $code $(cat "$work/resp")"
+  local rss0 hwm0 hwm1 stored
+  rss0=$(rss_kib "$serve_pid" VmRSS); hwm0=$(rss_kib "$serve_pid" VmHWM)
+  echo 5 >"/proc/$serve_pid/clear_refs" 2>/dev/null || true  # resets VmHWM to the current RSS where allowed
+  for i in $(seq "$runs"); do
+    got=$(curl -sS -o "$work/resp" -w '%{http_code} %{time_total} %{size_upload}' -H "$auth" \
+      -F "file=@$work/big.wav;type=audio/wav" -F visibility=private "$base/v1/tracks")
+    [ "${got%% *}" = 202 ] || die "upload (1 GiB): HTTP ${got%% *} $(cat "$work/resp")"
+    id=$(first_string id <"$work/resp")
+    stored=$(find "$store2" -type f -size +1000M -newer "$work/small.wav" -printf '%s\n' | sort -n | tail -1)
+    echo "$got" | awk '{printf "%.2f %.1f\n", $2, $3 / $2 / 1048576}' >>"$work/upload"
+    [ "${stored:-0}" = $((1 << 30)) ] || die "upload (1 GiB): the store holds ${stored:-no} bytes, expected $((1 << 30))"
+    find "$store2" -type f -size +1000M -delete  # keep the disk use to one copy
+  done
+  hwm1=$(rss_kib "$serve_pid" VmHWM)
+  stop_serve "$serve_pid"
+
+  # Medians and the tables.
+  local nr n50 n99 wr w50 w99 sr s50 s99 ut ur growth ratio
+  nr=$(col 1 nginx); n50=$(col 2 nginx); n99=$(col 3 nginx)
+  wr=$(col 1 waveline); w50=$(col 2 waveline); w99=$(col 3 waveline)
+  sr=$(col 1 status); s50=$(col 2 status); s99=$(col 3 status)
+  ut=$(col 1 upload); ur=$(col 2 upload)
+  ratio=$(echo "$wr / $nr" | bc -l)
+  growth=$(echo "($hwm1 - $rss0) / 1024" | bc -l)
+  mark() { if [ "$1" = 1 ]; then echo met; else echo "**missed**"; fi; }
+  echo
+  echo "stream: a $(echo "$size / 1048576" | bc -l | xargs printf %.1f) MiB MP3 (the mp3_128 rendition of a 640 s upload); wrk 2 threads, 32 connections, ${duration} s per run, $runs runs each, alternating; medians ($(nproc) cores, wrk on the same machine)"
+  echo
+  echo "| random 64 KiB range GETs | req/s | p50 ms | p99 ms |"
+  echo "|---|---:|---:|---:|"
+  printf "| nginx %s (sendfile) | %.0f | %.2f | %.2f |\n" "$(nginx -v 2>&1 | sed 's|.*/||')" "$nr" "$n50" "$n99"
+  printf "| waveline serve (file store) | %.0f | %.2f | %.2f |\n" "$wr" "$w50" "$w99"
+  printf "| ratio waveline / nginx | **%.2f×** | %.2f× | %.2f× |\n" "$ratio" "$(echo "$w50 / $n50" | bc -l)" "$(echo "$w99 / $n99" | bc -l)"
+  echo
+  echo "| status polling with If-None-Match | 304/s | p50 ms | p99 ms |"
+  echo "|---|---:|---:|---:|"
+  printf "| waveline serve, GET /v1/tracks/ID/status (Bearer token) | %.0f | %.2f | %.2f |\n" "$sr" "$s50" "$s99"
+  echo
+  echo "| 1 GiB streaming multipart upload (serve --workers 0) | s | MiB/s | RSS before MiB | peak RSS MiB | growth MiB |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  printf "| waveline serve, POST /v1/tracks (median of %d) | %.2f | %.0f | %.1f | %.1f | %.1f |\n" \
+    "$runs" "$ut" "$ur" "$(echo "$rss0 / 1024" | bc -l)" "$(echo "$hwm1 / 1024" | bc -l)" "$growth"
+  echo
+  echo "| target | measured | |"
+  echo "|---|---:|---|"
+  printf "| range req/s ≥ 0.5× nginx | %.2f× | %s |\n" "$ratio" "$(mark "$(echo "$ratio >= 0.5" | bc -l)")"
+  printf "| range p99 ≤ 10 ms | %.2f ms | %s |\n" "$w99" "$(mark "$(echo "$w99 <= 10" | bc -l)")"
+  printf "| upload RSS growth ≤ 64 MiB | %.1f MiB | %s |\n" "$growth" "$(mark "$(echo "$growth <= 64" | bc -l)")"
+  echo
+  local bad
+  bad=$(( $(sum_col 4 nginx) + $(sum_col 5 nginx) + $(sum_col 4 waveline) + $(sum_col 5 waveline) + $(sum_col 4 status) + $(sum_col 5 status) ))
+  [ "$bad" = 0 ] || echo "WARNING: $bad failed answers (HTTP ≥ 400, socket errors, or non-304 status polls): see the runs below"
+  echo "bytes per answer (median; headers included): nginx $(col 6 nginx), waveline $(col 6 waveline), status 304 $(col 6 status)"
+  echo "VmHWM before the upload: $((hwm0 / 1024)) MiB (includes start-up and the 1 MiB warm-up upload; reset before the 1 GiB uploads where /proc allows)"
+  echo "every run (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): nginx: $(paste -sd';' "$work/nginx") waveline: $(paste -sd';' "$work/waveline") status: $(paste -sd';' "$work/status")"
+  echo "every upload (s MiB/s): $(paste -sd';' "$work/upload")"
+}
+
 case "$mode" in
   pipeline) shift; pipeline "$@" ;;
   fleet) shift; fleet "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS]" ;;
+  stream) shift; stream "$@" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS]" ;;
 esac

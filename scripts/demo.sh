@@ -3,11 +3,10 @@
 # in-process queue, and the local PostgreSQL as the only service. Needs nothing set up first:
 # it installs and starts what it needs (scripts/setup.sh --embedded).
 #
-# What it runs today: prepares the database and storage, proves that every backend answers,
-# makes a 30 s test track and runs the audio pipeline over it (`waveline process`): the
-# rendition ladder, waveform, loudness and manifest. Uploading it over HTTP to
-# `waveline serve --workers N` (API and in-process workers in one process) is the API issue;
-# this script says so instead of pretending.
+# What it runs: `waveline serve --workers 1` (the API and an in-process worker in one
+# process); registers a user, uploads a generated 30 s track over HTTP, follows its processing
+# as Server-Sent Events until ready, fetches a byte range of the MP3 and the waveform, and
+# prints what it did.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -46,42 +45,64 @@ ffprobe -v error -show_entries format=duration,size:stream=codec_name,sample_rat
 
 say "waveline serve --workers 1: the API and an in-process worker, one process"
 listen=127.0.0.1:${WAVELINE_DEMO_PORT:-8088}
+api=http://$listen
+# Sessions survive a restart of the demo server only with a fixed key.
+export WAVELINE_JWT_SECRET=${WAVELINE_JWT_SECRET:-demo-only-secret-change-me-in-production-0123}
 WAVELINE_LISTEN=$listen "$waveline" serve --workers 1 >"$demo/serve.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
-for _ in $(seq 100); do curl -fs "http://$listen/healthz" >/dev/null && break; sleep 0.2; done
-curl -fs "http://$listen/readyz"; echo
+for _ in $(seq 100); do curl -fs "$api/healthz" >/dev/null && break; sleep 0.2; done
+echo "GET /readyz → $(curl -fs "$api/readyz")"
 
-say "waveline import: the track is stored and queued (the server's relay hands it to its worker)"
-id=$("$waveline" import "$demo/input.flac" --title "Demo track" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tracks"][0]["id"])')
-echo "track $id"
+json() { python3 -c 'import json,sys; v=json.load(sys.stdin)
+for k in sys.argv[1].split("."): v=v[k]
+print(v)' "$1"; }
 
-say "Following GET /v1/tracks/$id/status (ETag polling) until ready"
-etag="" last=""
-for _ in $(seq 600); do
-  status=$(curl -fs -D "$demo/headers" -H "If-None-Match: ${etag:-none}" "http://$listen/v1/tracks/$id/status" || true)
-  if [ -n "$status" ]; then
-    etag=$(awk 'tolower($1)=="etag:" {print $2}' "$demo/headers" | tr -d '\r')
-    now=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(s["state"], s["stage"] or "", str(s["progress"]) + "%")' "$status")
-    [ "$now" != "$last" ] && echo "  $now" && last=$now
-    case "$now" in ready*|failed*) break ;; esac
-  fi
-  sleep 0.2
+say "POST /v1/auth/register and /v1/auth/login"
+user=demo_$(date +%s)
+curl -fsS -X POST "$api/v1/auth/register" -H 'content-type: application/json' \
+  -d "{\"email\":\"$user@example.com\",\"username\":\"$user\",\"password\":\"correct horse battery\"}"
+echo
+token=$(curl -fsS -X POST "$api/v1/auth/login" -H 'content-type: application/json' -c "$demo/cookies" \
+  -d "{\"email\":\"$user@example.com\",\"password\":\"correct horse battery\"}" | json access_token)
+echo "logged in as $user; the JWT is also in the session cookie ($(grep -c waveline_session "$demo/cookies") cookie)"
+
+say "POST /v1/tracks (multipart, streamed into storage)"
+curl -fsS -X POST "$api/v1/tracks" -H "authorization: Bearer $token" \
+  -F "file=@$demo/input.flac" -F "title=Demo track" -F "tags=demo,noise" -o "$demo/upload.json" \
+  -w 'HTTP %{http_code}, %{size_upload} bytes up in %{time_total} s\n'
+id=$(json id <"$demo/upload.json")
+echo "track $id is $(json state <"$demo/upload.json")"
+
+say "GET /v1/tracks/$id/events (Server-Sent Events) until ready"
+curl -fsSN -H "authorization: Bearer $token" "$api/v1/tracks/$id/events" | while IFS= read -r line; do
+  case "$line" in
+    data:*) echo "${line#data: }" | python3 -c 'import json,sys; s=json.load(sys.stdin)
+print("  event:", s["state"], s["stage"] or "", str(s["progress"]) + "%", s["error"] or "")' ;;
+  esac
 done
 
-say "What was stored"
-"$waveline" tracks show "$id"
-find "${WAVELINE_STORAGE#file://}/renditions/$id" -type f | sed "s|${WAVELINE_STORAGE#file://}/||" | sort | head -n 20
-curl -fs "http://$listen/metrics" | grep -E '^waveline_jobs_total' || true
+say "GET /v1/tracks/$id"
+curl -fsS "$api/v1/tracks/$id" | python3 -c 'import json,sys; t=json.load(sys.stdin)
+print("  state:", t["state"], "| duration:", t["duration_ms"], "ms | loudness:", t["loudness"]["integrated_lufs"], "LUFS")
+print("  streams:", ", ".join(t["stream_urls"].values()))
+print("  hls:", t["hls_master_url"], "| waveform:", t["waveform_url"])'
 
-say "waveline process: the same pipeline on one file, no services (for a look at the files)"
-"$waveline" process "$demo/input.flac" --out "$demo/renditions"
-ffprobe -v error -show_entries format=format_name,duration,bit_rate -of compact "$demo/renditions/mp3_128.mp3"
+say "GET /v1/tracks/$id/stream/mp3_128 with Range: bytes=0-65535"
+curl -fsS -H 'range: bytes=0-65535' -D "$demo/range.headers" -o "$demo/range.bin" "$api/v1/tracks/$id/stream/mp3_128"
+grep -iE '^(HTTP|content-range|content-length|content-type|etag|accept-ranges)' "$demo/range.headers" | tr -d '\r' | sed 's/^/  /'
+echo "  $(stat -c %s "$demo/range.bin") bytes received"
+
+say "GET /v1/tracks/$id/waveform"
+curl -fsS "$api/v1/tracks/$id/waveform" | python3 -c 'import json,sys; w=json.load(sys.stdin)
+print("  audiowaveform v%d: %d channel(s), %d Hz, %d samples per pixel, %d-bit, %d pixels" % (w["version"], w["channels"], w["sample_rate"], w["samples_per_pixel"], w["bits"], w["length"]))'
+curl -fsS "$api/metrics" | grep -E '^waveline_(jobs_total|http_stream_bytes_total)' | sed 's/^/  /' || true
 
 say "Done"
 cat <<TXT
 What ran: \`waveline serve --workers 1\` in the embedded configuration (PostgreSQL, objects under
-${WAVELINE_STORAGE#file://}, the in-process queue); a 30 s track imported, processed by the
-in-process worker into MP3, Opus, HLS AAC x3, a preview, waveform and loudness, and followed
-over HTTP to ready. Not yet built: accounts, HTTP upload and range streaming (the API issue).
+${WAVELINE_STORAGE#file://}, the in-process queue). A user registered and logged in, uploaded a
+30 s track over HTTP, watched it go through the pipeline (MP3, Opus, HLS AAC x3, a preview,
+waveform, loudness) as Server-Sent Events, then fetched a 64 KiB range of the MP3 (206) and the
+waveform. The API's contract is at $api/openapi.json and $api/docs while a server runs.
 TXT

@@ -24,8 +24,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== build the waveline binary for the end-to-end tests"
-cargo build --locked -p waveline
+echo "== build the waveline binary (and every test) for the end-to-end tests"
+# The whole workspace in one invocation, so the binary and the tests share one feature set and
+# nextest below rebuilds nothing (`-p waveline` alone would unify features differently).
+cargo build --workspace --all-targets --locked
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
 # Tests that restart shared services (named exclusive_*, #[ignore]d so the parallel pass skips

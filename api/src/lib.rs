@@ -4,69 +4,128 @@
 //! depend on the pipeline). Every route is an OpenAPI operation, so `/openapi.json` is the
 //! contract, with Swagger UI at `/docs`.
 //!
-//! This build serves the operational surface and track status:
-//!
-//! | route | what |
+//! | module | routes |
 //! |---|---|
-//! | `GET /healthz` | the process is alive |
-//! | `GET /readyz` | database, queue and storage reachable, or 503 naming which is not |
-//! | `GET /metrics` | Prometheus: requests by route and status, latency, plus the workers' series |
-//! | `GET /v1/tracks/{id}/status` | the small status object, strong ETag, `If-None-Match` → 304 |
+//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/logout`, `GET /v1/me` |
+//! | `tracks` | `GET /v1/tracks`, `GET|PATCH|DELETE /v1/tracks/{id}`, `/status`, `/events` (SSE), `POST /reprocess` |
+//! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
+//! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
+//! | `ops` | `GET /healthz`, `/readyz`, `/metrics` |
 //!
-//! Errors everywhere, poem's own included (unknown routes, bad parameters), are JSON
-//! `{"code", "message"}` with the right status; internals are logged, never returned. Every
-//! response carries an `X-Request-Id`, also on the request's log lines.
+//! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
+//! are JSON `{"code", "message"}` with the right status; internals are logged, never
+//! returned. Every response carries an `X-Request-Id`, also on the request's log lines.
 
+pub mod auth;
 mod error;
+pub mod listener;
+mod media;
 mod middleware;
 mod ops;
+mod serve;
 mod tracks;
+mod uploads;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
-use waveline_shared::db::PgTracks;
+use waveline_shared::db::{PgOutbox, PgTracks, PgUsers, Visibility};
+use waveline_shared::domain::{TrackId, UserId};
 use waveline_shared::queue::JobQueue;
 use waveline_shared::storage::Storage;
 
-pub use error::ErrorBody;
+pub use error::{ApiError, ErrorBody};
+
+use crate::auth::{Session, Tokens};
+
+/// Upload limits, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub upload_max_bytes: u64,
+    pub upload_url_ttl: Duration,
+}
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub tracks: PgTracks,
+    pub users: PgUsers,
+    pub outbox: PgOutbox,
     pub storage: Arc<dyn Storage>,
     pub queue: Arc<dyn JobQueue>,
+    pub tokens: Arc<Tokens>,
+    pub limits: Limits,
     /// Renders the process's Prometheus metrics.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
 }
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("storage", &self.storage).field("queue", &self.queue).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("storage", &self.storage)
+            .field("queue", &self.queue)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
+impl AppState {
+    /// Publishes queued jobs now, in the background, rather than waiting for a worker's
+    /// relay pass (which remains the backstop if this fails).
+    pub(crate) fn publish_soon(&self) {
+        let (outbox, queue) = (self.outbox.clone(), self.queue.clone());
+        tokio::spawn(async move {
+            if let Err(err) = outbox.publish_to(queue.as_ref(), 100).await {
+                tracing::warn!(error = %err, "could not publish the job now; a worker's relay will");
+            }
+        });
+    }
+}
+
+type Apis = (ops::Ops, auth::Accounts, uploads::Uploads, tracks::Tracks, media::Media);
+
 /// The OpenAPI service: every operation of the API.
-pub fn openapi(state: AppState) -> OpenApiService<(ops::Ops, tracks::Tracks), ()> {
+pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (ops::Ops { state: state.clone() }, tracks::Tracks { state }),
+        (
+            ops::Ops { state: state.clone() },
+            auth::Accounts { state: state.clone() },
+            uploads::Uploads { state: state.clone() },
+            tracks::Tracks { state: state.clone() },
+            media::Media { state },
+        ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
     )
-    .description("The backend of a social audio platform: uploads, processing status, streaming.")
+    .description(
+        "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
+         HLS and waveforms. Errors are JSON `{code, message}`.",
+    )
 }
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> impl Endpoint {
-    let api = openapi(state);
+    let api = openapi(state.clone());
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
+        .data(state)
+        .with(poem::middleware::CookieJarManager::new())
         .around(middleware::observe)
         .catch_all_error(error::to_json)
+}
+
+/// Whether `viewer` may see a track of `owner` with `visibility`.
+pub(crate) fn may_see(owner: UserId, visibility: Visibility, viewer: Option<&Session>) -> bool {
+    visibility == Visibility::Public || viewer.is_some_and(|session| session.user.id == owner || session.is_admin())
+}
+
+/// A track id from the path, or 404 (an id that cannot exist names no track).
+pub(crate) fn parse_track_id(text: &str) -> Result<TrackId, ApiError> {
+    text.parse().map_err(|_| ApiError::not_found("track"))
 }

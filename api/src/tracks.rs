@@ -1,12 +1,34 @@
-//! Track routes.
+//! Track routes: the whole track, its status (poll with ETags, or follow as Server-Sent
+//! Events), the catalogue with a keyset cursor, metadata edits, deletion and reprocessing.
+//!
+//! Access: a private track is visible only to its owner (and admins); to everyone else it
+//! answers 404, exactly as a track that does not exist. Edits and deletion are the owner's;
+//! another user gets 403 on a public track (and 404 on a private one).
+//!
+//! SSE polls the database every 500 ms per open stream and sends an event only when the
+//! state, stage or progress changed; a comment every 15 s keeps proxies from closing an idle
+//! stream. The stream ends after `ready` or `failed`.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
 use md5::{Digest, Md5};
-use poem_openapi::param::{Header, Path};
-use poem_openapi::payload::Json;
+use poem::Request;
+use poem::web::sse::Event;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::types::Any;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use waveline_shared::db::{TrackDetails, TrackPatch, Visibility};
 use waveline_shared::domain::TrackId;
+use waveline_shared::storage::Storage;
 
-use crate::{AppState, ErrorBody};
+use crate::auth::{Auth, MaybeAuth, Session};
+use crate::error::{ApiError, ErrorBody};
+use crate::uploads::{UploadAccepted, UploadForm};
+use crate::{AppState, may_see, parse_track_id};
 
 #[derive(Tags)]
 enum Tag {
@@ -14,14 +36,15 @@ enum Tag {
     Tracks,
 }
 
+/// The track routes.
 #[derive(Debug)]
 pub struct Tracks {
     pub state: AppState,
 }
 
 /// Where a track is in processing.
-#[derive(Debug, Object, serde::Serialize)]
-struct TrackStatus {
+#[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize)]
+pub struct TrackStatus {
     id: String,
     /// `awaiting_upload`, `uploaded`, `queued`, `processing`, `ready` or `failed`.
     state: String,
@@ -35,6 +58,121 @@ struct TrackStatus {
     error: Option<ErrorBody>,
 }
 
+impl From<&TrackDetails> for TrackStatus {
+    fn from(track: &TrackDetails) -> TrackStatus {
+        TrackStatus {
+            id: track.id.to_string(),
+            state: track.state.as_str().to_owned(),
+            stage: track.stage.map(|stage| stage.as_str().to_owned()),
+            progress: track.progress,
+            attempts: track.attempts,
+            revision: track.revision,
+            error: track
+                .error_code
+                .clone()
+                .map(|code| ErrorBody { code, message: track.error_message.clone().unwrap_or_default() }),
+        }
+    }
+}
+
+/// Who uploaded a track.
+#[derive(Debug, Object)]
+pub struct OwnerView {
+    id: String,
+    username: String,
+}
+
+/// A track, whole.
+#[derive(Debug, Object)]
+pub struct TrackView {
+    id: String,
+    owner: OwnerView,
+    title: String,
+    description: String,
+    genre: Option<String>,
+    tags: Vec<String>,
+    /// `public` or `private`.
+    visibility: String,
+    state: String,
+    stage: Option<String>,
+    progress: i16,
+    error: Option<ErrorBody>,
+    revision: i32,
+    /// Known once processed.
+    duration_ms: Option<i64>,
+    /// Integrated loudness (LUFS), loudness range (LU), true peak (dBTP), ReplayGain.
+    loudness: Option<Any<serde_json::Value>>,
+    /// Tags read from the file (title, artist, album, …).
+    file_tags: Option<Any<serde_json::Value>>,
+    /// The audiowaveform JSON (`?format=dat` or `summary` for the others).
+    waveform_url: Option<String>,
+    /// Progressive streams by preset, with byte ranges.
+    stream_urls: BTreeMap<String, String>,
+    hls_master_url: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<TrackDetails> for TrackView {
+    fn from(track: TrackDetails) -> TrackView {
+        let status = TrackStatus::from(&track);
+        let base = format!("/v1/tracks/{}", track.id);
+        let ready = track.ready_revision.is_some();
+        let stream_urls = track
+            .presets
+            .iter()
+            .filter(|preset| crate::media::PROGRESSIVE.contains(&preset.as_str()))
+            .map(|preset| (preset.clone(), format!("{base}/stream/{preset}")))
+            .collect();
+        TrackView {
+            id: status.id,
+            owner: OwnerView { id: track.owner_id.to_string(), username: track.owner_username },
+            title: track.title,
+            description: track.description,
+            genre: track.genre,
+            tags: track.tags,
+            visibility: track.visibility.as_str().to_owned(),
+            state: status.state,
+            stage: status.stage,
+            progress: status.progress,
+            error: status.error,
+            revision: track.revision,
+            duration_ms: track.duration_ms,
+            loudness: track.loudness.map(Any),
+            file_tags: track.track_tags.map(Any),
+            waveform_url: ready.then(|| format!("{base}/waveform")),
+            stream_urls,
+            hls_master_url: track.presets.iter().any(|p| p == "aac_hls").then(|| format!("{base}/hls/master.m3u8")),
+            created_at: track.created_at,
+            updated_at: track.updated_at,
+        }
+    }
+}
+
+/// A page of tracks.
+#[derive(Debug, Object)]
+struct TrackPage {
+    tracks: Vec<TrackView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    next_cursor: Option<String>,
+}
+
+/// A metadata edit; absent fields stay as they are.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct TrackEdit {
+    /// 1–200 characters.
+    title: Option<String>,
+    /// At most 5000 characters.
+    description: Option<String>,
+    /// At most 100 characters; empty clears it.
+    genre: Option<String>,
+    /// At most 20 tags of 1–50 characters.
+    tags: Option<Vec<String>>,
+    /// `public` or `private`.
+    visibility: Option<String>,
+}
+
 #[derive(ApiResponse)]
 enum StatusResponse {
     /// The status, with a strong ETag.
@@ -43,71 +181,288 @@ enum StatusResponse {
     /// Unchanged since the ETag in `If-None-Match`.
     #[oai(status = 304)]
     NotModified(#[oai(header = "ETag")] String),
-    /// The id is not a track id.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// No such track (private tracks answer the same, so their existence does not leak).
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+enum Deleted {
+    /// The track and all its objects are gone.
+    #[oai(status = 204)]
+    Done,
+}
+
+#[derive(ApiResponse)]
+enum Requeued {
+    /// Queued for a new revision; the current renditions stay live until it is ready.
+    #[oai(status = 202)]
+    Accepted(Json<TrackStatus>),
+}
+
+/// Checks and normalises the free-text fields shared by uploads and edits.
+pub(crate) fn check_text(field: &str, text: &str, min: usize, max: usize) -> Result<String, ApiError> {
+    let text = text.trim();
+    let count = text.chars().count();
+    if count < min || count > max {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("{field}: expected {min} to {max} characters, got {count}"),
+        ));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(ApiError::bad_request("invalid_field", format!("{field}: control characters are not allowed")));
+    }
+    Ok(text.to_owned())
+}
+
+pub(crate) fn check_tags(tags: &[String]) -> Result<Vec<String>, ApiError> {
+    if tags.len() > 20 {
+        return Err(ApiError::bad_request("invalid_field", "tags: at most 20"));
+    }
+    tags.iter().map(|tag| check_text("tags", tag, 1, 50)).collect()
+}
+
+pub(crate) fn check_visibility(text: &str) -> Result<Visibility, ApiError> {
+    Visibility::parse(text.trim())
+        .ok_or_else(|| ApiError::bad_request("invalid_field", "visibility: expected `public` or `private`"))
+}
+
+/// A strong ETag: the MD5 of the status's JSON, the same on every replica.
+fn etag_of(status: &TrackStatus) -> String {
+    let bytes = serde_json::to_vec(status).unwrap_or_default();
+    let hex: String = Md5::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
+}
+
+fn encode_cursor((at, id): (DateTime<Utc>, TrackId)) -> String {
+    format!("{}.{}", at.timestamp_micros(), id.0.simple())
+}
+
+fn decode_cursor(text: &str) -> Result<(DateTime<Utc>, TrackId), ApiError> {
+    let bad = || ApiError::bad_request("invalid_cursor", "the cursor is not one this API returned");
+    let (micros, id) = text.split_once('.').ok_or_else(bad)?;
+    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok((at, id.parse().map_err(|_| bad())?))
+}
+
+impl Tracks {
+    /// The track if `viewer` may see it; 404 otherwise.
+    async fn visible(&self, id: &str, viewer: Option<&Session>) -> Result<TrackDetails, ApiError> {
+        let id = parse_track_id(id)?;
+        let track = self.state.tracks.details(id).await?.ok_or_else(|| ApiError::not_found("track"))?;
+        if !may_see(track.owner_id, track.visibility, viewer) {
+            return Err(ApiError::not_found("track"));
+        }
+        Ok(track)
+    }
+
+    /// The track if `session` owns it: 404 when they cannot see it, 403 when they can but do
+    /// not own it. Admins may act on any track only where `admin_too`.
+    async fn owned(&self, id: &str, session: &Session, admin_too: bool) -> Result<TrackDetails, ApiError> {
+        let track = self.visible(id, Some(session)).await?;
+        if track.owner_id != session.user.id && !(admin_too && session.is_admin()) {
+            return Err(ApiError::forbidden("only the track's owner may do this"));
+        }
+        Ok(track)
+    }
 }
 
 #[OpenApi(tag = "Tag::Tracks")]
 impl Tracks {
+    /// The catalogue, newest first: every public track, or one user's with `owner`. Your own
+    /// private tracks are included when you are logged in.
+    #[oai(path = "/v1/tracks", method = "get")]
+    async fn list(
+        &self,
+        /// A username.
+        owner: Query<Option<String>>,
+        /// From `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// 1–100, default 20.
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<Option<i64>>,
+        auth: MaybeAuth,
+    ) -> Result<Json<TrackPage>, ApiError> {
+        let owner = match owner.0 {
+            Some(username) => {
+                Some(self.state.users.by_username(&username).await?.ok_or_else(|| ApiError::not_found("user"))?.id)
+            }
+            None => None,
+        };
+        let after = cursor.0.as_deref().map(decode_cursor).transpose()?;
+        let viewer = auth.session().map(|session| session.user.id);
+        let page = self.state.tracks.page(owner, viewer, after, limit.0.unwrap_or(20)).await?;
+        Ok(Json(TrackPage {
+            tracks: page.tracks.into_iter().map(TrackView::from).collect(),
+            next_cursor: page.next.map(encode_cursor),
+        }))
+    }
+
+    /// Uploads a track (multipart: `file` plus optional `title`, `description`, `genre`,
+    /// `tags`, `visibility`). The body streams into storage; the answer is 202 with the
+    /// track `queued`.
+    #[oai(path = "/v1/tracks", method = "post", tag = "Tag::Tracks")]
+    async fn upload(&self, auth: Auth, req: &Request, form: UploadForm) -> Result<UploadAccepted, ApiError> {
+        crate::uploads::upload(&self.state, auth, req, form).await
+    }
+
+    /// The whole track: metadata, processing state, loudness, and where to listen.
+    #[oai(path = "/v1/tracks/:id", method = "get")]
+    async fn get(&self, id: Path<String>, auth: MaybeAuth) -> Result<Json<TrackView>, ApiError> {
+        Ok(Json(TrackView::from(self.visible(&id.0, auth.session()).await?)))
+    }
+
+    /// Changes a track's metadata (owner only).
+    #[oai(path = "/v1/tracks/:id", method = "patch")]
+    async fn patch(&self, id: Path<String>, body: Json<TrackEdit>, auth: Auth) -> Result<Json<TrackView>, ApiError> {
+        let track = self.owned(&id.0, auth.session(), false).await?;
+        let edit = body.0;
+        let patch = TrackPatch {
+            title: edit.title.as_deref().map(|t| check_text("title", t, 1, 200)).transpose()?,
+            description: edit.description.as_deref().map(|d| check_text("description", d, 0, 5000)).transpose()?,
+            genre: edit
+                .genre
+                .as_deref()
+                .map(|g| check_text("genre", g, 0, 100).map(|g| (!g.is_empty()).then_some(g)))
+                .transpose()?,
+            tags: edit.tags.as_deref().map(check_tags).transpose()?,
+            visibility: edit.visibility.as_deref().map(check_visibility).transpose()?,
+        };
+        if !self.state.tracks.update_metadata(track.id, &patch).await? {
+            return Err(ApiError::not_found("track"));
+        }
+        let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
+        Ok(Json(TrackView::from(track)))
+    }
+
+    /// Deletes a track with its original and every rendition (owner only).
+    #[oai(path = "/v1/tracks/:id", method = "delete")]
+    async fn delete(&self, id: Path<String>, auth: Auth) -> Result<Deleted, ApiError> {
+        let track = self.owned(&id.0, auth.session(), false).await?;
+        // The row first: from then on nothing serves or processes it (a worker mid-job loses
+        // its claim and cleans up after itself); then the objects.
+        self.state.tracks.delete(track.id).await?;
+        delete_objects(self.state.storage.as_ref(), track.id).await;
+        tracing::info!(track = %track.id, "track deleted");
+        Ok(Deleted::Done)
+    }
+
+    /// Processes a ready or failed track again (owner or admin).
+    #[oai(path = "/v1/tracks/:id/reprocess", method = "post")]
+    async fn reprocess(&self, id: Path<String>, auth: Auth) -> Result<Requeued, ApiError> {
+        let track = self.owned(&id.0, auth.session(), true).await?;
+        if !track.state.is_terminal() {
+            return Err(ApiError::conflict(
+                "not_finished",
+                format!("the track is {}; it can be reprocessed once ready or failed", track.state),
+            ));
+        }
+        if !self.state.tracks.enqueue(track.id, track.state).await? {
+            return Err(ApiError::conflict("state_changed", "the track changed state meanwhile; try again"));
+        }
+        self.state.publish_soon();
+        let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
+        Ok(Requeued::Accepted(Json(TrackStatus::from(&track))))
+    }
+
     /// A track's processing status; poll it with `If-None-Match`.
     #[oai(path = "/v1/tracks/:id/status", method = "get")]
     async fn status(
         &self,
         id: Path<String>,
         #[oai(name = "If-None-Match")] if_none_match: Header<Option<String>>,
-    ) -> StatusResponse {
-        let Ok(track_id) = id.0.parse::<TrackId>() else {
-            return StatusResponse::BadRequest(Json(ErrorBody::new("bad_request", "the track id is not a UUID")));
-        };
-        let track = match self.state.tracks.get(track_id).await {
-            Ok(Some(track)) => track,
-            Ok(None) => return StatusResponse::NotFound(Json(ErrorBody::new("not_found", "no such track"))),
-            Err(err) => {
-                tracing::error!(error = %err, "status lookup failed");
-                return StatusResponse::Unavailable(Json(ErrorBody::new("unavailable", "the database is unavailable")));
-            }
-        };
-        // Without accounts yet, only public tracks have a visible status.
-        match self.state.tracks.is_public(track_id).await {
-            Ok(true) => {}
-            Ok(false) => return StatusResponse::NotFound(Json(ErrorBody::new("not_found", "no such track"))),
-            Err(err) => {
-                tracing::error!(error = %err, "visibility lookup failed");
-                return StatusResponse::Unavailable(Json(ErrorBody::new("unavailable", "the database is unavailable")));
-            }
-        }
-        let status = TrackStatus {
-            id: track.id.to_string(),
-            state: track.state.as_str().to_owned(),
-            stage: track.stage.map(|stage| stage.as_str().to_owned()),
-            progress: track.progress,
-            attempts: track.attempts,
-            revision: track.revision,
-            error: track.error_code.map(|code| ErrorBody { code, message: track.error_message.unwrap_or_default() }),
-        };
+        auth: MaybeAuth,
+    ) -> Result<StatusResponse, ApiError> {
+        let track = self.visible(&id.0, auth.session()).await?;
+        let status = TrackStatus::from(&track);
         let etag = etag_of(&status);
         let matches = if_none_match
             .0
             .as_deref()
             .is_some_and(|header| header.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
-        if matches {
+        Ok(if matches {
             StatusResponse::NotModified(etag)
         } else {
             StatusResponse::Ok(Json(status), etag, "no-cache".to_owned())
+        })
+    }
+
+    /// Server-Sent Events: a `status` event now and at every change of state, stage or
+    /// progress; the stream ends after `ready` or `failed`.
+    #[oai(path = "/v1/tracks/:id/events", method = "get")]
+    async fn events(
+        &self,
+        id: Path<String>,
+        auth: MaybeAuth,
+    ) -> Result<EventStream<BoxStream<'static, TrackStatus>>, ApiError> {
+        let track = self.visible(&id.0, auth.session()).await?;
+        let tracks = self.state.tracks.clone();
+        let first = TrackStatus::from(&track);
+        let id = track.id;
+        let stream = futures::stream::unfold(Some((None::<TrackStatus>, Some(first))), move |state| {
+            let tracks = tracks.clone();
+            async move {
+                let (last, mut next) = state?;
+                if let Some(last) = &last
+                    && (last.state == "ready" || last.state == "failed")
+                {
+                    return None;
+                }
+                loop {
+                    if let Some(status) = next.take()
+                        && last.as_ref() != Some(&status)
+                    {
+                        return Some((status.clone(), Some((Some(status), None))));
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    match tracks.details(id).await {
+                        Ok(Some(track)) => next = Some(TrackStatus::from(&track)),
+                        // Deleted meanwhile: the stream ends.
+                        Ok(None) => return None,
+                        Err(err) => tracing::warn!(error = %err, "status poll failed; retrying"),
+                    }
+                }
+            }
+        });
+        Ok(EventStream::new(Box::pin(stream) as BoxStream<'static, TrackStatus>)
+            .keep_alive(Duration::from_secs(15))
+            .to_event(|status| {
+                let data = serde_json::to_string(&status).unwrap_or_default();
+                Event::message(data).event_type("status")
+            }))
+    }
+}
+
+/// Removes every object of a track; failures are logged (the row is already gone, and a
+/// leftover object costs only space).
+pub(crate) async fn delete_objects(storage: &dyn Storage, id: TrackId) {
+    for prefix in [format!("originals/{id}/"), format!("renditions/{id}/")] {
+        if let Err(err) = storage.delete_prefix(&prefix).await {
+            tracing::error!(track = %id, %prefix, error = %err, "could not delete a deleted track's objects");
         }
     }
 }
 
-/// A strong ETag: the MD5 of the status's JSON, the same on every replica.
-fn etag_of(status: &TrackStatus) -> String {
-    let bytes = serde_json::to_vec(status).unwrap_or_default();
-    let digest = Md5::digest(&bytes);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("\"{hex}\"")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_forgeries() {
+        let at = DateTime::from_timestamp_micros(1_764_151_234_567_890).expect("time");
+        let id = TrackId::new();
+        assert_eq!(decode_cursor(&encode_cursor((at, id))).expect("decode"), (at, id));
+        for bad in ["", "x.y", "123", "123.not-a-uuid", "99999999999999999999.0"] {
+            assert_eq!(decode_cursor(bad).expect_err(bad).code, "invalid_cursor");
+        }
+    }
+
+    #[test]
+    fn text_fields_are_bounded() {
+        assert_eq!(check_text("title", "  Night Drive  ", 1, 200).expect("ok"), "Night Drive");
+        assert!(check_text("title", "   ", 1, 200).is_err());
+        assert!(check_text("title", &"é".repeat(201), 1, 200).is_err());
+        assert!(check_text("title", "bell\u{7}", 1, 200).is_err());
+        assert!(check_tags(&vec!["x".to_owned(); 21]).is_err());
+        assert_eq!(check_visibility("private").expect("ok"), Visibility::Private);
+        assert!(check_visibility("secret").is_err());
+    }
 }

@@ -132,15 +132,35 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         }
         None
     };
+    let secret = match &settings.jwt_secret {
+        Some(secret) => secret.clone(),
+        None => {
+            tracing::warn!(
+                "no jwt_secret configured (WAVELINE_JWT_SECRET): using a random key, so sessions end when this \
+                 process does and other replicas will not accept its tokens"
+            );
+            waveline_api::auth::Tokens::random_secret()
+        }
+    };
+    let pool = services.tracks.pool().clone();
     let state = waveline_api::AppState {
         tracks: services.tracks.clone(),
+        users: db::PgUsers::new(pool),
+        outbox: services.outbox.clone(),
         storage: services.storage.clone(),
         queue: services.queue.clone(),
+        tokens: Arc::new(waveline_api::auth::Tokens::new(&secret, settings.access_token_ttl)),
+        limits: waveline_api::Limits {
+            upload_max_bytes: settings.upload_max_bytes,
+            upload_url_ttl: settings.upload_url_ttl,
+        },
         metrics: Arc::new(move || metrics.render()),
     };
-    let listener = poem::listener::TcpListener::bind(settings.listen);
+    let acceptor = waveline_api::listener::NoDelayAcceptor::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
     tracing::info!(listen = %settings.listen, workers, "serving the API");
-    let server = poem::Server::new(listener).run_with_graceful_shutdown(
+    let server = poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
         waveline_api::app(state),
         shutdown.clone().cancelled_owned(),
         Some(Duration::from_secs(10)),
@@ -151,6 +171,22 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         worker.await.context("the in-process worker panicked")??;
     }
     served?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waveline users promote|demote`.
+pub async fn set_role(settings: &Settings, username: &str, role: db::Role, json: bool) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(settings).await.context("cannot connect to PostgreSQL")?;
+    let users = db::PgUsers::new(pool);
+    let user = users.by_username(username).await?.with_context(|| format!("no user named {username}"))?;
+    if !users.set_role(user.id, role).await? {
+        bail!("{username} is a system account; its role cannot change");
+    }
+    if json {
+        println!("{}", json!({"id": user.id, "username": username, "role": role}));
+    } else {
+        println!("{username} is now {}", role.as_str());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -132,6 +132,11 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Account administration: give or take the admin role.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// Print the effective configuration, with secrets redacted.
     Config {
         /// Print one JSON document instead of text.
@@ -155,6 +160,22 @@ enum TracksCommand {
     /// One track with its state, error and renditions.
     Show {
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Make an account an admin (reprocess any track).
+    Promote {
+        username: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take the admin role away.
+    Demote {
+        username: String,
         #[arg(long)]
         json: bool,
     },
@@ -277,6 +298,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Jobs { command: JobsCommand::Dead { json } } => fleet::jobs_dead(&settings, json).await,
         Command::Jobs { command: JobsCommand::Replay { all, ids, json } } => {
             fleet::jobs_replay(&settings, &parse_ids(&ids, "dead letter")?, all, json).await
+        }
+        Command::Users { command: UsersCommand::Promote { username, json } } => {
+            fleet::set_role(&settings, &username, waveline_shared::db::Role::Admin, json).await
+        }
+        Command::Users { command: UsersCommand::Demote { username, json } } => {
+            fleet::set_role(&settings, &username, waveline_shared::db::Role::User, json).await
         }
         Command::Config { json } => {
             let shown = settings.redacted();

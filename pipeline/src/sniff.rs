@@ -6,55 +6,7 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::error::PipelineError;
-
-/// Containers Waveline recognises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Container {
-    Wav,
-    Aiff,
-    Flac,
-    /// MPEG audio (MP3), with or without an ID3v2 tag in front.
-    Mp3,
-    /// Raw AAC in ADTS frames.
-    Adts,
-    /// ISO base media (MP4, M4A).
-    Mp4,
-    Ogg,
-    Caf,
-    Matroska,
-}
-
-impl Container {
-    /// The name in manifests.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Container::Wav => "wav",
-            Container::Aiff => "aiff",
-            Container::Flac => "flac",
-            Container::Mp3 => "mp3",
-            Container::Adts => "aac",
-            Container::Mp4 => "mp4",
-            Container::Ogg => "ogg",
-            Container::Caf => "caf",
-            Container::Matroska => "matroska",
-        }
-    }
-
-    /// A file-name extension that steers decoders' probing.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Container::Wav => "wav",
-            Container::Aiff => "aiff",
-            Container::Flac => "flac",
-            Container::Mp3 => "mp3",
-            Container::Adts => "aac",
-            Container::Mp4 => "m4a",
-            Container::Ogg => "ogg",
-            Container::Caf => "caf",
-            Container::Matroska => "mka",
-        }
-    }
-}
+pub use waveline_media::{Container, sniff};
 
 /// Reads the head of `path` and names its container.
 pub fn sniff_file(path: &Path) -> Result<Container, PipelineError> {
@@ -80,48 +32,6 @@ pub fn sniff_file(path: &Path) -> Result<Container, PipelineError> {
             "the file does not start with the signature of any audio format Waveline reads".into(),
         )
     })
-}
-
-/// Names the container of a file that starts with `head`.
-pub fn sniff(head: &[u8]) -> Option<Container> {
-    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
-    if (at(0, b"RIFF") || at(0, b"RF64") || at(0, b"BW64")) && at(8, b"WAVE") {
-        return Some(Container::Wav);
-    }
-    if at(0, b"FORM") && (at(8, b"AIFF") || at(8, b"AIFC")) {
-        return Some(Container::Aiff);
-    }
-    if at(0, b"fLaC") {
-        return Some(Container::Flac);
-    }
-    if at(0, b"OggS") {
-        return Some(Container::Ogg);
-    }
-    if at(4, b"ftyp") {
-        return Some(Container::Mp4);
-    }
-    if at(0, b"caff") {
-        return Some(Container::Caf);
-    }
-    if at(0, &[0x1a, 0x45, 0xdf, 0xa3]) {
-        return Some(Container::Matroska);
-    }
-    if at(0, b"ID3") {
-        return Some(Container::Mp3);
-    }
-    // Frame sync: eleven set bits. Layer bits 00 mean ADTS (AAC); anything else MPEG audio.
-    match head {
-        [0xff, second, ..] if second & 0xe0 == 0xe0 => {
-            let layer = (second >> 1) & 0b11;
-            let version = (second >> 3) & 0b11;
-            match (layer, version) {
-                (0, 0b10 | 0b11) => Some(Container::Adts),
-                (1..=3, 0 | 0b10 | 0b11) => Some(Container::Mp3),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
 }
 
 /// What a WAV or AIFF header declares, read before any decoder runs, so that absurd headers
@@ -246,22 +156,6 @@ pub fn ogg_ends_cleanly(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn magic_numbers_decide() {
-        assert_eq!(sniff(b"RIFF\x24\0\0\0WAVEfmt "), Some(Container::Wav));
-        assert_eq!(sniff(b"FORM\0\0\0\0AIFFCOMM"), Some(Container::Aiff));
-        assert_eq!(sniff(b"fLaC\0\0\0\x22"), Some(Container::Flac));
-        assert_eq!(sniff(b"OggS\0\x02"), Some(Container::Ogg));
-        assert_eq!(sniff(b"\0\0\0\x20ftypM4A "), Some(Container::Mp4));
-        assert_eq!(sniff(b"ID3\x04\0"), Some(Container::Mp3));
-        assert_eq!(sniff(&[0xff, 0xfb, 0x90, 0x64]), Some(Container::Mp3));
-        assert_eq!(sniff(&[0xff, 0xf1, 0x50, 0x80]), Some(Container::Adts));
-        assert_eq!(sniff(b"hello, world"), None);
-        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n"), None);
-        assert_eq!(sniff(b"RIFF\0\0\0\0AVI "), None);
-        assert_eq!(sniff(b""), None);
-    }
 
     fn wav(channels: u16, rate: u32, bits: u16, data_size: u32) -> Vec<u8> {
         let align = channels * bits / 8;

@@ -71,6 +71,16 @@ pub struct Settings {
     pub presets: Option<PathBuf>,
     /// Where workers make their temporary directories; default: the system temp dir.
     pub work_dir: Option<PathBuf>,
+    /// The key that signs session tokens (HS256), at least 32 bytes. Every API replica needs
+    /// the same one. Unset, `waveline serve` makes a random key at start-up and warns:
+    /// sessions then end when the process does.
+    pub jwt_secret: Option<SecretString>,
+    /// Lifetime of an access token (and of the session cookie), seconds. Default 900.
+    pub access_token_ttl: Duration,
+    /// The largest upload the API accepts, bytes. Default 4 GiB.
+    pub upload_max_bytes: u64,
+    /// How long a direct-upload URL (`POST /v1/uploads`) stays valid, seconds. Default 3600.
+    pub upload_url_ttl: Duration,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -158,7 +168,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 17] = [
+const KEYS: [Key; 21] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -176,6 +186,10 @@ const KEYS: [Key; 17] = [
     Key { name: "shutdown_grace_s", secret: false },
     Key { name: "presets", secret: false },
     Key { name: "work_dir", secret: false },
+    Key { name: "jwt_secret", secret: true },
+    Key { name: "access_token_ttl_s", secret: false },
+    Key { name: "upload_max_bytes", secret: false },
+    Key { name: "upload_url_ttl_s", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -317,7 +331,28 @@ impl Settings {
         };
         let presets = absolute_path(take("presets"))?;
         let work_dir = absolute_path(take("work_dir"))?;
+        let jwt_secret = match take("jwt_secret") {
+            Some(raw) if raw.value.len() >= 32 => Some(SecretString::from(raw.value)),
+            Some(raw) => return Err(raw.invalid("a random secret of at least 32 bytes")),
+            None => None,
+        };
+        let access_token_ttl = seconds(take("access_token_ttl_s"), 900)?;
+        let upload_max_bytes = match take("upload_max_bytes") {
+            Some(raw) => raw
+                .value
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|bytes| *bytes >= 1024)
+                .ok_or_else(|| raw.invalid("a number of bytes, at least 1024"))?,
+            None => 4 << 30,
+        };
+        let upload_url_ttl = seconds(take("upload_url_ttl_s"), 3600)?;
         Ok(Settings {
+            jwt_secret,
+            access_token_ttl,
+            upload_max_bytes,
+            upload_url_ttl,
             queue_name,
             heartbeat_stale,
             queued_stale,
@@ -359,6 +394,10 @@ impl Settings {
             "shutdown_grace_s": self.shutdown_grace.as_secs(),
             "presets": self.presets,
             "work_dir": self.work_dir,
+            "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
+            "access_token_ttl_s": self.access_token_ttl.as_secs(),
+            "upload_max_bytes": self.upload_max_bytes,
+            "upload_url_ttl_s": self.upload_url_ttl.as_secs(),
         })
     }
 }

@@ -16,6 +16,12 @@ use sqlx::{Postgres, Row};
 use crate::config::Settings;
 use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 
+mod accounts;
+mod catalog;
+
+pub use accounts::{NewUser, PgUsers, Role, UserRow};
+pub use catalog::{NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
+
 /// The schema, embedded at build time from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
@@ -31,6 +37,9 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// A uniqueness rule refused the write; the text names what is taken.
+    #[error("{0}")]
+    Conflict(String),
     #[error("database query failed: {0}")]
     Query(#[source] sqlx::Error),
 }
@@ -53,6 +62,7 @@ impl DbError {
             DbError::Unavailable(_) => "database_unavailable",
             DbError::Migrate(_) => "migration_failed",
             DbError::Invalid(_) => "invalid_request",
+            DbError::Conflict(_) => "conflict",
             DbError::Query(_) => "database_error",
         }
     }
@@ -501,7 +511,7 @@ pub enum Committed {
     Stale,
 }
 
-async fn insert_outbox(tx: &mut sqlx::Transaction<'_, Postgres>, id: TrackId) -> Result<(), DbError> {
+pub(crate) async fn insert_outbox(tx: &mut sqlx::Transaction<'_, Postgres>, id: TrackId) -> Result<(), DbError> {
     let message = crate::job::JobMessage::new(crate::job::Job::ProcessTrack { track_id: id });
     let payload = serde_json::to_value(&message).map_err(|err| DbError::Invalid(err.to_string()))?;
     sqlx::query("INSERT INTO outbox (payload) VALUES ($1)").bind(payload).execute(&mut **tx).await?;
@@ -557,6 +567,15 @@ impl PgOutbox {
         }
         tx.commit().await?;
         Ok(sent)
+    }
+
+    /// Publishes up to `limit` unsent messages to `queue`; returns how many went. The API
+    /// calls it right after a commit that queued work, the CLI after `import` and
+    /// `reprocess`, and every worker's relay loop in the background, which catches whatever
+    /// a crash or an unreachable broker left behind.
+    pub async fn publish_to(&self, queue: &dyn crate::queue::JobQueue, limit: i64) -> Result<u64, DbError> {
+        self.relay(limit, |payload| async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) })
+            .await
     }
 
     /// Unsent messages.

@@ -4,7 +4,7 @@
 //!   file and `WAVELINE_*` environment variables;
 //! - [`domain`]: identifiers and the track's processing states with their allowed transitions;
 //! - [`job`]: the versioned job message that travels through the queue;
-//! - [`db`]: the PostgreSQL pool, the migrations and the track repository;
+//! - [`db`]: the PostgreSQL pool, the migrations, the track repository and the accounts;
 //! - [`storage`]: the [`Storage`](storage::Storage) seam with its S3 and filesystem backends;
 //! - [`queue`]: the [`JobQueue`](queue::JobQueue) seam with its AMQP and in-process backends.
 //!

@@ -40,7 +40,5 @@ pub async fn publish(
     queue: &dyn JobQueue,
     limit: i64,
 ) -> Result<u64, waveline_shared::db::DbError> {
-    outbox
-        .relay(limit, |payload| async move { queue.publish_payload(payload).await.map_err(|err| err.to_string()) })
-        .await
+    outbox.publish_to(queue, limit).await
 }

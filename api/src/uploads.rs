@@ -1,0 +1,539 @@
+//! Uploads: through the API (`POST /v1/tracks`, multipart) or straight to storage
+//! (`POST /v1/uploads`, then `POST /v1/uploads/{id}/complete`).
+//!
+//! Either way the original's first bytes decide whether it is audio (magic numbers, never
+//! the file name or `Content-Type`): anything else is 415 before a byte is stored. The body
+//! streams into storage in 64 KiB reads; the API holds one chunk (and S3 one multipart part)
+//! at a time, never the file. The configured maximum is enforced while streaming (413), and
+//! up front when `Content-Length` already says too much.
+//!
+//! Nothing half-done stays behind: the track row is written only after the original is
+//! stored, in the same transaction as its job; a body that fails or is cut short aborts the
+//! storage write; a form that fails after its file was stored deletes that object.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt, TryStreamExt};
+use poem::http::StatusCode;
+use poem::web::Multipart;
+use poem::{Body, FromRequest, Request, RequestBody};
+use poem_openapi::param::Path;
+use poem_openapi::payload::{Json, ParsePayload, Payload};
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags, impl_apirequest_for_payload};
+use tokio::io::AsyncReadExt;
+use waveline_media::{SNIFF_LEN, sniff};
+use waveline_shared::db::{NewTrack, TrackDetails, Visibility};
+use waveline_shared::domain::{TrackId, TrackState, UserId};
+use waveline_shared::storage::{ByteRange, ObjectKey, StorageError, byte_stream};
+
+use crate::auth::{Auth, Session};
+use crate::error::ApiError;
+use crate::tracks::{TrackView, check_tags, check_text, check_visibility};
+use crate::{AppState, parse_track_id};
+
+#[derive(Tags)]
+enum Tag {
+    /// Uploading audio.
+    Uploads,
+}
+
+/// The upload routes.
+#[derive(Debug)]
+pub struct Uploads {
+    pub state: AppState,
+}
+
+/// A `multipart/form-data` upload, read field by field as it arrives.
+pub struct UploadForm(Multipart);
+
+impl std::fmt::Debug for UploadForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UploadForm")
+    }
+}
+
+impl Payload for UploadForm {
+    const CONTENT_TYPE: &'static str = "multipart/form-data";
+
+    fn check_content_type(content_type: &str) -> bool {
+        content_type.split(';').next().is_some_and(|essence| essence.trim().eq_ignore_ascii_case(Self::CONTENT_TYPE))
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let text = |description: &'static str| {
+            MetaSchemaRef::Inline(Box::new(MetaSchema { description: Some(description), ..MetaSchema::new("string") }))
+        };
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            required: vec!["file"],
+            properties: vec![
+                (
+                    "file",
+                    MetaSchemaRef::Inline(Box::new(MetaSchema {
+                        description: Some("The audio (WAV, AIFF, FLAC, MP3, AAC, MP4/M4A, Ogg, CAF, Matroska)."),
+                        ..MetaSchema::new_with_format("string", "binary")
+                    })),
+                ),
+                ("title", text("1–200 characters; default: the file name.")),
+                ("description", text("At most 5000 characters.")),
+                ("genre", text("At most 100 characters.")),
+                ("tags", text("Comma-separated, at most 20 tags of 1–50 characters; the field may repeat.")),
+                ("visibility", text("`public` (default) or `private`.")),
+            ],
+            ..MetaSchema::new("object")
+        }))
+    }
+}
+
+impl ParsePayload for UploadForm {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        Ok(UploadForm(Multipart::from_request(request, body).await?))
+    }
+}
+
+impl_apirequest_for_payload!(UploadForm);
+
+/// A raw request body, streamed.
+#[derive(Debug)]
+pub struct RawBody(Body);
+
+impl Payload for RawBody {
+    const CONTENT_TYPE: &'static str = "application/octet-stream";
+
+    fn check_content_type(_content_type: &str) -> bool {
+        true
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema::new_with_format("string", "binary")))
+    }
+}
+
+impl ParsePayload for RawBody {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(_request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        Ok(RawBody(body.take()?))
+    }
+}
+
+impl_apirequest_for_payload!(RawBody);
+
+#[derive(ApiResponse)]
+pub(crate) enum UploadAccepted {
+    /// Stored and queued for processing; follow `/v1/tracks/{id}/events` or poll `/status`.
+    #[oai(status = 202)]
+    Accepted(Json<TrackView>, #[oai(header = "Location")] String),
+}
+
+/// A direct upload to prepare.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct UploadRequest {
+    /// 1–200 characters; default: `filename`, or "Untitled".
+    title: Option<String>,
+    description: Option<String>,
+    genre: Option<String>,
+    tags: Option<Vec<String>>,
+    /// `public` (default) or `private`.
+    visibility: Option<String>,
+    /// The file's name, for the default title.
+    filename: Option<String>,
+    /// The file's size in bytes, when known: too large is refused now rather than after the
+    /// upload.
+    size: Option<u64>,
+}
+
+/// Where and how to send the bytes.
+#[derive(Debug, Object)]
+struct UploadTicket {
+    /// The upload's id (also the track's).
+    upload_id: String,
+    track_id: String,
+    /// Always `PUT`.
+    method: String,
+    /// A presigned storage URL (S3), or this API's `PUT /v1/uploads/{id}` (filesystem
+    /// storage), which needs the same authentication as any other call.
+    url: String,
+    /// Headers to send with the PUT, exactly.
+    headers: std::collections::BTreeMap<String, String>,
+    expires_at: DateTime<Utc>,
+    /// Call it (POST) once the bytes are uploaded.
+    complete_url: String,
+}
+
+#[derive(ApiResponse)]
+enum TicketResponse {
+    #[oai(status = 201)]
+    Created(Json<UploadTicket>),
+}
+
+/// What a direct upload stored.
+#[derive(Debug, Object)]
+struct StoredUpload {
+    bytes: u64,
+}
+
+/// The text fields of an upload, before validation.
+#[derive(Debug, Default)]
+struct Fields {
+    title: Option<String>,
+    description: Option<String>,
+    genre: Option<String>,
+    tags: Vec<String>,
+    visibility: Option<String>,
+}
+
+impl Fields {
+    fn into_new_track(
+        self,
+        id: TrackId,
+        owner: UserId,
+        filename: Option<&str>,
+        original_key: &ObjectKey,
+    ) -> Result<NewTrack, ApiError> {
+        let title = match self.title {
+            Some(title) => check_text("title", &title, 1, 200)?,
+            None => default_title(filename),
+        };
+        Ok(NewTrack {
+            id,
+            owner,
+            title,
+            description: self
+                .description
+                .as_deref()
+                .map(|d| check_text("description", d, 0, 5000))
+                .transpose()?
+                .unwrap_or_default(),
+            genre: self.genre.as_deref().map(|g| check_text("genre", g, 0, 100)).transpose()?.filter(|g| !g.is_empty()),
+            tags: check_tags(&self.tags)?,
+            visibility: self.visibility.as_deref().map(check_visibility).transpose()?.unwrap_or(Visibility::Public),
+            original_key: original_key.as_str().to_owned(),
+        })
+    }
+}
+
+/// The file name without directories or extension, cleaned up; "Untitled" when nothing is
+/// left.
+fn default_title(filename: Option<&str>) -> String {
+    let name = filename.unwrap_or_default();
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let stem = base.rsplit_once('.').map_or(base, |(stem, _)| stem);
+    let title: String = stem.chars().filter(|c| !c.is_control()).take(200).collect();
+    let title = title.trim();
+    if title.is_empty() { "Untitled".to_owned() } else { title.to_owned() }
+}
+
+fn original_key(id: TrackId) -> Result<ObjectKey, ApiError> {
+    ObjectKey::parse(format!("originals/{id}/source")).map_err(|err| ApiError::internal(&err))
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the upload is larger than the {limit}-byte limit"),
+    )
+}
+
+fn not_audio() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "not_audio",
+        "the file does not start like any audio format Waveline reads \
+         (WAV, AIFF, FLAC, MP3, AAC, MP4/M4A, Ogg, CAF, Matroska)",
+    )
+}
+
+fn interrupted(detail: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("upload_interrupted", format!("the upload did not arrive whole: {detail}"))
+}
+
+/// Refuses up front a body whose `Content-Length` already passes the limit (with room for
+/// a multipart envelope).
+fn check_declared_length(req: &Request, limit: u64, envelope: u64) -> Result<(), ApiError> {
+    match req.header("content-length").and_then(|value| value.trim().parse::<u64>().ok()) {
+        Some(length) if length > limit.saturating_add(envelope) => Err(too_large(limit)),
+        _ => Ok(()),
+    }
+}
+
+/// Streams `body` into `key`: checks that its first bytes are audio, counts it against
+/// the limit, and stores it; returns its size. On any failure nothing is stored.
+async fn store_original<S>(state: &AppState, key: &ObjectKey, body: S) -> Result<u64, ApiError>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    let mut body = Box::pin(body);
+    let mut head = Vec::with_capacity(SNIFF_LEN);
+    let mut prefix = Vec::new();
+    while head.len() < SNIFF_LEN {
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                let wanted = (SNIFF_LEN - head.len()).min(chunk.len());
+                head.extend_from_slice(&chunk[..wanted]);
+                prefix.push(chunk);
+            }
+            Some(Err(err)) => return Err(interrupted(err)),
+            None => break,
+        }
+    }
+    if head.is_empty() {
+        return Err(ApiError::bad_request("empty_upload", "the file is empty"));
+    }
+    if sniff(&head).is_none() {
+        return Err(not_audio());
+    }
+    let limit = state.limits.upload_max_bytes;
+    let received = Arc::new(AtomicU64::new(0));
+    let over = Arc::new(AtomicBool::new(false));
+    let (count, flag) = (received.clone(), over.clone());
+    let whole = futures::stream::iter(prefix.into_iter().map(Ok)).chain(body).map(move |chunk| {
+        let chunk = chunk?;
+        let total = count.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+        if total > limit {
+            flag.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::other("the upload passed the size limit"));
+        }
+        Ok(chunk)
+    });
+    match state.storage.put(key, "application/octet-stream", byte_stream(whole)).await {
+        Ok(meta) => {
+            metrics::counter!("waveline_upload_bytes_total").increment(meta.size);
+            Ok(meta.size)
+        }
+        Err(_) if over.load(Ordering::Relaxed) => Err(too_large(limit)),
+        Err(StorageError::Body(detail)) => Err(interrupted(detail)),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// A short text field, at most 16 KiB.
+async fn small_text(field: poem::web::Field) -> Result<String, ApiError> {
+    const MAX: u64 = 16 * 1024;
+    let name = field.name().unwrap_or_default().to_owned();
+    let mut bytes = Vec::new();
+    field.into_async_read().take(MAX + 1).read_to_end(&mut bytes).await.map_err(interrupted)?;
+    if bytes.len() as u64 > MAX {
+        return Err(ApiError::bad_request("invalid_field", format!("{name}: longer than {MAX} bytes")));
+    }
+    String::from_utf8(bytes).map_err(|_| ApiError::bad_request("invalid_field", format!("{name}: not UTF-8 text")))
+}
+
+impl Uploads {
+    /// The track of a direct upload, if `session` started it and it still awaits its bytes.
+    async fn pending_upload(&self, id: &str, session: &Session) -> Result<TrackDetails, ApiError> {
+        let id = parse_track_id(id).map_err(|_| ApiError::not_found("upload"))?;
+        let track = self.state.tracks.details(id).await?.ok_or_else(|| ApiError::not_found("upload"))?;
+        if track.owner_id != session.user.id {
+            return Err(ApiError::not_found("upload"));
+        }
+        if track.state != TrackState::AwaitingUpload {
+            return Err(ApiError::conflict(
+                "upload_completed",
+                format!("this upload is done; the track is {}", track.state),
+            ));
+        }
+        match self.state.tracks.upload_expiry(id).await? {
+            Some(expiry) if expiry < Utc::now() => {
+                Err(ApiError::conflict("upload_expired", "this upload's URL has expired; start a new upload"))
+            }
+            _ => Ok(track),
+        }
+    }
+}
+
+/// `POST /v1/tracks` (routed by [`crate::tracks::Tracks`], which owns the path): a track
+/// uploaded as multipart (`file` plus optional `title`, `description`, `genre`,
+/// `tags`, `visibility`). The body streams into storage; the answer is 202 with the
+/// track `queued`.
+pub(crate) async fn upload(
+    state: &AppState,
+    auth: Auth,
+    req: &Request,
+    form: UploadForm,
+) -> Result<UploadAccepted, ApiError> {
+    let session = auth.session();
+    check_declared_length(req, state.limits.upload_max_bytes, 1 << 20)?;
+    let mut multipart = form.0;
+    let id = TrackId::new();
+    let key = original_key(id)?;
+    let mut stored: Option<(u64, Option<String>)> = None;
+    let result = async {
+        let mut fields = Fields::default();
+        while let Some(field) = multipart.next_field().await.map_err(interrupted)? {
+            let name = field.name().unwrap_or_default().to_owned();
+            match name.as_str() {
+                "file" => {
+                    if stored.is_some() {
+                        return Err(ApiError::bad_request("invalid_field", "file: one file per upload"));
+                    }
+                    let filename = field.file_name().map(str::to_owned);
+                    let body = tokio_util::io::ReaderStream::with_capacity(field.into_async_read(), 64 * 1024);
+                    let size = store_original(state, &key, body).await?;
+                    stored = Some((size, filename));
+                }
+                "title" => fields.title = Some(small_text(field).await?),
+                "description" => fields.description = Some(small_text(field).await?),
+                "genre" => fields.genre = Some(small_text(field).await?),
+                "visibility" => fields.visibility = Some(small_text(field).await?),
+                "tags" => fields.tags.extend(
+                    small_text(field).await?.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned),
+                ),
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_field",
+                        format!(
+                            "unknown form field {other:?}; expected file, title, description, genre, tags, visibility"
+                        ),
+                    ));
+                }
+            }
+        }
+        let Some((size, filename)) = &stored else {
+            return Err(ApiError::bad_request("missing_file", "the form has no `file` field"));
+        };
+        let new = fields.into_new_track(id, session.user.id, filename.as_deref(), &key)?;
+        Ok(state.tracks.create_queued(&new, *size as i64).await?)
+    }
+    .await;
+    match result {
+        Ok(track) => {
+            state.publish_soon();
+            tracing::info!(track = %track.id, owner = %session.user.id, bytes = track.original_size, "upload stored and queued");
+            let location = format!("/v1/tracks/{}", track.id);
+            Ok(UploadAccepted::Accepted(Json(TrackView::from(track)), location))
+        }
+        Err(err) => {
+            if stored.is_some()
+                && let Err(cleanup) = state.storage.delete(&key).await
+            {
+                tracing::error!(%key, error = %cleanup, "could not remove the original of a failed upload");
+            }
+            Err(err)
+        }
+    }
+}
+
+#[OpenApi(tag = "Tag::Uploads")]
+impl Uploads {
+    /// Starts a direct upload: a URL to PUT the file to (presigned, for S3 storage), then
+    /// `POST /v1/uploads/{id}/complete`.
+    #[oai(path = "/v1/uploads", method = "post")]
+    async fn start(&self, auth: Auth, body: Json<UploadRequest>) -> Result<TicketResponse, ApiError> {
+        let session = auth.session();
+        let request = body.0;
+        let limit = self.state.limits.upload_max_bytes;
+        if request.size.is_some_and(|size| size > limit) {
+            return Err(too_large(limit));
+        }
+        let id = TrackId::new();
+        let key = original_key(id)?;
+        let fields = Fields {
+            title: request.title,
+            description: request.description,
+            genre: request.genre,
+            tags: request.tags.unwrap_or_default(),
+            visibility: request.visibility,
+        };
+        let new = fields.into_new_track(id, session.user.id, request.filename.as_deref(), &key)?;
+        let ttl = self.state.limits.upload_url_ttl;
+        let presigned = self.state.storage.presign_put(&key, "application/octet-stream", ttl).await?;
+        let expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+        let (url, headers, expires_at) = match presigned {
+            Some(presigned) => (presigned.url, presigned.headers.into_iter().collect(), presigned.expires_at),
+            None => (
+                format!("/v1/uploads/{id}"),
+                [("Content-Type".to_owned(), "application/octet-stream".to_owned())].into_iter().collect(),
+                expires_at,
+            ),
+        };
+        self.state.tracks.create_awaiting(&new, expires_at).await?;
+        Ok(TicketResponse::Created(Json(UploadTicket {
+            upload_id: id.to_string(),
+            track_id: id.to_string(),
+            method: "PUT".into(),
+            url,
+            headers,
+            expires_at,
+            complete_url: format!("/v1/uploads/{id}/complete"),
+        })))
+    }
+
+    /// The direct-upload target when storage has no presigned URLs (the filesystem): the
+    /// raw body is the file.
+    #[oai(path = "/v1/uploads/:id", method = "put")]
+    async fn put(
+        &self,
+        auth: Auth,
+        req: &Request,
+        id: Path<String>,
+        body: RawBody,
+    ) -> Result<Json<StoredUpload>, ApiError> {
+        let track = self.pending_upload(&id.0, auth.session()).await?;
+        check_declared_length(req, self.state.limits.upload_max_bytes, 0)?;
+        let key = original_key(track.id)?;
+        let stream = body.0.into_bytes_stream().map_err(std::io::Error::other);
+        let bytes = store_original(&self.state, &key, stream).await?;
+        Ok(Json(StoredUpload { bytes }))
+    }
+
+    /// Ends a direct upload: checks the stored object (there, within the limit, audio) and
+    /// queues the track.
+    #[oai(path = "/v1/uploads/:id/complete", method = "post")]
+    async fn complete(&self, auth: Auth, id: Path<String>) -> Result<UploadAccepted, ApiError> {
+        let track = self.pending_upload(&id.0, auth.session()).await?;
+        let key = original_key(track.id)?;
+        let meta = match self.state.storage.head(&key).await {
+            Ok(meta) => meta,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(ApiError::conflict("upload_missing", "nothing has been uploaded to the URL yet"));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let limit = self.state.limits.upload_max_bytes;
+        let refusal = if meta.size == 0 {
+            Some(ApiError::bad_request("empty_upload", "the file is empty"))
+        } else if meta.size > limit {
+            Some(too_large(limit))
+        } else {
+            let read = self
+                .state
+                .storage
+                .get(&key, Some(ByteRange::Inclusive { first: 0, last: SNIFF_LEN as u64 - 1 }))
+                .await?;
+            let head: Vec<Bytes> = read.body.try_collect().await?;
+            sniff(&head.concat()).is_none().then(not_audio)
+        };
+        if let Some(refusal) = refusal {
+            // The object goes; the upload stays open for another try until it expires.
+            self.state.storage.delete(&key).await?;
+            return Err(refusal);
+        }
+        if !self.state.tracks.complete_upload(track.id, meta.size as i64).await? {
+            return Err(ApiError::conflict("upload_completed", "this upload was completed meanwhile"));
+        }
+        self.state.publish_soon();
+        let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
+        let location = format!("/v1/tracks/{}", track.id);
+        Ok(UploadAccepted::Accepted(Json(TrackView::from(track)), location))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_titles_come_from_the_file_name() {
+        assert_eq!(super::default_title(Some("Night Drive.wav")), "Night Drive");
+        assert_eq!(super::default_title(Some("C:\\music\\demo.v2.flac")), "demo.v2");
+        assert_eq!(super::default_title(Some("../../etc/passwd")), "passwd");
+        assert_eq!(super::default_title(Some(".wav")), "Untitled");
+        assert_eq!(super::default_title(None), "Untitled");
+    }
+}

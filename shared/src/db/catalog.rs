@@ -1,0 +1,377 @@
+//! The catalogue side of tracks, for the API: creating uploads, the whole track, listing with
+//! a keyset cursor, metadata edits, and what a stream route needs in one query.
+
+use chrono::{DateTime, Utc};
+
+use super::{DbError, PgTracks, insert_outbox};
+use crate::domain::{ProcessingStage, TrackId, TrackState, UnknownState, UserId};
+
+/// Who may see a track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    Public,
+    /// Only the owner (and admins); everyone else gets 404, so its existence does not leak.
+    Private,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Private => "private",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Visibility> {
+        match text {
+            "public" => Some(Visibility::Public),
+            "private" => Some(Visibility::Private),
+            _ => None,
+        }
+    }
+}
+
+/// A track about to be recorded, validated by the caller.
+#[derive(Debug, Clone)]
+pub struct NewTrack {
+    pub id: TrackId,
+    pub owner: UserId,
+    pub title: String,
+    pub description: String,
+    pub genre: Option<String>,
+    pub tags: Vec<String>,
+    pub visibility: Visibility,
+    pub original_key: String,
+}
+
+/// Everything the API shows of a track.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrackDetails {
+    pub id: TrackId,
+    pub owner_id: UserId,
+    pub owner_username: String,
+    pub title: String,
+    pub description: String,
+    pub genre: Option<String>,
+    pub tags: Vec<String>,
+    pub visibility: Visibility,
+    pub state: TrackState,
+    pub stage: Option<ProcessingStage>,
+    pub progress: i16,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub attempts: i32,
+    pub revision: i32,
+    /// The revision whose renditions are served; `None` until the first one is ready.
+    pub ready_revision: Option<i32>,
+    pub duration_ms: Option<i64>,
+    pub original_size: Option<i64>,
+    pub loudness: Option<serde_json::Value>,
+    pub track_tags: Option<serde_json::Value>,
+    pub source: Option<serde_json::Value>,
+    /// Presets of the live revision.
+    pub presets: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DetailsRow {
+    id: TrackId,
+    owner_id: UserId,
+    owner_username: String,
+    title: String,
+    description: String,
+    genre: Option<String>,
+    tags: Vec<String>,
+    visibility: String,
+    state: String,
+    stage: Option<String>,
+    progress: i16,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    attempts: i32,
+    revision: i32,
+    ready_revision: Option<i32>,
+    duration_ms: Option<i64>,
+    original_size: Option<i64>,
+    loudness: Option<serde_json::Value>,
+    track_tags: Option<serde_json::Value>,
+    source: Option<serde_json::Value>,
+    presets: Vec<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const DETAILS_SELECT: &str = "
+    SELECT t.id, t.owner_id, u.username AS owner_username, t.title, t.description, t.genre, t.tags,
+           t.visibility, t.state, t.stage, t.progress, t.error_code, t.error_message, t.attempts,
+           t.revision, t.ready_revision, t.duration_ms, t.original_size, t.loudness, t.track_tags,
+           t.source, t.created_at, t.updated_at,
+           coalesce(ARRAY(SELECT r.preset FROM renditions r
+                          WHERE r.track_id = t.id AND r.revision = t.ready_revision ORDER BY r.preset),
+                    '{}') AS presets
+    FROM tracks t JOIN users u ON u.id = t.owner_id";
+
+impl TryFrom<DetailsRow> for TrackDetails {
+    type Error = DbError;
+
+    fn try_from(row: DetailsRow) -> Result<TrackDetails, DbError> {
+        let invalid = |err: UnknownState| DbError::Invalid(err.to_string());
+        Ok(TrackDetails {
+            id: row.id,
+            owner_id: row.owner_id,
+            owner_username: row.owner_username,
+            title: row.title,
+            description: row.description,
+            genre: row.genre,
+            tags: row.tags,
+            visibility: Visibility::parse(&row.visibility)
+                .ok_or_else(|| DbError::Invalid(format!("unknown visibility {:?}", row.visibility)))?,
+            state: row.state.parse().map_err(invalid)?,
+            stage: row.stage.map(|stage| stage.parse()).transpose().map_err(invalid)?,
+            progress: row.progress,
+            error_code: row.error_code,
+            error_message: row.error_message,
+            attempts: row.attempts,
+            revision: row.revision,
+            ready_revision: row.ready_revision,
+            duration_ms: row.duration_ms,
+            original_size: row.original_size,
+            loudness: row.loudness,
+            track_tags: row.track_tags,
+            source: row.source,
+            presets: row.presets,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+/// One page of a listing, newest first.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub tracks: Vec<TrackDetails>,
+    /// Where the next page starts, when there is one: the last track's `(created_at, id)`.
+    pub next: Option<(DateTime<Utc>, TrackId)>,
+}
+
+/// A metadata edit: `None` leaves a field alone (for `genre`, `Some(None)` clears it).
+#[derive(Debug, Clone, Default)]
+pub struct TrackPatch {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub genre: Option<Option<String>>,
+    pub tags: Option<Vec<String>>,
+    pub visibility: Option<Visibility>,
+}
+
+/// What a stream, HLS or waveform route needs, in one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Playable {
+    pub owner_id: UserId,
+    pub visibility: Visibility,
+    pub state: TrackState,
+    /// `None` until a revision is ready: the stream routes answer 409 then.
+    pub ready_revision: Option<i32>,
+    /// The asked-for preset of the live revision: `(kind, storage_key, storage_keys)`.
+    pub rendition: Option<(String, String, Vec<String>)>,
+    pub waveform_key: Option<String>,
+    pub waveform_dat_key: Option<String>,
+    pub waveform_summary_key: Option<String>,
+}
+
+impl PgTracks {
+    /// Records an uploaded track and queues it, in one transaction with its outbox message:
+    /// the track exists if and only if its job will be published.
+    pub async fn create_queued(&self, new: &NewTrack, original_size: i64) -> Result<TrackDetails, DbError> {
+        let mut tx = self.pool.begin().await?;
+        insert_track(&mut tx, new, "queued", Some(original_size), None).await?;
+        sqlx::query("UPDATE tracks SET enqueued_at = now() WHERE id = $1").bind(new.id).execute(&mut *tx).await?;
+        insert_outbox(&mut tx, new.id).await?;
+        tx.commit().await?;
+        self.details(new.id).await?.ok_or_else(|| DbError::Invalid(format!("track {} vanished", new.id)))
+    }
+
+    /// Records a track whose original the client will upload directly, by `expires_at`.
+    pub async fn create_awaiting(&self, new: &NewTrack, expires_at: DateTime<Utc>) -> Result<TrackDetails, DbError> {
+        let mut tx = self.pool.begin().await?;
+        insert_track(&mut tx, new, "awaiting_upload", None, Some(expires_at)).await?;
+        tx.commit().await?;
+        self.details(new.id).await?.ok_or_else(|| DbError::Invalid(format!("track {} vanished", new.id)))
+    }
+
+    /// The end of a direct upload: `awaiting_upload → queued` with the original's size, and
+    /// the job in the outbox, in one transaction. `false` when the track was not awaiting its
+    /// upload (completed twice, or gone).
+    pub async fn complete_upload(&self, id: TrackId, original_size: i64) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE tracks SET state = 'queued', original_size = $2, upload_expires_at = NULL,
+                 enqueued_at = now(), updated_at = now(), state_changed_at = now()
+             WHERE id = $1 AND state = 'awaiting_upload'",
+        )
+        .bind(id)
+        .bind(original_size)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if moved {
+            insert_outbox(&mut tx, id).await?;
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// When a direct upload's URL runs out, if the track is still awaiting it.
+    pub async fn upload_expiry(&self, id: TrackId) -> Result<Option<DateTime<Utc>>, DbError> {
+        Ok(sqlx::query_scalar::<_, Option<DateTime<Utc>>>(
+            "SELECT upload_expires_at FROM tracks WHERE id = $1 AND state = 'awaiting_upload'",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    /// The whole track.
+    pub async fn details(&self, id: TrackId) -> Result<Option<TrackDetails>, DbError> {
+        sqlx::query_as::<_, DetailsRow>(sqlx::AssertSqlSafe(format!("{DETAILS_SELECT} WHERE t.id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(TrackDetails::try_from)
+            .transpose()
+    }
+
+    /// A page of tracks, newest first: those of `owner` (every track when `None`) that
+    /// `viewer` may see (public ones, plus the viewer's own private ones), starting after
+    /// the `after` cursor.
+    pub async fn page(
+        &self,
+        owner: Option<UserId>,
+        viewer: Option<UserId>,
+        after: Option<(DateTime<Utc>, TrackId)>,
+        limit: i64,
+    ) -> Result<Page, DbError> {
+        let limit = limit.clamp(1, 100);
+        let rows = sqlx::query_as::<_, DetailsRow>(sqlx::AssertSqlSafe(format!(
+            "{DETAILS_SELECT}
+             WHERE ($1::uuid IS NULL OR t.owner_id = $1)
+               AND (t.visibility = 'public' OR t.owner_id = $2)
+               AND ($3::timestamptz IS NULL OR (t.created_at, t.id) < ($3, $4))
+             ORDER BY t.created_at DESC, t.id DESC
+             LIMIT $5"
+        )))
+        .bind(owner)
+        .bind(viewer)
+        .bind(after.map(|(at, _)| at))
+        .bind(after.map(|(_, id)| id))
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tracks = rows.into_iter().map(TrackDetails::try_from).collect::<Result<Vec<_>, _>>()?;
+        let more = tracks.len() as i64 > limit;
+        tracks.truncate(limit as usize);
+        let next = if more { tracks.last().map(|last| (last.created_at, last.id)) } else { None };
+        Ok(Page { tracks, next })
+    }
+
+    /// Applies a metadata edit; `false` when the track is gone.
+    pub async fn update_metadata(&self, id: TrackId, patch: &TrackPatch) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE tracks SET
+                 title = coalesce($2, title),
+                 description = coalesce($3, description),
+                 genre = CASE WHEN $4 THEN $5 ELSE genre END,
+                 tags = coalesce($6, tags),
+                 visibility = coalesce($7, visibility),
+                 updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&patch.title)
+        .bind(&patch.description)
+        .bind(patch.genre.is_some())
+        .bind(patch.genre.clone().flatten())
+        .bind(&patch.tags)
+        .bind(patch.visibility.map(Visibility::as_str))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// What serving `preset` (or only the waveform, with `None`) of a track needs.
+    pub async fn playable(&self, id: TrackId, preset: Option<&str>) -> Result<Option<Playable>, DbError> {
+        type Row = (
+            UserId,
+            String,
+            String,
+            Option<i32>,
+            Option<String>,
+            Option<String>,
+            Option<Vec<String>>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT t.owner_id, t.visibility, t.state, t.ready_revision, r.kind, r.storage_key, r.storage_keys,
+                    t.waveform_key, t.waveform_dat_key, t.waveform_summary_key
+             FROM tracks t
+             LEFT JOIN renditions r ON r.track_id = t.id AND r.revision = t.ready_revision AND r.preset = $2
+             WHERE t.id = $1",
+        )
+        .bind(id)
+        .bind(preset)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((owner_id, visibility, state, ready_revision, kind, key, keys, waveform, dat, summary)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Playable {
+            owner_id,
+            visibility: Visibility::parse(&visibility)
+                .ok_or_else(|| DbError::Invalid(format!("unknown visibility {visibility:?}")))?,
+            state: state.parse().map_err(|err: UnknownState| DbError::Invalid(err.to_string()))?,
+            ready_revision,
+            rendition: match (kind, key) {
+                (Some(kind), Some(key)) => Some((kind, key, keys.unwrap_or_default())),
+                _ => None,
+            },
+            waveform_key: waveform,
+            waveform_dat_key: dat,
+            waveform_summary_key: summary,
+        }))
+    }
+}
+
+async fn insert_track(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    new: &NewTrack,
+    state: &str,
+    original_size: Option<i64>,
+    upload_expires_at: Option<DateTime<Utc>>,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO tracks (id, owner_id, title, description, genre, tags, visibility, state, original_key,
+                             original_size, upload_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(new.id)
+    .bind(new.owner)
+    .bind(&new.title)
+    .bind(&new.description)
+    .bind(&new.genre)
+    .bind(&new.tags)
+    .bind(new.visibility.as_str())
+    .bind(state)
+    .bind(&new.original_key)
+    .bind(original_size)
+    .bind(upload_expires_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
