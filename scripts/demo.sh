@@ -16,7 +16,8 @@ say "Set-up (packages and PostgreSQL, if missing)"
 scripts/setup.sh --embedded
 
 say "Build the waveline binary"
-cargo build --locked --quiet -p waveline
+# The whole workspace, as scripts/test.sh builds it: one feature set, so neither rebuilds the other.
+cargo build --locked --quiet --workspace --bins
 waveline=$root/target/debug/waveline
 
 demo=$root/.waveline/demo
