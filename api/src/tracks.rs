@@ -267,8 +267,8 @@ impl Tracks {
 
 #[OpenApi(tag = "Tag::Tracks")]
 impl Tracks {
-    /// The catalogue, newest first: every public track, or one user's with `owner`. Your own
-    /// private tracks are included when you are logged in.
+    /// The catalogue, newest first: public tracks that can be played, or one user's with
+    /// `owner`. Logged in, you also see all of your own, private or still processing.
     #[oai(path = "/v1/tracks", method = "get")]
     async fn list(
         &self,

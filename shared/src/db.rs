@@ -752,14 +752,3 @@ impl PgTracks {
         Ok(result.rows_affected() == 1)
     }
 }
-
-impl PgTracks {
-    /// Whether the track is public (`false` for private or missing tracks).
-    pub async fn is_public(&self, id: TrackId) -> Result<bool, DbError> {
-        Ok(sqlx::query_scalar::<_, bool>("SELECT visibility = 'public' FROM tracks WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .unwrap_or(false))
-    }
-}

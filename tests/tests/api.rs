@@ -835,6 +835,12 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
         ensure!(status == 409 && body["code"] == "not_ready", "{path}: {status} {body}");
         ensure!(body["message"].as_str().is_some_and(|m| m.contains("queued")), "{body}");
     }
+    // The catalogue shows others only what can be played; the owner sees it queued.
+    let (_, public) = json(client.get(stack.url("/v1/tracks")).send().await?).await?;
+    ensure!(public["tracks"] == json!([]), "an unplayable track is listed: {public}");
+    let (_, own) =
+        json(client.get(stack.url("/v1/tracks?owner=uploader")).bearer_auth(&user.token).send().await?).await?;
+    ensure!(own["tracks"][0]["id"] == id && own["tracks"][0]["state"] == "queued", "{own}");
     Ok(())
 }
 

@@ -247,8 +247,9 @@ impl PgTracks {
     }
 
     /// A page of tracks, newest first: those of `owner` (every track when `None`) that
-    /// `viewer` may see (public ones, plus the viewer's own private ones), starting after
-    /// the `after` cursor.
+    /// `viewer` may see, starting after the `after` cursor. Others' tracks are listed once
+    /// public and playable (a ready revision); the viewer's own tracks always are, in any
+    /// state.
     pub async fn page(
         &self,
         owner: Option<UserId>,
@@ -260,7 +261,7 @@ impl PgTracks {
         let rows = sqlx::query_as::<_, DetailsRow>(sqlx::AssertSqlSafe(format!(
             "{DETAILS_SELECT}
              WHERE ($1::uuid IS NULL OR t.owner_id = $1)
-               AND (t.visibility = 'public' OR t.owner_id = $2)
+               AND (t.owner_id = $2 OR (t.visibility = 'public' AND t.ready_revision IS NOT NULL))
                AND ($3::timestamptz IS NULL OR (t.created_at, t.id) < ($3, $4))
              ORDER BY t.created_at DESC, t.id DESC
              LIMIT $5"
