@@ -143,14 +143,20 @@ start_serve() {
 }
 stop_serve() { kill -TERM "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
 
+# stop_nginx: stops the reference and removes the config directory nginx-range.sh made.
+stop_nginx() {
+  [ -n "${nginx_pid:-}" ] || return 0
+  local conf
+  conf=$(tr '\0' ' ' <"/proc/$nginx_pid/cmdline" 2>/dev/null | grep -o -- '-c [^ ]*/nginx.conf' | cut -c4- || true)
+  kill -QUIT "$nginx_pid" 2>/dev/null || true
+  nginx_pid=
+  if [ -n "$conf" ] && [ -f "$conf" ]; then sleep 0.3; rm -rf "$(dirname "$conf")"; fi
+}
+
 stream_cleanup() {
-  local pid conf
+  local pid
   for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
-  if [ -n "${nginx_pid:-}" ]; then
-    conf=$(tr '\0' ' ' <"/proc/$nginx_pid/cmdline" 2>/dev/null | grep -o -- '-c [^ ]*/nginx.conf' | cut -c4- || true)
-    kill -QUIT "$nginx_pid" 2>/dev/null || true
-    [ -n "$conf" ] && [ -f "$conf" ] && rm -rf "$(dirname "$conf")"
-  fi
+  stop_nginx
   rm -rf "$work" "${www:-}"
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
 }
@@ -295,7 +301,7 @@ end
 LUA
   echo "status polling: $runs runs of ${duration}s…" >&2
   for i in $(seq "$runs"); do wrk_run status "$api/v1/tracks/$id/status" "$work/status.lua" "$auth" "If-None-Match: $etag"; done
-  kill -QUIT "$nginx_pid"; nginx_pid=
+  stop_nginx
   stop_serve "$serve_pid"
 
   # Upload: an API-only instance (--workers 0) only stores and queues, so no processing runs.
