@@ -19,7 +19,7 @@
 pub mod auth;
 mod error;
 pub mod listener;
-mod media;
+pub mod media;
 mod middleware;
 mod ops;
 mod serve;
@@ -57,6 +57,8 @@ pub struct AppState {
     pub queue: Arc<dyn JobQueue>,
     pub tokens: Arc<Tokens>,
     pub limits: Limits,
+    /// Recent lookups of the listening routes (see [`media::PlayableCache`]).
+    pub playables: Arc<media::PlayableCache>,
     /// Renders the process's Prometheus metrics.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
 }

@@ -8,6 +8,10 @@
 //! HLS URLs carry no revision, so playlists are cached briefly (`max-age=30`) and segments
 //! for an hour; every response has a strong ETag to revalidate with.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use poem::Request;
 use poem::http::StatusCode;
 use poem_openapi::param::{Path, Query};
@@ -60,12 +64,73 @@ fn content_type(key: &str) -> &'static str {
     }
 }
 
+/// A short-lived, per-process cache of what the listening routes look up. A player sends a
+/// run of range requests (and HLS segment requests) for one track; with the cache they cost
+/// one database query per track and preset every [`PLAYABLE_TTL`], not one each.
+///
+/// Only playable tracks are cached. Staleness is bounded and harmless: an edit or deletion
+/// through this process drops the track's entries at once (other replicas within the TTL),
+/// and an object that is gone from storage (a revision replaced by reprocessing) drops the
+/// entry and is looked up again before anything is answered.
+#[derive(Debug, Default)]
+pub struct PlayableCache {
+    entries: Mutex<HashMap<(TrackId, Option<String>), (Instant, Playable)>>,
+}
+
+/// How long a cached lookup is used.
+pub const PLAYABLE_TTL: Duration = Duration::from_secs(2);
+const PLAYABLE_MAX: usize = 10_000;
+
+impl PlayableCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TrackId, Option<String>), (Instant, Playable)>> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, key: &(TrackId, Option<String>)) -> Option<Playable> {
+        self.lock().get(key).filter(|(at, _)| at.elapsed() < PLAYABLE_TTL).map(|(_, playable)| playable.clone())
+    }
+
+    fn put(&self, key: (TrackId, Option<String>), playable: Playable) {
+        let mut entries = self.lock();
+        if entries.len() >= PLAYABLE_MAX {
+            entries.retain(|_, (at, _)| at.elapsed() < PLAYABLE_TTL);
+            if entries.len() >= PLAYABLE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (Instant::now(), playable));
+    }
+
+    /// Drops every entry of a track (after an edit or a deletion).
+    pub fn forget(&self, id: TrackId) {
+        self.lock().retain(|(track, _), _| *track != id);
+    }
+}
+
 impl Media {
-    /// The track as the viewer may play it: 404 when it is missing or hidden from them, 409
-    /// when nothing is ready yet.
-    async fn playable(&self, id: &str, preset: Option<&str>, auth: &MaybeAuth) -> Result<Playable, ApiError> {
-        let id: TrackId = parse_track_id(id)?;
-        let playable = self.state.tracks.playable(id, preset).await?.ok_or_else(|| ApiError::not_found("track"))?;
+    /// The track as the viewer may play it (404 when it is missing or hidden from them, 409
+    /// when nothing is ready yet), and whether it came from the cache.
+    async fn playable(
+        &self,
+        id: TrackId,
+        preset: Option<&str>,
+        auth: &MaybeAuth,
+        use_cache: bool,
+    ) -> Result<(Playable, bool), ApiError> {
+        let key = (id, preset.map(str::to_owned));
+        let cached = if use_cache { self.state.playables.get(&key) } else { None };
+        let from_cache = cached.is_some();
+        let playable = match cached {
+            Some(playable) => playable,
+            None => {
+                let playable =
+                    self.state.tracks.playable(id, preset).await?.ok_or_else(|| ApiError::not_found("track"))?;
+                if playable.ready_revision.is_some() {
+                    self.state.playables.put(key, playable.clone());
+                }
+                playable
+            }
+        };
         if !may_see(playable.owner_id, playable.visibility, auth.session()) {
             return Err(ApiError::not_found("track"));
         }
@@ -75,13 +140,38 @@ impl Media {
                 format!("the track is {}; its streams appear when it is ready", playable.state),
             ));
         }
-        Ok(playable)
+        Ok((playable, from_cache))
     }
 
     fn cache(playable: &Playable, max_age: u32) -> String {
         match playable.visibility {
             Visibility::Public => format!("public, max-age={max_age}"),
             Visibility::Private => format!("private, max-age={max_age}"),
+        }
+    }
+
+    /// Serves the object `pick` chooses from the track's live revision. When a cached lookup
+    /// names an object that is gone (its revision was just replaced), looks again.
+    async fn serve_track<F>(
+        &self,
+        req: &Request,
+        id: &str,
+        preset: Option<&str>,
+        auth: &MaybeAuth,
+        pick: F,
+    ) -> Result<ObjectResponse, ApiError>
+    where
+        F: Fn(&Playable) -> Result<ObjectSpec, ApiError>,
+    {
+        let id = parse_track_id(id)?;
+        let (playable, cached) = self.playable(id, preset, auth, true).await?;
+        match serve_object(self.state.storage.as_ref(), &pick(&playable)?, req).await {
+            Err(err) if cached && err.status == StatusCode::NOT_FOUND => {
+                self.state.playables.forget(id);
+                let (playable, _) = self.playable(id, preset, auth, false).await?;
+                serve_object(self.state.storage.as_ref(), &pick(&playable)?, req).await
+            }
+            other => other,
         }
     }
 
@@ -98,17 +188,18 @@ impl Media {
                 PROGRESSIVE.join(", ")
             )));
         }
-        let playable = self.playable(id, Some(preset), auth).await?;
-        let Some((_, key, _)) = &playable.rendition else {
-            return Err(ApiError::not_found(&format!("stream {preset:?} for this track")));
-        };
-        let spec = ObjectSpec {
-            key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
-            content_type: content_type(key),
-            cache_control: Self::cache(&playable, 3600),
-            route: "stream",
-        };
-        serve_object(self.state.storage.as_ref(), &spec, req).await
+        self.serve_track(req, id, Some(preset), auth, |playable| {
+            let Some((_, key, _)) = &playable.rendition else {
+                return Err(ApiError::not_found(&format!("stream {preset:?} for this track")));
+            };
+            Ok(ObjectSpec {
+                key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
+                content_type: content_type(key),
+                cache_control: Self::cache(playable, 3600),
+                route: "stream",
+            })
+        })
+        .await
     }
 
     async fn hls(
@@ -118,30 +209,31 @@ impl Media {
         file: Option<(&str, &str)>,
         auth: &MaybeAuth,
     ) -> Result<ObjectResponse, ApiError> {
-        let playable = self.playable(id, Some("aac_hls"), auth).await?;
-        let Some((_, master, keys)) = &playable.rendition else {
-            return Err(ApiError::not_found("HLS rendition for this track"));
-        };
-        let key = match file {
-            None => master.clone(),
-            Some((variant, file)) => {
-                let base = master.rsplit_once('/').map_or("", |(base, _)| base);
-                let key = format!("{base}/{variant}/{file}");
-                // Only the files the worker recorded: no path can reach anything else.
-                if !keys.contains(&key) {
-                    return Err(ApiError::not_found("HLS file"));
+        self.serve_track(req, id, Some("aac_hls"), auth, |playable| {
+            let Some((_, master, keys)) = &playable.rendition else {
+                return Err(ApiError::not_found("HLS rendition for this track"));
+            };
+            let key = match file {
+                None => master.clone(),
+                Some((variant, file)) => {
+                    let base = master.rsplit_once('/').map_or("", |(base, _)| base);
+                    let key = format!("{base}/{variant}/{file}");
+                    // Only the files the worker recorded: no path can reach anything else.
+                    if !keys.contains(&key) {
+                        return Err(ApiError::not_found("HLS file"));
+                    }
+                    key
                 }
-                key
-            }
-        };
-        let playlist = key.ends_with(".m3u8");
-        let spec = ObjectSpec {
-            key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
-            content_type: content_type(&key),
-            cache_control: Self::cache(&playable, if playlist { 30 } else { 3600 }),
-            route: "hls",
-        };
-        serve_object(self.state.storage.as_ref(), &spec, req).await
+            };
+            let playlist = key.ends_with(".m3u8");
+            Ok(ObjectSpec {
+                key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
+                content_type: content_type(&key),
+                cache_control: Self::cache(playable, if playlist { 30 } else { 3600 }),
+                route: "hls",
+            })
+        })
+        .await
     }
 }
 
@@ -187,23 +279,28 @@ impl Media {
         format: Query<Option<WaveformFormat>>,
         auth: MaybeAuth,
     ) -> Result<ObjectResponse, ApiError> {
-        let playable = self.playable(&id.0, None, &auth).await?;
         let format = format.0.unwrap_or(WaveformFormat::Json);
-        let key = match format {
-            WaveformFormat::Json => &playable.waveform_key,
-            WaveformFormat::Dat => &playable.waveform_dat_key,
-            WaveformFormat::Summary => &playable.waveform_summary_key,
-        };
-        let Some(key) = key else {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "this track has no waveform"));
-        };
-        let spec = ObjectSpec {
-            key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
-            content_type: if format == WaveformFormat::Dat { "application/octet-stream" } else { "application/json" },
-            cache_control: Self::cache(&playable, 3600),
-            route: "waveform",
-        };
-        serve_object(self.state.storage.as_ref(), &spec, req).await
+        self.serve_track(req, &id.0, None, &auth, |playable| {
+            let key = match format {
+                WaveformFormat::Json => &playable.waveform_key,
+                WaveformFormat::Dat => &playable.waveform_dat_key,
+                WaveformFormat::Summary => &playable.waveform_summary_key,
+            };
+            let Some(key) = key else {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "this track has no waveform"));
+            };
+            Ok(ObjectSpec {
+                key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
+                content_type: if format == WaveformFormat::Dat {
+                    "application/octet-stream"
+                } else {
+                    "application/json"
+                },
+                cache_control: Self::cache(playable, 3600),
+                route: "waveform",
+            })
+        })
+        .await
     }
 }
 

@@ -196,7 +196,7 @@ pub async fn serve_object(storage: &dyn Storage, spec: &ObjectSpec, req: &Reques
     let storage_error = |err: StorageError| match err {
         StorageError::RangeNotSatisfiable { size } => unsatisfiable(size),
         StorageError::NotFound { .. } => {
-            tracing::error!(key = %spec.key, "a rendition row names an object that is not in storage");
+            tracing::warn!(key = %spec.key, "an object named by the live revision is not in storage");
             ApiError::not_found("object")
         }
         other => other.into(),

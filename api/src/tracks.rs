@@ -329,6 +329,7 @@ impl Tracks {
         if !self.state.tracks.update_metadata(track.id, &patch).await? {
             return Err(ApiError::not_found("track"));
         }
+        self.state.playables.forget(track.id);
         let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
         Ok(Json(TrackView::from(track)))
     }
@@ -340,6 +341,7 @@ impl Tracks {
         // The row first: from then on nothing serves or processes it (a worker mid-job loses
         // its claim and cleans up after itself); then the objects.
         self.state.tracks.delete(track.id).await?;
+        self.state.playables.forget(track.id);
         delete_objects(self.state.storage.as_ref(), track.id).await;
         tracing::info!(track = %track.id, "track deleted");
         Ok(Deleted::Done)

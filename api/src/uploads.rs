@@ -255,6 +255,13 @@ fn interrupted(detail: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request("upload_interrupted", format!("the upload did not arrive whole: {detail}"))
 }
 
+/// A refused upload may leave the rest of its body unread on the connection: say that it
+/// closes, so the client opens a new one for its next request instead of reusing a
+/// connection the server is about to drop.
+fn close_after(err: ApiError) -> ApiError {
+    if err.header.is_some() { err } else { err.with_header("connection", "close".to_owned()) }
+}
+
 /// Refuses up front a body whose `Content-Length` already passes the limit (with room for
 /// a multipart envelope).
 fn check_declared_length(req: &Request, limit: u64, envelope: u64) -> Result<(), ApiError> {
@@ -360,7 +367,7 @@ pub(crate) async fn upload(
     form: UploadForm,
 ) -> Result<UploadAccepted, ApiError> {
     let session = auth.session();
-    check_declared_length(req, state.limits.upload_max_bytes, 1 << 20)?;
+    check_declared_length(req, state.limits.upload_max_bytes, 1 << 20).map_err(close_after)?;
     let mut multipart = form.0;
     let id = TrackId::new();
     let key = original_key(id)?;
@@ -416,7 +423,7 @@ pub(crate) async fn upload(
             {
                 tracing::error!(%key, error = %cleanup, "could not remove the original of a failed upload");
             }
-            Err(err)
+            Err(close_after(err))
         }
     }
 }
@@ -477,10 +484,10 @@ impl Uploads {
         body: RawBody,
     ) -> Result<Json<StoredUpload>, ApiError> {
         let track = self.pending_upload(&id.0, auth.session()).await?;
-        check_declared_length(req, self.state.limits.upload_max_bytes, 0)?;
+        check_declared_length(req, self.state.limits.upload_max_bytes, 0).map_err(close_after)?;
         let key = original_key(track.id)?;
         let stream = body.0.into_bytes_stream().map_err(std::io::Error::other);
-        let bytes = store_original(&self.state, &key, stream).await?;
+        let bytes = store_original(&self.state, &key, stream).await.map_err(close_after)?;
         Ok(Json(StoredUpload { bytes }))
     }
 

@@ -154,6 +154,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             upload_max_bytes: settings.upload_max_bytes,
             upload_url_ttl: settings.upload_url_ttl,
         },
+        playables: Arc::default(),
         metrics: Arc::new(move || metrics.render()),
     };
     let acceptor = waveline_api::listener::NoDelayAcceptor::bind(settings.listen)

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 use uuid::Uuid;
 
@@ -32,6 +32,8 @@ const CONTENT_TYPE_ATTR: &str = "user.waveline.content_type";
 const TMP_DIR: &str = ".tmp";
 /// Read chunk size: large enough for throughput, small enough to bound memory per stream.
 const CHUNK: usize = 64 * 1024;
+/// Parts up to this size are read in the same blocking call that opens the file.
+const SMALL_READ: u64 = 256 * 1024;
 
 /// Objects as files under a root directory.
 #[derive(Debug, Clone)]
@@ -73,21 +75,6 @@ impl FsStorage {
         self.root.join(key.as_str())
     }
 
-    fn meta_of(&self, path: &Path, key: &ObjectKey, stat: &std::fs::Metadata) -> ObjectMeta {
-        let content_type = xattr::get(path, CONTENT_TYPE_ATTR)
-            .ok()
-            .flatten()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .unwrap_or_else(|| guess_content_type(key.as_str()));
-        let mtime_ns = stat.mtime() as i128 * 1_000_000_000 + i128::from(stat.mtime_nsec());
-        ObjectMeta {
-            size: stat.len(),
-            etag: format!("\"{:x}-{:x}-{:x}\"", stat.ino(), mtime_ns, stat.len()),
-            content_type,
-            last_modified: DateTime::<Utc>::from_timestamp(stat.mtime(), stat.mtime_nsec() as u32).unwrap_or_default(),
-        }
-    }
-
     async fn write_temp(&self, tmp: &Path, content_type: &str, mut body: ByteStream) -> Result<(), StorageError> {
         let mut file = tokio::fs::File::create(tmp).await?;
         while let Some(chunk) = body.next().await {
@@ -110,6 +97,22 @@ fn not_found(key: &ObjectKey) -> impl Fn(std::io::Error) -> StorageError + '_ {
             StorageError::NotFound { key: key.to_string() }
         }
         _ => StorageError::Io(err),
+    }
+}
+
+/// Size, ETag, content type and modification time of a stored file (blocking: the xattr).
+fn meta_of(path: &Path, key: &ObjectKey, stat: &std::fs::Metadata) -> ObjectMeta {
+    let content_type = xattr::get(path, CONTENT_TYPE_ATTR)
+        .ok()
+        .flatten()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_else(|| guess_content_type(key.as_str()));
+    let mtime_ns = stat.mtime() as i128 * 1_000_000_000 + i128::from(stat.mtime_nsec());
+    ObjectMeta {
+        size: stat.len(),
+        etag: format!("\"{:x}-{:x}-{:x}\"", stat.ino(), mtime_ns, stat.len()),
+        content_type,
+        last_modified: DateTime::<Utc>::from_timestamp(stat.mtime(), stat.mtime_nsec() as u32).unwrap_or_default(),
     }
 }
 
@@ -143,39 +146,71 @@ impl Storage for FsStorage {
             return Err(err.into());
         }
         let stat = tokio::fs::metadata(&path).await?;
-        Ok(self.meta_of(&path, key, &stat))
+        Ok(meta_of(&path, key, &stat))
     }
 
     async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+        // Open, stat, read the attributes, seek and, for a small part (a player's range
+        // request), read it whole: one trip to the blocking pool instead of one per step.
         let path = self.path_of(key);
-        let mut file = tokio::fs::File::open(&path).await.map_err(not_found(key))?;
-        // The open handle pins this version of the object, even if a writer replaces it now.
-        let stat = file.metadata().await?;
-        if stat.is_dir() {
-            return Err(StorageError::NotFound { key: key.to_string() });
-        }
-        let meta = self.meta_of(&path, key, &stat);
-        let resolved = match range {
-            Some(range) => Some(range.resolve(meta.size).ok_or(StorageError::RangeNotSatisfiable { size: meta.size })?),
-            None => ByteRange::From { first: 0 }.resolve(meta.size),
-        };
-        let body: ByteStream = match resolved {
-            Some(range) => {
-                file.seek(SeekFrom::Start(range.first)).await?;
-                super::byte_stream(ReaderStream::with_capacity(file.take(range.len()), CHUNK))
+        let owned_key = key.clone();
+        let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            use std::io::{Read, Seek};
+            let mut file = std::fs::File::open(&path).map_err(not_found(&owned_key))?;
+            // The open handle pins this version of the object, even if a writer replaces it now.
+            let stat = file.metadata()?;
+            if stat.is_dir() {
+                return Err(StorageError::NotFound { key: owned_key.to_string() });
             }
-            None => Box::pin(futures::stream::empty()),
+            let meta = meta_of(&path, &owned_key, &stat);
+            let resolved = match range {
+                Some(range) => {
+                    Some(range.resolve(meta.size).ok_or(StorageError::RangeNotSatisfiable { size: meta.size })?)
+                }
+                None => ByteRange::From { first: 0 }.resolve(meta.size),
+            };
+            let small = match resolved {
+                Some(range) => {
+                    file.seek(SeekFrom::Start(range.first))?;
+                    if range.len() <= SMALL_READ {
+                        let mut bytes = Vec::with_capacity(range.len() as usize);
+                        (&mut file).take(range.len()).read_to_end(&mut bytes)?;
+                        Some(bytes::Bytes::from(bytes))
+                    } else {
+                        None
+                    }
+                }
+                None => Some(bytes::Bytes::new()),
+            };
+            Ok((file, meta, resolved, small))
+        })
+        .await
+        .map_err(|err| StorageError::Io(std::io::Error::other(err)))??;
+        let (file, meta, resolved, small) = opened;
+        let body: ByteStream = match (resolved, small) {
+            (_, Some(bytes)) if bytes.is_empty() => Box::pin(futures::stream::empty()),
+            (_, Some(bytes)) => Box::pin(futures::stream::once(async move { Ok(bytes) })),
+            (Some(range), None) => super::byte_stream(ReaderStream::with_capacity(
+                tokio::fs::File::from_std(file).take(range.len()),
+                CHUNK,
+            )),
+            (None, None) => Box::pin(futures::stream::empty()),
         };
         Ok(ObjectRead { meta, range: resolved, body })
     }
 
     async fn head(&self, key: &ObjectKey) -> Result<ObjectMeta, StorageError> {
         let path = self.path_of(key);
-        let stat = tokio::fs::metadata(&path).await.map_err(not_found(key))?;
-        if stat.is_dir() {
-            return Err(StorageError::NotFound { key: key.to_string() });
-        }
-        Ok(self.meta_of(&path, key, &stat))
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            let stat = std::fs::metadata(&path).map_err(not_found(&key))?;
+            if stat.is_dir() {
+                return Err(StorageError::NotFound { key: key.to_string() });
+            }
+            Ok(meta_of(&path, &key, &stat))
+        })
+        .await
+        .map_err(|err| StorageError::Io(std::io::Error::other(err)))?
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
