@@ -74,15 +74,18 @@ fn content_type(key: &str) -> &'static str {
 /// entry and is looked up again before anything is answered.
 #[derive(Debug, Default)]
 pub struct PlayableCache {
-    entries: Mutex<HashMap<(TrackId, Option<String>), (Instant, Playable)>>,
+    entries: Mutex<Entries>,
 }
+
+/// (track, preset) → (when it was looked up, what was found).
+type Entries = HashMap<(TrackId, Option<String>), (Instant, Playable)>;
 
 /// How long a cached lookup is used.
 pub const PLAYABLE_TTL: Duration = Duration::from_secs(2);
 const PLAYABLE_MAX: usize = 10_000;
 
 impl PlayableCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TrackId, Option<String>), (Instant, Playable)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
