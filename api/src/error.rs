@@ -121,8 +121,8 @@ impl poem::error::ResponseError for ApiError {
 }
 
 /// The statuses every operation may answer with an error body, for the OpenAPI document.
-const ERROR_STATUSES: [(u16, &str); 11] = [
-    (400, "The request is malformed: a bad id, parameter or body."),
+const ERROR_STATUSES: [(u16, &str); 10] = [
+    (400, "The request is malformed or a field is invalid (the message names it)."),
     (401, "Authentication is required, or the token is invalid or expired."),
     (403, "Authenticated, but not allowed."),
     (404, "No such resource (private tracks of others answer the same)."),
@@ -130,7 +130,6 @@ const ERROR_STATUSES: [(u16, &str); 11] = [
     (413, "The upload is larger than the configured maximum."),
     (415, "The upload is not audio."),
     (416, "The range cannot be satisfied; `Content-Range: bytes */LENGTH`."),
-    (422, "A field is invalid."),
     (500, "An internal error; the request id is in the logs."),
     (503, "A dependency (database, queue, storage) is unavailable."),
 ];

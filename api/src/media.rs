@@ -192,7 +192,7 @@ impl Media {
             )));
         }
         self.serve_track(req, id, Some(preset), auth, |playable| {
-            let Some((_, key, _)) = &playable.rendition else {
+            let Some((key, _)) = &playable.rendition else {
                 return Err(ApiError::not_found(&format!("stream {preset:?} for this track")));
             };
             Ok(ObjectSpec {
@@ -213,7 +213,7 @@ impl Media {
         auth: &MaybeAuth,
     ) -> Result<ObjectResponse, ApiError> {
         self.serve_track(req, id, Some("aac_hls"), auth, |playable| {
-            let Some((_, master, keys)) = &playable.rendition else {
+            let Some((master, keys)) = &playable.rendition else {
                 return Err(ApiError::not_found("HLS rendition for this track"));
             };
             let key = match file {

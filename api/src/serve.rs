@@ -143,7 +143,7 @@ pub fn parse_range(value: &str) -> Option<ByteRange> {
 }
 
 /// Whether an `If-None-Match` list holds `etag` (weak comparison, as RFC 9110 says for it).
-fn none_match(header: &str, etag: &str) -> bool {
+pub(crate) fn none_match(header: &str, etag: &str) -> bool {
     let bare = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
     header.split(',').any(|tag| tag.trim() == "*" || bare(tag) == bare(etag))
 }

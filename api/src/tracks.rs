@@ -376,10 +376,7 @@ impl Tracks {
         let track = self.visible(&id.0, auth.session()).await?;
         let status = TrackStatus::from(&track);
         let etag = etag_of(&status);
-        let matches = if_none_match
-            .0
-            .as_deref()
-            .is_some_and(|header| header.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+        let matches = if_none_match.0.as_deref().is_some_and(|header| crate::serve::none_match(header, &etag));
         Ok(if matches {
             StatusResponse::NotModified(etag)
         } else {

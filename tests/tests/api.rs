@@ -216,7 +216,17 @@ fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, V
 }
 
 async fn upload(stack: &Stack, user: &User, fields: &[(&str, &str)], file: (&str, &[u8])) -> Result<(u16, Value)> {
-    let (content_type, body) = multipart(fields, Some(file));
+    post_form(stack, user, fields, Some(file)).await
+}
+
+/// `POST /v1/tracks` with a form that may lack its file.
+async fn post_form(
+    stack: &Stack,
+    user: &User,
+    fields: &[(&str, &str)],
+    file: Option<(&str, &[u8])>,
+) -> Result<(u16, Value)> {
+    let (content_type, body) = multipart(fields, file);
     json(
         reqwest::Client::new()
             .post(stack.url("/v1/tracks"))
@@ -734,17 +744,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
     // Empty, missing, and fields that do not belong.
     let (status, body) = upload(&stack, &user, &[], ("empty.wav", b"")).await?;
     ensure!(status == 400 && body["code"] == "empty_upload", "{status} {body}");
-    let (content_type, body) = multipart(&[("title", "no file")], None);
-    let (status, body) = json(
-        client
-            .post(stack.url("/v1/tracks"))
-            .bearer_auth(&user.token)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await?,
-    )
-    .await?;
+    let (status, body) = post_form(&stack, &user, &[("title", "no file")], None).await?;
     ensure!(status == 400 && body["code"] == "missing_file", "{status} {body}");
     let (status, body) = upload(&stack, &user, &[("owner_id", "someone")], ("song.wav", &wav)).await?;
     ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");

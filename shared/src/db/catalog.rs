@@ -175,8 +175,9 @@ pub struct Playable {
     pub state: TrackState,
     /// `None` until a revision is ready: the stream routes answer 409 then.
     pub ready_revision: Option<i32>,
-    /// The asked-for preset of the live revision: `(kind, storage_key, storage_keys)`.
-    pub rendition: Option<(String, String, Vec<String>)>,
+    /// The asked-for preset of the live revision: `(storage_key, storage_keys)` (the file, or
+    /// the HLS master and every file beneath it).
+    pub rendition: Option<(String, Vec<String>)>,
     pub waveform_key: Option<String>,
     pub waveform_dat_key: Option<String>,
     pub waveform_summary_key: Option<String>,
@@ -187,19 +188,15 @@ impl PgTracks {
     /// the track exists if and only if its job will be published.
     pub async fn create_queued(&self, new: &NewTrack, original_size: i64) -> Result<TrackDetails, DbError> {
         let mut tx = self.pool.begin().await?;
-        insert_track(&mut tx, new, "queued", Some(original_size), None).await?;
-        sqlx::query("UPDATE tracks SET enqueued_at = now() WHERE id = $1").bind(new.id).execute(&mut *tx).await?;
+        insert_track(&mut *tx, new, "queued", Some(original_size), None).await?;
         insert_outbox(&mut tx, new.id).await?;
         tx.commit().await?;
         self.details(new.id).await?.ok_or_else(|| DbError::Invalid(format!("track {} vanished", new.id)))
     }
 
     /// Records a track whose original the client will upload directly, by `expires_at`.
-    pub async fn create_awaiting(&self, new: &NewTrack, expires_at: DateTime<Utc>) -> Result<TrackDetails, DbError> {
-        let mut tx = self.pool.begin().await?;
-        insert_track(&mut tx, new, "awaiting_upload", None, Some(expires_at)).await?;
-        tx.commit().await?;
-        self.details(new.id).await?.ok_or_else(|| DbError::Invalid(format!("track {} vanished", new.id)))
+    pub async fn create_awaiting(&self, new: &NewTrack, expires_at: DateTime<Utc>) -> Result<(), DbError> {
+        insert_track(&self.pool, new, "awaiting_upload", None, Some(expires_at)).await
     }
 
     /// The end of a direct upload: `awaiting_upload → queued` with the original's size, and
@@ -312,14 +309,13 @@ impl PgTracks {
             String,
             Option<i32>,
             Option<String>,
-            Option<String>,
             Option<Vec<String>>,
             Option<String>,
             Option<String>,
             Option<String>,
         );
         let row: Option<Row> = sqlx::query_as(
-            "SELECT t.owner_id, t.visibility, t.state, t.ready_revision, r.kind, r.storage_key, r.storage_keys,
+            "SELECT t.owner_id, t.visibility, t.state, t.ready_revision, r.storage_key, r.storage_keys,
                     t.waveform_key, t.waveform_dat_key, t.waveform_summary_key
              FROM tracks t
              LEFT JOIN renditions r ON r.track_id = t.id AND r.revision = t.ready_revision AND r.preset = $2
@@ -329,7 +325,7 @@ impl PgTracks {
         .bind(preset)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((owner_id, visibility, state, ready_revision, kind, key, keys, waveform, dat, summary)) = row else {
+        let Some((owner_id, visibility, state, ready_revision, key, keys, waveform, dat, summary)) = row else {
             return Ok(None);
         };
         Ok(Some(Playable {
@@ -338,10 +334,7 @@ impl PgTracks {
                 .ok_or_else(|| DbError::Invalid(format!("unknown visibility {visibility:?}")))?,
             state: state.parse().map_err(|err: UnknownState| DbError::Invalid(err.to_string()))?,
             ready_revision,
-            rendition: match (kind, key) {
-                (Some(kind), Some(key)) => Some((kind, key, keys.unwrap_or_default())),
-                _ => None,
-            },
+            rendition: key.map(|key| (key, keys.unwrap_or_default())),
             waveform_key: waveform,
             waveform_dat_key: dat,
             waveform_summary_key: summary,
@@ -349,8 +342,10 @@ impl PgTracks {
     }
 }
 
+/// Inserts a new track; a queued one is stamped `enqueued_at` (its job goes in the same
+/// transaction).
 async fn insert_track(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    executor: impl sqlx::PgExecutor<'_>,
     new: &NewTrack,
     state: &str,
     original_size: Option<i64>,
@@ -358,8 +353,8 @@ async fn insert_track(
 ) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO tracks (id, owner_id, title, description, genre, tags, visibility, state, original_key,
-                             original_size, upload_expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                             original_size, upload_expires_at, enqueued_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $8 = 'queued' THEN now() END)",
     )
     .bind(new.id)
     .bind(new.owner)
@@ -372,7 +367,7 @@ async fn insert_track(
     .bind(&new.original_key)
     .bind(original_size)
     .bind(upload_expires_at)
-    .execute(&mut **tx)
+    .execute(executor)
     .await?;
     Ok(())
 }
