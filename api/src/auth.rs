@@ -4,33 +4,61 @@
 //! - Passwords are hashed with argon2id at OWASP's parameters (19 MiB, 2 passes, 1 lane) on
 //!   the blocking pool, and stored as PHC strings. A login for an unknown email still
 //!   verifies against a fixed hash, so its timing does not tell which emails have accounts.
-//! - A login returns a short-lived HS256 JWT (`iss`, `aud`, `exp`, `nbf`, `jti`; the
-//!   algorithm is pinned on validation) in the body and in an `httpOnly; Secure;
-//!   SameSite=Lax` cookie. Either the cookie or `Authorization: Bearer` authenticates.
-//! - Logging out records the token's `jti` as revoked until it would have expired; every
-//!   authenticated request checks that (and that the account still exists) in one query.
+//! - A login starts a **session** and returns a short-lived HS256 access JWT (`iss`, `aud`,
+//!   `exp`, `nbf`, `jti`, and `sid`, the session) plus a refresh token. The algorithm is
+//!   pinned on validation, and the header's `kid` names the key: the current one signs, earlier
+//!   ones (`jwt_previous_secrets`) still validate, so keys rotate without logging anyone out.
+//! - Either the `waveline_session` cookie (`HttpOnly; Secure; SameSite=Lax`) or
+//!   `Authorization: Bearer` authenticates. Every authenticated request checks, in one query,
+//!   that the session is live and the account exists and is not suspended.
+//! - `POST /v1/auth/refresh` trades the refresh token (body, or the `waveline_refresh` cookie:
+//!   `HttpOnly; Secure; SameSite=Strict; Path=/v1/auth`) for a new pair. Each refresh token
+//!   works once; presenting a used one ends the session, whoever holds the newer token.
+//! - CSRF: a state-changing request authenticated by the cookie must send `X-CSRF-Token`, an
+//!   HMAC of its session id that the login returns (and sets in the readable `waveline_csrf`
+//!   cookie). A page on another site can neither read it nor compute it. Bearer requests need
+//!   none: browsers never add that header by themselves. The refresh cookie, which is not an
+//!   access token, relies on `SameSite=Strict` plus an `Origin` check instead.
+//! - Failed logins are counted per email: after `login_delay_after` each attempt must wait
+//!   (1 s, doubling), after `login_lockout_after` the account is locked for `login_lockout_s`;
+//!   both answer 429 with `Retry-After`, whatever the password.
+//! - Logging out ends the session: its access and refresh tokens stop working at once.
 
 use std::sync::OnceLock;
 use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use poem::Request;
-use poem::http::StatusCode;
+use poem::http::{Method, StatusCode};
+use poem::web::cookie::{Cookie, CookieJar, SameSite};
 use poem_openapi::auth::{ApiKey, Bearer};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 use secrecy::{ExposeSecret, SecretString};
-use waveline_shared::db::{NewUser, Role, UserRow};
+pub use waveline_shared::db::LoginPolicy;
+use waveline_shared::db::{LoginBlock, NewUser, Role, Rotation, UserRow};
 use waveline_shared::domain::UserId;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::throttle::too_many;
 
-/// The session cookie's name.
+/// The session cookie's name (it carries the access token).
 pub const SESSION_COOKIE: &str = "waveline_session";
+/// The refresh cookie's name.
+pub const REFRESH_COOKIE: &str = "waveline_refresh";
+/// The readable cookie with the CSRF token, for pages to copy into `X-CSRF-Token`.
+pub const CSRF_COOKIE: &str = "waveline_csrf";
+/// The header a cookie-authenticated state-changing request must carry.
+pub const CSRF_HEADER: &str = "x-csrf-token";
 const ISSUER: &str = "waveline";
 const AUDIENCE: &str = "waveline-api";
 
@@ -40,26 +68,86 @@ enum Tag {
     Accounts,
 }
 
-/// Signs and checks session tokens.
+type HmacSha256 = Hmac<Sha256>;
+
+/// One signing key: its id and what is derived from it.
 #[derive(Clone)]
-pub struct Tokens {
+struct Key {
+    kid: String,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// For CSRF tokens and signed URLs: separate keys derived from the secret, so a value
+    /// made for one purpose is never valid for another.
+    csrf: Vec<u8>,
+    urls: Vec<u8>,
+}
+
+fn derive(secret: &[u8], purpose: &str) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(purpose.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+impl Key {
+    fn new(secret: &SecretString) -> Key {
+        let bytes = secret.expose_secret().as_bytes();
+        let kid = hex(&derive(bytes, "waveline key id")[..8]);
+        Key {
+            kid,
+            encoding: EncodingKey::from_secret(bytes),
+            decoding: DecodingKey::from_secret(bytes),
+            csrf: derive(bytes, "waveline csrf"),
+            urls: derive(bytes, "waveline signed urls"),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An HMAC over length-prefixed parts (so `("ab", "c")` and `("a", "bc")` differ).
+fn mac_of(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac
+}
+
+fn mac(key: &[u8], parts: &[&[u8]]) -> String {
+    URL_SAFE_NO_PAD.encode(mac_of(key, parts).finalize().into_bytes())
+}
+
+/// Whether `given` (base64url) is the HMAC of `parts` under `key`, in constant time.
+fn mac_holds(key: &[u8], parts: &[&[u8]], given: &str) -> bool {
+    URL_SAFE_NO_PAD.decode(given.trim()).is_ok_and(|given| mac_of(key, parts).verify_slice(&given).is_ok())
+}
+
+/// Signs and checks access tokens, CSRF tokens and signed URLs.
+#[derive(Clone)]
+pub struct Tokens {
+    /// The current key first; the others only validate.
+    keys: Vec<Key>,
     validation: Validation,
     ttl: Duration,
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens").field("ttl", &self.ttl).finish_non_exhaustive()
+        let kids: Vec<&str> = self.keys.iter().map(|key| key.kid.as_str()).collect();
+        f.debug_struct("Tokens").field("kids", &kids).field("ttl", &self.ttl).finish_non_exhaustive()
     }
 }
 
-/// What a session token says.
+/// What an access token says.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Claims {
     pub sub: uuid::Uuid,
     pub jti: uuid::Uuid,
+    /// The session (refresh-token family) the token belongs to.
+    pub sid: uuid::Uuid,
     pub iss: String,
     pub aud: String,
     pub iat: i64,
@@ -68,56 +156,102 @@ pub struct Claims {
 }
 
 impl Tokens {
-    /// Tokens signed with `secret`, valid for `ttl`.
-    pub fn new(secret: &SecretString, ttl: Duration) -> Tokens {
-        let key = secret.expose_secret().as_bytes();
+    /// Tokens signed with `secret` (and still accepted when signed with one of `previous`),
+    /// valid for `ttl`.
+    pub fn new(secret: &SecretString, previous: &[SecretString], ttl: Duration) -> Tokens {
         let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = 5;
-        Tokens { encoding: EncodingKey::from_secret(key), decoding: DecodingKey::from_secret(key), validation, ttl }
+        let keys = std::iter::once(secret).chain(previous).map(Key::new).collect();
+        Tokens { keys, validation, ttl }
     }
 
     /// A random key for a process that was given none.
     pub fn random_secret() -> SecretString {
         let bytes: [u8; 32] = rand::random();
-        SecretString::from(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        SecretString::from(hex(&bytes))
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// A new token for `user`.
-    pub fn issue(&self, user: UserId) -> Result<(String, Claims), ApiError> {
+    fn current(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    /// A new access token for `user` in `session`.
+    pub fn issue(&self, user: UserId, session: uuid::Uuid) -> Result<(String, Claims), ApiError> {
         let now = Utc::now().timestamp();
         let claims = Claims {
             sub: user.0,
             jti: uuid::Uuid::new_v4(),
+            sid: session,
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
             iat: now,
             nbf: now,
             exp: now + self.ttl.as_secs() as i64,
         };
-        let token = jsonwebtoken::encode(&Header::new(jsonwebtoken::Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|err| ApiError::internal(&err))?;
+        let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(self.current().kid.clone());
+        let token =
+            jsonwebtoken::encode(&header, &claims, &self.current().encoding).map_err(|err| ApiError::internal(&err))?;
         Ok((token, claims))
     }
 
-    /// The claims of a valid token (signature, algorithm, issuer, audience, times).
+    /// The claims of a valid token: its `kid` names a configured key, and the signature,
+    /// algorithm, issuer, audience and times check out.
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|err| {
+        let invalid = || ApiError::unauthorized("the token is not valid");
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
+        let key =
+            header.kid.as_deref().and_then(|kid| self.keys.iter().find(|key| key.kid == kid)).ok_or_else(invalid)?;
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation).map(|data| data.claims).map_err(|err| {
             match err.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    ApiError::unauthorized("the session has expired; log in again")
+                    ApiError::unauthorized("the session has expired; refresh it or log in again")
                 }
-                _ => ApiError::unauthorized("the token is not valid"),
+                _ => invalid(),
             }
         })
     }
+
+    /// The CSRF token of a session.
+    pub fn csrf_token(&self, session: uuid::Uuid) -> String {
+        mac(&self.current().csrf, &[session.as_bytes()])
+    }
+
+    /// Whether `token` is the CSRF token of `session` under any configured key.
+    fn csrf_holds(&self, session: uuid::Uuid, token: &str) -> bool {
+        self.keys.iter().any(|key| mac_holds(&key.csrf, &[session.as_bytes()], token))
+    }
+
+    /// The signature of `path` until `expires` (Unix seconds), with the current key.
+    pub fn sign_url(&self, path: &str, expires: i64) -> String {
+        mac(&self.current().urls, &[path.as_bytes(), &expires.to_be_bytes()])
+    }
+
+    /// Whether `signature` signs `path` until `expires` under any configured key (the
+    /// comparison takes constant time).
+    pub fn url_signature_holds(&self, path: &str, expires: i64, signature: &str) -> bool {
+        self.keys.iter().any(|key| mac_holds(&key.urls, &[path.as_bytes(), &expires.to_be_bytes()], signature))
+    }
+}
+
+/// A new refresh token and the hash under which it is stored.
+fn new_refresh_token() -> (String, Vec<u8>) {
+    let bytes: [u8; 32] = rand::random();
+    let token = URL_SAFE_NO_PAD.encode(bytes);
+    let hash = Sha256::digest(token.as_bytes()).to_vec();
+    (token, hash)
+}
+
+fn refresh_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.trim().as_bytes()).to_vec()
 }
 
 /// OWASP's argon2id parameters: m = 19 MiB, t = 2, p = 1.
@@ -167,7 +301,8 @@ async fn verify_password(password: String, phc: Option<String>) -> Result<bool, 
 #[derive(Debug, Clone)]
 pub struct Session {
     pub user: UserRow,
-    pub jti: uuid::Uuid,
+    /// The session (refresh-token family) of the access token.
+    pub id: uuid::Uuid,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -177,25 +312,47 @@ impl Session {
     }
 }
 
+fn state_of(req: &Request) -> Result<&AppState, ApiError> {
+    req.data::<AppState>().ok_or_else(|| ApiError::internal(&"the application state is not attached"))
+}
+
 async fn authenticate(req: &Request, token: &str) -> poem::Result<Session> {
-    let state = req.data::<AppState>().ok_or_else(|| ApiError::internal(&"the application state is not attached"))?;
+    let state = state_of(req)?;
     let claims = state.tokens.verify(token)?;
     let user = state
         .users
-        .session_user(claims.jti, UserId(claims.sub))
+        .session_user(claims.sid, UserId(claims.sub))
         .await
         .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::unauthorized("the session has ended; log in again"))?;
     let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now);
-    Ok(Session { user, jti: claims.jti, expires_at })
+    Ok(Session { user, id: claims.sid, expires_at })
 }
 
 async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Session> {
     authenticate(req, &bearer.token).await
 }
 
+/// Safe methods change nothing, so a forged one gains nothing.
+fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
 async fn check_cookie(req: &Request, cookie: ApiKey) -> poem::Result<Session> {
-    authenticate(req, &cookie.key).await
+    let session = authenticate(req, &cookie.key).await?;
+    if !is_safe(req.method()) {
+        let state = state_of(req)?;
+        let holds = req.header(CSRF_HEADER).is_some_and(|token| state.tokens.csrf_holds(session.id, token));
+        if !holds {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "csrf_failed",
+                format!("a cookie-authenticated {} needs the session's {CSRF_HEADER} header", req.method()),
+            )
+            .into());
+        }
+    }
+    Ok(session)
 }
 
 /// `Authorization: Bearer <access_token>`.
@@ -288,8 +445,22 @@ struct TokenView {
     access_token: String,
     /// Always `Bearer`.
     token_type: String,
-    /// Seconds until the token expires.
+    /// Seconds until the access token expires.
     expires_in: u64,
+    /// Trade it for a new pair at `POST /v1/auth/refresh`; it works once.
+    refresh_token: String,
+    /// Seconds until the refresh token expires.
+    refresh_expires_in: u64,
+    /// Send it as `X-CSRF-Token` with state-changing requests authenticated by the cookie.
+    csrf_token: String,
+}
+
+/// A refresh token; leave it out (`{}`) to use the `waveline_refresh` cookie.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct Refresh {
+    #[oai(validator(max_length = 128))]
+    refresh_token: Option<String>,
 }
 
 #[derive(ApiResponse)]
@@ -301,16 +472,17 @@ enum RegisterResponse {
 
 #[derive(ApiResponse)]
 enum LoginResponse {
-    /// The token, also set as the session cookie.
+    /// The tokens. The access token is also set as the `waveline_session` cookie, the refresh
+    /// token as `waveline_refresh` and the CSRF token as `waveline_csrf`.
     #[oai(status = 200)]
-    Ok(Json<TokenView>, #[oai(header = "Set-Cookie")] String, #[oai(header = "Cache-Control")] String),
+    Ok(Json<TokenView>, #[oai(header = "Cache-Control")] String),
 }
 
 #[derive(ApiResponse)]
 enum LogoutResponse {
-    /// The token is revoked and the cookie cleared.
+    /// The session has ended and the cookies are cleared.
     #[oai(status = 204)]
-    Done(#[oai(header = "Set-Cookie")] String),
+    Done,
 }
 
 /// The account routes.
@@ -342,8 +514,69 @@ fn valid_username(username: &str) -> bool {
         && username.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-fn session_cookie(token: &str, max_age: u64) -> String {
-    format!("{SESSION_COOKIE}={token}; Path=/; Max-Age={max_age}; HttpOnly; Secure; SameSite=Lax")
+fn cookie(name: &str, value: &str, path: &str, max_age: Duration, http_only: bool, same_site: SameSite) -> Cookie {
+    let mut cookie = Cookie::new_with_str(name, value);
+    cookie.set_path(path);
+    cookie.set_max_age(max_age);
+    cookie.set_http_only(http_only);
+    cookie.set_secure(true);
+    cookie.set_same_site(same_site);
+    cookie
+}
+
+/// Sets (or, with `None`, clears) the three session cookies.
+fn set_cookies(jar: &CookieJar, tokens: Option<(&TokenView, Duration, Duration)>) {
+    let (access, refresh, csrf, access_ttl, refresh_ttl) = match tokens {
+        Some((view, access_ttl, refresh_ttl)) => {
+            (view.access_token.as_str(), view.refresh_token.as_str(), view.csrf_token.as_str(), access_ttl, refresh_ttl)
+        }
+        None => ("", "", "", Duration::ZERO, Duration::ZERO),
+    };
+    jar.add(cookie(SESSION_COOKIE, access, "/", access_ttl, true, SameSite::Lax));
+    jar.add(cookie(REFRESH_COOKIE, refresh, "/v1/auth", refresh_ttl, true, SameSite::Strict));
+    jar.add(cookie(CSRF_COOKIE, csrf, "/", refresh_ttl, false, SameSite::Strict));
+}
+
+/// The login and refresh answer for a session.
+fn session_tokens(
+    state: &AppState,
+    user: &UserRow,
+    session: uuid::Uuid,
+    refresh: String,
+) -> Result<TokenView, ApiError> {
+    let (access_token, _) = state.tokens.issue(user.id, session)?;
+    Ok(TokenView {
+        access_token,
+        token_type: "Bearer".into(),
+        expires_in: state.tokens.ttl().as_secs(),
+        refresh_token: refresh,
+        refresh_expires_in: state.security.refresh_token_ttl.as_secs(),
+        csrf_token: state.tokens.csrf_token(session),
+    })
+}
+
+fn refresh_expiry(state: &AppState) -> DateTime<Utc> {
+    Utc::now() + state.security.refresh_token_ttl
+}
+
+fn login_blocked(block: LoginBlock) -> ApiError {
+    let wait = (block.until - Utc::now()).to_std().unwrap_or_default();
+    if block.locked {
+        too_many(wait, "account_locked", "too many failed logins: this account is locked for a while")
+    } else {
+        too_many(wait, "login_throttled", "too many failed logins: wait before trying again")
+    }
+}
+
+/// Whether a request's `Origin`, when it has one, is this API's own or a configured one.
+fn origin_allowed(req: &Request, state: &AppState) -> bool {
+    let Some(origin) = req.header("origin") else {
+        return true;
+    };
+    let own = req.header("host").is_some_and(|host| {
+        origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://")).is_some_and(|rest| rest == host)
+    });
+    own || state.security.cors_origins.iter().any(|allowed| allowed == origin)
 }
 
 #[OpenApi(tag = "Tag::Accounts")]
@@ -380,37 +613,97 @@ impl Accounts {
         Ok(RegisterResponse::Created(Json(UserView::from(&user))))
     }
 
-    /// Logs in: returns an access token and sets it as the session cookie.
+    /// Logs in: starts a session, returns its tokens and sets them as cookies.
+    ///
+    /// Repeated failures for one email make further attempts wait, then lock the account for a
+    /// while (429 `login_throttled` / `account_locked` with `Retry-After`).
     #[oai(path = "/v1/auth/login", method = "post")]
-    async fn login(&self, body: Json<Login>) -> Result<LoginResponse, ApiError> {
+    async fn login(&self, body: Json<Login>, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
         let Login { email, password } = body.0;
         if email.len() > 254 || password.len() > 4096 {
             return Err(invalid("email or password: too long"));
         }
-        let user = state.users.by_email(email.trim()).await?;
+        let email = email.trim().to_lowercase();
+        if let Some(block) = state.users.login_block(&email).await? {
+            return Err(login_blocked(block));
+        }
+        let user = state.users.by_email(&email).await?;
         let phc = user.as_ref().and_then(|user| user.password_hash.clone());
         let matches = verify_password(password, phc).await?;
         let Some(user) = user.filter(|user| matches && user.role != Role::System) else {
+            let block = state.users.login_failed(&email, &state.security.login).await?;
+            tracing::info!(locked = block.is_some_and(|block| block.locked), "failed login");
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong email or password"));
         };
-        let (token, _) = state.tokens.issue(user.id)?;
-        let ttl = state.tokens.ttl().as_secs();
-        tracing::info!(user = %user.id, "logged in");
-        Ok(LoginResponse::Ok(
-            Json(TokenView { access_token: token.clone(), token_type: "Bearer".into(), expires_in: ttl }),
-            session_cookie(&token, ttl),
-            "no-store".into(),
-        ))
+        state.users.login_succeeded(&email).await?;
+        if user.suspended_at.is_some() {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "account_suspended", "this account is suspended"));
+        }
+        let session = uuid::Uuid::new_v4();
+        let (refresh, hash) = new_refresh_token();
+        state
+            .users
+            .start_session(user.id, session, &hash, refresh_expiry(state), state.security.refresh_token_ttl)
+            .await?;
+        let view = session_tokens(state, &user, session, refresh)?;
+        set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+        tracing::info!(user = %user.id, %session, "logged in");
+        Ok(LoginResponse::Ok(Json(view), "no-store".into()))
     }
 
-    /// Logs out: revokes the token and clears the cookie.
+    /// Trades a refresh token (`{"refresh_token": …}`, or `{}` with the `waveline_refresh`
+    /// cookie) for a new access token and refresh token. Each refresh token works once: presenting one that was already
+    /// used ends its session (401 `refresh_reused`).
+    #[oai(path = "/v1/auth/refresh", method = "post")]
+    async fn refresh(&self, body: Json<Refresh>, req: &Request, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
+        let state = &self.state;
+        let from_body = body.0.refresh_token;
+        let token = match from_body {
+            Some(token) => token,
+            None => {
+                let cookie = jar.get(REFRESH_COOKIE).map(|cookie| cookie.value_str().to_owned());
+                let cookie = cookie.filter(|value| !value.is_empty()).ok_or_else(|| {
+                    ApiError::unauthorized("no refresh token: send it in the body or the waveline_refresh cookie")
+                })?;
+                if !origin_allowed(req, state) {
+                    return Err(ApiError::new(StatusCode::FORBIDDEN, "origin_refused", "this origin may not refresh"));
+                }
+                cookie
+            }
+        };
+        let (next, next_hash) = new_refresh_token();
+        let rotation = state.users.rotate_refresh(&refresh_hash(&token), &next_hash, refresh_expiry(state)).await?;
+        let refused = |code: &'static str, message: &str| {
+            set_cookies(jar, None);
+            ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+                .with_header("www-authenticate", "Bearer realm=\"waveline\"".to_owned())
+        };
+        match rotation {
+            Rotation::Rotated { session, user } => {
+                let view = session_tokens(state, &user, session, next)?;
+                set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+                Ok(LoginResponse::Ok(Json(view), "no-store".into()))
+            }
+            Rotation::Reused { session, user } => {
+                tracing::warn!(%session, %user, "a used refresh token was presented again: the session is ended");
+                Err(refused("refresh_reused", "this refresh token was already used; the session has ended"))
+            }
+            Rotation::Expired => Err(refused("refresh_expired", "the refresh token has expired; log in again")),
+            Rotation::Ended => Err(refused("session_ended", "the session has ended; log in again")),
+            Rotation::Unknown => Err(refused("unauthorized", "the refresh token is not valid")),
+        }
+    }
+
+    /// Logs out: ends the session (its access and refresh tokens stop working) and clears the
+    /// cookies.
     #[oai(path = "/v1/auth/logout", method = "post")]
-    async fn logout(&self, auth: Auth) -> Result<LogoutResponse, ApiError> {
+    async fn logout(&self, auth: Auth, jar: &CookieJar) -> Result<LogoutResponse, ApiError> {
         let state = &self.state;
         let session = auth.session();
-        state.users.revoke_token(session.jti, session.user.id, session.expires_at).await?;
-        Ok(LogoutResponse::Done(session_cookie("", 0)))
+        state.users.end_session(session.id, "logout").await?;
+        set_cookies(jar, None);
+        Ok(LogoutResponse::Done)
     }
 
     /// The account behind the session.
@@ -440,24 +733,69 @@ mod tests {
         }
     }
 
+    fn tokens(secret: &str, previous: &[&str], ttl: u64) -> Tokens {
+        let previous: Vec<SecretString> = previous.iter().map(|p| SecretString::from(p.to_string())).collect();
+        Tokens::new(&SecretString::from(secret.to_owned()), &previous, Duration::from_secs(ttl))
+    }
+
     #[test]
     fn tokens_are_pinned_to_their_key_algorithm_and_audience() {
-        let tokens = Tokens::new(&SecretString::from("k".repeat(32)), Duration::from_secs(60));
-        let (token, claims) = tokens.issue(UserId::new()).expect("issue");
-        assert_eq!(tokens.verify(&token).expect("verify").jti, claims.jti);
-        let other = Tokens::new(&SecretString::from("x".repeat(32)), Duration::from_secs(60));
+        let tokens = tokens(&"k".repeat(32), &[], 60);
+        let session = uuid::Uuid::new_v4();
+        let (token, claims) = tokens.issue(UserId::new(), session).expect("issue");
+        let verified = tokens.verify(&token).expect("verify");
+        assert_eq!((verified.jti, verified.sid), (claims.jti, session));
+        let other = self::tokens(&"x".repeat(32), &[], 60);
         assert_eq!(other.verify(&token).expect_err("other key").code, "unauthorized");
         // alg: none, with the same claims.
         let body = token.split('.').nth(1).expect("payload");
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{body}.");
         assert!(tokens.verify(&none).is_err());
-        // Expired long ago.
-        let expired = Tokens::new(&SecretString::from("k".repeat(32)), Duration::from_secs(0));
-        let mut old = expired.issue(UserId::new()).expect("issue").1;
+        // Expired long ago, signed with the right key and kid.
+        let mut old = claims.clone();
         old.exp -= 3600;
-        let old = jsonwebtoken::encode(&Header::default(), &old, &EncodingKey::from_secret("k".repeat(32).as_bytes()))
-            .expect("encode");
-        assert_eq!(tokens.verify(&old).expect_err("expired").message, "the session has expired; log in again");
+        let header = Header { kid: Some(tokens.current().kid.clone()), ..Header::default() };
+        let old =
+            jsonwebtoken::encode(&header, &old, &EncodingKey::from_secret("k".repeat(32).as_bytes())).expect("encode");
+        assert_eq!(
+            tokens.verify(&old).expect_err("expired").message,
+            "the session has expired; refresh it or log in again"
+        );
+    }
+
+    #[test]
+    fn keys_rotate_by_kid() {
+        let (old_secret, new_secret) = ("o".repeat(32), "n".repeat(32));
+        let before = tokens(&old_secret, &[], 60);
+        let (token, _) = before.issue(UserId::new(), uuid::Uuid::new_v4()).expect("issue");
+        // After rotation, tokens signed with the previous key still verify…
+        let after = tokens(&new_secret, &[&old_secret], 60);
+        after.verify(&token).expect("a previous key validates");
+        // …new ones name the new key…
+        let (fresh, _) = after.issue(UserId::new(), uuid::Uuid::new_v4()).expect("issue");
+        let kid = jsonwebtoken::decode_header(&fresh).expect("header").kid.expect("kid");
+        assert_eq!(kid, after.current().kid);
+        assert_ne!(kid, before.current().kid);
+        // …and once the old key is dropped, its tokens are refused.
+        let dropped = tokens(&new_secret, &[], 60);
+        assert!(dropped.verify(&token).is_err());
+        assert!(before.verify(&fresh).is_err(), "an unknown kid is refused");
+    }
+
+    #[test]
+    fn csrf_tokens_and_url_signatures_are_bound_to_what_they_sign() {
+        let tokens = tokens(&"k".repeat(32), &[], 60);
+        let (one, two) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let csrf = tokens.csrf_token(one);
+        assert!(tokens.csrf_holds(one, &csrf));
+        assert!(!tokens.csrf_holds(two, &csrf));
+        assert!(!tokens.csrf_holds(one, "not base64!"));
+        let signature = tokens.sign_url("/v1/tracks/a/stream/mp3_128", 100);
+        assert!(tokens.url_signature_holds("/v1/tracks/a/stream/mp3_128", 100, &signature));
+        assert!(!tokens.url_signature_holds("/v1/tracks/a/stream/mp3_128", 101, &signature));
+        assert!(!tokens.url_signature_holds("/v1/tracks/b/stream/mp3_128", 100, &signature));
+        // A CSRF token is not a URL signature, even over the same bytes.
+        assert!(!tokens.url_signature_holds(std::str::from_utf8(one.as_bytes()).unwrap_or(""), 0, &csrf));
     }
 
     #[tokio::test]

@@ -22,7 +22,9 @@ pub mod listener;
 pub mod media;
 mod middleware;
 mod ops;
+pub mod security;
 mod serve;
+pub mod throttle;
 mod tracks;
 mod uploads;
 
@@ -47,6 +49,40 @@ pub struct Limits {
     pub upload_url_ttl: Duration,
 }
 
+/// The security settings (SECURITY.md explains each).
+#[derive(Debug, Clone)]
+pub struct SecuritySettings {
+    pub throttle: throttle::ThrottleConfig,
+    pub cors_origins: Vec<String>,
+    pub hsts_max_age: Option<u64>,
+    pub login: auth::LoginPolicy,
+    pub refresh_token_ttl: Duration,
+    pub signed_url_ttl: Duration,
+    pub free_quota: Duration,
+}
+
+impl SecuritySettings {
+    pub fn from_settings(settings: &waveline_shared::config::Settings) -> SecuritySettings {
+        SecuritySettings {
+            throttle: throttle::ThrottleConfig {
+                per_minute: settings.rate_limit_per_minute,
+                auth_per_minute: settings.auth_rate_limit_per_minute,
+                trusted_proxies: settings.trusted_proxies.clone(),
+            },
+            cors_origins: settings.cors_origins.clone(),
+            hsts_max_age: settings.hsts_max_age,
+            login: auth::LoginPolicy {
+                delay_after: settings.login_delay_after,
+                lockout_after: settings.login_lockout_after,
+                lockout: settings.login_lockout,
+            },
+            refresh_token_ttl: settings.refresh_token_ttl,
+            signed_url_ttl: settings.signed_url_ttl,
+            free_quota: settings.free_quota,
+        }
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -57,6 +93,7 @@ pub struct AppState {
     pub queue: Arc<dyn JobQueue>,
     pub tokens: Arc<Tokens>,
     pub limits: Limits,
+    pub security: Arc<SecuritySettings>,
     /// Recent lookups of the listening routes (see [`media::PlayableCache`]).
     pub playables: Arc<media::PlayableCache>,
     /// Renders the process's Prometheus metrics.
@@ -112,14 +149,22 @@ pub fn app(state: AppState) -> impl Endpoint {
     let api = openapi(state.clone());
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
+    let policy = Arc::new(security::Policy::new(
+        state.security.cors_origins.clone(),
+        state.security.hsts_max_age,
+        &api.swagger_ui_html(),
+    ));
+    let throttle = Arc::new(throttle::Throttle::new(&state.security.throttle));
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(state)
         .with(poem::middleware::CookieJarManager::new())
+        .around(move |next, req| throttle.clone().apply(next, req))
         .around(middleware::observe)
         .catch_all_error(error::to_json)
+        .around(move |next, req| policy.clone().apply(next, req))
 }
 
 /// Whether `viewer` may see a track of `owner` with `visibility`.

@@ -149,11 +149,16 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         outbox: services.outbox.clone(),
         storage: services.storage.clone(),
         queue: services.queue.clone(),
-        tokens: Arc::new(waveline_api::auth::Tokens::new(&secret, settings.access_token_ttl)),
+        tokens: Arc::new(waveline_api::auth::Tokens::new(
+            &secret,
+            &settings.jwt_previous_secrets,
+            settings.access_token_ttl,
+        )),
         limits: waveline_api::Limits {
             upload_max_bytes: settings.upload_max_bytes,
             upload_url_ttl: settings.upload_url_ttl,
         },
+        security: Arc::new(waveline_api::SecuritySettings::from_settings(settings)),
         playables: Arc::default(),
         metrics: Arc::new(move || metrics.render()),
     };

@@ -20,6 +20,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use url::Url;
 
+use crate::network::Network;
+
 /// The environment variable prefix of every setting.
 pub const ENV_PREFIX: &str = "WAVELINE_";
 
@@ -81,6 +83,37 @@ pub struct Settings {
     pub upload_max_bytes: u64,
     /// How long a direct-upload URL (`POST /v1/uploads`) stays valid, seconds. Default 3600.
     pub upload_url_ttl: Duration,
+    /// Earlier signing keys, still accepted on validation (rotation: make the old key a
+    /// previous one, deploy, wait out the token lifetimes, drop it). Comma-separated.
+    pub jwt_previous_secrets: Vec<SecretString>,
+    /// Lifetime of a refresh token (each use replaces it), seconds. Default 30 days.
+    pub refresh_token_ttl: Duration,
+    /// Requests per minute per client address on every route but `/healthz`, `/readyz` and
+    /// `/metrics`; 0 turns the limit off. Default 1200.
+    pub rate_limit_per_minute: u32,
+    /// Requests per minute per client address on `/v1/auth/*`, on top; 0 turns it off.
+    /// Default 30.
+    pub auth_rate_limit_per_minute: u32,
+    /// Failed logins to one account before each further attempt must wait (1 s, doubling,
+    /// at most 60 s). Default 3.
+    pub login_delay_after: u32,
+    /// Failed logins to one account before it is locked for `login_lockout_s`. Default 10.
+    pub login_lockout_after: u32,
+    /// How long a lockout lasts, and how long failures are remembered, seconds. Default 900.
+    pub login_lockout: Duration,
+    /// Proxies whose `X-Forwarded-For` names the client (addresses or networks,
+    /// comma-separated). Default: none, the peer is the client.
+    pub trusted_proxies: Vec<Network>,
+    /// Origins (`https://app.example.com`) whose pages may call the API with credentials.
+    /// Comma-separated; default none.
+    pub cors_origins: Vec<String>,
+    /// `Strict-Transport-Security: max-age=N` on every response; 0 (the default) sends none.
+    /// Set it only when clients reach the API over TLS.
+    pub hsts_max_age: Option<u64>,
+    /// Lifetime of a signed stream or HLS URL, seconds. Default 300.
+    pub signed_url_ttl: Duration,
+    /// Total duration of audio a free account may upload, seconds. Default 10800 (3 h).
+    pub free_quota: Duration,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -168,7 +201,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 21] = [
+const KEYS: [Key; 33] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -190,6 +223,18 @@ const KEYS: [Key; 21] = [
     Key { name: "access_token_ttl_s", secret: false },
     Key { name: "upload_max_bytes", secret: false },
     Key { name: "upload_url_ttl_s", secret: false },
+    Key { name: "jwt_previous_secrets", secret: true },
+    Key { name: "refresh_token_ttl_s", secret: false },
+    Key { name: "rate_limit_per_minute", secret: false },
+    Key { name: "auth_rate_limit_per_minute", secret: false },
+    Key { name: "login_delay_after", secret: false },
+    Key { name: "login_lockout_after", secret: false },
+    Key { name: "login_lockout_s", secret: false },
+    Key { name: "trusted_proxies", secret: false },
+    Key { name: "cors_origins", secret: false },
+    Key { name: "hsts_max_age_s", secret: false },
+    Key { name: "signed_url_ttl_s", secret: false },
+    Key { name: "free_quota_s", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -348,7 +393,71 @@ impl Settings {
             None => 4 << 30,
         };
         let upload_url_ttl = seconds(take("upload_url_ttl_s"), 3600)?;
+        let list = |raw: &Raw| -> Vec<String> {
+            raw.value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
+        };
+        let jwt_previous_secrets = match take("jwt_previous_secrets") {
+            Some(raw) => {
+                let secrets = list(&raw);
+                if secrets.iter().any(|secret| secret.len() < 32) {
+                    return Err(raw.invalid("comma-separated secrets of at least 32 bytes each"));
+                }
+                secrets.into_iter().map(SecretString::from).collect()
+            }
+            None => Vec::new(),
+        };
+        let refresh_token_ttl = match take("refresh_token_ttl_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 60, 31_536_000)?.into()),
+            None => Duration::from_secs(30 * 86_400),
+        };
+        let count = |raw: Option<Raw>, min: u32, default: u32| -> Result<u32, ConfigError> {
+            raw.map_or(Ok(default), |raw| parse_int(&raw, min, 1_000_000))
+        };
+        let rate_limit_per_minute = count(take("rate_limit_per_minute"), 0, 1200)?;
+        let auth_rate_limit_per_minute = count(take("auth_rate_limit_per_minute"), 0, 30)?;
+        let login_delay_after = count(take("login_delay_after"), 1, 3)?;
+        let login_lockout_after = count(take("login_lockout_after"), 1, 10)?;
+        let login_lockout = seconds(take("login_lockout_s"), 900)?;
+        let trusted_proxies = match take("trusted_proxies") {
+            Some(raw) => list(&raw)
+                .iter()
+                .map(|item| item.parse::<Network>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| raw.invalid("comma-separated addresses or networks, such as 10.0.0.0/8, ::1"))?,
+            None => Vec::new(),
+        };
+        let cors_origins = match take("cors_origins") {
+            Some(raw) => {
+                let origins = list(&raw);
+                if !origins.iter().all(|origin| valid_origin(origin)) {
+                    return Err(raw.invalid("comma-separated origins such as https://app.example.com (no path, no *)"));
+                }
+                origins
+            }
+            None => Vec::new(),
+        };
+        let hsts_max_age = match take("hsts_max_age_s") {
+            Some(raw) => Some(u64::from(parse_int(&raw, 0, 63_072_000)?)).filter(|age| *age > 0),
+            None => None,
+        };
+        let signed_url_ttl = seconds(take("signed_url_ttl_s"), 300)?;
+        let free_quota = match take("free_quota_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 1, 100_000_000)?.into()),
+            None => Duration::from_secs(3 * 3600),
+        };
         Ok(Settings {
+            jwt_previous_secrets,
+            refresh_token_ttl,
+            rate_limit_per_minute,
+            auth_rate_limit_per_minute,
+            login_delay_after,
+            login_lockout_after,
+            login_lockout,
+            trusted_proxies,
+            cors_origins,
+            hsts_max_age,
+            signed_url_ttl,
+            free_quota,
             jwt_secret,
             access_token_ttl,
             upload_max_bytes,
@@ -398,6 +507,18 @@ impl Settings {
             "access_token_ttl_s": self.access_token_ttl.as_secs(),
             "upload_max_bytes": self.upload_max_bytes,
             "upload_url_ttl_s": self.upload_url_ttl.as_secs(),
+            "jwt_previous_secrets": self.jwt_previous_secrets.iter().map(|_| "***").collect::<Vec<_>>(),
+            "refresh_token_ttl_s": self.refresh_token_ttl.as_secs(),
+            "rate_limit_per_minute": self.rate_limit_per_minute,
+            "auth_rate_limit_per_minute": self.auth_rate_limit_per_minute,
+            "login_delay_after": self.login_delay_after,
+            "login_lockout_after": self.login_lockout_after,
+            "login_lockout_s": self.login_lockout.as_secs(),
+            "trusted_proxies": self.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "cors_origins": self.cors_origins,
+            "hsts_max_age_s": self.hsts_max_age.unwrap_or(0),
+            "signed_url_ttl_s": self.signed_url_ttl.as_secs(),
+            "free_quota_s": self.free_quota.as_secs(),
         })
     }
 }
@@ -430,6 +551,16 @@ fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result
         raw.insert(key.name, Raw { value, setting, secret: key.secret });
     }
     Ok(())
+}
+
+/// `scheme://host[:port]`, as a browser sends it in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    let Ok(url) = Url::parse(origin) else {
+        return false;
+    };
+    matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some_and(|host| !host.is_empty())
+        && url.origin().ascii_serialization() == origin
 }
 
 fn parse_int(raw: &Raw, min: u32, max: u32) -> Result<u32, ConfigError> {

@@ -19,7 +19,7 @@ use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 mod accounts;
 mod catalog;
 
-pub use accounts::{NewUser, PgUsers, Role, UserRow};
+pub use accounts::{LoginBlock, LoginPolicy, NewUser, PgUsers, Role, Rotation, UserRow};
 pub use catalog::{NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
 
 /// The schema, embedded at build time from `migrations/`.

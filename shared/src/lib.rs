@@ -4,6 +4,7 @@
 //!   file and `WAVELINE_*` environment variables;
 //! - [`domain`]: identifiers and the track's processing states with their allowed transitions;
 //! - [`job`]: the versioned job message that travels through the queue;
+//! - [`network`]: addresses and networks (trusted proxies, rate-limit keys);
 //! - [`db`]: the PostgreSQL pool, the migrations, the track repository and the accounts;
 //! - [`storage`]: the [`Storage`](storage::Storage) seam with its S3 and filesystem backends;
 //! - [`queue`]: the [`JobQueue`](queue::JobQueue) seam with its AMQP and in-process backends.
@@ -16,5 +17,6 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod job;
+pub mod network;
 pub mod queue;
 pub mod storage;

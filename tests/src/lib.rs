@@ -15,6 +15,7 @@
 //! skip.
 
 pub mod audio;
+pub mod stack;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

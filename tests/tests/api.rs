@@ -12,8 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
@@ -21,179 +19,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
-use waveline_shared::storage::{FsStorage, ObjectKey, S3Credentials, S3Storage, Storage};
-use waveline_tests::{S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
-
-const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Embedded,
-    Distributed,
-}
-
-/// A running Waveline: the API, its workers, and a handle on its storage to compare bytes.
-struct Stack {
-    serve: Child,
-    worker: Option<Child>,
-    base: String,
-    db: TestDb,
-    storage: Arc<dyn Storage>,
-    env: Vec<(String, String)>,
-    _objects: Option<tempfile::TempDir>,
-}
-
-impl Stack {
-    /// Starts the API (and, when `process` is set, something that processes uploads).
-    async fn start(mode: Mode, process: bool, extra: &[(&str, &str)]) -> Result<Stack> {
-        let db = TestDb::new().await?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut env: Vec<(String, String)> = vec![
-            ("WAVELINE_DATABASE_URL".into(), db.url.clone()),
-            ("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")),
-            ("WAVELINE_JWT_SECRET".into(), JWT_SECRET.into()),
-            ("WAVELINE_RECONCILE_INTERVAL_S".into(), "1".into()),
-        ];
-        let (storage, objects): (Arc<dyn Storage>, _) = match mode {
-            Mode::Embedded => {
-                let objects = temp_dir()?;
-                env.push(("WAVELINE_STORAGE".into(), format!("file://{}", objects.path().display())));
-                env.push(("WAVELINE_QUEUE".into(), "memory".into()));
-                (Arc::new(FsStorage::open(objects.path()).await?), Some(objects))
-            }
-            Mode::Distributed => {
-                let (access, secret) = s3_credentials();
-                let bucket = S3Storage::new(
-                    &format!("wl-api-{}", unique()),
-                    Some(&s3_endpoint()),
-                    "us-east-1",
-                    S3Credentials::new(access.clone(), secret.clone(), None, None, "test"),
-                );
-                bucket.ensure_bucket().await.context("the S3 server is not answering; run scripts/setup.sh")?;
-                env.push((
-                    "WAVELINE_STORAGE".into(),
-                    format!("s3://{}?endpoint={}&region=us-east-1", bucket.bucket(), s3_endpoint()),
-                ));
-                env.push(("WAVELINE_QUEUE".into(), amqp_url()));
-                env.push(("WAVELINE_QUEUE_NAME".into(), format!("wltest.{}", unique())));
-                env.push(("AWS_ACCESS_KEY_ID".into(), access));
-                env.push(("AWS_SECRET_ACCESS_KEY".into(), secret));
-                (Arc::new(bucket), None)
-            }
-        };
-        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let spawn = |args: &[&str]| -> Result<Child> {
-            let mut command = Command::new(waveline_bin());
-            command.args(args);
-            for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
-                command.env_remove(name);
-            }
-            command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            Ok(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
-        };
-        let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
-        let serve = spawn(&["serve", "--workers", in_process]).context("cannot start waveline serve")?;
-        let worker = if mode == Mode::Distributed && process {
-            Some(spawn(&["worker", "--concurrency", "1"]).context("cannot start waveline worker")?)
-        } else {
-            None
-        };
-        let base = format!("http://127.0.0.1:{port}");
-        let stack = Stack { serve, worker, base, db, storage, env, _objects: objects };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = reqwest::get(stack.url("/healthz")).await
-                && response.status() == 200
-            {
-                return Ok(stack);
-            }
-            ensure!(Instant::now() < deadline, "waveline serve did not answer /healthz within 20 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Runs the CLI against this stack; returns its `--json` output.
-    fn cli(&self, args: &[&str]) -> Result<Value> {
-        let mut command = Command::new(waveline_bin());
-        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
-            command.env_remove(name);
-        }
-        let output = command.args(args).envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output()?;
-        ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        Ok(serde_json::from_slice(&output.stdout)?)
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        for child in std::iter::once(&mut self.serve).chain(self.worker.as_mut()) {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        }
-        for child in std::iter::once(&mut self.serve).chain(self.worker.as_mut()) {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-async fn json(response: reqwest::Response) -> Result<(u16, Value)> {
-    let status = response.status().as_u16();
-    let text = response.text().await?;
-    let value = serde_json::from_str(&text).with_context(|| format!("not JSON ({status}): {text}"))?;
-    Ok((status, value))
-}
-
-fn header(response: &reqwest::Response, name: &str) -> String {
-    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
-}
-
-/// A logged-in user.
-struct User {
-    id: String,
-    username: String,
-    token: String,
-    cookie: String,
-}
-
-async fn register_and_login(stack: &Stack, username: &str) -> Result<User> {
-    let client = reqwest::Client::new();
-    let email = format!("{username}@example.com");
-    let password = format!("{username}-long-password");
-    let (status, user) = json(
-        client
-            .post(stack.url("/v1/auth/register"))
-            .json(&json!({"email": email, "username": username, "password": password}))
-            .send()
-            .await?,
-    )
-    .await?;
-    ensure!(status == 201 && user["username"] == username && user["role"] == "user", "{status} {user}");
-    ensure!(user.get("password_hash").is_none() && !user.to_string().contains("argon2"), "{user}");
-    let response =
-        client.post(stack.url("/v1/auth/login")).json(&json!({"email": email, "password": password})).send().await?;
-    let set_cookie = header(&response, "set-cookie");
-    let (status, login) = json(response).await?;
-    ensure!(status == 200 && login["token_type"] == "Bearer" && login["expires_in"].as_u64() > Some(0), "{login}");
-    let token = login["access_token"].as_str().context("access_token")?.to_owned();
-    ensure!(set_cookie.starts_with(&format!("waveline_session={token};")), "{set_cookie}");
-    for flag in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
-        ensure!(set_cookie.contains(flag), "the session cookie lacks {flag}: {set_cookie}");
-    }
-    Ok(User {
-        id: user["id"].as_str().context("id")?.to_owned(),
-        username: username.to_owned(),
-        cookie: format!("waveline_session={token}"),
-        token,
-    })
-}
+use waveline_shared::storage::ObjectKey;
+use waveline_tests::stack::{Mode, Stack, User, header, json, register_and_login};
+use waveline_tests::{S3Server, audio, s3_credentials, temp_dir, unique};
 
 /// A `multipart/form-data` body: text fields, then the file.
 fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
@@ -680,6 +508,19 @@ async fn full_flow(mode: Mode) -> Result<()> {
     ensure!(status == 403, "an admin edited someone's track: {status} {body}");
     let (status, requeued) =
         json(client.post(format!("{second_url}/reprocess")).header("cookie", &alice.cookie).send().await?).await?;
+    ensure!(
+        status == 403 && requeued["code"] == "csrf_failed",
+        "a cookie POST without a CSRF token: {status} {requeued}"
+    );
+    let (status, requeued) = json(
+        client
+            .post(format!("{second_url}/reprocess"))
+            .header("cookie", &alice.cookie)
+            .header("x-csrf-token", &alice.csrf)
+            .send()
+            .await?,
+    )
+    .await?;
     ensure!(status == 202 && requeued["revision"] == 2, "{status} {requeued}");
     let (status, body) =
         json(client.post(format!("{second_url}/reprocess")).bearer_auth(&alice.token).send().await?).await?;
@@ -855,13 +696,14 @@ async fn operational_routes_answer_and_the_openapi_document_lists_every_route() 
     let (status, spec) = json(reqwest::get(stack.url("/openapi.json")).await?).await?;
     ensure!(status == 200 && spec["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{spec}");
     let paths = spec["paths"].as_object().context("paths")?;
-    let expected: [(&str, &[&str]); 17] = [
+    let expected: [(&str, &[&str]); 18] = [
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/metrics", &["get"]),
         ("/v1/auth/register", &["post"]),
         ("/v1/auth/login", &["post"]),
         ("/v1/auth/logout", &["post"]),
+        ("/v1/auth/refresh", &["post"]),
         ("/v1/me", &["get"]),
         ("/v1/tracks", &["get", "post"]),
         ("/v1/tracks/{id}", &["get", "patch", "delete"]),

@@ -1,4 +1,4 @@
-//! User accounts and revoked session tokens.
+//! User accounts, their sessions (refresh-token families) and failed-login throttling.
 //!
 //! Passwords arrive here already hashed (argon2id PHC strings, made by the API); this layer
 //! never sees a password.
@@ -48,6 +48,8 @@ pub struct UserRow {
     /// The argon2id PHC string; `None` for accounts that cannot log in with a password.
     pub password_hash: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// When an admin suspended the account: it cannot log in, and its sessions have ended.
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 /// A new account, validated by the caller.
@@ -64,13 +66,15 @@ pub struct PgUsers {
     pool: PgPool,
 }
 
-type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>);
+type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>);
 
-fn user_row((id, email, username, role, password_hash, created_at): UserTuple) -> Result<UserRow, DbError> {
-    Ok(UserRow { id, email, username, role: Role::parse(&role)?, password_hash, created_at })
+fn user_row(
+    (id, email, username, role, password_hash, created_at, suspended_at): UserTuple,
+) -> Result<UserRow, DbError> {
+    Ok(UserRow { id, email, username, role: Role::parse(&role)?, password_hash, created_at, suspended_at })
 }
 
-const USER_COLUMNS: &str = "id, email, username, role, password_hash, created_at";
+const USER_COLUMNS: &str = "id, email, username, role, password_hash, created_at, suspended_at";
 
 impl PgUsers {
     pub fn new(pool: PgPool) -> PgUsers {
@@ -148,33 +152,272 @@ impl PgUsers {
             == 1)
     }
 
-    /// Records a session token as revoked until it would have expired anyway; also clears
-    /// out revocations whose tokens have expired since.
-    pub async fn revoke_token(&self, jti: uuid::Uuid, user: UserId, expires_at: DateTime<Utc>) -> Result<(), DbError> {
+    /// Starts a session for `user` with its first refresh token (stored by hash). Also
+    /// forgets the account's sessions idle longer than `idle_ttl`.
+    pub async fn start_session(
+        &self,
+        user: UserId,
+        session: uuid::Uuid,
+        refresh_hash: &[u8],
+        refresh_expires_at: DateTime<Utc>,
+        idle_ttl: std::time::Duration,
+    ) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < now()").execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO revoked_tokens (jti, user_id, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-            .bind(jti)
+        sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND refreshed_at < now() - make_interval(secs => $2)")
             .bind(user)
-            .bind(expires_at)
+            .bind(idle_ttl.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
+            .bind(session)
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)")
+            .bind(refresh_hash)
+            .bind(session)
+            .bind(refresh_expires_at)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// The account behind a session token, if the token is not revoked and the account
-    /// still exists: one query per authenticated request.
-    pub async fn session_user(&self, jti: uuid::Uuid, id: UserId) -> Result<Option<UserRow>, DbError> {
+    /// Uses a refresh token: replaces it with `next_hash` in the same session, or says why
+    /// not. A token used before ends its whole session ([`Rotation::Reused`]).
+    pub async fn rotate_refresh(
+        &self,
+        hash: &[u8],
+        next_hash: &[u8],
+        next_expires_at: DateTime<Utc>,
+    ) -> Result<Rotation, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query_as::<_, (uuid::Uuid, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, UserId)>(
+            "SELECT t.session_id, t.expires_at <= now(), t.used_at, s.ended_at, s.user_id
+             FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+             WHERE t.token_hash = $1 FOR UPDATE OF t, s",
+        )
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((session, expired, used_at, ended_at, user)) = found else {
+            return Ok(Rotation::Unknown);
+        };
+        if ended_at.is_some() {
+            return Ok(Rotation::Ended);
+        }
+        if used_at.is_some() {
+            sqlx::query("UPDATE sessions SET ended_at = now(), ended_why = 'refresh_reused' WHERE id = $1")
+                .bind(session)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Rotation::Reused { session, user });
+        }
+        if expired {
+            return Ok(Rotation::Expired);
+        }
+        let account = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id = $1 AND suspended_at IS NULL"
+        )))
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(account) = account else {
+            return Ok(Rotation::Ended);
+        };
+        sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE token_hash = $1")
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)")
+            .bind(next_hash)
+            .bind(session)
+            .bind(next_expires_at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE sessions SET refreshed_at = now() WHERE id = $1").bind(session).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Rotation::Rotated { session, user: user_row(account)? })
+    }
+
+    /// Ends a session (its refresh tokens and access tokens stop working).
+    pub async fn end_session(&self, session: uuid::Uuid, why: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE sessions SET ended_at = now(), ended_why = $2 WHERE id = $1 AND ended_at IS NULL")
+            .bind(session)
+            .bind(why)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The account behind an access token, if its session is live and the account exists and
+    /// is not suspended: one query per authenticated request.
+    pub async fn session_user(&self, session: uuid::Uuid, id: UserId) -> Result<Option<UserRow>, DbError> {
         sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
             "SELECT {USER_COLUMNS} FROM users
-             WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)"
+             WHERE id = $1 AND suspended_at IS NULL
+               AND EXISTS (SELECT 1 FROM sessions WHERE id = $2 AND user_id = $1 AND ended_at IS NULL)"
         )))
         .bind(id)
-        .bind(jti)
+        .bind(session)
         .fetch_optional(&self.pool)
         .await?
         .map(user_row)
         .transpose()
+    }
+
+    /// Suspends an account (ending every session) or lifts the suspension. `false` when there
+    /// is no such account, or it is the system account.
+    pub async fn set_suspended(&self, id: UserId, suspended: bool) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE users SET suspended_at = CASE WHEN $2 THEN coalesce(suspended_at, now()) END
+             WHERE id = $1 AND role <> 'system'",
+        )
+        .bind(id)
+        .bind(suspended)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if changed && suspended {
+            sqlx::query(
+                "UPDATE sessions SET ended_at = now(), ended_why = 'suspended' WHERE user_id = $1 AND ended_at IS NULL",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Whether logins to `email` must wait, and until when.
+    pub async fn login_block(&self, email: &str) -> Result<Option<LoginBlock>, DbError> {
+        Ok(sqlx::query_as::<_, (DateTime<Utc>, bool)>(
+            "SELECT blocked_until, locked FROM login_failures WHERE email = lower($1) AND blocked_until > now()",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|(until, locked)| LoginBlock { until, locked }))
+    }
+
+    /// Counts a failed login to `email` and blocks the next ones as `policy` says. Failures
+    /// older than the lockout period are forgotten first.
+    pub async fn login_failed(&self, email: &str, policy: &LoginPolicy) -> Result<Option<LoginBlock>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let failures: i32 = sqlx::query_scalar(
+            "INSERT INTO login_failures (email, failures, last_failed_at) VALUES (lower($1), 1, now())
+             ON CONFLICT (email) DO UPDATE SET
+               failures = CASE WHEN login_failures.last_failed_at < now() - make_interval(secs => $2)
+                               THEN 1 ELSE login_failures.failures + 1 END,
+               last_failed_at = now()
+             RETURNING failures",
+        )
+        .bind(email)
+        .bind(policy.lockout.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await?;
+        let failures = u32::try_from(failures).unwrap_or(u32::MAX);
+        let block = policy.block_after(failures);
+        let (wait, locked) = match block {
+            Some((wait, locked)) => (Some(wait.as_secs_f64()), locked),
+            None => (None, false),
+        };
+        let until: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "UPDATE login_failures SET blocked_until = now() + make_interval(secs => $2), locked = $3
+             WHERE email = lower($1) RETURNING blocked_until",
+        )
+        .bind(email)
+        .bind(wait)
+        .bind(locked)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(until.map(|until| LoginBlock { until, locked }))
+    }
+
+    /// Forgets the failed logins to `email` (after a successful one).
+    pub async fn login_succeeded(&self, email: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM login_failures WHERE email = lower($1)").bind(email).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// What came of using a refresh token.
+#[derive(Debug, Clone)]
+pub enum Rotation {
+    /// Replaced; here is the session's account.
+    Rotated { session: uuid::Uuid, user: UserRow },
+    /// Used before: the session has now ended.
+    Reused { session: uuid::Uuid, user: UserId },
+    /// Past its lifetime.
+    Expired,
+    /// Its session ended (logout, reuse, suspension).
+    Ended,
+    /// No such token.
+    Unknown,
+}
+
+/// Logins to an email are refused until `until`: a growing delay, or a lockout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginBlock {
+    pub until: DateTime<Utc>,
+    pub locked: bool,
+}
+
+/// How failed logins slow down further attempts on the same account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginPolicy {
+    /// Failures before each next attempt must wait (1 s, doubling, at most 60 s).
+    pub delay_after: u32,
+    /// Failures before the account is locked for `lockout`.
+    pub lockout_after: u32,
+    /// The lockout's length, and how long failures are remembered.
+    pub lockout: std::time::Duration,
+}
+
+impl LoginPolicy {
+    /// After `failures` failures in a row: how long the next attempt must wait, and whether
+    /// that is a lockout.
+    pub fn block_after(&self, failures: u32) -> Option<(std::time::Duration, bool)> {
+        if failures >= self.lockout_after {
+            Some((self.lockout, true))
+        } else if failures >= self.delay_after {
+            let doublings = (failures - self.delay_after).min(6);
+            Some((std::time::Duration::from_secs((1u64 << doublings).min(60)), false))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_logins_wait_longer_then_lock() {
+        let policy = LoginPolicy { delay_after: 3, lockout_after: 10, lockout: std::time::Duration::from_secs(900) };
+        let waits: Vec<_> =
+            (1..=11).map(|n| policy.block_after(n).map(|(wait, locked)| (wait.as_secs(), locked))).collect();
+        assert_eq!(
+            waits,
+            [
+                None,
+                None,
+                Some((1, false)),
+                Some((2, false)),
+                Some((4, false)),
+                Some((8, false)),
+                Some((16, false)),
+                Some((32, false)),
+                Some((60, false)),
+                Some((900, true)),
+                Some((900, true)),
+            ]
+        );
     }
 }

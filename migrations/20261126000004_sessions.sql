@@ -1,0 +1,43 @@
+-- Sessions with rotating refresh tokens, per-account login throttling, and suspension.
+
+-- One session per login: the family of its refresh tokens. Access tokens carry the session's id
+-- (`sid`), and every authenticated request checks the session is live, so ending a session
+-- (logout, a reused refresh token, a suspension) ends its access tokens at once. This replaces
+-- the per-token revocation list.
+CREATE TABLE sessions (
+    id           uuid PRIMARY KEY,
+    user_id      uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    refreshed_at timestamptz NOT NULL DEFAULT now(),
+    ended_at     timestamptz,
+    -- `logout`, `refresh_reused`, `suspended`.
+    ended_why    text
+);
+CREATE INDEX sessions_user ON sessions (user_id);
+
+-- Refresh tokens are 256 random bits; only their SHA-256 is stored. A token is used once: its
+-- use records `used_at` and issues the next one in the same session. A second use of a used
+-- token means it was stolen (or the client is broken): the whole session ends.
+CREATE TABLE refresh_tokens (
+    token_hash bytea PRIMARY KEY,
+    session_id uuid NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    used_at    timestamptz
+);
+CREATE INDEX refresh_tokens_session ON refresh_tokens (session_id);
+
+DROP TABLE revoked_tokens;
+
+-- Failed logins by email (lower-cased), whether or not an account has it, so the throttling
+-- does not tell which emails are registered.
+CREATE TABLE login_failures (
+    email          text PRIMARY KEY,
+    failures       integer NOT NULL,
+    last_failed_at timestamptz NOT NULL,
+    blocked_until  timestamptz,
+    locked         boolean NOT NULL DEFAULT false
+);
+
+-- A suspended account cannot log in, and its sessions end.
+ALTER TABLE users ADD COLUMN suspended_at timestamptz;

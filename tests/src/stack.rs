@@ -1,0 +1,238 @@
+//! A running Waveline for end-to-end tests: `waveline serve` (and a worker) against real
+//! services, and the account helpers every API test starts with.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::{Value, json};
+use waveline_shared::storage::{FsStorage, S3Credentials, S3Storage, Storage};
+
+use crate::{TestDb, amqp_url, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+    Distributed,
+}
+
+/// A running Waveline: the API, its workers, and a handle on its storage to compare bytes.
+#[allow(missing_debug_implementations)]
+pub struct Stack {
+    serve: Child,
+    worker: Option<Child>,
+    pub base: String,
+    pub db: TestDb,
+    pub storage: Arc<dyn Storage>,
+    pub env: Vec<(String, String)>,
+    _objects: Option<tempfile::TempDir>,
+}
+
+impl Stack {
+    /// Starts the API (and, when `process` is set, something that processes uploads).
+    pub async fn start(mode: Mode, process: bool, extra: &[(&str, &str)]) -> Result<Stack> {
+        let db = TestDb::new().await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut env: Vec<(String, String)> = vec![
+            ("WAVELINE_DATABASE_URL".into(), db.url.clone()),
+            ("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")),
+            ("WAVELINE_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("WAVELINE_RECONCILE_INTERVAL_S".into(), "1".into()),
+        ];
+        let (storage, objects): (Arc<dyn Storage>, _) = match mode {
+            Mode::Embedded => {
+                let objects = temp_dir()?;
+                env.push(("WAVELINE_STORAGE".into(), format!("file://{}", objects.path().display())));
+                env.push(("WAVELINE_QUEUE".into(), "memory".into()));
+                (Arc::new(FsStorage::open(objects.path()).await?), Some(objects))
+            }
+            Mode::Distributed => {
+                let (access, secret) = s3_credentials();
+                let bucket = S3Storage::new(
+                    &format!("wl-api-{}", unique()),
+                    Some(&s3_endpoint()),
+                    "us-east-1",
+                    S3Credentials::new(access.clone(), secret.clone(), None, None, "test"),
+                );
+                bucket.ensure_bucket().await.context("the S3 server is not answering; run scripts/setup.sh")?;
+                env.push((
+                    "WAVELINE_STORAGE".into(),
+                    format!("s3://{}?endpoint={}&region=us-east-1", bucket.bucket(), s3_endpoint()),
+                ));
+                env.push(("WAVELINE_QUEUE".into(), amqp_url()));
+                env.push(("WAVELINE_QUEUE_NAME".into(), format!("wltest.{}", unique())));
+                env.push(("AWS_ACCESS_KEY_ID".into(), access));
+                env.push(("AWS_SECRET_ACCESS_KEY".into(), secret));
+                (Arc::new(bucket), None)
+            }
+        };
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let spawn = |args: &[&str]| -> Result<Child> {
+            let mut command = Command::new(waveline_bin());
+            command.args(args);
+            for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
+                command.env_remove(name);
+            }
+            command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            Ok(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
+        };
+        let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
+        let serve = spawn(&["serve", "--workers", in_process]).context("cannot start waveline serve")?;
+        let worker = if mode == Mode::Distributed && process {
+            Some(spawn(&["worker", "--concurrency", "1"]).context("cannot start waveline worker")?)
+        } else {
+            None
+        };
+        let base = format!("http://127.0.0.1:{port}");
+        let stack = Stack { serve, worker, base, db, storage, env, _objects: objects };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = reqwest::get(stack.url("/healthz")).await
+                && response.status() == 200
+            {
+                return Ok(stack);
+            }
+            ensure!(Instant::now() < deadline, "waveline serve did not answer /healthz within 20 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Runs the CLI against this stack; returns its `--json` output.
+    pub fn cli(&self, args: &[&str]) -> Result<Value> {
+        let mut command = Command::new(waveline_bin());
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
+            command.env_remove(name);
+        }
+        let output = command.args(args).envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).output()?;
+        ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in std::iter::once(&mut self.serve).chain(self.worker.as_mut()) {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+        for child in std::iter::once(&mut self.serve).chain(self.worker.as_mut()) {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub async fn json(response: reqwest::Response) -> Result<(u16, Value)> {
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    let value = serde_json::from_str(&text).with_context(|| format!("not JSON ({status}): {text}"))?;
+    Ok((status, value))
+}
+
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+/// A logged-in user.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub email: String,
+    pub password: String,
+    pub token: String,
+    /// `waveline_session=…`, for the `Cookie` header.
+    pub cookie: String,
+    /// The session's CSRF token, for `X-CSRF-Token` with the cookie.
+    pub csrf: String,
+    pub refresh: String,
+}
+
+/// Every `Set-Cookie` of a response.
+pub fn set_cookies(response: &reqwest::Response) -> Vec<String> {
+    response.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).map(str::to_owned).collect()
+}
+
+/// The `Set-Cookie` for `name`, with its attributes.
+pub fn set_cookie(cookies: &[String], name: &str) -> Result<String> {
+    cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .cloned()
+        .with_context(|| format!("no {name} in {cookies:?}"))
+}
+
+/// Registers `username` (email `username@example.com`, a long password) and logs in.
+pub async fn register_and_login(stack: &Stack, username: &str) -> Result<User> {
+    let client = reqwest::Client::new();
+    let email = format!("{username}@example.com");
+    let password = format!("{username}-long-password");
+    let (status, user) = json(
+        client
+            .post(stack.url("/v1/auth/register"))
+            .json(&json!({"email": email, "username": username, "password": password}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 201 && user["username"] == username && user["role"] == "user", "{status} {user}");
+    ensure!(user.get("password_hash").is_none() && !user.to_string().contains("argon2"), "{user}");
+    let mut logged_in = login(stack, &email, &password, &[]).await?;
+    logged_in.id = user["id"].as_str().context("id")?.to_owned();
+    logged_in.username = username.to_owned();
+    Ok(logged_in)
+}
+
+/// Logs in (with extra request headers, such as `X-Forwarded-For`) and checks the tokens and
+/// the three cookies with their flags.
+pub async fn login(stack: &Stack, email: &str, password: &str, headers: &[(&str, &str)]) -> Result<User> {
+    let mut request =
+        reqwest::Client::new().post(stack.url("/v1/auth/login")).json(&json!({"email": email, "password": password}));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await?;
+    let cookies = set_cookies(&response);
+    let (status, login) = json(response).await?;
+    ensure!(
+        status == 200 && login["token_type"] == "Bearer" && login["expires_in"].as_u64() > Some(0),
+        "{status} {login}"
+    );
+    let field = |name: &str| login[name].as_str().map(str::to_owned).with_context(|| format!("{name} in {login}"));
+    let (token, refresh, csrf) = (field("access_token")?, field("refresh_token")?, field("csrf_token")?);
+    let session = set_cookie(&cookies, "waveline_session")?;
+    ensure!(session.starts_with(&format!("waveline_session={token};")), "{session}");
+    for flag in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
+        ensure!(session.contains(flag), "the session cookie lacks {flag}: {session}");
+    }
+    let refresh_cookie = set_cookie(&cookies, "waveline_refresh")?;
+    ensure!(refresh_cookie.starts_with(&format!("waveline_refresh={refresh};")), "{refresh_cookie}");
+    for flag in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/v1/auth"] {
+        ensure!(refresh_cookie.contains(flag), "the refresh cookie lacks {flag}: {refresh_cookie}");
+    }
+    let csrf_cookie = set_cookie(&cookies, "waveline_csrf")?;
+    ensure!(csrf_cookie.starts_with(&format!("waveline_csrf={csrf};")), "{csrf_cookie}");
+    ensure!(
+        csrf_cookie.contains("Secure") && csrf_cookie.contains("SameSite=Strict") && !csrf_cookie.contains("HttpOnly")
+    );
+    Ok(User {
+        id: String::new(),
+        username: String::new(),
+        email: email.to_owned(),
+        password: password.to_owned(),
+        cookie: format!("waveline_session={token}"),
+        token,
+        csrf,
+        refresh,
+    })
+}
