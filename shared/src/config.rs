@@ -411,7 +411,7 @@ impl Settings {
             None => Duration::from_secs(30 * 86_400),
         };
         let count = |raw: Option<Raw>, min: u32, default: u32| -> Result<u32, ConfigError> {
-            raw.map_or(Ok(default), |raw| parse_int(&raw, min, 1_000_000))
+            raw.map_or(Ok(default), |raw| parse_int(&raw, min, 1_000_000_000))
         };
         let rate_limit_per_minute = count(take("rate_limit_per_minute"), 0, 1200)?;
         let auth_rate_limit_per_minute = count(take("auth_rate_limit_per_minute"), 0, 30)?;

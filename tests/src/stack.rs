@@ -1,6 +1,7 @@
 //! A running Waveline for end-to-end tests: `waveline serve` (and a worker) against real
 //! services, and the account helpers every API test starts with.
 
+use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,4 +236,48 @@ pub async fn login(stack: &Stack, email: &str, password: &str, headers: &[(&str,
         csrf,
         refresh,
     })
+}
+
+/// A `multipart/form-data` body: text fields, then the file.
+pub fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
+    let boundary = format!("wl-{}", unique());
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        let _ = write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n");
+    }
+    if let Some((filename, bytes)) = file {
+        let _ = write!(
+            body,
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+             Content-Type: audio/mpeg\r\n\r\n"
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    let _ = write!(body, "--{boundary}--\r\n");
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+pub async fn upload(stack: &Stack, user: &User, fields: &[(&str, &str)], file: (&str, &[u8])) -> Result<(u16, Value)> {
+    post_form(stack, user, fields, Some(file)).await
+}
+
+/// `POST /v1/tracks` with a form that may lack its file.
+pub async fn post_form(
+    stack: &Stack,
+    user: &User,
+    fields: &[(&str, &str)],
+    file: Option<(&str, &[u8])>,
+) -> Result<(u16, Value)> {
+    let (content_type, body) = multipart(fields, file);
+    json(
+        reqwest::Client::new()
+            .post(stack.url("/v1/tracks"))
+            .bearer_auth(&user.token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await?,
+    )
+    .await
 }

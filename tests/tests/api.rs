@@ -20,52 +20,8 @@ use serde_json::{Value, json};
 use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
 use waveline_shared::storage::ObjectKey;
-use waveline_tests::stack::{Mode, Stack, User, header, json, register_and_login};
-use waveline_tests::{S3Server, audio, s3_credentials, temp_dir, unique};
-
-/// A `multipart/form-data` body: text fields, then the file.
-fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
-    let boundary = format!("wl-{}", unique());
-    let mut body = Vec::new();
-    for (name, value) in fields {
-        let _ = write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n");
-    }
-    if let Some((filename, bytes)) = file {
-        let _ = write!(
-            body,
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
-             Content-Type: audio/mpeg\r\n\r\n"
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    let _ = write!(body, "--{boundary}--\r\n");
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-async fn upload(stack: &Stack, user: &User, fields: &[(&str, &str)], file: (&str, &[u8])) -> Result<(u16, Value)> {
-    post_form(stack, user, fields, Some(file)).await
-}
-
-/// `POST /v1/tracks` with a form that may lack its file.
-async fn post_form(
-    stack: &Stack,
-    user: &User,
-    fields: &[(&str, &str)],
-    file: Option<(&str, &[u8])>,
-) -> Result<(u16, Value)> {
-    let (content_type, body) = multipart(fields, file);
-    json(
-        reqwest::Client::new()
-            .post(stack.url("/v1/tracks"))
-            .bearer_auth(&user.token)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await?,
-    )
-    .await
-}
+use waveline_tests::stack::{Mode, Stack, User, header, json, multipart, post_form, register_and_login, upload};
+use waveline_tests::{S3Server, audio, s3_credentials, temp_dir};
 
 /// Follows `/events` to its end; returns every event's data.
 async fn follow_events(stack: &Stack, user: &User, id: &str) -> Result<Vec<Value>> {

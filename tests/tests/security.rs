@@ -1,0 +1,516 @@
+//! Security tests that try to break in, over real HTTP against `waveline serve`: forged and
+//! stale tokens, refresh-token theft, cross-site writes, brute force, hostile text, and the
+//! headers every answer must carry.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use waveline_tests::stack::{JWT_SECRET, Mode, Stack, header, json, login, register_and_login, upload};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// The JSON header of a token.
+fn token_header(token: &str) -> Result<Value> {
+    let head = token.split('.').next().context("a JWT")?;
+    Ok(serde_json::from_slice(&URL_SAFE_NO_PAD.decode(head)?)?)
+}
+
+/// A token with these claims, signed with `secret` under `kid`.
+fn forge(claims: &Value, secret: &[u8], kid: &str, alg: jsonwebtoken::Algorithm) -> Result<String> {
+    let header = jsonwebtoken::Header { kid: Some(kid.to_owned()), ..jsonwebtoken::Header::new(alg) };
+    Ok(jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_secret(secret))?)
+}
+
+async fn me(stack: &Stack, token: &str) -> Result<(u16, Value)> {
+    json(client().get(stack.url("/v1/me")).bearer_auth(token).send().await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stale_and_orphaned_tokens_get_401() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let (status, _) = me(&stack, &alice.token).await?;
+    ensure!(status == 200);
+
+    let kid = token_header(&alice.token)?["kid"].as_str().context("kid")?.to_owned();
+    let payload = alice.token.split('.').nth(1).context("payload")?;
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload)?)?;
+    let now = claims["iat"].as_i64().context("iat")?;
+    let with = |changes: Value| {
+        let mut claims = claims.clone();
+        for (key, value) in changes.as_object().into_iter().flatten() {
+            claims[key] = value.clone();
+        }
+        claims
+    };
+    let secret = JWT_SECRET.as_bytes();
+    let hs256 = jsonwebtoken::Algorithm::HS256;
+
+    // Sanity: our forger makes tokens the server accepts when nothing is wrong.
+    let (status, body) = me(&stack, &forge(&claims, secret, &kid, hs256)?).await?;
+    ensure!(status == 200, "the forger itself is broken: {status} {body}");
+
+    let header_none = URL_SAFE_NO_PAD.encode(json!({"alg": "none", "typ": "JWT", "kid": kid}).to_string());
+    let header_rs256 = URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "typ": "JWT", "kid": kid}).to_string());
+    let body_of = |claims: &Value| URL_SAFE_NO_PAD.encode(claims.to_string());
+    // HS/RS confusion: an RS256 header over an HMAC made with the shared secret.
+    let confused = {
+        let signing_input = format!("{header_rs256}.{}", body_of(&claims));
+        let signature = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+            hs256,
+        )?;
+        format!("{signing_input}.{signature}")
+    };
+    let mut tampered = alice.token.clone();
+    tampered.replace_range(tampered.len() - 4.., "AAAA");
+    let escalated = format!(
+        "{}.{}.{}",
+        alice.token.split('.').next().context("header")?,
+        body_of(&with(json!({"sub": uuid::Uuid::new_v4()}))),
+        alice.token.split('.').nth(2).context("signature")?
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none", format!("{header_none}.{}.", body_of(&claims))),
+        ("HS/RS confusion", confused),
+        (
+            "expired",
+            forge(&with(json!({"exp": now - 3600, "nbf": now - 7200, "iat": now - 7200})), secret, &kid, hs256)?,
+        ),
+        ("not yet valid", forge(&with(json!({"nbf": now + 3600})), secret, &kid, hs256)?),
+        ("wrong audience", forge(&with(json!({"aud": "another-api"})), secret, &kid, hs256)?),
+        ("wrong issuer", forge(&with(json!({"iss": "someone-else"})), secret, &kid, hs256)?),
+        ("no exp", {
+            let mut claims = claims.clone();
+            claims.as_object_mut().context("object")?.remove("exp");
+            forge(&claims, secret, &kid, hs256)?
+        }),
+        ("forged signature", forge(&claims, b"not-the-secret-not-the-secret-000", &kid, hs256)?),
+        ("tampered signature", tampered),
+        ("claims changed under the old signature", escalated),
+        ("unknown kid", forge(&claims, secret, "0123456789abcdef", hs256)?),
+        ("HS512 with the right secret", forge(&claims, secret, &kid, jsonwebtoken::Algorithm::HS512)?),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (name, token) in &cases {
+        let (status, body) = me(&stack, token).await?;
+        ensure!(status == 401 && body["code"] == "unauthorized", "{name}: {status} {body}");
+    }
+
+    // A token for an account that no longer exists.
+    let bob = register_and_login(&stack, "bob").await?;
+    sqlx::query("DELETE FROM users WHERE username = 'bob'").execute(&stack.db.pool).await?;
+    let (status, body) = me(&stack, &bob.token).await?;
+    ensure!(status == 401 && body["code"] == "unauthorized", "deleted user: {status} {body}");
+    Ok(())
+}
+
+async fn refresh(stack: &Stack, token: &str) -> Result<(u16, Value)> {
+    json(client().post(stack.url("/v1/auth/refresh")).json(&json!({"refresh_token": token})).send().await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_tokens_rotate_and_a_reused_one_ends_the_session() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+
+    // Each refresh returns a new pair, in the same session.
+    let (status, first) = refresh(&stack, &alice.refresh).await?;
+    ensure!(status == 200 && first["refresh_token"] != alice.refresh.as_str(), "{status} {first}");
+    let second_refresh = first["refresh_token"].as_str().context("refresh_token")?.to_owned();
+    let second_access = first["access_token"].as_str().context("access_token")?.to_owned();
+    ensure!(me(&stack, &second_access).await?.0 == 200);
+    ensure!(first["csrf_token"] == alice.csrf.as_str(), "the session (and its CSRF token) changed: {first}");
+
+    // The stolen first token, replayed: refused, and the whole family is revoked.
+    let (status, body) = refresh(&stack, &alice.refresh).await?;
+    ensure!(status == 401 && body["code"] == "refresh_reused", "{status} {body}");
+    let (status, body) = refresh(&stack, &second_refresh).await?;
+    ensure!(status == 401 && body["code"] == "session_ended", "the newer token survived reuse: {status} {body}");
+    for token in [&alice.token, &second_access] {
+        let (status, body) = me(&stack, token).await?;
+        ensure!(status == 401, "an access token of the revoked session still works: {body}");
+    }
+
+    // Unknown and malformed tokens.
+    let (status, body) = refresh(&stack, "bm90LWEtdG9rZW4").await?;
+    ensure!(status == 401 && body["code"] == "unauthorized", "{status} {body}");
+    let (status, body) = refresh(&stack, &"x".repeat(129)).await?;
+    ensure!(status == 400, "an oversized token: {status} {body}");
+
+    // By cookie: `{}` and the refresh cookie, same-origin or a configured origin only.
+    let carol = login(&stack, &alice.email, &alice.password, &[]).await?;
+    let cookie = format!("waveline_refresh={}", carol.refresh);
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/auth/refresh"))
+            .header("cookie", &cookie)
+            .header("origin", "https://evil.example")
+            .json(&json!({}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 403 && body["code"] == "origin_refused", "{status} {body}");
+    let response =
+        client().post(stack.url("/v1/auth/refresh")).header("cookie", &cookie).json(&json!({})).send().await?;
+    ensure!(header(&response, "cache-control") == "no-store");
+    let (status, body) = json(response).await?;
+    ensure!(status == 200 && body["access_token"].is_string(), "{status} {body}");
+
+    // Logging out ends the session: its refresh token is dead too.
+    let fresh = body["refresh_token"].as_str().context("refresh_token")?.to_owned();
+    let access = body["access_token"].as_str().context("access_token")?.to_owned();
+    let response = client().post(stack.url("/v1/auth/logout")).bearer_auth(&access).send().await?;
+    ensure!(response.status() == 204);
+    let (status, body) = refresh(&stack, &fresh).await?;
+    ensure!(status == 401 && body["code"] == "session_ended", "{status} {body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_writes_need_the_csrf_token_and_bearer_writes_do_not() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let bob = register_and_login(&stack, "bob").await?;
+    let (status, track) = upload(&stack, &alice, &[("title", "Night Drive")], ("a.wav", &audio_bytes())).await?;
+    ensure!(status == 202, "{status} {track}");
+    let url = stack.url(&format!("/v1/tracks/{}", track["id"].as_str().context("id")?));
+    let patch = |csrf: Option<&str>| {
+        let mut request = client().patch(&url).header("cookie", &alice.cookie).json(&json!({"title": "Renamed"}));
+        if let Some(csrf) = csrf {
+            request = request.header("x-csrf-token", csrf);
+        }
+        request
+    };
+    for (name, csrf) in [("none", None), ("wrong", Some("AAAA")), ("another session's", Some(bob.csrf.as_str()))] {
+        let (status, body) = json(patch(csrf).send().await?).await?;
+        ensure!(status == 403 && body["code"] == "csrf_failed", "{name} CSRF token: {status} {body}");
+    }
+    let (status, body) = json(patch(Some(&alice.csrf)).send().await?).await?;
+    ensure!(status == 200 && body["title"] == "Renamed", "{status} {body}");
+    // Reads by cookie need no token; writes by bearer need none either.
+    let (status, _) = json(client().get(&url).header("cookie", &alice.cookie).send().await?).await?;
+    ensure!(status == 200);
+    let (status, body) =
+        json(client().patch(&url).bearer_auth(&alice.token).json(&json!({"title": "Bearer"})).send().await?).await?;
+    ensure!(status == 200 && body["title"] == "Bearer", "{status} {body}");
+    Ok(())
+}
+
+/// A short WAV: the API sniffs it as audio (nothing here is processed).
+fn audio_bytes() -> Vec<u8> {
+    let data = vec![0u8; 4410 * 4];
+    let mut wav = Vec::new();
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    for (value, width) in [(16u32, 4), (1, 2), (2, 2), (44100, 4), (176_400, 4), (4, 2), (16, 2)] {
+        wav.extend_from_slice(&value.to_le_bytes()[..width]);
+    }
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&data);
+    wav
+}
+
+async fn try_login(stack: &Stack, email: &str, password: &str, from: &str) -> Result<(u16, Value, String)> {
+    let response = client()
+        .post(stack.url("/v1/auth/login"))
+        .header("x-forwarded-for", from)
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await?;
+    let retry_after = header(&response, "retry-after");
+    let (status, body) = json(response).await?;
+    Ok((status, body, retry_after))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brute_force_meets_the_address_limit_then_the_account_lockout() -> Result<()> {
+    let stack = Stack::start(
+        Mode::Embedded,
+        false,
+        &[
+            ("WAVELINE_TRUSTED_PROXIES", "127.0.0.1"),
+            ("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE", "8"),
+            ("WAVELINE_LOGIN_DELAY_AFTER", "3"),
+            ("WAVELINE_LOGIN_LOCKOUT_AFTER", "5"),
+            ("WAVELINE_LOGIN_LOCKOUT_S", "60"),
+        ],
+    )
+    .await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let bob = register_and_login(&stack, "bob").await?;
+
+    // One address guessing many accounts runs into its limit: 429 with Retry-After.
+    let mut limited = None;
+    for attempt in 0..12 {
+        let (status, body, retry_after) =
+            try_login(&stack, &format!("nobody{attempt}@example.com"), "wrong-password", "198.51.100.1").await?;
+        if status == 429 {
+            ensure!(body["code"] == "rate_limited", "{body}");
+            limited = Some((attempt, retry_after));
+            break;
+        }
+        ensure!(status == 401 && body["code"] == "invalid_credentials", "{status} {body}");
+    }
+    let (attempt, retry_after) = limited.context("twelve logins a minute from one address were never limited")?;
+    ensure!(attempt <= 8, "the limit of 8 let {attempt} through");
+    ensure!(retry_after.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s)), "Retry-After: {retry_after:?}");
+    // Another address is not affected.
+    let (status, body, _) = try_login(&stack, &bob.email, &bob.password, "198.51.100.2").await?;
+    ensure!(status == 200, "a valid login from another address: {status} {body}");
+
+    // One account guessed from many addresses: growing delays, then a lockout.
+    let mut address = 10;
+    let mut next = || {
+        address += 1;
+        format!("203.0.113.{address}")
+    };
+    for failure in 1..=3 {
+        let (status, body, _) = try_login(&stack, &alice.email, "wrong-password", &next()).await?;
+        ensure!(status == 401, "failure {failure}: {status} {body}");
+    }
+    let (status, body, retry_after) = try_login(&stack, &alice.email, "wrong-password", &next()).await?;
+    ensure!(status == 429 && body["code"] == "login_throttled" && retry_after == "1", "{status} {body} {retry_after}");
+    // Even the right password waits its turn.
+    let (status, body, _) = try_login(&stack, &alice.email, &alice.password, &next()).await?;
+    ensure!(status == 429 && body["code"] == "login_throttled", "{status} {body}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _, _) = try_login(&stack, &alice.email, "wrong-password", &next()).await?;
+    ensure!(status == 401, "the fourth failure");
+    let (status, body, retry_after) = try_login(&stack, &alice.email, "wrong-password", &next()).await?;
+    ensure!(status == 429 && retry_after == "2", "the delay doubles: {status} {body} {retry_after}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, _, _) = try_login(&stack, &alice.email, "wrong-password", &next()).await?;
+    ensure!(status == 401, "the fifth failure");
+    let (status, body, retry_after) = try_login(&stack, &alice.email, &alice.password, &next()).await?;
+    ensure!(
+        status == 429 && body["code"] == "account_locked" && retry_after.parse::<u64>().is_ok_and(|s| s > 50),
+        "locked: {status} {body} {retry_after}"
+    );
+    // Unknown emails are throttled the same way, so the answers reveal no accounts.
+    for _ in 0..3 {
+        try_login(&stack, "ghost@example.com", "wrong-password", &next()).await?;
+    }
+    let (status, body, _) = try_login(&stack, "ghost@example.com", "wrong-password", &next()).await?;
+    ensure!(status == 429 && body["code"] == "login_throttled", "{status} {body}");
+
+    // An address outside the trusted proxies cannot choose its own: the peer (127.0.0.1) is
+    // trusted here, so a forged chain counts only its right-most hop.
+    let (status, _, _) = try_login(&stack, &bob.email, &bob.password, "198.51.100.1, 198.51.100.3").await?;
+    ensure!(status == 200, "the right-most untrusted hop is the client");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_the_security_headers() -> Result<()> {
+    let stack = Stack::start(
+        Mode::Embedded,
+        false,
+        &[("WAVELINE_HSTS_MAX_AGE_S", "31536000"), ("WAVELINE_CORS_ORIGINS", "https://app.example.com")],
+    )
+    .await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let (_, track) = upload(&stack, &alice, &[("title", "x")], ("a.wav", &audio_bytes())).await?;
+    let id = track["id"].as_str().context("id")?;
+    let stream = stack.url(&format!("/v1/tracks/{id}/stream/mp3_128"));
+    let requests: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        ("health", client().get(stack.url("/healthz")), 200),
+        ("json", client().get(stack.url("/v1/me")).bearer_auth(&alice.token), 200),
+        ("openapi", client().get(stack.url("/openapi.json")), 200),
+        ("unknown route", client().get(stack.url("/nope")), 404),
+        ("unauthenticated", client().get(stack.url("/v1/me")), 401),
+        (
+            "malformed json",
+            client().post(stack.url("/v1/auth/login")).header("content-type", "application/json").body("{"),
+            400,
+        ),
+        ("not ready stream", client().get(&stream), 409),
+        (
+            "login",
+            client().post(stack.url("/v1/auth/login")).json(&json!({"email": alice.email, "password": alice.password})),
+            200,
+        ),
+    ];
+    for (name, request, expected) in requests {
+        let response = request.send().await?;
+        ensure!(response.status() == expected, "{name}: {}", response.status());
+        let cookies = waveline_tests::stack::set_cookies(&response);
+        for (header_name, value) in [
+            ("x-content-type-options", "nosniff"),
+            ("x-frame-options", "DENY"),
+            ("referrer-policy", "no-referrer"),
+            ("strict-transport-security", "max-age=31536000; includeSubDomains"),
+        ] {
+            ensure!(
+                header(&response, header_name) == value,
+                "{name}: {header_name} is {:?}",
+                header(&response, header_name)
+            );
+        }
+        let csp = header(&response, "content-security-policy");
+        ensure!(csp.starts_with("default-src 'none'") && csp.contains("frame-ancestors 'none'"), "{name}: {csp}");
+        let corp = header(&response, "cross-origin-resource-policy");
+        let expected_corp = if name == "not ready stream" { "cross-origin" } else { "same-origin" };
+        ensure!(corp == expected_corp, "{name}: CORP {corp}");
+        ensure!(!header(&response, "x-request-id").is_empty(), "{name}: no request id");
+        for cookie in &cookies {
+            ensure!(cookie.contains("Secure") && cookie.contains("SameSite="), "{name}: {cookie}");
+        }
+    }
+
+    // Swagger UI runs only its own scripts: the policy names their hashes.
+    let response = client().get(stack.url("/docs")).send().await?;
+    let csp = header(&response, "content-security-policy");
+    let html = response.text().await?;
+    let script_src = csp.split(';').find(|d| d.trim().starts_with("script-src")).context("script-src")?;
+    ensure!(!script_src.contains("unsafe"), "{script_src}");
+    let mut rest = html.as_str();
+    let mut scripts = 0;
+    while let Some(start) = rest.find("<script") {
+        let after = &rest[start..];
+        let body_start = after.find('>').context("tag end")? + 1;
+        let end = after[body_start..].find("</script>").context("script end")?;
+        let hash = STANDARD.encode(sha2::Sha256::digest(&after.as_bytes()[body_start..body_start + end]));
+        ensure!(
+            script_src.contains(&format!("'sha256-{hash}'")),
+            "an inline script of /docs is not allowed by {script_src}"
+        );
+        scripts += 1;
+        rest = &after[body_start + end..];
+    }
+    ensure!(scripts >= 2, "Swagger UI has its bundle and its start-up script inline");
+
+    // CORS: the configured origin, with credentials; others get nothing, but may read the
+    // listening routes without credentials.
+    let response = client()
+        .get(stack.url("/v1/me"))
+        .bearer_auth(&alice.token)
+        .header("origin", "https://app.example.com")
+        .send()
+        .await?;
+    ensure!(header(&response, "access-control-allow-origin") == "https://app.example.com");
+    ensure!(header(&response, "access-control-allow-credentials") == "true");
+    ensure!(header(&response, "vary").to_lowercase().contains("origin"));
+    let response = client()
+        .get(stack.url("/v1/me"))
+        .bearer_auth(&alice.token)
+        .header("origin", "https://evil.example")
+        .send()
+        .await?;
+    ensure!(response.status() == 200 && header(&response, "access-control-allow-origin").is_empty());
+    let response = client().get(&stream).header("origin", "https://player.example").send().await?;
+    ensure!(
+        header(&response, "access-control-allow-origin") == "*"
+            && header(&response, "access-control-allow-credentials").is_empty()
+    );
+    let preflight = |origin: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, stack.url("/v1/me"))
+            .header("origin", origin)
+            .header("access-control-request-method", "PATCH")
+            .header("access-control-request-headers", "x-csrf-token, content-type")
+    };
+    let response = preflight("https://app.example.com").send().await?;
+    ensure!(response.status() == 204, "{}", response.status());
+    ensure!(header(&response, "access-control-allow-methods").contains("PATCH"));
+    ensure!(header(&response, "access-control-allow-headers").contains("x-csrf-token"));
+    let response = preflight("https://evil.example").send().await?;
+    ensure!(
+        header(&response, "access-control-allow-origin").is_empty(),
+        "a preflight from an unknown origin was allowed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_is_stored_verbatim_and_harms_nothing() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let hostile = [
+        "'; DROP TABLE tracks; --",
+        "\" OR 1=1 --",
+        "{\"$gt\": \"\"}",
+        "{\"$where\": \"sleep(1000)\"}",
+        "../../../../etc/passwd",
+        "..\\..\\windows\\system32",
+        "<script>alert(1)</script>",
+        "%00%2e%2e%2f",
+        "𝄞🎵 Ünïcödé ☃ 中文 עברית",
+    ];
+    for text in hostile {
+        // Tags are comma-separated in a form; none of these texts has a comma.
+        let (status, track) = upload(
+            &stack,
+            &alice,
+            &[("title", text), ("description", text), ("genre", text), ("tags", text)],
+            ("../../etc/passwd; rm -rf /.wav", &audio_bytes()),
+        )
+        .await?;
+        ensure!(status == 202, "{text}: {status} {track}");
+        let id = track["id"].as_str().context("id")?;
+        let (status, stored) =
+            json(client().get(stack.url(&format!("/v1/tracks/{id}"))).bearer_auth(&alice.token).send().await?).await?;
+        ensure!(status == 200, "{status} {stored}");
+        for field in ["title", "description", "genre"] {
+            ensure!(stored[field] == text, "{field} changed: {text:?} became {}", stored[field]);
+        }
+        ensure!(stored["tags"] == json!([text]), "{}", stored["tags"]);
+    }
+    // The tracks table is still there, with every row.
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks WHERE owner_id = $1::uuid")
+        .bind(&alice.id)
+        .fetch_one(&stack.db.pool)
+        .await?;
+    ensure!(count == hostile.len() as i64, "{count}");
+    // Oversized unicode is refused with a code; the limit counts characters, not bytes.
+    let long = "🎵".repeat(201);
+    let (status, body) = upload(&stack, &alice, &[("title", &long)], ("a.wav", &audio_bytes())).await?;
+    ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");
+    let exactly = "🎵".repeat(200);
+    let (status, body) = upload(&stack, &alice, &[("title", &exactly)], ("a.wav", &audio_bytes())).await?;
+    ensure!(status == 202 && body["title"] == exactly.as_str(), "{status}");
+    // Hostile ids in paths are unknown tracks, never files.
+    for id in [
+        "..%2F..%2Fetc%2Fpasswd",
+        "1%20OR%201%3D1",
+        "%7B%22%24gt%22%3A%22%22%7D",
+        "00000000-0000-0000-0000-000000000000",
+    ] {
+        let (status, body) =
+            json(client().get(stack.url(&format!("/v1/tracks/{id}"))).bearer_auth(&alice.token).send().await?).await?;
+        ensure!(status == 404 && body["code"] == "not_found", "{id}: {status} {body}");
+    }
+    // Hostile account fields are refused by their formats, or stored verbatim where free.
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/auth/register"))
+            .json(&json!({"email": "x@example.com", "username": "'; DROP TABLE users; --", "password": "long-enough-password"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/auth/login"))
+            .json(&json!({"email": {"$gt": ""}, "password": {"$gt": ""}}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 400, "a NoSQL operator as an email: {status} {body}");
+    let user_count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM users WHERE role <> 'system'").fetch_one(&stack.db.pool).await?;
+    ensure!(user_count == 1, "{user_count}");
+    Ok(())
+}
