@@ -1,4 +1,5 @@
--- Sessions with rotating refresh tokens, per-account login throttling, and suspension.
+-- Sessions with rotating refresh tokens, per-account login throttling, suspension, and secret
+-- share links.
 
 -- One session per login: the family of its refresh tokens. Access tokens carry the session's id
 -- (`sid`), and every authenticated request checks the session is live, so ending a session
@@ -41,3 +42,7 @@ CREATE TABLE login_failures (
 
 -- A suspended account cannot log in, and its sessions end.
 ALTER TABLE users ADD COLUMN suspended_at timestamptz;
+
+-- A private track's secret share link: the SHA-256 of its token (the token itself is shown to
+-- the owner once). Replacing it, or clearing it, revokes the old link.
+ALTER TABLE tracks ADD COLUMN share_hash bytea;

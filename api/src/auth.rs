@@ -419,6 +419,8 @@ pub struct UserView {
     /// `user` or `admin`.
     role: String,
     created_at: DateTime<Utc>,
+    /// Set while an admin has the account suspended.
+    suspended_at: Option<DateTime<Utc>>,
 }
 
 impl From<&UserRow> for UserView {
@@ -429,6 +431,7 @@ impl From<&UserRow> for UserView {
             username: user.username.clone(),
             role: user.role.as_str().to_owned(),
             created_at: user.created_at,
+            suspended_at: user.suspended_at,
         }
     }
 }

@@ -44,6 +44,12 @@ impl ApiError {
         ApiError { status, code, message: message.into(), header: None }
     }
 
+    /// The same error under another code.
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = code;
+        self
+    }
+
     pub fn with_header(mut self, name: &'static str, value: String) -> ApiError {
         self.header = Some((name, value));
         self

@@ -11,11 +11,13 @@
 //! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
 //! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
 //! | `ops` | `GET /healthz`, `/readyz`, `/metrics` |
+//! | `admin` | `GET /v1/admin/dead-letters`, `PUT|DELETE /v1/admin/users/{id}/suspension` |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
 //! returned. Every response carries an `X-Request-Id`, also on the request's log lines.
 
+mod admin;
 pub mod auth;
 mod error;
 pub mod listener;
@@ -123,7 +125,7 @@ impl AppState {
     }
 }
 
-type Apis = (ops::Ops, auth::Accounts, uploads::Uploads, tracks::Tracks, media::Media);
+type Apis = (ops::Ops, auth::Accounts, uploads::Uploads, tracks::Tracks, media::Media, admin::Admin);
 
 /// The OpenAPI service: every operation of the API.
 pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
@@ -133,7 +135,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             auth::Accounts { state: state.clone() },
             uploads::Uploads { state: state.clone() },
             tracks::Tracks { state: state.clone() },
-            media::Media { state },
+            media::Media { state: state.clone() },
+            admin::Admin { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),

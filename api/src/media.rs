@@ -7,6 +7,17 @@
 //!
 //! HLS URLs carry no revision, so playlists are cached briefly (`max-age=30`) and segments
 //! for an hour; every response has a strong ETag to revalidate with.
+//!
+//! **Signed URLs.** Every listening route also answers under
+//! `/v1/signed/{expires}/{signature}/tracks/{id}/…`, without a cookie or token: the signature
+//! is an HMAC (a key derived from the signing key) over the track, the scope (`stream/PRESET`,
+//! `hls` or `waveform`) and the expiry, so one signature covers a whole HLS tree and nothing
+//! else. The signature lives in the path rather than the query so that the playlists' relative
+//! URIs resolve beneath it (a player needs nothing rewritten) and CDNs that drop query strings
+//! from their cache keys still tell versions apart. `GET /v1/tracks/{id}/signed-urls` mints
+//! them (default lifetime 5 min, `signed_url_ttl_s`). A tampered one answers 403
+//! `bad_signature`, an expired one 403 `url_expired`; a private track whose owner is suspended
+//! answers 404 to them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -110,14 +121,75 @@ impl PlayableCache {
     }
 }
 
+/// Who is asking: a viewer (maybe anonymous), or the holder of a valid signed URL.
+#[derive(Debug, Clone, Copy)]
+enum Access<'a> {
+    Viewer(&'a MaybeAuth),
+    /// Until this Unix time.
+    Signed(i64),
+}
+
+impl Access<'_> {
+    fn may_play(&self, playable: &Playable) -> bool {
+        match self {
+            Access::Viewer(auth) => {
+                let session = auth.session();
+                let admin = session.is_some_and(|session| session.is_admin());
+                may_see(playable.owner_id, playable.visibility, session)
+                    && (playable.visibility == Visibility::Public || !playable.owner_suspended || admin)
+            }
+            Access::Signed(_) => playable.visibility == Visibility::Public || !playable.owner_suspended,
+        }
+    }
+
+    /// `Cache-Control` for what this caller gets. A signed URL names one version for a bounded
+    /// time, and its path is the key: shared caches (a CDN) may keep it until it expires.
+    fn cache(&self, playable: &Playable, max_age: i64) -> String {
+        match (self, playable.visibility) {
+            (Access::Signed(expires), _) => {
+                let left = (expires - chrono::Utc::now().timestamp()).clamp(0, max_age);
+                format!("public, max-age={left}")
+            }
+            (Access::Viewer(_), Visibility::Public) => format!("public, max-age={max_age}"),
+            (Access::Viewer(_), Visibility::Private) => format!("private, max-age={max_age}"),
+        }
+    }
+}
+
+/// The signed path prefix of a track's listening routes.
+pub fn signed_prefix(tokens: &crate::auth::Tokens, id: TrackId, scope: &str, expires: i64) -> String {
+    let signature = tokens.sign_url(&format!("{id}/{scope}"), expires);
+    format!("/v1/signed/{expires}/{signature}/tracks/{id}")
+}
+
+/// Checks a signed URL's signature, then its expiry.
+fn check_signature(
+    tokens: &crate::auth::Tokens,
+    id: &str,
+    scope: &str,
+    expires: &str,
+    signature: &str,
+) -> Result<i64, ApiError> {
+    let bad = || ApiError::forbidden("the URL's signature does not match").with_code("bad_signature");
+    let id = parse_track_id(id)?;
+    let expires: i64 = expires.parse().map_err(|_| bad())?;
+    if !tokens.url_signature_holds(&format!("{id}/{scope}"), expires, signature) {
+        return Err(bad());
+    }
+    if expires < chrono::Utc::now().timestamp() {
+        return Err(ApiError::forbidden("the signed URL has expired; ask for a new one").with_code("url_expired"));
+    }
+    Ok(expires)
+}
+
 impl Media {
-    /// The track as the viewer may play it (404 when it is missing or hidden from them, 409
+    /// The track as the caller may play it (404 when it is missing or hidden from them, 409
     /// when nothing is ready yet), and whether it came from the cache.
     async fn playable(
         &self,
         id: TrackId,
         preset: Option<&str>,
-        auth: &MaybeAuth,
+        access: Access<'_>,
         use_cache: bool,
     ) -> Result<(Playable, bool), ApiError> {
         let key = (id, preset.map(str::to_owned));
@@ -134,7 +206,7 @@ impl Media {
                 playable
             }
         };
-        if !may_see(playable.owner_id, playable.visibility, auth.session()) {
+        if !access.may_play(&playable) {
             return Err(ApiError::not_found("track"));
         }
         if playable.ready_revision.is_none() {
@@ -146,13 +218,6 @@ impl Media {
         Ok((playable, from_cache))
     }
 
-    fn cache(playable: &Playable, max_age: u32) -> String {
-        match playable.visibility {
-            Visibility::Public => format!("public, max-age={max_age}"),
-            Visibility::Private => format!("private, max-age={max_age}"),
-        }
-    }
-
     /// Serves the object `pick` chooses from the track's live revision. When a cached lookup
     /// names an object that is gone (its revision was just replaced), looks again.
     async fn serve_track<F>(
@@ -160,18 +225,18 @@ impl Media {
         req: &Request,
         id: &str,
         preset: Option<&str>,
-        auth: &MaybeAuth,
+        access: Access<'_>,
         pick: F,
     ) -> Result<ObjectResponse, ApiError>
     where
         F: Fn(&Playable) -> Result<ObjectSpec, ApiError>,
     {
         let id = parse_track_id(id)?;
-        let (playable, cached) = self.playable(id, preset, auth, true).await?;
+        let (playable, cached) = self.playable(id, preset, access, true).await?;
         match serve_object(self.state.storage.as_ref(), &pick(&playable)?, req).await {
             Err(err) if cached && err.status == StatusCode::NOT_FOUND => {
                 self.state.playables.forget(id);
-                let (playable, _) = self.playable(id, preset, auth, false).await?;
+                let (playable, _) = self.playable(id, preset, access, false).await?;
                 serve_object(self.state.storage.as_ref(), &pick(&playable)?, req).await
             }
             other => other,
@@ -183,7 +248,7 @@ impl Media {
         req: &Request,
         id: &str,
         preset: &str,
-        auth: &MaybeAuth,
+        access: Access<'_>,
     ) -> Result<ObjectResponse, ApiError> {
         if !PROGRESSIVE.contains(&preset) {
             return Err(ApiError::not_found(&format!(
@@ -191,14 +256,14 @@ impl Media {
                 PROGRESSIVE.join(", ")
             )));
         }
-        self.serve_track(req, id, Some(preset), auth, |playable| {
+        self.serve_track(req, id, Some(preset), access, |playable| {
             let Some((key, _)) = &playable.rendition else {
                 return Err(ApiError::not_found(&format!("stream {preset:?} for this track")));
             };
             Ok(ObjectSpec {
                 key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
                 content_type: content_type(key),
-                cache_control: Self::cache(playable, 3600),
+                cache_control: access.cache(playable, 3600),
                 route: "stream",
             })
         })
@@ -210,9 +275,9 @@ impl Media {
         req: &Request,
         id: &str,
         file: Option<(&str, &str)>,
-        auth: &MaybeAuth,
+        access: Access<'_>,
     ) -> Result<ObjectResponse, ApiError> {
-        self.serve_track(req, id, Some("aac_hls"), auth, |playable| {
+        self.serve_track(req, id, Some("aac_hls"), access, |playable| {
             let Some((master, keys)) = &playable.rendition else {
                 return Err(ApiError::not_found("HLS rendition for this track"));
             };
@@ -232,7 +297,7 @@ impl Media {
             Ok(ObjectSpec {
                 key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
                 content_type: content_type(&key),
-                cache_control: Self::cache(playable, if playlist { 30 } else { 3600 }),
+                cache_control: access.cache(playable, if playlist { 30 } else { 3600 }),
                 route: "hls",
             })
         })
@@ -251,13 +316,13 @@ impl Media {
         preset: Path<String>,
         auth: MaybeAuth,
     ) -> Result<ObjectResponse, ApiError> {
-        self.stream(req, &id.0, &preset.0, &auth).await
+        self.stream(req, &id.0, &preset.0, Access::Viewer(&auth)).await
     }
 
     /// The HLS master playlist (AAC 96/160/256 kb/s variants).
     #[oai(path = "/v1/tracks/:id/hls/master.m3u8", method = "get", method = "head")]
     async fn hls_master(&self, req: &Request, id: Path<String>, auth: MaybeAuth) -> Result<ObjectResponse, ApiError> {
-        self.hls(req, &id.0, None, &auth).await
+        self.hls(req, &id.0, None, Access::Viewer(&auth)).await
     }
 
     /// A variant playlist, init segment or media segment, as the master playlist names them.
@@ -270,20 +335,89 @@ impl Media {
         file: Path<String>,
         auth: MaybeAuth,
     ) -> Result<ObjectResponse, ApiError> {
-        self.hls(req, &id.0, Some((&variant.0, &file.0)), &auth).await
+        self.hls(req, &id.0, Some((&variant.0, &file.0)), Access::Viewer(&auth)).await
     }
 
     /// The waveform: audiowaveform JSON, its binary `.dat`, or the 1800-point summary.
     #[oai(path = "/v1/tracks/:id/waveform", method = "get", method = "head")]
-    async fn waveform(
+    async fn waveform_route(
         &self,
         req: &Request,
         id: Path<String>,
         format: Query<Option<WaveformFormat>>,
         auth: MaybeAuth,
     ) -> Result<ObjectResponse, ApiError> {
-        let format = format.0.unwrap_or(WaveformFormat::Json);
-        self.serve_track(req, &id.0, None, &auth, |playable| {
+        self.waveform(req, &id.0, format.0, Access::Viewer(&auth)).await
+    }
+
+    /// A progressive rendition by signed URL (see `GET /v1/tracks/{id}/signed-urls`).
+    #[oai(path = "/v1/signed/:expires/:signature/tracks/:id/stream/:preset", method = "get", method = "head")]
+    async fn signed_stream(
+        &self,
+        req: &Request,
+        expires: Path<String>,
+        signature: Path<String>,
+        id: Path<String>,
+        preset: Path<String>,
+    ) -> Result<ObjectResponse, ApiError> {
+        let until =
+            check_signature(&self.state.tokens, &id.0, &format!("stream/{}", preset.0), &expires.0, &signature.0)?;
+        self.stream(req, &id.0, &preset.0, Access::Signed(until)).await
+    }
+
+    /// The HLS master playlist by signed URL; its relative URIs stay under the signature.
+    #[oai(path = "/v1/signed/:expires/:signature/tracks/:id/hls/master.m3u8", method = "get", method = "head")]
+    async fn signed_hls_master(
+        &self,
+        req: &Request,
+        expires: Path<String>,
+        signature: Path<String>,
+        id: Path<String>,
+    ) -> Result<ObjectResponse, ApiError> {
+        let until = check_signature(&self.state.tokens, &id.0, "hls", &expires.0, &signature.0)?;
+        self.hls(req, &id.0, None, Access::Signed(until)).await
+    }
+
+    /// An HLS variant playlist or segment by signed URL.
+    #[oai(path = "/v1/signed/:expires/:signature/tracks/:id/hls/:variant/:file", method = "get", method = "head")]
+    async fn signed_hls_file(
+        &self,
+        req: &Request,
+        expires: Path<String>,
+        signature: Path<String>,
+        id: Path<String>,
+        variant: Path<String>,
+        file: Path<String>,
+    ) -> Result<ObjectResponse, ApiError> {
+        let until = check_signature(&self.state.tokens, &id.0, "hls", &expires.0, &signature.0)?;
+        self.hls(req, &id.0, Some((&variant.0, &file.0)), Access::Signed(until)).await
+    }
+
+    /// The waveform by signed URL.
+    #[oai(path = "/v1/signed/:expires/:signature/tracks/:id/waveform", method = "get", method = "head")]
+    async fn signed_waveform(
+        &self,
+        req: &Request,
+        expires: Path<String>,
+        signature: Path<String>,
+        id: Path<String>,
+        format: Query<Option<WaveformFormat>>,
+    ) -> Result<ObjectResponse, ApiError> {
+        let until = check_signature(&self.state.tokens, &id.0, "waveform", &expires.0, &signature.0)?;
+        self.waveform(req, &id.0, format.0, Access::Signed(until)).await
+    }
+}
+
+impl Media {
+    async fn waveform(
+        &self,
+        req: &Request,
+        id: &str,
+        format: Option<WaveformFormat>,
+        access: Access<'_>,
+    ) -> Result<ObjectResponse, ApiError> {
+        let format = format.unwrap_or(WaveformFormat::Json);
+        self.serve_track(req, id, None, access, |playable| {
             let key = match format {
                 WaveformFormat::Json => &playable.waveform_key,
                 WaveformFormat::Dat => &playable.waveform_dat_key,
@@ -299,7 +433,7 @@ impl Media {
                 } else {
                     "application/json"
                 },
-                cache_control: Self::cache(playable, 3600),
+                cache_control: access.cache(playable, 3600),
                 route: "waveform",
             })
         })

@@ -5,6 +5,10 @@
 //! answers 404, exactly as a track that does not exist. Edits and deletion are the owner's;
 //! another user gets 403 on a public track (and 404 on a private one).
 //!
+//! The owner can make a secret share link (`PUT /v1/tracks/{id}/share`): only its SHA-256 is
+//! stored, and with it anyone sees the track and gets its signed URLs
+//! (`GET /v1/tracks/{id}/signed-urls?secret=…`), which play without a session.
+//!
 //! SSE polls the database every 500 ms per open stream and sends an event only when the
 //! state, stage or progress changed; a comment every 15 s keeps proxies from closing an idle
 //! stream. The stream ends after `ready` or `failed`.
@@ -12,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use md5::{Digest, Md5};
@@ -21,12 +27,15 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::types::Any;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
 use waveline_shared::db::{TrackDetails, TrackPatch, Visibility};
 use waveline_shared::domain::TrackId;
 use waveline_shared::storage::Storage;
 
 use crate::auth::{Auth, MaybeAuth, Session};
 use crate::error::{ApiError, ErrorBody};
+use crate::media::signed_prefix;
 use crate::uploads::{UploadAccepted, UploadForm};
 use crate::{AppState, may_see, parse_track_id};
 
@@ -149,6 +158,44 @@ impl From<TrackDetails> for TrackView {
     }
 }
 
+/// Signed URLs, valid until `expires_at`.
+#[derive(Debug, Object)]
+struct SignedUrls {
+    expires_at: DateTime<Utc>,
+    /// Seconds from now.
+    expires_in: u64,
+    /// Progressive streams by preset.
+    stream_urls: BTreeMap<String, String>,
+    /// The master playlist; its variants and segments are covered by the same signature.
+    hls_master_url: Option<String>,
+    waveform_url: String,
+}
+
+/// A secret share link.
+#[derive(Debug, Object)]
+struct ShareLink {
+    /// The secret: keep it; it is not shown again.
+    secret: String,
+    /// The track, with the secret.
+    url: String,
+    /// Where the link's holder gets playable (signed) URLs.
+    signed_urls: String,
+}
+
+#[derive(ApiResponse)]
+enum ShareResponse {
+    /// The new link; any previous one no longer works.
+    #[oai(status = 201)]
+    Created(Json<ShareLink>),
+}
+
+#[derive(ApiResponse)]
+enum Unshared {
+    /// The link no longer works.
+    #[oai(status = 204)]
+    Done,
+}
+
 /// A page of tracks.
 #[derive(Debug, Object)]
 struct TrackPage {
@@ -246,12 +293,30 @@ fn decode_cursor(text: &str) -> Result<(DateTime<Utc>, TrackId), ApiError> {
 impl Tracks {
     /// The track if `viewer` may see it; 404 otherwise.
     async fn visible(&self, id: &str, viewer: Option<&Session>) -> Result<TrackDetails, ApiError> {
+        self.visible_with(id, viewer, None).await
+    }
+
+    /// Like [`Tracks::visible`], and a private track is also visible with its secret share
+    /// token (unless its owner is suspended).
+    async fn visible_with(
+        &self,
+        id: &str,
+        viewer: Option<&Session>,
+        secret: Option<&str>,
+    ) -> Result<TrackDetails, ApiError> {
         let id = parse_track_id(id)?;
         let track = self.state.tracks.details(id).await?.ok_or_else(|| ApiError::not_found("track"))?;
-        if !may_see(track.owner_id, track.visibility, viewer) {
-            return Err(ApiError::not_found("track"));
+        if may_see(track.owner_id, track.visibility, viewer) {
+            return Ok(track);
         }
-        Ok(track)
+        if let Some(secret) = secret.filter(|secret| secret.len() <= 128) {
+            let stored = self.state.tracks.share_hash(id).await?;
+            let given = Sha256::digest(secret.trim().as_bytes());
+            if stored.is_some_and(|stored| bool::from(stored.as_slice().ct_eq(&given[..]))) {
+                return Ok(track);
+            }
+        }
+        Err(ApiError::not_found("track"))
     }
 
     /// The track if `session` owns it: 404 when they cannot see it, 403 when they can but do
@@ -304,10 +369,79 @@ impl Tracks {
         crate::uploads::upload(&self.state, auth, req, form).await
     }
 
-    /// The whole track: metadata, processing state, loudness, and where to listen.
+    /// The whole track: metadata, processing state, loudness, and where to listen. A private
+    /// track is visible to others with its share link's `secret`.
     #[oai(path = "/v1/tracks/:id", method = "get")]
-    async fn get(&self, id: Path<String>, auth: MaybeAuth) -> Result<Json<TrackView>, ApiError> {
-        Ok(Json(TrackView::from(self.visible(&id.0, auth.session()).await?)))
+    async fn get(
+        &self,
+        id: Path<String>,
+        secret: Query<Option<String>>,
+        auth: MaybeAuth,
+    ) -> Result<Json<TrackView>, ApiError> {
+        Ok(Json(TrackView::from(self.visible_with(&id.0, auth.session(), secret.0.as_deref()).await?)))
+    }
+
+    /// Signed, expiring URLs for the track's streams, HLS and waveform: they play without a
+    /// cookie or token (a CDN, an embedded player), until `expires_at`. For whoever may see
+    /// the track, including holders of its share link's `secret`.
+    #[oai(path = "/v1/tracks/:id/signed-urls", method = "get")]
+    async fn signed_urls(
+        &self,
+        id: Path<String>,
+        secret: Query<Option<String>>,
+        auth: MaybeAuth,
+    ) -> Result<Json<SignedUrls>, ApiError> {
+        let track = self.visible_with(&id.0, auth.session(), secret.0.as_deref()).await?;
+        if track.ready_revision.is_none() {
+            return Err(ApiError::conflict(
+                "not_ready",
+                format!("the track is {}; its streams appear when it is ready", track.state),
+            ));
+        }
+        let ttl = self.state.security.signed_url_ttl;
+        let expires_at = Utc::now() + ttl;
+        let expires = expires_at.timestamp();
+        let tokens = &self.state.tokens;
+        let streams = track
+            .presets
+            .iter()
+            .filter(|preset| crate::media::PROGRESSIVE.contains(&preset.as_str()))
+            .map(|preset| {
+                let scope = format!("stream/{preset}");
+                (preset.clone(), format!("{}/{scope}", signed_prefix(tokens, track.id, &scope, expires)))
+            })
+            .collect();
+        let hls = track.presets.iter().any(|p| p == "aac_hls");
+        Ok(Json(SignedUrls {
+            expires_at,
+            expires_in: ttl.as_secs(),
+            stream_urls: streams,
+            hls_master_url: hls.then(|| format!("{}/hls/master.m3u8", signed_prefix(tokens, track.id, "hls", expires))),
+            waveform_url: format!("{}/waveform", signed_prefix(tokens, track.id, "waveform", expires)),
+        }))
+    }
+
+    /// Makes (or replaces) the track's secret share link: anyone with it can see and play the
+    /// track, even private. The secret is shown only here; replacing it revokes the old link.
+    #[oai(path = "/v1/tracks/:id/share", method = "put")]
+    async fn share(&self, id: Path<String>, auth: Auth) -> Result<ShareResponse, ApiError> {
+        let track = self.owned(&id.0, auth.session(), false).await?;
+        let bytes: [u8; 24] = rand::random();
+        let secret = URL_SAFE_NO_PAD.encode(bytes);
+        self.state.tracks.set_share_hash(track.id, Some(&Sha256::digest(secret.as_bytes())[..])).await?;
+        Ok(ShareResponse::Created(Json(ShareLink {
+            url: format!("/v1/tracks/{}?secret={secret}", track.id),
+            signed_urls: format!("/v1/tracks/{}/signed-urls?secret={secret}", track.id),
+            secret,
+        })))
+    }
+
+    /// Revokes the track's share link.
+    #[oai(path = "/v1/tracks/:id/share", method = "delete")]
+    async fn unshare(&self, id: Path<String>, auth: Auth) -> Result<Unshared, ApiError> {
+        let track = self.owned(&id.0, auth.session(), false).await?;
+        self.state.tracks.set_share_hash(track.id, None).await?;
+        Ok(Unshared::Done)
     }
 
     /// Changes a track's metadata (owner only).

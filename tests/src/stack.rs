@@ -281,3 +281,21 @@ pub async fn post_form(
     )
     .await
 }
+
+/// Polls the status until `revision` is ready (at most 120 s); fails on `failed`.
+pub async fn wait_ready(stack: &Stack, user: &User, id: &str, revision: i64) -> Result<Value> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) =
+            json(client.get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&user.token).send().await?)
+                .await?;
+        ensure!(status == 200, "{status} {body}");
+        if body["state"] == "ready" && body["revision"].as_i64() == Some(revision) {
+            return Ok(body);
+        }
+        ensure!(body["state"] != "failed", "the track failed: {body}");
+        ensure!(Instant::now() < deadline, "not ready after 120 s: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
 use waveline_shared::storage::ObjectKey;
-use waveline_tests::stack::{Mode, Stack, User, header, json, multipart, post_form, register_and_login, upload};
+use waveline_tests::stack::{
+    Mode, Stack, User, header, json, multipart, post_form, register_and_login, upload, wait_ready,
+};
 use waveline_tests::{S3Server, audio, s3_credentials, temp_dir};
 
 /// Follows `/events` to its end; returns every event's data.
@@ -59,23 +61,6 @@ async fn follow_events(stack: &Stack, user: &User, id: &str) -> Result<Vec<Value
         }
     }
     Ok(events)
-}
-
-async fn wait_ready(stack: &Stack, user: &User, id: &str, revision: i64) -> Result<Value> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, body) =
-            json(client.get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&user.token).send().await?)
-                .await?;
-        ensure!(status == 200, "{status} {body}");
-        if body["state"] == "ready" && body["revision"].as_i64() == Some(revision) {
-            return Ok(body);
-        }
-        ensure!(body["state"] != "failed", "the track failed: {body}");
-        ensure!(Instant::now() < deadline, "not ready after 120 s: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn stored_bytes(stack: &Stack, key: &str) -> Result<Vec<u8>> {

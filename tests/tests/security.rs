@@ -514,3 +514,192 @@ async fn hostile_text_is_stored_verbatim_and_harms_nothing() -> Result<()> {
     ensure!(user_count == 1, "{user_count}");
     Ok(())
 }
+
+async fn get(url: &str, range: Option<&str>) -> Result<reqwest::Response> {
+    let mut request = client().get(url);
+    if let Some(range) = range {
+        request = request.header("range", range);
+    }
+    Ok(request.send().await?)
+}
+
+/// `url` with its signature (the path segment after `/v1/signed/{expires}/`) changed.
+fn tamper_signature(url: &str) -> Result<String> {
+    let parts: Vec<&str> = url.split('/').collect();
+    let at = parts.iter().position(|p| *p == "signed").context("a signed URL")? + 2;
+    let mut parts: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
+    let first = parts[at].chars().next().context("signature")?;
+    parts[at].replace_range(0..first.len_utf8(), if first == 'A' { "B" } else { "A" });
+    Ok(parts.join("/"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_tracks_share_links_signed_urls_and_suspension() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, true, &[("WAVELINE_SIGNED_URL_TTL_S", "3")]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let bob = register_and_login(&stack, "bob").await?;
+    let admin = register_and_login(&stack, "admin").await?;
+    stack.cli(&["users", "promote", "admin", "--json"])?;
+    let dir = waveline_tests::temp_dir()?;
+    let song = dir.path().join("song.wav");
+    waveline_tests::audio::tone(&song, 3.0, 44100, 2, &[])?;
+    let (status, track) = upload(
+        &stack,
+        &alice,
+        &[("title", "Unreleased"), ("visibility", "private")],
+        ("song.wav", &std::fs::read(&song)?),
+    )
+    .await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+    waveline_tests::stack::wait_ready(&stack, &alice, &id, 1).await?;
+    let track_url = stack.url(&format!("/v1/tracks/{id}"));
+    let urls_url = format!("{track_url}/signed-urls");
+
+    // Invisible to others: 404, exactly like a track that does not exist.
+    for (who, request) in [
+        ("bob", client().get(&track_url).bearer_auth(&bob.token)),
+        ("bob's signed URLs", client().get(&urls_url).bearer_auth(&bob.token)),
+        ("anonymous stream", client().get(format!("{track_url}/stream/mp3_128"))),
+        ("anonymous HLS", client().get(format!("{track_url}/hls/master.m3u8"))),
+    ] {
+        let (status, body) = json(request.send().await?).await?;
+        ensure!(status == 404 && body["code"] == "not_found", "{who}: {status} {body}");
+    }
+
+    // Signed URLs play without a session.
+    let (status, signed) = json(client().get(&urls_url).bearer_auth(&alice.token).send().await?).await?;
+    ensure!(status == 200 && signed["expires_in"] == 3, "{status} {signed}");
+    let mp3 = stack.url(signed["stream_urls"]["mp3_128"].as_str().context("mp3 URL")?);
+    let response = get(&mp3, Some("bytes=0-99")).await?;
+    ensure!(response.status() == 206, "{}", response.status());
+    let cache = header(&response, "cache-control");
+    ensure!(cache.starts_with("public, max-age=") && cache[16..].parse::<u64>().is_ok_and(|s| s <= 3), "{cache}");
+    let signed_bytes = response.bytes().await?;
+    let own = client()
+        .get(format!("{track_url}/stream/mp3_128"))
+        .bearer_auth(&alice.token)
+        .header("range", "bytes=0-99")
+        .send()
+        .await?;
+    ensure!(own.bytes().await? == signed_bytes, "the signed stream differs from the owner's");
+    // HLS: the master's relative URIs resolve under the signature, down to a segment.
+    let master = url::Url::parse(&stack.url(signed["hls_master_url"].as_str().context("HLS URL")?))?;
+    let response = get(master.as_str(), None).await?;
+    ensure!(response.status() == 200, "master: {}", response.status());
+    let text = response.text().await?;
+    let variant =
+        master.join(text.lines().find(|l| !l.starts_with('#') && !l.trim().is_empty()).context("a variant")?)?;
+    let response = get(variant.as_str(), None).await?;
+    ensure!(response.status() == 200, "{variant}: {}", response.status());
+    let text = response.text().await?;
+    let segment =
+        variant.join(text.lines().find(|l| !l.starts_with('#') && !l.trim().is_empty()).context("a segment")?)?;
+    let response = get(segment.as_str(), None).await?;
+    ensure!(response.status() == 200 && !response.bytes().await?.is_empty(), "{segment}");
+    let waveform = stack.url(signed["waveform_url"].as_str().context("waveform URL")?);
+    let (status, body) = json(get(&waveform, None).await?).await?;
+    ensure!(status == 200 && body["data"].is_array(), "{status}");
+
+    // Tampered: the signature, the expiry, another preset, another track.
+    let segments: Vec<&str> = mp3.split('/').collect();
+    let at = segments.iter().position(|p| *p == "signed").context("signed")? + 1;
+    let later = segments[at].parse::<i64>()? + 3600;
+    let mut longer = segments.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    longer[at] = later.to_string();
+    let other_preset = mp3.replace("/stream/mp3_128", "/stream/opus_64");
+    let (_, other) = upload(&stack, &alice, &[("title", "other")], ("song.wav", &std::fs::read(&song)?)).await?;
+    let other_track = mp3.replace(&id, other["id"].as_str().context("id")?);
+    for (name, url) in [
+        ("signature", tamper_signature(&mp3)?),
+        ("expiry", longer.join("/")),
+        ("preset", other_preset),
+        ("track", other_track),
+        (
+            "HLS signature on a stream",
+            mp3.replace(&format!("/tracks/{id}/stream/mp3_128"), &format!("/tracks/{id}/hls/master.m3u8")),
+        ),
+    ] {
+        let (status, body) = json(get(&url, None).await?).await?;
+        ensure!(status == 403 && body["code"] == "bad_signature", "tampered {name}: {status} {body}");
+    }
+
+    // A share link lets bob in; replacing or revoking it shuts him out.
+    let (status, share) =
+        json(client().put(format!("{track_url}/share")).bearer_auth(&alice.token).send().await?).await?;
+    ensure!(status == 201, "{status} {share}");
+    let secret = share["secret"].as_str().context("secret")?.to_owned();
+    let (status, seen) =
+        json(client().get(stack.url(share["url"].as_str().context("url")?)).bearer_auth(&bob.token).send().await?)
+            .await?;
+    ensure!(status == 200 && seen["title"] == "Unreleased", "{status} {seen}");
+    let (status, bob_urls) =
+        json(client().get(stack.url(share["signed_urls"].as_str().context("signed_urls")?)).send().await?).await?;
+    ensure!(status == 200, "anonymous with the secret: {status} {bob_urls}");
+    let bob_mp3 = stack.url(bob_urls["stream_urls"]["mp3_128"].as_str().context("mp3")?);
+    ensure!(get(&bob_mp3, Some("bytes=0-9")).await?.status() == 206);
+    let (status, _) = json(client().get(format!("{track_url}?secret=wrong-{secret}")).send().await?).await?;
+    ensure!(status == 404, "a wrong secret");
+    let (status, _) = json(client().put(format!("{track_url}/share")).bearer_auth(&bob.token).send().await?).await?;
+    ensure!(status == 404, "bob made a share link for alice's private track");
+    let (_, replaced) =
+        json(client().put(format!("{track_url}/share")).bearer_auth(&alice.token).send().await?).await?;
+    let (status, _) = json(client().get(format!("{track_url}?secret={secret}")).send().await?).await?;
+    ensure!(status == 404, "the replaced secret still works");
+    let response = client().delete(format!("{track_url}/share")).bearer_auth(&alice.token).send().await?;
+    ensure!(response.status() == 204);
+    let (status, _) =
+        json(client().get(format!("{track_url}?secret={}", replaced["secret"].as_str().unwrap_or(""))).send().await?)
+            .await?;
+    ensure!(status == 404, "the revoked secret still works");
+
+    // Signed URLs expire.
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    let (status, body) = json(get(&mp3, None).await?).await?;
+    ensure!(status == 403 && body["code"] == "url_expired", "{status} {body}");
+
+    // Admin routes are for admins.
+    let dead = stack.url("/v1/admin/dead-letters");
+    let (status, body) = json(client().get(&dead).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200 && body["dead_letters"].is_array(), "{status} {body}");
+    let (status, body) = json(client().get(&dead).bearer_auth(&bob.token).send().await?).await?;
+    ensure!(status == 403 && body["code"] == "admin_only", "{status} {body}");
+    let (status, _) = json(client().get(&dead).send().await?).await?;
+    ensure!(status == 401);
+    let suspension = stack.url(&format!("/v1/admin/users/{}/suspension", alice.id));
+    let (status, body) = json(client().put(&suspension).bearer_auth(&bob.token).send().await?).await?;
+    ensure!(status == 403 && body["code"] == "admin_only", "{status} {body}");
+
+    // Suspension: sessions end, logins fail, private tracks stop playing (but for admins).
+    let (status, _) = json(client().get(&urls_url).bearer_auth(&alice.token).send().await?).await?;
+    ensure!(status == 200);
+    let (_, fresh) = json(client().get(&urls_url).bearer_auth(&alice.token).send().await?).await?;
+    let fresh_mp3 = stack.url(fresh["stream_urls"]["mp3_128"].as_str().context("mp3")?);
+    let (status, body) = json(client().put(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200 && body["suspended_at"].is_string(), "{status} {body}");
+    let (status, _) = me(&stack, &alice.token).await?;
+    ensure!(status == 401, "a suspended account's token still works");
+    let (status, body) = refresh(&stack, &alice.refresh).await?;
+    ensure!(status == 401, "a suspended account refreshed: {body}");
+    let response = client()
+        .post(stack.url("/v1/auth/login"))
+        .json(&json!({"email": alice.email, "password": alice.password}))
+        .send()
+        .await?;
+    let (status, body) = json(response).await?;
+    ensure!(status == 403 && body["code"] == "account_suspended", "{status} {body}");
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the lookup cache's lifetime
+    let (status, body) = json(get(&fresh_mp3, None).await?).await?;
+    ensure!(status == 404, "a suspended owner's private track still plays by signed URL: {status} {body}");
+    let response = client()
+        .get(format!("{track_url}/stream/mp3_128"))
+        .bearer_auth(&admin.token)
+        .header("range", "bytes=0-9")
+        .send()
+        .await?;
+    ensure!(response.status() == 206, "an admin cannot play it: {}", response.status());
+    let (status, body) = json(client().delete(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200 && body["suspended_at"].is_null(), "{status} {body}");
+    login(&stack, &alice.email, &alice.password, &[]).await?;
+    Ok(())
+}

@@ -181,6 +181,8 @@ pub struct Playable {
     pub waveform_key: Option<String>,
     pub waveform_dat_key: Option<String>,
     pub waveform_summary_key: Option<String>,
+    /// The owner is suspended: only admins may play their private tracks.
+    pub owner_suspended: bool,
 }
 
 impl PgTracks {
@@ -313,11 +315,13 @@ impl PgTracks {
             Option<String>,
             Option<String>,
             Option<String>,
+            bool,
         );
         let row: Option<Row> = sqlx::query_as(
             "SELECT t.owner_id, t.visibility, t.state, t.ready_revision, r.storage_key, r.storage_keys,
-                    t.waveform_key, t.waveform_dat_key, t.waveform_summary_key
+                    t.waveform_key, t.waveform_dat_key, t.waveform_summary_key, u.suspended_at IS NOT NULL
              FROM tracks t
+             JOIN users u ON u.id = t.owner_id
              LEFT JOIN renditions r ON r.track_id = t.id AND r.revision = t.ready_revision AND r.preset = $2
              WHERE t.id = $1",
         )
@@ -325,7 +329,9 @@ impl PgTracks {
         .bind(preset)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((owner_id, visibility, state, ready_revision, key, keys, waveform, dat, summary)) = row else {
+        let Some((owner_id, visibility, state, ready_revision, key, keys, waveform, dat, summary, owner_suspended)) =
+            row
+        else {
             return Ok(None);
         };
         Ok(Some(Playable {
@@ -338,7 +344,30 @@ impl PgTracks {
             waveform_key: waveform,
             waveform_dat_key: dat,
             waveform_summary_key: summary,
+            owner_suspended,
         }))
+    }
+
+    /// Sets (or, with `None`, clears) the hash of a track's secret share link.
+    pub async fn set_share_hash(&self, id: TrackId, hash: Option<&[u8]>) -> Result<bool, DbError> {
+        Ok(sqlx::query("UPDATE tracks SET share_hash = $2 WHERE id = $1")
+            .bind(id)
+            .bind(hash)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// The hash of a track's secret share link, if it has one and its owner is not suspended.
+    pub async fn share_hash(&self, id: TrackId) -> Result<Option<Vec<u8>>, DbError> {
+        Ok(sqlx::query_scalar(
+            "SELECT t.share_hash FROM tracks t JOIN users u ON u.id = t.owner_id
+             WHERE t.id = $1 AND u.suspended_at IS NULL AND t.share_hash IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 }
 
