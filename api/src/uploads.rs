@@ -356,6 +356,22 @@ impl Uploads {
     }
 }
 
+/// Refuses an upload up front (403 `quota_exceeded`) when the account has already used its
+/// quota. The new file's duration is not known until a worker reads it; the worker checks
+/// again then, and fails the track `quota_exceeded` (deleting its original) if it does not fit.
+async fn check_quota(state: &AppState, session: &Session) -> Result<(), ApiError> {
+    let (exempt, used_ms) = state.tracks.quota_usage(session.user.id, None).await?;
+    let quota = state.security.free_quota;
+    if !exempt && used_ms >= quota.as_millis() as i64 {
+        return Err(ApiError::forbidden(format!(
+            "this account has used its upload quota of {} min of audio; delete tracks to make room",
+            quota.as_secs() / 60
+        ))
+        .with_code("quota_exceeded"));
+    }
+    Ok(())
+}
+
 /// `POST /v1/tracks` (routed by [`crate::tracks::Tracks`], which owns the path): a track
 /// uploaded as multipart (`file` plus optional `title`, `description`, `genre`,
 /// `tags`, `visibility`). The body streams into storage; the answer is 202 with the
@@ -368,6 +384,7 @@ pub(crate) async fn upload(
 ) -> Result<UploadAccepted, ApiError> {
     let session = auth.session();
     check_declared_length(req, state.limits.upload_max_bytes, 1 << 20).map_err(close_after)?;
+    check_quota(state, session).await.map_err(close_after)?;
     let mut multipart = form.0;
     let id = TrackId::new();
     let key = original_key(id)?;
@@ -435,6 +452,7 @@ impl Uploads {
     #[oai(path = "/v1/uploads", method = "post")]
     async fn start(&self, auth: Auth, body: Json<UploadRequest>) -> Result<TicketResponse, ApiError> {
         let session = auth.session();
+        check_quota(&self.state, session).await?;
         let request = body.0;
         let limit = self.state.limits.upload_max_bytes;
         if request.size.is_some_and(|size| size > limit) {

@@ -52,6 +52,7 @@ pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Resul
         temp_root,
         heartbeat_every: Duration::from_secs(1),
         claims: HeldClaims::default(),
+        upload_quota: settings.free_quota,
     }))
 }
 

@@ -68,6 +68,7 @@ impl Embedded {
             temp_root: work.path().to_path_buf(),
             heartbeat_every: Duration::from_millis(300),
             claims: HeldClaims::default(),
+            upload_quota: Duration::from_secs(3 * 3600),
         });
         let stop = CancellationToken::new();
         let worker = {

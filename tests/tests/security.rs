@@ -703,3 +703,57 @@ async fn private_tracks_share_links_signed_urls_and_suspension() -> Result<()> {
     login(&stack, &alice.email, &alice.password, &[]).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, true, &[("WAVELINE_FREE_QUOTA_S", "5")]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let dir = waveline_tests::temp_dir()?;
+    let tone = |name: &str, seconds: f64| -> Result<Vec<u8>> {
+        let path = dir.path().join(name);
+        waveline_tests::audio::tone(&path, seconds, 44100, 2, &[])?;
+        Ok(std::fs::read(&path)?)
+    };
+    let status_of = |id: String| {
+        let (stack, alice) = (&stack, &alice);
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let (_, body) =
+                    json(client().get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&alice.token).send().await?)
+                        .await?;
+                if body["state"] == "ready" || body["state"] == "failed" {
+                    return Ok::<Value, anyhow::Error>(body);
+                }
+                ensure!(std::time::Instant::now() < deadline, "{body}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // 3 s of a 5 s quota: fine.
+    let (status, first) = upload(&stack, &alice, &[("title", "one")], ("one.wav", &tone("one.wav", 3.0)?)).await?;
+    ensure!(status == 202, "{status} {first}");
+    let body = status_of(first["id"].as_str().context("id")?.to_owned()).await?;
+    ensure!(body["state"] == "ready", "{body}");
+    // 3 s more would make 6: accepted (the duration is unknown up front), then failed by the
+    // worker, with its original gone.
+    let (status, second) = upload(&stack, &alice, &[("title", "two")], ("two.wav", &tone("two.wav", 3.0)?)).await?;
+    ensure!(status == 202, "{status} {second}");
+    let second_id = second["id"].as_str().context("id")?.to_owned();
+    let body = status_of(second_id.clone()).await?;
+    ensure!(body["state"] == "failed" && body["error"]["code"] == "quota_exceeded", "{body}");
+    let left = stack.storage.list_prefix(&format!("originals/{second_id}/")).await?;
+    ensure!(left.is_empty(), "the refused track's original is still stored: {left:?}");
+    // 2 s fits exactly.
+    let (_, third) = upload(&stack, &alice, &[("title", "three")], ("three.wav", &tone("three.wav", 2.0)?)).await?;
+    let body = status_of(third["id"].as_str().context("id")?.to_owned()).await?;
+    ensure!(body["state"] == "ready", "{body}");
+    // Now the quota is used up: refused up front, in both upload flows.
+    let (status, body) = upload(&stack, &alice, &[("title", "four")], ("four.wav", &tone("four.wav", 1.0)?)).await?;
+    ensure!(status == 403 && body["code"] == "quota_exceeded", "{status} {body}");
+    let (status, body) =
+        json(client().post(stack.url("/v1/uploads")).bearer_auth(&alice.token).json(&json!({"filename": "x.wav"})).send().await?)
+            .await?;
+    ensure!(status == 403 && body["code"] == "quota_exceeded", "{status} {body}");
+    Ok(())
+}

@@ -42,6 +42,8 @@ pub struct Context {
     pub heartbeat_every: Duration,
     /// Claims of the jobs running now.
     pub claims: HeldClaims,
+    /// The total duration of audio an account may upload (its tier's quota).
+    pub upload_quota: Duration,
 }
 
 /// How a worker runs.

@@ -348,6 +348,28 @@ impl PgTracks {
         }))
     }
 
+    /// For the upload quota: whether `owner` is exempt (the system account of operator
+    /// imports), and the total duration of their tracks that have not failed, other than
+    /// `excluding`, in milliseconds. Tracks not processed yet count as 0.
+    pub async fn quota_usage(&self, owner: UserId, excluding: Option<TrackId>) -> Result<(bool, i64), DbError> {
+        let row: Option<(bool, i64)> = sqlx::query_as(
+            "SELECT u.role = 'system',
+                    coalesce((SELECT sum(t.duration_ms) FROM tracks t
+                              WHERE t.owner_id = u.id AND t.state <> 'failed' AND t.id IS DISTINCT FROM $2), 0)::bigint
+             FROM users u WHERE u.id = $1",
+        )
+        .bind(owner)
+        .bind(excluding)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.ok_or_else(|| DbError::Invalid(format!("no user {owner}")))
+    }
+
+    /// The owner of a track.
+    pub async fn owner_of(&self, id: TrackId) -> Result<Option<UserId>, DbError> {
+        Ok(sqlx::query_scalar("SELECT owner_id FROM tracks WHERE id = $1").bind(id).fetch_optional(&self.pool).await?)
+    }
+
     /// Sets (or, with `None`, clears) the hash of a track's secret share link.
     pub async fn set_share_hash(&self, id: TrackId, hash: Option<&[u8]>) -> Result<bool, DbError> {
         Ok(sqlx::query("UPDATE tracks SET share_hash = $2 WHERE id = $1")

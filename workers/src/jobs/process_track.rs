@@ -100,8 +100,19 @@ impl ProcessTrack {
             message: "the track has no original to process".into(),
         })?;
         self.fetch(context, original, &input).await?;
+        // The quota, first by what the file declares (before any decoding), then by what was
+        // decoded (before anything is stored).
+        let declared = tokio::task::spawn_blocking({
+            let input = input.clone();
+            move || declared_duration_ms(&input)
+        })
+        .await
+        .ok()
+        .flatten();
+        self.check_quota(context, original, declared).await?;
 
         let manifest = self.run_pipeline(context, claim, &input, &temp.path().join("out")).await?;
+        self.check_quota(context, original, Some(manifest.source.duration_ms)).await?;
         beat(context, claim, ProcessingStage::Storing, 96).await?;
         let completion = self.upload(context, claim, &temp.path().join("out"), &manifest).await?;
         match context.tracks.complete(claim, &completion).await.map_err(|err| db_error("commit", err))? {
@@ -123,6 +134,39 @@ impl ProcessTrack {
                 Ok(())
             }
         }
+    }
+
+    /// Fails the track with `quota_exceeded`, deleting its original, when `duration_ms` added
+    /// to what its owner already has would pass the quota.
+    async fn check_quota(&self, context: &Context, original: &str, duration_ms: Option<u64>) -> Result<(), JobError> {
+        let Some(duration_ms) = duration_ms else {
+            return Ok(());
+        };
+        let owner = context
+            .tracks
+            .owner_of(self.track_id)
+            .await
+            .map_err(|err| db_error("owner", err))?
+            .ok_or(JobError::ClaimLost)?;
+        let (exempt, used_ms) =
+            context.tracks.quota_usage(owner, Some(self.track_id)).await.map_err(|err| db_error("quota", err))?;
+        let quota_ms = context.upload_quota.as_millis() as u64;
+        let used_ms = used_ms.max(0) as u64;
+        if exempt || used_ms + duration_ms <= quota_ms {
+            return Ok(());
+        }
+        tracing::info!(used_ms, duration_ms, quota_ms, "over the upload quota");
+        let key = ObjectKey::parse(original).map_err(|err| JobError::Transient(format!("original key: {err}")))?;
+        context.storage.delete(&key).await.map_err(|err| storage_error("delete the original", err))?;
+        Err(JobError::Permanent {
+            code: "quota_exceeded",
+            message: format!(
+                "this track ({}) would take the account past its upload quota of {} (used: {}); its original was deleted",
+                minutes(duration_ms),
+                minutes(quota_ms),
+                minutes(used_ms)
+            ),
+        })
     }
 
     async fn fetch(&self, context: &Context, key: &str, to: &Path) -> Result<(), JobError> {
@@ -290,6 +334,21 @@ impl ProcessTrack {
             renditions,
         })
     }
+}
+
+/// `1 h 02 min` and the like.
+fn minutes(ms: u64) -> String {
+    let minutes = ms.div_ceil(60_000);
+    if minutes >= 60 { format!("{} h {:02} min", minutes / 60, minutes % 60) } else { format!("{minutes} min") }
+}
+
+/// The duration the container declares, when it declares one (decoding nothing).
+fn declared_duration_ms(input: &Path) -> Option<u64> {
+    let container = waveline_pipeline::sniff::sniff_file(input).ok()?;
+    let reader = waveline_pipeline::decode::open(input, container).ok()?;
+    let facts = reader.facts();
+    let frames = facts.declared_frames?;
+    (facts.sample_rate > 0).then(|| frames * 1000 / u64::from(facts.sample_rate))
 }
 
 /// Records stage and progress; a claim found gone means someone else owns the track now.
