@@ -205,7 +205,8 @@ async fn full_flow(mode: Mode) -> Result<()> {
     // Upload through the API.
     let dir = temp_dir()?;
     let song = dir.path().join("song.flac");
-    audio::tone(&song, 4.0, 44100, 2, &[])?;
+    // Long enough that processing outlasts the SSE poll (500 ms), so `processing` is seen.
+    audio::tone(&song, 20.0, 44100, 2, &[])?;
     let bytes = std::fs::read(&song)?;
     let (status, track) = upload(
         &stack,
@@ -244,7 +245,7 @@ async fn full_flow(mode: Mode) -> Result<()> {
     let (status, track) = json(client.get(stack.url(&format!("/v1/tracks/{id}"))).send().await?).await?;
     ensure!(status == 200 && track["state"] == "ready", "{track}");
     let duration = track["duration_ms"].as_i64().context("duration_ms")?;
-    ensure!((3900..=4100).contains(&duration), "duration {duration} ms for a 4 s tone");
+    ensure!((19_900..=20_100).contains(&duration), "duration {duration} ms for a 20 s tone");
     ensure!(track["loudness"]["integrated_lufs"].as_f64().is_some(), "{track}");
     ensure!(track["waveform_url"] == format!("/v1/tracks/{id}/waveform"), "{track}");
     ensure!(track["hls_master_url"] == format!("/v1/tracks/{id}/hls/master.m3u8"), "{track}");

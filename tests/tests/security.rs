@@ -719,9 +719,14 @@ async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted(
         async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             loop {
-                let (_, body) =
-                    json(client().get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&alice.token).send().await?)
-                        .await?;
+                let (_, body) = json(
+                    client()
+                        .get(stack.url(&format!("/v1/tracks/{id}/status")))
+                        .bearer_auth(&alice.token)
+                        .send()
+                        .await?,
+                )
+                .await?;
                 if body["state"] == "ready" || body["state"] == "failed" {
                     return Ok::<Value, anyhow::Error>(body);
                 }
@@ -751,9 +756,15 @@ async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted(
     // Now the quota is used up: refused up front, in both upload flows.
     let (status, body) = upload(&stack, &alice, &[("title", "four")], ("four.wav", &tone("four.wav", 1.0)?)).await?;
     ensure!(status == 403 && body["code"] == "quota_exceeded", "{status} {body}");
-    let (status, body) =
-        json(client().post(stack.url("/v1/uploads")).bearer_auth(&alice.token).json(&json!({"filename": "x.wav"})).send().await?)
-            .await?;
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/uploads"))
+            .bearer_auth(&alice.token)
+            .json(&json!({"filename": "x.wav"}))
+            .send()
+            .await?,
+    )
+    .await?;
     ensure!(status == 403 && body["code"] == "quota_exceeded", "{status} {body}");
     Ok(())
 }

@@ -11,11 +11,22 @@
 //! attributes it is derived from the key's extension. The ETag is built from the inode,
 //! modification time and size: every write creates a new inode, so it changes whenever the
 //! object is replaced, without hashing the bytes.
+//!
+//! **Hot reads.** A player asks for one object in a run of small ranges. Files read in the
+//! last second stay open (nginx's `open_file_cache`, at most 1024), with their metadata: a
+//! range of up to 256 KiB from one of them is a single positional read, done on the calling
+//! thread like nginx's own reads without `aio threads`, since the pages of a file just read are
+//! almost always in the page cache. Everything else (a first read, a large range) opens the file
+//! on the blocking pool. A write or delete through this store drops the entry at once; a
+//! replacement by another process (another replica on the same directory) shows within the
+//! second, and until then readers get the previous version whole, never a mix.
 
+use std::collections::HashMap;
 use std::io::SeekFrom;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -35,10 +46,68 @@ const CHUNK: usize = 64 * 1024;
 /// Parts up to this size are read in the same blocking call that opens the file.
 const SMALL_READ: u64 = 256 * 1024;
 
+/// How long an opened file is kept for the reads that follow.
+const HOT_TTL: Duration = Duration::from_secs(1);
+/// The most files kept open.
+const HOT_MAX: usize = 1024;
+
 /// Objects as files under a root directory.
 #[derive(Debug, Clone)]
 pub struct FsStorage {
     root: PathBuf,
+    hot: Arc<HotFiles>,
+}
+
+/// Files opened in the last [`HOT_TTL`], by key.
+#[derive(Debug, Default)]
+struct HotFiles {
+    entries: Mutex<HashMap<String, Hot>>,
+}
+
+#[derive(Debug, Clone)]
+struct Hot {
+    file: Arc<std::fs::File>,
+    meta: ObjectMeta,
+    opened: Instant,
+}
+
+impl HotFiles {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Hot>> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, key: &ObjectKey) -> Option<Hot> {
+        self.lock().get(key.as_str()).filter(|hot| hot.opened.elapsed() < HOT_TTL).cloned()
+    }
+
+    fn put(&self, key: &ObjectKey, hot: Hot) {
+        let mut entries = self.lock();
+        if entries.len() >= HOT_MAX {
+            entries.retain(|_, hot| hot.opened.elapsed() < HOT_TTL);
+            if entries.len() >= HOT_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key.as_str().to_owned(), hot);
+    }
+
+    fn forget(&self, key: &ObjectKey) {
+        self.lock().remove(key.as_str());
+    }
+}
+
+/// `len` bytes at `offset`, with positional reads (the file's cursor is not used, so one open
+/// file serves concurrent readers).
+fn read_part(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bytes::Bytes> {
+    let mut bytes = vec![0u8; len as usize];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match file.read_at(&mut bytes[filled..], offset + filled as u64)? {
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file is shorter than it was")),
+            n => filled += n,
+        }
+    }
+    Ok(bytes::Bytes::from(bytes))
 }
 
 impl FsStorage {
@@ -63,7 +132,7 @@ impl FsStorage {
                 let _ = tokio::fs::remove_file(entry.path()).await;
             }
         }
-        Ok(FsStorage { root: root.to_path_buf() })
+        Ok(FsStorage { root: root.to_path_buf(), hot: Arc::default() })
     }
 
     /// The directory objects live under.
@@ -73,6 +142,39 @@ impl FsStorage {
 
     fn path_of(&self, key: &ObjectKey) -> PathBuf {
         self.root.join(key.as_str())
+    }
+
+    /// Writes a temp file and renames it over the key's path.
+    async fn put_file(
+        &self,
+        key: &ObjectKey,
+        content_type: &str,
+        body: ByteStream,
+    ) -> Result<ObjectMeta, StorageError> {
+        let tmp = self.root.join(TMP_DIR).join(Uuid::new_v4().to_string());
+        if let Err(err) = self.write_temp(&tmp, content_type, body).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(err);
+        }
+        let path = self.path_of(key);
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        // A concurrent delete may prune the parent directory between the two calls; one more
+        // round settles it.
+        let mut renamed = Ok(());
+        for _ in 0..3 {
+            tokio::fs::create_dir_all(&parent).await?;
+            renamed = tokio::fs::rename(&tmp, &path).await;
+            match &renamed {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                _ => break,
+            }
+        }
+        if let Err(err) = renamed {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(err.into());
+        }
+        let stat = tokio::fs::metadata(&path).await?;
+        Ok(meta_of(&path, key, &stat))
     }
 
     async fn write_temp(&self, tmp: &Path, content_type: &str, mut body: ByteStream) -> Result<(), StorageError> {
@@ -123,39 +225,40 @@ impl Storage for FsStorage {
     }
 
     async fn put(&self, key: &ObjectKey, content_type: &str, body: ByteStream) -> Result<ObjectMeta, StorageError> {
-        let tmp = self.root.join(TMP_DIR).join(Uuid::new_v4().to_string());
-        if let Err(err) = self.write_temp(&tmp, content_type, body).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(err);
-        }
-        let path = self.path_of(key);
-        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
-        // A concurrent delete may prune the parent directory between the two calls; one more
-        // round settles it.
-        let mut renamed = Ok(());
-        for _ in 0..3 {
-            tokio::fs::create_dir_all(&parent).await?;
-            renamed = tokio::fs::rename(&tmp, &path).await;
-            match &renamed {
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                _ => break,
+        let result = self.put_file(key, content_type, body).await;
+        self.hot.forget(key);
+        result
+    }
+    async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+        let resolve = move |size: u64| -> Result<Option<super::ResolvedRange>, StorageError> {
+            match range {
+                Some(range) => Ok(Some(range.resolve(size).ok_or(StorageError::RangeNotSatisfiable { size })?)),
+                None => Ok(ByteRange::From { first: 0 }.resolve(size)),
+            }
+        };
+        // A small part of a file read a moment ago: one positional read, here.
+        if let Some(hot) = self.hot.get(key) {
+            match resolve(hot.meta.size)? {
+                None => {
+                    return Ok(ObjectRead { meta: hot.meta, range: None, body: Box::pin(futures::stream::empty()) });
+                }
+                Some(part) if part.len() <= SMALL_READ => match read_part(&hot.file, part.first, part.len()) {
+                    Ok(bytes) => {
+                        let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(bytes) }));
+                        return Ok(ObjectRead { meta: hot.meta, range: Some(part), body });
+                    }
+                    Err(_) => self.hot.forget(key),
+                },
+                Some(_) => {}
             }
         }
-        if let Err(err) = renamed {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(err.into());
-        }
-        let stat = tokio::fs::metadata(&path).await?;
-        Ok(meta_of(&path, key, &stat))
-    }
 
-    async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
         // Open, stat, read the attributes, seek and, for a small part (a player's range
         // request), read it whole: one trip to the blocking pool instead of one per step.
         let path = self.path_of(key);
         let owned_key = key.clone();
         let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-            use std::io::{Read, Seek};
+            use std::io::Seek;
             let mut file = std::fs::File::open(&path).map_err(not_found(&owned_key))?;
             // The open handle pins this version of the object, even if a writer replaces it now.
             let stat = file.metadata()?;
@@ -163,22 +266,12 @@ impl Storage for FsStorage {
                 return Err(StorageError::NotFound { key: owned_key.to_string() });
             }
             let meta = meta_of(&path, &owned_key, &stat);
-            let resolved = match range {
-                Some(range) => {
-                    Some(range.resolve(meta.size).ok_or(StorageError::RangeNotSatisfiable { size: meta.size })?)
-                }
-                None => ByteRange::From { first: 0 }.resolve(meta.size),
-            };
+            let resolved = resolve(meta.size)?;
             let small = match resolved {
-                Some(range) => {
-                    file.seek(SeekFrom::Start(range.first))?;
-                    if range.len() <= SMALL_READ {
-                        let mut bytes = Vec::with_capacity(range.len() as usize);
-                        (&mut file).take(range.len()).read_to_end(&mut bytes)?;
-                        Some(bytes::Bytes::from(bytes))
-                    } else {
-                        None
-                    }
+                Some(part) if part.len() <= SMALL_READ => Some(read_part(&file, part.first, part.len())?),
+                Some(part) => {
+                    file.seek(SeekFrom::Start(part.first))?;
+                    None
                 }
                 None => Some(bytes::Bytes::new()),
             };
@@ -188,8 +281,14 @@ impl Storage for FsStorage {
         .map_err(|err| StorageError::Io(std::io::Error::other(err)))??;
         let (file, meta, resolved, small) = opened;
         let body: ByteStream = match (resolved, small) {
-            (_, Some(bytes)) if bytes.is_empty() => Box::pin(futures::stream::empty()),
-            (_, Some(bytes)) => Box::pin(futures::stream::once(async move { Ok(bytes) })),
+            (_, Some(bytes)) => {
+                self.hot.put(key, Hot { file: Arc::new(file), meta: meta.clone(), opened: Instant::now() });
+                if bytes.is_empty() {
+                    Box::pin(futures::stream::empty())
+                } else {
+                    Box::pin(futures::stream::once(async move { Ok(bytes) }))
+                }
+            }
             (Some(range), None) => super::byte_stream(ReaderStream::with_capacity(
                 tokio::fs::File::from_std(file).take(range.len()),
                 CHUNK,
@@ -214,6 +313,7 @@ impl Storage for FsStorage {
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        self.hot.forget(key);
         let path = self.path_of(key);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => {}
