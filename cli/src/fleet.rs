@@ -163,16 +163,14 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         playables: Arc::default(),
         metrics: Arc::new(move || metrics.render()),
     };
-    let acceptor = waveline_api::listener::NoDelayAcceptor::bind(settings.listen)
+    let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     tracing::info!(listen = %settings.listen, workers, "serving the API");
-    let server = poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
-        waveline_api::app(state),
-        shutdown.clone().cancelled_owned(),
-        Some(Duration::from_secs(10)),
-    );
-    let served = server.await.with_context(|| format!("cannot serve on {}", settings.listen));
+    let served = listener
+        .serve(waveline_api::app(state), shutdown.clone(), Duration::from_secs(10))
+        .await
+        .with_context(|| format!("cannot serve on {}", settings.listen));
     shutdown.cancel();
     if let Some(worker) = worker {
         worker.await.context("the in-process worker panicked")??;

@@ -1,0 +1,363 @@
+//! The authorization matrix: every operation of the OpenAPI document, called as anonymous,
+//! another user, the owner and an admin, on a public and a private track, against the
+//! expected status written below. An operation in the document without a row fails the test,
+//! and so does a row the document no longer has.
+//!
+//! "Owner" is the account the operation acts on: the track's owner for track routes, the
+//! uploader for direct uploads, the target account for the admin's user routes. Rows run in
+//! the table's order, each role in turn (owner last, unless the row says otherwise), because
+//! some cells change what later ones see: the owner's `DELETE` removes the track, a logout
+//! ends a session (the runner logs that role in again), a suspension ends the target's.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::{Value, json};
+use waveline_tests::stack::{Mode, Stack, User, json, login, register_and_login, upload, wait_ready};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Anonymous,
+    Other,
+    Owner,
+    Admin,
+}
+
+/// Expected statuses for [anonymous, other, owner, admin].
+type Cells = [u16; 4];
+
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// The same whatever the track's visibility (routes without a track): run once.
+    Any(Cells),
+    /// On the public track, then on the private one.
+    Track { public: Cells, private: Cells },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Anonymous, other, admin, owner: the owner's call may destroy what the others probe.
+    OwnerLast,
+    /// Anonymous, other, owner, admin: the admin's call changes the owner's account.
+    AdminLast,
+}
+
+struct Row {
+    method: &'static str,
+    path: &'static str,
+    expect: Expect,
+    order: Order,
+}
+
+const fn row(method: &'static str, path: &'static str, expect: Expect) -> Row {
+    Row { method, path, expect, order: Order::OwnerLast }
+}
+
+const ALL_OK: Cells = [200, 200, 200, 200];
+const SIGNED_IN: Cells = [401, 200, 200, 200];
+/// Readable by everyone when public…
+const READ_PUBLIC: Cells = [200, 200, 200, 200];
+/// …and by the owner and admins only when private (404 to the rest, as if it did not exist).
+const READ_PRIVATE: Cells = [404, 404, 200, 200];
+const fn owner_only(status: u16) -> Expect {
+    Expect::Track { public: [401, 403, status, 403], private: [401, 404, status, 403] }
+}
+const fn owner_or_admin(status: u16) -> Expect {
+    Expect::Track { public: [401, 403, status, status], private: [401, 404, status, status] }
+}
+const READ: Expect = Expect::Track { public: READ_PUBLIC, private: READ_PRIVATE };
+
+/// The matrix. Order matters (see the module doc).
+const MATRIX: &[Row] = &[
+    row("get", "/healthz", Expect::Any(ALL_OK)),
+    row("get", "/readyz", Expect::Any(ALL_OK)),
+    row("get", "/metrics", Expect::Any(ALL_OK)),
+    row("post", "/v1/auth/register", Expect::Any([201, 201, 201, 201])),
+    row("post", "/v1/auth/login", Expect::Any(ALL_OK)),
+    row("post", "/v1/auth/refresh", Expect::Any(ALL_OK)),
+    row("get", "/v1/me", Expect::Any(SIGNED_IN)),
+    row("get", "/v1/tracks", Expect::Any(ALL_OK)),
+    row("post", "/v1/tracks", Expect::Any([401, 202, 202, 202])),
+    row("get", "/v1/tracks/{id}", READ),
+    row("get", "/v1/tracks/{id}/status", READ),
+    row("get", "/v1/tracks/{id}/events", READ),
+    row("get", "/v1/tracks/{id}/signed-urls", READ),
+    row("get", "/v1/tracks/{id}/stream/{preset}", READ),
+    row("head", "/v1/tracks/{id}/stream/{preset}", READ),
+    row("get", "/v1/tracks/{id}/hls/master.m3u8", READ),
+    row("head", "/v1/tracks/{id}/hls/master.m3u8", READ),
+    row("get", "/v1/tracks/{id}/hls/{variant}/{file}", READ),
+    row("head", "/v1/tracks/{id}/hls/{variant}/{file}", READ),
+    row("get", "/v1/tracks/{id}/waveform", READ),
+    row("head", "/v1/tracks/{id}/waveform", READ),
+    // A signed URL is its own key: anyone holding it plays, public or private.
+    row("get", "/v1/signed/{expires}/{signature}/tracks/{id}/stream/{preset}", Expect::Any(ALL_OK)),
+    row("head", "/v1/signed/{expires}/{signature}/tracks/{id}/stream/{preset}", Expect::Any(ALL_OK)),
+    row("get", "/v1/signed/{expires}/{signature}/tracks/{id}/hls/master.m3u8", Expect::Any(ALL_OK)),
+    row("head", "/v1/signed/{expires}/{signature}/tracks/{id}/hls/master.m3u8", Expect::Any(ALL_OK)),
+    row("get", "/v1/signed/{expires}/{signature}/tracks/{id}/hls/{variant}/{file}", Expect::Any(ALL_OK)),
+    row("head", "/v1/signed/{expires}/{signature}/tracks/{id}/hls/{variant}/{file}", Expect::Any(ALL_OK)),
+    row("get", "/v1/signed/{expires}/{signature}/tracks/{id}/waveform", Expect::Any(ALL_OK)),
+    row("head", "/v1/signed/{expires}/{signature}/tracks/{id}/waveform", Expect::Any(ALL_OK)),
+    row("put", "/v1/tracks/{id}/share", owner_only(201)),
+    row("delete", "/v1/tracks/{id}/share", owner_only(204)),
+    row("patch", "/v1/tracks/{id}", owner_only(200)),
+    row("post", "/v1/tracks/{id}/reprocess", owner_or_admin(202)),
+    row("post", "/v1/uploads", Expect::Any([401, 201, 201, 201])),
+    // A direct upload is its uploader's alone, admins included.
+    row("put", "/v1/uploads/{id}", Expect::Track { public: [401, 404, 200, 404], private: [401, 404, 200, 404] }),
+    row(
+        "post",
+        "/v1/uploads/{id}/complete",
+        Expect::Track { public: [401, 404, 202, 404], private: [401, 404, 202, 404] },
+    ),
+    row("get", "/v1/admin/dead-letters", Expect::Any([401, 403, 403, 200])),
+    row("delete", "/v1/tracks/{id}", owner_only(204)),
+    Row {
+        method: "put",
+        path: "/v1/admin/users/{id}/suspension",
+        expect: Expect::Any([401, 403, 403, 200]),
+        order: Order::AdminLast,
+    },
+    row("delete", "/v1/admin/users/{id}/suspension", Expect::Any([401, 403, 403, 200])),
+    row("post", "/v1/auth/logout", Expect::Any([401, 204, 204, 204])),
+];
+
+/// What the cells need: accounts, tracks, and the names to put in the paths.
+struct Fixture {
+    other: User,
+    owner: User,
+    admin: User,
+    /// The account the admin's user routes act on, and its session.
+    target: User,
+    /// The account whose credentials the login and refresh rows use.
+    spare: User,
+    public: TrackFixture,
+    private: TrackFixture,
+    wav: Vec<u8>,
+    registrations: u32,
+}
+
+struct TrackFixture {
+    id: String,
+    /// `{variant}/{file}` of an HLS variant playlist.
+    hls_file: String,
+    /// From the owner's `signed-urls`.
+    signed: Value,
+    /// A direct upload of the owner's with this visibility, awaiting its bytes.
+    upload: String,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn track_fixture(stack: &Stack, owner: &User, visibility: &str, wav: &[u8]) -> Result<TrackFixture> {
+    let (status, track) =
+        upload(stack, owner, &[("title", visibility), ("visibility", visibility)], ("t.wav", wav)).await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+    wait_ready(stack, owner, &id, 1).await?;
+    let master = client()
+        .get(stack.url(&format!("/v1/tracks/{id}/hls/master.m3u8")))
+        .bearer_auth(&owner.token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let hls_file =
+        master.lines().find(|l| !l.starts_with('#') && !l.trim().is_empty()).context("a variant")?.to_owned();
+    let (_, signed) =
+        json(client().get(stack.url(&format!("/v1/tracks/{id}/signed-urls"))).bearer_auth(&owner.token).send().await?)
+            .await?;
+    let (status, ticket) = json(
+        client()
+            .post(stack.url("/v1/uploads"))
+            .bearer_auth(&owner.token)
+            .json(&json!({"filename": "direct.wav", "visibility": visibility}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 201, "{status} {ticket}");
+    let upload = ticket["upload_id"].as_str().context("upload_id")?.to_owned();
+    Ok(TrackFixture { id, hls_file, signed, upload })
+}
+
+impl Fixture {
+    fn user(&self, role: Role, path: &str) -> Option<&User> {
+        match role {
+            Role::Anonymous => None,
+            Role::Other => Some(&self.other),
+            Role::Owner if path.starts_with("/v1/admin/users/") => Some(&self.target),
+            Role::Owner => Some(&self.owner),
+            Role::Admin => Some(&self.admin),
+        }
+    }
+
+    fn user_mut(&mut self, role: Role, path: &str) -> Option<&mut User> {
+        match role {
+            Role::Anonymous => None,
+            Role::Other => Some(&mut self.other),
+            Role::Owner if path.starts_with("/v1/admin/users/") => Some(&mut self.target),
+            Role::Owner => Some(&mut self.owner),
+            Role::Admin => Some(&mut self.admin),
+        }
+    }
+
+    /// The concrete URL of `path` for a cell.
+    fn url(&self, stack: &Stack, path: &str, track: &TrackFixture) -> Result<String> {
+        if let Some(rest) = path.strip_prefix("/v1/signed/{expires}/{signature}/tracks/{id}/") {
+            let signed = &track.signed;
+            let url = match rest {
+                "stream/{preset}" => signed["stream_urls"]["mp3_128"].as_str(),
+                "hls/master.m3u8" => signed["hls_master_url"].as_str(),
+                "hls/{variant}/{file}" => {
+                    let master = signed["hls_master_url"].as_str().context("hls")?;
+                    return Ok(stack.url(&master.replace("master.m3u8", &track.hls_file)));
+                }
+                "waveform" => signed["waveform_url"].as_str(),
+                other => bail!("no signed URL for {other}"),
+            };
+            return Ok(stack.url(url.context("signed URL")?));
+        }
+        let id = if path.starts_with("/v1/uploads/") {
+            track.upload.as_str()
+        } else if path.starts_with("/v1/admin/users/") {
+            self.target.id.as_str()
+        } else {
+            track.id.as_str()
+        };
+        let path = path.replace("{id}", id).replace("{preset}", "mp3_128").replace("{variant}/{file}", &track.hls_file);
+        ensure!(!path.contains('{'), "a parameter the matrix does not fill: {path}");
+        Ok(stack.url(&path))
+    }
+}
+
+/// Runs one cell; returns the status.
+async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track: usize) -> Result<u16> {
+    let tracks = [&fixture.public, &fixture.private];
+    let url = fixture.url(stack, row.path, tracks[track])?;
+    let method = reqwest::Method::from_bytes(row.method.to_uppercase().as_bytes())?;
+    let mut request = client().request(method, &url);
+    if let Some(user) = fixture.user(role, row.path) {
+        request = request.bearer_auth(&user.token);
+    }
+    request = match (row.method, row.path) {
+        ("post", "/v1/auth/register") => {
+            fixture.registrations += 1;
+            let name = format!("newcomer{}", fixture.registrations);
+            request.json(
+                &json!({"email": format!("{name}@example.com"), "username": name, "password": "long-enough-password"}),
+            )
+        }
+        ("post", "/v1/auth/login") => {
+            request.json(&json!({"email": fixture.spare.email, "password": fixture.spare.password}))
+        }
+        ("post", "/v1/auth/refresh") => {
+            let session = login(stack, &fixture.spare.email, &fixture.spare.password, &[]).await?;
+            request.json(&json!({"refresh_token": session.refresh}))
+        }
+        ("post", "/v1/tracks") => {
+            let (content_type, body) =
+                waveline_tests::stack::multipart(&[("title", "matrix")], Some(("m.wav", &fixture.wav)));
+            request.header("content-type", content_type).body(body)
+        }
+        ("patch", _) => request.json(&json!({"title": "Renamed"})),
+        ("post", "/v1/uploads") => request.json(&json!({"filename": "m.wav"})),
+        ("put", "/v1/uploads/{id}") => request.header("content-type", "audio/wav").body(fixture.wav.clone()),
+        _ => request,
+    };
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    drop(response);
+    // Keep the world as the next cells expect it.
+    match (row.method, row.path, status) {
+        ("post", "/v1/tracks/{id}/reprocess", 202) => {
+            let id = tracks[track].id.clone();
+            let owner = fixture.owner.clone();
+            let (_, now) = json(
+                client().get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&owner.token).send().await?,
+            )
+            .await?;
+            wait_ready(stack, &owner, &id, now["revision"].as_i64().context("revision")?).await?;
+        }
+        ("post", "/v1/auth/logout", 204) => relogin(stack, fixture, role, row.path).await?,
+        ("delete", "/v1/admin/users/{id}/suspension", 200) => relogin(stack, fixture, Role::Owner, row.path).await?,
+        _ => {}
+    }
+    Ok(status)
+}
+
+async fn relogin(stack: &Stack, fixture: &mut Fixture, role: Role, path: &str) -> Result<()> {
+    if let Some(user) = fixture.user_mut(role, path) {
+        let fresh = login(stack, &user.email, &user.password, &[]).await?;
+        user.token = fresh.token;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, true, &[("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE", "0")]).await?;
+
+    // The document and the table list the same operations.
+    let (_, spec) = json(client().get(stack.url("/openapi.json")).send().await?).await?;
+    let mut documented = BTreeSet::new();
+    for (path, operations) in spec["paths"].as_object().context("paths")? {
+        for method in operations.as_object().context("operations")?.keys() {
+            documented.insert((method.clone(), path.clone()));
+        }
+    }
+    let tabled: BTreeSet<(String, String)> =
+        MATRIX.iter().map(|row| (row.method.to_owned(), row.path.to_owned())).collect();
+    let missing: Vec<_> = documented.difference(&tabled).collect();
+    ensure!(missing.is_empty(), "operations with no row in the authorization matrix: {missing:?}");
+    let stale: Vec<_> = tabled.difference(&documented).collect();
+    ensure!(stale.is_empty(), "rows for operations the document does not have: {stale:?}");
+
+    let owner = register_and_login(&stack, "owner").await?;
+    let other = register_and_login(&stack, "other").await?;
+    let admin = register_and_login(&stack, "admin").await?;
+    let target = register_and_login(&stack, "target").await?;
+    let spare = register_and_login(&stack, "spare").await?;
+    stack.cli(&["users", "promote", "admin", "--json"])?;
+    let dir = waveline_tests::temp_dir()?;
+    let song = dir.path().join("song.wav");
+    waveline_tests::audio::tone(&song, 2.0, 22050, 1, &[])?;
+    let wav = std::fs::read(&song)?;
+    let public = track_fixture(&stack, &owner, "public", &wav).await?;
+    let private = track_fixture(&stack, &owner, "private", &wav).await?;
+    let mut fixture = Fixture { other, owner, admin, target, spare, public, private, wav, registrations: 0 };
+
+    let mut wrong = Vec::new();
+    for row in MATRIX {
+        let runs: Vec<(usize, Cells)> = match row.expect {
+            Expect::Any(cells) => vec![(0, cells)],
+            Expect::Track { public, private } => vec![(0, public), (1, private)],
+        };
+        for (track, cells) in runs {
+            let order = match row.order {
+                Order::OwnerLast => [Role::Anonymous, Role::Other, Role::Admin, Role::Owner],
+                Order::AdminLast => [Role::Anonymous, Role::Other, Role::Owner, Role::Admin],
+            };
+            for role in order {
+                let expected = cells[role as usize];
+                let got = call(&stack, &mut fixture, row, role, track).await?;
+                if got != expected {
+                    let visibility =
+                        if matches!(row.expect, Expect::Any(_)) { "-" } else { ["public", "private"][track] };
+                    wrong.push(format!(
+                        "{} {} as {role:?} on {visibility}: expected {expected}, got {got}",
+                        row.method, row.path
+                    ));
+                }
+            }
+        }
+    }
+    ensure!(wrong.is_empty(), "{} cells differ:\n{}", wrong.len(), wrong.join("\n"));
+    // Let the uploads the matrix queued settle before the stack goes away.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
