@@ -1,5 +1,5 @@
--- Sessions with rotating refresh tokens, per-account login throttling, suspension, and secret
--- share links.
+-- Sessions with rotating refresh tokens, per-account login throttling, suspension, secret
+-- share links, and OAuth logins.
 
 -- One session per login: the family of its refresh tokens. Access tokens carry the session's id
 -- (`sid`), and every authenticated request checks the session is live, so ending a session
@@ -46,3 +46,23 @@ ALTER TABLE users ADD COLUMN suspended_at timestamptz;
 -- A private track's secret share link: the SHA-256 of its token (the token itself is shown to
 -- the owner once). Replacing it, or clearing it, revokes the old link.
 ALTER TABLE tracks ADD COLUMN share_hash bytea;
+
+-- OAuth 2.0 / OpenID Connect logins in flight: the SHA-256 of the `state`, with the PKCE
+-- verifier it goes with. A callback consumes its row, so a state (and its code) works once.
+CREATE TABLE oauth_states (
+    state_hash  bytea PRIMARY KEY,
+    provider    text NOT NULL,
+    verifier    text NOT NULL,
+    redirect_to text NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+
+-- Accounts at providers, linked to ours.
+CREATE TABLE oauth_identities (
+    provider   text NOT NULL,
+    subject    text NOT NULL,
+    user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (provider, subject)
+);
+CREATE INDEX oauth_identities_user ON oauth_identities (user_id);

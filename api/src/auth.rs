@@ -444,7 +444,7 @@ struct Login {
 }
 
 #[derive(Debug, Object)]
-struct TokenView {
+pub(crate) struct TokenView {
     access_token: String,
     /// Always `Bearer`.
     token_type: String,
@@ -498,7 +498,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_field", message)
 }
 
-fn valid_email(email: &str) -> bool {
+pub(crate) fn valid_email(email: &str) -> bool {
     let Some((local, domain)) = email.rsplit_once('@') else {
         return false;
     };
@@ -556,6 +556,17 @@ fn session_tokens(
         refresh_expires_in: state.security.refresh_token_ttl.as_secs(),
         csrf_token: state.tokens.csrf_token(session),
     })
+}
+
+/// Starts a session for `user`: its tokens, also set as cookies.
+pub(crate) async fn begin_session(state: &AppState, user: &UserRow, jar: &CookieJar) -> Result<TokenView, ApiError> {
+    let session = uuid::Uuid::new_v4();
+    let (refresh, hash) = new_refresh_token();
+    state.users.start_session(user.id, session, &hash, refresh_expiry(state), state.security.refresh_token_ttl).await?;
+    let view = session_tokens(state, user, session, refresh)?;
+    set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+    tracing::info!(user = %user.id, %session, "logged in");
+    Ok(view)
 }
 
 fn refresh_expiry(state: &AppState) -> DateTime<Utc> {
@@ -643,15 +654,7 @@ impl Accounts {
         if user.suspended_at.is_some() {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "account_suspended", "this account is suspended"));
         }
-        let session = uuid::Uuid::new_v4();
-        let (refresh, hash) = new_refresh_token();
-        state
-            .users
-            .start_session(user.id, session, &hash, refresh_expiry(state), state.security.refresh_token_ttl)
-            .await?;
-        let view = session_tokens(state, &user, session, refresh)?;
-        set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
-        tracing::info!(user = %user.id, %session, "logged in");
+        let view = begin_session(state, &user, jar).await?;
         Ok(LoginResponse::Ok(Json(view), "no-store".into()))
     }
 

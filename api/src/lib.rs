@@ -6,7 +6,8 @@
 //!
 //! | module | routes |
 //! |---|---|
-//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/logout`, `GET /v1/me` |
+//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/refresh`, `/logout`, `GET /v1/me` |
+//! | `oauth` | `GET /v1/auth/oauth/{provider}/start`, `/callback` |
 //! | `tracks` | `GET /v1/tracks`, `GET|PATCH|DELETE /v1/tracks/{id}`, `/status`, `/events` (SSE), `POST /reprocess` |
 //! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
 //! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
@@ -23,6 +24,7 @@ mod error;
 pub mod listener;
 pub mod media;
 mod middleware;
+mod oauth;
 mod ops;
 pub mod security;
 mod serve;
@@ -61,6 +63,9 @@ pub struct SecuritySettings {
     pub refresh_token_ttl: Duration,
     pub signed_url_ttl: Duration,
     pub free_quota: Duration,
+    /// The API's address as clients reach it (OAuth redirect URIs).
+    pub public_url: url::Url,
+    pub oauth: Vec<waveline_shared::config::OAuthProvider>,
 }
 
 impl SecuritySettings {
@@ -81,6 +86,8 @@ impl SecuritySettings {
             refresh_token_ttl: settings.refresh_token_ttl,
             signed_url_ttl: settings.signed_url_ttl,
             free_quota: settings.free_quota,
+            public_url: settings.public_url.clone(),
+            oauth: settings.oauth.clone(),
         }
     }
 }
@@ -125,7 +132,7 @@ impl AppState {
     }
 }
 
-type Apis = (ops::Ops, auth::Accounts, uploads::Uploads, tracks::Tracks, media::Media, admin::Admin);
+type Apis = (ops::Ops, auth::Accounts, oauth::OAuth, uploads::Uploads, tracks::Tracks, media::Media, admin::Admin);
 
 /// The OpenAPI service: every operation of the API.
 pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
@@ -133,6 +140,7 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
         (
             ops::Ops { state: state.clone() },
             auth::Accounts { state: state.clone() },
+            oauth::OAuth { state: state.clone(), http: oauth::provider_client() },
             uploads::Uploads { state: state.clone() },
             tracks::Tracks { state: state.clone() },
             media::Media { state: state.clone() },

@@ -22,6 +22,9 @@ use url::Url;
 
 use crate::network::Network;
 
+mod oauth;
+pub use oauth::{OAuthProvider, ProviderKind};
+
 /// The environment variable prefix of every setting.
 pub const ENV_PREFIX: &str = "WAVELINE_";
 
@@ -114,6 +117,11 @@ pub struct Settings {
     pub signed_url_ttl: Duration,
     /// Total duration of audio a free account may upload, seconds. Default 10800 (3 h).
     pub free_quota: Duration,
+    /// The API's address as clients reach it (`https://api.example.com`), for the OAuth
+    /// redirect URI. Default `http://` and `listen`.
+    pub public_url: Url,
+    /// OAuth 2.0 / OpenID Connect login providers (see [`oauth`](self::oauth)).
+    pub oauth: Vec<OAuthProvider>,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -201,7 +209,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 33] = [
+const KEYS: [Key; 34] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -235,6 +243,7 @@ const KEYS: [Key; 33] = [
     Key { name: "hsts_max_age_s", secret: false },
     Key { name: "signed_url_ttl_s", secret: false },
     Key { name: "free_quota_s", secret: false },
+    Key { name: "public_url", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -278,14 +287,18 @@ impl Settings {
     /// are ignored.
     pub fn from_sources(config_file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
         let mut raw: BTreeMap<&'static str, Raw> = BTreeMap::new();
+        let mut providers = oauth::RawProviders::new();
         if let Some(path) = config_file {
-            read_file_layer(path, &mut raw)?;
+            read_file_layer(path, &mut raw, &mut providers)?;
         }
         let mut unknown_env = Vec::new();
         for (name, value) in env {
             let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            if oauth::from_env(suffix, name, value, &mut providers) {
+                continue;
+            }
             match KEYS.iter().find(|key| key.name.eq_ignore_ascii_case(suffix)) {
                 Some(key) if suffix == key.name.to_ascii_uppercase() => {
                     raw.insert(key.name, Raw { value: value.clone(), setting: name.clone(), secret: key.secret });
@@ -294,10 +307,15 @@ impl Settings {
                 _ => unknown_env.push(name.clone()),
             }
         }
-        Settings::resolve(raw, unknown_env)
+        let oauth = oauth::resolve(providers)?;
+        Settings::resolve(raw, unknown_env, oauth)
     }
 
-    fn resolve(mut raw: BTreeMap<&'static str, Raw>, unknown_env: Vec<String>) -> Result<Settings, ConfigError> {
+    fn resolve(
+        mut raw: BTreeMap<&'static str, Raw>,
+        unknown_env: Vec<String>,
+        oauth: Vec<OAuthProvider>,
+    ) -> Result<Settings, ConfigError> {
         let mut take = |key: &str| raw.remove(key);
         let database_url = match take("database_url") {
             Some(raw) => parse_database_url(&raw)?,
@@ -445,7 +463,20 @@ impl Settings {
             Some(raw) => Duration::from_secs(parse_int(&raw, 1, 100_000_000)?.into()),
             None => Duration::from_secs(3 * 3600),
         };
+        let public_url = match take("public_url") {
+            Some(raw) => Url::parse(raw.value.trim())
+                .ok()
+                .filter(|url| matches!(url.scheme(), "http" | "https") && url.host_str().is_some())
+                .ok_or_else(|| raw.invalid("the API's base URL, such as https://api.example.com"))?,
+            None => Url::parse(&format!("http://{listen}")).map_err(|err| ConfigError::Invalid {
+                setting: "listen".into(),
+                expected: "an address that makes a URL".into(),
+                got: err.to_string(),
+            })?,
+        };
         Ok(Settings {
+            public_url,
+            oauth,
             jwt_previous_secrets,
             refresh_token_ttl,
             rate_limit_per_minute,
@@ -519,17 +550,45 @@ impl Settings {
             "hsts_max_age_s": self.hsts_max_age.unwrap_or(0),
             "signed_url_ttl_s": self.signed_url_ttl.as_secs(),
             "free_quota_s": self.free_quota.as_secs(),
+            "public_url": self.public_url.as_str(),
+            "oauth": self.oauth.iter().map(oauth_redacted).collect::<Vec<_>>(),
         })
     }
 }
 
-fn read_file_layer(path: &Path, raw: &mut BTreeMap<&'static str, Raw>) -> Result<(), ConfigError> {
+/// A provider as it can be shown: its secret hidden.
+fn oauth_redacted(provider: &OAuthProvider) -> serde_json::Value {
+    let mut shown = serde_json::Map::new();
+    shown.insert("name".into(), provider.name.clone().into());
+    shown.insert("kind".into(), serde_json::to_value(provider.kind).unwrap_or_default());
+    shown.insert("client_id".into(), provider.client_id.clone().into());
+    shown.insert("client_secret".into(), "***".into());
+    for (key, url) in [
+        ("authorize_url", &provider.authorize_url),
+        ("token_url", &provider.token_url),
+        ("userinfo_url", &provider.userinfo_url),
+    ] {
+        shown.insert(key.into(), url.as_str().into());
+    }
+    shown.insert("scopes".into(), provider.scopes.clone().into());
+    serde_json::Value::Object(shown)
+}
+
+fn read_file_layer(
+    path: &Path,
+    raw: &mut BTreeMap<&'static str, Raw>,
+    providers: &mut oauth::RawProviders,
+) -> Result<(), ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     let table: toml::Table = text
         .parse()
         .map_err(|err: toml::de::Error| ConfigError::Parse { path: path.to_path_buf(), message: err.to_string() })?;
     for (name, value) in table {
+        if name == "oauth" {
+            oauth::from_table(path, value, providers)?;
+            continue;
+        }
         let Some(key) = KEYS.iter().find(|key| key.name == name) else {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),

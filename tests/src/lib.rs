@@ -15,6 +15,7 @@
 //! skip.
 
 pub mod audio;
+pub mod oauth_provider;
 pub mod stack;
 
 use std::net::SocketAddr;

@@ -76,6 +76,10 @@ const MATRIX: &[Row] = &[
     row("post", "/v1/auth/register", Expect::Any([201, 201, 201, 201])),
     row("post", "/v1/auth/login", Expect::Any(ALL_OK)),
     row("post", "/v1/auth/refresh", Expect::Any(ALL_OK)),
+    // OAuth: anyone may start a login (303 to the provider); a callback with no state of
+    // this browser's is refused, whoever calls it.
+    row("get", "/v1/auth/oauth/{provider}/start", Expect::Any([303, 303, 303, 303])),
+    row("get", "/v1/auth/oauth/{provider}/callback", Expect::Any([400, 400, 400, 400])),
     row("get", "/v1/me", Expect::Any(SIGNED_IN)),
     row("get", "/v1/tracks", Expect::Any(ALL_OK)),
     row("post", "/v1/tracks", Expect::Any([401, 202, 202, 202])),
@@ -149,8 +153,9 @@ struct TrackFixture {
     upload: String,
 }
 
+/// Redirects are answers here, not something to follow.
 fn client() -> reqwest::Client {
-    reqwest::Client::new()
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
 }
 
 async fn track_fixture(stack: &Stack, owner: &User, visibility: &str, wav: &[u8]) -> Result<TrackFixture> {
@@ -229,7 +234,11 @@ impl Fixture {
         } else {
             track.id.as_str()
         };
-        let path = path.replace("{id}", id).replace("{preset}", "mp3_128").replace("{variant}/{file}", &track.hls_file);
+        let path = path
+            .replace("{id}", id)
+            .replace("{preset}", "mp3_128")
+            .replace("{variant}/{file}", &track.hls_file)
+            .replace("{provider}", "corp");
         ensure!(!path.contains('{'), "a parameter the matrix does not fill: {path}");
         Ok(stack.url(&path))
     }
@@ -300,7 +309,11 @@ async fn relogin(stack: &Stack, fixture: &mut Fixture, role: Role, path: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<()> {
-    let stack = Stack::start(Mode::Embedded, true, &[("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE", "0")]).await?;
+    let provider = waveline_tests::oauth_provider::FakeProvider::start().await?;
+    let mut env = provider.env();
+    env.push(("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE".into(), "0".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let stack = Stack::start(Mode::Embedded, true, &env).await?;
 
     // The document and the table list the same operations.
     let (_, spec) = json(client().get(stack.url("/openapi.json")).send().await?).await?;

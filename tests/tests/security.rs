@@ -768,3 +768,198 @@ async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted(
     ensure!(status == 403 && body["code"] == "quota_exceeded", "{status} {body}");
     Ok(())
 }
+
+/// A browser's part of an OAuth login, by hand: no redirect is followed on its own.
+struct Browser {
+    http: reqwest::Client,
+}
+
+/// What a callback answered.
+struct Landing {
+    status: u16,
+    location: String,
+    body: Value,
+    access_token: Option<String>,
+}
+
+impl Browser {
+    fn new() -> Browser {
+        Browser {
+            http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client"),
+        }
+    }
+
+    /// `start`: the provider's authorize URL and the state cookie.
+    async fn start(&self, stack: &Stack, provider: &str, redirect_to: &str) -> Result<(String, String)> {
+        let response = self
+            .http
+            .get(stack.url(&format!("/v1/auth/oauth/{provider}/start?redirect_to={redirect_to}")))
+            .send()
+            .await?;
+        ensure!(response.status() == 303, "start: {}", response.status());
+        let cookie =
+            waveline_tests::stack::set_cookie(&waveline_tests::stack::set_cookies(&response), "waveline_oauth_state")?;
+        for flag in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/v1/auth/oauth"] {
+            ensure!(cookie.contains(flag), "the state cookie lacks {flag}: {cookie}");
+        }
+        let cookie = cookie.split(';').next().context("cookie")?.to_owned();
+        Ok((header(&response, "location"), cookie))
+    }
+
+    /// The provider's consent: the callback URL it sends the browser to.
+    async fn consent(&self, authorize: &str) -> Result<String> {
+        let response = self.http.get(authorize).send().await?;
+        ensure!(response.status() == 302, "authorize: {} {}", response.status(), response.text().await?);
+        Ok(header(&response, "location"))
+    }
+
+    async fn land(&self, callback: &str, cookie: Option<&str>) -> Result<Landing> {
+        let mut request = self.http.get(callback);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let location = header(&response, "location");
+        let cookies = waveline_tests::stack::set_cookies(&response);
+        let access_token = waveline_tests::stack::set_cookie(&cookies, "waveline_session")
+            .ok()
+            .and_then(|c| c.split(';').next().map(|v| v.trim_start_matches("waveline_session=").to_owned()))
+            .filter(|v| !v.is_empty());
+        let text = response.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Landing { status, location, body, access_token })
+    }
+
+    /// A whole login; returns the landing.
+    async fn login(&self, stack: &Stack, provider: &str) -> Result<Landing> {
+        let (authorize, cookie) = self.start(stack, provider, "/welcome").await?;
+        let callback = self.consent(&authorize).await?;
+        self.land(&callback, Some(&cookie)).await
+    }
+}
+
+fn profile(subject: &str, username: &str, email: &str, verified: bool) -> waveline_tests::oauth_provider::Profile {
+    waveline_tests::oauth_provider::Profile {
+        subject: subject.into(),
+        username: username.into(),
+        email: email.into(),
+        email_verified: verified,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_logins_create_link_and_refuse_forged_or_replayed_callbacks() -> Result<()> {
+    let provider = waveline_tests::oauth_provider::FakeProvider::start().await?;
+    let env = provider.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let stack = Stack::start(Mode::Embedded, false, &env).await?;
+    let browser = Browser::new();
+
+    // OIDC: a new verified identity creates an account, and comes back to it next time.
+    provider.log_in_as(profile("oidc-1", "Night.Owl", "owl@example.com", true));
+    let (authorize, _) = browser.start(&stack, "corp", "/welcome").await?;
+    let url = url::Url::parse(&authorize)?;
+    let query: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    ensure!(query.get("code_challenge_method").map(String::as_str) == Some("S256"), "{authorize}");
+    ensure!(query.get("code_challenge").is_some_and(|c| c.len() == 43), "{authorize}");
+    ensure!(query.get("state").is_some_and(|s| s.len() >= 32), "{authorize}");
+    ensure!(
+        query.get("redirect_uri").map(String::as_str) == Some(stack.url("/v1/auth/oauth/corp/callback").as_str()),
+        "{authorize}"
+    );
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(
+        landing.status == 303 && landing.location == "/welcome",
+        "{} {} {}",
+        landing.status,
+        landing.location,
+        landing.body
+    );
+    let token = landing.access_token.context("no session cookie after the callback")?;
+    let (status, me_body) = me(&stack, &token).await?;
+    ensure!(status == 200 && me_body["email"] == "owl@example.com" && me_body["username"] == "night-owl", "{me_body}");
+    let again = browser.login(&stack, "corp").await?;
+    let (_, again_me) = me(&stack, &again.access_token.context("session")?).await?;
+    ensure!(again_me["id"] == me_body["id"], "the same identity made a second account");
+
+    // A verified email links to the existing password account; an unverified one does not.
+    let linda = register_and_login(&stack, "linda").await?;
+    provider.log_in_as(profile("oidc-2", "linda-sso", &linda.email, false));
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(landing.status == 403 && landing.body["code"] == "oauth_email_unverified", "{}", landing.body);
+    provider.log_in_as(profile("oidc-2", "linda-sso", &linda.email, true));
+    let landing = browser.login(&stack, "corp").await?;
+    let (_, linked) = me(&stack, &landing.access_token.context("session")?).await?;
+    ensure!(linked["id"] == linda.id.as_str(), "not linked by verified email: {linked}");
+
+    // GitHub's dialect: the verified primary email from /user/emails.
+    provider.log_in_as(profile("4242", "octocat", "octo@example.com", true));
+    let landing = browser.login(&stack, "github").await?;
+    let (_, octo) = me(&stack, &landing.access_token.context("session")?).await?;
+    ensure!(octo["username"] == "octocat" && octo["email"] == "octo@example.com", "{octo}");
+
+    // Forged and replayed callbacks.
+    provider.log_in_as(profile("oidc-3", "mallory", "mallory@example.com", true));
+    let (authorize_a, cookie_a) = browser.start(&stack, "corp", "/").await?;
+    let (authorize_b, cookie_b) = browser.start(&stack, "corp", "/").await?;
+    let callback_a = browser.consent(&authorize_a).await?;
+    let callback_b = browser.consent(&authorize_b).await?;
+    // The state does not match the browser's cookie (a login started elsewhere), or there is
+    // no cookie at all.
+    let landing = browser.land(&callback_a, Some(&cookie_b)).await?;
+    ensure!(landing.status == 400 && landing.body["code"] == "oauth_state_mismatch", "{}", landing.body);
+    let landing = browser.land(&callback_a, None).await?;
+    ensure!(landing.status == 400 && landing.body["code"] == "oauth_state_mismatch", "{}", landing.body);
+    // A code issued for flow A, brought back under flow B's state: B's PKCE verifier does not
+    // match A's challenge, so the provider refuses it.
+    let code_a = url::Url::parse(&callback_a)?.query_pairs().find(|(k, _)| k == "code").context("code")?.1.into_owned();
+    let mut swapped = url::Url::parse(&callback_b)?;
+    let state_b = swapped.query_pairs().find(|(k, _)| k == "state").context("state")?.1.into_owned();
+    swapped.query_pairs_mut().clear().append_pair("code", &code_a).append_pair("state", &state_b);
+    let landing = browser.land(swapped.as_str(), Some(&cookie_b)).await?;
+    ensure!(landing.status == 400 && landing.body["code"] == "oauth_code_rejected", "{}", landing.body);
+    // Flow A done properly works once; replaying its callback does not.
+    let landing = browser.land(&callback_a, Some(&cookie_a)).await?;
+    ensure!(
+        landing.status == 400 && landing.body["code"] == "oauth_code_rejected",
+        "the code was spent: {}",
+        landing.body
+    );
+    let (authorize_c, cookie_c) = browser.start(&stack, "corp", "/").await?;
+    let callback_c = browser.consent(&authorize_c).await?;
+    let landing = browser.land(&callback_c, Some(&cookie_c)).await?;
+    ensure!(landing.status == 303, "{}", landing.body);
+    let landing = browser.land(&callback_c, Some(&cookie_c)).await?;
+    ensure!(landing.status == 400 && landing.body["code"] == "oauth_state_invalid", "replayed: {}", landing.body);
+    // The provider enforces PKCE: a code redeemed without a verifier is refused.
+    let (authorize_d, _) = browser.start(&stack, "corp", "/").await?;
+    let callback_d = browser.consent(&authorize_d).await?;
+    let code_d = url::Url::parse(&callback_d)?.query_pairs().find(|(k, _)| k == "code").context("code")?.1.into_owned();
+    let response = client()
+        .post(format!("{}/token", provider.base))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code_d.as_str()),
+            ("redirect_uri", stack.url("/v1/auth/oauth/corp/callback").as_str()),
+            ("client_id", waveline_tests::oauth_provider::CLIENT_ID),
+            ("client_secret", waveline_tests::oauth_provider::CLIENT_SECRET),
+        ])
+        .send()
+        .await?;
+    ensure!(response.status() == 400, "a code without its PKCE verifier was redeemed");
+
+    // Unknown providers, open redirects, and a provider's refusal.
+    let response = browser.http.get(stack.url("/v1/auth/oauth/nope/start")).send().await?;
+    ensure!(response.status() == 404);
+    for target in ["https://evil.example", "//evil.example", "/%5Cevil.example"] {
+        let response =
+            browser.http.get(stack.url(&format!("/v1/auth/oauth/corp/start?redirect_to={target}"))).send().await?;
+        let (status, body) = json(response).await?;
+        ensure!(status == 400 && body["code"] == "invalid_field", "redirect_to={target}: {status} {body}");
+    }
+    let landing =
+        browser.land(&stack.url("/v1/auth/oauth/corp/callback?error=access_denied&state=x"), Some(&cookie_a)).await?;
+    ensure!(landing.status == 400 && landing.body["code"] == "oauth_denied", "{}", landing.body);
+    Ok(())
+}

@@ -346,6 +346,112 @@ impl PgUsers {
     }
 }
 
+impl PgUsers {
+    /// Records an OAuth login in flight (and forgets the expired ones).
+    pub async fn save_oauth_state(
+        &self,
+        state_hash: &[u8],
+        provider: &str,
+        verifier: &str,
+        redirect_to: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM oauth_states WHERE expires_at < now()").execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO oauth_states (state_hash, provider, verifier, redirect_to, expires_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+        )
+        .bind(state_hash)
+        .bind(provider)
+        .bind(verifier)
+        .bind(redirect_to)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Consumes an OAuth login in flight: its PKCE verifier and where to send the user after.
+    /// `None` when unknown, used, expired or started with another provider.
+    pub async fn take_oauth_state(
+        &self,
+        state_hash: &[u8],
+        provider: &str,
+    ) -> Result<Option<(String, String)>, DbError> {
+        Ok(sqlx::query_as(
+            "DELETE FROM oauth_states WHERE state_hash = $1 AND provider = $2 AND expires_at > now()
+             RETURNING verifier, redirect_to",
+        )
+        .bind(state_hash)
+        .bind(provider)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The account linked to a provider's account.
+    pub async fn by_identity(&self, provider: &str, subject: &str) -> Result<Option<UserRow>, DbError> {
+        sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+            "SELECT {USER_COLUMNS} FROM users
+             WHERE id = (SELECT user_id FROM oauth_identities WHERE provider = $1 AND subject = $2)"
+        )))
+        .bind(provider)
+        .bind(subject)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(user_row)
+        .transpose()
+    }
+
+    /// Links a provider's account to ours (idempotent).
+    pub async fn link_identity(&self, provider: &str, subject: &str, user: UserId) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO oauth_identities (provider, subject, user_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(provider)
+        .bind(subject)
+        .bind(user)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Creates an account with no password (it logs in through its provider), under the first
+    /// free username of `base`, `base-2`, `base-3`…
+    pub async fn create_without_password(&self, email: &str, base: &str) -> Result<UserRow, DbError> {
+        for attempt in 1..=20 {
+            let username = if attempt == 1 {
+                base.to_owned()
+            } else {
+                let suffix = format!("-{attempt}");
+                format!("{}{suffix}", &base[..base.len().min(30 - suffix.len())])
+            };
+            let inserted = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO users (id, email, username) VALUES ($1, $2, $3) RETURNING {USER_COLUMNS}"
+            )))
+            .bind(UserId::new())
+            .bind(email)
+            .bind(&username)
+            .fetch_one(&self.pool)
+            .await;
+            match inserted {
+                Ok(row) => return user_row(row),
+                Err(sqlx::Error::Database(err))
+                    if err.code().as_deref() == Some("23505") && err.constraint() == Some("users_username_key") =>
+                {
+                    continue;
+                }
+                Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => {
+                    return Err(DbError::Conflict("an account with this email already exists".into()));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(DbError::Conflict(format!("no free username like {base:?}")))
+    }
+}
+
 /// What came of using a refresh token.
 #[derive(Debug, Clone)]
 pub enum Rotation {
