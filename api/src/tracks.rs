@@ -338,8 +338,10 @@ impl Tracks {
     async fn list(
         &self,
         /// A username.
+        #[oai(validator(max_length = 30))]
         owner: Query<Option<String>>,
         /// From `next_cursor` of the previous page.
+        #[oai(validator(max_length = 64))]
         cursor: Query<Option<String>>,
         /// 1–100, default 20.
         #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
@@ -375,6 +377,8 @@ impl Tracks {
     async fn get(
         &self,
         id: Path<String>,
+        /// The track's share-link secret.
+        #[oai(validator(max_length = 128))]
         secret: Query<Option<String>>,
         auth: MaybeAuth,
     ) -> Result<Json<TrackView>, ApiError> {
@@ -388,6 +392,8 @@ impl Tracks {
     async fn signed_urls(
         &self,
         id: Path<String>,
+        /// The track's share-link secret.
+        #[oai(validator(max_length = 128))]
         secret: Query<Option<String>>,
         auth: MaybeAuth,
     ) -> Result<Json<SignedUrls>, ApiError> {

@@ -512,6 +512,27 @@ async fn hostile_text_is_stored_verbatim_and_harms_nothing() -> Result<()> {
     let user_count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM users WHERE role <> 'system'").fetch_one(&stack.db.pool).await?;
     ensure!(user_count == 1, "{user_count}");
+    // Mass assignment: fields the API does not take are refused, not ignored.
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/auth/register"))
+            .json(&json!({"email": "m@example.com", "username": "mallory", "password": "long-enough-password", "role": "admin"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 400, "register with a role: {status} {body}");
+    let (_, any) = upload(&stack, &alice, &[("title", "mine")], ("a.wav", &audio_bytes())).await?;
+    let url = stack.url(&format!("/v1/tracks/{}", any["id"].as_str().context("id")?));
+    for extra in [json!({"owner_id": uuid::Uuid::new_v4()}), json!({"state": "ready"}), json!({"title": "x", "revision": 9})] {
+        let (status, body) = json(client().patch(&url).bearer_auth(&alice.token).json(&extra).send().await?).await?;
+        ensure!(status == 400, "PATCH {extra}: {status} {body}");
+    }
+    // Queries are bounded too.
+    for query in ["limit=0", "limit=101", "limit=-1", &format!("owner={}", "a".repeat(31)), &format!("cursor={}", "1".repeat(65))] {
+        let (status, body) = json(client().get(stack.url(&format!("/v1/tracks?{query}"))).send().await?).await?;
+        ensure!(status == 400 && body["code"].is_string(), "?{query}: {status} {body}");
+    }
     Ok(())
 }
 
