@@ -524,12 +524,20 @@ async fn hostile_text_is_stored_verbatim_and_harms_nothing() -> Result<()> {
     ensure!(status == 400, "register with a role: {status} {body}");
     let (_, any) = upload(&stack, &alice, &[("title", "mine")], ("a.wav", &audio_bytes())).await?;
     let url = stack.url(&format!("/v1/tracks/{}", any["id"].as_str().context("id")?));
-    for extra in [json!({"owner_id": uuid::Uuid::new_v4()}), json!({"state": "ready"}), json!({"title": "x", "revision": 9})] {
+    for extra in
+        [json!({"owner_id": uuid::Uuid::new_v4()}), json!({"state": "ready"}), json!({"title": "x", "revision": 9})]
+    {
         let (status, body) = json(client().patch(&url).bearer_auth(&alice.token).json(&extra).send().await?).await?;
         ensure!(status == 400, "PATCH {extra}: {status} {body}");
     }
     // Queries are bounded too.
-    for query in ["limit=0", "limit=101", "limit=-1", &format!("owner={}", "a".repeat(31)), &format!("cursor={}", "1".repeat(65))] {
+    for query in [
+        "limit=0",
+        "limit=101",
+        "limit=-1",
+        &format!("owner={}", "a".repeat(31)),
+        &format!("cursor={}", "1".repeat(65)),
+    ] {
         let (status, body) = json(client().get(stack.url(&format!("/v1/tracks?{query}"))).send().await?).await?;
         ensure!(status == 400 && body["code"].is_string(), "?{query}: {status} {body}");
     }
