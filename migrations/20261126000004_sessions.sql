@@ -1,5 +1,5 @@
 -- Sessions with rotating refresh tokens, per-account login throttling, suspension, secret
--- share links, and OAuth logins.
+-- share links, OAuth logins, and status notifications.
 
 -- One session per login: the family of its refresh tokens. Access tokens carry the session's id
 -- (`sid`), and every authenticated request checks the session is live, so ending a session
@@ -66,3 +66,28 @@ CREATE TABLE oauth_identities (
     PRIMARY KEY (provider, subject)
 );
 CREATE INDEX oauth_identities_user ON oauth_identities (user_id);
+
+-- Every change of a track's status is announced on `waveline_track_status` with the new status,
+-- so `GET /v1/tracks/{id}/events` sends one event per change, as it commits, instead of
+-- sampling the row. A deletion is announced too, so streams of deleted tracks end.
+CREATE FUNCTION waveline_track_status_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('waveline_track_status', json_build_object('id', OLD.id, 'deleted', true)::text);
+    ELSIF TG_OP = 'INSERT'
+          OR NEW.state IS DISTINCT FROM OLD.state
+          OR NEW.stage IS DISTINCT FROM OLD.stage
+          OR NEW.progress IS DISTINCT FROM OLD.progress
+          OR NEW.revision IS DISTINCT FROM OLD.revision
+          OR NEW.attempts IS DISTINCT FROM OLD.attempts THEN
+        PERFORM pg_notify('waveline_track_status', json_build_object(
+            'id', NEW.id, 'state', NEW.state, 'stage', NEW.stage, 'progress', NEW.progress,
+            'attempts', NEW.attempts, 'revision', NEW.revision, 'error_code', NEW.error_code,
+            'error_message', left(NEW.error_message, 2000))::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tracks_status_notify AFTER INSERT OR UPDATE OR DELETE ON tracks
+    FOR EACH ROW EXECUTE FUNCTION waveline_track_status_notify();

@@ -28,6 +28,7 @@ mod oauth;
 mod ops;
 pub mod security;
 mod serve;
+pub mod status_feed;
 pub mod throttle;
 mod tracks;
 mod uploads;
@@ -103,6 +104,8 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     pub limits: Limits,
     pub security: Arc<SecuritySettings>,
+    /// Track status changes as they commit, for the event streams.
+    pub status_feed: Arc<status_feed::StatusFeed>,
     /// Recent lookups of the listening routes (see [`media::PlayableCache`]).
     pub playables: Arc<media::PlayableCache>,
     /// Renders the process's Prometheus metrics.

@@ -9,9 +9,9 @@
 //! stored, and with it anyone sees the track and gets its signed URLs
 //! (`GET /v1/tracks/{id}/signed-urls?secret=…`), which play without a session.
 //!
-//! SSE polls the database every 500 ms per open stream and sends an event only when the
-//! state, stage or progress changed; a comment every 15 s keeps proxies from closing an idle
-//! stream. The stream ends after `ready` or `failed`.
+//! SSE sends one event per committed change of state, stage or progress, relayed from
+//! PostgreSQL notifications (see [`crate::status_feed`]); a comment every 15 s keeps proxies
+//! from closing an idle stream. The stream ends after `ready` or `failed`, or on deletion.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use waveline_shared::storage::Storage;
 use crate::auth::{Auth, MaybeAuth, Session};
 use crate::error::{ApiError, ErrorBody};
 use crate::media::signed_prefix;
+use crate::status_feed::{Announced, Change};
 use crate::uploads::{UploadAccepted, UploadForm};
 use crate::{AppState, may_see, parse_track_id};
 
@@ -65,6 +66,24 @@ pub struct TrackStatus {
     revision: i32,
     /// Set when the state is `failed`.
     error: Option<ErrorBody>,
+}
+
+impl TrackStatus {
+    /// The status a notification announces (`None` for one without a state).
+    fn announced(announced: &Announced) -> Option<TrackStatus> {
+        Some(TrackStatus {
+            id: announced.id.to_string(),
+            state: announced.state.clone()?,
+            stage: announced.stage.clone(),
+            progress: announced.progress,
+            attempts: announced.attempts,
+            revision: announced.revision,
+            error: announced
+                .error_code
+                .clone()
+                .map(|code| ErrorBody { code, message: announced.error_message.clone().unwrap_or_default() }),
+        })
+    }
 }
 
 impl From<&TrackDetails> for TrackStatus {
@@ -525,41 +544,27 @@ impl Tracks {
     }
 
     /// Server-Sent Events: a `status` event now and at every change of state, stage or
-    /// progress; the stream ends after `ready` or `failed`.
+    /// progress, as it commits; the stream ends after `ready` or `failed`.
     #[oai(path = "/v1/tracks/:id/events", method = "get")]
     async fn events(
         &self,
         id: Path<String>,
         auth: MaybeAuth,
     ) -> Result<EventStream<BoxStream<'static, TrackStatus>>, ApiError> {
+        // Subscribe before reading, so no change falls between the two.
+        let changes = self.state.status_feed.subscribe();
         let track = self.visible(&id.0, auth.session()).await?;
-        let tracks = self.state.tracks.clone();
-        let first = TrackStatus::from(&track);
-        let id = track.id;
-        let stream = futures::stream::unfold(Some((None::<TrackStatus>, Some(first))), move |state| {
-            let tracks = tracks.clone();
-            async move {
-                let (last, mut next) = state?;
-                if let Some(last) = &last
-                    && (last.state == "ready" || last.state == "failed")
-                {
-                    return None;
-                }
-                loop {
-                    if let Some(status) = next.take()
-                        && last.as_ref() != Some(&status)
-                    {
-                        return Some((status.clone(), Some((Some(status), None))));
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    match tracks.details(id).await {
-                        Ok(Some(track)) => next = Some(TrackStatus::from(&track)),
-                        // Deleted meanwhile: the stream ends.
-                        Ok(None) => return None,
-                        Err(err) => tracing::warn!(error = %err, "status poll failed; retrying"),
-                    }
-                }
-            }
+        let watch = Watch {
+            id: track.id,
+            tracks: self.state.tracks.clone(),
+            changes,
+            last: None,
+            pending: Some(TrackStatus::from(&track)),
+            finished: false,
+        };
+        let stream = futures::stream::unfold(watch, |mut watch| async move {
+            let status = watch.next().await?;
+            Some((status, watch))
         });
         Ok(EventStream::new(Box::pin(stream) as BoxStream<'static, TrackStatus>)
             .keep_alive(Duration::from_secs(15))
@@ -567,6 +572,67 @@ impl Tracks {
                 let data = serde_json::to_string(&status).unwrap_or_default();
                 Event::message(data).event_type("status")
             }))
+    }
+}
+
+/// How long an event stream waits without news before reading its track anyway.
+const BACKSTOP: Duration = Duration::from_secs(5);
+
+/// One event stream's view of its track.
+struct Watch {
+    id: TrackId,
+    tracks: waveline_shared::db::PgTracks,
+    changes: tokio::sync::broadcast::Receiver<Change>,
+    last: Option<TrackStatus>,
+    pending: Option<TrackStatus>,
+    finished: bool,
+}
+
+impl Watch {
+    /// The next status to send: a change of this track, or nothing once it is finished or gone.
+    async fn next(&mut self) -> Option<TrackStatus> {
+        use tokio::sync::broadcast::error::RecvError;
+        if self.finished {
+            return None;
+        }
+        loop {
+            if let Some(status) = self.pending.take()
+                && self.last.as_ref() != Some(&status)
+            {
+                self.finished = status.state == "ready" || status.state == "failed";
+                self.last = Some(status.clone());
+                return Some(status);
+            }
+            let read_again = match tokio::time::timeout(BACKSTOP, self.changes.recv()).await {
+                Ok(Ok(Change::Status(announced))) if announced.track() == self.id => {
+                    if announced.deleted {
+                        return None;
+                    }
+                    match TrackStatus::announced(&announced) {
+                        Some(status) => {
+                            self.pending = Some(status);
+                            false
+                        }
+                        None => true,
+                    }
+                }
+                Ok(Ok(Change::Status(_))) => false,
+                // Changes may have been missed, or nothing was heard for a while.
+                Ok(Ok(Change::Resync) | Err(RecvError::Lagged(_))) | Err(_) => true,
+                Ok(Err(RecvError::Closed)) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    true
+                }
+            };
+            if read_again {
+                match self.tracks.details(self.id).await {
+                    Ok(Some(track)) => self.pending = Some(TrackStatus::from(&track)),
+                    // Deleted meanwhile: the stream ends.
+                    Ok(None) => return None,
+                    Err(err) => tracing::warn!(error = %err, "cannot read the track's status; retrying"),
+                }
+            }
+        }
     }
 }
 

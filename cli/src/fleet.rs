@@ -146,7 +146,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
     let pool = services.tracks.pool().clone();
     let state = waveline_api::AppState {
         tracks: services.tracks.clone(),
-        users: db::PgUsers::new(pool),
+        users: db::PgUsers::new(pool.clone()),
         outbox: services.outbox.clone(),
         storage: services.storage.clone(),
         queue: services.queue.clone(),
@@ -160,6 +160,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             upload_url_ttl: settings.upload_url_ttl,
         },
         security: Arc::new(waveline_api::SecuritySettings::from_settings(settings)),
+        status_feed: waveline_api::status_feed::StatusFeed::start(pool.clone()),
         playables: Arc::default(),
         metrics: Arc::new(move || metrics.render()),
     };
