@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use waveline_pipeline::PipelineConfig;
-use waveline_shared::db::{PgOutbox, PgTracks, SYSTEM_USER, TrackRow};
+use waveline_shared::db::{NewTrack, PgOutbox, PgTracks, SYSTEM_USER, TrackRow, Visibility};
 use waveline_shared::domain::{TrackId, TrackState};
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
@@ -225,6 +225,50 @@ async fn a_lost_message_is_found_by_the_reconciler() -> Result<()> {
     ensure!(fleet.tracks.transition(id, TrackState::Uploaded, TrackState::Queued, None).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
     ensure!(track.attempts == 1, "{track:?}");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_direct_uploads_are_forgotten_with_their_bytes() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let direct = |expires_at| {
+        let id = TrackId::new();
+        let new = NewTrack {
+            id,
+            owner: SYSTEM_USER,
+            title: "direct".into(),
+            description: String::new(),
+            genre: None,
+            tags: Vec::new(),
+            visibility: Visibility::Public,
+            original_key: format!("originals/{id}/source"),
+        };
+        let tracks = fleet.tracks.clone();
+        async move { tracks.create_awaiting(&new, expires_at).await.map(|()| id) }
+    };
+    // Its URL expired two hours ago, and some bytes arrived: both go.
+    let abandoned = direct(chrono::Utc::now() - chrono::Duration::hours(2)).await?;
+    let key = ObjectKey::parse(format!("originals/{abandoned}/source"))?;
+    fleet
+        .storage
+        .put(&key, "audio/wav", byte_stream(futures::stream::iter([Ok(bytes::Bytes::from_static(b"RIFF"))])))
+        .await?;
+    // Still within its URL's life (or the hour of grace after it): kept.
+    let pending = direct(chrono::Utc::now() + chrono::Duration::minutes(30)).await?;
+    let recent = direct(chrono::Utc::now() - chrono::Duration::minutes(10)).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.tracks.get(abandoned).await?.is_some() {
+        ensure!(Instant::now() < deadline, "the abandoned upload is still there after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.storage.head(&key).await.is_ok() {
+        ensure!(Instant::now() < deadline, "the abandoned upload's bytes are still stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for kept in [pending, recent] {
+        ensure!(fleet.tracks.get(kept).await?.is_some(), "a live direct upload was swept");
+    }
     fleet.stop().await
 }
 

@@ -201,6 +201,21 @@ impl PgTracks {
         insert_track(&self.pool, new, "awaiting_upload", None, Some(expires_at)).await
     }
 
+    /// Forgets the direct uploads whose URL expired more than `grace` ago without being
+    /// completed: deletes their rows and returns their ids (their objects are the caller's to
+    /// delete). Rows go one statement at a time, so concurrent sweepers never both take one.
+    pub async fn sweep_abandoned_uploads(&self, grace: std::time::Duration) -> Result<Vec<TrackId>, DbError> {
+        let ids: Vec<(TrackId,)> = sqlx::query_as(
+            "DELETE FROM tracks
+             WHERE state = 'awaiting_upload' AND upload_expires_at < now() - make_interval(secs => $1)
+             RETURNING id",
+        )
+        .bind(grace.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(|(id,)| id).collect())
+    }
+
     /// The end of a direct upload: `awaiting_upload → queued` with the original's size, and
     /// the job in the outbox, in one transaction. `false` when the track was not awaiting its
     /// upload (completed twice, or gone).
