@@ -173,12 +173,7 @@ impl PgUsers {
             .bind(user)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)")
-            .bind(refresh_hash)
-            .bind(session)
-            .bind(refresh_expires_at)
-            .execute(&mut *tx)
-            .await?;
+        insert_refresh(&mut tx, refresh_hash, session, refresh_expires_at).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -230,12 +225,7 @@ impl PgUsers {
             .bind(hash)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)")
-            .bind(next_hash)
-            .bind(session)
-            .bind(next_expires_at)
-            .execute(&mut *tx)
-            .await?;
+        insert_refresh(&mut tx, next_hash, session, next_expires_at).await?;
         sqlx::query("UPDATE sessions SET refreshed_at = now() WHERE id = $1").bind(session).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(Rotation::Rotated { session, user: user_row(account)? })
@@ -450,6 +440,22 @@ impl PgUsers {
         }
         Err(DbError::Conflict(format!("no free username like {base:?}")))
     }
+}
+
+/// Stores a refresh token's hash in its session.
+async fn insert_refresh(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    hash: &[u8],
+    session: uuid::Uuid,
+    expires_at: DateTime<Utc>,
+) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)")
+        .bind(hash)
+        .bind(session)
+        .bind(expires_at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// What came of using a refresh token.
