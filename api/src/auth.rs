@@ -246,7 +246,7 @@ impl Tokens {
 fn new_refresh_token() -> (String, Vec<u8>) {
     let bytes: [u8; 32] = rand::random();
     let token = URL_SAFE_NO_PAD.encode(bytes);
-    let hash = Sha256::digest(token.as_bytes()).to_vec();
+    let hash = refresh_hash(&token);
     (token, hash)
 }
 

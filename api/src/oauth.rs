@@ -225,8 +225,8 @@ impl OAuth {
                     Some(url) => {
                         let response = get(url.clone()).await.map_err(|err| unavailable(&err))?;
                         let emails: Vec<GithubEmail> = response.json().await.map_err(|err| unavailable(&err))?;
-                        let verified = emails.into_iter().filter(|e| e.verified);
-                        let mut verified: Vec<GithubEmail> = verified.collect();
+                        // The primary address if verified, else any verified one.
+                        let mut verified: Vec<GithubEmail> = emails.into_iter().filter(|e| e.verified).collect();
                         verified.sort_by_key(|e| !e.primary);
                         verified.into_iter().next().map(|e| e.email)
                     }

@@ -41,11 +41,6 @@ fn key_of(address: IpAddr) -> IpAddr {
     }
 }
 
-/// The client's address, as [`Throttle::apply`] found it; handlers read it with
-/// `req.data::<ClientIp>()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp(pub IpAddr);
-
 /// The limits, from the settings.
 #[derive(Debug, Clone)]
 pub struct ThrottleConfig {
@@ -125,10 +120,9 @@ impl Throttle {
     }
 
     /// The middleware (for `EndpointExt::around`).
-    pub async fn apply<E: Endpoint>(self: Arc<Self>, next: E, mut req: Request) -> poem::Result<Response> {
+    pub async fn apply<E: Endpoint>(self: Arc<Self>, next: E, req: Request) -> poem::Result<Response> {
         let client = self.client_ip(&req);
         if let Some(client) = client {
-            req.set_data(ClientIp(client));
             let path = req.uri().path();
             let operational = matches!(path, "/healthz" | "/readyz" | "/metrics");
             if !operational {

@@ -10,7 +10,6 @@
 //! ends a session (the runner logs that role in again), a suspension ends the target's.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
@@ -370,7 +369,5 @@ async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<
         }
     }
     ensure!(wrong.is_empty(), "{} cells differ:\n{}", wrong.len(), wrong.join("\n"));
-    // Let the uploads the matrix queued settle before the stack goes away.
-    tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
