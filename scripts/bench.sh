@@ -22,6 +22,10 @@
 #       scripts/setup.sh --embedded when it does not answer) and installs wrk and nginx-light.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
+target_dir() {
+  (cd "$root" && cargo metadata --format-version 1 --no-deps --locked) | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
+}
 shared=${WAVELINE_SHARED_DIR:-$root/../shared}
 mode=${1:-}
 
@@ -42,7 +46,7 @@ pipeline() {
   command -v /usr/bin/time >/dev/null || die "GNU time is missing: apt-get install time"
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  local bin=$root/target/release/waveline
+  local bin=$(target_dir)/release/waveline
   work=$(mktemp -d)  # global: the EXIT trap needs it
   trap 'rm -rf "$work"' EXIT
   echo "generating a ${seconds}s signal…" >&2
@@ -76,7 +80,7 @@ fleet() {
   local tracks=${1:-20} seconds=${2:-120}
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  local bin=$root/target/release/waveline
+  local bin=$(target_dir)/release/waveline
   work=$(mktemp -d)
   trap 'rm -rf "$work"; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS waveline_bench WITH (FORCE)" >/dev/null 2>&1' EXIT
   export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-waveline-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-waveline-test-secret}
@@ -191,7 +195,7 @@ stream() {
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  bin=$root/target/release/waveline
+  bin=$(target_dir)/release/waveline
   work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www=
   trap stream_cleanup EXIT
   [ "$(df -Pk "$work" | awk 'NR == 2 {print $4}')" -gt $((4 * 1024 * 1024)) ] || die "the upload test needs 4 GiB free in $work"

@@ -9,6 +9,10 @@
 # prints what it did.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
+target_dir() {
+  (cd "$root" && cargo metadata --format-version 1 --no-deps --locked) | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
+}
 cd "$root"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -18,7 +22,7 @@ scripts/setup.sh --embedded
 say "Build the waveline binary"
 # The whole workspace, as scripts/test.sh builds it: one feature set, so neither rebuilds the other.
 cargo build --locked --quiet --workspace --bins
-waveline=$root/target/debug/waveline
+waveline=$(target_dir)/debug/waveline
 
 demo=$root/.waveline/demo
 mkdir -p "$demo"
