@@ -59,7 +59,7 @@ fn parse_user_id(text: &str) -> Result<UserId, ApiError> {
 #[OpenApi(tag = "Tag::Admin")]
 impl Admin {
     /// The oldest dead letters (jobs that will not be retried), up to `limit` (1–500, default
-    /// 100). Replay them with `waveline dead replay`.
+    /// 100). Replay them with `waveline jobs replay`.
     #[oai(path = "/v1/admin/dead-letters", method = "get")]
     async fn dead_letters(
         &self,
