@@ -11,6 +11,7 @@
 //! | `tracks` | `GET /v1/tracks`, `GET|PATCH|DELETE /v1/tracks/{id}`, `/status`, `/events` (SSE), `POST /reprocess` |
 //! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
 //! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
+//! | [`events`] | how many event streams may be open, and what each sends |
 //! | `ops` | `GET /healthz`, `/readyz`, `/metrics` |
 //! | `admin` | `GET /v1/admin/dead-letters`, `PUT|DELETE /v1/admin/users/{id}/suspension` |
 //!
@@ -20,7 +21,9 @@
 
 mod admin;
 pub mod auth;
+pub mod body;
 mod error;
+pub mod events;
 pub mod listener;
 pub mod media;
 mod middleware;
@@ -67,6 +70,8 @@ pub struct SecuritySettings {
     /// The API's address as clients reach it (OAuth redirect URIs).
     pub public_url: url::Url,
     pub oauth: Vec<waveline_shared::config::OAuthProvider>,
+    pub body: body::BodyLimits,
+    pub event_streams: events::StreamLimits,
 }
 
 impl SecuritySettings {
@@ -89,6 +94,14 @@ impl SecuritySettings {
             free_quota: settings.free_quota,
             public_url: settings.public_url.clone(),
             oauth: settings.oauth.clone(),
+            body: body::BodyLimits {
+                json_max_bytes: settings.json_body_max_bytes,
+                read_timeout: settings.body_read_timeout,
+            },
+            event_streams: events::StreamLimits {
+                per_process: settings.event_streams_max,
+                per_client: settings.event_streams_per_client,
+            },
         }
     }
 }
@@ -145,7 +158,7 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             auth::Accounts { state: state.clone() },
             oauth::OAuth { state: state.clone(), http: oauth::provider_client() },
             uploads::Uploads { state: state.clone() },
-            tracks::Tracks { state: state.clone() },
+            tracks::Tracks { state: state.clone(), streams: events::StreamSlots::new(state.security.event_streams) },
             media::Media { state: state.clone() },
             admin::Admin { state },
         ),
@@ -169,14 +182,17 @@ pub fn app(state: AppState) -> impl Endpoint {
         &api.swagger_ui_html(),
     ));
     let throttle = Arc::new(throttle::Throttle::new(&state.security.throttle));
+    let routes = Arc::new(middleware::RouteTemplates::from_spec(&api.spec()));
+    let body_limits = Arc::new(state.security.body);
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(state)
         .with(poem::middleware::CookieJarManager::new())
+        .around(move |next, req| body::apply(body_limits.clone(), next, req))
         .around(move |next, req| throttle.clone().apply(next, req))
-        .around(middleware::observe)
+        .around(move |next, req| middleware::observe(routes.clone(), next, req))
         .catch_all_error(error::to_json)
         .around(move |next, req| policy.clone().apply(next, req))
 }

@@ -1,31 +1,113 @@
 //! Around every request: a request id (`X-Request-Id`, on the log span too), and the
 //! Prometheus series `waveline_http_requests_total{method,route,status}` and
 //! `waveline_http_request_duration_seconds{method,route}`.
+//!
+//! Every label comes from a closed set, so no client can grow the number of series: `route`
+//! is the OpenAPI path template the request matched (`/v1/tracks/{id}/status`; never the raw
+//! path, which holds ids and the signatures of signed URLs), `/docs` for Swagger UI, or
+//! `unmatched`; `method` is one of HTTP's standard methods or `other`; `status` is the status
+//! code.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use poem::http::Method;
 use poem::{Endpoint, IntoResponse, Request, Response, Result};
 use tracing::Instrument;
 
-/// The middleware function (`EndpointExt::around`).
-pub async fn observe<E: Endpoint>(next: E, request: Request) -> Result<Response> {
+/// The label of a request that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The API's path templates, to label requests with.
+#[derive(Debug, Clone)]
+pub struct RouteTemplates {
+    /// Each template's segments (`None` for a parameter), with the template itself.
+    templates: Vec<(Vec<Option<String>>, Arc<str>)>,
+}
+
+impl RouteTemplates {
+    /// The templates of `paths` (OpenAPI style: `/v1/tracks/{id}`), plus `/openapi.json`.
+    pub fn new<'a>(paths: impl IntoIterator<Item = &'a str>) -> RouteTemplates {
+        let mut templates: Vec<(Vec<Option<String>>, Arc<str>)> = paths
+            .into_iter()
+            .chain(["/openapi.json"])
+            .map(|path| {
+                let segments = path
+                    .split('/')
+                    .map(|segment| (!(segment.starts_with('{') && segment.ends_with('}'))).then(|| segment.to_owned()))
+                    .collect();
+                (segments, Arc::from(path))
+            })
+            .collect();
+        // More literal segments first: `/v1/tracks/{id}/hls/master.m3u8` before a template
+        // with a parameter in that place.
+        templates.sort_by_key(|(segments, _)| std::cmp::Reverse(segments.iter().filter(|s| s.is_some()).count()));
+        RouteTemplates { templates }
+    }
+
+    /// The templates of an OpenAPI document's `paths`.
+    pub fn from_spec(spec: &str) -> RouteTemplates {
+        let spec: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let paths = spec.get("paths").and_then(|paths| paths.as_object());
+        RouteTemplates::new(paths.into_iter().flat_map(|paths| paths.keys().map(String::as_str)))
+    }
+
+    /// The label of `path`.
+    pub fn label(&self, path: &str) -> Arc<str> {
+        if path == "/docs" || path.starts_with("/docs/") {
+            return Arc::from("/docs");
+        }
+        let segments: Vec<&str> = path.split('/').collect();
+        self.templates
+            .iter()
+            .find(|(template, _)| {
+                template.len() == segments.len()
+                    && template.iter().zip(&segments).all(|(want, got)| match want {
+                        Some(literal) => literal == got,
+                        None => !got.is_empty(),
+                    })
+            })
+            .map(|(_, label)| label.clone())
+            .unwrap_or_else(|| Arc::from(UNMATCHED))
+    }
+}
+
+/// The method's label: a standard method, or `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The middleware (`EndpointExt::around`).
+pub async fn observe<E: Endpoint>(routes: Arc<RouteTemplates>, next: E, request: Request) -> Result<Response> {
     let request_id = request
         .header("x-request-id")
         .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let method = request.method().to_string();
-    let route = route_label(request.uri().path());
-    let span = tracing::info_span!("request", %request_id, %method, path = %request.uri().path());
+    let method = method_label(request.method());
+    let route = routes.label(request.uri().path());
+    let span = tracing::info_span!("request", %request_id, %method, route = %route, path = %request.uri().path());
     let started = Instant::now();
     let result = next.call(request).instrument(span.clone()).await;
     let mut response = match result {
         Ok(response) => response.into_response(),
         Err(err) => crate::error::to_json(err).await,
     };
-    let status = response.status().as_u16().to_string();
+    let status = response.status().as_u16();
     span.in_scope(|| tracing::debug!(%status, elapsed_ms = started.elapsed().as_millis() as u64, "served"));
-    metrics::counter!("waveline_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    let route = route.to_string();
+    metrics::counter!("waveline_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("waveline_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
@@ -35,22 +117,40 @@ pub async fn observe<E: Endpoint>(next: E, request: Request) -> Result<Response>
     Ok(response)
 }
 
-/// The path with ids replaced, so the series' label set stays small.
-fn route_label(path: &str) -> String {
-    path.split('/')
-        .map(|segment| if uuid::Uuid::parse_str(segment).is_ok() { "{id}" } else { segment })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn ids_are_folded_out_of_route_labels() {
+    fn requests_are_labelled_by_their_template() {
+        let routes = RouteTemplates::new([
+            "/v1/tracks",
+            "/v1/tracks/{id}",
+            "/v1/tracks/{id}/status",
+            "/v1/tracks/{id}/hls/master.m3u8",
+            "/v1/tracks/{id}/hls/{variant}/{file}",
+            "/v1/signed/{expires}/{signature}/tracks/{id}/waveform",
+            "/healthz",
+        ]);
+        let label = |path: &str| routes.label(path).to_string();
+        assert_eq!(label("/v1/tracks/01a216e7-6dd6-7549-81aa-f16443f12081/status"), "/v1/tracks/{id}/status");
+        assert_eq!(label("/v1/tracks/x/hls/master.m3u8"), "/v1/tracks/{id}/hls/master.m3u8");
+        assert_eq!(label("/v1/tracks/x/hls/160k/seg_00001.m4s"), "/v1/tracks/{id}/hls/{variant}/{file}");
         assert_eq!(
-            super::route_label("/v1/tracks/01a216e7-6dd6-7549-81aa-f16443f12081/status"),
-            "/v1/tracks/{id}/status"
+            label("/v1/signed/1700000000/c2lnbmF0dXJl/tracks/x/waveform"),
+            "/v1/signed/{expires}/{signature}/tracks/{id}/waveform"
         );
-        assert_eq!(super::route_label("/healthz"), "/healthz");
+        assert_eq!(label("/healthz"), "/healthz");
+        assert_eq!(label("/openapi.json"), "/openapi.json");
+        assert_eq!(label("/docs/index.css"), "/docs");
+        for stranger in ["/", "/v1/nothing", "/v1/tracks//status", "/healthz/x", "/wp-login.php"] {
+            assert_eq!(label(stranger), UNMATCHED, "{stranger}");
+        }
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").expect("method")), "other");
     }
 }

@@ -31,7 +31,7 @@ enum ReadyResponse {
     /// Every dependency answers.
     #[oai(status = 200)]
     Ready(Json<Readiness>),
-    /// At least one does not; the message names which.
+    /// At least one does not; the message names which (the reason is in the server's log).
     #[oai(status = 503)]
     NotReady(Json<ErrorBody>),
 }
@@ -67,14 +67,19 @@ impl Ops {
             check(async { self.state.queue.stats().await.map(drop) }),
             check(self.state.storage.ping()),
         );
-        let failing: Vec<String> = [("database", &database), ("queue", &queue), ("storage", &storage)]
+        // The answer names what is down; why (hosts, addresses, OS errors) goes to the log only.
+        let failing: Vec<&str> = [("database", &database), ("queue", &queue), ("storage", &storage)]
             .into_iter()
-            .filter_map(|(name, result)| result.as_ref().err().map(|err| format!("{name}: {err}")))
+            .filter_map(|(name, result)| {
+                let err = result.as_ref().err()?;
+                tracing::warn!(dependency = name, error = %err, "readiness check failed");
+                Some(name)
+            })
             .collect();
         if failing.is_empty() {
             ReadyResponse::Ready(Json(Readiness { database: "ok".into(), queue: "ok".into(), storage: "ok".into() }))
         } else {
-            ReadyResponse::NotReady(Json(ErrorBody::new("not_ready", format!("not reachable: {}", failing.join("; ")))))
+            ReadyResponse::NotReady(Json(ErrorBody::new("not_ready", format!("not reachable: {}", failing.join(", ")))))
         }
     }
 

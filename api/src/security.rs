@@ -18,7 +18,7 @@
 //! - any other origin gets no CORS headers (the browser keeps the answer from the page), except
 //!   on the listening routes, which any page may read without credentials
 //!   (`Access-Control-Allow-Origin: *`): a signed URL is their only key there;
-//! - `Vary: Origin` whenever the answer depends on it.
+//! - `Vary: Origin` on every answer, so shared caches keep the CORS variants apart.
 
 use std::sync::Arc;
 
@@ -86,8 +86,11 @@ impl Policy {
             headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
 
+        // Every answer varies by `Origin`, whether or not this request sent one: a shared cache
+        // (a CDN in front of the listening routes) must not hand an answer made without CORS
+        // headers to a page on another origin, or one made for a trusted origin to anyone else.
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
         if let Some(origin) = origin.and_then(|origin| HeaderValue::from_str(&origin).ok()) {
-            headers.append(header::VARY, HeaderValue::from_static("Origin"));
             if trusted {
                 headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
                 headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
@@ -110,7 +113,13 @@ impl Policy {
 
 /// The progressive streams, HLS and waveforms: read by players on any site.
 pub fn is_listening_route(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/v1/tracks/") else {
+    // A signed URL is `/v1/signed/{expires}/{signature}/tracks/…`.
+    let unsigned = path.strip_prefix("/v1/signed/").and_then(|rest| {
+        let mut parts = rest.splitn(3, '/');
+        let (_expires, _signature) = (parts.next()?, parts.next()?);
+        parts.next()
+    });
+    let Some(rest) = unsigned.map_or(path.strip_prefix("/v1/tracks/"), |rest| rest.strip_prefix("tracks/")) else {
         return false;
     };
     let mut parts = rest.splitn(3, '/');
@@ -153,11 +162,25 @@ mod tests {
 
     #[test]
     fn listening_routes_are_recognised() {
-        for yes in ["/v1/tracks/abc/stream/mp3_128", "/v1/tracks/abc/hls/master.m3u8", "/v1/tracks/abc/waveform"] {
+        for yes in [
+            "/v1/tracks/abc/stream/mp3_128",
+            "/v1/tracks/abc/hls/master.m3u8",
+            "/v1/tracks/abc/waveform",
+            "/v1/signed/1700000000/c2ln/tracks/abc/stream/mp3_128",
+            "/v1/signed/1700000000/c2ln/tracks/abc/hls/160k/seg_1.m4s",
+        ] {
             assert!(is_listening_route(yes), "{yes}");
         }
-        for no in ["/v1/tracks", "/v1/tracks/abc", "/v1/tracks/abc/status", "/v1/me", "/docs", "/v1/tracks/abc/streams"]
-        {
+        for no in [
+            "/v1/tracks",
+            "/v1/tracks/abc",
+            "/v1/tracks/abc/status",
+            "/v1/me",
+            "/docs",
+            "/v1/tracks/abc/streams",
+            "/v1/signed/1/s/users/abc/stream/x",
+            "/v1/signed/tracks/abc/stream/x",
+        ] {
             assert!(!is_listening_route(no), "{no}");
         }
     }

@@ -10,13 +10,26 @@
 //! Notifications are not durable: while the listener reconnects, some may be lost. The feed
 //! then sends [`Change::Resync`], and streams read their track again; a stream that has heard
 //! nothing for a while reads it too, as a backstop.
+//!
+//! Those reads come from the feed's [`StatusCache`], not one query per stream: the cache holds
+//! the latest status of each track a stream asked about, replaced by every notification for
+//! it. A miss reads the database once, however many streams miss together (they share the
+//! read). The cache is emptied whenever notifications may have been lost (the listener
+//! reconnects) and is bypassed while the listener is down, so it never serves a status older
+//! than the last one committed and heard. It holds at most [`CACHE_CAPACITY`] tracks; past
+//! that it starts afresh.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use serde::Deserialize;
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::broadcast;
+use waveline_shared::db::{DbError, PgTracks, TrackDetails};
 use waveline_shared::domain::TrackId;
 
 /// The channel the trigger notifies.
@@ -54,30 +67,159 @@ pub enum Change {
 #[derive(Debug)]
 pub struct StatusFeed {
     sender: broadcast::Sender<Change>,
+    cache: StatusCache,
 }
 
 impl StatusFeed {
     /// Starts listening (in the background, reconnecting on its own).
     pub fn start(pool: PgPool) -> Arc<StatusFeed> {
         let (sender, _) = broadcast::channel(4096);
-        let feed = Arc::new(StatusFeed { sender });
-        let relay = feed.sender.clone();
+        let feed = Arc::new(StatusFeed { sender, cache: StatusCache::default() });
+        let relay = feed.clone();
         tokio::spawn(async move { listen(pool, relay).await });
         feed
     }
 
-    /// A feed that never announces anything (streams fall back to reading the track).
+    /// A feed that never announces anything (streams fall back to reading the track, and
+    /// nothing is cached, since nothing would keep it current).
     pub fn silent() -> Arc<StatusFeed> {
-        Arc::new(StatusFeed { sender: broadcast::channel(1).0 })
+        Arc::new(StatusFeed { sender: broadcast::channel(1).0, cache: StatusCache::default() })
     }
 
     /// Changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.sender.subscribe()
     }
+
+    /// A track's latest status (`None` when it does not exist): from the cache while the
+    /// notifications keep it current, else from the database (one read for every caller
+    /// that asks meanwhile).
+    pub async fn status(&self, tracks: &PgTracks, id: TrackId) -> Result<Option<Arc<Announced>>, Arc<DbError>> {
+        self.cache.status(tracks, id).await
+    }
+
+    fn relay(&self, change: Change) {
+        match &change {
+            Change::Status(announced) => self.cache.heard(announced),
+            Change::Resync => self.cache.clear(),
+        }
+        let _ = self.sender.send(change);
+    }
 }
 
-async fn listen(pool: PgPool, relay: broadcast::Sender<Change>) {
+/// How many tracks the [`StatusCache`] holds before it starts afresh.
+pub const CACHE_CAPACITY: usize = 65_536;
+
+type Load = Shared<BoxFuture<'static, Result<Option<Arc<Announced>>, Arc<DbError>>>>;
+
+enum Slot {
+    /// Read from the database by the load numbered so; callers wait for it.
+    Loading(u64, Load),
+    Known(Option<Arc<Announced>>),
+}
+
+/// The latest status of the tracks asked about, current while the listener is connected.
+#[derive(Default)]
+pub struct StatusCache {
+    slots: Mutex<HashMap<TrackId, Slot>>,
+    /// Whether notifications are being heard (else the cache is bypassed).
+    live: AtomicBool,
+    loads: AtomicU64,
+}
+
+impl std::fmt::Debug for StatusCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusCache").field("live", &self.live).finish_non_exhaustive()
+    }
+}
+
+impl StatusCache {
+    fn slots(&self) -> MutexGuard<'_, HashMap<TrackId, Slot>> {
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A notification: the new status of a track (only tracks someone asked about are kept).
+    fn heard(&self, announced: &Arc<Announced>) {
+        if let Some(slot) = self.slots().get_mut(&announced.track()) {
+            *slot = Slot::Known(Some(announced.clone()).filter(|announced| !announced.deleted));
+        }
+    }
+
+    fn clear(&self) {
+        self.slots().clear();
+    }
+
+    fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::SeqCst);
+        self.clear();
+    }
+
+    async fn status(&self, tracks: &PgTracks, id: TrackId) -> Result<Option<Arc<Announced>>, Arc<DbError>> {
+        let read = |tracks: PgTracks| async move {
+            match tracks.details(id).await {
+                Ok(track) => Ok(track.map(|track| Arc::new(Announced::from(&track)))),
+                Err(err) => Err(Arc::new(err)),
+            }
+        };
+        if !self.live.load(Ordering::SeqCst) {
+            metrics::counter!("waveline_status_cache_total", "result" => "bypass").increment(1);
+            return read(tracks.clone()).await;
+        }
+        let (number, load) = {
+            let mut slots = self.slots();
+            match slots.get(&id) {
+                Some(Slot::Known(status)) => {
+                    metrics::counter!("waveline_status_cache_total", "result" => "hit").increment(1);
+                    return Ok(status.clone());
+                }
+                Some(Slot::Loading(number, load)) => (*number, load.clone()),
+                None => {
+                    metrics::counter!("waveline_status_cache_total", "result" => "miss").increment(1);
+                    if slots.len() >= CACHE_CAPACITY {
+                        slots.clear();
+                    }
+                    let number = self.loads.fetch_add(1, Ordering::Relaxed);
+                    let load = read(tracks.clone()).boxed().shared();
+                    slots.insert(id, Slot::Loading(number, load.clone()));
+                    (number, load)
+                }
+            }
+        };
+        let result = load.await;
+        let mut slots = self.slots();
+        if let Some(slot) = slots.get_mut(&id)
+            && matches!(slot, Slot::Loading(loading, _) if *loading == number)
+        {
+            // A notification heard meanwhile would have replaced the slot: what is read here
+            // is the latest.
+            match &result {
+                Ok(status) => *slot = Slot::Known(status.clone()),
+                Err(_) => {
+                    slots.remove(&id);
+                }
+            }
+        }
+        result
+    }
+}
+
+impl From<&TrackDetails> for Announced {
+    fn from(track: &TrackDetails) -> Announced {
+        Announced {
+            id: track.id.0,
+            deleted: false,
+            state: Some(track.state.as_str().to_owned()),
+            stage: track.stage.map(|stage| stage.as_str().to_owned()),
+            progress: track.progress,
+            attempts: track.attempts,
+            revision: track.revision,
+            error_code: track.error_code.clone(),
+            error_message: track.error_message.clone(),
+        }
+    }
+}
+
+async fn listen(pool: PgPool, relay: Arc<StatusFeed>) {
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(listener) => listener,
@@ -93,22 +235,20 @@ async fn listen(pool: PgPool, relay: broadcast::Sender<Change>) {
             continue;
         }
         // Anything may have happened before (or between) listens.
-        let _ = relay.send(Change::Resync);
+        relay.cache.set_live(true);
+        relay.relay(Change::Resync);
         loop {
             match listener.try_recv().await {
                 Ok(Some(notification)) => match serde_json::from_str::<Announced>(notification.payload()) {
-                    Ok(announced) => {
-                        let _ = relay.send(Change::Status(Arc::new(announced)));
-                    }
+                    Ok(announced) => relay.relay(Change::Status(Arc::new(announced))),
                     Err(err) => tracing::warn!(error = %err, "an unreadable track status notification"),
                 },
                 // The connection dropped and is back: notifications may be lost.
-                Ok(None) => {
-                    let _ = relay.send(Change::Resync);
-                }
+                Ok(None) => relay.relay(Change::Resync),
                 Err(err) => {
                     tracing::warn!(error = %err, "the track status listener failed; reconnecting");
-                    let _ = relay.send(Change::Resync);
+                    relay.cache.set_live(false);
+                    relay.relay(Change::Resync);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
                 }

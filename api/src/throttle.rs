@@ -41,6 +41,10 @@ fn key_of(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The client's address as [`Throttle::client_ip`] resolved it, in the request's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
 /// The limits, from the settings.
 #[derive(Debug, Clone)]
 pub struct ThrottleConfig {
@@ -103,11 +107,18 @@ impl Throttle {
         if !self.trusted(peer) {
             return peer;
         }
-        let hops: Vec<IpAddr> = forwarded
-            .flat_map(|value| value.split(','))
-            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok().map(canonical))
-            .collect();
-        hops.into_iter().rev().find(|hop| !self.trusted(*hop)).unwrap_or(peer)
+        let hops: Vec<&str> = forwarded.flat_map(|value| value.split(',')).map(str::trim).collect();
+        // From the right: skip our own proxies; the first other hop is the client. A hop that
+        // does not parse ends the walk at the peer: everything left of it may be the client's
+        // own invention, and skipping it would let a client pick its address.
+        for hop in hops.into_iter().rev() {
+            match hop.parse::<IpAddr>().map(canonical) {
+                Ok(hop) if self.trusted(hop) => continue,
+                Ok(hop) => return hop,
+                Err(_) => return peer,
+            }
+        }
+        peer
     }
 
     fn check(limiter: &Option<DefaultKeyedRateLimiter<IpAddr>>, key: &IpAddr) -> Result<(), Duration> {
@@ -120,9 +131,10 @@ impl Throttle {
     }
 
     /// The middleware (for `EndpointExt::around`).
-    pub async fn apply<E: Endpoint>(self: Arc<Self>, next: E, req: Request) -> poem::Result<Response> {
+    pub async fn apply<E: Endpoint>(self: Arc<Self>, next: E, mut req: Request) -> poem::Result<Response> {
         let client = self.client_ip(&req);
         if let Some(client) = client {
+            req.set_data(ClientAddr(client));
             let path = req.uri().path();
             let operational = matches!(path, "/healthz" | "/readyz" | "/metrics");
             if !operational {
@@ -183,6 +195,10 @@ mod tests {
         assert_eq!(client("10.0.0.2", &["6.6.6.6", "198.51.100.7, 10.0.0.9"]), ip("198.51.100.7"));
         // A trusted peer that forwards nothing usable is the client itself.
         assert_eq!(client("10.0.0.2", &["garbage"]), ip("10.0.0.2"));
+        // An unparseable hop is not skipped to reach an address the client wrote before it.
+        assert_eq!(client("10.0.0.2", &["6.6.6.6, garbage"]), ip("10.0.0.2"));
+        assert_eq!(client("10.0.0.2", &["6.6.6.6", "unknown, 10.0.0.9"]), ip("10.0.0.2"));
+        assert_eq!(client("10.0.0.2", &["6.6.6.6, "]), ip("10.0.0.2"));
         assert_eq!(client("::ffff:10.0.0.2", &[]), ip("10.0.0.2"));
     }
 

@@ -14,6 +14,7 @@
 //! from closing an idle stream. The stream ends after `ready` or `failed`, or on deletion.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -35,8 +36,10 @@ use waveline_shared::storage::Storage;
 
 use crate::auth::{Auth, MaybeAuth, Session};
 use crate::error::{ApiError, ErrorBody};
+use crate::events::{StreamSlots, Watch};
 use crate::media::signed_prefix;
-use crate::status_feed::{Announced, Change};
+use crate::status_feed::Announced;
+use crate::throttle::ClientAddr;
 use crate::uploads::{UploadAccepted, UploadForm};
 use crate::{AppState, may_see, parse_track_id};
 
@@ -50,6 +53,8 @@ enum Tag {
 #[derive(Debug)]
 pub struct Tracks {
     pub state: AppState,
+    /// The open event streams.
+    pub streams: Arc<StreamSlots>,
 }
 
 /// Where a track is in processing.
@@ -69,8 +74,13 @@ pub struct TrackStatus {
 }
 
 impl TrackStatus {
+    /// Whether nothing will change any more (`ready` or `failed`).
+    pub fn is_final(&self) -> bool {
+        self.state == "ready" || self.state == "failed"
+    }
+
     /// The status a notification announces (`None` for one without a state).
-    fn announced(announced: &Announced) -> Option<TrackStatus> {
+    pub(crate) fn announced(announced: &Announced) -> Option<TrackStatus> {
         Some(TrackStatus {
             id: announced.id.to_string(),
             state: announced.state.clone()?,
@@ -550,17 +560,21 @@ impl Tracks {
         &self,
         id: Path<String>,
         auth: MaybeAuth,
+        req: &Request,
     ) -> Result<EventStream<BoxStream<'static, TrackStatus>>, ApiError> {
+        let slot = self.streams.take(req.data::<ClientAddr>().map(|client| client.0))?;
         // Subscribe before reading, so no change falls between the two.
         let changes = self.state.status_feed.subscribe();
         let track = self.visible(&id.0, auth.session()).await?;
         let watch = Watch {
             id: track.id,
             tracks: self.state.tracks.clone(),
+            feed: self.state.status_feed.clone(),
             changes,
             last: None,
             pending: Some(TrackStatus::from(&track)),
             finished: false,
+            _slot: slot,
         };
         let stream = futures::stream::unfold(watch, |mut watch| async move {
             let status = watch.next().await?;
@@ -572,67 +586,6 @@ impl Tracks {
                 let data = serde_json::to_string(&status).unwrap_or_default();
                 Event::message(data).event_type("status")
             }))
-    }
-}
-
-/// How long an event stream waits without news before reading its track anyway.
-const BACKSTOP: Duration = Duration::from_secs(5);
-
-/// One event stream's view of its track.
-struct Watch {
-    id: TrackId,
-    tracks: waveline_shared::db::PgTracks,
-    changes: tokio::sync::broadcast::Receiver<Change>,
-    last: Option<TrackStatus>,
-    pending: Option<TrackStatus>,
-    finished: bool,
-}
-
-impl Watch {
-    /// The next status to send: a change of this track, or nothing once it is finished or gone.
-    async fn next(&mut self) -> Option<TrackStatus> {
-        use tokio::sync::broadcast::error::RecvError;
-        if self.finished {
-            return None;
-        }
-        loop {
-            if let Some(status) = self.pending.take()
-                && self.last.as_ref() != Some(&status)
-            {
-                self.finished = status.state == "ready" || status.state == "failed";
-                self.last = Some(status.clone());
-                return Some(status);
-            }
-            let read_again = match tokio::time::timeout(BACKSTOP, self.changes.recv()).await {
-                Ok(Ok(Change::Status(announced))) if announced.track() == self.id => {
-                    if announced.deleted {
-                        return None;
-                    }
-                    match TrackStatus::announced(&announced) {
-                        Some(status) => {
-                            self.pending = Some(status);
-                            false
-                        }
-                        None => true,
-                    }
-                }
-                Ok(Ok(Change::Status(_))) => false,
-                // Changes may have been missed, or nothing was heard for a while.
-                Ok(Ok(Change::Resync) | Err(RecvError::Lagged(_))) | Err(_) => true,
-                Ok(Err(RecvError::Closed)) => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    true
-                }
-            };
-            if read_again {
-                match self.tracks.details(self.id).await {
-                    Ok(Some(track)) => self.pending = Some(TrackStatus::from(&track)),
-                    // Deleted meanwhile: the stream ends.
-                    Ok(None) => return None,
-                    Err(err) => tracing::warn!(error = %err, "cannot read the track's status; retrying"),
-                }
-            }
-        }
     }
 }
 

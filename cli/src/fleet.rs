@@ -166,7 +166,11 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        .with_context(|| format!("cannot listen on {}", settings.listen))?
+        .with_limits(waveline_api::listener::ConnectionLimits {
+            max_connections: settings.max_connections,
+            ..Default::default()
+        });
     tracing::info!(listen = %settings.listen, workers, "serving the API");
     let served = listener
         .serve(waveline_api::app(state), shutdown.clone(), Duration::from_secs(10))

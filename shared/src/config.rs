@@ -122,6 +122,19 @@ pub struct Settings {
     pub public_url: Url,
     /// OAuth 2.0 / OpenID Connect login providers (see [`oauth`](self::oauth)).
     pub oauth: Vec<OAuthProvider>,
+    /// The largest request body of any route but the two upload routes, bytes (413
+    /// `too_large` beyond it, refused while it is read). Default 65536.
+    pub json_body_max_bytes: u64,
+    /// How long a small request body may take to arrive whole, and the longest pause within
+    /// an upload's body, seconds. Default 30.
+    pub body_read_timeout: Duration,
+    /// Open client connections one API process accepts at once; further ones wait in the
+    /// kernel's backlog until one closes. Default 10000.
+    pub max_connections: u32,
+    /// Open event streams (`/v1/tracks/{id}/events`) per API process (429 beyond). Default 2000.
+    pub event_streams_max: u32,
+    /// Open event streams per client address (429 beyond). Default 20.
+    pub event_streams_per_client: u32,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -209,7 +222,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 34] = [
+const KEYS: [Key; 39] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -244,6 +257,11 @@ const KEYS: [Key; 34] = [
     Key { name: "signed_url_ttl_s", secret: false },
     Key { name: "free_quota_s", secret: false },
     Key { name: "public_url", secret: false },
+    Key { name: "json_body_max_bytes", secret: false },
+    Key { name: "body_read_timeout_s", secret: false },
+    Key { name: "max_connections", secret: false },
+    Key { name: "event_streams_max", secret: false },
+    Key { name: "event_streams_per_client", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -474,7 +492,29 @@ impl Settings {
                 got: err.to_string(),
             })?,
         };
+        let json_body_max_bytes = match take("json_body_max_bytes") {
+            Some(raw) => u64::from(parse_int(&raw, 1024, 64 << 20)?),
+            None => 64 * 1024,
+        };
+        let body_read_timeout = seconds(take("body_read_timeout_s"), 30)?;
+        let max_connections = match take("max_connections") {
+            Some(raw) => parse_int(&raw, 1, 1_000_000)?,
+            None => 10_000,
+        };
+        let event_streams_max = match take("event_streams_max") {
+            Some(raw) => parse_int(&raw, 1, 1_000_000)?,
+            None => 2000,
+        };
+        let event_streams_per_client = match take("event_streams_per_client") {
+            Some(raw) => parse_int(&raw, 1, 1_000_000)?,
+            None => 20,
+        };
         Ok(Settings {
+            json_body_max_bytes,
+            body_read_timeout,
+            max_connections,
+            event_streams_max,
+            event_streams_per_client,
             public_url,
             oauth,
             jwt_previous_secrets,
@@ -552,6 +592,11 @@ impl Settings {
             "free_quota_s": self.free_quota.as_secs(),
             "public_url": self.public_url.as_str(),
             "oauth": self.oauth.iter().map(oauth_redacted).collect::<Vec<_>>(),
+            "json_body_max_bytes": self.json_body_max_bytes,
+            "body_read_timeout_s": self.body_read_timeout.as_secs(),
+            "max_connections": self.max_connections,
+            "event_streams_max": self.event_streams_max,
+            "event_streams_per_client": self.event_streams_per_client,
         })
     }
 }

@@ -1,0 +1,176 @@
+//! Server-Sent Events of a track's status: how many may be open, and what each one sends.
+//!
+//! Each stream holds a slot for as long as it is open: at most `event_streams_max` in the
+//! process and `event_streams_per_client` per client address (the address the rate limiter
+//! uses, so a trusted proxy's `X-Forwarded-For` counts). Past either, the request answers 429
+//! `too_many_streams` with `Retry-After`. Counts go down the moment a stream ends or its client
+//! goes away.
+//!
+//! A stream sends its track's changes as the [`StatusFeed`] relays them, and reads its track
+//! through the feed's cache after a resync or 5 s of silence, so quiet streams cost the
+//! database nothing while the notifications flow.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use waveline_shared::db::PgTracks;
+use waveline_shared::domain::TrackId;
+
+use crate::error::ApiError;
+use crate::status_feed::{Change, StatusFeed};
+use crate::tracks::TrackStatus;
+
+/// How many event streams may be open.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub per_process: u32,
+    pub per_client: u32,
+}
+
+/// The open streams of the process, by client.
+#[derive(Debug)]
+pub struct StreamSlots {
+    limits: StreamLimits,
+    open: Mutex<(u32, HashMap<Option<IpAddr>, u32>)>,
+}
+
+/// An open stream's place; dropping it frees the place.
+#[derive(Debug)]
+pub struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    client: Option<IpAddr>,
+}
+
+impl StreamSlots {
+    pub fn new(limits: StreamLimits) -> Arc<StreamSlots> {
+        Arc::new(StreamSlots { limits, open: Mutex::default() })
+    }
+
+    fn open(&self) -> MutexGuard<'_, (u32, HashMap<Option<IpAddr>, u32>)> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for one more stream of `client`, or 429.
+    pub fn take(self: &Arc<Self>, client: Option<IpAddr>) -> Result<StreamSlot, ApiError> {
+        let mut open = self.open();
+        let (total, by_client) = &mut *open;
+        let mine = by_client.get(&client).copied().unwrap_or(0);
+        let refused = if *total >= self.limits.per_process {
+            Some("this server has as many event streams open as it allows")
+        } else if mine >= self.limits.per_client {
+            Some("this address has as many event streams open as it may")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            metrics::counter!("waveline_event_streams_refused_total").increment(1);
+            return Err(crate::throttle::too_many(Duration::from_secs(5), "too_many_streams", why));
+        }
+        *total += 1;
+        by_client.insert(client, mine + 1);
+        metrics::gauge!("waveline_event_streams_open").set(f64::from(*total));
+        Ok(StreamSlot { slots: self.clone(), client })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open();
+        let (total, by_client) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(count) = by_client.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                by_client.remove(&self.client);
+            }
+        }
+        metrics::gauge!("waveline_event_streams_open").set(f64::from(*total));
+    }
+}
+
+/// How long an event stream waits without news before reading its track anyway.
+const BACKSTOP: Duration = Duration::from_secs(5);
+
+/// One event stream's view of its track.
+pub(crate) struct Watch {
+    pub(crate) id: TrackId,
+    pub(crate) tracks: PgTracks,
+    pub(crate) feed: Arc<StatusFeed>,
+    pub(crate) changes: broadcast::Receiver<Change>,
+    pub(crate) last: Option<TrackStatus>,
+    pub(crate) pending: Option<TrackStatus>,
+    pub(crate) finished: bool,
+    /// Held while the stream is open.
+    pub(crate) _slot: StreamSlot,
+}
+
+impl Watch {
+    /// The next status to send: a change of this track, or nothing once it is finished or gone.
+    pub(crate) async fn next(&mut self) -> Option<TrackStatus> {
+        use tokio::sync::broadcast::error::RecvError;
+        if self.finished {
+            return None;
+        }
+        loop {
+            if let Some(status) = self.pending.take()
+                && self.last.as_ref() != Some(&status)
+            {
+                self.finished = status.is_final();
+                self.last = Some(status.clone());
+                return Some(status);
+            }
+            let read_again = match tokio::time::timeout(BACKSTOP, self.changes.recv()).await {
+                Ok(Ok(Change::Status(announced))) if announced.track() == self.id => {
+                    if announced.deleted {
+                        return None;
+                    }
+                    match TrackStatus::announced(&announced) {
+                        Some(status) => {
+                            self.pending = Some(status);
+                            false
+                        }
+                        None => true,
+                    }
+                }
+                Ok(Ok(Change::Status(_))) => false,
+                // Changes may have been missed, or nothing was heard for a while.
+                Ok(Ok(Change::Resync) | Err(RecvError::Lagged(_))) | Err(_) => true,
+                Ok(Err(RecvError::Closed)) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    true
+                }
+            };
+            if read_again {
+                match self.feed.status(&self.tracks, self.id).await {
+                    Ok(Some(announced)) => self.pending = TrackStatus::announced(&announced),
+                    // Deleted meanwhile: the stream ends.
+                    Ok(None) => return None,
+                    Err(err) => tracing::warn!(error = %err, "cannot read the track's status; retrying"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_per_client_and_per_process_and_freed_on_drop() {
+        let slots = StreamSlots::new(StreamLimits { per_process: 3, per_client: 2 });
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().expect("ip"), "192.0.2.2".parse().expect("ip"));
+        let first = slots.take(Some(a)).expect("a 1");
+        let _second = slots.take(Some(a)).expect("a 2");
+        let refused = slots.take(Some(a)).expect_err("a 3");
+        assert_eq!((refused.status.as_u16(), refused.code), (429, "too_many_streams"));
+        assert!(refused.header.is_some_and(|(name, _)| name == "retry-after"));
+        let _third = slots.take(Some(b)).expect("b 1");
+        assert_eq!(slots.take(Some(b)).expect_err("process full").code, "too_many_streams");
+        drop(first);
+        slots.take(Some(b)).expect("a place was freed");
+    }
+}
