@@ -20,6 +20,9 @@ psql "$WAVELINE_TEST_DATABASE_URL" -Atqc \
   psql "$WAVELINE_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
 done
 
+# Logs of the waveline processes the end-to-end tests start (a failing test prints its path).
+rm -rf "${TMPDIR:-/tmp}/waveline-test-logs"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -2,7 +2,7 @@
 //! services, and the account helpers every API test starts with.
 
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,8 @@ impl Stack {
     /// Starts the API (and, when `process` is set, something that processes uploads).
     pub async fn start(mode: Mode, process: bool, extra: &[(&str, &str)]) -> Result<Stack> {
         let db = TestDb::new().await?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut env: Vec<(String, String)> = vec![
             ("WAVELINE_DATABASE_URL".into(), db.url.clone()),
-            ("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")),
             ("WAVELINE_JWT_SECRET".into(), JWT_SECRET.into()),
             ("WAVELINE_RECONCILE_INTERVAL_S".into(), "1".into()),
         ];
@@ -71,34 +69,46 @@ impl Stack {
             }
         };
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let spawn = |args: &[&str]| -> Result<Child> {
+        let spawn = |args: &[&str], env: &[(String, String)]| -> Result<Child> {
             let mut command = Command::new(waveline_bin());
             command.args(args);
             for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
                 command.env_remove(name);
             }
             command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            Ok(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
+            let log = child_log(args[0])?;
+            Ok(command.stdout(log.try_clone()?).stderr(log).spawn()?)
         };
-        let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
-        let serve = spawn(&["serve", "--workers", in_process]).context("cannot start waveline serve")?;
+        // The port is picked by binding port 0 and letting it go, so another process may take
+        // it before `serve` binds it: a `serve` that exits at once is started again on another.
+        let mut attempt = 0;
+        let (serve, port) = loop {
+            attempt += 1;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let mut env = env.clone();
+            env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
+            let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
+            let mut serve = spawn(&["serve", "--workers", in_process], &env).context("cannot start waveline serve")?;
+            match wait_healthy(&mut serve, port).await {
+                Ok(()) => break (serve, port),
+                Err(err) if attempt < 3 && matches!(serve.try_wait(), Ok(Some(_))) => {
+                    eprintln!("waveline serve on port {port} exited ({err:#}); starting it on another port");
+                }
+                Err(err) => {
+                    let _ = serve.kill();
+                    let _ = serve.wait();
+                    return Err(err);
+                }
+            }
+        };
+        env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
         let worker = if mode == Mode::Distributed && process {
-            Some(spawn(&["worker", "--concurrency", "1"]).context("cannot start waveline worker")?)
+            Some(spawn(&["worker", "--concurrency", "1"], &env).context("cannot start waveline worker")?)
         } else {
             None
         };
         let base = format!("http://127.0.0.1:{port}");
-        let stack = Stack { serve, worker, base, db, storage, env, _objects: objects };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = reqwest::get(stack.url("/healthz")).await
-                && response.status() == 200
-            {
-                return Ok(stack);
-            }
-            ensure!(Instant::now() < deadline, "waveline serve did not answer /healthz within 20 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Ok(Stack { serve, worker, base, db, storage, env, _objects: objects })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -130,6 +140,33 @@ impl Drop for Stack {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A log file for a child process, kept after the test (nextest shows its path with the
+/// output of a failing test). `scripts/test.sh` empties the folder before each run.
+fn child_log(role: &str) -> Result<std::fs::File> {
+    let dir = std::env::temp_dir().join("waveline-test-logs");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}-{role}.log", unique()));
+    eprintln!("waveline {role} logs: {}", path.display());
+    Ok(std::fs::File::create(path)?)
+}
+
+/// Waits until `serve` answers `/healthz` on `port` (at most 20 s), or has exited.
+async fn wait_healthy(serve: &mut Child, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await
+            && response.status() == 200
+        {
+            return Ok(());
+        }
+        if let Some(status) = serve.try_wait()? {
+            anyhow::bail!("waveline serve exited with {status}");
+        }
+        ensure!(Instant::now() < deadline, "waveline serve did not answer /healthz within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -2,7 +2,6 @@
 //! the real RabbitMQ, each on a topology of its own. Nothing here assumes delivery order.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -327,9 +326,18 @@ contract!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_reconnects_after_the_broker_connection_drops() -> Result<()> {
     init_logging();
-    let upstream: SocketAddr = "127.0.0.1:5672".parse()?;
+    // The broker of WAVELINE_TEST_AMQP_URL, reached through the relay with the same
+    // credentials and virtual host.
+    let mut url = url::Url::parse(&amqp_url())?;
+    let host = url.host_str().context("the AMQP URL has no host")?.to_owned();
+    let upstream = tokio::net::lookup_host((host.as_str(), url.port().unwrap_or(5672)))
+        .await?
+        .next()
+        .context("the AMQP host resolves to nothing")?;
     let proxy = TcpProxy::start(upstream).await?;
-    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    url.set_host(Some(&proxy.addr.ip().to_string()))?;
+    url.set_port(Some(proxy.addr.port())).map_err(|()| anyhow::anyhow!("cannot set the relay's port"))?;
+    let url = url.to_string();
     let topology = test_topology();
     let queue = connect_amqp(&url, topology.clone()).await?;
     let mut consumer = queue.consume(1).await?;
