@@ -15,7 +15,8 @@
 #       `waveline serve` (filesystem store) and from ../shared/bench/nginx-range.sh, driven by
 #       wrk (2 threads, 32 connections, SECONDS per run) with a random 64 KiB-aligned 64 KiB
 #       range per request, alternating runs; prints req/s, p50/p99 and the ratio to nginx.
-#       Then status polling (`If-None-Match` on /v1/tracks/ID/status: 304s per second, p99) and
+#       Then status polling (`If-None-Match` on /v1/tracks/ID/status: 304s per second, p99), side by side
+#       with a bare poem handler answering the same poll (bench/src/bare_304.rs), and
 #       a 1 GiB streaming multipart upload to a `serve --workers 0` instance (throughput, the
 #       server's RSS growth from VmRSS before to VmHWM after). Targets: range req/s ≥ 0.5×
 #       nginx with p99 ≤ 10 ms; upload RSS growth ≤ 64 MiB. Needs local PostgreSQL (started by
@@ -160,6 +161,7 @@ stop_nginx() {
 stream_cleanup() {
   local pid
   for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
+  [ -z "${bare_pid:-}" ] || kill "$bare_pid" 2>/dev/null || true
   stop_nginx
   rm -rf "$work" "${www:-}"
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
@@ -193,10 +195,10 @@ stream() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
-  echo "building waveline (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  echo "building waveline and the bare poem reference (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
   bin=$(target_dir)/release/waveline
-  work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www=
+  work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid=
   trap stream_cleanup EXIT
   [ "$(df -Pk "$work" | awk 'NR == 2 {print $4}')" -gt $((4 * 1024 * 1024)) ] || die "the upload test needs 4 GiB free in $work"
   export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
@@ -306,8 +308,21 @@ function done(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
 end
 LUA
-  echo "status polling: $runs runs of ${duration}s…" >&2
-  for i in $(seq "$runs"); do wrk_run status "$api/v1/tracks/$id/status" "$work/status.lua" "$auth" "If-None-Match: $etag"; done
+  # The reference: a bare poem handler answering the same poll (bench/src/bare_304.rs).
+  local bare_port bare_etag='"5d41402abc4b2a76b9719d911017c592"'
+  bare_port=$(free_port)
+  "$(target_dir)/release/bare-304" "127.0.0.1:$bare_port" &
+  bare_pid=$!
+  local tries=0
+  until port_open "$bare_port"; do tries=$((tries + 1)); [ "$tries" -lt 100 ] || die "bare-304 did not start"; sleep 0.1; done
+  echo "status polling: $runs runs of ${duration}s each, alternating with a bare poem 304 handler…" >&2
+  wrk_run warmup "http://127.0.0.1:$bare_port/v1/tracks/x/status" "$work/status.lua" "If-None-Match: $bare_etag"
+  wrk_run warmup "$api/v1/tracks/$id/status" "$work/status.lua" "$auth" "If-None-Match: $etag"
+  for i in $(seq "$runs"); do
+    wrk_run bare "http://127.0.0.1:$bare_port/v1/tracks/x/status" "$work/status.lua" "If-None-Match: $bare_etag"
+    wrk_run status "$api/v1/tracks/$id/status" "$work/status.lua" "$auth" "If-None-Match: $etag"
+  done
+  kill "$bare_pid" 2>/dev/null; wait "$bare_pid" 2>/dev/null || true
   stop_nginx
   stop_serve "$serve_pid"
 
@@ -340,6 +355,9 @@ LUA
   nr=$(col 1 nginx); n50=$(col 2 nginx); n99=$(col 3 nginx)
   wr=$(col 1 waveline); w50=$(col 2 waveline); w99=$(col 3 waveline)
   sr=$(col 1 status); s50=$(col 2 status); s99=$(col 3 status)
+  local br b50 b99 sratio
+  br=$(col 1 bare); b50=$(col 2 bare); b99=$(col 3 bare)
+  sratio=$(echo "$sr / $br" | bc -l)
   ut=$(col 1 upload); ur=$(col 2 upload)
   ratio=$(echo "$wr / $nr" | bc -l)
   growth=$(echo "($hwm1 - $rss0) / 1024" | bc -l)
@@ -355,7 +373,9 @@ LUA
   echo
   echo "| status polling with If-None-Match | 304/s | p50 ms | p99 ms |"
   echo "|---|---:|---:|---:|"
+  printf "| bare poem handler answering 304 (bench/src/bare_304.rs) | %.0f | %.2f | %.2f |\n" "$br" "$b50" "$b99"
   printf "| waveline serve, GET /v1/tracks/ID/status (Bearer token) | %.0f | %.2f | %.2f |\n" "$sr" "$s50" "$s99"
+  printf "| ratio waveline / bare poem | **%.2f×** | %.2f× | %.2f× |\n" "$sratio" "$(echo "$s50 / $b50" | bc -l)" "$(echo "$s99 / $b99" | bc -l)"
   echo
   echo "| 1 GiB streaming multipart upload (serve --workers 0) | s | MiB/s | RSS before MiB | peak RSS MiB | growth MiB |"
   echo "|---|---:|---:|---:|---:|---:|"
@@ -366,14 +386,15 @@ LUA
   echo "|---|---:|---|"
   printf "| range req/s ≥ 0.5× nginx | %.2f× | %s |\n" "$ratio" "$(mark "$(echo "$ratio >= 0.5" | bc -l)")"
   printf "| range p99 ≤ 10 ms | %.2f ms | %s |\n" "$w99" "$(mark "$(echo "$w99 <= 10" | bc -l)")"
+  printf "| status polls ≥ 0.5× a bare poem 304 handler | %.2f× | %s |\n" "$sratio" "$(mark "$(echo "$sratio >= 0.5" | bc -l)")"
   printf "| upload RSS growth ≤ 64 MiB | %.1f MiB | %s |\n" "$growth" "$(mark "$(echo "$growth <= 64" | bc -l)")"
   echo
   local bad
-  bad=$(( $(sum_col 4 nginx) + $(sum_col 5 nginx) + $(sum_col 4 waveline) + $(sum_col 5 waveline) + $(sum_col 4 status) + $(sum_col 5 status) ))
+  bad=$(( $(sum_col 4 nginx) + $(sum_col 5 nginx) + $(sum_col 4 waveline) + $(sum_col 5 waveline) + $(sum_col 4 status) + $(sum_col 5 status) + $(sum_col 4 bare) + $(sum_col 5 bare) ))
   [ "$bad" = 0 ] || echo "WARNING: $bad failed answers (HTTP ≥ 400, socket errors, or non-304 status polls): see the runs below"
   echo "bytes per answer (median; headers included): nginx $(col 6 nginx), waveline $(col 6 waveline), status 304 $(col 6 status)"
   echo "VmHWM before the upload: $((hwm0 / 1024)) MiB (includes start-up and the 1 MiB warm-up upload; reset before the 1 GiB uploads where /proc allows)"
-  echo "every run (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): nginx: $(paste -sd';' "$work/nginx") waveline: $(paste -sd';' "$work/waveline") status: $(paste -sd';' "$work/status")"
+  echo "every run (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): nginx: $(paste -sd';' "$work/nginx") waveline: $(paste -sd';' "$work/waveline") status: $(paste -sd';' "$work/status") bare 304: $(paste -sd';' "$work/bare")"
   echo "every upload (s MiB/s): $(paste -sd';' "$work/upload")"
 }
 

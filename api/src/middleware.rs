@@ -57,12 +57,12 @@ impl RouteTemplates {
         if path == "/docs" || path.starts_with("/docs/") {
             return Arc::from("/docs");
         }
-        let segments: Vec<&str> = path.split('/').collect();
+        let count = path.split('/').count();
         self.templates
             .iter()
             .find(|(template, _)| {
-                template.len() == segments.len()
-                    && template.iter().zip(&segments).all(|(want, got)| match want {
+                template.len() == count
+                    && template.iter().zip(path.split('/')).all(|(want, got)| match want {
                         Some(literal) => literal == got,
                         None => !got.is_empty(),
                     })

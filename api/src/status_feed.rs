@@ -52,6 +52,11 @@ pub struct Announced {
     pub revision: i32,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
+    /// Who owns the track and who may see it, for the access check of status polls.
+    #[serde(default)]
+    pub owner_id: Option<uuid::Uuid>,
+    #[serde(default)]
+    pub visibility: Option<String>,
 }
 
 /// What the feed relays.
@@ -214,7 +219,10 @@ impl From<&TrackDetails> for Announced {
             attempts: track.attempts,
             revision: track.revision,
             error_code: track.error_code.clone(),
-            error_message: track.error_message.clone(),
+            // As the trigger announces it, so a status reads the same from either source.
+            error_message: track.error_message.as_ref().map(|message| message.chars().take(2000).collect()),
+            owner_id: Some(track.owner_id.0),
+            visibility: Some(track.visibility.as_str().to_owned()),
         }
     }
 }

@@ -31,7 +31,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use waveline_shared::db::{TrackDetails, TrackPatch, Visibility};
-use waveline_shared::domain::TrackId;
+use waveline_shared::domain::{TrackId, UserId};
 use waveline_shared::storage::Storage;
 
 use crate::auth::{Auth, MaybeAuth, Session};
@@ -542,8 +542,25 @@ impl Tracks {
         #[oai(name = "If-None-Match")] if_none_match: Header<Option<String>>,
         auth: MaybeAuth,
     ) -> Result<StatusResponse, ApiError> {
-        let track = self.visible(&id.0, auth.session()).await?;
-        let status = TrackStatus::from(&track);
+        // From the process's status cache (see `status_feed`): no database round trip while
+        // the notifications keep it current.
+        let id = parse_track_id(&id.0)?;
+        let announced = self
+            .state
+            .status_feed
+            .status(&self.state.tracks, id)
+            .await
+            .map_err(|err| ApiError::unavailable("database", &err))?
+            .ok_or_else(|| ApiError::not_found("track"))?;
+        let owner = announced.owner_id.map(UserId);
+        let visibility = announced.visibility.as_deref().and_then(Visibility::parse);
+        let (Some(owner), Some(visibility), Some(status)) = (owner, visibility, TrackStatus::announced(&announced))
+        else {
+            return Err(ApiError::internal(&"a cached status without its owner, visibility or state"));
+        };
+        if !may_see(owner, visibility, auth.session()) {
+            return Err(ApiError::not_found("track"));
+        }
         let etag = etag_of(&status);
         let matches = if_none_match.0.as_deref().is_some_and(|header| crate::serve::none_match(header, &etag));
         Ok(if matches {

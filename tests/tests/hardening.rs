@@ -272,3 +272,62 @@ async fn every_answer_varies_by_origin() -> Result<()> {
     ensure!(body["code"].is_string(), "{body}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_polls_come_from_the_cache_and_follow_every_change() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let bob = register_and_login(&stack, "bob").await?;
+    let (status, track) = upload(&stack, &alice, &[("title", "Polled")], ("polled.wav", &wav())).await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+    let client = reqwest::Client::new();
+    let poll = |token: String| {
+        let (client, url) = (client.clone(), stack.url(&format!("/v1/tracks/{id}/status")));
+        async move { json(client.get(url).bearer_auth(token).send().await?).await }
+    };
+
+    let hits = metric(&stack, "waveline_status_cache_total{result=\"hit\"}").await?;
+    let misses = metric(&stack, "waveline_status_cache_total{result=\"miss\"}").await?;
+    for _ in 0..20 {
+        let (status, body) = poll(bob.token.clone()).await?;
+        ensure!(status == 200 && body["state"] == "queued", "{status} {body}");
+    }
+    let new_misses = metric(&stack, "waveline_status_cache_total{result=\"miss\"}").await? - misses;
+    let new_hits = metric(&stack, "waveline_status_cache_total{result=\"hit\"}").await? - hits;
+    ensure!(new_misses <= 1.0 && new_hits >= 19.0, "20 polls: {new_misses} misses, {new_hits} hits");
+
+    // The owner makes it private: from the next notification on, others get 404.
+    let response = client
+        .patch(stack.url(&format!("/v1/tracks/{id}")))
+        .bearer_auth(&alice.token)
+        .json(&serde_json::json!({"visibility": "private"}))
+        .send()
+        .await?;
+    ensure!(response.status() == 200, "{}", response.status());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, body) = poll(bob.token.clone()).await?;
+        if status == 404 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "still visible to others 2 s after going private: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = poll(alice.token.clone()).await?;
+    ensure!(status == 200 && body["state"] == "queued", "{status} {body}");
+
+    // Deleted: gone for its owner too.
+    let response = client.delete(stack.url(&format!("/v1/tracks/{id}"))).bearer_auth(&alice.token).send().await?;
+    ensure!(response.status() == 204, "{}", response.status());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, body) = poll(alice.token.clone()).await?;
+        if status == 404 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "a deleted track's status still answers: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
