@@ -28,6 +28,7 @@ pub struct Admin {
 
 /// A job that will not be retried again.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 struct DeadLetterView {
     /// Names it for a replay.
     id: String,

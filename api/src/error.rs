@@ -5,6 +5,13 @@
 //! `WWW-Authenticate` on 401). It is a poem `ResponseError`, so it keeps its own shape on the
 //! way out; anything else that fails (unknown routes, unparsable parameters or bodies) is
 //! turned into the same JSON by [`to_json`].
+//!
+//! **One validation path.** What a request may contain is declared on its types, so the
+//! OpenAPI document says it and poem-openapi enforces it before a handler runs: validators
+//! (lengths, patterns, ranges, item counts), enums for choices, and unknown JSON fields refused.
+//! A request that fails any of them is 400 `invalid_field`, its message naming the parameter
+//! (or, for a body, the field). The few checks only a handler can make (a cursor's content,
+//! control characters in text) answer the same way.
 
 use poem::http::StatusCode;
 use poem::{IntoResponse, Response};
@@ -170,6 +177,16 @@ pub async fn to_json(err: poem::Error) -> Response {
     if err.is::<ApiError>() {
         return err.into_response();
     }
+    // A parameter or body that fails its declared schema: the one validation path (see the
+    // module doc), named after the field.
+    if let Some(param) = err.downcast_ref::<poem_openapi::error::ParseParamError>() {
+        let err = ApiError::bad_request("invalid_field", format!("{}: {}", param.name, param.reason));
+        return poem::error::ResponseError::as_response(&err);
+    }
+    if let Some(payload) = err.downcast_ref::<poem_openapi::error::ParseRequestPayloadError>() {
+        let err = ApiError::bad_request("invalid_field", format!("body: {}", payload.reason));
+        return poem::error::ResponseError::as_response(&err);
+    }
     let status = err.status();
     let (code, message) = match status {
         StatusCode::NOT_FOUND => ("not_found", "no such resource".to_owned()),
@@ -180,6 +197,7 @@ pub async fn to_json(err: poem::Error) -> Response {
         }
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", err.to_string()),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", err.to_string()),
+        StatusCode::BAD_REQUEST => ("invalid_field", err.to_string()),
         status if status.is_client_error() => ("bad_request", err.to_string()),
         _ => {
             tracing::error!(error = %err, "request failed");

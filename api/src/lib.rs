@@ -31,6 +31,7 @@ mod oauth;
 mod ops;
 pub mod security;
 mod serve;
+pub mod spec;
 pub mod status_feed;
 pub mod throttle;
 mod tracks;
@@ -174,7 +175,12 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
 /// The whole HTTP application.
 pub fn app(state: AppState) -> impl Endpoint {
     let api = openapi(state.clone());
-    let spec = api.spec_endpoint();
+    let document = spec::complete(&api.spec());
+    let routes = Arc::new(middleware::RouteTemplates::new(spec::routes(&document)));
+    let document = document.to_string();
+    let spec = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
+    });
     let docs = api.swagger_ui();
     let policy = Arc::new(security::Policy::new(
         state.security.cors_origins.clone(),
@@ -182,12 +188,11 @@ pub fn app(state: AppState) -> impl Endpoint {
         &api.swagger_ui_html(),
     ));
     let throttle = Arc::new(throttle::Throttle::new(&state.security.throttle));
-    let routes = Arc::new(middleware::RouteTemplates::from_spec(&api.spec()));
     let body_limits = Arc::new(state.security.body);
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
-        .at("/openapi.json", spec)
+        .at("/openapi.json", poem::get(spec))
         .data(state)
         .with(poem::middleware::CookieJarManager::new())
         .around(move |next, req| body::apply(body_limits.clone(), next, req))

@@ -11,45 +11,60 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use poem::http::Method;
+use poem::http::{HeaderValue, Method, StatusCode, header};
 use poem::{Endpoint, IntoResponse, Request, Response, Result};
 use tracing::Instrument;
 
 /// The label of a request that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
+/// One path template of the API.
+#[derive(Debug, Clone)]
+struct Template {
+    /// Its segments (`None` for a parameter).
+    segments: Vec<Option<String>>,
+    label: Arc<str>,
+    /// The `Allow` header of a 405 on it.
+    allow: Option<HeaderValue>,
+}
+
 /// The API's path templates, to label requests with.
 #[derive(Debug, Clone)]
 pub struct RouteTemplates {
-    /// Each template's segments (`None` for a parameter), with the template itself.
-    templates: Vec<(Vec<Option<String>>, Arc<str>)>,
+    templates: Vec<Template>,
 }
 
 impl RouteTemplates {
-    /// The templates of `paths` (OpenAPI style: `/v1/tracks/{id}`), plus `/openapi.json`.
-    pub fn new<'a>(paths: impl IntoIterator<Item = &'a str>) -> RouteTemplates {
-        let mut templates: Vec<(Vec<Option<String>>, Arc<str>)> = paths
+    /// The templates of `routes` (OpenAPI style: `/v1/tracks/{id}`, with their methods), plus
+    /// `/openapi.json`.
+    pub fn new(routes: impl IntoIterator<Item = (String, Vec<String>)>) -> RouteTemplates {
+        let mut templates: Vec<Template> = routes
             .into_iter()
-            .chain(["/openapi.json"])
-            .map(|path| {
-                let segments = path
+            .chain([("/openapi.json".to_owned(), vec!["GET".to_owned()])])
+            .map(|(path, methods)| Template {
+                segments: path
                     .split('/')
                     .map(|segment| (!(segment.starts_with('{') && segment.ends_with('}'))).then(|| segment.to_owned()))
-                    .collect();
-                (segments, Arc::from(path))
+                    .collect(),
+                allow: HeaderValue::from_str(&methods.join(", ")).ok(),
+                label: Arc::from(path),
             })
             .collect();
         // More literal segments first: `/v1/tracks/{id}/hls/master.m3u8` before a template
         // with a parameter in that place.
-        templates.sort_by_key(|(segments, _)| std::cmp::Reverse(segments.iter().filter(|s| s.is_some()).count()));
+        templates.sort_by_key(|template| std::cmp::Reverse(template.segments.iter().filter(|s| s.is_some()).count()));
         RouteTemplates { templates }
     }
 
-    /// The templates of an OpenAPI document's `paths`.
-    pub fn from_spec(spec: &str) -> RouteTemplates {
-        let spec: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
-        let paths = spec.get("paths").and_then(|paths| paths.as_object());
-        RouteTemplates::new(paths.into_iter().flat_map(|paths| paths.keys().map(String::as_str)))
+    fn matching(&self, path: &str) -> Option<&Template> {
+        let count = path.split('/').count();
+        self.templates.iter().find(|template| {
+            template.segments.len() == count
+                && template.segments.iter().zip(path.split('/')).all(|(want, got)| match want {
+                    Some(literal) => literal == got,
+                    None => !got.is_empty(),
+                })
+        })
     }
 
     /// The label of `path`.
@@ -57,18 +72,12 @@ impl RouteTemplates {
         if path == "/docs" || path.starts_with("/docs/") {
             return Arc::from("/docs");
         }
-        let count = path.split('/').count();
-        self.templates
-            .iter()
-            .find(|(template, _)| {
-                template.len() == count
-                    && template.iter().zip(path.split('/')).all(|(want, got)| match want {
-                        Some(literal) => literal == got,
-                        None => !got.is_empty(),
-                    })
-            })
-            .map(|(_, label)| label.clone())
-            .unwrap_or_else(|| Arc::from(UNMATCHED))
+        self.matching(path).map(|template| template.label.clone()).unwrap_or_else(|| Arc::from(UNMATCHED))
+    }
+
+    /// The methods `path` answers, as an `Allow` header.
+    pub fn allow(&self, path: &str) -> Option<HeaderValue> {
+        self.matching(path).and_then(|template| template.allow.clone())
     }
 }
 
@@ -96,14 +105,21 @@ pub async fn observe<E: Endpoint>(routes: Arc<RouteTemplates>, next: E, request:
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let method = method_label(request.method());
-    let route = routes.label(request.uri().path());
-    let span = tracing::info_span!("request", %request_id, %method, route = %route, path = %request.uri().path());
+    let path = request.uri().path().to_owned();
+    let route = routes.label(&path);
+    let span = tracing::info_span!("request", %request_id, %method, route = %route, %path);
     let started = Instant::now();
     let result = next.call(request).instrument(span.clone()).await;
     let mut response = match result {
         Ok(response) => response.into_response(),
         Err(err) => crate::error::to_json(err).await,
     };
+    // RFC 9110: a 405 says which methods the resource has.
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(allow) = routes.allow(&path)
+    {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
     let status = response.status().as_u16();
     span.in_scope(|| tracing::debug!(%status, elapsed_ms = started.elapsed().as_millis() as u64, "served"));
     let route = route.to_string();
@@ -123,15 +139,20 @@ mod tests {
 
     #[test]
     fn requests_are_labelled_by_their_template() {
-        let routes = RouteTemplates::new([
-            "/v1/tracks",
-            "/v1/tracks/{id}",
-            "/v1/tracks/{id}/status",
-            "/v1/tracks/{id}/hls/master.m3u8",
-            "/v1/tracks/{id}/hls/{variant}/{file}",
-            "/v1/signed/{expires}/{signature}/tracks/{id}/waveform",
-            "/healthz",
-        ]);
+        let routes = RouteTemplates::new(
+            [
+                "/v1/tracks",
+                "/v1/tracks/{id}",
+                "/v1/tracks/{id}/status",
+                "/v1/tracks/{id}/hls/master.m3u8",
+                "/v1/tracks/{id}/hls/{variant}/{file}",
+                "/v1/signed/{expires}/{signature}/tracks/{id}/waveform",
+                "/healthz",
+            ]
+            .map(|path| (path.to_owned(), vec!["GET".to_owned(), "HEAD".to_owned()])),
+        );
+        assert_eq!(routes.allow("/v1/tracks/x/status").expect("allow"), "GET, HEAD");
+        assert!(routes.allow("/v1/nothing").is_none());
         let label = |path: &str| routes.label(path).to_string();
         assert_eq!(label("/v1/tracks/01a216e7-6dd6-7549-81aa-f16443f12081/status"), "/v1/tracks/{id}/status");
         assert_eq!(label("/v1/tracks/x/hls/master.m3u8"), "/v1/tracks/{id}/hls/master.m3u8");

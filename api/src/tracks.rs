@@ -59,6 +59,7 @@ pub struct Tracks {
 
 /// Where a track is in processing.
 #[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TrackStatus {
     id: String,
     /// `awaiting_upload`, `uploaded`, `queued`, `processing`, `ready` or `failed`.
@@ -122,6 +123,7 @@ pub struct OwnerView {
 
 /// A track, whole.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TrackView {
     id: String,
     owner: OwnerView,
@@ -189,6 +191,7 @@ impl From<TrackDetails> for TrackView {
 
 /// Signed URLs, valid until `expires_at`.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 struct SignedUrls {
     expires_at: DateTime<Utc>,
     /// Seconds from now.
@@ -227,6 +230,7 @@ enum Unshared {
 
 /// A page of tracks.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 struct TrackPage {
     tracks: Vec<TrackView>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -313,7 +317,7 @@ fn encode_cursor((at, id): (DateTime<Utc>, TrackId)) -> String {
 }
 
 fn decode_cursor(text: &str) -> Result<(DateTime<Utc>, TrackId), ApiError> {
-    let bad = || ApiError::bad_request("invalid_cursor", "the cursor is not one this API returned");
+    let bad = || ApiError::bad_request("invalid_field", "cursor: not one this API returned");
     let (micros, id) = text.split_once('.').ok_or_else(bad)?;
     let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
     Ok((at, id.parse().map_err(|_| bad())?))
@@ -367,10 +371,10 @@ impl Tracks {
     async fn list(
         &self,
         /// A username.
-        #[oai(validator(max_length = 30))]
+        #[oai(validator(pattern = r"^[a-z0-9_-]{3,30}$"))]
         owner: Query<Option<String>>,
         /// From `next_cursor` of the previous page.
-        #[oai(validator(max_length = 64))]
+        #[oai(validator(pattern = r"^-?[0-9]{1,19}\.[0-9a-f]{32}$"))]
         cursor: Query<Option<String>>,
         /// 1–100, default 20.
         #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
@@ -626,7 +630,7 @@ mod tests {
         let id = TrackId::new();
         assert_eq!(decode_cursor(&encode_cursor((at, id))).expect("decode"), (at, id));
         for bad in ["", "x.y", "123", "123.not-a-uuid", "99999999999999999999.0"] {
-            assert_eq!(decode_cursor(bad).expect_err(bad).code, "invalid_cursor");
+            assert_eq!(decode_cursor(bad).expect_err(bad).code, "invalid_field");
         }
     }
 

@@ -311,7 +311,8 @@ async fn full_flow(mode: Mode) -> Result<()> {
     ensure!(status == 200 && summary.to_string().len() > 100, "{status}");
     let (status, body) =
         json(client.get(stack.url(&format!("/v1/tracks/{id}/waveform?format=png"))).send().await?).await?;
-    ensure!(status == 400 && body["code"] == "bad_request", "{status} {body}");
+    ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");
+    ensure!(body["message"].as_str().is_some_and(|message| message.starts_with("format:")), "{body}");
 
     // The direct-upload flow: a URL to PUT to (presigned on S3, the API's own on files).
     let (status, ticket) = json(
@@ -382,8 +383,12 @@ async fn full_flow(mode: Mode) -> Result<()> {
     let (_, next_page) =
         json(list(Some(&alice), format!("?owner=alice&limit=1&cursor={cursor}")).send().await?).await?;
     ensure!(ids(&next_page) == [id.clone()] && next_page["next_cursor"].is_null(), "{next_page}");
-    let (status, body) = json(list(None, "?cursor=forged".into()).send().await?).await?;
-    ensure!(status == 400 && body["code"] == "invalid_cursor", "{status} {body}");
+    // A cursor is checked against its declared pattern, then against what it encodes.
+    for forged in ["forged", "9999999999999999999.0123456789abcdef0123456789abcdef"] {
+        let (status, body) = json(list(None, format!("?cursor={forged}")).send().await?).await?;
+        ensure!(status == 400 && body["code"] == "invalid_field", "{forged}: {status} {body}");
+        ensure!(body["message"].as_str().is_some_and(|message| message.starts_with("cursor:")), "{body}");
+    }
     let (status, _) = json(list(None, "?owner=nobody_here".into()).send().await?).await?;
     ensure!(status == 404);
 
@@ -578,7 +583,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
     )
     .await?;
     ensure!(
-        status == 400 && body["code"] == "bad_request" && !body["message"].as_str().unwrap_or("").is_empty(),
+        status == 400 && body["code"] == "invalid_field" && !body["message"].as_str().unwrap_or("").is_empty(),
         "{status} {body}"
     );
     for path in ["/v1/tracks/{}", "/v1/tracks/{}/status", "/v1/tracks/{}/stream/mp3_128", "/v1/tracks/{}/waveform"] {
@@ -698,9 +703,12 @@ async fn every_error_is_json_with_a_code() -> Result<()> {
         (client.get(stack.url("/v1/tracks/not-a-uuid/status")), 404, "not_found"),
         (client.get(stack.url(&format!("/v1/tracks/{}/status", uuid::Uuid::now_v7()))), 404, "not_found"),
         (client.post(stack.url("/healthz")), 405, "method_not_allowed"),
-        (client.get(stack.url("/v1/tracks?limit=1000")), 400, "bad_request"),
+        (client.get(stack.url("/v1/tracks?limit=1000")), 400, "invalid_field"),
         (client.get(stack.url("/v1/me")).bearer_auth("not.a.jwt"), 401, "unauthorized"),
     ];
+    // RFC 9110: a 405 names the methods the resource has.
+    let response = client.delete(stack.url("/v1/tracks")).send().await?;
+    ensure!(response.status() == 405 && header(&response, "allow") == "GET, POST", "{:?}", response.headers());
     for (request, want_status, want_code) in cases {
         let response = request.send().await?;
         let url = response.url().to_string();
