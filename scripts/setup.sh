@@ -37,7 +37,7 @@ install_packages() {
   local wanted=(pkg-config clang ffmpeg sox postgresql curl
     libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libswresample-dev libswscale-dev libavdevice-dev)
   if [ "$mode" != --embedded ]; then
-    wanted+=(rabbitmq-server nginx-light wrk hyperfine time bc)
+    wanted+=(rabbitmq-server nginx-light wrk hyperfine time bc python3-venv)
   fi
   local missing=()
   for pkg in "${wanted[@]}"; do
@@ -90,10 +90,23 @@ start_s3() {
   wait_for "S3 server (s3s-fs) on 127.0.0.1:$s3_port" 30 port_open "$s3_port"
 }
 
+# schemathesis (PyPI): the contract fuzzer scripts/schemathesis.sh runs against the API.
+# In a virtual environment of its own under the state directory, so neither the system's
+# Python nor the user's packages are touched.
+install_schemathesis() {
+  local version=4.32.5 venv=$state/venv
+  if ! { [ -x "$venv/bin/st" ] && "$venv/bin/st" --version 2>/dev/null | grep -q "$version"; }; then
+    log "installing schemathesis $version (pip, in $venv)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$version"
+  fi
+}
+
 install_packages
 start_postgres
 if [ "$mode" != --embedded ]; then
   start_rabbitmq
   start_s3
+  install_schemathesis
 fi
 log "done"

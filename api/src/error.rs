@@ -134,15 +134,17 @@ impl poem::error::ResponseError for ApiError {
 }
 
 /// The statuses every operation may answer with an error body, for the OpenAPI document.
-const ERROR_STATUSES: [(u16, &str); 10] = [
+const ERROR_STATUSES: [(u16, &str); 12] = [
     (400, "The request is malformed or a field is invalid (the message names it)."),
     (401, "Authentication is required, or the token is invalid or expired."),
     (403, "Authenticated, but not allowed."),
     (404, "No such resource (private tracks of others answer the same)."),
+    (408, "The request body did not arrive in time."),
     (409, "The resource is not in a state that allows this (a track not ready yet, a taken email)."),
-    (413, "The upload is larger than the configured maximum."),
+    (413, "The body is larger than the configured maximum."),
     (415, "The upload is not audio."),
     (416, "The range cannot be satisfied; `Content-Range: bytes */LENGTH`."),
+    (429, "Too many requests (`Retry-After` says when to try again)."),
     (500, "An internal error; the request id is in the logs."),
     (503, "A dependency (database, queue, storage) is unavailable."),
 ];

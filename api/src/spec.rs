@@ -8,6 +8,11 @@
 //!   the operations that take its id, with the id read from the answer
 //!   (`$response.body#/id`), so client generators and stateful testers can follow them.
 //!
+//! - **What the middleware answers.** Every operation documents the errors that the layers
+//!   around the handlers can give it, whether or not its handler can: 429 from the rate
+//!   limiter (all but the operational routes), 401 where it takes credentials, and 413 and
+//!   408 where it takes a body (see [`crate::body`]).
+//!
 //! The same document gives the middleware its route templates and their methods (metrics
 //! labels, and the `Allow` header of a 405).
 
@@ -29,7 +34,48 @@ pub fn complete(spec: &str) -> Value {
     let mut document: Value = serde_json::from_str(spec).unwrap_or_else(|_| json!({}));
     close_request_bodies(&mut document);
     add_links(&mut document);
+    add_middleware_errors(&mut document);
     document
+}
+
+/// The routes the rate limiter leaves alone (see `throttle`).
+const UNTHROTTLED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+fn add_middleware_errors(document: &mut Value) {
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json; charset=utf-8": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        })
+    };
+    let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        for method in METHODS {
+            let Some(operation) = item.get_mut(method).and_then(Value::as_object_mut) else {
+                continue;
+            };
+            let credentials = operation.get("security").and_then(Value::as_array).is_some_and(|s| !s.is_empty());
+            let body = operation.contains_key("requestBody");
+            let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            let mut add = |status: &str, description: &str| {
+                responses.entry(status.to_owned()).or_insert_with(|| error(description));
+            };
+            if !UNTHROTTLED.contains(&path.as_str()) {
+                add("429", "Too many requests from this address (`Retry-After` says when to try again).");
+            }
+            if credentials {
+                add("401", "Authentication is required, or the token is invalid or expired.");
+            }
+            if body {
+                add("413", "The body is larger than the configured maximum.");
+                add("408", "The body did not arrive in time.");
+            }
+        }
+    }
 }
 
 /// The schemas named by request bodies: `additionalProperties: false`.
@@ -132,7 +178,7 @@ mod tests {
                         "get": {"responses": {"200": {"description": "page"}}},
                     },
                     "/v1/tracks/{id}": {
-                        "get": {"responses": {}},
+                        "get": {"responses": {}, "security": [{"BearerToken": []}]},
                         "patch": {
                             "requestBody": {"content": {"application/json; charset=utf-8": {"schema": {"$ref": "#/components/schemas/TrackEdit"}}}},
                             "responses": {},
@@ -164,6 +210,17 @@ mod tests {
         assert_eq!(links["get_tracks_id_status"]["parameters"]["id"], "$response.body#/id");
         // Errors and bodiless answers get none.
         assert!(document.pointer("/paths/~1v1~1tracks/post/responses/400/links").is_none());
+    }
+
+    #[test]
+    fn what_the_middleware_answers_is_documented() {
+        let document = sample();
+        let statuses = |pointer: &str| -> Vec<String> {
+            document.pointer(pointer).and_then(Value::as_object).expect(pointer).keys().cloned().collect()
+        };
+        assert_eq!(statuses("/paths/~1v1~1tracks~1{id}/get/responses"), ["401", "429"]);
+        assert_eq!(statuses("/paths/~1v1~1tracks~1{id}/patch/responses"), ["408", "413", "429"]);
+        assert_eq!(statuses("/paths/~1v1~1tracks/post/responses"), ["202", "400", "429"]);
     }
 
     #[test]
