@@ -21,7 +21,11 @@
 //!   access token, relies on `SameSite=Strict` plus an `Origin` check instead.
 //! - Failed logins are counted per email: after `login_delay_after` each attempt must wait
 //!   (1 s, doubling), after `login_lockout_after` the account is locked for `login_lockout_s`;
-//!   both answer 429 with `Retry-After`, whatever the password.
+//!   both answer 429 with `Retry-After`, whatever the password. A suspended account answers
+//!   403 `account_suspended` whatever the password, and every attempt counts as a failure, so
+//!   neither the answer nor the throttling tells whether the password was right.
+//! - A session (refresh-token family) lives at most `refresh_family_max_age_s` (90 days) from
+//!   its login, however often it is refreshed; then the refresh answers 401 `session_expired`.
 //! - Logging out ends the session: its access and refresh tokens stop working at once.
 
 use std::sync::OnceLock;
@@ -540,12 +544,13 @@ fn set_cookies(jar: &CookieJar, tokens: Option<(&TokenView, Duration, Duration)>
     jar.add(cookie(CSRF_COOKIE, csrf, "/", refresh_ttl, false, SameSite::Strict));
 }
 
-/// The login and refresh answer for a session.
+/// The login and refresh answer for a session whose refresh token lives `refresh_ttl`.
 fn session_tokens(
     state: &AppState,
     user: &UserRow,
     session: uuid::Uuid,
     refresh: String,
+    refresh_ttl: Duration,
 ) -> Result<TokenView, ApiError> {
     let (access_token, _) = state.tokens.issue(user.id, session)?;
     Ok(TokenView {
@@ -553,7 +558,7 @@ fn session_tokens(
         token_type: "Bearer".into(),
         expires_in: state.tokens.ttl().as_secs(),
         refresh_token: refresh,
-        refresh_expires_in: state.security.refresh_token_ttl.as_secs(),
+        refresh_expires_in: refresh_ttl.as_secs(),
         csrf_token: state.tokens.csrf_token(session),
     })
 }
@@ -562,9 +567,11 @@ fn session_tokens(
 pub(crate) async fn begin_session(state: &AppState, user: &UserRow, jar: &CookieJar) -> Result<TokenView, ApiError> {
     let session = uuid::Uuid::new_v4();
     let (refresh, hash) = new_refresh_token();
-    state.users.start_session(user.id, session, &hash, refresh_expiry(state), state.security.refresh_token_ttl).await?;
-    let view = session_tokens(state, user, session, refresh)?;
-    set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+    // The first token cannot outlive the family.
+    let ttl = state.security.refresh_token_ttl.min(state.security.refresh_family_max_age);
+    state.users.start_session(user.id, session, &hash, Utc::now() + ttl, state.security.refresh_token_ttl).await?;
+    let view = session_tokens(state, user, session, refresh, ttl)?;
+    set_cookies(jar, Some((&view, state.tokens.ttl(), ttl)));
     tracing::info!(user = %user.id, %session, "logged in");
     Ok(view)
 }
@@ -642,25 +649,33 @@ impl Accounts {
         if let Some(block) = state.users.login_block(&email).await? {
             return Err(login_blocked(block));
         }
-        let user = state.users.by_email(&email).await?;
+        let user = state.users.by_email(&email).await?.filter(|user| user.role != Role::System);
         let phc = user.as_ref().and_then(|user| user.password_hash.clone());
         let matches = verify_password(password, phc).await?;
-        let Some(user) = user.filter(|user| matches && user.role != Role::System) else {
-            let block = state.users.login_failed(&email, &state.security.login).await?;
-            tracing::info!(locked = block.is_some_and(|block| block.locked), "failed login");
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong email or password"));
+        let user = match user {
+            // The same answer whether or not the password matched, and the attempt counts as a
+            // failure either way: neither the answer nor the throttling confirms a password.
+            Some(user) if user.suspended_at.is_some() => {
+                state.users.login_failed(&email, &state.security.login).await?;
+                tracing::info!(user = %user.id, "login to a suspended account");
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "account_suspended", "this account is suspended"));
+            }
+            Some(user) if matches => user,
+            _ => {
+                let block = state.users.login_failed(&email, &state.security.login).await?;
+                tracing::info!(locked = block.is_some_and(|block| block.locked), "failed login");
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong email or password"));
+            }
         };
         state.users.login_succeeded(&email).await?;
-        if user.suspended_at.is_some() {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "account_suspended", "this account is suspended"));
-        }
         let view = begin_session(state, &user, jar).await?;
         Ok(LoginResponse::Ok(Json(view), "no-store".into()))
     }
 
     /// Trades a refresh token (`{"refresh_token": …}`, or `{}` with the `waveline_refresh`
     /// cookie) for a new access token and refresh token. Each refresh token works once: presenting one that was already
-    /// used ends its session (401 `refresh_reused`).
+    /// used ends its session (401 `refresh_reused`). A session lasts at most
+    /// `refresh_family_max_age_s` from its login (then 401 `session_expired`).
     #[oai(path = "/v1/auth/refresh", method = "post")]
     async fn refresh(&self, body: Json<Refresh>, req: &Request, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
@@ -679,16 +694,25 @@ impl Accounts {
             }
         };
         let (next, next_hash) = new_refresh_token();
-        let rotation = state.users.rotate_refresh(&refresh_hash(&token), &next_hash, refresh_expiry(state)).await?;
+        let rotation = state
+            .users
+            .rotate_refresh(
+                &refresh_hash(&token),
+                &next_hash,
+                refresh_expiry(state),
+                state.security.refresh_family_max_age,
+            )
+            .await?;
         let refused = |code: &'static str, message: &str| {
             set_cookies(jar, None);
             ApiError::new(StatusCode::UNAUTHORIZED, code, message)
                 .with_header("www-authenticate", "Bearer realm=\"waveline\"".to_owned())
         };
         match rotation {
-            Rotation::Rotated { session, user } => {
-                let view = session_tokens(state, &user, session, next)?;
-                set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+            Rotation::Rotated { session, user, expires_at } => {
+                let ttl = (expires_at - Utc::now()).to_std().unwrap_or_default();
+                let view = session_tokens(state, &user, session, next, ttl)?;
+                set_cookies(jar, Some((&view, state.tokens.ttl(), ttl)));
                 Ok(LoginResponse::Ok(Json(view), "no-store".into()))
             }
             Rotation::Reused { session, user } => {
@@ -696,6 +720,9 @@ impl Accounts {
                 Err(refused("refresh_reused", "this refresh token was already used; the session has ended"))
             }
             Rotation::Expired => Err(refused("refresh_expired", "the refresh token has expired; log in again")),
+            Rotation::TooOld => {
+                Err(refused("session_expired", "the session has reached its maximum age; log in again"))
+            }
             Rotation::Ended => Err(refused("session_ended", "the session has ended; log in again")),
             Rotation::Unknown => Err(refused("unauthorized", "the refresh token is not valid")),
         }

@@ -62,6 +62,8 @@ pub struct SecuritySettings {
     pub hsts_max_age: Option<u64>,
     pub login: auth::LoginPolicy,
     pub refresh_token_ttl: Duration,
+    /// The absolute lifetime of a session (refresh-token family).
+    pub refresh_family_max_age: Duration,
     pub signed_url_ttl: Duration,
     pub free_quota: Duration,
     /// The API's address as clients reach it (OAuth redirect URIs).
@@ -85,6 +87,7 @@ impl SecuritySettings {
                 lockout: settings.login_lockout,
             },
             refresh_token_ttl: settings.refresh_token_ttl,
+            refresh_family_max_age: settings.refresh_family_max_age,
             signed_url_ttl: settings.signed_url_ttl,
             free_quota: settings.free_quota,
             public_url: settings.public_url.clone(),

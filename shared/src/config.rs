@@ -122,6 +122,9 @@ pub struct Settings {
     pub public_url: Url,
     /// OAuth 2.0 / OpenID Connect login providers (see [`oauth`](self::oauth)).
     pub oauth: Vec<OAuthProvider>,
+    /// The absolute lifetime of a session (a refresh-token family), however often it is
+    /// refreshed, seconds. Default 7776000 (90 days).
+    pub refresh_family_max_age: Duration,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -209,7 +212,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 34] = [
+const KEYS: [Key; 35] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -244,6 +247,7 @@ const KEYS: [Key; 34] = [
     Key { name: "signed_url_ttl_s", secret: false },
     Key { name: "free_quota_s", secret: false },
     Key { name: "public_url", secret: false },
+    Key { name: "refresh_family_max_age_s", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -474,7 +478,12 @@ impl Settings {
                 got: err.to_string(),
             })?,
         };
+        let refresh_family_max_age = match take("refresh_family_max_age_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 60, 315_360_000)?.into()),
+            None => Duration::from_secs(90 * 86_400),
+        };
         Ok(Settings {
+            refresh_family_max_age,
             public_url,
             oauth,
             jwt_previous_secrets,
@@ -552,6 +561,7 @@ impl Settings {
             "free_quota_s": self.free_quota.as_secs(),
             "public_url": self.public_url.as_str(),
             "oauth": self.oauth.iter().map(oauth_redacted).collect::<Vec<_>>(),
+            "refresh_family_max_age_s": self.refresh_family_max_age.as_secs(),
         })
     }
 }
@@ -869,6 +879,14 @@ mod tests {
         let missing = dir.path().join("missing.toml");
         let err = Settings::from_sources(Some(&missing), &env(&[])).expect_err("missing");
         assert_eq!(err.code(), "config_unreadable");
+    }
+
+    #[test]
+    fn the_session_lifetime_is_a_setting() {
+        assert_eq!(load(&[]).expect("defaults").refresh_family_max_age, Duration::from_secs(90 * 86_400));
+        let settings = load(&[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "3600")]).expect("valid");
+        assert_eq!(settings.refresh_family_max_age, Duration::from_secs(3600));
+        assert!(load(&[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "10")]).is_err(), "below a minute");
     }
 
     #[test]

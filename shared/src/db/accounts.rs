@@ -179,23 +179,30 @@ impl PgUsers {
     }
 
     /// Uses a refresh token: replaces it with `next_hash` in the same session, or says why
-    /// not. A token used before ends its whole session ([`Rotation::Reused`]).
+    /// not. A token used before ends its whole session ([`Rotation::Reused`]), and so does a
+    /// session older than `max_age` ([`Rotation::TooOld`]), however fresh its token: a family
+    /// has an absolute lifetime. The next token expires at `next_expires_at` or when the family
+    /// reaches `max_age`, whichever comes first.
     pub async fn rotate_refresh(
         &self,
         hash: &[u8],
         next_hash: &[u8],
         next_expires_at: DateTime<Utc>,
+        max_age: std::time::Duration,
     ) -> Result<Rotation, DbError> {
         let mut tx = self.pool.begin().await?;
-        let found = sqlx::query_as::<_, (uuid::Uuid, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, UserId)>(
-            "SELECT t.session_id, t.expires_at <= now(), t.used_at, s.ended_at, s.user_id
+        type Found = (uuid::Uuid, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, UserId, DateTime<Utc>, bool);
+        let found = sqlx::query_as::<_, Found>(
+            "SELECT t.session_id, t.expires_at <= now(), t.used_at, s.ended_at, s.user_id,
+                    s.created_at + make_interval(secs => $2), s.created_at + make_interval(secs => $2) <= now()
              FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
              WHERE t.token_hash = $1 FOR UPDATE OF t, s",
         )
         .bind(hash)
+        .bind(max_age.as_secs_f64())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((session, expired, used_at, ended_at, user)) = found else {
+        let Some((session, expired, used_at, ended_at, user, family_ends_at, too_old)) = found else {
             return Ok(Rotation::Unknown);
         };
         if ended_at.is_some() {
@@ -208,6 +215,14 @@ impl PgUsers {
                 .await?;
             tx.commit().await?;
             return Ok(Rotation::Reused { session, user });
+        }
+        if too_old {
+            sqlx::query("UPDATE sessions SET ended_at = now(), ended_why = 'max_age' WHERE id = $1")
+                .bind(session)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Rotation::TooOld);
         }
         if expired {
             return Ok(Rotation::Expired);
@@ -225,10 +240,11 @@ impl PgUsers {
             .bind(hash)
             .execute(&mut *tx)
             .await?;
-        insert_refresh(&mut tx, next_hash, session, next_expires_at).await?;
+        let expires_at = next_expires_at.min(family_ends_at);
+        insert_refresh(&mut tx, next_hash, session, expires_at).await?;
         sqlx::query("UPDATE sessions SET refreshed_at = now() WHERE id = $1").bind(session).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(Rotation::Rotated { session, user: user_row(account)? })
+        Ok(Rotation::Rotated { session, user: user_row(account)?, expires_at })
     }
 
     /// Ends a session (its refresh tokens and access tokens stop working).
@@ -461,12 +477,14 @@ async fn insert_refresh(
 /// What came of using a refresh token.
 #[derive(Debug, Clone)]
 pub enum Rotation {
-    /// Replaced; here is the session's account.
-    Rotated { session: uuid::Uuid, user: UserRow },
+    /// Replaced; here is the session's account, and when the new token expires.
+    Rotated { session: uuid::Uuid, user: UserRow, expires_at: DateTime<Utc> },
     /// Used before: the session has now ended.
     Reused { session: uuid::Uuid, user: UserId },
     /// Past its lifetime.
     Expired,
+    /// Its session is older than the family's absolute lifetime: the session has now ended.
+    TooOld,
     /// Its session ended (logout, reuse, suspension).
     Ended,
     /// No such token.
