@@ -1,5 +1,16 @@
-//! Accounts: register, log in and out, who am I; and how every other route learns who is
-//! calling.
+//! Accounts: register, verify the email, log in and out, reset a forgotten password, who am
+//! I; and how every other route learns who is calling.
+//!
+//! - `POST /v1/auth/register` answers 202 with the same body whether or not the email already
+//!   has an account, so it does not tell which emails are registered; the mail tells the
+//!   address's owner what happened (a verification link, or "someone tried to register with
+//!   your address"). Usernames are public: a taken one still answers 409 `username_taken`.
+//! - An account proves its address with the single-use token of the verification mail
+//!   (`POST /v1/auth/email/verify`; `POST /v1/auth/email/resend` mails a new one). Unverified
+//!   accounts log in and use the platform; only a verified address links to an OAuth identity.
+//! - `POST /v1/auth/password/forgot` answers 202 whatever the address, before looking it up (the
+//!   mail job does that, see [`crate::mail`]); `POST /v1/auth/password/reset` takes the mailed
+//!   token and a new password, verifies the address, and ends every session of the account.
 //!
 //! - Passwords are hashed with argon2id at OWASP's parameters (19 MiB, 2 passes, 1 lane) on
 //!   the blocking pool, and stored as PHC strings. A login for an unknown email still
@@ -48,11 +59,12 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 use secrecy::{ExposeSecret, SecretString};
 pub use waveline_shared::db::LoginPolicy;
-use waveline_shared::db::{LoginBlock, NewUser, Role, Rotation, UserRow};
+use waveline_shared::db::{LoginBlock, NewUser, Registration, Role, Rotation, UserRow};
 use waveline_shared::domain::UserId;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::mail::MailJob;
 use crate::throttle::too_many;
 
 /// The session cookie's name (it carries the access token).
@@ -246,15 +258,17 @@ impl Tokens {
     }
 }
 
-/// A new refresh token and the hash under which it is stored.
-fn new_refresh_token() -> (String, Vec<u8>) {
+/// A new secret token (a refresh token, or one sent by mail: 256 random bits, base64url) and
+/// the hash under which it is stored.
+pub(crate) fn new_secret_token() -> (String, Vec<u8>) {
     let bytes: [u8; 32] = rand::random();
     let token = URL_SAFE_NO_PAD.encode(bytes);
-    let hash = refresh_hash(&token);
+    let hash = secret_hash(&token);
     (token, hash)
 }
 
-fn refresh_hash(token: &str) -> Vec<u8> {
+/// The stored form of a secret token: its SHA-256.
+pub(crate) fn secret_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.trim().as_bytes()).to_vec()
 }
 
@@ -425,6 +439,8 @@ pub struct UserView {
     created_at: DateTime<Utc>,
     /// Set while an admin has the account suspended.
     suspended_at: Option<DateTime<Utc>>,
+    /// Whether the account proved it receives mail at `email`.
+    email_verified: bool,
 }
 
 impl From<&UserRow> for UserView {
@@ -436,6 +452,7 @@ impl From<&UserRow> for UserView {
             role: user.role.as_str().to_owned(),
             created_at: user.created_at,
             suspended_at: user.suspended_at,
+            email_verified: user.email_verified,
         }
     }
 }
@@ -470,11 +487,63 @@ struct Refresh {
     refresh_token: Option<String>,
 }
 
+/// The answer to a registration or a reset request: the same whether or not the email has
+/// an account.
+#[derive(Debug, Object)]
+struct Accepted {
+    message: String,
+}
+
 #[derive(ApiResponse)]
 enum RegisterResponse {
-    /// The account was created; log in next.
-    #[oai(status = 201)]
-    Created(Json<UserView>),
+    /// Accepted. If the email was free, the account exists now (log in with the password) and
+    /// a verification mail is on its way; if the email already had an account, its owner gets
+    /// a mail saying so. The answer is the same in both cases.
+    #[oai(status = 202)]
+    Accepted(Json<Accepted>),
+}
+
+/// A token from an account mail.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct MailedToken {
+    /// The `token` of the mail's link (its `code`).
+    #[oai(validator(max_length = 128))]
+    token: String,
+}
+
+/// Where to mail a password-reset link.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct Forgot {
+    /// The account's email, at most 254 characters.
+    #[oai(validator(max_length = 254))]
+    email: String,
+}
+
+/// A password-reset token and the new password.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct Reset {
+    /// The `token` of the reset mail's link (its `code`).
+    #[oai(validator(max_length = 128))]
+    token: String,
+    /// At least 10 characters (at most 1024).
+    password: String,
+}
+
+#[derive(ApiResponse)]
+enum AcceptedResponse {
+    /// Accepted; any mail is on its way.
+    #[oai(status = 202)]
+    Accepted(Json<Accepted>),
+}
+
+#[derive(ApiResponse)]
+enum DoneResponse {
+    /// Done.
+    #[oai(status = 204)]
+    Done,
 }
 
 #[derive(ApiResponse)]
@@ -500,6 +569,23 @@ pub struct Accounts {
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_field", message)
+}
+
+fn check_password(password: &str) -> Result<(), ApiError> {
+    let length = password.chars().count();
+    if length < 10 {
+        return Err(invalid("password: expected at least 10 characters"));
+    }
+    if length > 1024 {
+        return Err(invalid("password: expected at most 1024 characters"));
+    }
+    Ok(())
+}
+
+/// A mailed token that is unknown, used, expired, for something else, or for an address the
+/// account no longer has: one answer for all.
+fn token_refused() -> ApiError {
+    ApiError::bad_request("token_invalid", "this link is unknown, already used or expired; ask for a new one")
 }
 
 pub(crate) fn valid_email(email: &str) -> bool {
@@ -566,7 +652,7 @@ fn session_tokens(
 /// Starts a session for `user`: its tokens, also set as cookies.
 pub(crate) async fn begin_session(state: &AppState, user: &UserRow, jar: &CookieJar) -> Result<TokenView, ApiError> {
     let session = uuid::Uuid::new_v4();
-    let (refresh, hash) = new_refresh_token();
+    let (refresh, hash) = new_secret_token();
     // The first token cannot outlive the family.
     let ttl = state.security.refresh_token_ttl.min(state.security.refresh_family_max_age);
     state.users.start_session(user.id, session, &hash, Utc::now() + ttl, state.security.refresh_token_ttl).await?;
@@ -602,7 +688,10 @@ fn origin_allowed(req: &Request, state: &AppState) -> bool {
 
 #[OpenApi(tag = "Tag::Accounts")]
 impl Accounts {
-    /// Creates an account.
+    /// Registers an account. The answer is 202 with the same body whether or not the email
+    /// already has an account: if it was free, the account exists now (log in with the
+    /// password; a verification mail is on its way); if not, nothing was created and the
+    /// address's owner is told by mail. A taken username answers 409 `username_taken`.
     #[oai(path = "/v1/auth/register", method = "post")]
     async fn register(&self, body: Json<Register>) -> Result<RegisterResponse, ApiError> {
         let state = &self.state;
@@ -614,24 +703,81 @@ impl Accounts {
         if !valid_username(&username) {
             return Err(invalid("username: expected 3 to 30 characters of a-z, 0-9, _ and -"));
         }
-        let length = password.chars().count();
-        if length < 10 {
-            return Err(invalid("password: expected at least 10 characters"));
-        }
-        if length > 1024 {
-            return Err(invalid("password: expected at most 1024 characters"));
+        check_password(&password)?;
+        let username_taken = || ApiError::conflict("username_taken", "this username is taken; choose another");
+        // Usernames are public, so saying this one is taken tells nothing about emails; checked
+        // first, it answers the same whether or not the email is taken too.
+        if state.users.by_username(&username).await?.is_some() {
+            return Err(username_taken());
         }
         let password_hash = hash_password(password).await?;
-        let user = state
+        match state
             .users
-            .create(&NewUser { email: &email, username: &username, password_hash: &password_hash })
-            .await
-            .map_err(|err| match err {
-                waveline_shared::db::DbError::Conflict(message) => ApiError::conflict("account_exists", message),
-                other => other.into(),
-            })?;
-        tracing::info!(user = %user.id, username = %user.username, "account created");
-        Ok(RegisterResponse::Created(Json(UserView::from(&user))))
+            .register(&NewUser { email: &email, username: &username, password_hash: &password_hash })
+            .await?
+        {
+            Registration::Created(user) => {
+                tracing::info!(user = %user.id, username = %user.username, "account created");
+                state.mailer.post(MailJob::Verify { user: user.id });
+            }
+            Registration::EmailTaken => {
+                tracing::info!("a registration for an address that has an account: its owner is told");
+                state.mailer.post(MailJob::AlreadyRegistered { email });
+            }
+            Registration::UsernameTaken => return Err(username_taken()),
+        }
+        Ok(RegisterResponse::Accepted(Json(Accepted {
+            message: "Check your inbox: a mail tells you what comes next. If the account is new, you can log in now."
+                .into(),
+        })))
+    }
+
+    /// Verifies the account's email with the token of the verification mail (its link's
+    /// `token`). Works once, until the token expires; no session needed.
+    #[oai(path = "/v1/auth/email/verify", method = "post")]
+    async fn verify_email(&self, body: Json<MailedToken>) -> Result<DoneResponse, ApiError> {
+        let user = self.state.users.verify_email(&secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
+        tracing::info!(user = %user.id, "email verified");
+        Ok(DoneResponse::Done)
+    }
+
+    /// Mails a new verification link to the signed-in account's address (at most five an
+    /// hour). 409 `email_already_verified` when there is nothing to verify.
+    #[oai(path = "/v1/auth/email/resend", method = "post")]
+    async fn resend_verification(&self, auth: Auth) -> Result<AcceptedResponse, ApiError> {
+        let user = &auth.session().user;
+        if user.email_verified {
+            return Err(ApiError::conflict("email_already_verified", "this account's email is verified already"));
+        }
+        self.state.mailer.post(MailJob::Verify { user: user.id });
+        Ok(AcceptedResponse::Accepted(Json(Accepted { message: "A new verification mail is on its way.".into() })))
+    }
+
+    /// Mails a password-reset link to the account with this email, if there is one. Always 202
+    /// with the same body, answered before the address is even looked up.
+    #[oai(path = "/v1/auth/password/forgot", method = "post")]
+    async fn forgot_password(&self, body: Json<Forgot>) -> Result<AcceptedResponse, ApiError> {
+        let email = body.0.email.trim().to_owned();
+        if !valid_email(&email) {
+            return Err(invalid("email: expected an address such as name@example.com, at most 254 characters"));
+        }
+        self.state.mailer.post(MailJob::Reset { email });
+        Ok(AcceptedResponse::Accepted(Json(Accepted {
+            message: "If an account has this address, a mail with a reset link is on its way.".into(),
+        })))
+    }
+
+    /// Sets a new password with the token of the reset mail. The token works once, until it
+    /// expires; the reset verifies the account's email and ends every session of the account.
+    #[oai(path = "/v1/auth/password/reset", method = "post")]
+    async fn reset_password(&self, body: Json<Reset>) -> Result<DoneResponse, ApiError> {
+        let Reset { token, password } = body.0;
+        check_password(&password)?;
+        let password_hash = hash_password(password).await?;
+        let user =
+            self.state.users.reset_password(&secret_hash(&token), &password_hash).await?.ok_or_else(token_refused)?;
+        tracing::info!(user = %user.id, "password reset: every session of the account has ended");
+        Ok(DoneResponse::Done)
     }
 
     /// Logs in: starts a session, returns its tokens and sets them as cookies.
@@ -693,11 +839,11 @@ impl Accounts {
                 cookie
             }
         };
-        let (next, next_hash) = new_refresh_token();
+        let (next, next_hash) = new_secret_token();
         let rotation = state
             .users
             .rotate_refresh(
-                &refresh_hash(&token),
+                &secret_hash(&token),
                 &next_hash,
                 refresh_expiry(state),
                 state.security.refresh_family_max_age,

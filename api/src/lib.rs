@@ -6,8 +6,9 @@
 //!
 //! | module | routes |
 //! |---|---|
-//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/refresh`, `/logout`, `GET /v1/me` |
+//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/refresh`, `/logout`, `/email/verify`, `/email/resend`, `/password/forgot`, `/password/reset`, `GET /v1/me` |
 //! | `oauth` | `GET /v1/auth/oauth/{provider}/start`, `/callback` |
+//! | [`mail`] | no routes: the account mail the auth routes send (SMTP through lettre, or the log) |
 //! | `tracks` | `GET /v1/tracks`, `GET|PATCH|DELETE /v1/tracks/{id}`, `/status`, `/events` (SSE), `POST /reprocess` |
 //! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
 //! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
@@ -22,6 +23,7 @@ mod admin;
 pub mod auth;
 mod error;
 pub mod listener;
+pub mod mail;
 pub mod media;
 mod middleware;
 mod oauth;
@@ -113,6 +115,8 @@ pub struct AppState {
     pub playables: Arc<media::PlayableCache>,
     /// Renders the process's Prometheus metrics.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Account mail (verification, password reset), sent in the background.
+    pub mailer: mail::Mailer,
 }
 
 impl std::fmt::Debug for AppState {

@@ -12,9 +12,13 @@
 //!    consumed, and the code is redeemed with the verifier, so a replayed or intercepted code
 //!    is worthless.
 //! 3. The identity comes from the provider's userinfo endpoint (GitHub: the profile and its
-//!    verified emails). A known identity logs its account in; otherwise an account with the
-//!    same *verified* email is linked, or a new one is created (no password; a username from
-//!    the provider's, made unique). An unverified email neither links nor creates.
+//!    verified emails). A known identity logs its account in. Otherwise the provider must have
+//!    verified the email: an account of ours with that email is linked only if it verified the
+//!    address too; one that did not is refused (409 `account_email_unverified`), because
+//!    whoever registered it may not own the mailbox and must never gain this identity (a reset
+//!    of its password by mail proves ownership and verifies it). With no account, a new one is
+//!    created (no password; a username from the provider's, made unique; email verified). An
+//!    email the provider has not verified neither links nor creates.
 //! 4. The system account and suspended accounts are refused *before* anything is linked. The
 //!    session starts as after a password login (cookies set), and the browser goes to
 //!    `redirect_to`: a path on this site, never another origin.
@@ -243,7 +247,7 @@ impl OAuth {
     }
 
     /// The account for an identity: linked before (`false`), or to link now (`true`): ours
-    /// with the same verified email, or new.
+    /// with the same email (the caller checks that it verified it), or new.
     async fn account(&self, provider: &OAuthProvider, identity: &Identity) -> Result<(UserRow, bool), ApiError> {
         let users = &self.state.users;
         if let Some(user) = users.by_identity(&provider.name, &identity.subject).await? {
@@ -253,7 +257,7 @@ impl OAuth {
             return Err(ApiError::forbidden("the login provider has no verified email for this account")
                 .with_code("oauth_email_unverified"));
         };
-        let user = match users.by_email(email).await? {
+        let existing = match users.by_email(email).await? {
             Some(user) => user,
             None => {
                 let base = username_from(
@@ -262,9 +266,10 @@ impl OAuth {
                 match users.create_without_password(email, &base).await {
                     Ok(user) => {
                         tracing::info!(user = %user.id, provider = %provider.name, "account created by OAuth");
-                        user
+                        return Ok((user, true));
                     }
-                    // Created meanwhile by a concurrent login: use it.
+                    // Created meanwhile (by a concurrent login, or a registration): judge it
+                    // as any existing account.
                     Err(DbError::Conflict(_)) => {
                         users.by_email(email).await?.ok_or_else(|| ApiError::not_found("user"))?
                     }
@@ -272,7 +277,7 @@ impl OAuth {
                 }
             }
         };
-        Ok((user, true))
+        Ok((existing, true))
     }
 }
 
@@ -351,6 +356,21 @@ impl OAuth {
         }
         if user.suspended_at.is_some() {
             return Err(ApiError::forbidden("this account is suspended").with_code("account_suspended"));
+        }
+        if link && !user.email_verified {
+            // Whoever registered this address may not own the mailbox: they must never gain
+            // the identity of the one who does.
+            tracing::warn!(
+                user = %user.id,
+                provider = %provider.name,
+                "an OAuth login for the email of an unverified account: refused, nothing linked"
+            );
+            return Err(ApiError::conflict(
+                "account_email_unverified",
+                "an account with this email exists but has not verified it, so this login cannot be \
+                 linked to it; if the account is yours, reset its password (POST /v1/auth/password/forgot), \
+                 which verifies the address, then sign in again",
+            ));
         }
         if link {
             self.state.users.link_identity(&provider.name, &identity.subject, user.id).await?;

@@ -1,18 +1,23 @@
-//! Accounts, over real HTTP against `waveline serve`: suspended accounts and the absolute
-//! lifetime of a session.
+//! Accounts and their mail, over real HTTP against `waveline serve`, which sends through its
+//! real mail path (lettre over SMTP) to a sink the test reads: email verification, password
+//! reset, registrations that do not tell which emails exist, the OAuth pre-takeover, suspended
+//! accounts, and the absolute lifetime of a session.
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use waveline_tests::oauth_provider::{Browser, FakeProvider, profile};
-use waveline_tests::stack::{Mode, Stack, json, login, register_and_login, set_cookie, set_cookies};
+use waveline_tests::smtp_sink::SmtpSink;
+use waveline_tests::stack::{Mode, Stack, User, json, login, register, register_and_login, set_cookie, set_cookies};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// A stack that knows `provider`, when given.
-async fn stack_with(provider: Option<&FakeProvider>, extra: &[(&str, &str)]) -> Result<Stack> {
+/// A stack that mails to `sink` (and knows `provider`, when given).
+async fn stack_with_mail(sink: &SmtpSink, provider: Option<&FakeProvider>, extra: &[(&str, &str)]) -> Result<Stack> {
     let mut env: Vec<(String, String)> = provider.map(FakeProvider::env).unwrap_or_default();
+    env.push(("WAVELINE_SMTP_URL".into(), sink.url()));
+    env.push(("WAVELINE_APP_URL".into(), "https://app.example.com".into()));
     env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Stack::start(Mode::Embedded, false, &env).await
@@ -33,6 +38,157 @@ async fn refresh(stack: &Stack, token: &str) -> Result<(u16, Value)> {
     post(stack, "/v1/auth/refresh", json!({"refresh_token": token})).await
 }
 
+async fn verify(stack: &Stack, token: &str) -> Result<(u16, Value)> {
+    post(stack, "/v1/auth/email/verify", json!({"token": token})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_mails_a_single_use_verification_link() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let mail = sink.wait_for(&ann.email, 1).await?;
+    ensure!(mail.subject == "Confirm your email address for Waveline", "{}", mail.subject);
+    let code = mail.code()?;
+    ensure!(
+        mail.body.contains(&format!("https://app.example.com/verify-email?token={code}\n")),
+        "the link: {}",
+        mail.body
+    );
+    // Unverified accounts use the platform; /v1/me says what is pending.
+    let (status, body) = me(&stack, &ann.token).await?;
+    ensure!(status == 200 && body["email_verified"] == false, "{status} {body}");
+
+    // A made-up token, or a reset token's purpose, does nothing.
+    let (status, body) = verify(&stack, "made-up-token").await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "{status} {body}");
+    let (status, body) =
+        post(&stack, "/v1/auth/password/reset", json!({"token": code, "password": "a-new-long-password"})).await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "a verification token reset a password: {status} {body}");
+
+    // The token verifies the address once.
+    let (status, body) = verify(&stack, &code).await?;
+    ensure!(status == 204, "{status} {body}");
+    let (_, body) = me(&stack, &ann.token).await?;
+    ensure!(body["email_verified"] == true, "{body}");
+    let (status, body) = verify(&stack, &code).await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
+    let resend = |user: &User| client().post(stack.url("/v1/auth/email/resend")).bearer_auth(&user.token).send();
+    let (status, body) = json(resend(&ann).await?).await?;
+    ensure!(status == 409 && body["code"] == "email_already_verified", "{status} {body}");
+
+    // A new link for a signed-in account; the links expire.
+    let (status, _) = json(client().post(stack.url("/v1/auth/email/resend")).send().await?).await?;
+    ensure!(status == 401, "resend without a session: {status}");
+    let bob = register_and_login(&stack, "bob").await?;
+    let first = sink.wait_for(&bob.email, 1).await?.code()?;
+    let (status, body) = json(resend(&bob).await?).await?;
+    ensure!(status == 202 && body["message"].is_string(), "{status} {body}");
+    let second = sink.wait_for(&bob.email, 2).await?.code()?;
+    ensure!(first != second, "the same token twice");
+    sqlx::query("UPDATE account_tokens SET expires_at = now() - interval '1 second' WHERE email = $1")
+        .bind(&bob.email)
+        .execute(&stack.db.pool)
+        .await?;
+    for token in [&first, &second] {
+        let (status, body) = verify(&stack, token).await?;
+        ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
+    }
+    let (_, body) = me(&stack, &bob.token).await?;
+    ensure!(body["email_verified"] == false, "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_taken_email_answers_the_same_and_mails_its_owner() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    sink.wait_for(&ann.email, 1).await?;
+
+    let taken = register(&stack, "ANN@example.com", "mallory", "mallory-long-password").await?;
+    let fresh = register(&stack, "fresh@example.com", "fresh", "fresh-long-password").await?;
+    ensure!(taken.0 == 202 && taken == fresh, "a taken email answers {taken:?}, a free one {fresh:?}");
+    // Nothing was created for the taken email; its owner is told what happened.
+    let notice = sink.wait_for(&ann.email, 2).await?;
+    ensure!(notice.subject == "Someone tried to register with your address", "{}", notice.subject);
+    ensure!(notice.body.contains("no new account was made") && !notice.body.contains("code: "), "{}", notice.body);
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/auth/login"))
+            .json(&json!({"email": ann.email, "password": "mallory-long-password"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 401 && body["code"] == "invalid_credentials", "{status} {body}");
+    let mallories: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM users WHERE username = 'mallory'").fetch_one(&stack.db.pool).await?;
+    ensure!(mallories == 0, "an account was created for a taken email");
+    login(&stack, &ann.email, &ann.password, &[]).await?;
+    // Usernames are public: a taken one may say so, whatever the email.
+    for email in ["ann@example.com", "someone-new@example.com"] {
+        let (status, body) = register(&stack, email, "ann", "another-long-password").await?;
+        ensure!(status == 409 && body["code"] == "username_taken", "{email}: {status} {body}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_reset_works_once_and_ends_every_session() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let phone = login(&stack, &ann.email, &ann.password, &[]).await?;
+    sink.wait_for(&ann.email, 1).await?;
+
+    // The same answer whether or not the address has an account.
+    let forgot = |email: &str| post(&stack, "/v1/auth/password/forgot", json!({"email": email}));
+    let unknown = forgot("nobody@example.com").await?;
+    let known = forgot(&ann.email).await?;
+    ensure!(known.0 == 202 && known == unknown, "known: {known:?}, unknown: {unknown:?}");
+    let mail = sink.wait_for(&ann.email, 2).await?;
+    ensure!(mail.subject == "Reset your Waveline password", "{}", mail.subject);
+    let code = mail.code()?;
+    ensure!(mail.body.contains(&format!("https://app.example.com/reset-password?token={code}\n")), "{}", mail.body);
+    // The mail jobs run in order: the unknown address's came first, and mailed nothing.
+    ensure!(sink.to("nobody@example.com").is_empty(), "a mail went to an address without an account");
+
+    // A weak password is refused and spends nothing; the token then works once.
+    let reset = |token: &str, password: &str| {
+        post(&stack, "/v1/auth/password/reset", json!({"token": token, "password": password}))
+    };
+    let (status, body) = reset(&code, "short").await?;
+    ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");
+    let (status, body) = reset(&code, "a-brand-new-password").await?;
+    ensure!(status == 204, "{status} {body}");
+    let (status, body) = reset(&code, "yet-another-password").await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
+
+    // Every session has ended: access and refresh tokens alike.
+    for (device, user) in [("laptop", &ann), ("phone", &phone)] {
+        let (status, _) = me(&stack, &user.token).await?;
+        ensure!(status == 401, "the {device}'s access token still works");
+        let (status, body) = refresh(&stack, &user.refresh).await?;
+        ensure!(status == 401 && body["code"] == "session_ended", "the {device}'s refresh: {status} {body}");
+    }
+    let (status, _) = post(&stack, "/v1/auth/login", json!({"email": ann.email, "password": ann.password})).await?;
+    ensure!(status == 401, "the old password still works");
+    let fresh = login(&stack, &ann.email, "a-brand-new-password", &[]).await?;
+    // The mail came through the mailbox, so the address is verified now.
+    let (_, body) = me(&stack, &fresh.token).await?;
+    ensure!(body["email_verified"] == true, "{body}");
+
+    // Expired links do nothing.
+    forgot(&ann.email).await?;
+    let late = sink.wait_for(&ann.email, 3).await?.code()?;
+    sqlx::query("UPDATE account_tokens SET expires_at = now() - interval '1 second'").execute(&stack.db.pool).await?;
+    let (status, body) = reset(&late, "too-late-password").await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
+    login(&stack, &ann.email, "a-brand-new-password", &[]).await?;
+    Ok(())
+}
+
 /// Identities linked to the account with this email.
 async fn identities_of(stack: &Stack, email: &str) -> Result<i64> {
     Ok(sqlx::query_scalar(
@@ -44,12 +200,65 @@ async fn identities_of(stack: &Stack, email: &str) -> Result<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_nothing() -> Result<()> {
+async fn an_unverified_account_never_gains_the_email_owners_identity() -> Result<()> {
+    let sink = SmtpSink::start().await?;
     let provider = FakeProvider::start().await?;
-    let stack = stack_with(Some(&provider), &[]).await?;
+    let stack = stack_with_mail(&sink, Some(&provider), &[]).await?;
+    let browser = Browser::new();
+
+    // Mallory registers the victim's address before the victim ever comes, with a password
+    // she knows, and signs in.
+    let victim = "vera@example.com";
+    let (status, _) = register(&stack, victim, "vera", "mallory-knows-this").await?;
+    ensure!(status == 202);
+    let mallory = login(&stack, victim, "mallory-knows-this", &[]).await?;
+
+    // Vera signs in with her provider, which verified the address: she does not land in
+    // Mallory's account, and her identity is linked to nothing.
+    provider.log_in_as(profile("vera-sub", "vera", victim, true));
+    for provider_name in ["corp", "github"] {
+        let landing = browser.login(&stack, provider_name).await?;
+        ensure!(
+            landing.status == 409 && landing.body["code"] == "account_email_unverified",
+            "{provider_name}: {} {}",
+            landing.status,
+            landing.body
+        );
+        ensure!(landing.access_token.is_none(), "{provider_name}: a session was started");
+    }
+    ensure!(identities_of(&stack, victim).await? == 0, "an identity was linked to the unverified account");
+
+    // The way out proves the mailbox: a reset, which shuts Mallory out for good.
+    sink.wait_for(victim, 1).await?; // the verification mail of Mallory's registration
+    let (status, _) = post(&stack, "/v1/auth/password/forgot", json!({"email": victim})).await?;
+    ensure!(status == 202);
+    let code = sink.wait_for(victim, 2).await?.code()?;
+    let (status, body) =
+        post(&stack, "/v1/auth/password/reset", json!({"token": code, "password": "vera-own-password"})).await?;
+    ensure!(status == 204, "{status} {body}");
+    let (status, _) = me(&stack, &mallory.token).await?;
+    ensure!(status == 401, "mallory's session survived the reset");
+    let (status, _) =
+        post(&stack, "/v1/auth/login", json!({"email": victim, "password": "mallory-knows-this"})).await?;
+    ensure!(status == 401, "mallory's password survived the reset");
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(landing.status == 303, "{} {}", landing.status, landing.body);
+    let (_, body) = me(&stack, &landing.access_token.context("session")?).await?;
+    ensure!(body["email"] == victim && body["email_verified"] == true, "{body}");
+    ensure!(identities_of(&stack, victim).await? == 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_nothing() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let provider = FakeProvider::start().await?;
+    let stack = stack_with_mail(&sink, Some(&provider), &[]).await?;
     let admin = register_and_login(&stack, "admin").await?;
     stack.cli(&["users", "promote", "admin", "--json"])?;
     let sam = register_and_login(&stack, "sam").await?;
+    let code = sink.wait_for(&sam.email, 1).await?.code()?;
+    ensure!(verify(&stack, &code).await?.0 == 204);
     let suspension = stack.url(&format!("/v1/admin/users/{}/suspension", sam.id));
     let (status, body) = json(client().put(&suspension).bearer_auth(&admin.token).send().await?).await?;
     ensure!(status == 200, "{status} {body}");
@@ -77,7 +286,8 @@ async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_at_its_absolute_lifetime_however_often_refreshed() -> Result<()> {
-    let stack = stack_with(None, &[]).await?;
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
     let ann = register_and_login(&stack, "ann").await?;
     let (status, first) = refresh(&stack, &ann.refresh).await?;
     ensure!(status == 200, "{status} {first}");
@@ -99,7 +309,7 @@ async fn a_session_ends_at_its_absolute_lifetime_however_often_refreshed() -> Re
     ensure!(refresh(&stack, &again.refresh).await?.0 == 200);
 
     // The lifetime is a setting, and a token never outlives its family.
-    let short = stack_with(None, &[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "600")]).await?;
+    let short = stack_with_mail(&sink, None, &[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "600")]).await?;
     let bea = register_and_login(&short, "bea").await?;
     let response =
         client().post(short.url("/v1/auth/refresh")).json(&json!({"refresh_token": bea.refresh})).send().await?;

@@ -802,7 +802,11 @@ async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_logins_create_link_and_refuse_forged_or_replayed_callbacks() -> Result<()> {
     let provider = waveline_tests::oauth_provider::FakeProvider::start().await?;
-    let env = provider.env();
+    let sink = waveline_tests::smtp_sink::SmtpSink::start().await?;
+    let mut env = provider.env();
+    env.push(("WAVELINE_SMTP_URL".into(), sink.url()));
+    // Many logins from one address: the per-address limit is not what this test is about.
+    env.push(("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE".into(), "0".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let stack = Stack::start(Mode::Embedded, false, &env).await?;
     let browser = Browser::new();
@@ -834,12 +838,25 @@ async fn oauth_logins_create_link_and_refuse_forged_or_replayed_callbacks() -> R
     let (_, again_me) = me(&stack, &again.access_token.context("session")?).await?;
     ensure!(again_me["id"] == me_body["id"], "the same identity made a second account");
 
-    // A verified email links to the existing password account; an unverified one does not.
+    ensure!(me_body["email_verified"] == true, "the provider verified it: {me_body}");
+
+    // An email the provider has not verified links nothing. One it has verified links to the
+    // password account with that email only once the account has verified it too.
     let linda = register_and_login(&stack, "linda").await?;
     provider.log_in_as(profile("oidc-2", "linda-sso", &linda.email, false));
     let landing = browser.login(&stack, "corp").await?;
     ensure!(landing.status == 403 && landing.body["code"] == "oauth_email_unverified", "{}", landing.body);
     provider.log_in_as(profile("oidc-2", "linda-sso", &linda.email, true));
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(
+        landing.status == 409 && landing.body["code"] == "account_email_unverified" && landing.access_token.is_none(),
+        "{} {}",
+        landing.status,
+        landing.body
+    );
+    let code = sink.wait_for(&linda.email, 1).await?.code()?;
+    let response = client().post(stack.url("/v1/auth/email/verify")).json(&json!({"token": code})).send().await?;
+    ensure!(response.status() == 204, "verify: {}", response.status());
     let landing = browser.login(&stack, "corp").await?;
     let (_, linked) = me(&stack, &landing.access_token.context("session")?).await?;
     ensure!(linked["id"] == linda.id.as_str(), "not linked by verified email: {linked}");

@@ -1,7 +1,8 @@
-//! User accounts, their sessions (refresh-token families) and failed-login throttling.
+//! User accounts, their sessions (refresh-token families), failed-login throttling, and the
+//! single-use tokens sent by mail (email verification, password reset).
 //!
-//! Passwords arrive here already hashed (argon2id PHC strings, made by the API); this layer
-//! never sees a password.
+//! Passwords arrive here already hashed (argon2id PHC strings, made by the API), and mailed
+//! tokens as their SHA-256; this layer never sees a password or a token.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
@@ -50,6 +51,9 @@ pub struct UserRow {
     pub created_at: DateTime<Utc>,
     /// When an admin suspended the account: it cannot log in, and its sessions have ended.
     pub suspended_at: Option<DateTime<Utc>>,
+    /// Whether the account proved it receives mail at `email` (a verification link, a
+    /// completed password reset, or a login provider that vouched for the address).
+    pub email_verified: bool,
 }
 
 /// A new account, validated by the caller.
@@ -60,30 +64,50 @@ pub struct NewUser<'a> {
     pub password_hash: &'a str,
 }
 
+/// What came of a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    Created(UserRow),
+    /// An account has this email already; nothing was written.
+    EmailTaken,
+    /// An account has this username already; nothing was written.
+    UsernameTaken,
+}
+
 /// Accounts in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgUsers {
     pool: PgPool,
 }
 
-type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>);
+type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>, bool);
 
 fn user_row(
-    (id, email, username, role, password_hash, created_at, suspended_at): UserTuple,
+    (id, email, username, role, password_hash, created_at, suspended_at, email_verified): UserTuple,
 ) -> Result<UserRow, DbError> {
-    Ok(UserRow { id, email, username, role: Role::parse(&role)?, password_hash, created_at, suspended_at })
+    Ok(UserRow {
+        id,
+        email,
+        username,
+        role: Role::parse(&role)?,
+        password_hash,
+        created_at,
+        suspended_at,
+        email_verified,
+    })
 }
 
-const USER_COLUMNS: &str = "id, email, username, role, password_hash, created_at, suspended_at";
+const USER_COLUMNS: &str =
+    "id, email, username, role, password_hash, created_at, suspended_at, email_verified_at IS NOT NULL";
 
 impl PgUsers {
     pub fn new(pool: PgPool) -> PgUsers {
         PgUsers { pool }
     }
 
-    /// Creates an account with the `user` role. A taken email (compared without case) or
-    /// username is [`DbError::Conflict`] naming which.
-    pub async fn create(&self, new: &NewUser<'_>) -> Result<UserRow, DbError> {
+    /// Creates an account with the `user` role, unless its email (compared without case) or
+    /// username is taken: then nothing is written, and the answer says which.
+    pub async fn register(&self, new: &NewUser<'_>) -> Result<Registration, DbError> {
         let id = UserId::new();
         let inserted = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
             "INSERT INTO users (id, email, username, password_hash) VALUES ($1, $2, $3, $4) RETURNING {USER_COLUMNS}"
@@ -95,14 +119,11 @@ impl PgUsers {
         .fetch_one(&self.pool)
         .await;
         match inserted {
-            Ok(row) => user_row(row),
-            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => {
-                let what = match err.constraint() {
-                    Some("users_username_key") => "username",
-                    _ => "email",
-                };
-                Err(DbError::Conflict(format!("an account with this {what} already exists")))
-            }
+            Ok(row) => Ok(Registration::Created(user_row(row)?)),
+            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => Ok(match err.constraint() {
+                Some("users_username_key") => Registration::UsernameTaken,
+                _ => Registration::EmailTaken,
+            }),
             Err(err) => Err(err.into()),
         }
     }
@@ -424,7 +445,8 @@ impl PgUsers {
     }
 
     /// Creates an account with no password (it logs in through its provider), under the first
-    /// free username of `base`, `base-2`, `base-3`…
+    /// free username of `base`, `base-2`, `base-3`… Its email counts as verified: only an
+    /// address the provider verified creates an account.
     pub async fn create_without_password(&self, email: &str, base: &str) -> Result<UserRow, DbError> {
         for attempt in 1..=20 {
             let username = if attempt == 1 {
@@ -434,7 +456,8 @@ impl PgUsers {
                 format!("{}{suffix}", &base[..base.len().min(30 - suffix.len())])
             };
             let inserted = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO users (id, email, username) VALUES ($1, $2, $3) RETURNING {USER_COLUMNS}"
+                "INSERT INTO users (id, email, username, email_verified_at) VALUES ($1, $2, $3, now())
+                 RETURNING {USER_COLUMNS}"
             )))
             .bind(UserId::new())
             .bind(email)
@@ -455,6 +478,158 @@ impl PgUsers {
             }
         }
         Err(DbError::Conflict(format!("no free username like {base:?}")))
+    }
+}
+
+/// What a token sent by mail is for; a token of one purpose is worthless for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPurpose {
+    VerifyEmail,
+    ResetPassword,
+}
+
+impl TokenPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenPurpose::VerifyEmail => "verify_email",
+            TokenPurpose::ResetPassword => "reset_password",
+        }
+    }
+}
+
+/// At most this many live tokens of one purpose per account, issued within the last hour: a
+/// mailbox cannot be flooded through one account, and the table stays small.
+pub const TOKENS_PER_HOUR: i64 = 5;
+
+impl PgUsers {
+    /// Stores a mailed token (its hash) of `purpose` for `user` at `email`, valid for `ttl`.
+    /// `false`, and nothing stored, when the account already has [`TOKENS_PER_HOUR`] live
+    /// tokens of this purpose from the last hour. Forgets the account's expired tokens.
+    pub async fn issue_token(
+        &self,
+        purpose: TokenPurpose,
+        user: UserId,
+        email: &str,
+        hash: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        // One issuer at a time per account, so the count below holds.
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM account_tokens WHERE user_id = $1 AND expires_at <= now()")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        let recent: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM account_tokens
+             WHERE user_id = $1 AND purpose = $2 AND created_at > now() - interval '1 hour'",
+        )
+        .bind(user)
+        .bind(purpose.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if recent >= TOKENS_PER_HOUR {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO account_tokens (token_hash, purpose, user_id, email, expires_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(user)
+        .bind(email)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Consumes a token of `purpose`: the account it was issued to, if the token is known,
+    /// unexpired, and the account still has the address the token was mailed to. A known token
+    /// is consumed even when it no longer applies.
+    async fn take_token(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        purpose: TokenPurpose,
+        hash: &[u8],
+    ) -> Result<Option<UserId>, DbError> {
+        let taken = sqlx::query_as::<_, (UserId, String, bool)>(
+            "DELETE FROM account_tokens WHERE token_hash = $1 AND purpose = $2
+             RETURNING user_id, email, expires_at > now()",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some((user, email, true)) = taken else {
+            return Ok(None);
+        };
+        let same: Option<UserId> = sqlx::query_scalar(
+            "SELECT id FROM users WHERE id = $1 AND lower(email) = lower($2) AND role <> 'system' FOR UPDATE",
+        )
+        .bind(user)
+        .bind(email)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(same)
+    }
+
+    /// Uses an email-verification token: marks the account's address verified and forgets its
+    /// other verification tokens. `None` when the token is unknown, used, expired or stale.
+    pub async fn verify_email(&self, hash: &[u8]) -> Result<Option<UserRow>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(user) = Self::take_token(&mut tx, TokenPurpose::VerifyEmail, hash).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let row = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+            "UPDATE users SET email_verified_at = coalesce(email_verified_at, now()) WHERE id = $1
+             RETURNING {USER_COLUMNS}"
+        )))
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM account_tokens WHERE user_id = $1 AND purpose = 'verify_email'")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        user_row(row).map(Some)
+    }
+
+    /// Uses a password-reset token: sets the new password hash, marks the address verified
+    /// (the token came through the mailbox), ends every session of the account, forgets its
+    /// reset tokens and its failed logins. `None` when the token is unknown, used, expired or
+    /// stale.
+    pub async fn reset_password(&self, hash: &[u8], password_hash: &str) -> Result<Option<UserRow>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(user) = Self::take_token(&mut tx, TokenPurpose::ResetPassword, hash).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let row = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+            "UPDATE users SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now())
+             WHERE id = $1 RETURNING {USER_COLUMNS}"
+        )))
+        .bind(user)
+        .bind(password_hash)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = user_row(row)?;
+        sqlx::query(
+            "UPDATE sessions SET ended_at = now(), ended_why = 'password_reset' WHERE user_id = $1 AND ended_at IS NULL",
+        )
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM account_tokens WHERE user_id = $1 AND purpose = 'reset_password'")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM login_failures WHERE email = lower($1)").bind(&row.email).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some(row))
     }
 }
 
