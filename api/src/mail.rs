@@ -67,6 +67,9 @@ pub enum MailError {
 pub trait MailTransport: Send + Sync + std::fmt::Debug {
     /// Sends one message; the error is for the log.
     async fn send(&self, mail: &Mail) -> Result<(), String>;
+
+    /// How messages leave (`smtp`, `log`), for the log.
+    fn via(&self) -> &'static str;
 }
 
 /// SMTP, through `lettre` (rustls for `smtps://` and `tls=required`).
@@ -107,6 +110,10 @@ impl MailTransport for SmtpMail {
             .map_err(|err| err.to_string())?;
         self.transport.send(message).await.map(|_| ()).map_err(|err| err.to_string())
     }
+
+    fn via(&self) -> &'static str {
+        "smtp"
+    }
 }
 
 /// No SMTP server: each message is written to the log at `info`, whole (tokens included).
@@ -124,6 +131,10 @@ impl MailTransport for LogMail {
             "mail not sent (no smtp_url configured): written here instead"
         );
         Ok(())
+    }
+
+    fn via(&self) -> &'static str {
+        "log"
     }
 }
 
@@ -250,8 +261,10 @@ impl Mailer {
             while let Some(job) = queue.recv().await {
                 match compose(&users, &settings, &job).await {
                     Ok(Some(mail)) => match transport.send(&mail).await {
-                        Ok(()) => tracing::info!(mail = mail.kind, "mail sent"),
-                        Err(err) => tracing::warn!(mail = mail.kind, error = %err, "mail not sent"),
+                        Ok(()) => tracing::info!(mail = mail.kind, via = transport.via(), "mail done"),
+                        Err(err) => {
+                            tracing::warn!(mail = mail.kind, via = transport.via(), error = %err, "mail not sent")
+                        }
                     },
                     Ok(None) => {}
                     Err(err) => tracing::warn!(error = %err, "mail not sent: the database failed"),

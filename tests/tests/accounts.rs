@@ -332,3 +332,31 @@ async fn a_session_ends_at_its_absolute_lifetime_however_often_refreshed() -> Re
 fn json_token(body: &Value) -> Result<String> {
     body["access_token"].as_str().map(str::to_owned).context("access_token")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_smtp_server_slows_no_request() -> Result<()> {
+    // A server that takes connections and never says a word: each send waits for lettre's
+    // timeout, in the background.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("smtp://{}", silent.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let stack = Stack::start(Mode::Embedded, false, &[("WAVELINE_SMTP_URL", &url)]).await?;
+    let started = std::time::Instant::now();
+    for n in 0..3 {
+        let (status, body) =
+            register(&stack, &format!("quiet{n}@example.com"), &format!("quiet{n}"), "quiet-long-password").await?;
+        ensure!(status == 202, "{status} {body}");
+        let (status, _) =
+            post(&stack, "/v1/auth/password/forgot", json!({"email": format!("quiet{n}@example.com")})).await?;
+        ensure!(status == 202);
+    }
+    let took = started.elapsed();
+    ensure!(took < std::time::Duration::from_secs(10), "the answers waited for SMTP: {took:?}");
+    held.abort();
+    Ok(())
+}
