@@ -21,6 +21,8 @@ CREATE TABLE account_tokens (
     expires_at timestamptz NOT NULL
 );
 CREATE INDEX account_tokens_user ON account_tokens (user_id, purpose, created_at);
+-- Issuing a token forgets every expired one.
+CREATE INDEX account_tokens_expiry ON account_tokens (expires_at);
 
 -- Sessions now also end with `password_reset` (a completed reset ends every session of the
 -- account) and `max_age` (the family outlived `refresh_family_max_age_s`).

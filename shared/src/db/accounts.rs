@@ -504,7 +504,8 @@ pub const TOKENS_PER_HOUR: i64 = 5;
 impl PgUsers {
     /// Stores a mailed token (its hash) of `purpose` for `user` at `email`, valid for `ttl`.
     /// `false`, and nothing stored, when the account already has [`TOKENS_PER_HOUR`] live
-    /// tokens of this purpose from the last hour. Forgets the account's expired tokens.
+    /// tokens of this purpose from the last hour. Forgets every expired token, so the table
+    /// holds only live ones.
     pub async fn issue_token(
         &self,
         purpose: TokenPurpose,
@@ -516,10 +517,7 @@ impl PgUsers {
         let mut tx = self.pool.begin().await?;
         // One issuer at a time per account, so the count below holds.
         sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM account_tokens WHERE user_id = $1 AND expires_at <= now()")
-            .bind(user)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("DELETE FROM account_tokens WHERE expires_at <= now()").execute(&mut *tx).await?;
         let recent: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM account_tokens
              WHERE user_id = $1 AND purpose = $2 AND created_at > now() - interval '1 hour'",
