@@ -5,9 +5,10 @@
 //!   has an account, so it does not tell which emails are registered; the mail tells the
 //!   address's owner what happened (a verification link, or "someone tried to register with
 //!   your address"). Usernames are public: a taken one still answers 409 `username_taken`.
-//! - An account proves its address with the single-use token of the verification mail
-//!   (`POST /v1/auth/email/verify`; `POST /v1/auth/email/resend` mails a new one). Unverified
-//!   accounts log in and use the platform; only a verified address links to an OAuth identity.
+//! - An account proves its address with the single-use token of the verification mail, posted
+//!   while signed in to that account (`POST /v1/auth/email/verify`; `POST /v1/auth/email/resend`
+//!   mails a new one). Unverified accounts log in and use the platform; only a verified address
+//!   links to an OAuth identity.
 //! - `POST /v1/auth/password/forgot` answers 202 whatever the address, before looking it up (the
 //!   mail job does that, see [`crate::mail`]); `POST /v1/auth/password/reset` takes the mailed
 //!   token and a new password, verifies the address, and ends every session of the account.
@@ -732,11 +733,16 @@ impl Accounts {
         })))
     }
 
-    /// Verifies the account's email with the token of the verification mail (its link's
-    /// `token`). Works once, until the token expires; no session needed.
+    /// Verifies the signed-in account's email with the token of its verification mail (the
+    /// link's `token`). Works once, until the token expires. It takes the session as well as
+    /// the mailbox: someone who registered another person's address cannot read the mail, and
+    /// the address's owner, who can, is not signed in to that account, so neither can verify
+    /// it alone.
     #[oai(path = "/v1/auth/email/verify", method = "post")]
-    async fn verify_email(&self, body: Json<MailedToken>) -> Result<DoneResponse, ApiError> {
-        let user = self.state.users.verify_email(&secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
+    async fn verify_email(&self, auth: Auth, body: Json<MailedToken>) -> Result<DoneResponse, ApiError> {
+        let account = auth.session().user.id;
+        let user =
+            self.state.users.verify_email(account, &secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
         tracing::info!(user = %user.id, "email verified");
         Ok(DoneResponse::Done)
     }

@@ -177,13 +177,16 @@ pub fn verification(settings: &MailSettings, to: &str, username: &str, token: &s
         subject: "Confirm your email address for Waveline".into(),
         body: format!(
             "Hello {username},\n\n\
-             To confirm that this address belongs to your Waveline account, open this link:\n\n\
+             To confirm that this address belongs to your Waveline account, sign in to it and\n\
+             open this link:\n\n\
              {link}\n\n\
-             or give your Waveline app this code:\n\n\
+             or give your signed-in Waveline app this code:\n\n\
              code: {token}\n\n\
              It works once, for {ttl}.\n\n\
-             If you did not create a Waveline account, do not open the link: someone else\n\
-             typed your address, and it stays unconfirmed. Nothing else is needed.\n"
+             If you did not create a Waveline account, ignore this mail: someone else typed your\n\
+             address, and it stays unconfirmed. If you want the address back, reset the\n\
+             account's password with it (\"forgot password\"): that ends every session of the\n\
+             account and makes it yours.\n"
         ),
         kind: "verify_email",
     }

@@ -23,11 +23,16 @@ async fn stack_with_mail(sink: &SmtpSink, provider: Option<&FakeProvider>, extra
     Stack::start(Mode::Embedded, false, &env).await
 }
 
-async fn post(stack: &Stack, path: &str, body: Value) -> Result<(u16, Value)> {
-    let response = client().post(stack.url(path)).json(&body).send().await?;
+/// The status and JSON body (`null` when empty) of a request.
+async fn answer(request: reqwest::RequestBuilder) -> Result<(u16, Value)> {
+    let response = request.send().await?;
     let status = response.status().as_u16();
     let text = response.text().await?;
     Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+}
+
+async fn post(stack: &Stack, path: &str, body: Value) -> Result<(u16, Value)> {
+    answer(client().post(stack.url(path)).json(&body)).await
 }
 
 async fn me(stack: &Stack, token: &str) -> Result<(u16, Value)> {
@@ -38,8 +43,10 @@ async fn refresh(stack: &Stack, token: &str) -> Result<(u16, Value)> {
     post(stack, "/v1/auth/refresh", json!({"refresh_token": token})).await
 }
 
-async fn verify(stack: &Stack, token: &str) -> Result<(u16, Value)> {
-    post(stack, "/v1/auth/email/verify", json!({"token": token})).await
+/// `POST /v1/auth/email/verify` signed in as `user`.
+async fn verify(stack: &Stack, user: &User, token: &str) -> Result<(u16, Value)> {
+    answer(client().post(stack.url("/v1/auth/email/verify")).bearer_auth(&user.token).json(&json!({"token": token})))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,19 +66,25 @@ async fn registering_mails_a_single_use_verification_link() -> Result<()> {
     let (status, body) = me(&stack, &ann.token).await?;
     ensure!(status == 200 && body["email_verified"] == false, "{status} {body}");
 
-    // A made-up token, or a reset token's purpose, does nothing.
-    let (status, body) = verify(&stack, "made-up-token").await?;
+    // A made-up token, another account's, or a verification token used to reset a password
+    // does nothing; nor does the right token without a session.
+    let (status, body) = verify(&stack, &ann, "made-up-token").await?;
     ensure!(status == 400 && body["code"] == "token_invalid", "{status} {body}");
+    let (status, _) = post(&stack, "/v1/auth/email/verify", json!({"token": code})).await?;
+    ensure!(status == 401, "verified without a session: {status}");
+    let carl = register_and_login(&stack, "carl").await?;
+    let (status, body) = verify(&stack, &carl, &code).await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "carl verified with ann's token: {status} {body}");
     let (status, body) =
         post(&stack, "/v1/auth/password/reset", json!({"token": code, "password": "a-new-long-password"})).await?;
     ensure!(status == 400 && body["code"] == "token_invalid", "a verification token reset a password: {status} {body}");
 
     // The token verifies the address once.
-    let (status, body) = verify(&stack, &code).await?;
+    let (status, body) = verify(&stack, &ann, &code).await?;
     ensure!(status == 204, "{status} {body}");
     let (_, body) = me(&stack, &ann.token).await?;
     ensure!(body["email_verified"] == true, "{body}");
-    let (status, body) = verify(&stack, &code).await?;
+    let (status, body) = verify(&stack, &ann, &code).await?;
     ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
     let resend = |user: &User| client().post(stack.url("/v1/auth/email/resend")).bearer_auth(&user.token).send();
     let (status, body) = json(resend(&ann).await?).await?;
@@ -91,7 +104,7 @@ async fn registering_mails_a_single_use_verification_link() -> Result<()> {
         .execute(&stack.db.pool)
         .await?;
     for token in [&first, &second] {
-        let (status, body) = verify(&stack, token).await?;
+        let (status, body) = verify(&stack, &bob, token).await?;
         ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
     }
     let (_, body) = me(&stack, &bob.token).await?;
@@ -228,8 +241,19 @@ async fn an_unverified_account_never_gains_the_email_owners_identity() -> Result
     }
     ensure!(identities_of(&stack, victim).await? == 0, "an identity was linked to the unverified account");
 
+    // The verification mail of Mallory's registration reached Vera. Its token verifies only
+    // within a session of that account, which Vera does not have: following it as she is
+    // verifies nothing (Mallory, who has the session, never sees the token).
+    let code = sink.wait_for(victim, 1).await?.code()?;
+    let (status, _) = post(&stack, "/v1/auth/email/verify", json!({"token": code})).await?;
+    ensure!(status == 401, "verified without a session: {status}");
+    let vera_elsewhere = register_and_login(&stack, "vera_other").await?;
+    let (status, _) = verify(&stack, &vera_elsewhere, &code).await?;
+    ensure!(status == 400, "verified from another account's session: {status}");
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(landing.status == 409, "{} {}", landing.status, landing.body);
+
     // The way out proves the mailbox: a reset, which shuts Mallory out for good.
-    sink.wait_for(victim, 1).await?; // the verification mail of Mallory's registration
     let (status, _) = post(&stack, "/v1/auth/password/forgot", json!({"email": victim})).await?;
     ensure!(status == 202);
     let code = sink.wait_for(victim, 2).await?.code()?;
@@ -258,7 +282,7 @@ async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_no
     stack.cli(&["users", "promote", "admin", "--json"])?;
     let sam = register_and_login(&stack, "sam").await?;
     let code = sink.wait_for(&sam.email, 1).await?.code()?;
-    ensure!(verify(&stack, &code).await?.0 == 204);
+    ensure!(verify(&stack, &sam, &code).await?.0 == 204);
     let suspension = stack.url(&format!("/v1/admin/users/{}/suspension", sam.id));
     let (status, body) = json(client().put(&suspension).bearer_auth(&admin.token).send().await?).await?;
     ensure!(status == 200, "{status} {body}");

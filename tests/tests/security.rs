@@ -855,7 +855,12 @@ async fn oauth_logins_create_link_and_refuse_forged_or_replayed_callbacks() -> R
         landing.body
     );
     let code = sink.wait_for(&linda.email, 1).await?.code()?;
-    let response = client().post(stack.url("/v1/auth/email/verify")).json(&json!({"token": code})).send().await?;
+    let response = client()
+        .post(stack.url("/v1/auth/email/verify"))
+        .bearer_auth(&linda.token)
+        .json(&json!({"token": code}))
+        .send()
+        .await?;
     ensure!(response.status() == 204, "verify: {}", response.status());
     let landing = browser.login(&stack, "corp").await?;
     let (_, linked) = me(&stack, &landing.access_token.context("session")?).await?;

@@ -544,20 +544,22 @@ impl PgUsers {
         Ok(true)
     }
 
-    /// Consumes a token of `purpose`: the account it was issued to, if the token is known,
-    /// unexpired, and the account still has the address the token was mailed to. A known token
-    /// is consumed even when it no longer applies.
+    /// Consumes a token of `purpose` (issued to `holder`, when given): the account it was
+    /// issued to, if the token is known, unexpired, and the account still has the address the
+    /// token was mailed to. A known token is consumed even when it no longer applies.
     async fn take_token(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         purpose: TokenPurpose,
         hash: &[u8],
+        holder: Option<UserId>,
     ) -> Result<Option<UserId>, DbError> {
         let taken = sqlx::query_as::<_, (UserId, String, bool)>(
-            "DELETE FROM account_tokens WHERE token_hash = $1 AND purpose = $2
+            "DELETE FROM account_tokens WHERE token_hash = $1 AND purpose = $2 AND ($3::uuid IS NULL OR user_id = $3)
              RETURNING user_id, email, expires_at > now()",
         )
         .bind(hash)
         .bind(purpose.as_str())
+        .bind(holder)
         .fetch_optional(&mut **tx)
         .await?;
         let Some((user, email, true)) = taken else {
@@ -573,11 +575,12 @@ impl PgUsers {
         Ok(same)
     }
 
-    /// Uses an email-verification token: marks the account's address verified and forgets its
-    /// other verification tokens. `None` when the token is unknown, used, expired or stale.
-    pub async fn verify_email(&self, hash: &[u8]) -> Result<Option<UserRow>, DbError> {
+    /// Uses an email-verification token of `user`'s: marks the account's address verified and
+    /// forgets its other verification tokens. `None` when the token is unknown, another
+    /// account's, used, expired or stale.
+    pub async fn verify_email(&self, user: UserId, hash: &[u8]) -> Result<Option<UserRow>, DbError> {
         let mut tx = self.pool.begin().await?;
-        let Some(user) = Self::take_token(&mut tx, TokenPurpose::VerifyEmail, hash).await? else {
+        let Some(user) = Self::take_token(&mut tx, TokenPurpose::VerifyEmail, hash, Some(user)).await? else {
             tx.commit().await?;
             return Ok(None);
         };
@@ -602,7 +605,7 @@ impl PgUsers {
     /// stale.
     pub async fn reset_password(&self, hash: &[u8], password_hash: &str) -> Result<Option<UserRow>, DbError> {
         let mut tx = self.pool.begin().await?;
-        let Some(user) = Self::take_token(&mut tx, TokenPurpose::ResetPassword, hash).await? else {
+        let Some(user) = Self::take_token(&mut tx, TokenPurpose::ResetPassword, hash, None).await? else {
             tx.commit().await?;
             return Ok(None);
         };
