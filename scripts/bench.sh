@@ -217,7 +217,7 @@ stream() {
   local code
   code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
     -d '{"email":"bench@example.com","username":"bench","password":"bench-password-123"}' "$api/v1/auth/register")
-  [ "$code" = 201 ] || die "register: HTTP $code $(cat "$work/resp")"
+  [ "$code" = 202 ] || die "register: HTTP $code $(cat "$work/resp")"
   code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
     -d '{"email":"bench@example.com","password":"bench-password-123"}' "$api/v1/auth/login")
   [ "$code" = 200 ] || die "login: HTTP $code $(cat "$work/resp")"

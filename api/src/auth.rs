@@ -1,5 +1,17 @@
-//! Accounts: register, log in and out, who am I; and how every other route learns who is
-//! calling.
+//! Accounts: register, verify the email, log in and out, reset a forgotten password, who am
+//! I; and how every other route learns who is calling.
+//!
+//! - `POST /v1/auth/register` answers 202 with the same body whether or not the email already
+//!   has an account, so it does not tell which emails are registered; the mail tells the
+//!   address's owner what happened (a verification link, or "someone tried to register with
+//!   your address"). Usernames are public: a taken one still answers 409 `username_taken`.
+//! - An account proves its address with the single-use token of the verification mail, posted
+//!   while signed in to that account (`POST /v1/auth/email/verify`; `POST /v1/auth/email/resend`
+//!   mails a new one). Unverified accounts log in and use the platform; only a verified address
+//!   links to an OAuth identity.
+//! - `POST /v1/auth/password/forgot` answers 202 whatever the address, before looking it up (the
+//!   mail job does that, see [`crate::mail`]); `POST /v1/auth/password/reset` takes the mailed
+//!   token and a new password, verifies the address, and ends every session of the account.
 //!
 //! - Passwords are hashed with argon2id at OWASP's parameters (19 MiB, 2 passes, 1 lane) on
 //!   the blocking pool, and stored as PHC strings. A login for an unknown email still
@@ -21,7 +33,11 @@
 //!   access token, relies on `SameSite=Strict` plus an `Origin` check instead.
 //! - Failed logins are counted per email: after `login_delay_after` each attempt must wait
 //!   (1 s, doubling), after `login_lockout_after` the account is locked for `login_lockout_s`;
-//!   both answer 429 with `Retry-After`, whatever the password.
+//!   both answer 429 with `Retry-After`, whatever the password. A suspended account answers
+//!   403 `account_suspended` whatever the password, and every attempt counts as a failure, so
+//!   neither the answer nor the throttling tells whether the password was right.
+//! - A session (refresh-token family) lives at most `refresh_family_max_age_s` (90 days) from
+//!   its login, however often it is refreshed; then the refresh answers 401 `session_expired`.
 //! - Logging out ends the session: its access and refresh tokens stop working at once.
 
 use std::sync::OnceLock;
@@ -44,11 +60,12 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 use secrecy::{ExposeSecret, SecretString};
 pub use waveline_shared::db::LoginPolicy;
-use waveline_shared::db::{LoginBlock, NewUser, Role, Rotation, UserRow};
+use waveline_shared::db::{LoginBlock, NewUser, Registration, Role, Rotation, UserRow};
 use waveline_shared::domain::UserId;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::mail::MailJob;
 use crate::throttle::too_many;
 
 /// The session cookie's name (it carries the access token).
@@ -242,15 +259,17 @@ impl Tokens {
     }
 }
 
-/// A new refresh token and the hash under which it is stored.
-fn new_refresh_token() -> (String, Vec<u8>) {
+/// A new secret token (a refresh token, or one sent by mail: 256 random bits, base64url) and
+/// the hash under which it is stored.
+pub(crate) fn new_secret_token() -> (String, Vec<u8>) {
     let bytes: [u8; 32] = rand::random();
     let token = URL_SAFE_NO_PAD.encode(bytes);
-    let hash = refresh_hash(&token);
+    let hash = secret_hash(&token);
     (token, hash)
 }
 
-fn refresh_hash(token: &str) -> Vec<u8> {
+/// The stored form of a secret token: its SHA-256.
+pub(crate) fn secret_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.trim().as_bytes()).to_vec()
 }
 
@@ -421,6 +440,8 @@ pub struct UserView {
     created_at: DateTime<Utc>,
     /// Set while an admin has the account suspended.
     suspended_at: Option<DateTime<Utc>>,
+    /// Whether the account proved it receives mail at `email`.
+    email_verified: bool,
 }
 
 impl From<&UserRow> for UserView {
@@ -432,6 +453,7 @@ impl From<&UserRow> for UserView {
             role: user.role.as_str().to_owned(),
             created_at: user.created_at,
             suspended_at: user.suspended_at,
+            email_verified: user.email_verified,
         }
     }
 }
@@ -466,11 +488,63 @@ struct Refresh {
     refresh_token: Option<String>,
 }
 
+/// The answer to a registration or a reset request: the same whether or not the email has
+/// an account.
+#[derive(Debug, Object)]
+struct Accepted {
+    message: String,
+}
+
 #[derive(ApiResponse)]
 enum RegisterResponse {
-    /// The account was created; log in next.
-    #[oai(status = 201)]
-    Created(Json<UserView>),
+    /// Accepted. If the email was free, the account exists now (log in with the password) and
+    /// a verification mail is on its way; if the email already had an account, its owner gets
+    /// a mail saying so. The answer is the same in both cases.
+    #[oai(status = 202)]
+    Accepted(Json<Accepted>),
+}
+
+/// A token from an account mail.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct MailedToken {
+    /// The `token` of the mail's link (its `code`).
+    #[oai(validator(max_length = 128))]
+    token: String,
+}
+
+/// Where to mail a password-reset link.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct Forgot {
+    /// The account's email, at most 254 characters.
+    #[oai(validator(max_length = 254))]
+    email: String,
+}
+
+/// A password-reset token and the new password.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct Reset {
+    /// The `token` of the reset mail's link (its `code`).
+    #[oai(validator(max_length = 128))]
+    token: String,
+    /// At least 10 characters (at most 1024).
+    password: String,
+}
+
+#[derive(ApiResponse)]
+enum AcceptedResponse {
+    /// Accepted; any mail is on its way.
+    #[oai(status = 202)]
+    Accepted(Json<Accepted>),
+}
+
+#[derive(ApiResponse)]
+enum DoneResponse {
+    /// Done.
+    #[oai(status = 204)]
+    Done,
 }
 
 #[derive(ApiResponse)]
@@ -496,6 +570,23 @@ pub struct Accounts {
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_field", message)
+}
+
+fn check_password(password: &str) -> Result<(), ApiError> {
+    let length = password.chars().count();
+    if length < 10 {
+        return Err(invalid("password: expected at least 10 characters"));
+    }
+    if length > 1024 {
+        return Err(invalid("password: expected at most 1024 characters"));
+    }
+    Ok(())
+}
+
+/// A mailed token that is unknown, used, expired, for something else, or for an address the
+/// account no longer has: one answer for all.
+fn token_refused() -> ApiError {
+    ApiError::bad_request("token_invalid", "this link is unknown, already used or expired; ask for a new one")
 }
 
 pub(crate) fn valid_email(email: &str) -> bool {
@@ -540,12 +631,13 @@ fn set_cookies(jar: &CookieJar, tokens: Option<(&TokenView, Duration, Duration)>
     jar.add(cookie(CSRF_COOKIE, csrf, "/", refresh_ttl, false, SameSite::Strict));
 }
 
-/// The login and refresh answer for a session.
+/// The login and refresh answer for a session whose refresh token lives `refresh_ttl`.
 fn session_tokens(
     state: &AppState,
     user: &UserRow,
     session: uuid::Uuid,
     refresh: String,
+    refresh_ttl: Duration,
 ) -> Result<TokenView, ApiError> {
     let (access_token, _) = state.tokens.issue(user.id, session)?;
     Ok(TokenView {
@@ -553,7 +645,7 @@ fn session_tokens(
         token_type: "Bearer".into(),
         expires_in: state.tokens.ttl().as_secs(),
         refresh_token: refresh,
-        refresh_expires_in: state.security.refresh_token_ttl.as_secs(),
+        refresh_expires_in: refresh_ttl.as_secs(),
         csrf_token: state.tokens.csrf_token(session),
     })
 }
@@ -561,10 +653,12 @@ fn session_tokens(
 /// Starts a session for `user`: its tokens, also set as cookies.
 pub(crate) async fn begin_session(state: &AppState, user: &UserRow, jar: &CookieJar) -> Result<TokenView, ApiError> {
     let session = uuid::Uuid::new_v4();
-    let (refresh, hash) = new_refresh_token();
-    state.users.start_session(user.id, session, &hash, refresh_expiry(state), state.security.refresh_token_ttl).await?;
-    let view = session_tokens(state, user, session, refresh)?;
-    set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+    let (refresh, hash) = new_secret_token();
+    // The first token cannot outlive the family.
+    let ttl = state.security.refresh_token_ttl.min(state.security.refresh_family_max_age);
+    state.users.start_session(user.id, session, &hash, Utc::now() + ttl, state.security.refresh_token_ttl).await?;
+    let view = session_tokens(state, user, session, refresh, ttl)?;
+    set_cookies(jar, Some((&view, state.tokens.ttl(), ttl)));
     tracing::info!(user = %user.id, %session, "logged in");
     Ok(view)
 }
@@ -595,7 +689,10 @@ fn origin_allowed(req: &Request, state: &AppState) -> bool {
 
 #[OpenApi(tag = "Tag::Accounts")]
 impl Accounts {
-    /// Creates an account.
+    /// Registers an account. The answer is 202 with the same body whether or not the email
+    /// already has an account: if it was free, the account exists now (log in with the
+    /// password; a verification mail is on its way); if not, nothing was created and the
+    /// address's owner is told by mail. A taken username answers 409 `username_taken`.
     #[oai(path = "/v1/auth/register", method = "post")]
     async fn register(&self, body: Json<Register>) -> Result<RegisterResponse, ApiError> {
         let state = &self.state;
@@ -607,24 +704,86 @@ impl Accounts {
         if !valid_username(&username) {
             return Err(invalid("username: expected 3 to 30 characters of a-z, 0-9, _ and -"));
         }
-        let length = password.chars().count();
-        if length < 10 {
-            return Err(invalid("password: expected at least 10 characters"));
-        }
-        if length > 1024 {
-            return Err(invalid("password: expected at most 1024 characters"));
+        check_password(&password)?;
+        let username_taken = || ApiError::conflict("username_taken", "this username is taken; choose another");
+        // Usernames are public, so saying this one is taken tells nothing about emails; checked
+        // first, it answers the same whether or not the email is taken too.
+        if state.users.by_username(&username).await?.is_some() {
+            return Err(username_taken());
         }
         let password_hash = hash_password(password).await?;
-        let user = state
+        match state
             .users
-            .create(&NewUser { email: &email, username: &username, password_hash: &password_hash })
-            .await
-            .map_err(|err| match err {
-                waveline_shared::db::DbError::Conflict(message) => ApiError::conflict("account_exists", message),
-                other => other.into(),
-            })?;
-        tracing::info!(user = %user.id, username = %user.username, "account created");
-        Ok(RegisterResponse::Created(Json(UserView::from(&user))))
+            .register(&NewUser { email: &email, username: &username, password_hash: &password_hash })
+            .await?
+        {
+            Registration::Created(user) => {
+                tracing::info!(user = %user.id, username = %user.username, "account created");
+                state.mailer.post(MailJob::Verify { user: user.id });
+            }
+            Registration::EmailTaken => {
+                tracing::info!("a registration for an address that has an account: its owner is told");
+                state.mailer.post(MailJob::AlreadyRegistered { email });
+            }
+            Registration::UsernameTaken => return Err(username_taken()),
+        }
+        Ok(RegisterResponse::Accepted(Json(Accepted {
+            message: "Check your inbox: a mail tells you what comes next. If the account is new, you can log in now."
+                .into(),
+        })))
+    }
+
+    /// Verifies the signed-in account's email with the token of its verification mail (the
+    /// link's `token`). Works once, until the token expires. It takes the session as well as
+    /// the mailbox: someone who registered another person's address cannot read the mail, and
+    /// the address's owner, who can, is not signed in to that account, so neither can verify
+    /// it alone.
+    #[oai(path = "/v1/auth/email/verify", method = "post")]
+    async fn verify_email(&self, auth: Auth, body: Json<MailedToken>) -> Result<DoneResponse, ApiError> {
+        let account = auth.session().user.id;
+        let user =
+            self.state.users.verify_email(account, &secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
+        tracing::info!(user = %user.id, "email verified");
+        Ok(DoneResponse::Done)
+    }
+
+    /// Mails a new verification link to the signed-in account's address (at most five an
+    /// hour). 409 `email_already_verified` when there is nothing to verify.
+    #[oai(path = "/v1/auth/email/resend", method = "post")]
+    async fn resend_verification(&self, auth: Auth) -> Result<AcceptedResponse, ApiError> {
+        let user = &auth.session().user;
+        if user.email_verified {
+            return Err(ApiError::conflict("email_already_verified", "this account's email is verified already"));
+        }
+        self.state.mailer.post(MailJob::Verify { user: user.id });
+        Ok(AcceptedResponse::Accepted(Json(Accepted { message: "A new verification mail is on its way.".into() })))
+    }
+
+    /// Mails a password-reset link to the account with this email, if there is one. Always 202
+    /// with the same body, answered before the address is even looked up.
+    #[oai(path = "/v1/auth/password/forgot", method = "post")]
+    async fn forgot_password(&self, body: Json<Forgot>) -> Result<AcceptedResponse, ApiError> {
+        let email = body.0.email.trim().to_owned();
+        if !valid_email(&email) {
+            return Err(invalid("email: expected an address such as name@example.com, at most 254 characters"));
+        }
+        self.state.mailer.post(MailJob::Reset { email });
+        Ok(AcceptedResponse::Accepted(Json(Accepted {
+            message: "If an account has this address, a mail with a reset link is on its way.".into(),
+        })))
+    }
+
+    /// Sets a new password with the token of the reset mail. The token works once, until it
+    /// expires; the reset verifies the account's email and ends every session of the account.
+    #[oai(path = "/v1/auth/password/reset", method = "post")]
+    async fn reset_password(&self, body: Json<Reset>) -> Result<DoneResponse, ApiError> {
+        let Reset { token, password } = body.0;
+        check_password(&password)?;
+        let password_hash = hash_password(password).await?;
+        let user =
+            self.state.users.reset_password(&secret_hash(&token), &password_hash).await?.ok_or_else(token_refused)?;
+        tracing::info!(user = %user.id, "password reset: every session of the account has ended");
+        Ok(DoneResponse::Done)
     }
 
     /// Logs in: starts a session, returns its tokens and sets them as cookies.
@@ -642,25 +801,33 @@ impl Accounts {
         if let Some(block) = state.users.login_block(&email).await? {
             return Err(login_blocked(block));
         }
-        let user = state.users.by_email(&email).await?;
+        let user = state.users.by_email(&email).await?.filter(|user| user.role != Role::System);
         let phc = user.as_ref().and_then(|user| user.password_hash.clone());
         let matches = verify_password(password, phc).await?;
-        let Some(user) = user.filter(|user| matches && user.role != Role::System) else {
-            let block = state.users.login_failed(&email, &state.security.login).await?;
-            tracing::info!(locked = block.is_some_and(|block| block.locked), "failed login");
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong email or password"));
+        let user = match user {
+            // The same answer whether or not the password matched, and the attempt counts as a
+            // failure either way: neither the answer nor the throttling confirms a password.
+            Some(user) if user.suspended_at.is_some() => {
+                state.users.login_failed(&email, &state.security.login).await?;
+                tracing::info!(user = %user.id, "login to a suspended account");
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "account_suspended", "this account is suspended"));
+            }
+            Some(user) if matches => user,
+            _ => {
+                let block = state.users.login_failed(&email, &state.security.login).await?;
+                tracing::info!(locked = block.is_some_and(|block| block.locked), "failed login");
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong email or password"));
+            }
         };
         state.users.login_succeeded(&email).await?;
-        if user.suspended_at.is_some() {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "account_suspended", "this account is suspended"));
-        }
         let view = begin_session(state, &user, jar).await?;
         Ok(LoginResponse::Ok(Json(view), "no-store".into()))
     }
 
     /// Trades a refresh token (`{"refresh_token": …}`, or `{}` with the `waveline_refresh`
     /// cookie) for a new access token and refresh token. Each refresh token works once: presenting one that was already
-    /// used ends its session (401 `refresh_reused`).
+    /// used ends its session (401 `refresh_reused`). A session lasts at most
+    /// `refresh_family_max_age_s` from its login (then 401 `session_expired`).
     #[oai(path = "/v1/auth/refresh", method = "post")]
     async fn refresh(&self, body: Json<Refresh>, req: &Request, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
@@ -678,17 +845,26 @@ impl Accounts {
                 cookie
             }
         };
-        let (next, next_hash) = new_refresh_token();
-        let rotation = state.users.rotate_refresh(&refresh_hash(&token), &next_hash, refresh_expiry(state)).await?;
+        let (next, next_hash) = new_secret_token();
+        let rotation = state
+            .users
+            .rotate_refresh(
+                &secret_hash(&token),
+                &next_hash,
+                refresh_expiry(state),
+                state.security.refresh_family_max_age,
+            )
+            .await?;
         let refused = |code: &'static str, message: &str| {
             set_cookies(jar, None);
             ApiError::new(StatusCode::UNAUTHORIZED, code, message)
                 .with_header("www-authenticate", "Bearer realm=\"waveline\"".to_owned())
         };
         match rotation {
-            Rotation::Rotated { session, user } => {
-                let view = session_tokens(state, &user, session, next)?;
-                set_cookies(jar, Some((&view, state.tokens.ttl(), state.security.refresh_token_ttl)));
+            Rotation::Rotated { session, user, expires_at } => {
+                let ttl = (expires_at - Utc::now()).to_std().unwrap_or_default();
+                let view = session_tokens(state, &user, session, next, ttl)?;
+                set_cookies(jar, Some((&view, state.tokens.ttl(), ttl)));
                 Ok(LoginResponse::Ok(Json(view), "no-store".into()))
             }
             Rotation::Reused { session, user } => {
@@ -696,6 +872,9 @@ impl Accounts {
                 Err(refused("refresh_reused", "this refresh token was already used; the session has ended"))
             }
             Rotation::Expired => Err(refused("refresh_expired", "the refresh token has expired; log in again")),
+            Rotation::TooOld => {
+                Err(refused("session_expired", "the session has reached its maximum age; log in again"))
+            }
             Rotation::Ended => Err(refused("session_ended", "the session has ended; log in again")),
             Rotation::Unknown => Err(refused("unauthorized", "the refresh token is not valid")),
         }

@@ -6,8 +6,9 @@
 //!
 //! | module | routes |
 //! |---|---|
-//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/refresh`, `/logout`, `GET /v1/me` |
+//! | [`auth`] | `POST /v1/auth/register`, `/login`, `/refresh`, `/logout`, `/email/verify`, `/email/resend`, `/password/forgot`, `/password/reset`, `GET /v1/me` |
 //! | `oauth` | `GET /v1/auth/oauth/{provider}/start`, `/callback` |
+//! | [`mail`] | no routes: the account mail the auth routes send (SMTP through lettre, or the log) |
 //! | `tracks` | `GET /v1/tracks`, `GET|PATCH|DELETE /v1/tracks/{id}`, `/status`, `/events` (SSE), `POST /reprocess` |
 //! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
 //! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
@@ -25,6 +26,7 @@ pub mod body;
 mod error;
 pub mod events;
 pub mod listener;
+pub mod mail;
 pub mod media;
 mod middleware;
 mod oauth;
@@ -66,6 +68,8 @@ pub struct SecuritySettings {
     pub hsts_max_age: Option<u64>,
     pub login: auth::LoginPolicy,
     pub refresh_token_ttl: Duration,
+    /// The absolute lifetime of a session (refresh-token family).
+    pub refresh_family_max_age: Duration,
     pub signed_url_ttl: Duration,
     pub free_quota: Duration,
     /// The API's address as clients reach it (OAuth redirect URIs).
@@ -91,6 +95,7 @@ impl SecuritySettings {
                 lockout: settings.login_lockout,
             },
             refresh_token_ttl: settings.refresh_token_ttl,
+            refresh_family_max_age: settings.refresh_family_max_age,
             signed_url_ttl: settings.signed_url_ttl,
             free_quota: settings.free_quota,
             public_url: settings.public_url.clone(),
@@ -124,6 +129,8 @@ pub struct AppState {
     pub playables: Arc<media::PlayableCache>,
     /// Renders the process's Prometheus metrics.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Account mail (verification, password reset), sent in the background.
+    pub mailer: mail::Mailer,
 }
 
 impl std::fmt::Debug for AppState {

@@ -2,18 +2,25 @@
 //! with `state` and PKCE (S256).
 //!
 //! 1. `GET /v1/auth/oauth/{provider}/start?redirect_to=/path` stores the state's hash with a
-//!    fresh PKCE verifier (10 minutes, single use), sets the state in an `HttpOnly` cookie bound
-//!    to `/v1/auth/oauth`, and redirects to the provider with the verifier's challenge.
+//!    fresh PKCE verifier (10 minutes, single use), sets the state in the `HttpOnly`
+//!    `__Host-waveline_oauth_state` cookie (the prefix makes browsers insist on `Secure`,
+//!    `Path=/` and no `Domain`, so no sibling subdomain can plant or overwrite it), and
+//!    redirects to the provider with the verifier's challenge.
 //! 2. The provider sends the browser back to `GET /v1/auth/oauth/{provider}/callback` with a
 //!    code. The `state` must equal the cookie's (so nobody can finish a login they started in
 //!    someone else's browser) and name a stored, unused state of this provider; the row is
 //!    consumed, and the code is redeemed with the verifier, so a replayed or intercepted code
 //!    is worthless.
 //! 3. The identity comes from the provider's userinfo endpoint (GitHub: the profile and its
-//!    verified emails). A known identity logs its account in; otherwise an account with the
-//!    same *verified* email is linked, or a new one is created (no password; a username from
-//!    the provider's, made unique). An unverified email neither links nor creates.
-//! 4. The session starts as after a password login (cookies set), and the browser goes to
+//!    verified emails). A known identity logs its account in. Otherwise the provider must have
+//!    verified the email: an account of ours with that email is linked only if it verified the
+//!    address too; one that did not is refused (409 `account_email_unverified`), because
+//!    whoever registered it may not own the mailbox and must never gain this identity (a reset
+//!    of its password by mail proves ownership and verifies it). With no account, a new one is
+//!    created (no password; a username from the provider's, made unique; email verified). An
+//!    email the provider has not verified neither links nor creates.
+//! 4. The system account and suspended accounts are refused *before* anything is linked. The
+//!    session starts as after a password login (cookies set), and the browser goes to
 //!    `redirect_to`: a path on this site, never another origin.
 //!
 //! The ID token of OIDC is not needed: the identity is read from the userinfo endpoint with
@@ -38,9 +45,11 @@ use crate::AppState;
 use crate::auth::begin_session;
 use crate::error::ApiError;
 
-/// The cookie that binds a login in flight to the browser that started it.
-const STATE_COOKIE: &str = "waveline_oauth_state";
-const STATE_PATH: &str = "/v1/auth/oauth";
+/// The cookie that binds a login in flight to the browser that started it. The `__Host-`
+/// prefix requires `Secure`, `Path=/` and no `Domain`.
+const STATE_COOKIE: &str = "__Host-waveline_oauth_state";
+/// Where the routes live.
+const OAUTH_PATH: &str = "/v1/auth/oauth";
 /// How long a login in flight may take.
 const STATE_TTL: Duration = Duration::from_secs(600);
 
@@ -84,7 +93,7 @@ fn random_token() -> String {
 
 fn state_cookie(value: &str, max_age: Duration) -> Cookie {
     let mut cookie = Cookie::new_with_str(STATE_COOKIE, value);
-    cookie.set_path(STATE_PATH);
+    cookie.set_path("/");
     cookie.set_max_age(max_age);
     cookie.set_http_only(true);
     cookie.set_secure(true);
@@ -165,7 +174,7 @@ impl OAuth {
 
     fn redirect_uri(&self, provider: &OAuthProvider) -> String {
         let base = self.state.security.public_url.as_str().trim_end_matches('/');
-        format!("{base}{STATE_PATH}/{}/callback", provider.name)
+        format!("{base}{OAUTH_PATH}/{}/callback", provider.name)
     }
 
     async fn redeem(&self, provider: &OAuthProvider, code: &str, verifier: &str) -> Result<String, ApiError> {
@@ -237,17 +246,18 @@ impl OAuth {
         }
     }
 
-    /// The account for an identity: linked before, linked now by verified email, or new.
-    async fn account(&self, provider: &OAuthProvider, identity: &Identity) -> Result<UserRow, ApiError> {
+    /// The account for an identity: linked before (`false`), or to link now (`true`): ours
+    /// with the same email (the caller checks that it verified it), or new.
+    async fn account(&self, provider: &OAuthProvider, identity: &Identity) -> Result<(UserRow, bool), ApiError> {
         let users = &self.state.users;
         if let Some(user) = users.by_identity(&provider.name, &identity.subject).await? {
-            return Ok(user);
+            return Ok((user, false));
         }
         let Some(email) = identity.email.as_deref().filter(|email| crate::auth::valid_email(email)) else {
             return Err(ApiError::forbidden("the login provider has no verified email for this account")
                 .with_code("oauth_email_unverified"));
         };
-        let user = match users.by_email(email).await? {
+        let existing = match users.by_email(email).await? {
             Some(user) => user,
             None => {
                 let base = username_from(
@@ -256,9 +266,10 @@ impl OAuth {
                 match users.create_without_password(email, &base).await {
                     Ok(user) => {
                         tracing::info!(user = %user.id, provider = %provider.name, "account created by OAuth");
-                        user
+                        return Ok((user, true));
                     }
-                    // Created meanwhile by a concurrent login: use it.
+                    // Created meanwhile (by a concurrent login, or a registration): judge it
+                    // as any existing account.
                     Err(DbError::Conflict(_)) => {
                         users.by_email(email).await?.ok_or_else(|| ApiError::not_found("user"))?
                     }
@@ -266,8 +277,7 @@ impl OAuth {
                 }
             }
         };
-        users.link_identity(&provider.name, &identity.subject, user.id).await?;
-        Ok(user)
+        Ok((existing, true))
     }
 }
 
@@ -339,12 +349,32 @@ impl OAuth {
         };
         let token = self.redeem(provider, &code, &verifier).await?;
         let identity = self.identity(provider, &token).await?;
-        let user = self.account(provider, &identity).await?;
+        let (user, link) = self.account(provider, &identity).await?;
+        // Refused accounts gain no identity: these checks come before the link.
         if user.role == Role::System {
             return Err(ApiError::forbidden("this account cannot log in"));
         }
         if user.suspended_at.is_some() {
             return Err(ApiError::forbidden("this account is suspended").with_code("account_suspended"));
+        }
+        if link && !user.email_verified {
+            // Whoever registered this address may not own the mailbox: they must never gain
+            // the identity of the one who does.
+            tracing::warn!(
+                user = %user.id,
+                provider = %provider.name,
+                "an OAuth login for the email of an unverified account: refused, nothing linked"
+            );
+            return Err(ApiError::conflict(
+                "account_email_unverified",
+                "an account with this email exists but has not verified it, so this login cannot be \
+                 linked to it; if the account is yours, reset its password (POST /v1/auth/password/forgot), \
+                 which verifies the address, then sign in again",
+            ));
+        }
+        if link {
+            self.state.users.link_identity(&provider.name, &identity.subject, user.id).await?;
+            tracing::info!(user = %user.id, provider = %provider.name, "identity linked");
         }
         begin_session(&self.state, &user, jar).await?;
         Ok(Redirect::SeeOther(redirect_to, "no-store".into()))

@@ -163,6 +163,8 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         status_feed: waveline_api::status_feed::StatusFeed::start(pool.clone()),
         playables: Arc::default(),
         metrics: Arc::new(move || metrics.render()),
+        mailer: waveline_api::mail::Mailer::from_settings(settings, db::PgUsers::new(pool.clone()))
+            .context("the mail settings are not usable")?,
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await

@@ -135,6 +135,25 @@ pub struct Settings {
     pub event_streams_max: u32,
     /// Open event streams per client address (429 beyond). Default 20.
     pub event_streams_per_client: u32,
+    /// The SMTP server for account mail (verification, password reset):
+    /// `smtps://user:pass@host:465` (TLS), `smtp://user:pass@host:587?tls=required`
+    /// (STARTTLS), or `smtp://host:25` (plain, only without credentials or on loopback). Held
+    /// as a secret. Unset (the embedded default), mail is written to the log at `info` instead.
+    pub smtp_url: Option<SecretString>,
+    /// The sender of account mail: `no-reply@example.com` or `Waveline <no-reply@example.com>`.
+    /// Default `Waveline <no-reply@localhost>`.
+    pub mail_from: String,
+    /// The web client's address; mails link to `{app_url}/verify-email?token=…` and
+    /// `{app_url}/reset-password?token=…`, pages that post the token to the API. Default
+    /// `public_url`.
+    pub app_url: Url,
+    /// How long an email-verification link works, seconds. Default 86400 (1 day).
+    pub email_verify_ttl: Duration,
+    /// How long a password-reset link works, seconds. Default 3600.
+    pub password_reset_ttl: Duration,
+    /// The absolute lifetime of a session (a refresh-token family), however often it is
+    /// refreshed, seconds. Default 7776000 (90 days).
+    pub refresh_family_max_age: Duration,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -222,7 +241,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 39] = [
+const KEYS: [Key; 45] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -262,6 +281,12 @@ const KEYS: [Key; 39] = [
     Key { name: "max_connections", secret: false },
     Key { name: "event_streams_max", secret: false },
     Key { name: "event_streams_per_client", secret: false },
+    Key { name: "smtp_url", secret: true },
+    Key { name: "mail_from", secret: false },
+    Key { name: "app_url", secret: false },
+    Key { name: "email_verify_ttl_s", secret: false },
+    Key { name: "password_reset_ttl_s", secret: false },
+    Key { name: "refresh_family_max_age_s", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -509,12 +534,39 @@ impl Settings {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 20,
         };
+        let smtp_url = take("smtp_url").map(|raw| parse_smtp_url(&raw)).transpose()?;
+        let mail_from = match take("mail_from") {
+            Some(raw) if valid_mailbox(raw.value.trim()) => raw.value.trim().to_owned(),
+            Some(raw) => {
+                return Err(raw.invalid("an address such as no-reply@example.com or Name <no-reply@example.com>"));
+            }
+            None => "Waveline <no-reply@localhost>".to_owned(),
+        };
+        let app_url = match take("app_url") {
+            Some(raw) => Url::parse(raw.value.trim())
+                .ok()
+                .filter(|url| matches!(url.scheme(), "http" | "https") && url.host_str().is_some())
+                .ok_or_else(|| raw.invalid("the web client's base URL, such as https://app.example.com"))?,
+            None => public_url.clone(),
+        };
+        let email_verify_ttl = seconds(take("email_verify_ttl_s"), 86_400)?;
+        let password_reset_ttl = seconds(take("password_reset_ttl_s"), 3600)?;
+        let refresh_family_max_age = match take("refresh_family_max_age_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 60, 315_360_000)?.into()),
+            None => Duration::from_secs(90 * 86_400),
+        };
         Ok(Settings {
             json_body_max_bytes,
             body_read_timeout,
             max_connections,
             event_streams_max,
             event_streams_per_client,
+            smtp_url,
+            mail_from,
+            app_url,
+            email_verify_ttl,
+            password_reset_ttl,
+            refresh_family_max_age,
             public_url,
             oauth,
             jwt_previous_secrets,
@@ -597,6 +649,12 @@ impl Settings {
             "max_connections": self.max_connections,
             "event_streams_max": self.event_streams_max,
             "event_streams_per_client": self.event_streams_per_client,
+            "smtp_url": self.smtp_url.as_ref().map(|url| redact_url(url.expose_secret())),
+            "mail_from": self.mail_from,
+            "app_url": self.app_url.as_str(),
+            "email_verify_ttl_s": self.email_verify_ttl.as_secs(),
+            "password_reset_ttl_s": self.password_reset_ttl.as_secs(),
+            "refresh_family_max_age_s": self.refresh_family_max_age.as_secs(),
         })
     }
 }
@@ -749,6 +807,54 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
         }
         _ => Err(raw.invalid(EXPECTED)),
     }
+}
+
+/// `smtp://` or `smtps://` with a host; `tls` only `required` or `opportunistic`; credentials
+/// never over a connection that may stay in clear, except to a loopback relay.
+fn parse_smtp_url(raw: &Raw) -> Result<SecretString, ConfigError> {
+    const EXPECTED: &str =
+        "smtps://user:password@host:465, smtp://user:password@host:587?tls=required or smtp://host:25";
+    let value = raw.value.trim();
+    let url = Url::parse(value).map_err(|_| raw.invalid(EXPECTED))?;
+    if !matches!(url.scheme(), "smtp" | "smtps") || url.host_str().is_none_or(str::is_empty) {
+        return Err(raw.invalid(EXPECTED));
+    }
+    let mut tls = None;
+    for (name, value) in url.query_pairs() {
+        match (&*name, &*value) {
+            ("tls", "required" | "opportunistic") => tls = Some(value.into_owned()),
+            _ => {
+                return Err(
+                    raw.invalid(format!("{EXPECTED} (the only parameter is tls=required or tls=opportunistic)"))
+                );
+            }
+        }
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    };
+    let credentials = !url.username().is_empty() || url.password().is_some();
+    let encrypted = url.scheme() == "smtps" || tls.as_deref() == Some("required");
+    if credentials && !encrypted && !loopback {
+        return Err(raw.invalid(format!("{EXPECTED} (credentials need smtps:// or tls=required)")));
+    }
+    Ok(SecretString::from(value.to_owned()))
+}
+
+/// `local@domain` or `Name <local@domain>`, printable, at most 320 characters.
+fn valid_mailbox(text: &str) -> bool {
+    let address = match text.strip_suffix('>').and_then(|rest| rest.rsplit_once('<')) {
+        Some((_, address)) => address,
+        None => text,
+    };
+    text.len() <= 320
+        && !text.chars().any(char::is_control)
+        && address.split('@').count() == 2
+        && address.split('@').all(|part| !part.is_empty())
+        && !address.chars().any(|c| c.is_whitespace() || matches!(c, '<' | '>' | ','))
 }
 
 fn valid_bucket_name(name: &str) -> bool {
@@ -914,6 +1020,37 @@ mod tests {
         let missing = dir.path().join("missing.toml");
         let err = Settings::from_sources(Some(&missing), &env(&[])).expect_err("missing");
         assert_eq!(err.code(), "config_unreadable");
+    }
+
+    #[test]
+    fn the_session_lifetime_is_a_setting() {
+        assert_eq!(load(&[]).expect("defaults").refresh_family_max_age, Duration::from_secs(90 * 86_400));
+        let settings = load(&[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "3600")]).expect("valid");
+        assert_eq!(settings.refresh_family_max_age, Duration::from_secs(3600));
+        assert!(load(&[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "10")]).is_err(), "below a minute");
+    }
+
+    #[test]
+    fn mail_settings_are_checked() {
+        let settings = load(&[]).expect("defaults");
+        assert!(settings.smtp_url.is_none(), "the embedded default logs mail");
+        assert_eq!(settings.app_url, settings.public_url);
+        let settings = load(&[
+            ("WAVELINE_SMTP_URL", "smtps://mailer:s3cret@smtp.example.com:465"),
+            ("WAVELINE_MAIL_FROM", "Waveline <no-reply@example.com>"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.mail_from, "Waveline <no-reply@example.com>");
+        assert!(!settings.redacted().to_string().contains("s3cret"));
+        load(&[("WAVELINE_SMTP_URL", "smtp://127.0.0.1:2525")]).expect("a plain loopback relay");
+        load(&[("WAVELINE_SMTP_URL", "smtp://u:p@smtp.example.com:587?tls=required")]).expect("STARTTLS");
+        for bad in ["smtp://u:p@smtp.example.com:25", "http://smtp.example.com", "smtp://h?tls=never", "smtp://"] {
+            let text = error_text(&[("WAVELINE_SMTP_URL", bad)]);
+            assert!(text.starts_with("WAVELINE_SMTP_URL: expected") && !text.contains(":p@"), "{bad}: {text}");
+        }
+        for bad in ["nobody", "a b@example.com", "Name <x@y> trailing", "@example.com"] {
+            assert!(load(&[("WAVELINE_MAIL_FROM", bad)]).is_err(), "{bad}");
+        }
     }
 
     #[test]

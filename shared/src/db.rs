@@ -19,7 +19,9 @@ use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 mod accounts;
 mod catalog;
 
-pub use accounts::{LoginBlock, LoginPolicy, NewUser, PgUsers, Role, Rotation, UserRow};
+pub use accounts::{
+    LoginBlock, LoginPolicy, NewUser, PgUsers, Registration, Role, Rotation, TOKENS_PER_HOUR, TokenPurpose, UserRow,
+};
 pub use catalog::{NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
 
 /// The schema, embedded at build time from `migrations/`.

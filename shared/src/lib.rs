@@ -13,6 +13,9 @@
 //! in the module's terms, with a stable snake_case `code()` and `is_permanent()` (whether
 //! retrying the same operation can ever succeed). `anyhow` appears only in binaries and tests.
 
+// `Settings::redacted` lists every setting in one `json!`, deeper than the default limit allows.
+#![recursion_limit = "256"]
+
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -16,6 +16,7 @@
 
 pub mod audio;
 pub mod oauth_provider;
+pub mod smtp_sink;
 pub mod stack;
 
 use std::net::SocketAddr;

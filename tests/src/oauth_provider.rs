@@ -15,6 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::Digest as _;
 
+use crate::stack::{Stack, header, set_cookie, set_cookies};
+
 /// Who the next consent logs in as.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -234,5 +236,96 @@ impl FakeProvider {
             }
         }
         env
+    }
+}
+
+/// A profile at the provider.
+pub fn profile(subject: &str, username: &str, email: &str, verified: bool) -> Profile {
+    Profile { subject: subject.into(), username: username.into(), email: email.into(), email_verified: verified }
+}
+
+/// The name of Waveline's OAuth state cookie.
+pub const STATE_COOKIE: &str = "__Host-waveline_oauth_state";
+
+/// A browser's part of an OAuth login, by hand: no redirect is followed on its own.
+#[derive(Debug)]
+pub struct Browser {
+    pub http: reqwest::Client,
+}
+
+/// What a callback answered.
+#[derive(Debug)]
+pub struct Landing {
+    pub status: u16,
+    pub location: String,
+    pub body: serde_json::Value,
+    /// The session cookie's access token, when the login succeeded.
+    pub access_token: Option<String>,
+}
+
+impl Default for Browser {
+    fn default() -> Browser {
+        Browser::new()
+    }
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        Browser {
+            http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client"),
+        }
+    }
+
+    /// `start`: the provider's authorize URL and the state cookie (`name=value`), after
+    /// checking the cookie's name and attributes: the `__Host-` prefix, which browsers honour
+    /// only with `Secure`, `Path=/` and no `Domain`.
+    pub async fn start(&self, stack: &Stack, provider: &str, redirect_to: &str) -> anyhow::Result<(String, String)> {
+        let response = self
+            .http
+            .get(stack.url(&format!("/v1/auth/oauth/{provider}/start?redirect_to={redirect_to}")))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status() == 303, "start: {}", response.status());
+        let cookie = set_cookie(&set_cookies(&response), STATE_COOKIE)?;
+        let attributes: Vec<String> = cookie.split(';').skip(1).map(|a| a.trim().to_ascii_lowercase()).collect();
+        for flag in ["httponly", "secure", "samesite=lax", "path=/"] {
+            anyhow::ensure!(attributes.iter().any(|a| a == flag), "the state cookie lacks {flag}: {cookie}");
+        }
+        anyhow::ensure!(!attributes.iter().any(|a| a.starts_with("domain")), "the state cookie has a Domain: {cookie}");
+        let cookie = cookie.split(';').next().unwrap_or_default().to_owned();
+        Ok((header(&response, "location"), cookie))
+    }
+
+    /// The provider's consent: the callback URL it sends the browser to.
+    pub async fn consent(&self, authorize: &str) -> anyhow::Result<String> {
+        let response = self.http.get(authorize).send().await?;
+        anyhow::ensure!(response.status() == 302, "authorize: {} {}", response.status(), response.text().await?);
+        Ok(header(&response, "location"))
+    }
+
+    /// The browser back at the callback, with the state cookie (or none).
+    pub async fn land(&self, callback: &str, cookie: Option<&str>) -> anyhow::Result<Landing> {
+        let mut request = self.http.get(callback);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let location = header(&response, "location");
+        let cookies = set_cookies(&response);
+        let access_token = set_cookie(&cookies, "waveline_session")
+            .ok()
+            .and_then(|c| c.split(';').next().map(|v| v.trim_start_matches("waveline_session=").to_owned()))
+            .filter(|v| !v.is_empty());
+        let text = response.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        Ok(Landing { status, location, body, access_token })
+    }
+
+    /// A whole login that comes back to `/welcome`; returns the landing.
+    pub async fn login(&self, stack: &Stack, provider: &str) -> anyhow::Result<Landing> {
+        let (authorize, cookie) = self.start(stack, provider, "/welcome").await?;
+        let callback = self.consent(&authorize).await?;
+        self.land(&callback, Some(&cookie)).await
     }
 }

@@ -210,22 +210,29 @@ pub fn set_cookie(cookies: &[String], name: &str) -> Result<String> {
         .with_context(|| format!("no {name} in {cookies:?}"))
 }
 
-/// Registers `username` (email `username@example.com`, a long password) and logs in.
-pub async fn register_and_login(stack: &Stack, username: &str) -> Result<User> {
-    let client = reqwest::Client::new();
-    let email = format!("{username}@example.com");
-    let password = format!("{username}-long-password");
-    let (status, user) = json(
-        client
+/// `POST /v1/auth/register`: the status and body.
+pub async fn register(stack: &Stack, email: &str, username: &str, password: &str) -> Result<(u16, Value)> {
+    json(
+        reqwest::Client::new()
             .post(stack.url("/v1/auth/register"))
             .json(&json!({"email": email, "username": username, "password": password}))
             .send()
             .await?,
     )
-    .await?;
-    ensure!(status == 201 && user["username"] == username && user["role"] == "user", "{status} {user}");
-    ensure!(user.get("password_hash").is_none() && !user.to_string().contains("argon2"), "{user}");
+    .await
+}
+
+/// Registers `username` (email `username@example.com`, a long password) and logs in.
+pub async fn register_and_login(stack: &Stack, username: &str) -> Result<User> {
+    let email = format!("{username}@example.com");
+    let password = format!("{username}-long-password");
+    let (status, body) = register(stack, &email, username, &password).await?;
+    ensure!(status == 202 && body["message"].is_string(), "{status} {body}");
     let mut logged_in = login(stack, &email, &password, &[]).await?;
+    let (status, user) =
+        json(reqwest::Client::new().get(stack.url("/v1/me")).bearer_auth(&logged_in.token).send().await?).await?;
+    ensure!(status == 200 && user["username"] == username && user["role"] == "user", "{status} {user}");
+    ensure!(user.get("password_hash").is_none() && !user.to_string().contains("argon2"), "{user}");
     logged_in.id = user["id"].as_str().context("id")?.to_owned();
     logged_in.username = username.to_owned();
     Ok(logged_in)

@@ -21,7 +21,7 @@ use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
 use waveline_shared::storage::ObjectKey;
 use waveline_tests::stack::{
-    Mode, Stack, User, header, json, multipart, post_form, register_and_login, upload, wait_ready,
+    Mode, Stack, User, header, json, multipart, post_form, register, register_and_login, upload, wait_ready,
 };
 use waveline_tests::{S3Server, audio, s3_credentials, temp_dir};
 
@@ -167,14 +167,25 @@ async fn full_flow(mode: Mode) -> Result<()> {
     let alice = register_and_login(&stack, "alice").await?;
     let bob = register_and_login(&stack, "bob_2").await?;
 
-    // Accounts: duplicates, bad fields, wrong passwords, who am I (bearer and cookie).
-    let duplicate = client
-        .post(stack.url("/v1/auth/register"))
-        .json(&json!({"email": "ALICE@example.com", "username": "alice2", "password": "0123456789"}))
-        .send()
+    // Accounts: duplicates, bad fields, wrong passwords, who am I (bearer and cookie). A taken
+    // email gets the answer a free one gets, and nothing is created; a taken username is 409.
+    let (status, body) = register(&stack, "ALICE@example.com", "alice2", "0123456789").await?;
+    ensure!(status == 202 && body["message"].is_string(), "{status} {body}");
+    let (fresh_status, fresh) = register(&stack, "newcomer@example.com", "newcomer", "0123456789").await?;
+    ensure!((fresh_status, &fresh) == (status, &body), "{fresh_status} {fresh} differs from {status} {body}");
+    let alices: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE lower(email) = 'alice@example.com'")
+        .fetch_one(&stack.db.pool)
         .await?;
-    let (status, body) = json(duplicate).await?;
-    ensure!(status == 409 && body["code"] == "account_exists", "{status} {body}");
+    ensure!(alices == 1, "{alices} accounts with alice's email");
+    ensure!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM users WHERE username = 'alice2'")
+            .fetch_one(&stack.db.pool)
+            .await?
+            == 0,
+        "an account was made for a taken email"
+    );
+    let (status, body) = register(&stack, "carol@example.com", "alice", "0123456789").await?;
+    ensure!(status == 409 && body["code"] == "username_taken", "{status} {body}");
     for (email, username, password) in [
         ("not-an-email", "carol", "0123456789"),
         ("c@example.com", "Carol!", "0123456789"),

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 use sha2::Digest as _;
+use waveline_tests::oauth_provider::{Browser, profile};
 use waveline_tests::stack::{JWT_SECRET, Mode, Stack, header, json, login, register_and_login, upload};
 
 fn client() -> reqwest::Client {
@@ -798,89 +799,14 @@ async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted(
     Ok(())
 }
 
-/// A browser's part of an OAuth login, by hand: no redirect is followed on its own.
-struct Browser {
-    http: reqwest::Client,
-}
-
-/// What a callback answered.
-struct Landing {
-    status: u16,
-    location: String,
-    body: Value,
-    access_token: Option<String>,
-}
-
-impl Browser {
-    fn new() -> Browser {
-        Browser {
-            http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client"),
-        }
-    }
-
-    /// `start`: the provider's authorize URL and the state cookie.
-    async fn start(&self, stack: &Stack, provider: &str, redirect_to: &str) -> Result<(String, String)> {
-        let response = self
-            .http
-            .get(stack.url(&format!("/v1/auth/oauth/{provider}/start?redirect_to={redirect_to}")))
-            .send()
-            .await?;
-        ensure!(response.status() == 303, "start: {}", response.status());
-        let cookie =
-            waveline_tests::stack::set_cookie(&waveline_tests::stack::set_cookies(&response), "waveline_oauth_state")?;
-        for flag in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/v1/auth/oauth"] {
-            ensure!(cookie.contains(flag), "the state cookie lacks {flag}: {cookie}");
-        }
-        let cookie = cookie.split(';').next().context("cookie")?.to_owned();
-        Ok((header(&response, "location"), cookie))
-    }
-
-    /// The provider's consent: the callback URL it sends the browser to.
-    async fn consent(&self, authorize: &str) -> Result<String> {
-        let response = self.http.get(authorize).send().await?;
-        ensure!(response.status() == 302, "authorize: {} {}", response.status(), response.text().await?);
-        Ok(header(&response, "location"))
-    }
-
-    async fn land(&self, callback: &str, cookie: Option<&str>) -> Result<Landing> {
-        let mut request = self.http.get(callback);
-        if let Some(cookie) = cookie {
-            request = request.header("cookie", cookie);
-        }
-        let response = request.send().await?;
-        let status = response.status().as_u16();
-        let location = header(&response, "location");
-        let cookies = waveline_tests::stack::set_cookies(&response);
-        let access_token = waveline_tests::stack::set_cookie(&cookies, "waveline_session")
-            .ok()
-            .and_then(|c| c.split(';').next().map(|v| v.trim_start_matches("waveline_session=").to_owned()))
-            .filter(|v| !v.is_empty());
-        let text = response.text().await?;
-        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Ok(Landing { status, location, body, access_token })
-    }
-
-    /// A whole login; returns the landing.
-    async fn login(&self, stack: &Stack, provider: &str) -> Result<Landing> {
-        let (authorize, cookie) = self.start(stack, provider, "/welcome").await?;
-        let callback = self.consent(&authorize).await?;
-        self.land(&callback, Some(&cookie)).await
-    }
-}
-
-fn profile(subject: &str, username: &str, email: &str, verified: bool) -> waveline_tests::oauth_provider::Profile {
-    waveline_tests::oauth_provider::Profile {
-        subject: subject.into(),
-        username: username.into(),
-        email: email.into(),
-        email_verified: verified,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_logins_create_link_and_refuse_forged_or_replayed_callbacks() -> Result<()> {
     let provider = waveline_tests::oauth_provider::FakeProvider::start().await?;
-    let env = provider.env();
+    let sink = waveline_tests::smtp_sink::SmtpSink::start().await?;
+    let mut env = provider.env();
+    env.push(("WAVELINE_SMTP_URL".into(), sink.url()));
+    // Many logins from one address: the per-address limit is not what this test is about.
+    env.push(("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE".into(), "0".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let stack = Stack::start(Mode::Embedded, false, &env).await?;
     let browser = Browser::new();
@@ -912,12 +838,30 @@ async fn oauth_logins_create_link_and_refuse_forged_or_replayed_callbacks() -> R
     let (_, again_me) = me(&stack, &again.access_token.context("session")?).await?;
     ensure!(again_me["id"] == me_body["id"], "the same identity made a second account");
 
-    // A verified email links to the existing password account; an unverified one does not.
+    ensure!(me_body["email_verified"] == true, "the provider verified it: {me_body}");
+
+    // An email the provider has not verified links nothing. One it has verified links to the
+    // password account with that email only once the account has verified it too.
     let linda = register_and_login(&stack, "linda").await?;
     provider.log_in_as(profile("oidc-2", "linda-sso", &linda.email, false));
     let landing = browser.login(&stack, "corp").await?;
     ensure!(landing.status == 403 && landing.body["code"] == "oauth_email_unverified", "{}", landing.body);
     provider.log_in_as(profile("oidc-2", "linda-sso", &linda.email, true));
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(
+        landing.status == 409 && landing.body["code"] == "account_email_unverified" && landing.access_token.is_none(),
+        "{} {}",
+        landing.status,
+        landing.body
+    );
+    let code = sink.wait_for(&linda.email, 1).await?.code()?;
+    let response = client()
+        .post(stack.url("/v1/auth/email/verify"))
+        .bearer_auth(&linda.token)
+        .json(&json!({"token": code}))
+        .send()
+        .await?;
+    ensure!(response.status() == 204, "verify: {}", response.status());
     let landing = browser.login(&stack, "corp").await?;
     let (_, linked) = me(&stack, &landing.access_token.context("session")?).await?;
     ensure!(linked["id"] == linda.id.as_str(), "not linked by verified email: {linked}");

@@ -1,7 +1,8 @@
-//! User accounts, their sessions (refresh-token families) and failed-login throttling.
+//! User accounts, their sessions (refresh-token families), failed-login throttling, and the
+//! single-use tokens sent by mail (email verification, password reset).
 //!
-//! Passwords arrive here already hashed (argon2id PHC strings, made by the API); this layer
-//! never sees a password.
+//! Passwords arrive here already hashed (argon2id PHC strings, made by the API), and mailed
+//! tokens as their SHA-256; this layer never sees a password or a token.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
@@ -50,6 +51,9 @@ pub struct UserRow {
     pub created_at: DateTime<Utc>,
     /// When an admin suspended the account: it cannot log in, and its sessions have ended.
     pub suspended_at: Option<DateTime<Utc>>,
+    /// Whether the account proved it receives mail at `email` (a verification link, a
+    /// completed password reset, or a login provider that vouched for the address).
+    pub email_verified: bool,
 }
 
 /// A new account, validated by the caller.
@@ -60,30 +64,50 @@ pub struct NewUser<'a> {
     pub password_hash: &'a str,
 }
 
+/// What came of a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    Created(UserRow),
+    /// An account has this email already; nothing was written.
+    EmailTaken,
+    /// An account has this username already; nothing was written.
+    UsernameTaken,
+}
+
 /// Accounts in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgUsers {
     pool: PgPool,
 }
 
-type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>);
+type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>, bool);
 
 fn user_row(
-    (id, email, username, role, password_hash, created_at, suspended_at): UserTuple,
+    (id, email, username, role, password_hash, created_at, suspended_at, email_verified): UserTuple,
 ) -> Result<UserRow, DbError> {
-    Ok(UserRow { id, email, username, role: Role::parse(&role)?, password_hash, created_at, suspended_at })
+    Ok(UserRow {
+        id,
+        email,
+        username,
+        role: Role::parse(&role)?,
+        password_hash,
+        created_at,
+        suspended_at,
+        email_verified,
+    })
 }
 
-const USER_COLUMNS: &str = "id, email, username, role, password_hash, created_at, suspended_at";
+const USER_COLUMNS: &str =
+    "id, email, username, role, password_hash, created_at, suspended_at, email_verified_at IS NOT NULL";
 
 impl PgUsers {
     pub fn new(pool: PgPool) -> PgUsers {
         PgUsers { pool }
     }
 
-    /// Creates an account with the `user` role. A taken email (compared without case) or
-    /// username is [`DbError::Conflict`] naming which.
-    pub async fn create(&self, new: &NewUser<'_>) -> Result<UserRow, DbError> {
+    /// Creates an account with the `user` role, unless its email (compared without case) or
+    /// username is taken: then nothing is written, and the answer says which.
+    pub async fn register(&self, new: &NewUser<'_>) -> Result<Registration, DbError> {
         let id = UserId::new();
         let inserted = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
             "INSERT INTO users (id, email, username, password_hash) VALUES ($1, $2, $3, $4) RETURNING {USER_COLUMNS}"
@@ -95,14 +119,11 @@ impl PgUsers {
         .fetch_one(&self.pool)
         .await;
         match inserted {
-            Ok(row) => user_row(row),
-            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => {
-                let what = match err.constraint() {
-                    Some("users_username_key") => "username",
-                    _ => "email",
-                };
-                Err(DbError::Conflict(format!("an account with this {what} already exists")))
-            }
+            Ok(row) => Ok(Registration::Created(user_row(row)?)),
+            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => Ok(match err.constraint() {
+                Some("users_username_key") => Registration::UsernameTaken,
+                _ => Registration::EmailTaken,
+            }),
             Err(err) => Err(err.into()),
         }
     }
@@ -179,23 +200,30 @@ impl PgUsers {
     }
 
     /// Uses a refresh token: replaces it with `next_hash` in the same session, or says why
-    /// not. A token used before ends its whole session ([`Rotation::Reused`]).
+    /// not. A token used before ends its whole session ([`Rotation::Reused`]), and so does a
+    /// session older than `max_age` ([`Rotation::TooOld`]), however fresh its token: a family
+    /// has an absolute lifetime. The next token expires at `next_expires_at` or when the family
+    /// reaches `max_age`, whichever comes first.
     pub async fn rotate_refresh(
         &self,
         hash: &[u8],
         next_hash: &[u8],
         next_expires_at: DateTime<Utc>,
+        max_age: std::time::Duration,
     ) -> Result<Rotation, DbError> {
         let mut tx = self.pool.begin().await?;
-        let found = sqlx::query_as::<_, (uuid::Uuid, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, UserId)>(
-            "SELECT t.session_id, t.expires_at <= now(), t.used_at, s.ended_at, s.user_id
+        type Found = (uuid::Uuid, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, UserId, DateTime<Utc>, bool);
+        let found = sqlx::query_as::<_, Found>(
+            "SELECT t.session_id, t.expires_at <= now(), t.used_at, s.ended_at, s.user_id,
+                    s.created_at + make_interval(secs => $2), s.created_at + make_interval(secs => $2) <= now()
              FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
              WHERE t.token_hash = $1 FOR UPDATE OF t, s",
         )
         .bind(hash)
+        .bind(max_age.as_secs_f64())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((session, expired, used_at, ended_at, user)) = found else {
+        let Some((session, expired, used_at, ended_at, user, family_ends_at, too_old)) = found else {
             return Ok(Rotation::Unknown);
         };
         if ended_at.is_some() {
@@ -208,6 +236,14 @@ impl PgUsers {
                 .await?;
             tx.commit().await?;
             return Ok(Rotation::Reused { session, user });
+        }
+        if too_old {
+            sqlx::query("UPDATE sessions SET ended_at = now(), ended_why = 'max_age' WHERE id = $1")
+                .bind(session)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Rotation::TooOld);
         }
         if expired {
             return Ok(Rotation::Expired);
@@ -225,10 +261,11 @@ impl PgUsers {
             .bind(hash)
             .execute(&mut *tx)
             .await?;
-        insert_refresh(&mut tx, next_hash, session, next_expires_at).await?;
+        let expires_at = next_expires_at.min(family_ends_at);
+        insert_refresh(&mut tx, next_hash, session, expires_at).await?;
         sqlx::query("UPDATE sessions SET refreshed_at = now() WHERE id = $1").bind(session).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(Rotation::Rotated { session, user: user_row(account)? })
+        Ok(Rotation::Rotated { session, user: user_row(account)?, expires_at })
     }
 
     /// Ends a session (its refresh tokens and access tokens stop working).
@@ -408,7 +445,8 @@ impl PgUsers {
     }
 
     /// Creates an account with no password (it logs in through its provider), under the first
-    /// free username of `base`, `base-2`, `base-3`…
+    /// free username of `base`, `base-2`, `base-3`… Its email counts as verified: only an
+    /// address the provider verified creates an account.
     pub async fn create_without_password(&self, email: &str, base: &str) -> Result<UserRow, DbError> {
         for attempt in 1..=20 {
             let username = if attempt == 1 {
@@ -418,7 +456,8 @@ impl PgUsers {
                 format!("{}{suffix}", &base[..base.len().min(30 - suffix.len())])
             };
             let inserted = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO users (id, email, username) VALUES ($1, $2, $3) RETURNING {USER_COLUMNS}"
+                "INSERT INTO users (id, email, username, email_verified_at) VALUES ($1, $2, $3, now())
+                 RETURNING {USER_COLUMNS}"
             )))
             .bind(UserId::new())
             .bind(email)
@@ -442,6 +481,159 @@ impl PgUsers {
     }
 }
 
+/// What a token sent by mail is for; a token of one purpose is worthless for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPurpose {
+    VerifyEmail,
+    ResetPassword,
+}
+
+impl TokenPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenPurpose::VerifyEmail => "verify_email",
+            TokenPurpose::ResetPassword => "reset_password",
+        }
+    }
+}
+
+/// At most this many live tokens of one purpose per account, issued within the last hour: a
+/// mailbox cannot be flooded through one account, and the table stays small.
+pub const TOKENS_PER_HOUR: i64 = 5;
+
+impl PgUsers {
+    /// Stores a mailed token (its hash) of `purpose` for `user` at `email`, valid for `ttl`.
+    /// `false`, and nothing stored, when the account already has [`TOKENS_PER_HOUR`] live
+    /// tokens of this purpose from the last hour. Forgets every expired token, so the table
+    /// holds only live ones.
+    pub async fn issue_token(
+        &self,
+        purpose: TokenPurpose,
+        user: UserId,
+        email: &str,
+        hash: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        // One issuer at a time per account, so the count below holds.
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM account_tokens WHERE expires_at <= now()").execute(&mut *tx).await?;
+        let recent: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM account_tokens
+             WHERE user_id = $1 AND purpose = $2 AND created_at > now() - interval '1 hour'",
+        )
+        .bind(user)
+        .bind(purpose.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if recent >= TOKENS_PER_HOUR {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO account_tokens (token_hash, purpose, user_id, email, expires_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(user)
+        .bind(email)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Consumes a token of `purpose` (issued to `holder`, when given): the account it was
+    /// issued to, if the token is known, unexpired, and the account still has the address the
+    /// token was mailed to. A known token is consumed even when it no longer applies.
+    async fn take_token(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        purpose: TokenPurpose,
+        hash: &[u8],
+        holder: Option<UserId>,
+    ) -> Result<Option<UserId>, DbError> {
+        let taken = sqlx::query_as::<_, (UserId, String, bool)>(
+            "DELETE FROM account_tokens WHERE token_hash = $1 AND purpose = $2 AND ($3::uuid IS NULL OR user_id = $3)
+             RETURNING user_id, email, expires_at > now()",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(holder)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some((user, email, true)) = taken else {
+            return Ok(None);
+        };
+        let same: Option<UserId> = sqlx::query_scalar(
+            "SELECT id FROM users WHERE id = $1 AND lower(email) = lower($2) AND role <> 'system' FOR UPDATE",
+        )
+        .bind(user)
+        .bind(email)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(same)
+    }
+
+    /// Uses an email-verification token of `user`'s: marks the account's address verified and
+    /// forgets its other verification tokens. `None` when the token is unknown, another
+    /// account's, used, expired or stale.
+    pub async fn verify_email(&self, user: UserId, hash: &[u8]) -> Result<Option<UserRow>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(user) = Self::take_token(&mut tx, TokenPurpose::VerifyEmail, hash, Some(user)).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let row = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+            "UPDATE users SET email_verified_at = coalesce(email_verified_at, now()) WHERE id = $1
+             RETURNING {USER_COLUMNS}"
+        )))
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM account_tokens WHERE user_id = $1 AND purpose = 'verify_email'")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        user_row(row).map(Some)
+    }
+
+    /// Uses a password-reset token: sets the new password hash, marks the address verified
+    /// (the token came through the mailbox), ends every session of the account, forgets its
+    /// reset tokens and its failed logins. `None` when the token is unknown, used, expired or
+    /// stale.
+    pub async fn reset_password(&self, hash: &[u8], password_hash: &str) -> Result<Option<UserRow>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(user) = Self::take_token(&mut tx, TokenPurpose::ResetPassword, hash, None).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let row = sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
+            "UPDATE users SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now())
+             WHERE id = $1 RETURNING {USER_COLUMNS}"
+        )))
+        .bind(user)
+        .bind(password_hash)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = user_row(row)?;
+        sqlx::query(
+            "UPDATE sessions SET ended_at = now(), ended_why = 'password_reset' WHERE user_id = $1 AND ended_at IS NULL",
+        )
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM account_tokens WHERE user_id = $1 AND purpose = 'reset_password'")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM login_failures WHERE email = lower($1)").bind(&row.email).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some(row))
+    }
+}
+
 /// Stores a refresh token's hash in its session.
 async fn insert_refresh(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
@@ -461,12 +653,14 @@ async fn insert_refresh(
 /// What came of using a refresh token.
 #[derive(Debug, Clone)]
 pub enum Rotation {
-    /// Replaced; here is the session's account.
-    Rotated { session: uuid::Uuid, user: UserRow },
+    /// Replaced; here is the session's account, and when the new token expires.
+    Rotated { session: uuid::Uuid, user: UserRow, expires_at: DateTime<Utc> },
     /// Used before: the session has now ended.
     Reused { session: uuid::Uuid, user: UserId },
     /// Past its lifetime.
     Expired,
+    /// Its session is older than the family's absolute lifetime: the session has now ended.
+    TooOld,
     /// Its session ended (logout, reuse, suspension).
     Ended,
     /// No such token.

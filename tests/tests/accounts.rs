@@ -1,0 +1,386 @@
+//! Accounts and their mail, over real HTTP against `waveline serve`, which sends through its
+//! real mail path (lettre over SMTP) to a sink the test reads: email verification, password
+//! reset, registrations that do not tell which emails exist, the OAuth pre-takeover, suspended
+//! accounts, and the absolute lifetime of a session.
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::{Value, json};
+use waveline_tests::oauth_provider::{Browser, FakeProvider, profile};
+use waveline_tests::smtp_sink::SmtpSink;
+use waveline_tests::stack::{Mode, Stack, User, json, login, register, register_and_login, set_cookie, set_cookies};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// A stack that mails to `sink` (and knows `provider`, when given).
+async fn stack_with_mail(sink: &SmtpSink, provider: Option<&FakeProvider>, extra: &[(&str, &str)]) -> Result<Stack> {
+    let mut env: Vec<(String, String)> = provider.map(FakeProvider::env).unwrap_or_default();
+    env.push(("WAVELINE_SMTP_URL".into(), sink.url()));
+    env.push(("WAVELINE_APP_URL".into(), "https://app.example.com".into()));
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Stack::start(Mode::Embedded, false, &env).await
+}
+
+/// The status and JSON body (`null` when empty) of a request.
+async fn answer(request: reqwest::RequestBuilder) -> Result<(u16, Value)> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+}
+
+async fn post(stack: &Stack, path: &str, body: Value) -> Result<(u16, Value)> {
+    answer(client().post(stack.url(path)).json(&body)).await
+}
+
+async fn me(stack: &Stack, token: &str) -> Result<(u16, Value)> {
+    json(client().get(stack.url("/v1/me")).bearer_auth(token).send().await?).await
+}
+
+async fn refresh(stack: &Stack, token: &str) -> Result<(u16, Value)> {
+    post(stack, "/v1/auth/refresh", json!({"refresh_token": token})).await
+}
+
+/// `POST /v1/auth/email/verify` signed in as `user`.
+async fn verify(stack: &Stack, user: &User, token: &str) -> Result<(u16, Value)> {
+    answer(client().post(stack.url("/v1/auth/email/verify")).bearer_auth(&user.token).json(&json!({"token": token})))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_mails_a_single_use_verification_link() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let mail = sink.wait_for(&ann.email, 1).await?;
+    ensure!(mail.subject == "Confirm your email address for Waveline", "{}", mail.subject);
+    let code = mail.code()?;
+    ensure!(
+        mail.body.contains(&format!("https://app.example.com/verify-email?token={code}\n")),
+        "the link: {}",
+        mail.body
+    );
+    // Unverified accounts use the platform; /v1/me says what is pending.
+    let (status, body) = me(&stack, &ann.token).await?;
+    ensure!(status == 200 && body["email_verified"] == false, "{status} {body}");
+
+    // A made-up token, another account's, or a verification token used to reset a password
+    // does nothing; nor does the right token without a session.
+    let (status, body) = verify(&stack, &ann, "made-up-token").await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "{status} {body}");
+    let (status, _) = post(&stack, "/v1/auth/email/verify", json!({"token": code})).await?;
+    ensure!(status == 401, "verified without a session: {status}");
+    let carl = register_and_login(&stack, "carl").await?;
+    let (status, body) = verify(&stack, &carl, &code).await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "carl verified with ann's token: {status} {body}");
+    let (status, body) =
+        post(&stack, "/v1/auth/password/reset", json!({"token": code, "password": "a-new-long-password"})).await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "a verification token reset a password: {status} {body}");
+
+    // The token verifies the address once.
+    let (status, body) = verify(&stack, &ann, &code).await?;
+    ensure!(status == 204, "{status} {body}");
+    let (_, body) = me(&stack, &ann.token).await?;
+    ensure!(body["email_verified"] == true, "{body}");
+    let (status, body) = verify(&stack, &ann, &code).await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
+    let resend = |user: &User| client().post(stack.url("/v1/auth/email/resend")).bearer_auth(&user.token).send();
+    let (status, body) = json(resend(&ann).await?).await?;
+    ensure!(status == 409 && body["code"] == "email_already_verified", "{status} {body}");
+
+    // A new link for a signed-in account; the links expire.
+    let (status, _) = json(client().post(stack.url("/v1/auth/email/resend")).send().await?).await?;
+    ensure!(status == 401, "resend without a session: {status}");
+    let bob = register_and_login(&stack, "bob").await?;
+    let first = sink.wait_for(&bob.email, 1).await?.code()?;
+    let (status, body) = json(resend(&bob).await?).await?;
+    ensure!(status == 202 && body["message"].is_string(), "{status} {body}");
+    let second = sink.wait_for(&bob.email, 2).await?.code()?;
+    ensure!(first != second, "the same token twice");
+    sqlx::query("UPDATE account_tokens SET expires_at = now() - interval '1 second' WHERE email = $1")
+        .bind(&bob.email)
+        .execute(&stack.db.pool)
+        .await?;
+    for token in [&first, &second] {
+        let (status, body) = verify(&stack, &bob, token).await?;
+        ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
+    }
+    let (_, body) = me(&stack, &bob.token).await?;
+    ensure!(body["email_verified"] == false, "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_taken_email_answers_the_same_and_mails_its_owner() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    sink.wait_for(&ann.email, 1).await?;
+
+    let taken = register(&stack, "ANN@example.com", "mallory", "mallory-long-password").await?;
+    let fresh = register(&stack, "fresh@example.com", "fresh", "fresh-long-password").await?;
+    ensure!(taken.0 == 202 && taken == fresh, "a taken email answers {taken:?}, a free one {fresh:?}");
+    // Nothing was created for the taken email; its owner is told what happened.
+    let notice = sink.wait_for(&ann.email, 2).await?;
+    ensure!(notice.subject == "Someone tried to register with your address", "{}", notice.subject);
+    ensure!(notice.body.contains("no new account was made") && !notice.body.contains("code: "), "{}", notice.body);
+    let (status, body) = json(
+        client()
+            .post(stack.url("/v1/auth/login"))
+            .json(&json!({"email": ann.email, "password": "mallory-long-password"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 401 && body["code"] == "invalid_credentials", "{status} {body}");
+    let mallories: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM users WHERE username = 'mallory'").fetch_one(&stack.db.pool).await?;
+    ensure!(mallories == 0, "an account was created for a taken email");
+    login(&stack, &ann.email, &ann.password, &[]).await?;
+    // Usernames are public: a taken one may say so, whatever the email.
+    for email in ["ann@example.com", "someone-new@example.com"] {
+        let (status, body) = register(&stack, email, "ann", "another-long-password").await?;
+        ensure!(status == 409 && body["code"] == "username_taken", "{email}: {status} {body}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_reset_works_once_and_ends_every_session() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let phone = login(&stack, &ann.email, &ann.password, &[]).await?;
+    sink.wait_for(&ann.email, 1).await?;
+
+    // The same answer whether or not the address has an account.
+    let forgot = |email: &str| post(&stack, "/v1/auth/password/forgot", json!({"email": email}));
+    let unknown = forgot("nobody@example.com").await?;
+    let known = forgot(&ann.email).await?;
+    ensure!(known.0 == 202 && known == unknown, "known: {known:?}, unknown: {unknown:?}");
+    let mail = sink.wait_for(&ann.email, 2).await?;
+    ensure!(mail.subject == "Reset your Waveline password", "{}", mail.subject);
+    let code = mail.code()?;
+    ensure!(mail.body.contains(&format!("https://app.example.com/reset-password?token={code}\n")), "{}", mail.body);
+    // The mail jobs run in order: the unknown address's came first, and mailed nothing.
+    ensure!(sink.to("nobody@example.com").is_empty(), "a mail went to an address without an account");
+
+    // A weak password is refused and spends nothing; the token then works once.
+    let reset = |token: &str, password: &str| {
+        post(&stack, "/v1/auth/password/reset", json!({"token": token, "password": password}))
+    };
+    let (status, body) = reset(&code, "short").await?;
+    ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");
+    let (status, body) = reset(&code, "a-brand-new-password").await?;
+    ensure!(status == 204, "{status} {body}");
+    let (status, body) = reset(&code, "yet-another-password").await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
+
+    // Every session has ended: access and refresh tokens alike.
+    for (device, user) in [("laptop", &ann), ("phone", &phone)] {
+        let (status, _) = me(&stack, &user.token).await?;
+        ensure!(status == 401, "the {device}'s access token still works");
+        let (status, body) = refresh(&stack, &user.refresh).await?;
+        ensure!(status == 401 && body["code"] == "session_ended", "the {device}'s refresh: {status} {body}");
+    }
+    let (status, _) = post(&stack, "/v1/auth/login", json!({"email": ann.email, "password": ann.password})).await?;
+    ensure!(status == 401, "the old password still works");
+    let fresh = login(&stack, &ann.email, "a-brand-new-password", &[]).await?;
+    // The mail came through the mailbox, so the address is verified now.
+    let (_, body) = me(&stack, &fresh.token).await?;
+    ensure!(body["email_verified"] == true, "{body}");
+
+    // Expired links do nothing.
+    forgot(&ann.email).await?;
+    let late = sink.wait_for(&ann.email, 3).await?.code()?;
+    sqlx::query("UPDATE account_tokens SET expires_at = now() - interval '1 second'").execute(&stack.db.pool).await?;
+    let (status, body) = reset(&late, "too-late-password").await?;
+    ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
+    login(&stack, &ann.email, "a-brand-new-password", &[]).await?;
+    Ok(())
+}
+
+/// Identities linked to the account with this email.
+async fn identities_of(stack: &Stack, email: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM oauth_identities i JOIN users u ON u.id = i.user_id WHERE lower(u.email) = lower($1)",
+    )
+    .bind(email)
+    .fetch_one(&stack.db.pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unverified_account_never_gains_the_email_owners_identity() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let provider = FakeProvider::start().await?;
+    let stack = stack_with_mail(&sink, Some(&provider), &[]).await?;
+    let browser = Browser::new();
+
+    // Mallory registers the victim's address before the victim ever comes, with a password
+    // she knows, and signs in.
+    let victim = "vera@example.com";
+    let (status, _) = register(&stack, victim, "vera", "mallory-knows-this").await?;
+    ensure!(status == 202);
+    let mallory = login(&stack, victim, "mallory-knows-this", &[]).await?;
+
+    // Vera signs in with her provider, which verified the address: she does not land in
+    // Mallory's account, and her identity is linked to nothing.
+    provider.log_in_as(profile("vera-sub", "vera", victim, true));
+    for provider_name in ["corp", "github"] {
+        let landing = browser.login(&stack, provider_name).await?;
+        ensure!(
+            landing.status == 409 && landing.body["code"] == "account_email_unverified",
+            "{provider_name}: {} {}",
+            landing.status,
+            landing.body
+        );
+        ensure!(landing.access_token.is_none(), "{provider_name}: a session was started");
+    }
+    ensure!(identities_of(&stack, victim).await? == 0, "an identity was linked to the unverified account");
+
+    // The verification mail of Mallory's registration reached Vera. Its token verifies only
+    // within a session of that account, which Vera does not have: following it as she is
+    // verifies nothing (Mallory, who has the session, never sees the token).
+    let code = sink.wait_for(victim, 1).await?.code()?;
+    let (status, _) = post(&stack, "/v1/auth/email/verify", json!({"token": code})).await?;
+    ensure!(status == 401, "verified without a session: {status}");
+    let vera_elsewhere = register_and_login(&stack, "vera_other").await?;
+    let (status, _) = verify(&stack, &vera_elsewhere, &code).await?;
+    ensure!(status == 400, "verified from another account's session: {status}");
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(landing.status == 409, "{} {}", landing.status, landing.body);
+
+    // The way out proves the mailbox: a reset, which shuts Mallory out for good.
+    let (status, _) = post(&stack, "/v1/auth/password/forgot", json!({"email": victim})).await?;
+    ensure!(status == 202);
+    let code = sink.wait_for(victim, 2).await?.code()?;
+    let (status, body) =
+        post(&stack, "/v1/auth/password/reset", json!({"token": code, "password": "vera-own-password"})).await?;
+    ensure!(status == 204, "{status} {body}");
+    let (status, _) = me(&stack, &mallory.token).await?;
+    ensure!(status == 401, "mallory's session survived the reset");
+    let (status, _) =
+        post(&stack, "/v1/auth/login", json!({"email": victim, "password": "mallory-knows-this"})).await?;
+    ensure!(status == 401, "mallory's password survived the reset");
+    let landing = browser.login(&stack, "corp").await?;
+    ensure!(landing.status == 303, "{} {}", landing.status, landing.body);
+    let (_, body) = me(&stack, &landing.access_token.context("session")?).await?;
+    ensure!(body["email"] == victim && body["email_verified"] == true, "{body}");
+    ensure!(identities_of(&stack, victim).await? == 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_nothing() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let provider = FakeProvider::start().await?;
+    let stack = stack_with_mail(&sink, Some(&provider), &[]).await?;
+    let admin = register_and_login(&stack, "admin").await?;
+    stack.cli(&["users", "promote", "admin", "--json"])?;
+    let sam = register_and_login(&stack, "sam").await?;
+    let code = sink.wait_for(&sam.email, 1).await?.code()?;
+    ensure!(verify(&stack, &sam, &code).await?.0 == 204);
+    let suspension = stack.url(&format!("/v1/admin/users/{}/suspension", sam.id));
+    let (status, body) = json(client().put(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200, "{status} {body}");
+
+    // Item 7: the right password and a wrong one get the same answer.
+    let attempt = |password: &str| post(&stack, "/v1/auth/login", json!({"email": sam.email, "password": password}));
+    let right = attempt(&sam.password).await?;
+    let wrong = attempt("not-sams-password").await?;
+    ensure!(right.0 == 403 && right.1["code"] == "account_suspended", "{right:?}");
+    ensure!(right == wrong, "the right password answers {right:?}, a wrong one {wrong:?}");
+
+    // Item 10: a suspended account signing in through a provider gets no session, and its
+    // identity is not linked (nothing to find once the suspension is lifted).
+    provider.log_in_as(profile("sam-sub", "sam", &sam.email, true));
+    let landing = Browser::new().login(&stack, "corp").await?;
+    ensure!(landing.status == 403 && landing.body["code"] == "account_suspended", "{}", landing.body);
+    ensure!(identities_of(&stack, &sam.email).await? == 0, "the suspended account gained an identity");
+    // The system account neither.
+    provider.log_in_as(profile("sys-sub", "system", "system@waveline.invalid", true));
+    let landing = Browser::new().login(&stack, "corp").await?;
+    ensure!(landing.status == 403 && landing.access_token.is_none(), "{} {}", landing.status, landing.body);
+    ensure!(identities_of(&stack, "system@waveline.invalid").await? == 0, "the system account gained an identity");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_at_its_absolute_lifetime_however_often_refreshed() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let stack = stack_with_mail(&sink, None, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let (status, first) = refresh(&stack, &ann.refresh).await?;
+    ensure!(status == 200, "{status} {first}");
+    let token = first["refresh_token"].as_str().context("refresh_token")?;
+    // The session started 91 days ago (the default lifetime is 90): its fresh token is refused
+    // and the session ends, access token included.
+    sqlx::query("UPDATE sessions SET created_at = now() - interval '91 days' WHERE user_id = $1::uuid")
+        .bind(&ann.id)
+        .execute(&stack.db.pool)
+        .await?;
+    let (status, body) = refresh(&stack, token).await?;
+    ensure!(status == 401 && body["code"] == "session_expired", "{status} {body}");
+    let (status, _) = me(&stack, &json_token(&first)?).await?;
+    ensure!(status == 401, "the session's access token outlived it");
+    let (status, body) = refresh(&stack, token).await?;
+    ensure!(status == 401 && body["code"] == "session_ended", "{status} {body}");
+    // A new login starts a new family.
+    let again = login(&stack, &ann.email, &ann.password, &[]).await?;
+    ensure!(refresh(&stack, &again.refresh).await?.0 == 200);
+
+    // The lifetime is a setting, and a token never outlives its family.
+    let short = stack_with_mail(&sink, None, &[("WAVELINE_REFRESH_FAMILY_MAX_AGE_S", "600")]).await?;
+    let bea = register_and_login(&short, "bea").await?;
+    let response =
+        client().post(short.url("/v1/auth/refresh")).json(&json!({"refresh_token": bea.refresh})).send().await?;
+    let cookie = set_cookie(&set_cookies(&response), "waveline_refresh")?;
+    let (status, body) = json(response).await?;
+    let expires_in = body["refresh_expires_in"].as_u64().context("refresh_expires_in")?;
+    ensure!(status == 200 && (590..=600).contains(&expires_in), "{status} {body}");
+    let max_age: u64 = cookie
+        .split(';')
+        .find_map(|a| a.trim().strip_prefix("Max-Age="))
+        .and_then(|v| v.parse().ok())
+        .context("Max-Age")?;
+    ensure!(max_age <= 600, "{cookie}");
+    sqlx::query("UPDATE sessions SET created_at = now() - interval '601 seconds'").execute(&short.db.pool).await?;
+    let (status, body) = refresh(&short, body["refresh_token"].as_str().context("refresh_token")?).await?;
+    ensure!(status == 401 && body["code"] == "session_expired", "{status} {body}");
+    Ok(())
+}
+
+fn json_token(body: &Value) -> Result<String> {
+    body["access_token"].as_str().map(str::to_owned).context("access_token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_smtp_server_slows_no_request() -> Result<()> {
+    // A server that takes connections and never says a word: each send waits for lettre's
+    // timeout, in the background.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("smtp://{}", silent.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let stack = Stack::start(Mode::Embedded, false, &[("WAVELINE_SMTP_URL", &url)]).await?;
+    let started = std::time::Instant::now();
+    for n in 0..3 {
+        let (status, body) =
+            register(&stack, &format!("quiet{n}@example.com"), &format!("quiet{n}"), "quiet-long-password").await?;
+        ensure!(status == 202, "{status} {body}");
+        let (status, _) =
+            post(&stack, "/v1/auth/password/forgot", json!({"email": format!("quiet{n}@example.com")})).await?;
+        ensure!(status == 202);
+    }
+    let took = started.elapsed();
+    ensure!(took < std::time::Duration::from_secs(10), "the answers waited for SMTP: {took:?}");
+    held.abort();
+    Ok(())
+}
