@@ -16,7 +16,7 @@ use waveline_shared::config::Settings;
 use waveline_shared::db::{self, PgOutbox, PgTracks, SYSTEM_USER, TrackFilter, TrackRow};
 use waveline_shared::domain::{TrackId, TrackState};
 use waveline_shared::queue::{self, JobQueue};
-use waveline_shared::storage::{self, ObjectKey, Storage};
+use waveline_shared::storage::{self, Storage};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
 /// The pieces every fleet command connects to.
@@ -53,6 +53,8 @@ pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Resul
         heartbeat_every: Duration::from_secs(1),
         claims: HeldClaims::default(),
         upload_quota: settings.free_quota,
+        original_max_bytes: settings.upload_max_bytes,
+        pipeline_timeout: settings.pipeline_timeout,
     }))
 }
 
@@ -251,13 +253,13 @@ async fn import_one(
     });
     let title: String = title.chars().take(200).collect();
     let track = services.tracks.create(owner, &title, TrackState::AwaitingUpload, None).await?;
-    let key = format!("originals/{}/source", track.id);
+    let key = storage::original_key(track.id);
     let uploaded = async {
         let body = storage::byte_stream(tokio_util::io::ReaderStream::with_capacity(
             tokio::fs::File::open(file).await?,
             256 * 1024,
         ));
-        services.storage.put(&ObjectKey::parse(key.clone())?, "application/octet-stream", body).await?;
+        services.storage.put(&key, "application/octet-stream", body).await?;
         anyhow::Ok(())
     }
     .await;
@@ -266,7 +268,7 @@ async fn import_one(
         let _ = services.tracks.delete(track.id).await;
         return Err(err.context("upload to storage failed"));
     }
-    services.tracks.mark_uploaded(track.id, &key, size as i64).await?;
+    services.tracks.mark_uploaded(track.id, key.as_str(), size as i64).await?;
     services.tracks.enqueue(track.id, TrackState::Uploaded).await?;
     services.tracks.get(track.id).await?.context("the track vanished")
 }

@@ -20,7 +20,7 @@ mod accounts;
 mod catalog;
 
 pub use accounts::{LoginBlock, LoginPolicy, NewUser, PgUsers, Role, Rotation, UserRow};
-pub use catalog::{NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
+pub use catalog::{Admission, NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
 
 /// The schema, embedded at build time from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");

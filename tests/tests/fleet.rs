@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use waveline_pipeline::PipelineConfig;
 use waveline_shared::db::{NewTrack, PgOutbox, PgTracks, SYSTEM_USER, TrackRow, Visibility};
-use waveline_shared::domain::{TrackId, TrackState};
+use waveline_shared::domain::{TrackId, TrackState, UserId};
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
 use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
@@ -49,6 +49,11 @@ fn fast_options() -> WorkerOptions {
 
 impl Embedded {
     async fn start(options: WorkerOptions) -> Result<Embedded> {
+        Embedded::start_with(options, |_| {}).await
+    }
+
+    /// Starts with the test context changed by `tweak` (limits, quota, timeouts).
+    async fn start_with(options: WorkerOptions, tweak: impl FnOnce(&mut Context)) -> Result<Embedded> {
         let db = TestDb::new().await?;
         let objects = temp_dir()?;
         let work = temp_dir()?;
@@ -60,7 +65,7 @@ impl Embedded {
         };
         let queue = Arc::new(MemoryQueue::new(policy));
         let tracks = PgTracks::new(db.pool.clone());
-        let context = Arc::new(Context {
+        let mut context = Context {
             tracks: tracks.clone(),
             outbox: PgOutbox::new(db.pool.clone()),
             storage: storage.clone(),
@@ -69,7 +74,11 @@ impl Embedded {
             heartbeat_every: Duration::from_millis(300),
             claims: HeldClaims::default(),
             upload_quota: Duration::from_secs(3 * 3600),
-        });
+            original_max_bytes: 4 << 30,
+            pipeline_timeout: Duration::from_secs(600),
+        };
+        tweak(&mut context);
+        let context = Arc::new(context);
         let stop = CancellationToken::new();
         let worker = {
             let (queue, stop) = (queue.clone() as Arc<dyn JobQueue>, stop.clone());
@@ -84,7 +93,12 @@ impl Embedded {
 
     /// Stores `file` as a new track's original and leaves it `uploaded`.
     async fn upload(&self, file: &Path) -> Result<TrackId> {
-        let track = self.tracks.create(SYSTEM_USER, "test track", TrackState::AwaitingUpload, None).await?;
+        self.upload_as(SYSTEM_USER, file).await
+    }
+
+    /// [`Embedded::upload`] for a track of `owner`.
+    async fn upload_as(&self, owner: UserId, file: &Path) -> Result<TrackId> {
+        let track = self.tracks.create(owner, "test track", TrackState::AwaitingUpload, None).await?;
         let key = format!("originals/{}/source", track.id);
         let bytes = std::fs::read(file)?;
         let size = bytes.len() as i64;
@@ -107,6 +121,18 @@ impl Embedded {
         drop(self.db);
         Ok(())
     }
+}
+
+/// A new ordinary account (one the upload quota applies to).
+async fn create_user(tracks: &PgTracks, name: &str) -> Result<UserId> {
+    let id = UserId::new();
+    sqlx::query("INSERT INTO users (id, email, username) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(format!("{name}@example.com"))
+        .bind(name)
+        .execute(tracks.pool())
+        .await?;
+    Ok(id)
 }
 
 async fn wait_for(tracks: &PgTracks, id: TrackId, want: TrackState, within: Duration) -> Result<TrackRow> {
@@ -202,6 +228,154 @@ async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_over_the_upload_limit_fails_the_track_unread() -> Result<()> {
+    let fleet = Embedded::start_with(fast_options(), |context| context.original_max_bytes = 64 * 1024).await?;
+    let dir = temp_dir()?;
+    // Three seconds of 44.1 kHz stereo: about 530 KB, far over the 64 KiB limit.
+    let id = fleet.upload(&fixture(dir.path(), "long.wav", 3.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("too_large") && track.attempts == 1, "{track:?}");
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
+    // `stop` checks that no temp file is left behind.
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_never_admit_more_than_the_quota() -> Result<()> {
+    let options = WorkerOptions { concurrency: 6, ..fast_options() };
+    let fleet = Embedded::start_with(options, |context| context.upload_quota = Duration::from_secs(5)).await?;
+    let owner = create_user(&fleet.tracks, "quota_racer").await?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "song.wav", 3.0)?;
+    // Six tracks of 3 s against a 5 s quota, all processed at once: one fits.
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(fleet.upload_as(owner, &song).await?);
+    }
+    for id in &ids {
+        ensure!(fleet.tracks.enqueue(*id, TrackState::Uploaded).await?);
+    }
+    let mut admitted_ms = 0;
+    let mut ready = 0;
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let track = loop {
+            let track = fleet.tracks.get(*id).await?.context("track")?;
+            if matches!(track.state, TrackState::Ready | TrackState::Failed) {
+                break track;
+            }
+            ensure!(Instant::now() < deadline, "track stayed {}: {track:?}", track.state);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if track.state == TrackState::Ready {
+            ready += 1;
+            let details = fleet.tracks.details(*id).await?.context("details")?;
+            admitted_ms += details.duration_ms.context("a ready track has a duration")?;
+        } else {
+            ensure!(track.error_code.as_deref() == Some("quota_exceeded"), "{track:?}");
+        }
+    }
+    ensure!(admitted_ms <= 5000 && ready == 1, "{ready} tracks ready, {admitted_ms} ms admitted past a 5 s quota");
+    let (_, used_ms) = fleet.tracks.quota_usage(owner, None).await?;
+    ensure!(used_ms == admitted_ms, "the quota counts {used_ms} ms, the ready tracks hold {admitted_ms} ms");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_header_is_refused_by_the_guard_before_anything_else() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let owner = create_user(&fleet.tracks, "hostile").await?;
+    let dir = temp_dir()?;
+    // Mono 8-bit at 8 kHz declaring 4 GiB of samples: 149 hours, in a 1 KiB file (one byte
+    // short of 0xFFFFFFFF, which means "size elsewhere"). The guard refuses it as too long
+    // before any decoder opens it, and before the quota (3 h) is consulted on the duration
+    // it claims.
+    let mut bytes = audio::wav_header(1, 1, 8000, 8, u32::MAX - 1);
+    bytes.resize(1024, 0x80);
+    let path = dir.path().join("hostile.wav");
+    std::fs::write(&path, bytes)?;
+    let id = fleet.upload_as(owner, &path).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("too_long") && track.attempts == 1, "{track:?}");
+    // A guard refusal is bad media: the original is kept.
+    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_the_pipeline_timeout_fails_with_timeout() -> Result<()> {
+    let fleet =
+        Embedded::start_with(fast_options(), |context| context.pipeline_timeout = Duration::from_millis(1)).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    // `stop` checks that the cancelled run left no temp file.
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_original_fails_the_track_at_once() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
+    fleet.storage.delete(&ObjectKey::parse(format!("originals/{id}/source"))?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("original_missing") && track.attempts == 1, "{track:?}");
+    ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_database_error_fails_the_track_at_once_with_a_safe_message() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    // The commit's rendition rows are refused: a database error no retry can help.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_renditions() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'renditions refused by the test'; END $$;
+         CREATE TRIGGER refuse_renditions BEFORE INSERT ON renditions
+             FOR EACH ROW EXECUTE FUNCTION refuse_renditions();",
+    )
+    .execute(fleet.tracks.pool())
+    .await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
+    ensure!(track.error_code.as_deref() == Some("internal") && track.attempts == 1, "{track:?}");
+    let message = track.error_message.clone().unwrap_or_default();
+    ensure!(!message.is_empty() && !message.contains("refused by the test"), "database text stored: {message}");
+    ensure!(!message.contains("renditions") && !message.contains("SQL"), "database text stored: {message}");
+    // The renditions the failed run had stored went with it.
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_failure_stores_no_temp_path() -> Result<()> {
+    // The worker's temp root does not exist: every attempt fails before the pipeline.
+    let missing = std::env::temp_dir().join(format!("waveline-missing-{}", unique())).join("deeper");
+    let root = missing.clone();
+    let fleet = Embedded::start_with(fast_options(), move |context| context.temp_root = root).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
+    ensure!(track.error_code.as_deref() == Some("retries_exhausted"), "{track:?}");
+    let message = track.error_message.clone().unwrap_or_default();
+    let temp = std::env::temp_dir();
+    ensure!(!message.contains(&*temp.to_string_lossy()) && !message.contains("waveline-missing"), "{message}");
+    ensure!(!message.contains("os error"), "an OS error was stored: {message}");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_dead_lettered_and_the_worker_goes_on() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
@@ -244,11 +418,11 @@ async fn abandoned_direct_uploads_are_forgotten_with_their_bytes() -> Result<()>
             original_key: format!("originals/{id}/source"),
         };
         let tracks = fleet.tracks.clone();
-        async move { tracks.create_awaiting(&new, expires_at).await.map(|()| id) }
+        async move { tracks.create_awaiting(&new, expires_at, None).await.map(|()| id) }
     };
     // Its URL expired two hours ago, and some bytes arrived: both go.
     let abandoned = direct(chrono::Utc::now() - chrono::Duration::hours(2)).await?;
-    let key = ObjectKey::parse(format!("originals/{abandoned}/source"))?;
+    let key = waveline_shared::storage::upload_key(abandoned);
     fleet
         .storage
         .put(&key, "audio/wav", byte_stream(futures::stream::iter([Ok(bytes::Bytes::from_static(b"RIFF"))])))
@@ -566,6 +740,13 @@ async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() 
     stop(worker)?;
     let track = failed?;
     ensure!(track.error_code.as_deref() == Some("retries_exhausted") && track.attempts == 3, "{track:?}");
+    // What the owner sees says what went wrong, not where: no host, port or client text.
+    let message = track.error_message.clone().unwrap_or_default();
+    let port = s3.endpoint().rsplit(':').next().unwrap_or_default().to_owned();
+    ensure!(message.contains("storage"), "{message}");
+    for internal in ["127.0.0.1", "localhost", port.as_str(), "dispatch", "error sending request"] {
+        ensure!(!message.contains(internal), "the stored error names {internal:?}: {message}");
+    }
     let dead = fleet.json(&["jobs", "dead", "--json"])?;
     let letters = dead["dead"].as_array().context("dead")?;
     ensure!(letters.len() == 1 && letters[0]["code"] == "retries_exhausted", "{dead}");
