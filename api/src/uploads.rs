@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -33,9 +34,9 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, impl_apirequest_for_payload};
 use tokio::io::AsyncReadExt;
 use waveline_media::{SNIFF_LEN, sniff};
-use waveline_shared::db::{NewTrack, TrackDetails, Visibility};
+use waveline_shared::db::{NewTrack, PgTracks, TrackDetails, Visibility};
 use waveline_shared::domain::{TrackId, TrackState, UserId};
-use waveline_shared::storage::{ByteRange, ObjectKey, StorageError, byte_stream, original_key, upload_key};
+use waveline_shared::storage::{ByteRange, ObjectKey, Storage, StorageError, byte_stream, original_key, upload_key};
 
 use crate::auth::{Auth, Session};
 use crate::error::ApiError;
@@ -288,7 +289,7 @@ fn check_declared_length(req: &Request, limit: u64, envelope: u64) -> Result<(),
 /// `limit` (refusing more with `over(limit)`), and stores it; returns its size. On any
 /// failure nothing is stored.
 async fn store_original<S>(
-    state: &AppState,
+    storage: &dyn Storage,
     key: &ObjectKey,
     body: S,
     limit: u64,
@@ -329,7 +330,7 @@ where
         }
         Ok(chunk)
     });
-    match state.storage.put(key, "application/octet-stream", byte_stream(whole)).await {
+    match storage.put(key, "application/octet-stream", byte_stream(whole)).await {
         Ok(meta) => {
             metrics::counter!("waveline_upload_bytes_total").increment(meta.size);
             Ok(meta.size)
@@ -422,8 +423,12 @@ impl Uploads {
 /// quota. The new file's duration is not known until a worker reads it; the worker checks
 /// again then, and fails the track `quota_exceeded` (deleting its original) if it does not fit.
 async fn check_quota(state: &AppState, session: &Session) -> Result<(), ApiError> {
-    let (exempt, used_ms) = state.tracks.quota_usage(session.user.id, None).await?;
-    let quota = state.security.free_quota;
+    quota_left(&state.tracks, state.security.free_quota, session.user.id).await
+}
+
+/// [`check_quota`] for `owner`, with the quota given.
+async fn quota_left(tracks: &PgTracks, quota: Duration, owner: UserId) -> Result<(), ApiError> {
+    let (exempt, used_ms) = tracks.quota_usage(owner, None).await?;
     if !exempt && used_ms >= quota.as_millis() as i64 {
         return Err(ApiError::forbidden(format!(
             "this account has used its upload quota of {} min of audio; delete tracks to make room",
@@ -463,7 +468,9 @@ pub(crate) async fn upload(
                     }
                     let filename = field.file_name().map(str::to_owned);
                     let body = tokio_util::io::ReaderStream::with_capacity(field.into_async_read(), 64 * 1024);
-                    let size = store_original(state, &key, body, state.limits.upload_max_bytes, too_large).await?;
+                    let size =
+                        store_original(state.storage.as_ref(), &key, body, state.limits.upload_max_bytes, too_large)
+                            .await?;
                     stored = Some((size, filename));
                 }
                 "title" => fields.title = Some(budget.read(field).await?),
@@ -506,6 +513,50 @@ pub(crate) async fn upload(
             Err(close_after(err))
         }
     }
+}
+
+/// A track uploaded from a local file, without HTTP (`waveline import`): the same rules and
+/// the same path as `POST /v1/tracks`. The quota is checked up front, the bytes are sniffed
+/// and bounded by `limit` while they stream into storage, the title is validated (or made
+/// from the file name), and the track row and its job are written in one transaction only
+/// once the original is stored; a failure after that deletes the object.
+pub async fn upload_local(
+    tracks: &PgTracks,
+    storage: &dyn Storage,
+    limits: LocalUploadLimits,
+    owner: UserId,
+    title: Option<&str>,
+    file: &std::path::Path,
+) -> Result<TrackDetails, ApiError> {
+    quota_left(tracks, limits.quota, owner).await?;
+    let opened = tokio::fs::File::open(file)
+        .await
+        .map_err(|err| ApiError::bad_request("unreadable_file", format!("cannot read the file: {err}")))?;
+    let id = TrackId::new();
+    let key = original_key(id);
+    let body = tokio_util::io::ReaderStream::with_capacity(opened, 256 * 1024);
+    let size = store_original(storage, &key, body, limits.max_bytes, too_large).await?;
+    let fields = Fields { title: title.map(str::to_owned), ..Fields::default() };
+    let filename = file.file_name().map(|name| name.to_string_lossy().into_owned());
+    let created = match fields.into_new_track(id, owner, filename.as_deref(), &key) {
+        Ok(new) => tracks.create_queued(&new, size as i64).await.map_err(ApiError::from),
+        Err(err) => Err(err),
+    };
+    if created.is_err()
+        && let Err(cleanup) = storage.delete(&key).await
+    {
+        tracing::error!(%key, error = %cleanup, "could not remove the original of a failed import");
+    }
+    created
+}
+
+/// The limits [`upload_local`] applies.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalUploadLimits {
+    /// The largest file, bytes (`upload_max_bytes`).
+    pub max_bytes: u64,
+    /// The owner's quota of audio (`free_quota_s`).
+    pub quota: Duration,
 }
 
 #[OpenApi(tag = "Tag::Uploads")]
@@ -593,8 +644,9 @@ impl Uploads {
             return Err(close_after(over(limit)));
         }
         let stream = body.0.into_bytes_stream().map_err(std::io::Error::other);
-        let bytes =
-            store_original(&self.state, &upload_key(track.id), stream, limit, over).await.map_err(close_after)?;
+        let bytes = store_original(self.state.storage.as_ref(), &upload_key(track.id), stream, limit, over)
+            .await
+            .map_err(close_after)?;
         Ok(Json(StoredUpload { bytes }))
     }
 

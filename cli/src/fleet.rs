@@ -216,7 +216,7 @@ pub async fn import(
     let mut imported = Vec::new();
     let mut failed = false;
     for file in files {
-        match import_one(&services, file, owner_id, title).await {
+        match import_one(&services, settings, file, owner_id, title).await {
             Ok(track) => {
                 if !json {
                     println!("{}  {}  {}", track.id, track.state, file.display());
@@ -241,35 +241,20 @@ pub async fn import(
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
+/// One file through the API's upload path ([`waveline_api::upload_local`]): sniffed, bounded,
+/// counted against the owner's quota, its title validated, and its row and job written in
+/// one transaction once the original is stored.
 async fn import_one(
     services: &Services,
+    settings: &Settings,
     file: &Path,
     owner: waveline_shared::domain::UserId,
     title: Option<&str>,
 ) -> anyhow::Result<TrackRow> {
-    let size = tokio::fs::metadata(file).await.context("cannot read the file")?.len();
-    let title = title.map(str::to_owned).unwrap_or_else(|| {
-        file.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_else(|| "Untitled".into())
-    });
-    let title: String = title.chars().take(200).collect();
-    let track = services.tracks.create(owner, &title, TrackState::AwaitingUpload, None).await?;
-    let key = storage::original_key(track.id);
-    let uploaded = async {
-        let body = storage::byte_stream(tokio_util::io::ReaderStream::with_capacity(
-            tokio::fs::File::open(file).await?,
-            256 * 1024,
-        ));
-        services.storage.put(&key, "application/octet-stream", body).await?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(err) = uploaded {
-        // Nothing half-done stays behind: no row without its original.
-        let _ = services.tracks.delete(track.id).await;
-        return Err(err.context("upload to storage failed"));
-    }
-    services.tracks.mark_uploaded(track.id, key.as_str(), size as i64).await?;
-    services.tracks.enqueue(track.id, TrackState::Uploaded).await?;
+    let limits = waveline_api::LocalUploadLimits { max_bytes: settings.upload_max_bytes, quota: settings.free_quota };
+    let track = waveline_api::upload_local(&services.tracks, services.storage.as_ref(), limits, owner, title, file)
+        .await
+        .map_err(|err| anyhow::anyhow!("{}: {}", err.code, err.message))?;
     services.tracks.get(track.id).await?.context("the track vanished")
 }
 

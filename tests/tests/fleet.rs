@@ -593,10 +593,14 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     migrate(&fleet)?;
     let dir = temp_dir()?;
     let song = fixture(dir.path(), "song.flac", 5.0)?;
-    let notes = dir.path().join("notes.wav");
-    std::fs::write(&notes, "not audio at all")?;
+    // Audio by its first bytes (import sniffs as the API does), but its header declares a
+    // sample rate of 0 Hz: the worker's guard fails it.
+    let broken = dir.path().join("broken.wav");
+    let mut bytes = audio::wav_header(1, 2, 0, 16, 4000);
+    bytes.resize(44 + 4000, 0);
+    std::fs::write(&broken, bytes)?;
     let imported =
-        fleet.json(&["import", song.to_str().unwrap_or_default(), notes.to_str().unwrap_or_default(), "--json"])?;
+        fleet.json(&["import", song.to_str().unwrap_or_default(), broken.to_str().unwrap_or_default(), "--json"])?;
     let ids: Vec<String> = imported["tracks"]
         .as_array()
         .context("tracks")?
@@ -624,7 +628,7 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ready?;
     let failed = failed?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");
-    ensure!(failed.error_code.as_deref() == Some("unsupported_format"), "{failed:?}");
+    ensure!(failed.error_code.as_deref() == Some("corrupt_audio"), "{failed:?}");
     let shown = fleet.json(&["tracks", "show", &ids[0], "--json"])?;
     ensure!(shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(), "{shown}");
     ensure!(shown["renditions"].as_array().is_some_and(|r| r.len() == 4), "{shown}");
@@ -632,7 +636,7 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ensure!(stats["tracks"]["ready"] == 1 && stats["tracks"]["failed"] == 1 && stats["outbox_pending"] == 0, "{stats}");
     let listed = fleet.json(&["tracks", "list", "--state", "failed", "--json"])?;
     ensure!(
-        listed["tracks"].as_array().is_some_and(|t| t.len() == 1 && t[0]["error"]["code"] == "unsupported_format"),
+        listed["tracks"].as_array().is_some_and(|t| t.len() == 1 && t[0]["error"]["code"] == "corrupt_audio"),
         "{listed}"
     );
     // A backlog by filter: the dry run only counts; the real one makes new revisions.
@@ -648,6 +652,53 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ensure!(again.revision == 2, "{again:?}");
     let stored = keys(&fleet.bucket, &format!("renditions/{}/", ids[0])).await?;
     ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{}/2/", ids[0]))), "{stored:?}");
+    fleet.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_follows_the_rules_of_an_api_upload() -> Result<()> {
+    let fleet = Distributed::new(&[("WAVELINE_FREE_QUOTA_S", "1")]).await?;
+    migrate(&fleet)?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "First Song.wav", 1.0)?;
+    let song = song.to_str().unwrap_or_default();
+    let notes = dir.path().join("notes.wav");
+    std::fs::write(&notes, "not audio at all, whatever the extension says")?;
+    // Each refusal names the API's code and leaves neither a row nor an object behind.
+    let refused = |args: &[&str], code: &str| -> Result<()> {
+        let output = fleet.command(args).output()?;
+        ensure!(!output.status.success(), "{args:?} was accepted");
+        let stdout: Value = serde_json::from_slice(&output.stdout)?;
+        let error = stdout["tracks"][0]["error"].as_str().unwrap_or_default().to_owned();
+        ensure!(error.starts_with(code), "{args:?}: expected {code}, got {stdout}");
+        Ok(())
+    };
+    refused(&["import", notes.to_str().unwrap_or_default(), "--json"], "not_audio")?;
+    refused(&["import", song, "--title", "   ", "--json"], "invalid_field")?;
+    refused(&["import", song, "--title", "bell\u{7}", "--json"], "invalid_field")?;
+    let owner = create_user(&tracks, "importer").await?;
+    sqlx::query(
+        "INSERT INTO tracks (id, owner_id, title, state, duration_ms) VALUES ($1, $2, 'old', 'uploaded', 2000)",
+    )
+    .bind(TrackId::new())
+    .bind(owner)
+    .execute(&fleet.db.pool)
+    .await?;
+    refused(&["import", song, "--owner", "importer", "--json"], "quota_exceeded")?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks").fetch_one(&fleet.db.pool).await?;
+    ensure!(rows == 1, "{rows} track rows after refused imports");
+    ensure!(keys(&fleet.bucket, "originals/").await?.is_empty(), "objects left by refused imports");
+    // A good import: the title comes from the file name, the row and its job in one go.
+    let imported = fleet.json(&["import", song, "--json"])?;
+    let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
+    let track = tracks.get(id).await?.context("track")?;
+    ensure!(track.state == TrackState::Queued && track.title == "First Song", "{track:?}");
+    ensure!(keys(&fleet.bucket, "originals/").await? == vec![format!("originals/{id}/source")]);
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks WHERE state = 'awaiting_upload'")
+        .fetch_one(&fleet.db.pool)
+        .await?;
+    ensure!(waiting == 0, "an import left an awaiting_upload row");
     fleet.cleanup().await
 }
 
