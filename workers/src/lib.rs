@@ -176,7 +176,9 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
             }
             Some(jobs::Outcome::Retry { reason, public }) => {
                 tracing::warn!(%reason, "transient failure");
-                match delivery.retry(&reason).await {
+                // The dead letter keeps the safe text (admins read it over HTTP); the detail
+                // is in this log line.
+                match delivery.retry(&public).await {
                     Ok(RetryOutcome::Scheduled { attempt, delay }) => {
                         tracing::info!(next_attempt = attempt, ?delay, "retry scheduled");
                         "retried"
