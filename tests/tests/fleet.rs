@@ -242,17 +242,15 @@ async fn an_original_over_the_upload_limit_fails_the_track_unread() -> Result<()
     fleet.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_jobs_never_admit_more_than_the_quota() -> Result<()> {
+/// Six tracks of `song` (3 s) against a 5 s quota, all processed at once: one fits, however
+/// the jobs interleave.
+async fn concurrent_jobs_never_admit_more_than_the_quota(song: &Path) -> Result<()> {
     let options = WorkerOptions { concurrency: 6, ..fast_options() };
     let fleet = Embedded::start_with(options, |context| context.upload_quota = Duration::from_secs(5)).await?;
     let owner = create_user(&fleet.tracks, "quota_racer").await?;
-    let dir = temp_dir()?;
-    let song = fixture(dir.path(), "song.wav", 3.0)?;
-    // Six tracks of 3 s against a 5 s quota, all processed at once: one fits.
     let mut ids = Vec::new();
     for _ in 0..6 {
-        ids.push(fleet.upload_as(owner, &song).await?);
+        ids.push(fleet.upload_as(owner, song).await?);
     }
     for id in &ids {
         ensure!(fleet.tracks.enqueue(*id, TrackState::Uploaded).await?);
@@ -281,6 +279,25 @@ async fn concurrent_jobs_never_admit_more_than_the_quota() -> Result<()> {
     let (_, used_ms) = fleet.tracks.quota_usage(owner, None).await?;
     ensure!(used_ms == admitted_ms, "the quota counts {used_ms} ms, the ready tracks hold {admitted_ms} ms");
     fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_never_admit_more_than_the_quota_by_declared_duration() -> Result<()> {
+    let dir = temp_dir()?;
+    concurrent_jobs_never_admit_more_than_the_quota(&fixture(dir.path(), "song.wav", 3.0)?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_never_admit_more_than_the_quota_without_a_declared_duration() -> Result<()> {
+    // A streamed WAV: its data chunk's size is 0xFFFFFFFF ("until the end"), so the file
+    // declares no duration and only the decoded one can be admitted.
+    let dir = temp_dir()?;
+    let path = dir.path().join("streamed.wav");
+    audio::write_wav(&path, 1, 2, 44100, 16, &audio::sine_s16(3 * 44100, 2, 44100, 0.5, 0))?;
+    let mut bytes = std::fs::read(&path)?;
+    bytes[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&path, bytes)?;
+    concurrent_jobs_never_admit_more_than_the_quota(&path).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
