@@ -93,6 +93,12 @@ pub fn upload_key(track: TrackId) -> ObjectKey {
     ObjectKey(format!("{UPLOADS_PREFIX}{track}/source"))
 }
 
+/// The directory of one revision's renditions, waveform, artwork and manifest, without the
+/// trailing slash: `renditions/{track}/{revision}`.
+pub fn revision_dir(track: TrackId, revision: i32) -> String {
+    format!("renditions/{track}/{revision}")
+}
+
 /// The prefix under which every [`upload_key`] lies.
 pub const UPLOADS_PREFIX: &str = "uploads/";
 

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use waveline_pipeline::{Manifest, Opened, PipelineError, Progress, Stage};
 use waveline_shared::db::{Admission, Claim, Committed, Completion, DbError, Failure, RenditionRow};
 use waveline_shared::domain::{ProcessingStage, TrackId};
-use waveline_shared::storage::{ObjectKey, StorageError, byte_stream};
+use waveline_shared::storage::{ObjectKey, StorageError, byte_stream, revision_dir};
 
 use super::Outcome;
 use crate::Context;
@@ -134,7 +134,7 @@ impl ProcessTrack {
             Err(JobError::Permanent { code, message }) => {
                 let message = scrub(&message, &context.temp_root);
                 // Renditions this revision already stored will never be served.
-                let prefix = format!("renditions/{}/{}/", claim.track_id, claim.revision);
+                let prefix = format!("{}/", revision_dir(claim.track_id, claim.revision));
                 if let Err(err) = context.storage.delete_prefix(&prefix).await {
                     tracing::warn!(error = %err, "cannot remove the renditions of a failed run");
                 }
@@ -183,7 +183,7 @@ impl ProcessTrack {
             Committed::Ready { previous_revision } => {
                 tracing::info!(revision = claim.revision, renditions = completion.renditions.len(), "ready");
                 if let Some(old) = previous_revision {
-                    let prefix = format!("renditions/{}/{old}/", claim.track_id);
+                    let prefix = format!("{}/", revision_dir(claim.track_id, old));
                     match context.storage.delete_prefix(&prefix).await {
                         Ok(removed) => {
                             tracing::info!(revision = old, removed, "removed the previous revision")
@@ -361,7 +361,7 @@ impl ProcessTrack {
         out: &Path,
         manifest: &Manifest,
     ) -> Result<Completion, JobError> {
-        let base = format!("renditions/{}/{}", claim.track_id, claim.revision);
+        let base = revision_dir(claim.track_id, claim.revision);
         let put = |relative: String, key: String| {
             let storage = context.storage.clone();
             let path = out.join(&relative);
