@@ -337,6 +337,23 @@ async fn a_job_past_the_pipeline_timeout_fails_with_timeout() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_past_the_pipeline_timeout_is_cancelled_and_fails_with_timeout() -> Result<()> {
+    // Long enough to open the file, far too short to encode a minute of audio: the pass is
+    // cancelled between two blocks.
+    let fleet =
+        Embedded::start_with(fast_options(), |context| context.pipeline_timeout = Duration::from_millis(700)).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "long.wav", 60.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let started = Instant::now();
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
+    ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
+    ensure!(started.elapsed() < Duration::from_secs(30), "the cancelled pass ran on for {:?}", started.elapsed());
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_original_fails_the_track_at_once() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
