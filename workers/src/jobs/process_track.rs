@@ -133,13 +133,17 @@ impl ProcessTrack {
             }
             Err(JobError::Permanent { code, message }) => {
                 let message = scrub(&message, &context.temp_root);
-                // Renditions this revision already stored will never be served.
-                let prefix = format!("{}/", revision_dir(claim.track_id, claim.revision));
-                if let Err(err) = context.storage.delete_prefix(&prefix).await {
-                    tracing::warn!(error = %err, "cannot remove the renditions of a failed run");
-                }
                 match context.tracks.fail_claimed(&claim, Failure { code, message: &message }).await {
-                    Ok(_) => Outcome::Abort { code, message },
+                    Ok(held) => {
+                        // Renditions this revision already stored will never be served. Only
+                        // while the claim was ours: a worker that took it over writes the
+                        // same revision's keys.
+                        let prefix = format!("{}/", revision_dir(claim.track_id, claim.revision));
+                        if held && let Err(err) = context.storage.delete_prefix(&prefix).await {
+                            tracing::warn!(error = %err, "cannot remove the renditions of a failed run");
+                        }
+                        Outcome::Abort { code, message }
+                    }
                     Err(err) => Outcome::Retry {
                         reason: format!("cannot record the failure {code}: {err}"),
                         public: "the database was unavailable".into(),
