@@ -10,9 +10,17 @@
 //! Nothing half-done stays behind: the track row is written only after the original is
 //! stored, in the same transaction as its job; a body that fails or is cut short aborts the
 //! storage write; a form that fails after its file was stored deletes that object.
+//!
+//! A direct upload is bound to the size declared when it starts: the presigned S3 URL signs
+//! `Content-Length`, so S3 refuses any other length, and `PUT /v1/uploads/{id}` refuses more
+//! (413). Its bytes land under an upload key ([`upload_key`]); `complete` moves them to the
+//! original's key, which no URL names, and checks them there (size, audio). A URL used again
+//! after that writes only an orphan under the upload key, which the reconciler deletes: it
+//! can no longer change what a worker reads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -26,9 +34,9 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, impl_apirequest_for_payload};
 use tokio::io::AsyncReadExt;
 use waveline_media::{SNIFF_LEN, sniff};
-use waveline_shared::db::{NewTrack, TrackDetails, Visibility};
+use waveline_shared::db::{NewTrack, PgTracks, TrackDetails, Visibility};
 use waveline_shared::domain::{TrackId, TrackState, UserId};
-use waveline_shared::storage::{ByteRange, ObjectKey, StorageError, byte_stream};
+use waveline_shared::storage::{ByteRange, ObjectKey, Storage, StorageError, byte_stream, original_key, upload_key};
 
 use crate::auth::{Auth, Session};
 use crate::error::ApiError;
@@ -144,7 +152,9 @@ struct UploadRequest {
     visibility: Option<String>,
     /// The file's name, for the default title.
     filename: Option<String>,
-    /// The file's size in bytes, when known: too large is refused now rather than after the
+    /// The file's size in bytes: the upload must be exactly this long. Required with S3
+    /// storage, whose presigned URL is signed for this length; on the filesystem store a
+    /// `PUT` longer than it is refused (413). Too large is refused now rather than after the
     /// upload.
     size: Option<u64>,
 }
@@ -230,15 +240,19 @@ fn default_title(filename: Option<&str>) -> String {
     if title.is_empty() { "Untitled".to_owned() } else { title.to_owned() }
 }
 
-fn original_key(id: TrackId) -> Result<ObjectKey, ApiError> {
-    ObjectKey::parse(format!("originals/{id}/source")).map_err(|err| ApiError::internal(&err))
-}
-
 fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
         format!("the upload is larger than the {limit}-byte limit"),
+    )
+}
+
+fn larger_than_declared(size: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the upload is larger than the {size} bytes declared when it started"),
     )
 }
 
@@ -272,8 +286,15 @@ fn check_declared_length(req: &Request, limit: u64, envelope: u64) -> Result<(),
 }
 
 /// Streams `body` into `key`: checks that its first bytes are audio, counts it against
-/// the limit, and stores it; returns its size. On any failure nothing is stored.
-async fn store_original<S>(state: &AppState, key: &ObjectKey, body: S) -> Result<u64, ApiError>
+/// `limit` (refusing more with `over(limit)`), and stores it; returns its size. On any
+/// failure nothing is stored.
+async fn store_original<S>(
+    storage: &dyn Storage,
+    key: &ObjectKey,
+    body: S,
+    limit: u64,
+    over: fn(u64) -> ApiError,
+) -> Result<u64, ApiError>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
 {
@@ -297,10 +318,9 @@ where
     if sniff(&head).is_none() {
         return Err(not_audio());
     }
-    let limit = state.limits.upload_max_bytes;
     let received = Arc::new(AtomicU64::new(0));
-    let over = Arc::new(AtomicBool::new(false));
-    let (count, flag) = (received.clone(), over.clone());
+    let over_limit = Arc::new(AtomicBool::new(false));
+    let (count, flag) = (received.clone(), over_limit.clone());
     let whole = futures::stream::iter(prefix.into_iter().map(Ok)).chain(body).map(move |chunk| {
         let chunk = chunk?;
         let total = count.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
@@ -310,27 +330,70 @@ where
         }
         Ok(chunk)
     });
-    match state.storage.put(key, "application/octet-stream", byte_stream(whole)).await {
+    match storage.put(key, "application/octet-stream", byte_stream(whole)).await {
         Ok(meta) => {
             metrics::counter!("waveline_upload_bytes_total").increment(meta.size);
             Ok(meta.size)
         }
-        Err(_) if over.load(Ordering::Relaxed) => Err(too_large(limit)),
+        Err(_) if over_limit.load(Ordering::Relaxed) => Err(over(limit)),
         Err(StorageError::Body(detail)) => Err(interrupted(detail)),
         Err(err) => Err(err.into()),
     }
 }
 
-/// A short text field, at most 16 KiB.
-async fn small_text(field: poem::web::Field) -> Result<String, ApiError> {
-    const MAX: u64 = 16 * 1024;
-    let name = field.name().unwrap_or_default().to_owned();
-    let mut bytes = Vec::new();
-    field.into_async_read().take(MAX + 1).read_to_end(&mut bytes).await.map_err(interrupted)?;
-    if bytes.len() as u64 > MAX {
-        return Err(ApiError::bad_request("invalid_field", format!("{name}: longer than {MAX} bytes")));
+/// The most text fields (every part but the file) one upload form may hold.
+const MAX_TEXT_FIELDS: usize = 32;
+/// The most bytes all text fields of one upload form may hold together.
+const MAX_TEXT_BYTES: u64 = 64 * 1024;
+
+/// What the text fields of a form have used of their allowance so far.
+#[derive(Debug)]
+struct TextBudget {
+    fields: usize,
+    bytes_left: u64,
+}
+
+impl TextBudget {
+    fn new() -> TextBudget {
+        TextBudget { fields: 0, bytes_left: MAX_TEXT_BYTES }
     }
-    String::from_utf8(bytes).map_err(|_| ApiError::bad_request("invalid_field", format!("{name}: not UTF-8 text")))
+
+    /// Reads one text field of at most 16 KiB, counting it against the form's allowance:
+    /// more than [`MAX_TEXT_FIELDS`] fields, or more than [`MAX_TEXT_BYTES`] of them, is 413.
+    async fn read(&mut self, field: poem::web::Field) -> Result<String, ApiError> {
+        const MAX: u64 = 16 * 1024;
+        let name = field.name().unwrap_or_default().to_owned();
+        self.fields += 1;
+        if self.fields > MAX_TEXT_FIELDS {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{name}: the form has more than {MAX_TEXT_FIELDS} text fields"),
+            ));
+        }
+        let mut bytes = Vec::new();
+        let allowed = MAX.min(self.bytes_left);
+        field.into_async_read().take(allowed + 1).read_to_end(&mut bytes).await.map_err(interrupted)?;
+        let length = bytes.len() as u64;
+        if length > MAX {
+            return Err(ApiError::bad_request("invalid_field", format!("{name}: longer than {MAX} bytes")));
+        }
+        if length > self.bytes_left {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{name}: the form's text fields hold more than {MAX_TEXT_BYTES} bytes together"),
+            ));
+        }
+        self.bytes_left -= length;
+        String::from_utf8(bytes).map_err(|_| ApiError::bad_request("invalid_field", format!("{name}: not UTF-8 text")))
+    }
+}
+
+/// The size a direct upload declared when it started (kept as the track's original size
+/// until it completes).
+fn declared_size(track: &TrackDetails) -> Option<u64> {
+    track.original_size.and_then(|size| u64::try_from(size).ok())
 }
 
 impl Uploads {
@@ -360,8 +423,12 @@ impl Uploads {
 /// quota. The new file's duration is not known until a worker reads it; the worker checks
 /// again then, and fails the track `quota_exceeded` (deleting its original) if it does not fit.
 async fn check_quota(state: &AppState, session: &Session) -> Result<(), ApiError> {
-    let (exempt, used_ms) = state.tracks.quota_usage(session.user.id, None).await?;
-    let quota = state.security.free_quota;
+    quota_left(&state.tracks, state.security.free_quota, session.user.id).await
+}
+
+/// [`check_quota`] for `owner`, with the quota given.
+async fn quota_left(tracks: &PgTracks, quota: Duration, owner: UserId) -> Result<(), ApiError> {
+    let (exempt, used_ms) = tracks.quota_usage(owner, None).await?;
     if !exempt && used_ms >= quota.as_millis() as i64 {
         return Err(ApiError::forbidden(format!(
             "this account has used its upload quota of {} min of audio; delete tracks to make room",
@@ -387,10 +454,11 @@ pub(crate) async fn upload(
     check_quota(state, session).await.map_err(close_after)?;
     let mut multipart = form.0;
     let id = TrackId::new();
-    let key = original_key(id)?;
+    let key = original_key(id);
     let mut stored: Option<(u64, Option<String>)> = None;
     let result = async {
         let mut fields = Fields::default();
+        let mut budget = TextBudget::new();
         while let Some(field) = multipart.next_field().await.map_err(interrupted)? {
             let name = field.name().unwrap_or_default().to_owned();
             match name.as_str() {
@@ -400,15 +468,17 @@ pub(crate) async fn upload(
                     }
                     let filename = field.file_name().map(str::to_owned);
                     let body = tokio_util::io::ReaderStream::with_capacity(field.into_async_read(), 64 * 1024);
-                    let size = store_original(state, &key, body).await?;
+                    let size =
+                        store_original(state.storage.as_ref(), &key, body, state.limits.upload_max_bytes, too_large)
+                            .await?;
                     stored = Some((size, filename));
                 }
-                "title" => fields.title = Some(small_text(field).await?),
-                "description" => fields.description = Some(small_text(field).await?),
-                "genre" => fields.genre = Some(small_text(field).await?),
-                "visibility" => fields.visibility = Some(small_text(field).await?),
+                "title" => fields.title = Some(budget.read(field).await?),
+                "description" => fields.description = Some(budget.read(field).await?),
+                "genre" => fields.genre = Some(budget.read(field).await?),
+                "visibility" => fields.visibility = Some(budget.read(field).await?),
                 "tags" => fields.tags.extend(
-                    small_text(field).await?.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned),
+                    budget.read(field).await?.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned),
                 ),
                 other => {
                     return Err(ApiError::bad_request(
@@ -445,6 +515,50 @@ pub(crate) async fn upload(
     }
 }
 
+/// A track uploaded from a local file, without HTTP (`waveline import`): the same rules and
+/// the same path as `POST /v1/tracks`. The quota is checked up front, the bytes are sniffed
+/// and bounded by `limit` while they stream into storage, the title is validated (or made
+/// from the file name), and the track row and its job are written in one transaction only
+/// once the original is stored; a failure after that deletes the object.
+pub async fn upload_local(
+    tracks: &PgTracks,
+    storage: &dyn Storage,
+    limits: LocalUploadLimits,
+    owner: UserId,
+    title: Option<&str>,
+    file: &std::path::Path,
+) -> Result<TrackDetails, ApiError> {
+    quota_left(tracks, limits.quota, owner).await?;
+    let opened = tokio::fs::File::open(file)
+        .await
+        .map_err(|err| ApiError::bad_request("unreadable_file", format!("cannot read the file: {err}")))?;
+    let id = TrackId::new();
+    let key = original_key(id);
+    let body = tokio_util::io::ReaderStream::with_capacity(opened, 256 * 1024);
+    let size = store_original(storage, &key, body, limits.max_bytes, too_large).await?;
+    let fields = Fields { title: title.map(str::to_owned), ..Fields::default() };
+    let filename = file.file_name().map(|name| name.to_string_lossy().into_owned());
+    let created = match fields.into_new_track(id, owner, filename.as_deref(), &key) {
+        Ok(new) => tracks.create_queued(&new, size as i64).await.map_err(ApiError::from),
+        Err(err) => Err(err),
+    };
+    if created.is_err()
+        && let Err(cleanup) = storage.delete(&key).await
+    {
+        tracing::error!(%key, error = %cleanup, "could not remove the original of a failed import");
+    }
+    created
+}
+
+/// The limits [`upload_local`] applies.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalUploadLimits {
+    /// The largest file, bytes (`upload_max_bytes`).
+    pub max_bytes: u64,
+    /// The owner's quota of audio (`free_quota_s`).
+    pub quota: Duration,
+}
+
 #[OpenApi(tag = "Tag::Uploads")]
 impl Uploads {
     /// Starts a direct upload: a URL to PUT the file to (presigned, for S3 storage), then
@@ -458,8 +572,22 @@ impl Uploads {
         if request.size.is_some_and(|size| size > limit) {
             return Err(too_large(limit));
         }
+        if request.size == Some(0) {
+            return Err(ApiError::bad_request("empty_upload", "the file is empty"));
+        }
+        let storage = &self.state.storage;
+        let size = match request.size {
+            Some(size) => Some(size),
+            None if storage.presigns() => {
+                return Err(ApiError::bad_request(
+                    "invalid_field",
+                    "size: required; the upload URL is signed for exactly that many bytes",
+                ));
+            }
+            None => None,
+        };
         let id = TrackId::new();
-        let key = original_key(id)?;
+        let key = original_key(id);
         let fields = Fields {
             title: request.title,
             description: request.description,
@@ -469,7 +597,10 @@ impl Uploads {
         };
         let new = fields.into_new_track(id, session.user.id, request.filename.as_deref(), &key)?;
         let ttl = self.state.limits.upload_url_ttl;
-        let presigned = self.state.storage.presign_put(&key, "application/octet-stream", ttl).await?;
+        let presigned = match size {
+            Some(size) => storage.presign_put(&upload_key(id), "application/octet-stream", size, ttl).await?,
+            None => None,
+        };
         let expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
         let (url, headers, expires_at) = match presigned {
             Some(presigned) => (presigned.url, presigned.headers.into_iter().collect(), presigned.expires_at),
@@ -479,7 +610,7 @@ impl Uploads {
                 expires_at,
             ),
         };
-        self.state.tracks.create_awaiting(&new, expires_at).await?;
+        self.state.tracks.create_awaiting(&new, expires_at, size.map(|size| size as i64)).await?;
         Ok(TicketResponse::Created(Json(UploadTicket {
             upload_id: id.to_string(),
             track_id: id.to_string(),
@@ -502,24 +633,40 @@ impl Uploads {
         body: RawBody,
     ) -> Result<Json<StoredUpload>, ApiError> {
         let track = self.pending_upload(&id.0, auth.session()).await?;
-        check_declared_length(req, self.state.limits.upload_max_bytes, 0).map_err(close_after)?;
-        let key = original_key(track.id)?;
+        let max = self.state.limits.upload_max_bytes;
+        let (limit, over): (u64, fn(u64) -> ApiError) = match declared_size(&track) {
+            Some(declared) if declared <= max => (declared, larger_than_declared),
+            _ => (max, too_large),
+        };
+        if let Some(length) = req.header("content-length").and_then(|value| value.trim().parse::<u64>().ok())
+            && length > limit
+        {
+            return Err(close_after(over(limit)));
+        }
         let stream = body.0.into_bytes_stream().map_err(std::io::Error::other);
-        let bytes = store_original(&self.state, &key, stream).await.map_err(close_after)?;
+        let bytes = store_original(self.state.storage.as_ref(), &upload_key(track.id), stream, limit, over)
+            .await
+            .map_err(close_after)?;
         Ok(Json(StoredUpload { bytes }))
     }
 
-    /// Ends a direct upload: checks the stored object (there, within the limit, audio) and
-    /// queues the track.
+    /// Ends a direct upload: moves the bytes to the original's key (which no URL names),
+    /// checks them there (the declared size, within the limit, audio) and queues the track.
     #[oai(path = "/v1/uploads/:id/complete", method = "post")]
     async fn complete(&self, auth: Auth, id: Path<String>) -> Result<UploadAccepted, ApiError> {
         let track = self.pending_upload(&id.0, auth.session()).await?;
-        let key = original_key(track.id)?;
-        let meta = match self.state.storage.head(&key).await {
+        let key = original_key(track.id);
+        let storage = &self.state.storage;
+        let meta = match storage.rename(&upload_key(track.id), &key).await {
             Ok(meta) => meta,
-            Err(StorageError::NotFound { .. }) => {
-                return Err(ApiError::conflict("upload_missing", "nothing has been uploaded to the URL yet"));
-            }
+            // Nothing at the upload key: an earlier call may have moved it and stopped short.
+            Err(StorageError::NotFound { .. }) => match storage.head(&key).await {
+                Ok(meta) => meta,
+                Err(StorageError::NotFound { .. }) => {
+                    return Err(ApiError::conflict("upload_missing", "nothing has been uploaded to the URL yet"));
+                }
+                Err(err) => return Err(err.into()),
+            },
             Err(err) => return Err(err.into()),
         };
         let limit = self.state.limits.upload_max_bytes;
@@ -527,6 +674,11 @@ impl Uploads {
             Some(ApiError::bad_request("empty_upload", "the file is empty"))
         } else if meta.size > limit {
             Some(too_large(limit))
+        } else if let Some(declared) = declared_size(&track).filter(|declared| *declared != meta.size) {
+            Some(ApiError::bad_request(
+                "size_mismatch",
+                format!("{} bytes arrived, but the upload declared {declared}", meta.size),
+            ))
         } else {
             let read = self
                 .state
@@ -538,7 +690,7 @@ impl Uploads {
         };
         if let Some(refusal) = refusal {
             // The object goes; the upload stays open for another try until it expires.
-            self.state.storage.delete(&key).await?;
+            storage.delete(&key).await?;
             return Err(refusal);
         }
         if !self.state.tracks.complete_upload(track.id, meta.size as i64).await? {

@@ -16,7 +16,7 @@ use waveline_shared::config::Settings;
 use waveline_shared::db::{self, PgOutbox, PgTracks, SYSTEM_USER, TrackFilter, TrackRow};
 use waveline_shared::domain::{TrackId, TrackState};
 use waveline_shared::queue::{self, JobQueue};
-use waveline_shared::storage::{self, ObjectKey, Storage};
+use waveline_shared::storage::{self, Storage};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
 /// The pieces every fleet command connects to.
@@ -53,6 +53,8 @@ pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Resul
         heartbeat_every: Duration::from_secs(1),
         claims: HeldClaims::default(),
         upload_quota: settings.free_quota,
+        original_max_bytes: settings.upload_max_bytes,
+        pipeline_timeout: settings.pipeline_timeout,
     }))
 }
 
@@ -220,7 +222,7 @@ pub async fn import(
     let mut imported = Vec::new();
     let mut failed = false;
     for file in files {
-        match import_one(&services, file, owner_id, title).await {
+        match import_one(&services, settings, file, owner_id, title).await {
             Ok(track) => {
                 if !json {
                     println!("{}  {}  {}", track.id, track.state, file.display());
@@ -245,35 +247,20 @@ pub async fn import(
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
+/// One file through the API's upload path ([`waveline_api::upload_local`]): sniffed, bounded,
+/// counted against the owner's quota, its title validated, and its row and job written in
+/// one transaction once the original is stored.
 async fn import_one(
     services: &Services,
+    settings: &Settings,
     file: &Path,
     owner: waveline_shared::domain::UserId,
     title: Option<&str>,
 ) -> anyhow::Result<TrackRow> {
-    let size = tokio::fs::metadata(file).await.context("cannot read the file")?.len();
-    let title = title.map(str::to_owned).unwrap_or_else(|| {
-        file.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_else(|| "Untitled".into())
-    });
-    let title: String = title.chars().take(200).collect();
-    let track = services.tracks.create(owner, &title, TrackState::AwaitingUpload, None).await?;
-    let key = format!("originals/{}/source", track.id);
-    let uploaded = async {
-        let body = storage::byte_stream(tokio_util::io::ReaderStream::with_capacity(
-            tokio::fs::File::open(file).await?,
-            256 * 1024,
-        ));
-        services.storage.put(&ObjectKey::parse(key.clone())?, "application/octet-stream", body).await?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(err) = uploaded {
-        // Nothing half-done stays behind: no row without its original.
-        let _ = services.tracks.delete(track.id).await;
-        return Err(err.context("upload to storage failed"));
-    }
-    services.tracks.mark_uploaded(track.id, &key, size as i64).await?;
-    services.tracks.enqueue(track.id, TrackState::Uploaded).await?;
+    let limits = waveline_api::LocalUploadLimits { max_bytes: settings.upload_max_bytes, quota: settings.free_quota };
+    let track = waveline_api::upload_local(&services.tracks, services.storage.as_ref(), limits, owner, title, file)
+        .await
+        .map_err(|err| anyhow::anyhow!("{}: {}", err.code, err.message))?;
     services.tracks.get(track.id).await?.context("the track vanished")
 }
 

@@ -36,6 +36,9 @@ pub enum PipelineError {
     /// Our failure, not the input's (an encoder refused its settings, a disk filled up).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller cancelled the run (a time limit ran out).
+    #[error("the run was cancelled")]
+    Cancelled,
 }
 
 impl PipelineError {
@@ -50,13 +53,26 @@ impl PipelineError {
             PipelineError::LimitExceeded(_) => "limit_exceeded",
             PipelineError::InvalidPresets(_) => "invalid_presets",
             PipelineError::Internal(_) => "internal",
+            PipelineError::Cancelled => "cancelled",
+        }
+    }
+
+    /// The message to show someone outside the machine that ran it (a track's stored error):
+    /// the same as the `Display` text for facts about the input, but never a path, an OS
+    /// error or a library's internal text.
+    pub fn public_message(&self) -> String {
+        match self {
+            PipelineError::InputUnreadable { .. } => "the original could not be read from disk".to_owned(),
+            PipelineError::InvalidPresets(_) => "the rendition presets are invalid".to_owned(),
+            PipelineError::Internal(_) => "an internal error stopped the processing".to_owned(),
+            other => other.to_string(),
         }
     }
 
     /// Whether running again on the same input cannot succeed: true for everything the input
     /// or its configuration is to blame for.
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, PipelineError::Internal(_))
+        !matches!(self, PipelineError::Internal(_) | PipelineError::Cancelled)
     }
 
     pub(crate) fn internal(context: &str, err: impl std::fmt::Display) -> PipelineError {

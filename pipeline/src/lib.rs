@@ -34,4 +34,4 @@ pub mod waveform;
 pub use error::PipelineError;
 pub use manifest::Manifest;
 pub use presets::PipelineConfig;
-pub use run::{Progress, Stage, process};
+pub use run::{Opened, Progress, Stage, open, process};

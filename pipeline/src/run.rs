@@ -17,10 +17,18 @@
 //! Outputs are written to a staging directory inside the output directory and moved into
 //! place only when everything succeeded; `manifest.json` comes last. A failed run removes
 //! its staging directory and leaves no manifest.
+//!
+//! A run has two halves. [`open`] reads nothing but the headers before the guard has passed
+//! them (absurd sample rates, channel counts or durations are refused there), then opens the
+//! decoder once; [`Opened::process`] runs the pass on that same decoder. Callers that must
+//! decide something between the two (a worker's quota, from the declared duration) hold the
+//! [`Opened`] in between; [`process`] does both at once. A run can be cancelled between two
+//! blocks ([`PipelineError::Cancelled`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -72,11 +80,69 @@ pub fn process(
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Manifest, PipelineError> {
     on_progress(Progress { stage: Stage::Probing, fraction: 0.0 });
+    open(input, config)?.process(out_dir, config, on_progress, &AtomicBool::new(false))
+}
+
+/// The first half of a run: `input` sniffed, its headers past the guard, its decoder open.
+pub struct Opened {
+    input: PathBuf,
+    reader: Box<dyn decode::PcmReader>,
+    facts: SourceFacts,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened").field("input", &self.input).field("facts", &self.facts).finish_non_exhaustive()
+    }
+}
+
+/// Sniffs `input`, runs the header guard on it (before any decoder sees the bytes), then
+/// opens its decoder and checks what the decoder reports against the same limits.
+pub fn open(input: &Path, config: &PipelineConfig) -> Result<Opened, PipelineError> {
     let container = sniff::sniff_file(input)?;
     check_header(input, container, config)?;
     let reader = decode::open(input, container)?;
     let facts = reader.facts().clone();
     check_limits(&facts, config)?;
+    Ok(Opened { input: input.to_path_buf(), reader, facts })
+}
+
+impl Opened {
+    /// What the decoder reports about the source.
+    pub fn facts(&self) -> &SourceFacts {
+        &self.facts
+    }
+
+    /// The duration the container declares, in milliseconds, when it declares one.
+    pub fn declared_duration_ms(&self) -> Option<u64> {
+        let frames = self.facts.declared_frames?;
+        (self.facts.sample_rate > 0).then(|| frames.saturating_mul(1000) / u64::from(self.facts.sample_rate))
+    }
+
+    /// The second half of a run: the one pass and the packaging, into `out_dir`. Setting
+    /// `cancel` stops the pass at the next block with [`PipelineError::Cancelled`], leaving
+    /// no output behind.
+    pub fn process(
+        self,
+        out_dir: &Path,
+        config: &PipelineConfig,
+        on_progress: &(dyn Fn(Progress) + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<Manifest, PipelineError> {
+        let Opened { input, reader, facts } = self;
+        process_opened(&input, reader, facts, out_dir, config, on_progress, cancel)
+    }
+}
+
+fn process_opened(
+    input: &Path,
+    reader: Box<dyn decode::PcmReader>,
+    facts: SourceFacts,
+    out_dir: &Path,
+    config: &PipelineConfig,
+    on_progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
+) -> Result<Manifest, PipelineError> {
     let (tags, artwork) = tags::read(input);
 
     std::fs::create_dir_all(out_dir)
@@ -88,7 +154,10 @@ pub fn process(
     }
     let staging = out_dir.join(format!(".staging-{}-{}", std::process::id(), nanos()));
     std::fs::create_dir_all(&staging)?;
-    let result = run_pass(reader, &facts, &tags, config, &staging, on_progress).and_then(|pass| {
+    let result = run_pass(reader, &facts, &tags, config, &staging, on_progress, cancel).and_then(|pass| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(PipelineError::Cancelled);
+        }
         on_progress(Progress { stage: Stage::Finishing, fraction: 0.97 });
         finish(pass, &facts, tags.clone(), artwork, config, &staging)
     });
@@ -269,6 +338,7 @@ fn run_pass(
     config: &PipelineConfig,
     staging: &Path,
     on_progress: &(dyn Fn(Progress) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<PassOutput, PipelineError> {
     let plans = plan_encoders(facts, tags, config, staging)?;
     let channels = usize::from(facts.channels);
@@ -321,6 +391,10 @@ fn run_pass(
         let mut waveform_time = Duration::ZERO;
         let mut pass_error = None;
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                pass_error = Some(PipelineError::Cancelled);
+                break;
+            }
             decoded.clear();
             let mut more = true;
             while decoded.len() < BLOCK_FRAMES * channels && more {

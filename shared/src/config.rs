@@ -76,6 +76,9 @@ pub struct Settings {
     pub presets: Option<PathBuf>,
     /// Where workers make their temporary directories; default: the system temp dir.
     pub work_dir: Option<PathBuf>,
+    /// How long the pipeline may work on one job (opening the original, decoding, analysing,
+    /// encoding), seconds; past it the track fails with the code `timeout`. Default 3600.
+    pub pipeline_timeout: Duration,
     /// The key that signs session tokens (HS256), at least 32 bytes. Every API replica needs
     /// the same one. Unset, `waveline serve` makes a random key at start-up and warns:
     /// sessions then end when the process does.
@@ -241,7 +244,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 45] = [
+const KEYS: [Key; 46] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -259,6 +262,7 @@ const KEYS: [Key; 45] = [
     Key { name: "shutdown_grace_s", secret: false },
     Key { name: "presets", secret: false },
     Key { name: "work_dir", secret: false },
+    Key { name: "pipeline_timeout_s", secret: false },
     Key { name: "jwt_secret", secret: true },
     Key { name: "access_token_ttl_s", secret: false },
     Key { name: "upload_max_bytes", secret: false },
@@ -437,6 +441,7 @@ impl Settings {
         };
         let presets = absolute_path(take("presets"))?;
         let work_dir = absolute_path(take("work_dir"))?;
+        let pipeline_timeout = seconds(take("pipeline_timeout_s"), 3600)?;
         let jwt_secret = match take("jwt_secret") {
             Some(raw) if raw.value.len() >= 32 => Some(SecretString::from(raw.value)),
             Some(raw) => return Err(raw.invalid("a random secret of at least 32 bytes")),
@@ -592,6 +597,7 @@ impl Settings {
             shutdown_grace,
             presets,
             work_dir,
+            pipeline_timeout,
             database_url,
             database_max_connections,
             queue,
@@ -626,6 +632,7 @@ impl Settings {
             "shutdown_grace_s": self.shutdown_grace.as_secs(),
             "presets": self.presets,
             "work_dir": self.work_dir,
+            "pipeline_timeout_s": self.pipeline_timeout.as_secs(),
             "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
             "access_token_ttl_s": self.access_token_ttl.as_secs(),
             "upload_max_bytes": self.upload_max_bytes,

@@ -22,7 +22,7 @@ mod catalog;
 pub use accounts::{
     LoginBlock, LoginPolicy, NewUser, PgUsers, Registration, Role, Rotation, TOKENS_PER_HOUR, TokenPurpose, UserRow,
 };
-pub use catalog::{NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
+pub use catalog::{Admission, NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
 
 /// The schema, embedded at build time from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");

@@ -27,6 +27,7 @@ pub use fs::FsStorage;
 pub use s3::S3Storage;
 
 use crate::config::StorageBackend;
+use crate::domain::TrackId;
 
 /// A body in flight: chunks of bytes, or the error that cut it short.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
@@ -78,6 +79,34 @@ impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Where a track's original lives: the key workers read. No URL handed to a client ever
+/// names it, so once an upload is complete nothing outside Waveline can change these bytes.
+pub fn original_key(track: TrackId) -> ObjectKey {
+    ObjectKey(format!("originals/{track}/source"))
+}
+
+/// Where the bytes of a direct upload land (the presigned URL, or `PUT /v1/uploads/{id}`)
+/// until `complete` moves them to [`original_key`] and checks them there.
+pub fn upload_key(track: TrackId) -> ObjectKey {
+    ObjectKey(format!("{UPLOADS_PREFIX}{track}/source"))
+}
+
+/// The directory of one revision's renditions, waveform, artwork and manifest, without the
+/// trailing slash: `renditions/{track}/{revision}`.
+pub fn revision_dir(track: TrackId, revision: i32) -> String {
+    format!("renditions/{track}/{revision}")
+}
+
+/// The prefix under which every [`upload_key`] lies.
+pub const UPLOADS_PREFIX: &str = "uploads/";
+
+/// The track a key under [`UPLOADS_PREFIX`] belongs to.
+pub fn upload_track(key: &ObjectKey) -> Option<TrackId> {
+    let rest = key.as_str().strip_prefix(UPLOADS_PREFIX)?;
+    let (id, _) = rest.split_once('/')?;
+    id.parse().ok()
 }
 
 /// A byte range as a client asks for it (RFC 9110 `bytes=` forms).
@@ -213,12 +242,25 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(objects.len() as u64)
     }
 
-    /// A URL for uploading `key` directly, valid for `expires_in`; `None` when the backend
-    /// has no such thing (the filesystem), and callers then upload through the API.
+    /// Moves the object at `from` to `to`, replacing anything there: afterwards `to` holds
+    /// the bytes `from` held at one moment, whole, and `from` is gone. `NotFound` when there
+    /// is nothing at `from`.
+    async fn rename(&self, from: &ObjectKey, to: &ObjectKey) -> Result<ObjectMeta, StorageError>;
+
+    /// Whether [`presign_put`](Storage::presign_put) hands out URLs.
+    fn presigns(&self) -> bool {
+        false
+    }
+
+    /// A URL for uploading exactly `size` bytes to `key` directly, valid for `expires_in`:
+    /// the length is part of the signature, so the store refuses a body of any other size.
+    /// `None` when the backend has no such thing (the filesystem), and callers then upload
+    /// through the API.
     async fn presign_put(
         &self,
         key: &ObjectKey,
         content_type: &str,
+        size: u64,
         expires_in: Duration,
     ) -> Result<Option<PresignedUpload>, StorageError>;
 
@@ -298,6 +340,17 @@ mod tests {
             assert_eq!(err.code(), "invalid_key");
         }
         assert!(ObjectKey::parse("x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn upload_keys_name_their_track_and_never_the_original() {
+        let track = TrackId::new();
+        let upload = upload_key(track);
+        assert!(ObjectKey::parse(upload.as_str()).is_ok() && ObjectKey::parse(original_key(track).as_str()).is_ok());
+        assert_ne!(upload, original_key(track));
+        assert_eq!(upload_track(&upload), Some(track));
+        assert_eq!(upload_track(&original_key(track)), None);
+        assert_eq!(upload_track(&ObjectKey::parse("uploads/not-an-id/source").expect("a valid key")), None);
     }
 
     #[test]

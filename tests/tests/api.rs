@@ -520,6 +520,121 @@ async fn full_flow_distributed() -> Result<()> {
     full_flow(Mode::Distributed).await
 }
 
+/// `PUT`s `body` to a direct upload's URL as its ticket says (with the ticket's headers
+/// unless `signed_headers` is off; the API's own URL with the user's token).
+async fn put_upload(
+    stack: &Stack,
+    user: &User,
+    ticket: &Value,
+    body: Vec<u8>,
+    signed_headers: bool,
+) -> Result<(u16, String)> {
+    let url = ticket["url"].as_str().context("url")?;
+    let mut put = if url.starts_with('/') {
+        reqwest::Client::new().put(stack.url(url)).bearer_auth(&user.token)
+    } else {
+        reqwest::Client::new().put(url)
+    };
+    for (name, value) in ticket["headers"].as_object().context("headers")? {
+        if signed_headers || !name.eq_ignore_ascii_case("content-length") {
+            put = put.header(name, value.as_str().unwrap_or_default());
+        }
+    }
+    let response = put.body(body).send().await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+/// A direct upload is bound to its declared size, and once complete its URL cannot change
+/// what is processed; the bytes sent to it afterwards are swept away.
+async fn direct_uploads_are_bound(mode: Mode) -> Result<()> {
+    let stack = Stack::start(mode, true, &[]).await?;
+    let client = reqwest::Client::new();
+    let user = register_and_login(&stack, "direct").await?;
+    let dir = temp_dir()?;
+    let song = dir.path().join("song.wav");
+    audio::tone(&song, 1.0, 8000, 1, &[])?;
+    let wav = std::fs::read(&song)?;
+    let start = |size: Option<usize>| {
+        let request = client.post(stack.url("/v1/uploads")).bearer_auth(&user.token);
+        let body = match size {
+            Some(size) => json!({"filename": "song.wav", "size": size}),
+            None => json!({"filename": "song.wav"}),
+        };
+        async move { json(request.json(&body).send().await?).await }
+    };
+    let complete = |id: String| {
+        let request = client.post(stack.url(&format!("/v1/uploads/{id}/complete"))).bearer_auth(&user.token);
+        async move { json(request.send().await?).await }
+    };
+    if mode == Mode::Distributed {
+        // The URL is signed for a length: there must be one.
+        let (status, body) = start(None).await?;
+        ensure!(status == 400 && body["code"] == "invalid_field", "{status} {body}");
+    }
+    let (status, ticket) = start(Some(wav.len())).await?;
+    ensure!(status == 201, "{status} {ticket}");
+    let id = ticket["track_id"].as_str().context("track_id")?.to_owned();
+
+    // More bytes than declared: refused by S3 (the length is signed) or by the API (413).
+    let mut longer = wav.clone();
+    longer.extend_from_slice(&[0u8; 4096]);
+    let (status, body) = put_upload(&stack, &user, &ticket, longer, false).await?;
+    match mode {
+        Mode::Distributed => ensure!(status == 403, "a longer body than signed got {status}: {body}"),
+        Mode::Embedded => ensure!(status == 413 && body.contains("too_large"), "{status} {body}"),
+    }
+    let (status, body) = complete(id.clone()).await?;
+    ensure!(status == 409 && body["code"] == "upload_missing", "the refused body was kept: {status} {body}");
+    if mode == Mode::Embedded {
+        // Fewer bytes than declared: stored, but the upload cannot complete with them.
+        let (status, body) = put_upload(&stack, &user, &ticket, wav[..wav.len() - 100].to_vec(), true).await?;
+        ensure!(status == 200, "{status} {body}");
+        let (status, body) = complete(id.clone()).await?;
+        ensure!(status == 400 && body["code"] == "size_mismatch", "{status} {body}");
+    }
+
+    let (status, body) = put_upload(&stack, &user, &ticket, wav.clone(), true).await?;
+    ensure!(status == 200, "{status} {body}");
+    let (status, done) = complete(id.clone()).await?;
+    ensure!(status == 202 && done["state"] == "queued", "{status} {done}");
+
+    // The URL used again after `complete`, with other bytes of the same length: S3 takes
+    // them (the URL is still valid) but they land where nothing reads; the API refuses.
+    let other = vec![b'x'; wav.len()];
+    let (status, body) = put_upload(&stack, &user, &ticket, other, true).await?;
+    match mode {
+        Mode::Distributed => ensure!(status == 200, "{status} {body}"),
+        Mode::Embedded => ensure!(status == 409 && body.contains("upload_completed"), "{status} {body}"),
+    }
+    ensure!(
+        stored_bytes(&stack, &format!("originals/{id}/source")).await? == wav,
+        "the URL changed the original after complete"
+    );
+    wait_ready(&stack, &user, &id, 1).await?;
+    // What the late PUT left is deleted by the reconciler.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = stack.storage.list_prefix("uploads/").await?;
+        if left.is_empty() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "stray upload objects are still stored: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(stored_bytes(&stack, &format!("originals/{id}/source")).await? == wav);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_uploads_are_bound_embedded() -> Result<()> {
+    direct_uploads_are_bound(Mode::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_uploads_are_bound_distributed() -> Result<()> {
+    direct_uploads_are_bound(Mode::Distributed).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
     // No workers: an accepted upload stays queued, which the not-ready check needs.
@@ -582,6 +697,17 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
         .await?;
     let (status, body) = json(response).await?;
     ensure!(status == 413 && body["code"] == "too_large", "chunked: {status} {body}");
+
+    // Text fields are bounded in number and in total size, repeated ones included.
+    let many_tags = vec![("tags", "a"); 40];
+    let (status, body) = upload(&stack, &user, &many_tags, ("song.wav", &wav)).await?;
+    ensure!(status == 413 && body["code"] == "too_large", "{status} {body}");
+    ensure!(body["message"].as_str().is_some_and(|m| m.starts_with("tags:")), "{body}");
+    let long = "d".repeat(15_000);
+    let descriptions = vec![("description", long.as_str()); 5];
+    let (status, body) = upload(&stack, &user, &descriptions, ("song.wav", &wav)).await?;
+    ensure!(status == 413 && body["code"] == "too_large", "{status} {body}");
+    ensure!(body["message"].as_str().is_some_and(|m| m.starts_with("description:")), "{body}");
 
     // Malformed JSON and unknown tracks.
     let (status, body) = json(

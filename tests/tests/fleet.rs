@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use waveline_pipeline::PipelineConfig;
 use waveline_shared::db::{NewTrack, PgOutbox, PgTracks, SYSTEM_USER, TrackRow, Visibility};
-use waveline_shared::domain::{TrackId, TrackState};
+use waveline_shared::domain::{TrackId, TrackState, UserId};
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
 use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
@@ -49,6 +49,11 @@ fn fast_options() -> WorkerOptions {
 
 impl Embedded {
     async fn start(options: WorkerOptions) -> Result<Embedded> {
+        Embedded::start_with(options, |_| {}).await
+    }
+
+    /// Starts with the test context changed by `tweak` (limits, quota, timeouts).
+    async fn start_with(options: WorkerOptions, tweak: impl FnOnce(&mut Context)) -> Result<Embedded> {
         let db = TestDb::new().await?;
         let objects = temp_dir()?;
         let work = temp_dir()?;
@@ -60,7 +65,7 @@ impl Embedded {
         };
         let queue = Arc::new(MemoryQueue::new(policy));
         let tracks = PgTracks::new(db.pool.clone());
-        let context = Arc::new(Context {
+        let mut context = Context {
             tracks: tracks.clone(),
             outbox: PgOutbox::new(db.pool.clone()),
             storage: storage.clone(),
@@ -69,7 +74,11 @@ impl Embedded {
             heartbeat_every: Duration::from_millis(300),
             claims: HeldClaims::default(),
             upload_quota: Duration::from_secs(3 * 3600),
-        });
+            original_max_bytes: 4 << 30,
+            pipeline_timeout: Duration::from_secs(600),
+        };
+        tweak(&mut context);
+        let context = Arc::new(context);
         let stop = CancellationToken::new();
         let worker = {
             let (queue, stop) = (queue.clone() as Arc<dyn JobQueue>, stop.clone());
@@ -84,7 +93,12 @@ impl Embedded {
 
     /// Stores `file` as a new track's original and leaves it `uploaded`.
     async fn upload(&self, file: &Path) -> Result<TrackId> {
-        let track = self.tracks.create(SYSTEM_USER, "test track", TrackState::AwaitingUpload, None).await?;
+        self.upload_as(SYSTEM_USER, file).await
+    }
+
+    /// [`Embedded::upload`] for a track of `owner`.
+    async fn upload_as(&self, owner: UserId, file: &Path) -> Result<TrackId> {
+        let track = self.tracks.create(owner, "test track", TrackState::AwaitingUpload, None).await?;
         let key = format!("originals/{}/source", track.id);
         let bytes = std::fs::read(file)?;
         let size = bytes.len() as i64;
@@ -107,6 +121,18 @@ impl Embedded {
         drop(self.db);
         Ok(())
     }
+}
+
+/// A new ordinary account (one the upload quota applies to).
+async fn create_user(tracks: &PgTracks, name: &str) -> Result<UserId> {
+    let id = UserId::new();
+    sqlx::query("INSERT INTO users (id, email, username) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(format!("{name}@example.com"))
+        .bind(name)
+        .execute(tracks.pool())
+        .await?;
+    Ok(id)
 }
 
 async fn wait_for(tracks: &PgTracks, id: TrackId, want: TrackState, within: Duration) -> Result<TrackRow> {
@@ -202,6 +228,187 @@ async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_over_the_upload_limit_fails_the_track_unread() -> Result<()> {
+    let fleet = Embedded::start_with(fast_options(), |context| context.original_max_bytes = 64 * 1024).await?;
+    let dir = temp_dir()?;
+    // Three seconds of 44.1 kHz stereo: about 530 KB, far over the 64 KiB limit.
+    let id = fleet.upload(&fixture(dir.path(), "long.wav", 3.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("too_large") && track.attempts == 1, "{track:?}");
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
+    // `stop` checks that no temp file is left behind.
+    fleet.stop().await
+}
+
+/// Six tracks of `song` (3 s) against a 5 s quota, all processed at once: one fits, however
+/// the jobs interleave.
+async fn concurrent_jobs_never_admit_more_than_the_quota(song: &Path) -> Result<()> {
+    let options = WorkerOptions { concurrency: 6, ..fast_options() };
+    let fleet = Embedded::start_with(options, |context| context.upload_quota = Duration::from_secs(5)).await?;
+    let owner = create_user(&fleet.tracks, "quota_racer").await?;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(fleet.upload_as(owner, song).await?);
+    }
+    for id in &ids {
+        ensure!(fleet.tracks.enqueue(*id, TrackState::Uploaded).await?);
+    }
+    let mut admitted_ms = 0;
+    let mut ready = 0;
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let track = loop {
+            let track = fleet.tracks.get(*id).await?.context("track")?;
+            if matches!(track.state, TrackState::Ready | TrackState::Failed) {
+                break track;
+            }
+            ensure!(Instant::now() < deadline, "track stayed {}: {track:?}", track.state);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if track.state == TrackState::Ready {
+            ready += 1;
+            let details = fleet.tracks.details(*id).await?.context("details")?;
+            admitted_ms += details.duration_ms.context("a ready track has a duration")?;
+        } else {
+            ensure!(track.error_code.as_deref() == Some("quota_exceeded"), "{track:?}");
+        }
+    }
+    ensure!(admitted_ms <= 5000 && ready == 1, "{ready} tracks ready, {admitted_ms} ms admitted past a 5 s quota");
+    let (_, used_ms) = fleet.tracks.quota_usage(owner, None).await?;
+    ensure!(used_ms == admitted_ms, "the quota counts {used_ms} ms, the ready tracks hold {admitted_ms} ms");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_never_admit_more_than_the_quota_by_declared_duration() -> Result<()> {
+    let dir = temp_dir()?;
+    concurrent_jobs_never_admit_more_than_the_quota(&fixture(dir.path(), "song.wav", 3.0)?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_never_admit_more_than_the_quota_without_a_declared_duration() -> Result<()> {
+    // A streamed WAV: its data chunk's size is 0xFFFFFFFF ("until the end"), so the file
+    // declares no duration and only the decoded one can be admitted.
+    let dir = temp_dir()?;
+    let path = dir.path().join("streamed.wav");
+    audio::write_wav(&path, 1, 2, 44100, 16, &audio::sine_s16(3 * 44100, 2, 44100, 0.5, 0))?;
+    let mut bytes = std::fs::read(&path)?;
+    bytes[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&path, bytes)?;
+    concurrent_jobs_never_admit_more_than_the_quota(&path).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_header_is_refused_by_the_guard_before_anything_else() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let owner = create_user(&fleet.tracks, "hostile").await?;
+    let dir = temp_dir()?;
+    // Mono 8-bit at 8 kHz declaring 4 GiB of samples: 149 hours, in a 1 KiB file (one byte
+    // short of 0xFFFFFFFF, which means "size elsewhere"). The guard refuses it as too long
+    // before any decoder opens it, and before the quota (3 h) is consulted on the duration
+    // it claims.
+    let mut bytes = audio::wav_header(1, 1, 8000, 8, u32::MAX - 1);
+    bytes.resize(1024, 0x80);
+    let path = dir.path().join("hostile.wav");
+    std::fs::write(&path, bytes)?;
+    let id = fleet.upload_as(owner, &path).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("too_long") && track.attempts == 1, "{track:?}");
+    // A guard refusal is bad media: the original is kept.
+    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_the_pipeline_timeout_fails_with_timeout() -> Result<()> {
+    let fleet =
+        Embedded::start_with(fast_options(), |context| context.pipeline_timeout = Duration::from_millis(1)).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 3.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    // `stop` checks that the cancelled run left no temp file.
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_past_the_pipeline_timeout_is_cancelled_and_fails_with_timeout() -> Result<()> {
+    // Long enough to open the file, far too short to encode a minute of audio: the pass is
+    // cancelled between two blocks.
+    let fleet =
+        Embedded::start_with(fast_options(), |context| context.pipeline_timeout = Duration::from_millis(700)).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "long.wav", 60.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let started = Instant::now();
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
+    ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
+    ensure!(started.elapsed() < Duration::from_secs(30), "the cancelled pass ran on for {:?}", started.elapsed());
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_original_fails_the_track_at_once() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
+    fleet.storage.delete(&ObjectKey::parse(format!("originals/{id}/source"))?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
+    ensure!(track.error_code.as_deref() == Some("original_missing") && track.attempts == 1, "{track:?}");
+    ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_database_error_fails_the_track_at_once_with_a_safe_message() -> Result<()> {
+    let fleet = Embedded::start(fast_options()).await?;
+    // The commit's rendition rows are refused: a database error no retry can help.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_renditions() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'renditions refused by the test'; END $$;
+         CREATE TRIGGER refuse_renditions BEFORE INSERT ON renditions
+             FOR EACH ROW EXECUTE FUNCTION refuse_renditions();",
+    )
+    .execute(fleet.tracks.pool())
+    .await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
+    ensure!(track.error_code.as_deref() == Some("internal") && track.attempts == 1, "{track:?}");
+    let message = track.error_message.clone().unwrap_or_default();
+    ensure!(!message.is_empty() && !message.contains("refused by the test"), "database text stored: {message}");
+    ensure!(!message.contains("renditions") && !message.contains("SQL"), "database text stored: {message}");
+    // The renditions the failed run had stored went with it.
+    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_failure_stores_no_temp_path() -> Result<()> {
+    // The worker's temp root does not exist: every attempt fails before the pipeline.
+    let missing = std::env::temp_dir().join(format!("waveline-missing-{}", unique())).join("deeper");
+    let fleet = Embedded::start_with(fast_options(), move |context| context.temp_root = missing).await?;
+    let dir = temp_dir()?;
+    let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
+    ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
+    let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
+    ensure!(track.error_code.as_deref() == Some("retries_exhausted"), "{track:?}");
+    let message = track.error_message.clone().unwrap_or_default();
+    let temp = std::env::temp_dir();
+    ensure!(!message.contains(&*temp.to_string_lossy()) && !message.contains("waveline-missing"), "{message}");
+    ensure!(!message.contains("os error"), "an OS error was stored: {message}");
+    fleet.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_dead_lettered_and_the_worker_goes_on() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
@@ -244,11 +451,11 @@ async fn abandoned_direct_uploads_are_forgotten_with_their_bytes() -> Result<()>
             original_key: format!("originals/{id}/source"),
         };
         let tracks = fleet.tracks.clone();
-        async move { tracks.create_awaiting(&new, expires_at).await.map(|()| id) }
+        async move { tracks.create_awaiting(&new, expires_at, None).await.map(|()| id) }
     };
     // Its URL expired two hours ago, and some bytes arrived: both go.
     let abandoned = direct(chrono::Utc::now() - chrono::Duration::hours(2)).await?;
-    let key = ObjectKey::parse(format!("originals/{abandoned}/source"))?;
+    let key = waveline_shared::storage::upload_key(abandoned);
     fleet
         .storage
         .put(&key, "audio/wav", byte_stream(futures::stream::iter([Ok(bytes::Bytes::from_static(b"RIFF"))])))
@@ -419,10 +626,14 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     migrate(&fleet)?;
     let dir = temp_dir()?;
     let song = fixture(dir.path(), "song.flac", 5.0)?;
-    let notes = dir.path().join("notes.wav");
-    std::fs::write(&notes, "not audio at all")?;
+    // Audio by its first bytes (import sniffs as the API does), but its header declares a
+    // sample rate of 0 Hz: the worker's guard fails it.
+    let broken = dir.path().join("broken.wav");
+    let mut bytes = audio::wav_header(1, 2, 0, 16, 4000);
+    bytes.resize(44 + 4000, 0);
+    std::fs::write(&broken, bytes)?;
     let imported =
-        fleet.json(&["import", song.to_str().unwrap_or_default(), notes.to_str().unwrap_or_default(), "--json"])?;
+        fleet.json(&["import", song.to_str().unwrap_or_default(), broken.to_str().unwrap_or_default(), "--json"])?;
     let ids: Vec<String> = imported["tracks"]
         .as_array()
         .context("tracks")?
@@ -450,7 +661,7 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ready?;
     let failed = failed?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");
-    ensure!(failed.error_code.as_deref() == Some("unsupported_format"), "{failed:?}");
+    ensure!(failed.error_code.as_deref() == Some("corrupt_audio"), "{failed:?}");
     let shown = fleet.json(&["tracks", "show", &ids[0], "--json"])?;
     ensure!(shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(), "{shown}");
     ensure!(shown["renditions"].as_array().is_some_and(|r| r.len() == 4), "{shown}");
@@ -458,7 +669,7 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ensure!(stats["tracks"]["ready"] == 1 && stats["tracks"]["failed"] == 1 && stats["outbox_pending"] == 0, "{stats}");
     let listed = fleet.json(&["tracks", "list", "--state", "failed", "--json"])?;
     ensure!(
-        listed["tracks"].as_array().is_some_and(|t| t.len() == 1 && t[0]["error"]["code"] == "unsupported_format"),
+        listed["tracks"].as_array().is_some_and(|t| t.len() == 1 && t[0]["error"]["code"] == "corrupt_audio"),
         "{listed}"
     );
     // A backlog by filter: the dry run only counts; the real one makes new revisions.
@@ -474,6 +685,53 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     ensure!(again.revision == 2, "{again:?}");
     let stored = keys(&fleet.bucket, &format!("renditions/{}/", ids[0])).await?;
     ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{}/2/", ids[0]))), "{stored:?}");
+    fleet.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_follows_the_rules_of_an_api_upload() -> Result<()> {
+    let fleet = Distributed::new(&[("WAVELINE_FREE_QUOTA_S", "1")]).await?;
+    migrate(&fleet)?;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "First Song.wav", 1.0)?;
+    let song = song.to_str().unwrap_or_default();
+    let notes = dir.path().join("notes.wav");
+    std::fs::write(&notes, "not audio at all, whatever the extension says")?;
+    // Each refusal names the API's code and leaves neither a row nor an object behind.
+    let refused = |args: &[&str], code: &str| -> Result<()> {
+        let output = fleet.command(args).output()?;
+        ensure!(!output.status.success(), "{args:?} was accepted");
+        let stdout: Value = serde_json::from_slice(&output.stdout)?;
+        let error = stdout["tracks"][0]["error"].as_str().unwrap_or_default().to_owned();
+        ensure!(error.starts_with(code), "{args:?}: expected {code}, got {stdout}");
+        Ok(())
+    };
+    refused(&["import", notes.to_str().unwrap_or_default(), "--json"], "not_audio")?;
+    refused(&["import", song, "--title", "   ", "--json"], "invalid_field")?;
+    refused(&["import", song, "--title", "bell\u{7}", "--json"], "invalid_field")?;
+    let owner = create_user(&tracks, "importer").await?;
+    sqlx::query(
+        "INSERT INTO tracks (id, owner_id, title, state, duration_ms) VALUES ($1, $2, 'old', 'uploaded', 2000)",
+    )
+    .bind(TrackId::new())
+    .bind(owner)
+    .execute(&fleet.db.pool)
+    .await?;
+    refused(&["import", song, "--owner", "importer", "--json"], "quota_exceeded")?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks").fetch_one(&fleet.db.pool).await?;
+    ensure!(rows == 1, "{rows} track rows after refused imports");
+    ensure!(keys(&fleet.bucket, "originals/").await?.is_empty(), "objects left by refused imports");
+    // A good import: the title comes from the file name, the row and its job in one go.
+    let imported = fleet.json(&["import", song, "--json"])?;
+    let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
+    let track = tracks.get(id).await?.context("track")?;
+    ensure!(track.state == TrackState::Queued && track.title == "First Song", "{track:?}");
+    ensure!(keys(&fleet.bucket, "originals/").await? == vec![format!("originals/{id}/source")]);
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks WHERE state = 'awaiting_upload'")
+        .fetch_one(&fleet.db.pool)
+        .await?;
+    ensure!(waiting == 0, "an import left an awaiting_upload row");
     fleet.cleanup().await
 }
 
@@ -566,9 +824,19 @@ async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() 
     stop(worker)?;
     let track = failed?;
     ensure!(track.error_code.as_deref() == Some("retries_exhausted") && track.attempts == 3, "{track:?}");
+    // What the owner sees says what went wrong, not where: no host, port or client text.
+    let message = track.error_message.clone().unwrap_or_default();
+    let port = s3.endpoint().rsplit(':').next().unwrap_or_default().to_owned();
+    ensure!(message.contains("storage"), "{message}");
+    for internal in ["127.0.0.1", "localhost", port.as_str(), "dispatch", "error sending request"] {
+        ensure!(!message.contains(internal), "the stored error names {internal:?}: {message}");
+    }
     let dead = fleet.json(&["jobs", "dead", "--json"])?;
     let letters = dead["dead"].as_array().context("dead")?;
     ensure!(letters.len() == 1 && letters[0]["code"] == "retries_exhausted", "{dead}");
+    // Admins read dead letters over HTTP: they carry the same safe text.
+    let reason = letters[0]["reason"].as_str().unwrap_or_default();
+    ensure!(reason.contains("storage") && !reason.contains("127.0.0.1") && !reason.contains(&port), "{dead}");
     ensure!(letters[0]["job"]["track_id"] == id.to_string(), "{dead}");
     // With the storage back, the operator replays it and the track is processed.
     s3.resume()?;

@@ -252,12 +252,22 @@ async fn empty_objects_have_no_ranges(b: &Backend) -> Result<()> {
 
 async fn presigned_uploads_work_where_supported(b: &Backend) -> Result<()> {
     let k = key("uploads/direct/source");
-    let presigned = b.storage.presign_put(&k, "audio/mpeg", std::time::Duration::from_secs(300)).await?;
+    let presigned = b.storage.presign_put(&k, "audio/mpeg", 12, std::time::Duration::from_secs(300)).await?;
+    ensure!(b.storage.presigns() == presigned.is_some());
     match (b.storage.backend(), presigned) {
         ("fs", None) => Ok(()),
         ("s3", Some(upload)) => {
             ensure!(upload.method == "PUT" && upload.url.contains("X-Amz-Signature="), "{upload:?}");
             let client = reqwest::Client::new();
+            // The length is signed: a longer body (sent with its own length) is refused.
+            let mut request = client.put(&upload.url).body(&b"direct bytes and then some"[..]);
+            for (name, value) in upload.headers.iter().filter(|(name, _)| !name.eq_ignore_ascii_case("content-length"))
+            {
+                request = request.header(name, value);
+            }
+            let response = request.send().await?;
+            ensure!(response.status().as_u16() == 403, "a longer body than signed got {}", response.status());
+            ensure!(matches!(b.storage.head(&k).await, Err(StorageError::NotFound { .. })));
             let mut request = client.put(&upload.url).body(&b"direct bytes"[..]);
             for (name, value) in &upload.headers {
                 request = request.header(name, value);
@@ -274,6 +284,23 @@ async fn presigned_uploads_work_where_supported(b: &Backend) -> Result<()> {
         }
         (backend, other) => anyhow::bail!("{backend}: unexpected presign answer {other:?}"),
     }
+}
+
+async fn rename_moves_an_object_whole(b: &Backend) -> Result<()> {
+    let (from, to) = (key("uploads/t1/source"), key("originals/t1/source"));
+    b.storage.put(&to, "application/octet-stream", body_of(&b"old"[..])).await?;
+    b.storage.put(&from, "audio/wav", generated(3 * 1024 * 1024 + 17, 64 * 1024, 7)).await?;
+    let (size, sum) = digest(b.storage.get(&from, None).await?.body).await?;
+    let meta = b.storage.rename(&from, &to).await?;
+    ensure!(meta.size == size, "{meta:?}");
+    ensure!(digest(b.storage.get(&to, None).await?.body).await? == (size, sum), "the moved bytes differ");
+    ensure!(matches!(b.storage.head(&from).await, Err(StorageError::NotFound { .. })), "the source is still there");
+    let missing = b.storage.rename(&from, &key("originals/t2/source")).await;
+    ensure!(matches!(missing, Err(StorageError::NotFound { .. })), "{missing:?}");
+    ensure!(matches!(b.storage.head(&key("originals/t2/source")).await, Err(StorageError::NotFound { .. })));
+    // Nothing of the upload key's directory is left listed.
+    ensure!(b.storage.list_prefix("uploads/").await?.is_empty());
+    Ok(())
 }
 
 macro_rules! contract {
@@ -313,4 +340,5 @@ contract!(
     a_failed_body_leaves_nothing_behind,
     empty_objects_have_no_ranges,
     presigned_uploads_work_where_supported,
+    rename_moves_an_object_whole,
 );

@@ -44,6 +44,12 @@ pub struct Context {
     pub claims: HeldClaims,
     /// The total duration of audio an account may upload (its tier's quota).
     pub upload_quota: Duration,
+    /// The largest original a job downloads (the upload limit): a larger object fails the
+    /// track `too_large` before its bytes are read.
+    pub original_max_bytes: u64,
+    /// How long the pipeline may run on one job (opening the original and the pass); past
+    /// it the track fails `timeout`.
+    pub pipeline_timeout: Duration,
 }
 
 /// How a worker runs.
@@ -168,15 +174,18 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
                 settle(delivery.ack().await);
                 "failed"
             }
-            Some(jobs::Outcome::Retry(reason)) => {
+            Some(jobs::Outcome::Retry { reason, public }) => {
                 tracing::warn!(%reason, "transient failure");
-                match delivery.retry(&reason).await {
+                // The dead letter keeps the safe text (admins read it over HTTP); the detail
+                // is in this log line.
+                match delivery.retry(&public).await {
                     Ok(RetryOutcome::Scheduled { attempt, delay }) => {
                         tracing::info!(next_attempt = attempt, ?delay, "retry scheduled");
                         "retried"
                     }
                     Ok(RetryOutcome::DeadLettered) => {
-                        let message = format!("gave up after {max_attempts} attempts; last error: {reason}");
+                        tracing::error!(%reason, "giving up");
+                        let message = format!("gave up after {max_attempts} attempts; last error: {public}");
                         let failure = Failure { code: "retries_exhausted", message: &message };
                         match context
                             .tracks

@@ -9,12 +9,15 @@
 //!
 //! Both go through the outbox, so the relay publishes them with confirms. It also forgets
 //! direct uploads abandoned for an hour past their URL's expiry: their rows, and whatever
-//! bytes reached storage.
+//! bytes reached storage; and it deletes bytes left under an upload key whose track no
+//! longer awaits them (a URL used again after `complete`, or after the track went).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use waveline_shared::domain::TrackId;
+use waveline_shared::storage::{UPLOADS_PREFIX, original_key, upload_key, upload_track};
 
 use crate::{Context, WorkerOptions};
 
@@ -40,6 +43,7 @@ pub async fn run(context: Arc<Context>, options: WorkerOptions, stop: Cancellati
             Err(err) => tracing::warn!(error = %err, "reconciler pass failed"),
         }
         sweep_abandoned_uploads(&context).await;
+        sweep_stray_upload_objects(&context).await;
     }
 }
 
@@ -57,12 +61,50 @@ pub async fn sweep_abandoned_uploads(context: &Context) -> usize {
         }
     };
     for id in &ids {
-        let prefix = format!("originals/{id}/");
-        match context.storage.delete_prefix(&prefix).await {
-            Ok(removed) => tracing::info!(track = %id, removed, "forgot an abandoned upload"),
-            // The row is gone; a leftover object costs only space.
-            Err(err) => tracing::warn!(track = %id, error = %err, "cannot delete an abandoned upload's objects"),
+        for key in [upload_key(*id), original_key(*id)] {
+            match context.storage.delete(&key).await {
+                Ok(()) => tracing::info!(track = %id, %key, "forgot an abandoned upload"),
+                // The row is gone; a leftover object costs only space.
+                Err(err) => tracing::warn!(track = %id, error = %err, "cannot delete an abandoned upload's objects"),
+            }
         }
     }
     ids.len()
+}
+
+/// Deletes objects under an upload key whose track is not awaiting its upload any more;
+/// returns how many went.
+pub async fn sweep_stray_upload_objects(context: &Context) -> usize {
+    let objects = match context.storage.list_prefix(UPLOADS_PREFIX).await {
+        Ok(objects) => objects,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot list direct-upload objects");
+            return 0;
+        }
+    };
+    if objects.is_empty() {
+        return 0;
+    }
+    let ids: Vec<TrackId> = objects.iter().filter_map(|object| upload_track(&object.key)).collect();
+    let awaiting = match context.tracks.awaiting_upload_among(&ids).await {
+        Ok(awaiting) => awaiting,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot look up direct uploads");
+            return 0;
+        }
+    };
+    let mut removed = 0;
+    for object in objects {
+        if upload_track(&object.key).is_some_and(|id| awaiting.contains(&id)) {
+            continue;
+        }
+        match context.storage.delete(&object.key).await {
+            Ok(()) => {
+                tracing::info!(key = %object.key, "deleted bytes sent to an upload URL after its upload ended");
+                removed += 1;
+            }
+            Err(err) => tracing::warn!(key = %object.key, error = %err, "cannot delete a stray upload object"),
+        }
+    }
+    removed
 }

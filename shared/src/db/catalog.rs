@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{DbError, PgTracks, insert_outbox};
+use super::{Claim, DbError, PgTracks, insert_outbox};
 use crate::domain::{ProcessingStage, TrackId, TrackState, UnknownState, UserId};
 
 /// Who may see a track.
@@ -185,6 +185,17 @@ pub struct Playable {
     pub owner_suspended: bool,
 }
 
+/// How [`PgTracks::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The duration fits (or the owner is exempt); it is now counted against the quota.
+    Admitted,
+    /// It would pass the quota: `used_ms` is what the owner's other tracks hold.
+    OverQuota { used_ms: i64 },
+    /// The claim was lost, or the track is gone: nothing was decided.
+    Stale,
+}
+
 impl PgTracks {
     /// Records an uploaded track and queues it, in one transaction with its outbox message:
     /// the track exists if and only if its job will be published.
@@ -196,9 +207,26 @@ impl PgTracks {
         self.details(new.id).await?.ok_or_else(|| DbError::Invalid(format!("track {} vanished", new.id)))
     }
 
-    /// Records a track whose original the client will upload directly, by `expires_at`.
-    pub async fn create_awaiting(&self, new: &NewTrack, expires_at: DateTime<Utc>) -> Result<(), DbError> {
-        insert_track(&self.pool, new, "awaiting_upload", None, Some(expires_at)).await
+    /// Records a track whose original the client will upload directly, by `expires_at`;
+    /// `declared_size`, the size the client announced, is kept as the original's size until
+    /// the upload completes.
+    pub async fn create_awaiting(
+        &self,
+        new: &NewTrack,
+        expires_at: DateTime<Utc>,
+        declared_size: Option<i64>,
+    ) -> Result<(), DbError> {
+        insert_track(&self.pool, new, "awaiting_upload", declared_size, Some(expires_at)).await
+    }
+
+    /// Those of `ids` that are direct uploads still awaiting their bytes.
+    pub async fn awaiting_upload_among(&self, ids: &[TrackId]) -> Result<Vec<TrackId>, DbError> {
+        let rows: Vec<(TrackId,)> =
+            sqlx::query_as("SELECT id FROM tracks WHERE id = ANY($1) AND state = 'awaiting_upload'")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
     /// Forgets the direct uploads whose URL expired more than `grace` ago without being
@@ -365,11 +393,12 @@ impl PgTracks {
 
     /// For the upload quota: whether `owner` is exempt (the system account of operator
     /// imports), and the total duration of their tracks that have not failed, other than
-    /// `excluding`, in milliseconds. Tracks not processed yet count as 0.
+    /// `excluding`, in milliseconds: the decoded duration of processed tracks, the admitted
+    /// one of tracks in processing ([`PgTracks::admit`]); tracks not admitted yet count as 0.
     pub async fn quota_usage(&self, owner: UserId, excluding: Option<TrackId>) -> Result<(bool, i64), DbError> {
         let row: Option<(bool, i64)> = sqlx::query_as(
             "SELECT u.role = 'system',
-                    coalesce((SELECT sum(t.duration_ms) FROM tracks t
+                    coalesce((SELECT sum(coalesce(t.duration_ms, t.admitted_ms)) FROM tracks t
                               WHERE t.owner_id = u.id AND t.state <> 'failed' AND t.id IS DISTINCT FROM $2), 0)::bigint
              FROM users u WHERE u.id = $1",
         )
@@ -378,6 +407,47 @@ impl PgTracks {
         .fetch_optional(&self.pool)
         .await?;
         row.ok_or_else(|| DbError::Invalid(format!("no user {owner}")))
+    }
+
+    /// Admits `duration_ms` of audio for the track held by `claim` against its owner's quota
+    /// of `quota_ms`, atomically per owner: the owner's row stays locked until the decision
+    /// commits, so concurrent admissions for one owner (any number of workers) take turns,
+    /// and each counts what the others admitted. Admitted, the track's `admitted_ms` holds
+    /// `duration_ms` (replacing what an earlier admission of it reserved).
+    pub async fn admit(&self, claim: &Claim, duration_ms: i64, quota_ms: i64) -> Result<Admission, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let owner: Option<(UserId, bool)> = sqlx::query_as(
+            "SELECT u.id, u.role = 'system' FROM tracks t JOIN users u ON u.id = t.owner_id
+             WHERE t.id = $1 AND t.state = 'processing' AND t.attempts = $2
+             FOR UPDATE OF u",
+        )
+        .bind(claim.track_id)
+        .bind(claim.attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((owner, exempt)) = owner else {
+            return Ok(Admission::Stale);
+        };
+        if !exempt {
+            let used_ms: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(coalesce(duration_ms, admitted_ms)), 0)::bigint FROM tracks
+                 WHERE owner_id = $1 AND state <> 'failed' AND id <> $2",
+            )
+            .bind(owner)
+            .bind(claim.track_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if used_ms.saturating_add(duration_ms) > quota_ms {
+                return Ok(Admission::OverQuota { used_ms });
+            }
+        }
+        sqlx::query("UPDATE tracks SET admitted_ms = $2 WHERE id = $1")
+            .bind(claim.track_id)
+            .bind(duration_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Admission::Admitted)
     }
 
     /// The owner of a track.

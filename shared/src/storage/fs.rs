@@ -177,6 +177,18 @@ impl FsStorage {
         Ok(meta_of(&path, key, &stat))
     }
 
+    /// Removes the directories above `path` left empty, up to the root; a non-empty one
+    /// stops the walk.
+    async fn prune_empty_parents(&self, path: &Path) {
+        let mut dir = path.parent();
+        while let Some(current) = dir {
+            if current == self.root || tokio::fs::remove_dir(current).await.is_err() {
+                break;
+            }
+            dir = current.parent();
+        }
+    }
+
     async fn write_temp(&self, tmp: &Path, content_type: &str, mut body: ByteStream) -> Result<(), StorageError> {
         let mut file = tokio::fs::File::create(tmp).await?;
         while let Some(chunk) = body.next().await {
@@ -323,15 +335,38 @@ impl Storage for FsStorage {
             Err(err) if err.kind() == std::io::ErrorKind::IsADirectory => return Ok(()),
             Err(err) => return Err(err.into()),
         }
-        // Prune directories left empty, up to the root; a non-empty one stops the walk.
-        let mut dir = path.parent();
-        while let Some(current) = dir {
-            if current == self.root || tokio::fs::remove_dir(current).await.is_err() {
-                break;
-            }
-            dir = current.parent();
-        }
+        self.prune_empty_parents(&path).await;
         Ok(())
+    }
+
+    async fn rename(&self, from: &ObjectKey, to: &ObjectKey) -> Result<ObjectMeta, StorageError> {
+        self.hot.forget(from);
+        self.hot.forget(to);
+        let (source, target) = (self.path_of(from), self.path_of(to));
+        match tokio::fs::metadata(&source).await {
+            Ok(stat) if stat.is_file() => {}
+            Ok(_) => return Err(StorageError::NotFound { key: from.to_string() }),
+            Err(err) => return Err(not_found(from)(err)),
+        }
+        let parent = target.parent().unwrap_or(&self.root).to_path_buf();
+        // As in `put`: a concurrent delete may prune the target's parent between the calls.
+        let mut renamed = Ok(());
+        for _ in 0..3 {
+            tokio::fs::create_dir_all(&parent).await?;
+            renamed = tokio::fs::rename(&source, &target).await;
+            match &renamed {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    if tokio::fs::metadata(&source).await.is_err() {
+                        return Err(StorageError::NotFound { key: from.to_string() });
+                    }
+                }
+                _ => break,
+            }
+        }
+        renamed?;
+        self.prune_empty_parents(&source).await;
+        self.hot.forget(to);
+        self.head(to).await
     }
 
     async fn list_prefix(&self, prefix: &str) -> Result<Vec<ObjectSummary>, StorageError> {
@@ -386,6 +421,7 @@ impl Storage for FsStorage {
         &self,
         _key: &ObjectKey,
         _content_type: &str,
+        _size: u64,
         _expires_in: Duration,
     ) -> Result<Option<PresignedUpload>, StorageError> {
         Ok(None)

@@ -195,6 +195,22 @@ impl S3Storage {
     }
 }
 
+/// The largest object one `CopyObject` request moves.
+const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
+
+/// A key as `x-amz-copy-source` wants it: percent-encoded, slashes kept.
+fn encode_key(key: &str) -> String {
+    let mut encoded = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'/') {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
 /// Reads up to one part from `body`; `None` when the body is exhausted.
 async fn fill_part(body: &mut ByteStream, buffer: &mut BytesMut) -> Result<Option<Bytes>, StorageError> {
     while buffer.len() < PART_SIZE {
@@ -411,26 +427,70 @@ impl Storage for S3Storage {
         Ok(objects.len() as u64)
     }
 
+    async fn rename(&self, from: &ObjectKey, to: &ObjectKey) -> Result<ObjectMeta, StorageError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let source = self.head(from).await?;
+            if source.size > MAX_COPY {
+                return Err(StorageError::Config(format!(
+                    "{from} has {} bytes; S3 copies at most {MAX_COPY} in one request",
+                    source.size
+                )));
+            }
+            // Pinned to the version just seen, so the copy is one whole version.
+            let copied = self
+                .client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(to.as_str())
+                .copy_source(format!("{}/{}", self.bucket, encode_key(from.as_str())))
+                .copy_source_if_match(&source.etag)
+                .send()
+                .await;
+            match copied {
+                Ok(_) => break,
+                // Replaced between the HEAD and the copy: look again.
+                Err(err) if attempts < 3 && err.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {}
+                Err(err) => return Err(classify(err, from)),
+            }
+        }
+        self.delete(from).await?;
+        self.head(to).await
+    }
+
+    fn presigns(&self) -> bool {
+        true
+    }
+
     async fn presign_put(
         &self,
         key: &ObjectKey,
         content_type: &str,
+        size: u64,
         expires_in: Duration,
     ) -> Result<Option<PresignedUpload>, StorageError> {
         let config = PresigningConfig::expires_in(expires_in).map_err(|err| StorageError::Config(err.to_string()))?;
+        let length = i64::try_from(size).map_err(|_| StorageError::Config(format!("{size} bytes is too large")))?;
         let request = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key.as_str())
             .content_type(content_type)
+            .content_length(length)
             .presigned(config)
             .await
             .map_err(remote)?;
+        let mut headers: Vec<(String, String)> =
+            request.headers().map(|(name, value)| (name.to_owned(), value.to_owned())).collect();
+        if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
+            headers.push(("content-length".to_owned(), size.to_string()));
+        }
         Ok(Some(PresignedUpload {
             method: request.method().to_owned(),
             url: request.uri().to_owned(),
-            headers: request.headers().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
+            headers,
             expires_at: Utc::now() + expires_in,
         }))
     }
@@ -443,6 +503,12 @@ impl Storage for S3Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_sources_are_encoded() {
+        assert_eq!(encode_key("originals/abc-1/source"), "originals/abc-1/source");
+        assert_eq!(encode_key("a b/ünï+x"), "a%20b/%C3%BCn%C3%AF%2Bx");
+    }
 
     #[test]
     fn content_range_is_read() {

@@ -14,8 +14,10 @@ use crate::Context;
 pub enum Outcome {
     /// Done, or nothing to do (a duplicate, a deleted track): ack.
     Done,
-    /// A transient failure (storage, database, broker): retry with backoff.
-    Retry(String),
+    /// A transient failure (storage, database, broker): retry with backoff. `reason` is for
+    /// operators (logs, dead letters); `public` is what the track may store if the attempts
+    /// run out: no hosts, paths or library text.
+    Retry { reason: String, public: String },
     /// A permanent failure already recorded on the track: ack, never retry.
     Abort { code: &'static str, message: String },
 }

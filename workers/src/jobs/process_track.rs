@@ -2,25 +2,39 @@
 //!
 //! 1. Claim the track (`queued → processing`, attempt + 1); a duplicate or late message finds
 //!    it claimed, finished or gone, and ends at once.
-//! 2. Fetch the original into a temp dir (removed in every case, by `TempDir`'s drop).
-//! 3. Run the pipeline on a blocking thread while this task beats the heartbeat and records
-//!    stage and progress, at most once a second; a heartbeat that finds the claim gone stops
-//!    the job from writing anything further.
-//! 4. Upload everything under `renditions/{track}/{revision}/…` (deterministic keys: a retry
-//!    overwrites, never orphans).
-//! 5. Commit `ready` and the rendition rows in one transaction fenced by the claim, then delete
+//! 2. Fetch the original into a temp dir (removed in every case, by `TempDir`'s drop), at
+//!    most the upload limit of it: a larger object fails the track `too_large`.
+//! 3. Open it with the pipeline: the header guard first (absurd rates, channel counts or
+//!    durations never reach a decoder), then the decoder, once for the whole job.
+//! 4. Admit it against the owner's quota by the duration it declares, atomically per owner
+//!    ([`PgTracks::admit`](waveline_shared::db::PgTracks::admit)), so concurrent workers
+//!    cannot together pass the quota.
+//! 5. Run the pass on a blocking thread while this task beats the heartbeat and records stage
+//!    and progress, at most once a second; a heartbeat that finds the claim gone stops the
+//!    job from writing anything further. Past the pipeline timeout the pass is cancelled and
+//!    the track fails `timeout`.
+//! 6. Admit it again by the duration actually decoded, then upload everything under
+//!    `renditions/{track}/{revision}/…` (deterministic keys: a retry overwrites, never
+//!    orphans).
+//! 7. Commit `ready` and the rendition rows in one transaction fenced by the claim, then delete
 //!    the objects of the revision that was live before.
 //!
-//! Bad media fails the track at once with the pipeline's code; storage, database and
-//! internal failures give the claim back and ask for a retry.
+//! Bad media fails the track at once with the pipeline's code, and so does any error that
+//! says retrying cannot help (`is_permanent()` of storage and database errors); transient
+//! failures give the claim back and ask for a retry. What a track stores as its error is a
+//! code and a message written for its owner: storage and database text, hosts and temp paths
+//! go to the log only.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
-use waveline_pipeline::{Manifest, Progress, Stage};
-use waveline_shared::db::{Claim, Committed, Completion, Failure, RenditionRow};
+use tokio::time::Instant;
+use waveline_pipeline::{Manifest, Opened, PipelineError, Progress, Stage};
+use waveline_shared::db::{Admission, Claim, Committed, Completion, DbError, Failure, RenditionRow};
 use waveline_shared::domain::{ProcessingStage, TrackId};
-use waveline_shared::storage::{ObjectKey, StorageError, byte_stream};
+use waveline_shared::storage::{ObjectKey, StorageError, byte_stream, revision_dir};
 
 use super::Outcome;
 use crate::Context;
@@ -36,21 +50,60 @@ pub struct ProcessTrack {
 /// Why the work stopped.
 #[derive(Debug, thiserror::Error)]
 enum JobError {
+    /// Retrying cannot help: the track fails with `code` and `message` (safe to show).
     #[error("{message}")]
     Permanent { code: &'static str, message: String },
-    #[error("{0}")]
-    Transient(String),
+    /// Worth another attempt. `public` is safe to show; `detail` is for the log.
+    #[error("{detail}")]
+    Transient { public: String, detail: String },
     /// The claim was released or taken over while we worked: someone else owns the track.
     #[error("the claim was lost")]
     ClaimLost,
 }
 
-fn storage_error(context: &str, err: StorageError) -> JobError {
-    JobError::Transient(format!("{context}: {err}"))
+impl JobError {
+    /// A transient failure of our own (temp files, threads): nothing about it is shown.
+    fn internal(detail: impl std::fmt::Display) -> JobError {
+        JobError::Transient {
+            public: "an internal error interrupted the processing".into(),
+            detail: detail.to_string(),
+        }
+    }
 }
 
-fn db_error(context: &str, err: waveline_shared::db::DbError) -> JobError {
-    JobError::Transient(format!("{context}: {err}"))
+/// A storage failure while `doing` something, by whether retrying can help.
+fn storage_error(doing: &str, err: StorageError) -> JobError {
+    if err.is_permanent() {
+        tracing::error!(error = %err, "storage refused {doing}");
+        JobError::Permanent { code: "storage_failed", message: format!("the storage refused {doing} ({})", err.code()) }
+    } else {
+        JobError::Transient {
+            public: format!("the storage was unavailable while {doing}"),
+            detail: format!("{doing}: {err}"),
+        }
+    }
+}
+
+/// A database failure while `doing` something, by whether retrying can help.
+fn db_error(doing: &str, err: DbError) -> JobError {
+    if err.is_permanent() {
+        tracing::error!(error = %err, "the database refused {doing}");
+        JobError::Permanent { code: "internal", message: format!("an internal error stopped {doing}") }
+    } else {
+        JobError::Transient {
+            public: format!("the database was unavailable while {doing}"),
+            detail: format!("{doing}: {err}"),
+        }
+    }
+}
+
+/// A pipeline failure: the pipeline's code and its public message.
+fn pipeline_error(err: PipelineError) -> JobError {
+    if err.is_permanent() {
+        JobError::Permanent { code: err.code(), message: err.public_message() }
+    } else {
+        JobError::Transient { public: err.public_message(), detail: format!("pipeline: {err}") }
+    }
 }
 
 impl ProcessTrack {
@@ -61,7 +114,12 @@ impl ProcessTrack {
                 tracing::info!("track is not queued (a duplicate, late or deleted job): nothing to do");
                 return Outcome::Done;
             }
-            Err(err) => return Outcome::Retry(format!("cannot claim the track: {err}")),
+            Err(err) => {
+                return Outcome::Retry {
+                    reason: format!("cannot claim the track: {err}"),
+                    public: "the database was unavailable".into(),
+                };
+            }
         };
         tracing::info!(attempt = claim.attempt, revision = claim.revision, "claimed");
         context.claims.hold(&claim);
@@ -74,17 +132,30 @@ impl ProcessTrack {
                 Outcome::Done
             }
             Err(JobError::Permanent { code, message }) => {
+                let message = scrub(&message, &context.temp_root);
                 match context.tracks.fail_claimed(&claim, Failure { code, message: &message }).await {
-                    Ok(_) => Outcome::Abort { code, message },
-                    Err(err) => Outcome::Retry(format!("cannot record the failure {code}: {err}")),
+                    Ok(held) => {
+                        // Renditions this revision already stored will never be served. Only
+                        // while the claim was ours: a worker that took it over writes the
+                        // same revision's keys.
+                        let prefix = format!("{}/", revision_dir(claim.track_id, claim.revision));
+                        if held && let Err(err) = context.storage.delete_prefix(&prefix).await {
+                            tracing::warn!(error = %err, "cannot remove the renditions of a failed run");
+                        }
+                        Outcome::Abort { code, message }
+                    }
+                    Err(err) => Outcome::Retry {
+                        reason: format!("cannot record the failure {code}: {err}"),
+                        public: "the database was unavailable".into(),
+                    },
                 }
             }
-            Err(JobError::Transient(reason)) => {
+            Err(JobError::Transient { public, detail }) => {
                 if let Err(err) = context.tracks.release(&claim).await {
                     // The heartbeat will go stale and the reconciler will release it.
                     tracing::warn!(error = %err, "cannot release the claim");
                 }
-                Outcome::Retry(reason)
+                Outcome::Retry { reason: detail, public: scrub(&public, &context.temp_root) }
             }
         }
     }
@@ -93,34 +164,30 @@ impl ProcessTrack {
         let temp = tempfile::Builder::new()
             .prefix("waveline-job-")
             .tempdir_in(&context.temp_root)
-            .map_err(|err| JobError::Transient(format!("cannot make a temp dir: {err}")))?;
+            .map_err(|err| JobError::internal(format!("cannot make a temp dir: {err}")))?;
         let input = temp.path().join("original");
+        let out = temp.path().join("out");
         let original = claim.original_key.as_deref().ok_or_else(|| JobError::Permanent {
             code: "original_missing",
             message: "the track has no original to process".into(),
         })?;
         self.fetch(context, original, &input).await?;
+        // The pipeline's time limit runs from here: opening and the pass share it.
+        let deadline = Instant::now() + context.pipeline_timeout;
+        let opened = self.open(context, &input, deadline).await?;
         // The quota, first by what the file declares (before any decoding), then by what was
         // decoded (before anything is stored).
-        let declared = tokio::task::spawn_blocking({
-            let input = input.clone();
-            move || declared_duration_ms(&input)
-        })
-        .await
-        .ok()
-        .flatten();
-        self.check_quota(context, original, declared).await?;
-
-        let manifest = self.run_pipeline(context, claim, &input, &temp.path().join("out")).await?;
-        self.check_quota(context, original, Some(manifest.source.duration_ms)).await?;
+        self.admit(context, claim, original, opened.declared_duration_ms().unwrap_or(0)).await?;
+        let manifest = self.run_pipeline(context, claim, opened, &out, deadline).await?;
+        self.admit(context, claim, original, manifest.source.duration_ms).await?;
         beat(context, claim, ProcessingStage::Storing, 96).await?;
-        let completion = self.upload(context, claim, &temp.path().join("out"), &manifest).await?;
-        match context.tracks.complete(claim, &completion).await.map_err(|err| db_error("commit", err))? {
+        let completion = self.upload(context, claim, &out, &manifest).await?;
+        match context.tracks.complete(claim, &completion).await.map_err(|err| db_error("committing the track", err))? {
             Committed::Stale => Err(JobError::ClaimLost),
             Committed::Ready { previous_revision } => {
                 tracing::info!(revision = claim.revision, renditions = completion.renditions.len(), "ready");
                 if let Some(old) = previous_revision {
-                    let prefix = format!("renditions/{}/{old}/", claim.track_id);
+                    let prefix = format!("{}/", revision_dir(claim.track_id, old));
                     match context.storage.delete_prefix(&prefix).await {
                         Ok(removed) => {
                             tracing::info!(revision = old, removed, "removed the previous revision")
@@ -136,28 +203,23 @@ impl ProcessTrack {
         }
     }
 
-    /// Fails the track with `quota_exceeded`, deleting its original, when `duration_ms` added
-    /// to what its owner already has would pass the quota.
-    async fn check_quota(&self, context: &Context, original: &str, duration_ms: Option<u64>) -> Result<(), JobError> {
-        let Some(duration_ms) = duration_ms else {
-            return Ok(());
-        };
-        let owner = context
-            .tracks
-            .owner_of(self.track_id)
-            .await
-            .map_err(|err| db_error("owner", err))?
-            .ok_or(JobError::ClaimLost)?;
-        let (exempt, used_ms) =
-            context.tracks.quota_usage(owner, Some(self.track_id)).await.map_err(|err| db_error("quota", err))?;
+    /// Admits `duration_ms` against the owner's quota; over it, fails the track with
+    /// `quota_exceeded`, deleting its original.
+    async fn admit(&self, context: &Context, claim: &Claim, original: &str, duration_ms: u64) -> Result<(), JobError> {
         let quota_ms = context.upload_quota.as_millis() as u64;
-        let used_ms = used_ms.max(0) as u64;
-        if exempt || used_ms + duration_ms <= quota_ms {
-            return Ok(());
-        }
+        let admission = context
+            .tracks
+            .admit(claim, i64::try_from(duration_ms).unwrap_or(i64::MAX), i64::try_from(quota_ms).unwrap_or(i64::MAX))
+            .await
+            .map_err(|err| db_error("checking the upload quota", err))?;
+        let used_ms = match admission {
+            Admission::Admitted => return Ok(()),
+            Admission::Stale => return Err(JobError::ClaimLost),
+            Admission::OverQuota { used_ms } => used_ms.max(0) as u64,
+        };
         tracing::info!(used_ms, duration_ms, quota_ms, "over the upload quota");
-        let key = ObjectKey::parse(original).map_err(|err| JobError::Transient(format!("original key: {err}")))?;
-        context.storage.delete(&key).await.map_err(|err| storage_error("delete the original", err))?;
+        let key = ObjectKey::parse(original).map_err(|err| JobError::internal(format!("original key: {err}")))?;
+        context.storage.delete(&key).await.map_err(|err| storage_error("deleting the original", err))?;
         Err(JobError::Permanent {
             code: "quota_exceeded",
             message: format!(
@@ -170,60 +232,105 @@ impl ProcessTrack {
     }
 
     async fn fetch(&self, context: &Context, key: &str, to: &Path) -> Result<(), JobError> {
-        let key = ObjectKey::parse(key).map_err(|err| JobError::Permanent {
+        let key = ObjectKey::parse(key).map_err(|_| JobError::Permanent {
             code: "original_missing",
-            message: format!("the original's key is invalid: {err}"),
+            message: "the original's storage key is invalid".into(),
         })?;
         let mut read = match context.storage.get(&key, None).await {
             Ok(read) => read,
             Err(StorageError::NotFound { .. }) => {
                 return Err(JobError::Permanent {
                     code: "original_missing",
-                    message: format!("the original {key} is not in storage"),
+                    message: "the original is not in storage".into(),
                 });
             }
             Err(err) => return Err(storage_error("fetching the original", err)),
         };
-        let mut file = tokio::fs::File::create(to).await.map_err(|err| JobError::Transient(err.to_string()))?;
+        let max = context.original_max_bytes;
+        let too_large = |size: u64| JobError::Permanent {
+            code: "too_large",
+            message: format!("the original has {size} bytes or more, over the upload limit of {max} bytes"),
+        };
+        if read.meta.size > max {
+            return Err(too_large(read.meta.size));
+        }
+        let writing = |err: std::io::Error| JobError::internal(format!("writing the original to disk: {err}"));
+        let mut file = tokio::fs::File::create(to).await.map_err(writing)?;
+        let mut received: u64 = 0;
         while let Some(chunk) = read.body.next().await {
             let chunk = chunk.map_err(|err| storage_error("fetching the original", err))?;
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
-                .await
-                .map_err(|err| JobError::Transient(format!("writing the original to disk: {err}")))?;
+            // The size reported up front is the store's word; the bytes are counted too.
+            received += chunk.len() as u64;
+            if received > max {
+                return Err(too_large(received));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.map_err(writing)?;
         }
         // Tokio's `File` finishes writes in the background: without this flush the pipeline,
         // which reads the file with blocking I/O, could see it short or empty.
-        tokio::io::AsyncWriteExt::flush(&mut file)
-            .await
-            .map_err(|err| JobError::Transient(format!("writing the original to disk: {err}")))?;
+        tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(writing)?;
         Ok(())
+    }
+
+    /// The header guard, then the decoder, on a blocking thread, within the time limit.
+    async fn open(&self, context: &Context, input: &Path, deadline: Instant) -> Result<Opened, JobError> {
+        let config = context.pipeline.clone();
+        let input = input.to_path_buf();
+        let span = tracing::Span::current();
+        let opening = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            waveline_pipeline::open(&input, &config)
+        });
+        match tokio::time::timeout_at(deadline, opening).await {
+            Ok(Ok(opened)) => opened.map_err(pipeline_error),
+            Ok(Err(join)) => Err(JobError::internal(format!("the pipeline thread failed: {join}"))),
+            Err(_) => Err(timed_out(context)),
+        }
     }
 
     async fn run_pipeline(
         &self,
         context: &Context,
         claim: &Claim,
-        input: &Path,
+        opened: Opened,
         out: &Path,
+        deadline: Instant,
     ) -> Result<Manifest, JobError> {
         let (progress_tx, mut progress_rx) =
             tokio::sync::watch::channel(Progress { stage: Stage::Probing, fraction: 0.0 });
         let config = context.pipeline.clone();
-        let (input, out) = (input.to_path_buf(), out.to_path_buf());
+        let out = out.to_path_buf();
+        let cancel = Arc::new(AtomicBool::new(false));
         let span = tracing::Span::current();
-        let mut pipeline = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            waveline_pipeline::process(&input, &out, &config, &|progress| {
-                let _ = progress_tx.send(progress);
-            })
+        let mut pipeline = tokio::task::spawn_blocking({
+            let cancel = cancel.clone();
+            move || {
+                let _entered = span.enter();
+                opened.process(
+                    &out,
+                    &config,
+                    &|progress| {
+                        let _ = progress_tx.send(progress);
+                    },
+                    &cancel,
+                )
+            }
         });
         let mut ticker = tokio::time::interval(context.heartbeat_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lost = false;
+        let time_limit = tokio::time::sleep_until(deadline);
+        tokio::pin!(time_limit);
+        let (mut lost, mut timed_out_now) = (false, false);
         let result = loop {
             tokio::select! {
                 result = &mut pipeline => break result,
-                _ = ticker.tick(), if !lost => {
+                // Cancelled, the pass stops at its next block; the loop waits for that, so
+                // nothing is still writing into the temp dir when it is removed.
+                _ = &mut time_limit, if !timed_out_now => {
+                    timed_out_now = true;
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                _ = ticker.tick(), if !lost && !timed_out_now => {
                     let progress = *progress_rx.borrow_and_update();
                     let stage = match progress.stage {
                         Stage::Probing => ProcessingStage::Probing,
@@ -234,6 +341,7 @@ impl ProcessTrack {
                     let percent = (progress.fraction * 95.0).round() as i16;
                     if let Err(JobError::ClaimLost) = beat(context, claim, stage, percent).await {
                         lost = true;
+                        cancel.store(true, Ordering::Relaxed);
                     }
                 }
             }
@@ -243,11 +351,9 @@ impl ProcessTrack {
         }
         match result {
             Ok(Ok(manifest)) => Ok(manifest),
-            Ok(Err(err)) if err.is_permanent() => {
-                Err(JobError::Permanent { code: err.code(), message: err.to_string() })
-            }
-            Ok(Err(err)) => Err(JobError::Transient(format!("pipeline: {err}"))),
-            Err(join) => Err(JobError::Transient(format!("the pipeline thread failed: {join}"))),
+            Ok(Err(PipelineError::Cancelled)) => Err(timed_out(context)),
+            Ok(Err(err)) => Err(pipeline_error(err)),
+            Err(join) => Err(JobError::internal(format!("the pipeline thread failed: {join}"))),
         }
     }
 
@@ -259,20 +365,20 @@ impl ProcessTrack {
         out: &Path,
         manifest: &Manifest,
     ) -> Result<Completion, JobError> {
-        let base = format!("renditions/{}/{}", claim.track_id, claim.revision);
+        let base = revision_dir(claim.track_id, claim.revision);
         let put = |relative: String, key: String| {
             let storage = context.storage.clone();
             let path = out.join(&relative);
             async move {
                 let file = tokio::fs::File::open(&path)
                     .await
-                    .map_err(|err| JobError::Transient(format!("{}: {err}", path.display())))?;
-                let key = ObjectKey::parse(key).map_err(|err| JobError::Transient(err.to_string()))?;
+                    .map_err(|err| JobError::internal(format!("{}: {err}", path.display())))?;
+                let key = ObjectKey::parse(key).map_err(|err| storage_error("storing the renditions", err))?;
                 let body = byte_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
                 storage
                     .put(&key, content_type(&relative), body)
                     .await
-                    .map_err(|err| storage_error("uploading", err))?;
+                    .map_err(|err| storage_error("storing the renditions", err))?;
                 Ok::<String, JobError>(key.to_string())
             }
         };
@@ -286,9 +392,7 @@ impl ProcessTrack {
                 }
                 waveline_pipeline::manifest::RenditionKind::Hls => {
                     let mut keys = Vec::new();
-                    for relative in
-                        files_under(out, &rendition.preset).map_err(|err| JobError::Transient(err.to_string()))?
-                    {
+                    for relative in files_under(out, &rendition.preset).map_err(JobError::internal)? {
                         keys.push(put(relative.clone(), format!("{base}/{relative}")).await?);
                     }
                     (format!("{base}/{}", rendition.path), keys)
@@ -320,8 +424,7 @@ impl ProcessTrack {
             None => None,
         };
         put("manifest.json".into(), format!("{base}/manifest.json")).await?;
-        let to_json =
-            |value: serde_json::Result<serde_json::Value>| value.map_err(|err| JobError::Transient(err.to_string()));
+        let to_json = |value: serde_json::Result<serde_json::Value>| value.map_err(JobError::internal);
         Ok(Completion {
             source: to_json(serde_json::to_value(&manifest.source))?,
             loudness: to_json(serde_json::to_value(&manifest.loudness))?,
@@ -342,13 +445,22 @@ fn minutes(ms: u64) -> String {
     if minutes >= 60 { format!("{} h {:02} min", minutes / 60, minutes % 60) } else { format!("{minutes} min") }
 }
 
-/// The duration the container declares, when it declares one (decoding nothing).
-fn declared_duration_ms(input: &Path) -> Option<u64> {
-    let container = waveline_pipeline::sniff::sniff_file(input).ok()?;
-    let reader = waveline_pipeline::decode::open(input, container).ok()?;
-    let facts = reader.facts();
-    let frames = facts.declared_frames?;
-    (facts.sample_rate > 0).then(|| frames * 1000 / u64::from(facts.sample_rate))
+/// The failure of a job that ran past the pipeline timeout.
+fn timed_out(context: &Context) -> JobError {
+    JobError::Permanent {
+        code: "timeout",
+        message: format!("processing took longer than the limit of {} s", context.pipeline_timeout.as_secs_f64()),
+    }
+}
+
+/// `message` without the worker's temp paths, should any have slipped into it.
+fn scrub(message: &str, temp_root: &Path) -> String {
+    let root = temp_root.to_string_lossy();
+    if root.len() > 1 && message.contains(root.as_ref()) {
+        message.replace(root.as_ref(), "…")
+    } else {
+        message.to_owned()
+    }
 }
 
 /// Records stage and progress; a claim found gone means someone else owns the track now.
