@@ -37,3 +37,7 @@ cargo nextest run --workspace --locked --no-fail-fast
 # them) run alone, one at a time, after everything else.
 echo "== tests that restart shared services, one at a time"
 cargo nextest run --workspace --locked --no-fail-fast --run-ignored only --test-threads 1
+# Contract fuzzing against the OpenAPI document (a short budget; scripts/schemathesis.sh
+# takes a longer one as its argument).
+echo "== schemathesis against /openapi.json, as a user and as an admin"
+scripts/schemathesis.sh "${WAVELINE_SCHEMATHESIS_SECONDS:-45}"

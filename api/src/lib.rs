@@ -145,6 +145,13 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
+    /// This process changed track `id`: its caches let go of it, so the next request here
+    /// sees the change at once (other replicas hear of it through the notification).
+    pub(crate) fn track_changed(&self, id: TrackId) {
+        self.playables.forget(id);
+        self.status_feed.forget(id);
+    }
+
     /// Publishes queued jobs now, in the background, rather than waiting for a worker's
     /// relay pass (which remains the backstop if this fails).
     pub(crate) fn publish_soon(&self) {

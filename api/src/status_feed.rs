@@ -103,6 +103,12 @@ impl StatusFeed {
         self.cache.status(tracks, id).await
     }
 
+    /// Drops what the cache holds of `id`: this process just changed the track, and its next
+    /// read must see the change even before the notification arrives (read-your-writes).
+    pub fn forget(&self, id: TrackId) {
+        self.cache.slots().remove(&id);
+    }
+
     fn relay(&self, change: Change) {
         match &change {
             Change::Status(announced) => self.cache.heard(announced),

@@ -241,16 +241,45 @@ struct TrackPage {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct TrackEdit {
-    /// 1–200 characters.
+    /// 1–200 characters, not only spaces; no control characters but tab and newline.
+    #[oai(validator(
+        max_length = 200,
+        pattern = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*[^\s\uFEFF\u0000-\u001F\u007F-\u009F][^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$"
+    ))]
     title: Option<String>,
-    /// At most 5000 characters.
+    /// At most 5000 characters; no control characters but tab and newline.
+    #[oai(validator(max_length = 5000, pattern = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$"))]
     description: Option<String>,
     /// At most 100 characters; empty clears it.
+    #[oai(validator(max_length = 100, pattern = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$"))]
     genre: Option<String>,
-    /// At most 20 tags of 1–50 characters.
+    /// At most 20 tags of 1–50 characters, not only spaces.
+    #[oai(validator(
+        max_items = 20,
+        max_length = 50,
+        pattern = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*[^\s\uFEFF\u0000-\u001F\u007F-\u009F][^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$"
+    ))]
     tags: Option<Vec<String>>,
-    /// `public` or `private`.
-    visibility: Option<String>,
+    visibility: Option<VisibilityChoice>,
+}
+
+/// Who may see a track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, poem_openapi::Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum VisibilityChoice {
+    /// Everyone.
+    Public,
+    /// Its owner (and admins), and holders of its share link.
+    Private,
+}
+
+impl From<VisibilityChoice> for Visibility {
+    fn from(choice: VisibilityChoice) -> Visibility {
+        match choice {
+            VisibilityChoice::Public => Visibility::Public,
+            VisibilityChoice::Private => Visibility::Private,
+        }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -374,7 +403,7 @@ impl Tracks {
         #[oai(validator(pattern = r"^[a-z0-9_-]{3,30}$"))]
         owner: Query<Option<String>>,
         /// From `next_cursor` of the previous page.
-        #[oai(validator(pattern = r"^-?[0-9]{1,19}\.[0-9a-f]{32}$"))]
+        #[oai(validator(pattern = r"^[0-9]{1,16}\.[0-9a-f]{32}$"))]
         cursor: Query<Option<String>>,
         /// 1–100, default 20.
         #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
@@ -497,12 +526,12 @@ impl Tracks {
                 .map(|g| check_text("genre", g, 0, 100).map(|g| (!g.is_empty()).then_some(g)))
                 .transpose()?,
             tags: edit.tags.as_deref().map(check_tags).transpose()?,
-            visibility: edit.visibility.as_deref().map(check_visibility).transpose()?,
+            visibility: edit.visibility.map(Visibility::from),
         };
         if !self.state.tracks.update_metadata(track.id, &patch).await? {
             return Err(ApiError::not_found("track"));
         }
-        self.state.playables.forget(track.id);
+        self.state.track_changed(track.id);
         let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
         Ok(Json(TrackView::from(track)))
     }
@@ -514,7 +543,7 @@ impl Tracks {
         // The row first: from then on nothing serves or processes it (a worker mid-job loses
         // its claim and cleans up after itself); then the objects.
         self.state.tracks.delete(track.id).await?;
-        self.state.playables.forget(track.id);
+        self.state.track_changed(track.id);
         delete_objects(self.state.storage.as_ref(), track.id).await;
         tracing::info!(track = %track.id, "track deleted");
         Ok(Deleted::Done)
@@ -533,6 +562,7 @@ impl Tracks {
         if !self.state.tracks.enqueue(track.id, track.state).await? {
             return Err(ApiError::conflict("state_changed", "the track changed state meanwhile; try again"));
         }
+        self.state.track_changed(track.id);
         self.state.publish_soon();
         let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
         Ok(Requeued::Accepted(Json(TrackStatus::from(&track))))

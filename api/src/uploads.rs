@@ -696,6 +696,7 @@ impl Uploads {
         if !self.state.tracks.complete_upload(track.id, meta.size as i64).await? {
             return Err(ApiError::conflict("upload_completed", "this upload was completed meanwhile"));
         }
+        self.state.track_changed(track.id);
         self.state.publish_soon();
         let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
         let location = format!("/v1/tracks/{}", track.id);
