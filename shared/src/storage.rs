@@ -84,7 +84,7 @@ impl fmt::Display for ObjectKey {
 /// Where a track's original lives: the key workers read. No URL handed to a client ever
 /// names it, so once an upload is complete nothing outside Waveline can change these bytes.
 pub fn original_key(track: TrackId) -> ObjectKey {
-    ObjectKey(format!("originals/{track}/source"))
+    ObjectKey(format!("{ORIGINALS_PREFIX}{track}/source"))
 }
 
 /// Where the bytes of a direct upload land (the presigned URL, or `PUT /v1/uploads/{id}`)
@@ -93,14 +93,37 @@ pub fn upload_key(track: TrackId) -> ObjectKey {
     ObjectKey(format!("{UPLOADS_PREFIX}{track}/source"))
 }
 
-/// The directory of one revision's renditions, waveform, artwork and manifest, without the
-/// trailing slash: `renditions/{track}/{revision}`.
-pub fn revision_dir(track: TrackId, revision: i32) -> String {
-    format!("renditions/{track}/{revision}")
+/// The prefix of one revision's renditions, waveform, artwork and manifest, with the trailing
+/// slash: `renditions/{track}/{revision}/`.
+pub fn revision_prefix(track: TrackId, revision: i32) -> String {
+    format!("{}{revision}/", renditions_prefix(track))
 }
+
+/// The key of a file the pipeline wrote for one revision, `relative` to its output directory
+/// (`mp3_128/audio.mp3`, `aac_hls/master.m3u8`, `waveform/waveform.json`, …).
+pub fn rendition_key(track: TrackId, revision: i32, relative: &str) -> Result<ObjectKey, StorageError> {
+    ObjectKey::parse(format!("{}{relative}", revision_prefix(track, revision)))
+}
+
+/// The prefix of every revision of a track: `renditions/{track}/`.
+pub fn renditions_prefix(track: TrackId) -> String {
+    format!("{RENDITIONS_PREFIX}{track}/")
+}
+
+/// The prefixes under which every object of a track lies: its original, a direct upload not
+/// yet completed, and every revision's renditions. Deleting a track deletes all three.
+pub fn track_prefixes(track: TrackId) -> [String; 3] {
+    [format!("{ORIGINALS_PREFIX}{track}/"), format!("{UPLOADS_PREFIX}{track}/"), renditions_prefix(track)]
+}
+
+/// The prefix under which every [`original_key`] lies.
+pub const ORIGINALS_PREFIX: &str = "originals/";
 
 /// The prefix under which every [`upload_key`] lies.
 pub const UPLOADS_PREFIX: &str = "uploads/";
+
+/// The prefix under which every [`revision_prefix`] lies.
+pub const RENDITIONS_PREFIX: &str = "renditions/";
 
 /// The track a key under [`UPLOADS_PREFIX`] belongs to.
 pub fn upload_track(key: &ObjectKey) -> Option<TrackId> {

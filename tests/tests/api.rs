@@ -19,7 +19,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
-use waveline_shared::storage::ObjectKey;
+use waveline_shared::storage::{self, ObjectKey, byte_stream};
 use waveline_tests::stack::{
     Mode, Stack, User, header, json, multipart, post_form, register, register_and_login, upload, wait_ready,
 };
@@ -231,7 +231,7 @@ async fn full_flow(mode: Mode) -> Result<()> {
     ensure!(track["title"] == "First Light" && track["owner"]["username"] == "alice", "{track}");
     ensure!(track["tags"] == json!(["ambient", "test"]) && track["visibility"] == "public", "{track}");
     let id = track["id"].as_str().context("id")?.to_owned();
-    let original = stored_bytes(&stack, &format!("originals/{id}/source")).await?;
+    let original = stored_bytes(&stack, storage::original_key(id.parse()?).as_str()).await?;
     ensure!(original == bytes, "the stored original differs from the upload");
 
     // SSE until ready: states in order, progress never going back within a stage.
@@ -496,17 +496,31 @@ async fn full_flow(mode: Mode) -> Result<()> {
     let (status, _) = json(client.get(stack.url("/v1/me")).bearer_auth(&bob.token).send().await?).await?;
     ensure!(status == 401, "a revoked token still works");
 
-    // Deletion removes the row and every object, once the old revision's clean-up is done.
+    // The CLI prints the API's view of a track, the same JSON to the byte.
+    let (status, viewed) = json(client.get(&track_url).bearer_auth(&alice.token).send().await?).await?;
+    ensure!(status == 200, "{status} {viewed}");
+    let shown = stack.cli(&["tracks", "show", &id, "--json"])?;
+    ensure!(shown == viewed, "tracks show --json: {shown}\nGET /v1/tracks/{{id}}: {viewed}");
+    let listed = stack.cli(&["tracks", "list", "--json"])?;
+    let listed = listed["tracks"].as_array().context("tracks")?;
+    ensure!(listed.contains(&viewed), "tracks list --json: {listed:?}\nGET: {viewed}");
+
+    // Deletion removes the row and every object, once the old revision's clean-up is done:
+    // bytes a direct upload left under the upload key go too.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let leftover = storage::upload_key(id.parse()?);
+    let partial = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"partial"))]);
+    stack.storage.put(&leftover, "application/octet-stream", byte_stream(partial)).await?;
     let response = client.delete(&track_url).bearer_auth(&alice.token).send().await?;
     ensure!(response.status() == 204, "{}", response.status());
     let (status, _) = json(client.get(&track_url).bearer_auth(&alice.token).send().await?).await?;
     ensure!(status == 404);
-    for prefix in [format!("originals/{id}/"), format!("renditions/{id}/")] {
+    for prefix in storage::track_prefixes(id.parse()?) {
         let left = stack.storage.list_prefix(&prefix).await?;
         ensure!(left.is_empty(), "objects left after deletion: {left:?}");
     }
-    ensure!(!stack.storage.list_prefix(&format!("renditions/{second}/")).await?.is_empty());
+    let second_prefix = storage::revision_prefix(second.parse()?, 2);
+    ensure!(!stack.storage.list_prefix(&second_prefix).await?.is_empty());
     Ok(())
 }
 
@@ -607,21 +621,21 @@ async fn direct_uploads_are_bound(mode: Mode) -> Result<()> {
         Mode::Embedded => ensure!(status == 409 && body.contains("upload_completed"), "{status} {body}"),
     }
     ensure!(
-        stored_bytes(&stack, &format!("originals/{id}/source")).await? == wav,
+        stored_bytes(&stack, storage::original_key(id.parse()?).as_str()).await? == wav,
         "the URL changed the original after complete"
     );
     wait_ready(&stack, &user, &id, 1).await?;
     // What the late PUT left is deleted by the reconciler.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left = stack.storage.list_prefix("uploads/").await?;
+        let left = stack.storage.list_prefix(storage::UPLOADS_PREFIX).await?;
         if left.is_empty() {
             break;
         }
         ensure!(Instant::now() < deadline, "stray upload objects are still stored: {left:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    ensure!(stored_bytes(&stack, &format!("originals/{id}/source")).await? == wav);
+    ensure!(stored_bytes(&stack, storage::original_key(id.parse()?).as_str()).await? == wav);
     Ok(())
 }
 
@@ -753,7 +767,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
             .fetch_one(&stack.db.pool)
             .await?;
     ensure!(rows == 0, "{rows} track rows left by refused uploads");
-    let objects = stack.storage.list_prefix("originals/").await?;
+    let objects = stack.storage.list_prefix(storage::ORIGINALS_PREFIX).await?;
     ensure!(objects.is_empty(), "objects left by refused uploads: {objects:?}");
 
     // A good upload is accepted; with no worker it stays queued, and its streams say so.

@@ -19,7 +19,9 @@ use waveline_shared::db::{NewTrack, PgOutbox, PgTracks, SYSTEM_USER, TrackRow, V
 use waveline_shared::domain::{TrackId, TrackState, UserId};
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
-use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
+use waveline_shared::storage::{
+    FsStorage, ORIGINALS_PREFIX, ObjectKey, Storage, byte_stream, original_key, renditions_prefix, revision_prefix,
+};
 use waveline_tests::{S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
@@ -99,17 +101,13 @@ impl Embedded {
     /// [`Embedded::upload`] for a track of `owner`.
     async fn upload_as(&self, owner: UserId, file: &Path) -> Result<TrackId> {
         let track = self.tracks.create(owner, "test track", TrackState::AwaitingUpload, None).await?;
-        let key = format!("originals/{}/source", track.id);
+        let key = original_key(track.id);
         let bytes = std::fs::read(file)?;
         let size = bytes.len() as i64;
         self.storage
-            .put(
-                &ObjectKey::parse(key.clone())?,
-                "application/octet-stream",
-                byte_stream(futures::stream::iter([Ok(bytes.into())])),
-            )
+            .put(&key, "application/octet-stream", byte_stream(futures::stream::iter([Ok(bytes.into())])))
             .await?;
-        ensure!(self.tracks.mark_uploaded(track.id, &key, size).await?);
+        ensure!(self.tracks.mark_uploaded(track.id, key.as_str(), size).await?);
         Ok(track.id)
     }
 
@@ -173,7 +171,7 @@ async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result
     ensure!(presets == ["aac_hls", "mp3_128", "opus_64", "preview"], "{presets:?}");
     for rendition in &renditions {
         ensure!(
-            rendition.storage_key.starts_with(&format!("renditions/{id}/1/{}/", rendition.preset)),
+            rendition.storage_key.starts_with(&format!("{}{}/", revision_prefix(id, 1), rendition.preset)),
             "{rendition:?}"
         );
         for key in &rendition.storage_keys {
@@ -184,10 +182,10 @@ async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result
     }
     let hls = renditions.iter().find(|r| r.kind == "hls").context("hls")?;
     ensure!(hls.storage_keys.iter().filter(|k| k.ends_with(".m4s")).count() >= 3, "{hls:?}");
-    let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/1/waveform/")).await?;
+    let stored = keys(fleet.storage.as_ref(), &format!("{}waveform/", revision_prefix(id, 1))).await?;
     ensure!(stored.iter().any(|k| k.ends_with("waveform.json")) && stored.len() == 3, "{stored:?}");
     // The original stays.
-    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    ensure!(fleet.storage.head(&original_key(id)).await.is_ok());
     fleet.stop().await
 }
 
@@ -205,8 +203,8 @@ async fn a_duplicate_message_is_processed_once() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = fleet.tracks.get(id).await?.context("track")?;
     ensure!(after.state == TrackState::Ready && after.attempts == 1 && after.revision == 1, "{track:?} → {after:?}");
-    let revisions = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
-    ensure!(revisions.iter().all(|k| k.starts_with(&format!("renditions/{id}/1/"))), "{revisions:?}");
+    let revisions = keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?;
+    ensure!(revisions.iter().all(|k| k.starts_with(&revision_prefix(id, 1))), "{revisions:?}");
     fleet.stop().await
 }
 
@@ -221,8 +219,8 @@ async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("unsupported_format") && track.attempts == 1, "{track:?}");
     ensure!(track.error_message.as_deref().is_some_and(|m| !m.is_empty()));
-    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(fleet.storage.head(&original_key(id)).await.is_ok());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
     fleet.stop().await
 }
@@ -236,7 +234,7 @@ async fn an_original_over_the_upload_limit_fails_the_track_unread() -> Result<()
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("too_large") && track.attempts == 1, "{track:?}");
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
     // `stop` checks that no temp file is left behind.
     fleet.stop().await
@@ -318,7 +316,7 @@ async fn a_hostile_header_is_refused_by_the_guard_before_anything_else() -> Resu
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("too_long") && track.attempts == 1, "{track:?}");
     // A guard refusal is bad media: the original is kept.
-    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    ensure!(fleet.storage.head(&original_key(id)).await.is_ok());
     fleet.stop().await
 }
 
@@ -331,7 +329,7 @@ async fn a_job_past_the_pipeline_timeout_fails_with_timeout() -> Result<()> {
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     // `stop` checks that the cancelled run left no temp file.
     fleet.stop().await
 }
@@ -349,7 +347,7 @@ async fn a_pass_past_the_pipeline_timeout_is_cancelled_and_fails_with_timeout() 
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
     ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
     ensure!(started.elapsed() < Duration::from_secs(30), "the cancelled pass ran on for {:?}", started.elapsed());
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     fleet.stop().await
 }
 
@@ -358,7 +356,7 @@ async fn a_missing_original_fails_the_track_at_once() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
-    fleet.storage.delete(&ObjectKey::parse(format!("originals/{id}/source"))?).await?;
+    fleet.storage.delete(&original_key(id)).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("original_missing") && track.attempts == 1, "{track:?}");
@@ -387,7 +385,7 @@ async fn a_permanent_database_error_fails_the_track_at_once_with_a_safe_message(
     ensure!(!message.is_empty() && !message.contains("refused by the test"), "database text stored: {message}");
     ensure!(!message.contains("renditions") && !message.contains("SQL"), "database text stored: {message}");
     // The renditions the failed run had stored went with it.
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     fleet.stop().await
 }
 
@@ -448,7 +446,7 @@ async fn abandoned_direct_uploads_are_forgotten_with_their_bytes() -> Result<()>
             genre: None,
             tags: Vec::new(),
             visibility: Visibility::Public,
-            original_key: format!("originals/{id}/source"),
+            original_key: original_key(id).to_string(),
         };
         let tracks = fleet.tracks.clone();
         async move { tracks.create_awaiting(&new, expires_at, None).await.map(|()| id) }
@@ -512,8 +510,8 @@ async fn reprocessing_serves_the_old_revision_until_the_new_one_commits() -> Res
     // The old revision's objects go right after the commit, so give the deletion a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
-        let clean = !stored.is_empty() && stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/2/")));
+        let stored = keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?;
+        let clean = !stored.is_empty() && stored.iter().all(|k| k.starts_with(&revision_prefix(id, 2)));
         if clean {
             break;
         }
@@ -662,9 +660,12 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     let failed = failed?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");
     ensure!(failed.error_code.as_deref() == Some("corrupt_audio"), "{failed:?}");
+    // The API's view of the track: no processing attempts, a stream per progressive preset.
     let shown = fleet.json(&["tracks", "show", &ids[0], "--json"])?;
-    ensure!(shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(), "{shown}");
-    ensure!(shown["renditions"].as_array().is_some_and(|r| r.len() == 4), "{shown}");
+    ensure!(shown["state"] == "ready" && shown["revision"] == 1 && shown["error"].is_null(), "{shown}");
+    ensure!(shown["owner"]["username"] == "system" && shown.get("attempts").is_none(), "{shown}");
+    ensure!(shown["stream_urls"].as_object().is_some_and(|s| s.len() == 3), "{shown}");
+    ensure!(shown["hls_master_url"] == format!("/v1/tracks/{}/hls/master.m3u8", ids[0]), "{shown}");
     let stats = fleet.json(&["jobs", "stats", "--json"])?;
     ensure!(stats["tracks"]["ready"] == 1 && stats["tracks"]["failed"] == 1 && stats["outbox_pending"] == 0, "{stats}");
     let listed = fleet.json(&["tracks", "list", "--state", "failed", "--json"])?;
@@ -683,8 +684,9 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     stop(worker)?;
     let again = again?;
     ensure!(again.revision == 2, "{again:?}");
-    let stored = keys(&fleet.bucket, &format!("renditions/{}/", ids[0])).await?;
-    ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{}/2/", ids[0]))), "{stored:?}");
+    let first: TrackId = ids[0].parse()?;
+    let stored = keys(&fleet.bucket, &renditions_prefix(first)).await?;
+    ensure!(stored.iter().all(|k| k.starts_with(&revision_prefix(first, 2))), "{stored:?}");
     fleet.cleanup().await
 }
 
@@ -721,13 +723,13 @@ async fn import_follows_the_rules_of_an_api_upload() -> Result<()> {
     refused(&["import", song, "--owner", "importer", "--json"], "quota_exceeded")?;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks").fetch_one(&fleet.db.pool).await?;
     ensure!(rows == 1, "{rows} track rows after refused imports");
-    ensure!(keys(&fleet.bucket, "originals/").await?.is_empty(), "objects left by refused imports");
+    ensure!(keys(&fleet.bucket, ORIGINALS_PREFIX).await?.is_empty(), "objects left by refused imports");
     // A good import: the title comes from the file name, the row and its job in one go.
     let imported = fleet.json(&["import", song, "--json"])?;
     let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
     let track = tracks.get(id).await?.context("track")?;
     ensure!(track.state == TrackState::Queued && track.title == "First Song", "{track:?}");
-    ensure!(keys(&fleet.bucket, "originals/").await? == vec![format!("originals/{id}/source")]);
+    ensure!(keys(&fleet.bucket, ORIGINALS_PREFIX).await? == vec![original_key(id).to_string()]);
     let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks WHERE state = 'awaiting_upload'")
         .fetch_one(&fleet.db.pool)
         .await?;
@@ -754,8 +756,8 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
     stop(second)?;
     let track = ready?;
     ensure!(track.attempts == 2 && track.revision == 1, "{track:?}");
-    let stored = keys(&fleet.bucket, &format!("renditions/{id}/")).await?;
-    ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/1/"))), "{stored:?}");
+    let stored = keys(&fleet.bucket, &renditions_prefix(id)).await?;
+    ensure!(stored.iter().all(|k| k.starts_with(&revision_prefix(id, 1))), "{stored:?}");
     let rows = tracks.renditions(id).await?;
     let listed: std::collections::BTreeSet<&String> = rows.iter().flat_map(|r| r.storage_keys.iter()).collect();
     let media: Vec<&String> = stored
