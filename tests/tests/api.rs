@@ -19,11 +19,26 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
-use waveline_shared::storage::{self, ObjectKey, byte_stream};
+use waveline_shared::storage::{self, ObjectKey, Storage as _, byte_stream};
 use waveline_tests::stack::{
     Mode, Stack, User, header, json, multipart, post_form, register, register_and_login, upload, wait_ready,
 };
-use waveline_tests::{S3Server, audio, s3_credentials, temp_dir};
+use waveline_tests::{S3Server, audio, s3_credentials, s3_endpoint, temp_dir};
+
+/// How many `POST /v1/tracks` requests the server's `/metrics` counts as answered, whatever
+/// their status.
+async fn uploads_counted(stack: &Stack) -> Result<u64> {
+    let metrics = reqwest::get(stack.url("/metrics")).await?.text().await?;
+    Ok(metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("waveline_http_requests_total{")
+                && line.contains("method=\"POST\"")
+                && line.contains("route=\"/v1/tracks\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
 
 /// Follows `/events` to its end; returns every event's data.
 async fn follow_events(stack: &Stack, user: &User, id: &str) -> Result<Vec<Value>> {
@@ -507,7 +522,12 @@ async fn full_flow(mode: Mode) -> Result<()> {
 
     // Deletion removes the row and every object, once the old revision's clean-up is done:
     // bytes a direct upload left under the upload key go too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old_revision = storage::revision_prefix(second.parse()?, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stack.storage.list_prefix(&old_revision).await?.is_empty() {
+        ensure!(Instant::now() < deadline, "the reprocessed track's first revision was never removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let leftover = storage::upload_key(id.parse()?);
     let partial = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"partial"))]);
     stack.storage.put(&leftover, "application/octet-stream", byte_stream(partial)).await?;
@@ -755,11 +775,17 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
         user.token,
         body.len()
     )?;
+    let counted = uploads_counted(&stack).await?;
     socket.write_all(&body[..body.len() / 2])?;
     socket.flush()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(socket);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The server has finished with the cut request once its metrics count it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while uploads_counted(&stack).await? == counted {
+        ensure!(Instant::now() < deadline, "the cut-off upload was never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Nothing of all that was kept.
     let rows: i64 =
@@ -868,6 +894,39 @@ async fn every_error_is_json_with_a_code() -> Result<()> {
         ensure!(status == want_status && body["code"] == want_code, "{url}: {status} {body}");
         ensure!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{url}: {body}");
     }
+    Ok(())
+}
+
+/// The queues the broker has, by name (`rabbitmqctl`, as the exclusive restart tests use).
+fn broker_queues() -> Result<Vec<String>> {
+    let output = std::process::Command::new("rabbitmqctl").args(["list_queues", "-q", "name"]).output()?;
+    ensure!(output.status.success(), "rabbitmqctl: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_distributed_stack_leaves_no_bucket_and_no_queue() -> Result<()> {
+    let stack = Stack::start(Mode::Distributed, true, &[]).await?;
+    let setting = |name: &str| stack.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let queue = setting("WAVELINE_QUEUE_NAME").context("queue name")?;
+    let storage_url = setting("WAVELINE_STORAGE").context("storage")?;
+    let bucket = storage_url.strip_prefix("s3://").and_then(|rest| rest.split('?').next()).context("bucket")?;
+    let (access, secret) = s3_credentials();
+    let credentials = waveline_shared::storage::S3Credentials::new(access, secret, None, None, "test");
+    let bucket = waveline_shared::storage::S3Storage::new(bucket, Some(&s3_endpoint()), "us-east-1", credentials);
+    // Both exist while the stack runs: an upload lands in the bucket, the queue is declared.
+    let user = register_and_login(&stack, "dropper").await?;
+    let dir = temp_dir()?;
+    let song = dir.path().join("song.wav");
+    audio::tone(&song, 1.0, 44100, 2, &[])?;
+    let (status, body) = upload(&stack, &user, &[], ("song.wav", &std::fs::read(&song)?)).await?;
+    ensure!(status == 202, "{status} {body}");
+    ensure!(!bucket.list_prefix("").await?.is_empty(), "nothing stored in the stack's bucket");
+    ensure!(broker_queues()?.contains(&queue), "the stack's queue {queue} was never declared");
+    drop(stack);
+    ensure!(bucket.list_prefix("").await.is_err(), "the bucket outlived its stack");
+    let left: Vec<String> = broker_queues()?.into_iter().filter(|name| name.starts_with(&queue)).collect();
+    ensure!(left.is_empty(), "queues outlived their stack: {left:?}");
     Ok(())
 }
 

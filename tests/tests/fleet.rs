@@ -153,6 +153,17 @@ fn fixture(dir: &Path, name: &str, secs: f64) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// How many of `ids` are not ready yet.
+async fn not_ready(tracks: &PgTracks, ids: &[TrackId]) -> Result<usize> {
+    let mut left = 0;
+    for id in ids {
+        if tracks.get(*id).await?.context("the track vanished")?.state != TrackState::Ready {
+            left += 1;
+        }
+    }
+    Ok(left)
+}
+
 /// Every object key under `prefix`.
 async fn keys(storage: &dyn Storage, prefix: &str) -> Result<Vec<String>> {
     Ok(storage.list_prefix(prefix).await?.into_iter().map(|o| o.key.to_string()).collect())
@@ -191,7 +202,7 @@ async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_message_is_processed_once() -> Result<()> {
-    let fleet = Embedded::start(fast_options()).await?;
+    let fleet = Embedded::start(WorkerOptions { concurrency: 1, ..fast_options() }).await?;
     let dir = temp_dir()?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 4.0)?).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
@@ -200,7 +211,12 @@ async fn a_duplicate_message_is_processed_once() -> Result<()> {
     fleet.queue.publish(&duplicate).await?;
     fleet.queue.publish(&duplicate).await?;
     let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A marker track queued behind the duplicates: one job at a time, first in first out, so
+    // once it is ready both duplicates were delivered and settled.
+    let marker = fleet.upload(&fixture(dir.path(), "marker.wav", 1.0)?).await?;
+    ensure!(fleet.tracks.enqueue(marker, TrackState::Uploaded).await?);
+    wait_for(&fleet.tracks, marker, TrackState::Ready, Duration::from_secs(60)).await?;
+    ensure!(fleet.queue.stats().await?.ready == 0, "jobs still waiting after the marker");
     let after = fleet.tracks.get(id).await?.context("track")?;
     ensure!(after.state == TrackState::Ready && after.attempts == 1 && after.revision == 1, "{track:?} → {after:?}");
     let revisions = keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?;
@@ -588,18 +604,11 @@ impl Distributed {
         ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
         Ok(serde_json::from_slice(&output.stdout)?)
     }
+}
 
-    async fn cleanup(self) -> Result<()> {
-        let queue = waveline_shared::queue::AmqpQueue::connect(
-            secrecy::SecretString::from(amqp_url()),
-            waveline_shared::queue::Topology { name: self.queue_name.clone(), expires: None },
-            RetryPolicy::default(),
-        )
-        .await?;
-        queue.delete_topology().await?;
-        self.bucket.destroy_bucket().await?;
-        drop(self.db);
-        Ok(())
+impl Drop for Distributed {
+    fn drop(&mut self) {
+        waveline_tests::remove_distributed(Some(self.bucket.clone()), Some(self.queue_name.clone()));
     }
 }
 
@@ -687,7 +696,7 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     let first: TrackId = ids[0].parse()?;
     let stored = keys(&fleet.bucket, &renditions_prefix(first)).await?;
     ensure!(stored.iter().all(|k| k.starts_with(&revision_prefix(first, 2))), "{stored:?}");
-    fleet.cleanup().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -734,7 +743,7 @@ async fn import_follows_the_rules_of_an_api_upload() -> Result<()> {
         .fetch_one(&fleet.db.pool)
         .await?;
     ensure!(waiting == 0, "an import left an awaiting_upload row");
-    fleet.cleanup().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -765,7 +774,7 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
         .filter(|k| !k.contains("/waveform/") && !k.ends_with("manifest.json") && !k.contains("/artwork/"))
         .collect();
     ensure!(media.iter().all(|k| listed.contains(k)), "objects no rendition row lists: {media:?}");
-    fleet.cleanup().await
+    Ok(())
 }
 
 /// Imports a generated tone of `secs` seconds with the CLI; returns the new track's id.
@@ -806,7 +815,7 @@ async fn storage_outages_are_retried_until_storage_returns() -> Result<()> {
     stop(worker)?;
     let track = ready?;
     ensure!(track.attempts >= 2, "{track:?}");
-    fleet.cleanup().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -848,7 +857,7 @@ async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() 
     let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(60)).await;
     stop(worker)?;
     ready?;
-    fleet.cleanup().await
+    Ok(())
 }
 
 /// Restarts the shared RabbitMQ, so it runs in the exclusive pass of `scripts/test.sh`
@@ -877,9 +886,13 @@ async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Re
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     wait_for(&tracks, ids[0], TrackState::Ready, Duration::from_secs(60)).await?;
-    let restarted = Command::new("rabbitmqctl").args(["stop_app"]).status()?.success()
-        && Command::new("rabbitmqctl").args(["start_app"]).status()?.success();
-    ensure!(restarted, "could not restart RabbitMQ with rabbitmqctl");
+    let stopped = Command::new("rabbitmqctl").args(["stop_app"]).status()?.success();
+    // With the broker down: the backlog must still be draining, or the restart tested nothing.
+    let left = not_ready(&tracks, &ids).await;
+    let started = Command::new("rabbitmqctl").args(["start_app"]).status()?.success();
+    ensure!(stopped && started, "could not restart RabbitMQ with rabbitmqctl");
+    let left = left?;
+    ensure!(left > 0, "every track was ready before the broker went down: the restart met no backlog");
     let mut outcome = Ok(());
     for id in &ids {
         if let Err(err) = wait_for(&tracks, *id, TrackState::Ready, Duration::from_secs(120)).await {
@@ -889,7 +902,7 @@ async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Re
     }
     stop(worker)?;
     outcome?;
-    fleet.cleanup().await
+    Ok(())
 }
 
 /// Restarts the shared PostgreSQL while a worker drains a backlog: the worker's pool
@@ -900,7 +913,7 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
     let fleet = Distributed::new(&[]).await?;
     migrate(&fleet)?;
     let mut ids = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         ids.push(import_tone(&fleet, 4.0)?);
     }
     let worker = fleet.worker()?;
@@ -910,11 +923,14 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
         .max()
         .context("no PostgreSQL cluster under /etc/postgresql")?;
+    // Read just before the restart: the backlog must still be draining, or it tested nothing.
+    let left = not_ready(&tracks, &ids).await?;
     let restarted = Command::new("pg_ctlcluster")
         .args(["--skip-systemctl-redirect", &version, "main", "restart"])
         .status()?
         .success();
     ensure!(restarted, "could not restart PostgreSQL");
+    ensure!(left > 0, "every track was ready before the database restarted: the restart met no backlog");
     let mut outcome = Ok(());
     for id in &ids {
         // The test's own pool reconnects too; a query may fail once right after the restart.
@@ -939,5 +955,5 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
     }
     stop(worker)?;
     outcome?;
-    fleet.cleanup().await
+    Ok(())
 }
