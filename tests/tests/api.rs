@@ -897,6 +897,56 @@ async fn every_error_is_json_with_a_code() -> Result<()> {
     Ok(())
 }
 
+/// Files that are no audio although their container is one audio comes in: the sniffer lets
+/// them through (it reads magic numbers, not streams, and an MP4's `moov` box may come last),
+/// and the worker fails them `unsupported_format` without storing anything but the original,
+/// which stays, as SECURITY.md says.
+async fn containers_without_audio_fail_unsupported_format(mode: Mode) -> Result<()> {
+    let stack = Stack::start(mode, true, &[]).await?;
+    let client = reqwest::Client::new();
+    let user = register_and_login(&stack, "filmmaker").await?;
+    let dir = temp_dir()?;
+    let picture = "testsrc=size=64x48:rate=10";
+    for name in ["video.mp4", "video.mkv"] {
+        let path = dir.path().join(name);
+        let path_text = path.to_str().context("path")?;
+        audio::ffmpeg(&["-f", "lavfi", "-i", picture, "-t", "1", "-c:v", "mpeg4", "-an", path_text])?;
+        let bytes = std::fs::read(&path)?;
+        let (status, track) = upload(&stack, &user, &[], (name, &bytes)).await?;
+        ensure!(status == 202 && track["state"] == "queued", "{name}: {status} {track}");
+        let id = track["id"].as_str().context("id")?.to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let body = loop {
+            let status_url = stack.url(&format!("/v1/tracks/{id}/status"));
+            let (status, body) = json(client.get(status_url).bearer_auth(&user.token).send().await?).await?;
+            ensure!(status == 200, "{name}: {status} {body}");
+            if body["state"] == "failed" || body["state"] == "ready" {
+                break body;
+            }
+            ensure!(Instant::now() < deadline, "{name}: not finished after 60 s: {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        ensure!(body["state"] == "failed" && body["error"]["code"] == "unsupported_format", "{name}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        ensure!(message.contains("no audio stream"), "{name}: {body}");
+        let track_id: TrackId = id.parse()?;
+        ensure!(stored_bytes(&stack, storage::original_key(track_id).as_str()).await? == bytes, "{name}: original");
+        let renditions = stack.storage.list_prefix(&storage::renditions_prefix(track_id)).await?;
+        ensure!(renditions.is_empty(), "{name}: renditions stored: {renditions:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_without_audio_fail_unsupported_format_embedded() -> Result<()> {
+    containers_without_audio_fail_unsupported_format(Mode::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_without_audio_fail_unsupported_format_distributed() -> Result<()> {
+    containers_without_audio_fail_unsupported_format(Mode::Distributed).await
+}
+
 /// The queues the broker has, by name (`rabbitmqctl`, as the exclusive restart tests use).
 fn broker_queues() -> Result<Vec<String>> {
     let output = std::process::Command::new("rabbitmqctl").args(["list_queues", "-q", "name"]).output()?;
