@@ -377,6 +377,24 @@ mod tests {
     }
 
     #[test]
+    fn every_key_of_a_track_lies_under_one_of_its_prefixes() {
+        let (track, other) = (TrackId::new(), TrackId::new());
+        let prefixes = track_prefixes(track);
+        let rendition = rendition_key(track, 2, "mp3_128/audio.mp3").expect("a valid key");
+        assert!(rendition.as_str().starts_with(&revision_prefix(track, 2)));
+        assert!(revision_prefix(track, 2).starts_with(&renditions_prefix(track)));
+        for key in [original_key(track), upload_key(track), rendition] {
+            assert!(prefixes.iter().any(|prefix| key.as_str().starts_with(prefix.as_str())), "{key}");
+        }
+        for key in [original_key(other), upload_key(other), rendition_key(other, 2, "a.mp3").expect("key")] {
+            assert!(!prefixes.iter().any(|prefix| key.as_str().starts_with(prefix.as_str())), "{key}");
+        }
+        // Revision 1's prefix is not a prefix of revision 10's keys.
+        assert!(!rendition_key(track, 10, "a.mp3").expect("key").as_str().starts_with(&revision_prefix(track, 1)));
+        assert!(rendition_key(track, 1, "../escape").is_err());
+    }
+
+    #[test]
     fn ranges_resolve_as_rfc_9110_says() {
         let r = |first, last| Some(ResolvedRange { first, last });
         assert_eq!(ByteRange::Inclusive { first: 0, last: 0 }.resolve(10), r(0, 0));
