@@ -50,6 +50,7 @@ use waveline_shared::queue::JobQueue;
 use waveline_shared::storage::Storage;
 
 pub use error::{ApiError, ErrorBody};
+pub use tracks::TrackView;
 pub use uploads::{LocalUploadLimits, upload_local};
 
 use crate::auth::{Session, Tokens};

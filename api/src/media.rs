@@ -63,18 +63,6 @@ pub enum WaveformFormat {
     Summary,
 }
 
-fn content_type(key: &str) -> &'static str {
-    match key.rsplit('.').next() {
-        Some("mp3") => "audio/mpeg",
-        Some("opus" | "ogg") => "audio/ogg",
-        Some("m4a" | "mp4" | "m4s") => "audio/mp4",
-        Some("aac") => "audio/aac",
-        Some("m3u8") => "application/vnd.apple.mpegurl",
-        Some("json") => "application/json",
-        _ => "application/octet-stream",
-    }
-}
-
 /// A short-lived, per-process cache of what the listening routes look up. A player sends a
 /// run of range requests (and HLS segment requests) for one track; with the cache they cost
 /// one database query per track and preset every [`PLAYABLE_TTL`], not one each.
@@ -262,7 +250,7 @@ impl Media {
             };
             Ok(ObjectSpec {
                 key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
-                content_type: content_type(key),
+                content_type: waveline_media::content_type(key),
                 cache_control: access.cache(playable, 3600),
                 route: "stream",
             })
@@ -284,19 +272,22 @@ impl Media {
             let key = match file {
                 None => master.clone(),
                 Some((variant, file)) => {
-                    let base = master.rsplit_once('/').map_or("", |(base, _)| base);
-                    let key = format!("{base}/{variant}/{file}");
-                    // Only the files the worker recorded: no path can reach anything else.
-                    if !keys.contains(&key) {
-                        return Err(ApiError::not_found("HLS file"));
-                    }
-                    key
+                    // Only the files the worker recorded beside the master: no path can reach
+                    // anything else, and no key is built here.
+                    let dir = master.rsplit_once('/').map_or("", |(dir, _)| dir);
+                    let beside = |key: &&String| {
+                        key.strip_prefix(dir)
+                            .and_then(|rest| rest.strip_prefix('/'))
+                            .and_then(|rest| rest.split_once('/'))
+                            .is_some_and(|found| found == (variant, file))
+                    };
+                    keys.iter().find(beside).cloned().ok_or_else(|| ApiError::not_found("HLS file"))?
                 }
             };
             let playlist = key.ends_with(".m3u8");
             Ok(ObjectSpec {
                 key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
-                content_type: content_type(&key),
+                content_type: waveline_media::content_type(&key),
                 cache_control: access.cache(playable, if playlist { 30 } else { 3600 }),
                 route: "hls",
             })
@@ -438,17 +429,5 @@ impl Media {
             })
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn media_types_follow_the_extension() {
-        assert_eq!(super::content_type("r/t/1/mp3_128/audio.mp3"), "audio/mpeg");
-        assert_eq!(super::content_type("r/t/1/opus_64/audio.opus"), "audio/ogg");
-        assert_eq!(super::content_type("r/t/1/aac_hls/master.m3u8"), "application/vnd.apple.mpegurl");
-        assert_eq!(super::content_type("r/t/1/aac_hls/96k/seg_00001.m4s"), "audio/mp4");
-        assert_eq!(super::content_type("x"), "application/octet-stream");
     }
 }

@@ -153,6 +153,14 @@ pub struct TrackView {
     updated_at: DateTime<Utc>,
 }
 
+impl TrackView {
+    /// The view as the API's JSON: what `GET /v1/tracks/{id}` answers, and what the CLI's
+    /// `tracks show --json` and `tracks list --json` print.
+    pub fn to_json(&self) -> serde_json::Value {
+        poem_openapi::types::ToJSON::to_json(self).unwrap_or_default()
+    }
+}
+
 impl From<TrackDetails> for TrackView {
     fn from(track: TrackDetails) -> TrackView {
         let status = TrackStatus::from(&track);
@@ -337,8 +345,7 @@ pub(crate) fn check_visibility(text: &str) -> Result<Visibility, ApiError> {
 /// A strong ETag: the MD5 of the status's JSON, the same on every replica.
 fn etag_of(status: &TrackStatus) -> String {
     let bytes = serde_json::to_vec(status).unwrap_or_default();
-    let hex: String = Md5::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    format!("\"{hex}\"")
+    format!("\"{:x}\"", Md5::digest(&bytes))
 }
 
 fn encode_cursor((at, id): (DateTime<Utc>, TrackId)) -> String {
@@ -640,10 +647,11 @@ impl Tracks {
     }
 }
 
-/// Removes every object of a track; failures are logged (the row is already gone, and a
-/// leftover object costs only space).
+/// Removes every object of a track (its original, an unfinished direct upload, every
+/// revision); failures are logged (the row is already gone, and a leftover object costs only
+/// space).
 pub(crate) async fn delete_objects(storage: &dyn Storage, id: TrackId) {
-    for prefix in [format!("originals/{id}/"), format!("renditions/{id}/")] {
+    for prefix in waveline_shared::storage::track_prefixes(id) {
         if let Err(err) = storage.delete_prefix(&prefix).await {
             tracing::error!(track = %id, %prefix, error = %err, "could not delete a deleted track's objects");
         }

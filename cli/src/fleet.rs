@@ -215,7 +215,8 @@ pub async fn import(
     let services = Services::connect(settings).await?;
     let owner_id = match owner {
         Some(username) => {
-            services.tracks.user_id(username).await?.with_context(|| format!("no user named {username}"))?
+            let users = db::PgUsers::new(services.tracks.pool().clone());
+            users.by_username(username).await?.with_context(|| format!("no user named {username}"))?.id
         }
         None => SYSTEM_USER,
     };
@@ -264,19 +265,9 @@ async fn import_one(
     services.tracks.get(track.id).await?.context("the track vanished")
 }
 
-fn track_json(track: &TrackRow, renditions: &[db::RenditionRow]) -> Value {
-    json!({
-        "id": track.id,
-        "title": track.title,
-        "state": track.state,
-        "stage": track.stage,
-        "progress": track.progress,
-        "attempts": track.attempts,
-        "revision": track.revision,
-        "error": track.error_code.as_ref().map(|code| json!({"code": code, "message": track.error_message})),
-        "renditions": renditions,
-        "created_at": track.created_at,
-    })
+/// The API's view of a track (`GET /v1/tracks/{id}`), as JSON.
+async fn track_view(tracks: &PgTracks, id: TrackId) -> anyhow::Result<Option<Value>> {
+    Ok(tracks.details(id).await?.map(|details| waveline_api::TrackView::from(details).to_json()))
 }
 
 /// `waveline tracks list`.
@@ -291,7 +282,11 @@ pub async fn tracks_list(
     let rows =
         tracks.list(&TrackFilter { states: states.to_vec(), limit: Some(limit), ..TrackFilter::default() }).await?;
     if json {
-        let list: Vec<Value> = rows.iter().map(|t| track_json(t, &[])).collect();
+        let mut list = Vec::with_capacity(rows.len());
+        for track in &rows {
+            // A track deleted since the listing is left out.
+            list.extend(track_view(&tracks, track.id).await?);
+        }
         println!("{}", json!({"tracks": list}));
     } else {
         for track in &rows {
@@ -309,15 +304,13 @@ pub async fn tracks_list(
 pub async fn tracks_show(settings: &Settings, id: TrackId, json: bool) -> anyhow::Result<ExitCode> {
     let pool = db::connect(settings).await?;
     let tracks = PgTracks::new(pool);
-    let Some(track) = tracks.get(id).await? else {
+    let Some(shown) = track_view(&tracks, id).await? else {
         if json {
             println!("{}", json!({"error": {"code": "not_found", "message": format!("no track {id}")}}));
         }
         eprintln!("waveline tracks show: no track {id}");
         return Ok(ExitCode::from(2));
     };
-    let renditions = tracks.renditions(id).await?;
-    let shown = track_json(&track, &renditions);
     if json {
         println!("{shown}");
     } else {

@@ -1,5 +1,6 @@
 //! `waveline-media`: what media the bytes are, from their first bytes: the container's magic number, never
-//! the file name or a declared `Content-Type`. Shared by the API (which refuses non-audio
+//! the file name or a declared `Content-Type`; and the media type Waveline gives each file it
+//! stores ([`content_type`]). Shared by the API (which refuses non-audio
 //! uploads with 415 before storing them) and the pipeline (which refuses them before any
 //! decoder runs). A leaf crate with no dependencies, so the pipeline keeps depending on nothing
 //! else of ours and the API never depends on the pipeline.
@@ -53,6 +54,28 @@ impl Container {
             Container::Caf => "caf",
             Container::Matroska => "mka",
         }
+    }
+}
+
+/// The media type of a file Waveline stores, from its name's extension: the one table the
+/// worker writes objects with, the API serves them with, and the file store falls back on.
+/// Anything it does not name is `application/octet-stream`.
+pub fn content_type(name: &str) -> &'static str {
+    let extension = name.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase());
+    match extension.as_deref() {
+        // The audio types the ladder writes, named as players expect them.
+        Some("mp3") => "audio/mpeg",
+        Some("opus" | "ogg" | "oga") => "audio/ogg",
+        Some("m4a" | "m4s" | "mp4") => "audio/mp4",
+        Some("aac") => "audio/aac",
+        Some("m3u8") => "application/vnd.apple.mpegurl",
+        Some("json") => "application/json",
+        // Artwork read from the file's tags.
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
     }
 }
 
@@ -116,5 +139,18 @@ mod tests {
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\n"), None);
         assert_eq!(sniff(b"RIFF\0\0\0\0AVI "), None);
         assert_eq!(sniff(b""), None);
+    }
+
+    #[test]
+    fn content_types_follow_the_ladder() {
+        assert_eq!(content_type("r/t/1/mp3_128/audio.mp3"), "audio/mpeg");
+        assert_eq!(content_type("r/t/1/opus_64/audio.opus"), "audio/ogg");
+        assert_eq!(content_type("r/t/1/aac_hls/master.m3u8"), "application/vnd.apple.mpegurl");
+        assert_eq!(content_type("r/t/1/aac_hls/96k/seg_00001.m4s"), "audio/mp4");
+        assert_eq!(content_type("r/t/1/waveform/waveform.json"), "application/json");
+        assert_eq!(content_type("r/t/1/artwork/cover.JPG"), "image/jpeg");
+        assert_eq!(content_type("r/t/1/waveform/waveform.dat"), "application/octet-stream");
+        assert_eq!(content_type("originals/t/source"), "application/octet-stream");
+        assert_eq!(content_type("x"), "application/octet-stream");
     }
 }

@@ -726,14 +726,6 @@ impl PgTracks {
         Ok(rows)
     }
 
-    /// The user with this username.
-    pub async fn user_id(&self, username: &str) -> Result<Option<UserId>, DbError> {
-        Ok(sqlx::query_scalar("SELECT id FROM users WHERE username = $1")
-            .bind(username)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
     /// Removes a track row (and, by cascade, its renditions).
     pub async fn delete(&self, id: TrackId) -> Result<bool, DbError> {
         Ok(sqlx::query("DELETE FROM tracks WHERE id = $1").bind(id).execute(&self.pool).await?.rows_affected() == 1)

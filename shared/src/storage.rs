@@ -84,7 +84,7 @@ impl fmt::Display for ObjectKey {
 /// Where a track's original lives: the key workers read. No URL handed to a client ever
 /// names it, so once an upload is complete nothing outside Waveline can change these bytes.
 pub fn original_key(track: TrackId) -> ObjectKey {
-    ObjectKey(format!("originals/{track}/source"))
+    ObjectKey(format!("{ORIGINALS_PREFIX}{track}/source"))
 }
 
 /// Where the bytes of a direct upload land (the presigned URL, or `PUT /v1/uploads/{id}`)
@@ -93,14 +93,37 @@ pub fn upload_key(track: TrackId) -> ObjectKey {
     ObjectKey(format!("{UPLOADS_PREFIX}{track}/source"))
 }
 
-/// The directory of one revision's renditions, waveform, artwork and manifest, without the
-/// trailing slash: `renditions/{track}/{revision}`.
-pub fn revision_dir(track: TrackId, revision: i32) -> String {
-    format!("renditions/{track}/{revision}")
+/// The prefix of one revision's renditions, waveform, artwork and manifest, with the trailing
+/// slash: `renditions/{track}/{revision}/`.
+pub fn revision_prefix(track: TrackId, revision: i32) -> String {
+    format!("{}{revision}/", renditions_prefix(track))
 }
+
+/// The key of a file the pipeline wrote for one revision, `relative` to its output directory
+/// (`mp3_128/audio.mp3`, `aac_hls/master.m3u8`, `waveform/waveform.json`, …).
+pub fn rendition_key(track: TrackId, revision: i32, relative: &str) -> Result<ObjectKey, StorageError> {
+    ObjectKey::parse(format!("{}{relative}", revision_prefix(track, revision)))
+}
+
+/// The prefix of every revision of a track: `renditions/{track}/`.
+pub fn renditions_prefix(track: TrackId) -> String {
+    format!("{RENDITIONS_PREFIX}{track}/")
+}
+
+/// The prefixes under which every object of a track lies: its original, a direct upload not
+/// yet completed, and every revision's renditions. Deleting a track deletes all three.
+pub fn track_prefixes(track: TrackId) -> [String; 3] {
+    [format!("{ORIGINALS_PREFIX}{track}/"), format!("{UPLOADS_PREFIX}{track}/"), renditions_prefix(track)]
+}
+
+/// The prefix under which every [`original_key`] lies.
+pub const ORIGINALS_PREFIX: &str = "originals/";
 
 /// The prefix under which every [`upload_key`] lies.
 pub const UPLOADS_PREFIX: &str = "uploads/";
+
+/// The prefix under which every [`revision_prefix`] lies.
+pub const RENDITIONS_PREFIX: &str = "renditions/";
 
 /// The track a key under [`UPLOADS_PREFIX`] belongs to.
 pub fn upload_track(key: &ObjectKey) -> Option<TrackId> {
@@ -351,6 +374,24 @@ mod tests {
         assert_eq!(upload_track(&upload), Some(track));
         assert_eq!(upload_track(&original_key(track)), None);
         assert_eq!(upload_track(&ObjectKey::parse("uploads/not-an-id/source").expect("a valid key")), None);
+    }
+
+    #[test]
+    fn every_key_of_a_track_lies_under_one_of_its_prefixes() {
+        let (track, other) = (TrackId::new(), TrackId::new());
+        let prefixes = track_prefixes(track);
+        let rendition = rendition_key(track, 2, "mp3_128/audio.mp3").expect("a valid key");
+        assert!(rendition.as_str().starts_with(&revision_prefix(track, 2)));
+        assert!(revision_prefix(track, 2).starts_with(&renditions_prefix(track)));
+        for key in [original_key(track), upload_key(track), rendition] {
+            assert!(prefixes.iter().any(|prefix| key.as_str().starts_with(prefix.as_str())), "{key}");
+        }
+        for key in [original_key(other), upload_key(other), rendition_key(other, 2, "a.mp3").expect("key")] {
+            assert!(!prefixes.iter().any(|prefix| key.as_str().starts_with(prefix.as_str())), "{key}");
+        }
+        // Revision 1's prefix is not a prefix of revision 10's keys.
+        assert!(!rendition_key(track, 10, "a.mp3").expect("key").as_str().starts_with(&revision_prefix(track, 1)));
+        assert!(rendition_key(track, 1, "../escape").is_err());
     }
 
     #[test]

@@ -132,6 +132,44 @@ impl Drop for TestDb {
     }
 }
 
+/// Removes what a distributed stack made for itself on the shared services: its bucket (every
+/// object, then the bucket) and its queues (the job queue with its retry and dead-letter
+/// queues). Meant for `Drop`: it runs on a thread and runtime of its own, each step bounded,
+/// and it reports failures on stderr rather than panicking.
+pub fn remove_distributed(bucket: Option<S3Storage>, queue_name: Option<String>) {
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async move {
+            let bound = Duration::from_secs(20);
+            if let Some(name) = queue_name {
+                let topology = Topology { name: name.clone(), expires: None };
+                let removed = tokio::time::timeout(bound, async {
+                    let queue = waveline_shared::queue::AmqpQueue::connect(
+                        secrecy::SecretString::from(amqp_url()),
+                        topology,
+                        waveline_shared::queue::RetryPolicy::default(),
+                    )
+                    .await?;
+                    queue.delete_topology().await
+                })
+                .await;
+                if !matches!(removed, Ok(Ok(()))) {
+                    eprintln!("could not delete the test queues {name}: {removed:?}");
+                }
+            }
+            if let Some(bucket) = bucket {
+                let removed = tokio::time::timeout(bound, bucket.destroy_bucket()).await;
+                if !matches!(removed, Ok(Ok(()))) {
+                    eprintln!("could not delete the test bucket {}: {removed:?}", bucket.bucket());
+                }
+            }
+        });
+    });
+    let _ = cleanup.join();
+}
+
 /// A bucket of the test's own on the S3-compatible server.
 pub async fn test_bucket() -> anyhow::Result<S3Storage> {
     let (access_key, secret_key) = s3_credentials();

@@ -30,6 +30,8 @@ pub struct Stack {
     pub storage: Arc<dyn Storage>,
     pub env: Vec<(String, String)>,
     _objects: Option<tempfile::TempDir>,
+    /// The distributed stack's own bucket and queue name, removed when the stack is dropped.
+    distributed: Option<(S3Storage, String)>,
 }
 
 impl Stack {
@@ -41,6 +43,7 @@ impl Stack {
             ("WAVELINE_JWT_SECRET".into(), JWT_SECRET.into()),
             ("WAVELINE_RECONCILE_INTERVAL_S".into(), "1".into()),
         ];
+        let mut distributed = None;
         let (storage, objects): (Arc<dyn Storage>, _) = match mode {
             Mode::Embedded => {
                 let objects = temp_dir()?;
@@ -61,10 +64,12 @@ impl Stack {
                     "WAVELINE_STORAGE".into(),
                     format!("s3://{}?endpoint={}&region=us-east-1", bucket.bucket(), s3_endpoint()),
                 ));
+                let queue_name = format!("wltest.{}", unique());
                 env.push(("WAVELINE_QUEUE".into(), amqp_url()));
-                env.push(("WAVELINE_QUEUE_NAME".into(), format!("wltest.{}", unique())));
+                env.push(("WAVELINE_QUEUE_NAME".into(), queue_name.clone()));
                 env.push(("AWS_ACCESS_KEY_ID".into(), access));
                 env.push(("AWS_SECRET_ACCESS_KEY".into(), secret));
+                distributed = Some((bucket.clone(), queue_name));
                 (Arc::new(bucket), None)
             }
         };
@@ -108,7 +113,7 @@ impl Stack {
             None
         };
         let base = format!("http://127.0.0.1:{port}");
-        Ok(Stack { serve, worker, base, db, storage, env, _objects: objects })
+        Ok(Stack { serve, worker, base, db, storage, env, _objects: objects, distributed })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -139,6 +144,10 @@ impl Drop for Stack {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Once the processes are gone: nothing recreates the queues after this.
+        if let Some((bucket, queue_name)) = self.distributed.take() {
+            crate::remove_distributed(Some(bucket), Some(queue_name));
         }
     }
 }

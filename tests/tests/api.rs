@@ -19,11 +19,26 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use waveline_shared::db::PgTracks;
 use waveline_shared::domain::TrackId;
-use waveline_shared::storage::ObjectKey;
+use waveline_shared::storage::{self, ObjectKey, Storage as _, byte_stream};
 use waveline_tests::stack::{
     Mode, Stack, User, header, json, multipart, post_form, register, register_and_login, upload, wait_ready,
 };
-use waveline_tests::{S3Server, audio, s3_credentials, temp_dir};
+use waveline_tests::{S3Server, audio, s3_credentials, s3_endpoint, temp_dir};
+
+/// How many `POST /v1/tracks` requests the server's `/metrics` counts as answered, whatever
+/// their status.
+async fn uploads_counted(stack: &Stack) -> Result<u64> {
+    let metrics = reqwest::get(stack.url("/metrics")).await?.text().await?;
+    Ok(metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("waveline_http_requests_total{")
+                && line.contains("method=\"POST\"")
+                && line.contains("route=\"/v1/tracks\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
 
 /// Follows `/events` to its end; returns every event's data.
 async fn follow_events(stack: &Stack, user: &User, id: &str) -> Result<Vec<Value>> {
@@ -231,7 +246,7 @@ async fn full_flow(mode: Mode) -> Result<()> {
     ensure!(track["title"] == "First Light" && track["owner"]["username"] == "alice", "{track}");
     ensure!(track["tags"] == json!(["ambient", "test"]) && track["visibility"] == "public", "{track}");
     let id = track["id"].as_str().context("id")?.to_owned();
-    let original = stored_bytes(&stack, &format!("originals/{id}/source")).await?;
+    let original = stored_bytes(&stack, storage::original_key(id.parse()?).as_str()).await?;
     ensure!(original == bytes, "the stored original differs from the upload");
 
     // SSE until ready: states in order, progress never going back within a stage.
@@ -496,17 +511,36 @@ async fn full_flow(mode: Mode) -> Result<()> {
     let (status, _) = json(client.get(stack.url("/v1/me")).bearer_auth(&bob.token).send().await?).await?;
     ensure!(status == 401, "a revoked token still works");
 
-    // Deletion removes the row and every object, once the old revision's clean-up is done.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The CLI prints the API's view of a track, the same JSON to the byte.
+    let (status, viewed) = json(client.get(&track_url).bearer_auth(&alice.token).send().await?).await?;
+    ensure!(status == 200, "{status} {viewed}");
+    let shown = stack.cli(&["tracks", "show", &id, "--json"])?;
+    ensure!(shown == viewed, "tracks show --json: {shown}\nGET /v1/tracks/{{id}}: {viewed}");
+    let listed = stack.cli(&["tracks", "list", "--json"])?;
+    let listed = listed["tracks"].as_array().context("tracks")?;
+    ensure!(listed.contains(&viewed), "tracks list --json: {listed:?}\nGET: {viewed}");
+
+    // Deletion removes the row and every object, once the old revision's clean-up is done:
+    // bytes a direct upload left under the upload key go too.
+    let old_revision = storage::revision_prefix(second.parse()?, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stack.storage.list_prefix(&old_revision).await?.is_empty() {
+        ensure!(Instant::now() < deadline, "the reprocessed track's first revision was never removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leftover = storage::upload_key(id.parse()?);
+    let partial = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"partial"))]);
+    stack.storage.put(&leftover, "application/octet-stream", byte_stream(partial)).await?;
     let response = client.delete(&track_url).bearer_auth(&alice.token).send().await?;
     ensure!(response.status() == 204, "{}", response.status());
     let (status, _) = json(client.get(&track_url).bearer_auth(&alice.token).send().await?).await?;
     ensure!(status == 404);
-    for prefix in [format!("originals/{id}/"), format!("renditions/{id}/")] {
+    for prefix in storage::track_prefixes(id.parse()?) {
         let left = stack.storage.list_prefix(&prefix).await?;
         ensure!(left.is_empty(), "objects left after deletion: {left:?}");
     }
-    ensure!(!stack.storage.list_prefix(&format!("renditions/{second}/")).await?.is_empty());
+    let second_prefix = storage::revision_prefix(second.parse()?, 2);
+    ensure!(!stack.storage.list_prefix(&second_prefix).await?.is_empty());
     Ok(())
 }
 
@@ -607,21 +641,21 @@ async fn direct_uploads_are_bound(mode: Mode) -> Result<()> {
         Mode::Embedded => ensure!(status == 409 && body.contains("upload_completed"), "{status} {body}"),
     }
     ensure!(
-        stored_bytes(&stack, &format!("originals/{id}/source")).await? == wav,
+        stored_bytes(&stack, storage::original_key(id.parse()?).as_str()).await? == wav,
         "the URL changed the original after complete"
     );
     wait_ready(&stack, &user, &id, 1).await?;
     // What the late PUT left is deleted by the reconciler.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left = stack.storage.list_prefix("uploads/").await?;
+        let left = stack.storage.list_prefix(storage::UPLOADS_PREFIX).await?;
         if left.is_empty() {
             break;
         }
         ensure!(Instant::now() < deadline, "stray upload objects are still stored: {left:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    ensure!(stored_bytes(&stack, &format!("originals/{id}/source")).await? == wav);
+    ensure!(stored_bytes(&stack, storage::original_key(id.parse()?).as_str()).await? == wav);
     Ok(())
 }
 
@@ -741,11 +775,17 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
         user.token,
         body.len()
     )?;
+    let counted = uploads_counted(&stack).await?;
     socket.write_all(&body[..body.len() / 2])?;
     socket.flush()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(socket);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The server has finished with the cut request once its metrics count it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while uploads_counted(&stack).await? == counted {
+        ensure!(Instant::now() < deadline, "the cut-off upload was never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Nothing of all that was kept.
     let rows: i64 =
@@ -753,7 +793,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
             .fetch_one(&stack.db.pool)
             .await?;
     ensure!(rows == 0, "{rows} track rows left by refused uploads");
-    let objects = stack.storage.list_prefix("originals/").await?;
+    let objects = stack.storage.list_prefix(storage::ORIGINALS_PREFIX).await?;
     ensure!(objects.is_empty(), "objects left by refused uploads: {objects:?}");
 
     // A good upload is accepted; with no worker it stays queued, and its streams say so.
@@ -854,6 +894,89 @@ async fn every_error_is_json_with_a_code() -> Result<()> {
         ensure!(status == want_status && body["code"] == want_code, "{url}: {status} {body}");
         ensure!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{url}: {body}");
     }
+    Ok(())
+}
+
+/// Files that are no audio although their container is one audio comes in: the sniffer lets
+/// them through (it reads magic numbers, not streams, and an MP4's `moov` box may come last),
+/// and the worker fails them `unsupported_format` without storing anything but the original,
+/// which stays, as SECURITY.md says.
+async fn containers_without_audio_fail_unsupported_format(mode: Mode) -> Result<()> {
+    let stack = Stack::start(mode, true, &[]).await?;
+    let client = reqwest::Client::new();
+    let user = register_and_login(&stack, "filmmaker").await?;
+    let dir = temp_dir()?;
+    let picture = "testsrc=size=64x48:rate=10";
+    for name in ["video.mp4", "video.mkv"] {
+        let path = dir.path().join(name);
+        let path_text = path.to_str().context("path")?;
+        audio::ffmpeg(&["-f", "lavfi", "-i", picture, "-t", "1", "-c:v", "mpeg4", "-an", path_text])?;
+        let bytes = std::fs::read(&path)?;
+        let (status, track) = upload(&stack, &user, &[], (name, &bytes)).await?;
+        ensure!(status == 202 && track["state"] == "queued", "{name}: {status} {track}");
+        let id = track["id"].as_str().context("id")?.to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let body = loop {
+            let status_url = stack.url(&format!("/v1/tracks/{id}/status"));
+            let (status, body) = json(client.get(status_url).bearer_auth(&user.token).send().await?).await?;
+            ensure!(status == 200, "{name}: {status} {body}");
+            if body["state"] == "failed" || body["state"] == "ready" {
+                break body;
+            }
+            ensure!(Instant::now() < deadline, "{name}: not finished after 60 s: {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        ensure!(body["state"] == "failed" && body["error"]["code"] == "unsupported_format", "{name}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        ensure!(message.contains("no audio stream"), "{name}: {body}");
+        let track_id: TrackId = id.parse()?;
+        ensure!(stored_bytes(&stack, storage::original_key(track_id).as_str()).await? == bytes, "{name}: original");
+        let renditions = stack.storage.list_prefix(&storage::renditions_prefix(track_id)).await?;
+        ensure!(renditions.is_empty(), "{name}: renditions stored: {renditions:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_without_audio_fail_unsupported_format_embedded() -> Result<()> {
+    containers_without_audio_fail_unsupported_format(Mode::Embedded).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_without_audio_fail_unsupported_format_distributed() -> Result<()> {
+    containers_without_audio_fail_unsupported_format(Mode::Distributed).await
+}
+
+/// The queues the broker has, by name (`rabbitmqctl`, as the exclusive restart tests use).
+fn broker_queues() -> Result<Vec<String>> {
+    let output = std::process::Command::new("rabbitmqctl").args(["list_queues", "-q", "name"]).output()?;
+    ensure!(output.status.success(), "rabbitmqctl: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_distributed_stack_leaves_no_bucket_and_no_queue() -> Result<()> {
+    let stack = Stack::start(Mode::Distributed, true, &[]).await?;
+    let setting = |name: &str| stack.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let queue = setting("WAVELINE_QUEUE_NAME").context("queue name")?;
+    let storage_url = setting("WAVELINE_STORAGE").context("storage")?;
+    let bucket = storage_url.strip_prefix("s3://").and_then(|rest| rest.split('?').next()).context("bucket")?;
+    let (access, secret) = s3_credentials();
+    let credentials = waveline_shared::storage::S3Credentials::new(access, secret, None, None, "test");
+    let bucket = waveline_shared::storage::S3Storage::new(bucket, Some(&s3_endpoint()), "us-east-1", credentials);
+    // Both exist while the stack runs: an upload lands in the bucket, the queue is declared.
+    let user = register_and_login(&stack, "dropper").await?;
+    let dir = temp_dir()?;
+    let song = dir.path().join("song.wav");
+    audio::tone(&song, 1.0, 44100, 2, &[])?;
+    let (status, body) = upload(&stack, &user, &[], ("song.wav", &std::fs::read(&song)?)).await?;
+    ensure!(status == 202, "{status} {body}");
+    ensure!(!bucket.list_prefix("").await?.is_empty(), "nothing stored in the stack's bucket");
+    ensure!(broker_queues()?.contains(&queue), "the stack's queue {queue} was never declared");
+    drop(stack);
+    ensure!(bucket.list_prefix("").await.is_err(), "the bucket outlived its stack");
+    let left: Vec<String> = broker_queues()?.into_iter().filter(|name| name.starts_with(&queue)).collect();
+    ensure!(left.is_empty(), "queues outlived their stack: {left:?}");
     Ok(())
 }
 

@@ -19,7 +19,9 @@ use waveline_shared::db::{NewTrack, PgOutbox, PgTracks, SYSTEM_USER, TrackRow, V
 use waveline_shared::domain::{TrackId, TrackState, UserId};
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
-use waveline_shared::storage::{FsStorage, ObjectKey, Storage, byte_stream};
+use waveline_shared::storage::{
+    FsStorage, ORIGINALS_PREFIX, ObjectKey, Storage, byte_stream, original_key, renditions_prefix, revision_prefix,
+};
 use waveline_tests::{S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
@@ -99,17 +101,13 @@ impl Embedded {
     /// [`Embedded::upload`] for a track of `owner`.
     async fn upload_as(&self, owner: UserId, file: &Path) -> Result<TrackId> {
         let track = self.tracks.create(owner, "test track", TrackState::AwaitingUpload, None).await?;
-        let key = format!("originals/{}/source", track.id);
+        let key = original_key(track.id);
         let bytes = std::fs::read(file)?;
         let size = bytes.len() as i64;
         self.storage
-            .put(
-                &ObjectKey::parse(key.clone())?,
-                "application/octet-stream",
-                byte_stream(futures::stream::iter([Ok(bytes.into())])),
-            )
+            .put(&key, "application/octet-stream", byte_stream(futures::stream::iter([Ok(bytes.into())])))
             .await?;
-        ensure!(self.tracks.mark_uploaded(track.id, &key, size).await?);
+        ensure!(self.tracks.mark_uploaded(track.id, key.as_str(), size).await?);
         Ok(track.id)
     }
 
@@ -155,6 +153,17 @@ fn fixture(dir: &Path, name: &str, secs: f64) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// How many of `ids` are not ready yet.
+async fn not_ready(tracks: &PgTracks, ids: &[TrackId]) -> Result<usize> {
+    let mut left = 0;
+    for id in ids {
+        if tracks.get(*id).await?.context("the track vanished")?.state != TrackState::Ready {
+            left += 1;
+        }
+    }
+    Ok(left)
+}
+
 /// Every object key under `prefix`.
 async fn keys(storage: &dyn Storage, prefix: &str) -> Result<Vec<String>> {
     Ok(storage.list_prefix(prefix).await?.into_iter().map(|o| o.key.to_string()).collect())
@@ -173,7 +182,7 @@ async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result
     ensure!(presets == ["aac_hls", "mp3_128", "opus_64", "preview"], "{presets:?}");
     for rendition in &renditions {
         ensure!(
-            rendition.storage_key.starts_with(&format!("renditions/{id}/1/{}/", rendition.preset)),
+            rendition.storage_key.starts_with(&format!("{}{}/", revision_prefix(id, 1), rendition.preset)),
             "{rendition:?}"
         );
         for key in &rendition.storage_keys {
@@ -184,16 +193,16 @@ async fn an_uploaded_track_becomes_ready_with_every_rendition_stored() -> Result
     }
     let hls = renditions.iter().find(|r| r.kind == "hls").context("hls")?;
     ensure!(hls.storage_keys.iter().filter(|k| k.ends_with(".m4s")).count() >= 3, "{hls:?}");
-    let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/1/waveform/")).await?;
+    let stored = keys(fleet.storage.as_ref(), &format!("{}waveform/", revision_prefix(id, 1))).await?;
     ensure!(stored.iter().any(|k| k.ends_with("waveform.json")) && stored.len() == 3, "{stored:?}");
     // The original stays.
-    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    ensure!(fleet.storage.head(&original_key(id)).await.is_ok());
     fleet.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_message_is_processed_once() -> Result<()> {
-    let fleet = Embedded::start(fast_options()).await?;
+    let fleet = Embedded::start(WorkerOptions { concurrency: 1, ..fast_options() }).await?;
     let dir = temp_dir()?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 4.0)?).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
@@ -202,11 +211,16 @@ async fn a_duplicate_message_is_processed_once() -> Result<()> {
     fleet.queue.publish(&duplicate).await?;
     fleet.queue.publish(&duplicate).await?;
     let track = wait_for(&fleet.tracks, id, TrackState::Ready, Duration::from_secs(60)).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A marker track queued behind the duplicates: one job at a time, first in first out, so
+    // once it is ready both duplicates were delivered and settled.
+    let marker = fleet.upload(&fixture(dir.path(), "marker.wav", 1.0)?).await?;
+    ensure!(fleet.tracks.enqueue(marker, TrackState::Uploaded).await?);
+    wait_for(&fleet.tracks, marker, TrackState::Ready, Duration::from_secs(60)).await?;
+    ensure!(fleet.queue.stats().await?.ready == 0, "jobs still waiting after the marker");
     let after = fleet.tracks.get(id).await?.context("track")?;
     ensure!(after.state == TrackState::Ready && after.attempts == 1 && after.revision == 1, "{track:?} → {after:?}");
-    let revisions = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
-    ensure!(revisions.iter().all(|k| k.starts_with(&format!("renditions/{id}/1/"))), "{revisions:?}");
+    let revisions = keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?;
+    ensure!(revisions.iter().all(|k| k.starts_with(&revision_prefix(id, 1))), "{revisions:?}");
     fleet.stop().await
 }
 
@@ -221,8 +235,8 @@ async fn bad_media_fails_at_once_and_keeps_the_original() -> Result<()> {
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("unsupported_format") && track.attempts == 1, "{track:?}");
     ensure!(track.error_message.as_deref().is_some_and(|m| !m.is_empty()));
-    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(fleet.storage.head(&original_key(id)).await.is_ok());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
     fleet.stop().await
 }
@@ -236,7 +250,7 @@ async fn an_original_over_the_upload_limit_fails_the_track_unread() -> Result<()
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("too_large") && track.attempts == 1, "{track:?}");
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     ensure!(fleet.queue.stats().await?.dead == 0, "a permanent failure is not a dead letter");
     // `stop` checks that no temp file is left behind.
     fleet.stop().await
@@ -318,7 +332,7 @@ async fn a_hostile_header_is_refused_by_the_guard_before_anything_else() -> Resu
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("too_long") && track.attempts == 1, "{track:?}");
     // A guard refusal is bad media: the original is kept.
-    ensure!(fleet.storage.head(&ObjectKey::parse(format!("originals/{id}/source"))?).await.is_ok());
+    ensure!(fleet.storage.head(&original_key(id)).await.is_ok());
     fleet.stop().await
 }
 
@@ -331,7 +345,7 @@ async fn a_job_past_the_pipeline_timeout_fails_with_timeout() -> Result<()> {
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     // `stop` checks that the cancelled run left no temp file.
     fleet.stop().await
 }
@@ -349,7 +363,7 @@ async fn a_pass_past_the_pipeline_timeout_is_cancelled_and_fails_with_timeout() 
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(60)).await?;
     ensure!(track.error_code.as_deref() == Some("timeout") && track.attempts == 1, "{track:?}");
     ensure!(started.elapsed() < Duration::from_secs(30), "the cancelled pass ran on for {:?}", started.elapsed());
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     fleet.stop().await
 }
 
@@ -358,7 +372,7 @@ async fn a_missing_original_fails_the_track_at_once() -> Result<()> {
     let fleet = Embedded::start(fast_options()).await?;
     let dir = temp_dir()?;
     let id = fleet.upload(&fixture(dir.path(), "song.wav", 1.0)?).await?;
-    fleet.storage.delete(&ObjectKey::parse(format!("originals/{id}/source"))?).await?;
+    fleet.storage.delete(&original_key(id)).await?;
     ensure!(fleet.tracks.enqueue(id, TrackState::Uploaded).await?);
     let track = wait_for(&fleet.tracks, id, TrackState::Failed, Duration::from_secs(30)).await?;
     ensure!(track.error_code.as_deref() == Some("original_missing") && track.attempts == 1, "{track:?}");
@@ -387,7 +401,7 @@ async fn a_permanent_database_error_fails_the_track_at_once_with_a_safe_message(
     ensure!(!message.is_empty() && !message.contains("refused by the test"), "database text stored: {message}");
     ensure!(!message.contains("renditions") && !message.contains("SQL"), "database text stored: {message}");
     // The renditions the failed run had stored went with it.
-    ensure!(keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?.is_empty());
+    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
     fleet.stop().await
 }
 
@@ -448,7 +462,7 @@ async fn abandoned_direct_uploads_are_forgotten_with_their_bytes() -> Result<()>
             genre: None,
             tags: Vec::new(),
             visibility: Visibility::Public,
-            original_key: format!("originals/{id}/source"),
+            original_key: original_key(id).to_string(),
         };
         let tracks = fleet.tracks.clone();
         async move { tracks.create_awaiting(&new, expires_at, None).await.map(|()| id) }
@@ -512,8 +526,8 @@ async fn reprocessing_serves_the_old_revision_until_the_new_one_commits() -> Res
     // The old revision's objects go right after the commit, so give the deletion a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let stored = keys(fleet.storage.as_ref(), &format!("renditions/{id}/")).await?;
-        let clean = !stored.is_empty() && stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/2/")));
+        let stored = keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?;
+        let clean = !stored.is_empty() && stored.iter().all(|k| k.starts_with(&revision_prefix(id, 2)));
         if clean {
             break;
         }
@@ -590,18 +604,11 @@ impl Distributed {
         ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
         Ok(serde_json::from_slice(&output.stdout)?)
     }
+}
 
-    async fn cleanup(self) -> Result<()> {
-        let queue = waveline_shared::queue::AmqpQueue::connect(
-            secrecy::SecretString::from(amqp_url()),
-            waveline_shared::queue::Topology { name: self.queue_name.clone(), expires: None },
-            RetryPolicy::default(),
-        )
-        .await?;
-        queue.delete_topology().await?;
-        self.bucket.destroy_bucket().await?;
-        drop(self.db);
-        Ok(())
+impl Drop for Distributed {
+    fn drop(&mut self) {
+        waveline_tests::remove_distributed(Some(self.bucket.clone()), Some(self.queue_name.clone()));
     }
 }
 
@@ -662,9 +669,12 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     let failed = failed?;
     ensure!(status.success(), "the worker exited with {status} after SIGTERM");
     ensure!(failed.error_code.as_deref() == Some("corrupt_audio"), "{failed:?}");
+    // The API's view of the track: no processing attempts, a stream per progressive preset.
     let shown = fleet.json(&["tracks", "show", &ids[0], "--json"])?;
-    ensure!(shown["state"] == "ready" && shown["attempts"] == 1 && shown["error"].is_null(), "{shown}");
-    ensure!(shown["renditions"].as_array().is_some_and(|r| r.len() == 4), "{shown}");
+    ensure!(shown["state"] == "ready" && shown["revision"] == 1 && shown["error"].is_null(), "{shown}");
+    ensure!(shown["owner"]["username"] == "system" && shown.get("attempts").is_none(), "{shown}");
+    ensure!(shown["stream_urls"].as_object().is_some_and(|s| s.len() == 3), "{shown}");
+    ensure!(shown["hls_master_url"] == format!("/v1/tracks/{}/hls/master.m3u8", ids[0]), "{shown}");
     let stats = fleet.json(&["jobs", "stats", "--json"])?;
     ensure!(stats["tracks"]["ready"] == 1 && stats["tracks"]["failed"] == 1 && stats["outbox_pending"] == 0, "{stats}");
     let listed = fleet.json(&["tracks", "list", "--state", "failed", "--json"])?;
@@ -683,9 +693,10 @@ async fn the_worker_binary_drains_imports_through_rabbitmq_and_s3() -> Result<()
     stop(worker)?;
     let again = again?;
     ensure!(again.revision == 2, "{again:?}");
-    let stored = keys(&fleet.bucket, &format!("renditions/{}/", ids[0])).await?;
-    ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{}/2/", ids[0]))), "{stored:?}");
-    fleet.cleanup().await
+    let first: TrackId = ids[0].parse()?;
+    let stored = keys(&fleet.bucket, &renditions_prefix(first)).await?;
+    ensure!(stored.iter().all(|k| k.starts_with(&revision_prefix(first, 2))), "{stored:?}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,18 +732,18 @@ async fn import_follows_the_rules_of_an_api_upload() -> Result<()> {
     refused(&["import", song, "--owner", "importer", "--json"], "quota_exceeded")?;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks").fetch_one(&fleet.db.pool).await?;
     ensure!(rows == 1, "{rows} track rows after refused imports");
-    ensure!(keys(&fleet.bucket, "originals/").await?.is_empty(), "objects left by refused imports");
+    ensure!(keys(&fleet.bucket, ORIGINALS_PREFIX).await?.is_empty(), "objects left by refused imports");
     // A good import: the title comes from the file name, the row and its job in one go.
     let imported = fleet.json(&["import", song, "--json"])?;
     let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
     let track = tracks.get(id).await?.context("track")?;
     ensure!(track.state == TrackState::Queued && track.title == "First Song", "{track:?}");
-    ensure!(keys(&fleet.bucket, "originals/").await? == vec![format!("originals/{id}/source")]);
+    ensure!(keys(&fleet.bucket, ORIGINALS_PREFIX).await? == vec![original_key(id).to_string()]);
     let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks WHERE state = 'awaiting_upload'")
         .fetch_one(&fleet.db.pool)
         .await?;
     ensure!(waiting == 0, "an import left an awaiting_upload row");
-    fleet.cleanup().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -754,8 +765,8 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
     stop(second)?;
     let track = ready?;
     ensure!(track.attempts == 2 && track.revision == 1, "{track:?}");
-    let stored = keys(&fleet.bucket, &format!("renditions/{id}/")).await?;
-    ensure!(stored.iter().all(|k| k.starts_with(&format!("renditions/{id}/1/"))), "{stored:?}");
+    let stored = keys(&fleet.bucket, &renditions_prefix(id)).await?;
+    ensure!(stored.iter().all(|k| k.starts_with(&revision_prefix(id, 1))), "{stored:?}");
     let rows = tracks.renditions(id).await?;
     let listed: std::collections::BTreeSet<&String> = rows.iter().flat_map(|r| r.storage_keys.iter()).collect();
     let media: Vec<&String> = stored
@@ -763,7 +774,7 @@ async fn a_worker_killed_mid_job_loses_nothing() -> Result<()> {
         .filter(|k| !k.contains("/waveform/") && !k.ends_with("manifest.json") && !k.contains("/artwork/"))
         .collect();
     ensure!(media.iter().all(|k| listed.contains(k)), "objects no rendition row lists: {media:?}");
-    fleet.cleanup().await
+    Ok(())
 }
 
 /// Imports a generated tone of `secs` seconds with the CLI; returns the new track's id.
@@ -804,7 +815,7 @@ async fn storage_outages_are_retried_until_storage_returns() -> Result<()> {
     stop(worker)?;
     let track = ready?;
     ensure!(track.attempts >= 2, "{track:?}");
-    fleet.cleanup().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -846,7 +857,7 @@ async fn a_lasting_storage_outage_ends_in_retries_exhausted_and_a_dead_letter() 
     let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(60)).await;
     stop(worker)?;
     ready?;
-    fleet.cleanup().await
+    Ok(())
 }
 
 /// Restarts the shared RabbitMQ, so it runs in the exclusive pass of `scripts/test.sh`
@@ -875,9 +886,13 @@ async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Re
     let worker = fleet.worker()?;
     let tracks = PgTracks::new(fleet.db.pool.clone());
     wait_for(&tracks, ids[0], TrackState::Ready, Duration::from_secs(60)).await?;
-    let restarted = Command::new("rabbitmqctl").args(["stop_app"]).status()?.success()
-        && Command::new("rabbitmqctl").args(["start_app"]).status()?.success();
-    ensure!(restarted, "could not restart RabbitMQ with rabbitmqctl");
+    let stopped = Command::new("rabbitmqctl").args(["stop_app"]).status()?.success();
+    // With the broker down: the backlog must still be draining, or the restart tested nothing.
+    let left = not_ready(&tracks, &ids).await;
+    let started = Command::new("rabbitmqctl").args(["start_app"]).status()?.success();
+    ensure!(stopped && started, "could not restart RabbitMQ with rabbitmqctl");
+    let left = left?;
+    ensure!(left > 0, "every track was ready before the broker went down: the restart met no backlog");
     let mut outcome = Ok(());
     for id in &ids {
         if let Err(err) = wait_for(&tracks, *id, TrackState::Ready, Duration::from_secs(120)).await {
@@ -887,7 +902,7 @@ async fn exclusive_a_broker_restart_while_a_backlog_drains_loses_nothing() -> Re
     }
     stop(worker)?;
     outcome?;
-    fleet.cleanup().await
+    Ok(())
 }
 
 /// Restarts the shared PostgreSQL while a worker drains a backlog: the worker's pool
@@ -898,7 +913,7 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
     let fleet = Distributed::new(&[]).await?;
     migrate(&fleet)?;
     let mut ids = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         ids.push(import_tone(&fleet, 4.0)?);
     }
     let worker = fleet.worker()?;
@@ -908,11 +923,14 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
         .max()
         .context("no PostgreSQL cluster under /etc/postgresql")?;
+    // Read just before the restart: the backlog must still be draining, or it tested nothing.
+    let left = not_ready(&tracks, &ids).await?;
     let restarted = Command::new("pg_ctlcluster")
         .args(["--skip-systemctl-redirect", &version, "main", "restart"])
         .status()?
         .success();
     ensure!(restarted, "could not restart PostgreSQL");
+    ensure!(left > 0, "every track was ready before the database restarted: the restart met no backlog");
     let mut outcome = Ok(());
     for id in &ids {
         // The test's own pool reconnects too; a query may fail once right after the restart.
@@ -937,5 +955,5 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
     }
     stop(worker)?;
     outcome?;
-    fleet.cleanup().await
+    Ok(())
 }

@@ -18,9 +18,6 @@ use waveline_tests::{TcpProxy, amqp_url, init_logging, test_topology};
 const POLICY: RetryPolicy =
     RetryPolicy { max_attempts: 3, base_delay: Duration::from_millis(200), max_delay: Duration::from_secs(2) };
 
-/// Long enough for a broker round trip; short enough to keep "nothing arrives" checks quick.
-const QUIET: Duration = Duration::from_millis(700);
-
 struct Backend {
     queue: Arc<dyn JobQueue>,
     amqp: Option<AmqpQueue>,
@@ -61,11 +58,16 @@ async fn next(consumer: &mut Box<dyn JobConsumer>) -> Result<Delivery> {
     }
 }
 
-async fn nothing_arrives(consumer: &mut Box<dyn JobConsumer>) -> Result<()> {
-    match tokio::time::timeout(QUIET, consumer.next()).await {
-        Err(_) => Ok(()),
-        Ok(delivery) => bail!("expected nothing, got {delivery:?}"),
-    }
+/// That nothing settled comes back, shown by an event rather than by a quiet spell: a marker
+/// published now is the next delivery (the queue is first in, first out, and a message put
+/// back goes before anything published after it), and then nothing waits in the queue.
+async fn only_the_marker_follows(queue: &dyn JobQueue, consumer: &mut Box<dyn JobConsumer>) -> Result<()> {
+    let marker = job();
+    queue.publish(&marker).await?;
+    let delivery = next(consumer).await?;
+    ensure!(delivery.message.id == marker.id, "expected the marker, got {delivery:?}");
+    delivery.ack().await?;
+    wait_for_stats(queue, |ready, _| ready == 0).await
 }
 
 async fn wait_for_stats(queue: &dyn JobQueue, check: impl Fn(u64, u64) -> bool) -> Result<()> {
@@ -98,7 +100,7 @@ async fn published_jobs_arrive_once_and_ack_removes_them(b: &Backend) -> Result<
     want.sort_by_key(|m| m.id);
     got.sort_by_key(|m| m.id);
     ensure!(got == want, "received jobs differ from the published ones");
-    nothing_arrives(&mut consumer).await?;
+    only_the_marker_follows(&*b.queue, &mut consumer).await?;
     let stats = b.queue.stats().await?;
     ensure!(stats.ready == 0 && stats.dead == 0 && stats.consumers == 1, "{stats:?}");
     Ok(())
@@ -114,7 +116,7 @@ async fn requeue_hands_the_job_back_at_once(b: &Backend) -> Result<()> {
     let again = next(&mut consumer).await?;
     ensure!(again.message == sent && again.redelivered, "{again:?}");
     again.ack().await?;
-    nothing_arrives(&mut consumer).await
+    only_the_marker_follows(&*b.queue, &mut consumer).await
 }
 
 async fn a_consumer_that_dies_without_acking_loses_nothing(b: &Backend) -> Result<()> {
@@ -131,7 +133,7 @@ async fn a_consumer_that_dies_without_acking_loses_nothing(b: &Backend) -> Resul
     // The dead consumer's handle can no longer settle anything.
     ensure!(matches!(held.ack().await, Err(QueueError::DeliveryLost)), "a stale ack succeeded");
     redelivered.ack().await?;
-    nothing_arrives(&mut survivor).await
+    only_the_marker_follows(&*b.queue, &mut survivor).await
 }
 
 async fn a_dropped_delivery_comes_back(b: &Backend) -> Result<()> {
@@ -152,7 +154,8 @@ async fn prefetch_bounds_unsettled_deliveries(b: &Backend) -> Result<()> {
     let mut consumer = b.queue.consume(2).await?;
     let first = next(&mut consumer).await?;
     let second = next(&mut consumer).await?;
-    nothing_arrives(&mut consumer).await?;
+    // The third waits in the queue while two are unsettled.
+    wait_for_stats(&*b.queue, |ready, _| ready == 1).await?;
     first.ack().await?;
     let third = next(&mut consumer).await?;
     second.ack().await?;
@@ -180,7 +183,7 @@ async fn retries_back_off_then_dead_letter(b: &Backend) -> Result<()> {
     let last = next(&mut consumer).await?;
     ensure!(last.message.attempt == 3);
     ensure!(last.retry("storage timed out").await? == RetryOutcome::DeadLettered);
-    nothing_arrives(&mut consumer).await?;
+    only_the_marker_follows(&*b.queue, &mut consumer).await?;
     wait_for_stats(&*b.queue, |ready, dead| ready == 0 && dead == 1).await?;
     let dead = b.queue.dead_letters(10).await?;
     ensure!(dead.len() == 1, "{dead:?}");
@@ -255,15 +258,29 @@ async fn competing_consumers_share_the_work_without_order(b: &Backend) -> Result
     for message in &messages {
         b.queue.publish(message).await?;
     }
+    // One marker per consumer, behind the work: a consumer stops at the first it gets (one it
+    // had prefetched goes back to the queue when it stops), so both end once all the work was
+    // handed out, and a duplicate would have to come before a marker to be missed.
+    let markers: Vec<JobMessage> = (0..2).map(|_| job()).collect();
+    for marker in &markers {
+        b.queue.publish(marker).await?;
+    }
+    let marker_ids: BTreeSet<_> = markers.iter().map(|m| m.id).collect();
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let queue = b.queue.clone();
+            let marker_ids = marker_ids.clone();
             tokio::spawn(async move {
                 let mut consumer = queue.consume(3).await?;
                 let mut seen = Vec::new();
-                while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, consumer.next()).await {
-                    seen.push(delivery.message.id);
+                loop {
+                    let delivery = next(&mut consumer).await?;
+                    let id = delivery.message.id;
                     delivery.ack().await?;
+                    if marker_ids.contains(&id) {
+                        break;
+                    }
+                    seen.push(id);
                 }
                 anyhow::Ok(seen)
             })
@@ -361,7 +378,7 @@ async fn amqp_reconnects_after_the_broker_connection_drops() -> Result<()> {
         delivery.ack().await?;
     }
     ensure!(seen == BTreeSet::from([first.id, second.id]), "{seen:?}");
-    nothing_arrives(&mut consumer).await?;
+    only_the_marker_follows(&queue, &mut consumer).await?;
     drop(consumer);
     let direct = connect_amqp(&amqp_url(), topology).await?;
     direct.delete_topology().await?;

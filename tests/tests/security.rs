@@ -777,7 +777,7 @@ async fn uploads_past_the_quota_are_refused_or_fail_with_their_original_deleted(
     let second_id = second["id"].as_str().context("id")?.to_owned();
     let body = status_of(second_id.clone()).await?;
     ensure!(body["state"] == "failed" && body["error"]["code"] == "quota_exceeded", "{body}");
-    let left = stack.storage.list_prefix(&format!("originals/{second_id}/")).await?;
+    let left = stack.storage.list_prefix(waveline_shared::storage::original_key(second_id.parse()?).as_str()).await?;
     ensure!(left.is_empty(), "the refused track's original is still stored: {left:?}");
     // 2 s fits exactly.
     let (_, third) = upload(&stack, &alice, &[("title", "three")], ("three.wav", &tone("three.wav", 2.0)?)).await?;

@@ -220,7 +220,7 @@ fn meta_of(path: &Path, key: &ObjectKey, stat: &std::fs::Metadata) -> ObjectMeta
         .ok()
         .flatten()
         .and_then(|bytes| String::from_utf8(bytes).ok())
-        .unwrap_or_else(|| guess_content_type(key.as_str()));
+        .unwrap_or_else(|| waveline_media::content_type(key.as_str()).to_owned());
     let mtime_ns = stat.mtime() as i128 * 1_000_000_000 + i128::from(stat.mtime_nsec());
     ObjectMeta {
         size: stat.len(),
@@ -432,32 +432,5 @@ impl Storage for FsStorage {
         tokio::fs::write(&probe, b"").await?;
         tokio::fs::remove_file(&probe).await?;
         Ok(())
-    }
-}
-
-/// The media type for a key's extension; the fallback when no type was stored.
-fn guess_content_type(key: &str) -> String {
-    let extension = key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase());
-    match extension.as_deref() {
-        // The audio types the ladder writes, named as players expect them.
-        Some("mp3") => "audio/mpeg".to_owned(),
-        Some("opus" | "ogg" | "oga") => "audio/ogg".to_owned(),
-        Some("m4a" | "m4s" | "mp4") => "audio/mp4".to_owned(),
-        Some("m3u8") => "application/vnd.apple.mpegurl".to_owned(),
-        Some("dat") => "application/octet-stream".to_owned(),
-        _ => mime_guess::from_path(key).first_or_octet_stream().essence_str().to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_types_follow_the_ladder() {
-        assert_eq!(guess_content_type("r/1/mp3_128/audio.mp3"), "audio/mpeg");
-        assert_eq!(guess_content_type("r/1/aac_hls/master.m3u8"), "application/vnd.apple.mpegurl");
-        assert_eq!(guess_content_type("r/1/waveform.json"), "application/json");
-        assert_eq!(guess_content_type("originals/t/source"), "application/octet-stream");
     }
 }

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use waveline_pipeline::{Manifest, Opened, PipelineError, Progress, Stage};
 use waveline_shared::db::{Admission, Claim, Committed, Completion, DbError, Failure, RenditionRow};
 use waveline_shared::domain::{ProcessingStage, TrackId};
-use waveline_shared::storage::{ObjectKey, StorageError, byte_stream, revision_dir};
+use waveline_shared::storage::{ObjectKey, StorageError, byte_stream, rendition_key, revision_prefix};
 
 use super::Outcome;
 use crate::Context;
@@ -138,7 +138,7 @@ impl ProcessTrack {
                         // Renditions this revision already stored will never be served. Only
                         // while the claim was ours: a worker that took it over writes the
                         // same revision's keys.
-                        let prefix = format!("{}/", revision_dir(claim.track_id, claim.revision));
+                        let prefix = revision_prefix(claim.track_id, claim.revision);
                         if held && let Err(err) = context.storage.delete_prefix(&prefix).await {
                             tracing::warn!(error = %err, "cannot remove the renditions of a failed run");
                         }
@@ -187,7 +187,7 @@ impl ProcessTrack {
             Committed::Ready { previous_revision } => {
                 tracing::info!(revision = claim.revision, renditions = completion.renditions.len(), "ready");
                 if let Some(old) = previous_revision {
-                    let prefix = format!("{}/", revision_dir(claim.track_id, old));
+                    let prefix = revision_prefix(claim.track_id, old);
                     match context.storage.delete_prefix(&prefix).await {
                         Ok(removed) => {
                             tracing::info!(revision = old, removed, "removed the previous revision")
@@ -365,18 +365,19 @@ impl ProcessTrack {
         out: &Path,
         manifest: &Manifest,
     ) -> Result<Completion, JobError> {
-        let base = revision_dir(claim.track_id, claim.revision);
-        let put = |relative: String, key: String| {
+        // `relative` is the file's path in `out`; `stored` its key's, under the revision's prefix.
+        let put = |relative: String, stored: String| {
             let storage = context.storage.clone();
             let path = out.join(&relative);
             async move {
                 let file = tokio::fs::File::open(&path)
                     .await
                     .map_err(|err| JobError::internal(format!("{}: {err}", path.display())))?;
-                let key = ObjectKey::parse(key).map_err(|err| storage_error("storing the renditions", err))?;
+                let key = rendition_key(claim.track_id, claim.revision, &stored)
+                    .map_err(|err| storage_error("storing the renditions", err))?;
                 let body = byte_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
                 storage
-                    .put(&key, content_type(&relative), body)
+                    .put(&key, waveline_media::content_type(&relative), body)
                     .await
                     .map_err(|err| storage_error("storing the renditions", err))?;
                 Ok::<String, JobError>(key.to_string())
@@ -386,16 +387,17 @@ impl ProcessTrack {
         for rendition in &manifest.renditions {
             let (storage_key, storage_keys) = match rendition.kind {
                 waveline_pipeline::manifest::RenditionKind::Progressive => {
-                    let key =
-                        put(rendition.path.clone(), format!("{base}/{}/{}", rendition.preset, rendition.path)).await?;
+                    let key = put(rendition.path.clone(), format!("{}/{}", rendition.preset, rendition.path)).await?;
                     (key.clone(), vec![key])
                 }
                 waveline_pipeline::manifest::RenditionKind::Hls => {
                     let mut keys = Vec::new();
                     for relative in files_under(out, &rendition.preset).map_err(JobError::internal)? {
-                        keys.push(put(relative.clone(), format!("{base}/{relative}")).await?);
+                        keys.push(put(relative.clone(), relative).await?);
                     }
-                    (format!("{base}/{}", rendition.path), keys)
+                    let master = rendition_key(claim.track_id, claim.revision, &rendition.path)
+                        .map_err(|err| storage_error("storing the renditions", err))?;
+                    (master.to_string(), keys)
                 }
             };
             renditions.push(RenditionRow {
@@ -415,15 +417,14 @@ impl ProcessTrack {
             });
         }
         let waveform = &manifest.waveform;
-        let waveform_key = put(waveform.json.clone(), format!("{base}/waveform/{}", waveform.json)).await?;
-        let waveform_dat_key = put(waveform.dat.clone(), format!("{base}/waveform/{}", waveform.dat)).await?;
-        let waveform_summary_key =
-            put(waveform.summary.clone(), format!("{base}/waveform/{}", waveform.summary)).await?;
+        let waveform_key = put(waveform.json.clone(), format!("waveform/{}", waveform.json)).await?;
+        let waveform_dat_key = put(waveform.dat.clone(), format!("waveform/{}", waveform.dat)).await?;
+        let waveform_summary_key = put(waveform.summary.clone(), format!("waveform/{}", waveform.summary)).await?;
         let artwork_key = match &manifest.tags.artwork {
-            Some(artwork) => Some(put(artwork.clone(), format!("{base}/artwork/{artwork}")).await?),
+            Some(artwork) => Some(put(artwork.clone(), format!("artwork/{artwork}")).await?),
             None => None,
         };
-        put("manifest.json".into(), format!("{base}/manifest.json")).await?;
+        put("manifest.json".into(), "manifest.json".into()).await?;
         let to_json = |value: serde_json::Result<serde_json::Value>| value.map_err(JobError::internal);
         Ok(Completion {
             source: to_json(serde_json::to_value(&manifest.source))?,
@@ -492,21 +493,6 @@ fn files_under(out: &Path, dir: &str) -> std::io::Result<Vec<String>> {
     }
     found.sort();
     Ok(found)
-}
-
-fn content_type(path: &str) -> &'static str {
-    match path.rsplit_once('.').map(|(_, ext)| ext) {
-        Some("mp3") => "audio/mpeg",
-        Some("opus" | "ogg") => "audio/ogg",
-        Some("m3u8") => "application/vnd.apple.mpegurl",
-        Some("mp4" | "m4s" | "m4a") => "audio/mp4",
-        Some("json") => "application/json",
-        Some("png") => "image/png",
-        Some("jpg") => "image/jpeg",
-        Some("gif") => "image/gif",
-        Some("webp") => "image/webp",
-        _ => "application/octet-stream",
-    }
 }
 
 /// Claims held by this worker's running jobs, so a shutdown past its grace period can give
