@@ -21,8 +21,10 @@
 //!   pinned on validation, and the header's `kid` names the key: the current one signs, earlier
 //!   ones (`jwt_previous_secrets`) still validate, so keys rotate without logging anyone out.
 //! - Either the `waveline_session` cookie (`HttpOnly; Secure; SameSite=Lax`) or
-//!   `Authorization: Bearer` authenticates. Every authenticated request checks, in one query,
-//!   that the session is live and the account exists and is not suspended.
+//!   `Authorization: Bearer` authenticates. Every authenticated request checks that the session
+//!   is live and the account exists and is not suspended: from the process's
+//!   [`crate::session_cache`], which database triggers keep current by notification (a
+//!   revocation reaches every replica within the time a notification takes), else in one query.
 //! - `POST /v1/auth/refresh` trades the refresh token (body, or the `waveline_refresh` cookie:
 //!   `HttpOnly; Secure; SameSite=Strict; Path=/v1/auth`) for a new pair. Each refresh token
 //!   works once; presenting a used one ends the session, whoever holds the newer token.
@@ -60,7 +62,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 use secrecy::{ExposeSecret, SecretString};
 pub use waveline_shared::db::LoginPolicy;
-use waveline_shared::db::{LoginBlock, NewUser, Registration, Role, Rotation, UserRow};
+use waveline_shared::db::{DbError, LoginBlock, NewUser, Registration, Role, Rotation, UserRow};
 use waveline_shared::domain::UserId;
 
 use crate::AppState;
@@ -338,11 +340,17 @@ fn state_of(req: &Request) -> Result<&AppState, ApiError> {
 async fn authenticate(req: &Request, token: &str) -> poem::Result<Session> {
     let state = state_of(req)?;
     let claims = state.tokens.verify(token)?;
+    // From the process's session cache (see `session_cache`): no database round trip while
+    // the session is known and the notifications are heard.
     let user = state
-        .users
-        .session_user(claims.sid, UserId(claims.sub))
+        .status_feed
+        .sessions()
+        .account(&state.users, claims.sid, UserId(claims.sub))
         .await
-        .map_err(ApiError::from)?
+        .map_err(|err| match *err {
+            DbError::Unavailable(_) => ApiError::unavailable("database", &err),
+            _ => ApiError::internal(&err),
+        })?
         .ok_or_else(|| ApiError::unauthorized("the session has ended; log in again"))?;
     let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now);
     Ok(Session { user, id: claims.sid, expires_at })
@@ -743,6 +751,7 @@ impl Accounts {
         let account = auth.session().user.id;
         let user =
             self.state.users.verify_email(account, &secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
+        self.state.status_feed.sessions().forget_user(user.id);
         tracing::info!(user = %user.id, "email verified");
         Ok(DoneResponse::Done)
     }
@@ -782,6 +791,8 @@ impl Accounts {
         let password_hash = hash_password(password).await?;
         let user =
             self.state.users.reset_password(&secret_hash(&token), &password_hash).await?.ok_or_else(token_refused)?;
+        // This process forgets them at once; the others when the notification reaches them.
+        self.state.status_feed.sessions().forget_user(user.id);
         tracing::info!(user = %user.id, "password reset: every session of the account has ended");
         Ok(DoneResponse::Done)
     }
@@ -868,11 +879,13 @@ impl Accounts {
                 Ok(LoginResponse::Ok(Json(view), "no-store".into()))
             }
             Rotation::Reused { session, user } => {
+                state.status_feed.sessions().forget_session(session);
                 tracing::warn!(%session, %user, "a used refresh token was presented again: the session is ended");
                 Err(refused("refresh_reused", "this refresh token was already used; the session has ended"))
             }
             Rotation::Expired => Err(refused("refresh_expired", "the refresh token has expired; log in again")),
-            Rotation::TooOld => {
+            Rotation::TooOld { session } => {
+                state.status_feed.sessions().forget_session(session);
                 Err(refused("session_expired", "the session has reached its maximum age; log in again"))
             }
             Rotation::Ended => Err(refused("session_ended", "the session has ended; log in again")),
@@ -887,6 +900,8 @@ impl Accounts {
         let state = &self.state;
         let session = auth.session();
         state.users.end_session(session.id, "logout").await?;
+        // This process forgets it at once; the others when the notification reaches them.
+        state.status_feed.sessions().forget_session(session.id);
         set_cookies(jar, None);
         Ok(LogoutResponse::Done)
     }

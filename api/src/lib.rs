@@ -33,6 +33,7 @@ mod oauth;
 mod ops;
 pub mod security;
 mod serve;
+pub mod session_cache;
 pub mod spec;
 pub mod status_feed;
 pub mod throttle;

@@ -1,13 +1,18 @@
 //! Accounts and their mail, over real HTTP against `waveline serve`, which sends through its
 //! real mail path (lettre over SMTP) to a sink the test reads: email verification, password
 //! reset, registrations that do not tell which emails exist, the OAuth pre-takeover, suspended
-//! accounts, and the absolute lifetime of a session.
+//! accounts, the absolute lifetime of a session, and revocations reaching every replica
+//! through the session cache.
+
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use waveline_tests::oauth_provider::{Browser, FakeProvider, profile};
 use waveline_tests::smtp_sink::SmtpSink;
-use waveline_tests::stack::{Mode, Stack, User, json, login, register, register_and_login, set_cookie, set_cookies};
+use waveline_tests::stack::{
+    Mode, Replica, Stack, User, json, login, register, register_and_login, set_cookie, set_cookies,
+};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -382,5 +387,126 @@ async fn a_silent_smtp_server_slows_no_request() -> Result<()> {
     let took = started.elapsed();
     ensure!(took < std::time::Duration::from_secs(10), "the answers waited for SMTP: {took:?}");
     held.abort();
+    Ok(())
+}
+
+/// A counter's value in a `/metrics` page (0 while the series does not exist).
+async fn metric(base: &str, series: &str) -> Result<f64> {
+    let text = client().get(format!("{base}/metrics")).send().await?.text().await?;
+    Ok(text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0))
+}
+
+const HITS: &str = "waveline_session_cache_total{result=\"hit\"}";
+const MISSES: &str = "waveline_session_cache_total{result=\"miss\"}";
+
+/// `GET {base}{path}` with `token`: the status and body.
+async fn get_at(base: &str, path: &str, token: &str) -> Result<(u16, Value)> {
+    json(client().get(format!("{base}{path}")).bearer_auth(token).send().await?).await
+}
+
+/// Uses `token` on both replicas until each answers it from its session cache.
+async fn warm(a: &Stack, b: &Replica, token: &str, path: &str) -> Result<()> {
+    for base in [&a.base, &b.base] {
+        get_at(base, path, token).await?;
+        let hits = metric(base, HITS).await?;
+        let (status, body) = get_at(base, path, token).await?;
+        ensure!(status == 200, "{base}{path}: {status} {body}");
+        let now = metric(base, HITS).await?;
+        ensure!(now > hits, "{base} did not answer from its session cache ({hits} then {now} hits)");
+    }
+    Ok(())
+}
+
+/// Polls `GET {base}{path}` with `token` until it answers `status`: within 1 s, or fails.
+async fn answers_within_a_second(base: &str, path: &str, token: &str, status: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let (got, body) = get_at(base, path, token).await?;
+        if got == status {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: {base}{path} still answers {got} {body} after 1 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_reaches_the_other_within_a_second() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let a = stack_with_mail(&sink, None, &[]).await?;
+    let b = a.replica().await?;
+    let admin = register_and_login(&a, "admin").await?;
+    a.cli(&["users", "promote", "admin", "--json"])?;
+    let ann = register_and_login(&a, "ann").await?;
+
+    // Logout on A.
+    warm(&a, &b, &ann.token, "/v1/me").await?;
+    let (status, _) = answer(client().post(a.url("/v1/auth/logout")).bearer_auth(&ann.token)).await?;
+    ensure!(status == 204, "logout: {status}");
+    ensure!(me(&a, &ann.token).await?.0 == 401, "A still accepts the token it logged out");
+    answers_within_a_second(&b.base, "/v1/me", &ann.token, 401, "logout").await?;
+
+    // A suspension through A's admin route; once lifted, the account logs in again.
+    let again = login(&a, &ann.email, &ann.password, &[]).await?;
+    warm(&a, &b, &again.token, "/v1/me").await?;
+    let suspension = a.url(&format!("/v1/admin/users/{}/suspension", ann.id));
+    let (status, body) = json(client().put(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200, "suspend: {status} {body}");
+    answers_within_a_second(&b.base, "/v1/me", &again.token, 401, "suspension").await?;
+    let (status, body) = json(client().delete(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200, "lift: {status} {body}");
+    ensure!(get_at(&b.base, "/v1/me", &again.token).await?.0 == 401, "lifting a suspension revived its sessions");
+
+    // A refresh token used twice on A ends the session, newest access token included.
+    let third = login(&a, &ann.email, &ann.password, &[]).await?;
+    let (status, rotated) = refresh(&a, &third.refresh).await?;
+    ensure!(status == 200, "{status} {rotated}");
+    let newest = json_token(&rotated)?;
+    warm(&a, &b, &newest, "/v1/me").await?;
+    let (status, body) = refresh(&a, &third.refresh).await?;
+    ensure!(status == 401 && body["code"] == "refresh_reused", "{status} {body}");
+    answers_within_a_second(&b.base, "/v1/me", &newest, 401, "refresh-token reuse").await?;
+
+    // A password reset on A ends every session.
+    let fourth = login(&a, &ann.email, &ann.password, &[]).await?;
+    warm(&a, &b, &fourth.token, "/v1/me").await?;
+    post(&a, "/v1/auth/password/forgot", json!({"email": ann.email})).await?;
+    let code = sink.wait_for(&ann.email, 2).await?.code()?;
+    let (status, body) =
+        post(&a, "/v1/auth/password/reset", json!({"token": code, "password": "a-brand-new-password"})).await?;
+    ensure!(status == 204, "reset: {status} {body}");
+    answers_within_a_second(&b.base, "/v1/me", &fourth.token, 401, "password reset").await?;
+
+    // An operator demotes the admin: B stops letting the session into admin routes.
+    warm(&a, &b, &admin.token, "/v1/admin/dead-letters").await?;
+    a.cli(&["users", "demote", "admin", "--json"])?;
+    answers_within_a_second(&b.base, "/v1/admin/dead-letters", &admin.token, 403, "demotion").await?;
+    let (status, body) = get_at(&b.base, "/v1/me", &admin.token).await?;
+    ensure!(status == 200 && body["role"] == "user", "{status} {body}");
+
+    // The account is deleted (by an operator, in SQL): its sessions end everywhere.
+    warm(&a, &b, &admin.token, "/v1/me").await?;
+    sqlx::query("DELETE FROM users WHERE username = 'admin'").execute(&a.db.pool).await?;
+    answers_within_a_second(&b.base, "/v1/me", &admin.token, 401, "account deletion").await?;
+    answers_within_a_second(&a.base, "/v1/me", &admin.token, 401, "account deletion").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_requests_cost_no_database_read_in_the_steady_state() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let hits = metric(&stack.base, HITS).await?;
+    let misses = metric(&stack.base, MISSES).await?;
+    for _ in 0..20 {
+        let (status, body) = me(&stack, &ann.token).await?;
+        ensure!(status == 200 && body["username"] == "ann", "{status} {body}");
+    }
+    // The cookie reads the same cache.
+    let (status, body) = json(client().get(stack.url("/v1/me")).header("cookie", &ann.cookie).send().await?).await?;
+    ensure!(status == 200 && body["username"] == "ann", "{status} {body}");
+    let new_misses = metric(&stack.base, MISSES).await? - misses;
+    let new_hits = metric(&stack.base, HITS).await? - hits;
+    ensure!(new_misses <= 1.0 && new_hits >= 20.0, "21 requests: {new_misses} misses, {new_hits} hits");
     Ok(())
 }

@@ -243,7 +243,7 @@ impl PgUsers {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Ok(Rotation::TooOld);
+            return Ok(Rotation::TooOld { session });
         }
         if expired {
             return Ok(Rotation::Expired);
@@ -660,7 +660,7 @@ pub enum Rotation {
     /// Past its lifetime.
     Expired,
     /// Its session is older than the family's absolute lifetime: the session has now ended.
-    TooOld,
+    TooOld { session: uuid::Uuid },
     /// Its session ended (logout, reuse, suspension).
     Ended,
     /// No such token.
