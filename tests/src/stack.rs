@@ -97,6 +97,29 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// Makes `user` an admin with `waveline users promote`, and waits until the API sees it:
+    /// the API learns of role changes by notification, within a second (5 s allowed here).
+    pub async fn promote(&self, user: &User) -> Result<()> {
+        let promoted = self.cli(&["users", "promote", &user.username, "--json"])?;
+        ensure!(promoted["role"] == "admin", "{promoted}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (status, me) =
+                json(reqwest::Client::new().get(self.url("/v1/me")).bearer_auth(&user.token).send().await?).await?;
+            if status == 200 && me["role"] == "admin" {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the promotion of {} never reached the API: {status} {me}",
+                user.username
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         stop(std::iter::once(&mut self.serve).chain(self.worker.as_mut()).collect());

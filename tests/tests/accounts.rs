@@ -284,7 +284,7 @@ async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_no
     let provider = FakeProvider::start().await?;
     let stack = stack_with_mail(&sink, Some(&provider), &[]).await?;
     let admin = register_and_login(&stack, "admin").await?;
-    stack.cli(&["users", "promote", "admin", "--json"])?;
+    stack.promote(&admin).await?;
     let sam = register_and_login(&stack, "sam").await?;
     let code = sink.wait_for(&sam.email, 1).await?.code()?;
     ensure!(verify(&stack, &sam, &code).await?.0 == 204);
@@ -436,7 +436,7 @@ async fn a_revocation_on_one_replica_reaches_the_other_within_a_second() -> Resu
     let a = stack_with_mail(&sink, None, &[]).await?;
     let b = a.replica().await?;
     let admin = register_and_login(&a, "admin").await?;
-    a.cli(&["users", "promote", "admin", "--json"])?;
+    a.promote(&admin).await?;
     let ann = register_and_login(&a, "ann").await?;
 
     // Logout on A.
