@@ -429,11 +429,20 @@ impl MaybeAuth {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct Register {
-    /// At most 254 characters.
+    /// An address such as `name@example.com`: 3–254 characters, one `@`, at most 64
+    /// characters before it, a dot in the domain (not at either end), no spaces or control
+    /// characters.
+    #[oai(validator(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
+    ))]
     email: String,
     /// 3–30 characters of `a-z`, `0-9`, `_` and `-`.
+    #[oai(validator(min_length = 3, max_length = 30, pattern = "^[a-z0-9_-]{3,30}$"))]
     username: String,
     /// At least 10 characters (at most 1024).
+    #[oai(validator(min_length = 10, max_length = 1024))]
     password: String,
 }
 
@@ -525,8 +534,12 @@ struct MailedToken {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct Forgot {
-    /// The account's email, at most 254 characters.
-    #[oai(validator(max_length = 254))]
+    /// The account's email, as at registration.
+    #[oai(validator(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
+    ))]
     email: String,
 }
 
@@ -538,6 +551,7 @@ struct Reset {
     #[oai(validator(max_length = 128))]
     token: String,
     /// At least 10 characters (at most 1024).
+    #[oai(validator(min_length = 10, max_length = 1024))]
     password: String,
 }
 
@@ -601,9 +615,10 @@ pub(crate) fn valid_email(email: &str) -> bool {
     let Some((local, domain)) = email.rsplit_once('@') else {
         return false;
     };
-    (3..=254).contains(&email.len())
+    // In characters, as the schema's validators (and the database's check) count them.
+    (3..=254).contains(&email.chars().count())
         && !local.is_empty()
-        && local.len() <= 64
+        && local.chars().count() <= 64
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
@@ -908,8 +923,8 @@ impl Accounts {
 
     /// The account behind the session.
     #[oai(path = "/v1/me", method = "get")]
-    async fn me(&self, auth: Auth) -> Json<UserView> {
-        Json(UserView::from(&auth.session().user))
+    async fn me(&self, auth: Auth) -> Result<Json<UserView>, ApiError> {
+        Ok(Json(UserView::from(&auth.session().user)))
     }
 }
 

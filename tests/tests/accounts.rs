@@ -510,3 +510,54 @@ async fn authenticated_requests_cost_no_database_read_in_the_steady_state() -> R
     ensure!(new_misses <= 1.0 && new_hits >= 20.0, "21 requests: {new_misses} misses, {new_hits} hits");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_states_the_account_fields_rules_and_requests_that_break_them_answer_400() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let (status, spec) = json(client().get(stack.url("/openapi.json")).send().await?).await?;
+    ensure!(status == 200);
+    let schemas = &spec["components"]["schemas"];
+    let fields = &schemas["Register"]["properties"];
+    ensure!(fields["username"]["pattern"] == "^[a-z0-9_-]{3,30}$", "{}", fields["username"]);
+    ensure!(fields["username"]["minLength"] == 3 && fields["username"]["maxLength"] == 30);
+    ensure!(fields["password"]["minLength"] == 10 && fields["password"]["maxLength"] == 1024);
+    for email in [&fields["email"], &schemas["Forgot"]["properties"]["email"]] {
+        ensure!(email["maxLength"] == 254 && email["pattern"].is_string(), "{email}");
+    }
+    ensure!(schemas["Reset"]["properties"]["password"]["minLength"] == 10, "{}", schemas["Reset"]);
+    let me_answers = &spec["paths"]["/v1/me"]["get"]["responses"];
+    ensure!(me_answers["401"].is_object(), "GET /v1/me documents no 401: {me_answers}");
+
+    let start = spec["paths"]["/v1/auth/oauth/{provider}/start"]["get"]["parameters"]
+        .as_array()
+        .and_then(|parameters| parameters.iter().find(|parameter| parameter["name"] == "redirect_to"))
+        .context("redirect_to")?;
+    ensure!(start["schema"]["pattern"].is_string(), "{start}");
+
+    // What the document refuses, the server refuses: 400 `invalid_field`, naming the field.
+    for redirect in ["//evil.example/", "/\\evil.example", "https://evil.example/"] {
+        let (status, answer) =
+            answer(client().get(stack.url("/v1/auth/oauth/corp/start")).query(&[("redirect_to", redirect)])).await?;
+        ensure!(status == 400 && answer["code"] == "invalid_field", "{redirect}: {status} {answer}");
+        ensure!(answer["message"].as_str().is_some_and(|m| m.contains("redirect_to")), "{answer}");
+    }
+    let cases = [
+        (json!({"email": "", "username": "", "password": ""}), "email"),
+        (json!({"email": " ann@example.com", "username": "ann", "password": "long-enough-password"}), "email"),
+        (json!({"email": "ann@example", "username": "ann", "password": "long-enough-password"}), "email"),
+        (json!({"email": "ann@example.com", "username": "Ann", "password": "long-enough-password"}), "username"),
+        (json!({"email": "ann@example.com", "username": "ann", "password": "short"}), "password"),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = post(&stack, "/v1/auth/register", body.clone()).await?;
+        ensure!(status == 400 && answer["code"] == "invalid_field", "{body}: {status} {answer}");
+        ensure!(answer["message"].as_str().is_some_and(|m| m.contains(field)), "{body}: {answer}");
+    }
+    let (status, answer) = post(&stack, "/v1/auth/password/forgot", json!({"email": "not an address"})).await?;
+    ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
+    // And what it allows, it takes: the longest local part and a non-ASCII address.
+    let local = "a".repeat(64);
+    let (status, answer) = register(&stack, &format!("{local}@exämple.com"), "ann", "long-enough-password").await?;
+    ensure!(status == 202, "{status} {answer}");
+    Ok(())
+}
