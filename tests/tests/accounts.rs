@@ -398,6 +398,12 @@ async fn metric(base: &str, series: &str) -> Result<f64> {
 
 const HITS: &str = "waveline_session_cache_total{result=\"hit\"}";
 const MISSES: &str = "waveline_session_cache_total{result=\"miss\"}";
+const BYPASSES: &str = "waveline_session_cache_total{result=\"bypass\"}";
+
+/// The session cache's bypasses and misses so far.
+async fn counts(base: &str) -> Result<(f64, f64)> {
+    Ok((metric(base, BYPASSES).await?, metric(base, MISSES).await?))
+}
 
 /// `GET {base}{path}` with `token`: the status and body.
 async fn get_at(base: &str, path: &str, token: &str) -> Result<(u16, Value)> {
@@ -559,5 +565,64 @@ async fn the_document_states_the_account_fields_rules_and_requests_that_break_th
     let local = "a".repeat(64);
     let (status, answer) = register(&stack, &format!("{local}@exämple.com"), "ann", "long-enough-password").await?;
     ensure!(status == 202, "{status} {answer}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_while_the_listener_was_deaf_is_refused_once_it_reconnects() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let hits = metric(&stack.base, HITS).await?;
+    ensure!(me(&stack, &ann.token).await?.0 == 200);
+    ensure!(metric(&stack.base, HITS).await? > hits, "the session is not cached");
+
+    // The session ends with no notification (as if it were lost): the cache cannot know.
+    let mut tx = stack.db.pool.begin().await?;
+    sqlx::query("ALTER TABLE sessions DISABLE TRIGGER sessions_notify").execute(&mut *tx).await?;
+    sqlx::query("UPDATE sessions SET ended_at = now(), ended_why = 'logout' WHERE user_id = $1::uuid")
+        .bind(&ann.id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("ALTER TABLE sessions ENABLE TRIGGER sessions_notify").execute(&mut *tx).await?;
+    tx.commit().await?;
+    ensure!(me(&stack, &ann.token).await?.0 == 200, "the cache was not consulted");
+
+    // The listener's connection drops: once it listens again, it forgets what it cached.
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&stack.db.pool)
+    .await?;
+    ensure!(!dropped.is_empty(), "no listening connection found");
+    // Until the process notices, it may answer from the cache (a known limit). Once it does,
+    // it reads the database (bypassing the cache while deaf); once it listens again, the
+    // cache starts empty: no request after the drop is noticed may see the session live.
+    let mut noticed = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = counts(&stack.base).await?;
+        let (status, body) = me(&stack, &ann.token).await?;
+        let after = counts(&stack.base).await?;
+        let (bypassed, missed) = (after.0 > before.0, after.1 > before.1);
+        noticed |= bypassed || missed;
+        ensure!(!noticed || status == 401, "the ended session works after the drop was noticed: {status} {body}");
+        if noticed && !bypassed {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no reconnect within 5 s: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And it listens again: a logout elsewhere is heard.
+    let again = login(&stack, &ann.email, &ann.password, &[]).await?;
+    ensure!(me(&stack, &again.token).await?.0 == 200);
+    let hits = metric(&stack.base, HITS).await?;
+    ensure!(me(&stack, &again.token).await?.0 == 200);
+    ensure!(metric(&stack.base, HITS).await? > hits, "the cache is not used after the reconnect");
+    sqlx::query("UPDATE sessions SET ended_at = now() WHERE user_id = $1::uuid AND ended_at IS NULL")
+        .bind(&ann.id)
+        .execute(&stack.db.pool)
+        .await?;
+    answers_within_a_second(&stack.base, "/v1/me", &again.token, 401, "an end heard after the reconnect").await?;
     Ok(())
 }

@@ -279,7 +279,8 @@ impl PgUsers {
     }
 
     /// The account behind an access token, if its session is live and the account exists and
-    /// is not suspended: one query per authenticated request.
+    /// is not suspended, in one query. The API caches the answer per session (see its
+    /// `session_cache`), kept current by the triggers of `20261129000008_session_cache.sql`.
     pub async fn session_user(&self, session: uuid::Uuid, id: UserId) -> Result<Option<UserRow>, DbError> {
         sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
             "SELECT {USER_COLUMNS} FROM users
