@@ -68,6 +68,7 @@ use waveline_shared::domain::UserId;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::mail::MailJob;
+use crate::text::Text;
 use crate::throttle::too_many;
 
 /// The session cookie's name (it carries the access token).
@@ -437,13 +438,13 @@ struct Register {
         max_length = 254,
         pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
     ))]
-    email: String,
+    email: Text,
     /// 3–30 characters of `a-z`, `0-9`, `_` and `-`.
     #[oai(validator(min_length = 3, max_length = 30, pattern = "^[a-z0-9_-]{3,30}$"))]
-    username: String,
+    username: Text,
     /// At least 10 characters (at most 1024).
     #[oai(validator(min_length = 10, max_length = 1024))]
-    password: String,
+    password: Text,
 }
 
 /// An account, as its owner sees it.
@@ -478,8 +479,14 @@ impl From<&UserRow> for UserView {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct Login {
-    email: String,
-    password: String,
+    /// The account's email, as at registration.
+    #[oai(validator(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
+    ))]
+    email: Text,
+    password: Text,
 }
 
 #[derive(Debug, Object)]
@@ -502,7 +509,7 @@ pub(crate) struct TokenView {
 #[oai(deny_unknown_fields)]
 struct Refresh {
     #[oai(validator(max_length = 128))]
-    refresh_token: Option<String>,
+    refresh_token: Option<Text>,
 }
 
 /// The answer to a registration or a reset request: the same whether or not the email has
@@ -527,7 +534,7 @@ enum RegisterResponse {
 struct MailedToken {
     /// The `token` of the mail's link (its `code`).
     #[oai(validator(max_length = 128))]
-    token: String,
+    token: Text,
 }
 
 /// Where to mail a password-reset link.
@@ -540,7 +547,7 @@ struct Forgot {
         max_length = 254,
         pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
     ))]
-    email: String,
+    email: Text,
 }
 
 /// A password-reset token and the new password.
@@ -549,10 +556,10 @@ struct Forgot {
 struct Reset {
     /// The `token` of the reset mail's link (its `code`).
     #[oai(validator(max_length = 128))]
-    token: String,
+    token: Text,
     /// At least 10 characters (at most 1024).
     #[oai(validator(min_length = 10, max_length = 1024))]
-    password: String,
+    password: Text,
 }
 
 #[derive(ApiResponse)]
@@ -720,6 +727,7 @@ impl Accounts {
     async fn register(&self, body: Json<Register>) -> Result<RegisterResponse, ApiError> {
         let state = &self.state;
         let Register { email, username, password } = body.0;
+        let (email, username, password) = (email.0, username.0, password.0);
         let email = email.trim().to_owned();
         if !valid_email(&email) {
             return Err(invalid("email: expected an address such as name@example.com, at most 254 characters"));
@@ -765,7 +773,7 @@ impl Accounts {
     async fn verify_email(&self, auth: Auth, body: Json<MailedToken>) -> Result<DoneResponse, ApiError> {
         let account = auth.session().user.id;
         let user =
-            self.state.users.verify_email(account, &secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
+            self.state.users.verify_email(account, &secret_hash(&body.0.token.0)).await?.ok_or_else(token_refused)?;
         self.state.status_feed.sessions().forget_user(user.id);
         tracing::info!(user = %user.id, "email verified");
         Ok(DoneResponse::Done)
@@ -787,7 +795,7 @@ impl Accounts {
     /// with the same body, answered before the address is even looked up.
     #[oai(path = "/v1/auth/password/forgot", method = "post")]
     async fn forgot_password(&self, body: Json<Forgot>) -> Result<AcceptedResponse, ApiError> {
-        let email = body.0.email.trim().to_owned();
+        let email = body.0.email.0.trim().to_owned();
         if !valid_email(&email) {
             return Err(invalid("email: expected an address such as name@example.com, at most 254 characters"));
         }
@@ -802,6 +810,7 @@ impl Accounts {
     #[oai(path = "/v1/auth/password/reset", method = "post")]
     async fn reset_password(&self, body: Json<Reset>) -> Result<DoneResponse, ApiError> {
         let Reset { token, password } = body.0;
+        let (token, password) = (token.0, password.0);
         check_password(&password)?;
         let password_hash = hash_password(password).await?;
         let user =
@@ -820,6 +829,7 @@ impl Accounts {
     async fn login(&self, body: Json<Login>, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
         let Login { email, password } = body.0;
+        let (email, password) = (email.0, password.0);
         if email.len() > 254 || password.len() > 4096 {
             return Err(invalid("email or password: too long"));
         }
@@ -857,7 +867,7 @@ impl Accounts {
     #[oai(path = "/v1/auth/refresh", method = "post")]
     async fn refresh(&self, body: Json<Refresh>, req: &Request, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
-        let from_body = body.0.refresh_token;
+        let from_body = body.0.refresh_token.map(Text::into_string);
         let token = match from_body {
             Some(token) => token,
             None => {

@@ -36,6 +36,7 @@ mod serve;
 pub mod session_cache;
 pub mod spec;
 pub mod status_feed;
+pub mod text;
 pub mod throttle;
 mod tracks;
 mod uploads;

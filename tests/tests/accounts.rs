@@ -553,6 +553,9 @@ async fn the_document_states_the_account_fields_rules_and_requests_that_break_th
         (json!({"email": "ann@example", "username": "ann", "password": "long-enough-password"}), "email"),
         (json!({"email": "ann@example.com", "username": "Ann", "password": "long-enough-password"}), "username"),
         (json!({"email": "ann@example.com", "username": "ann", "password": "short"}), "password"),
+        // A boolean is not a string, whatever it would read as (poem-openapi names the type
+        // it expected for such errors, not the field).
+        (json!({"email": "ann@example.com", "username": false, "password": "long-enough-password"}), "string"),
     ];
     for (body, field) in cases {
         let (status, answer) = post(&stack, "/v1/auth/register", body.clone()).await?;
@@ -560,6 +563,12 @@ async fn the_document_states_the_account_fields_rules_and_requests_that_break_th
         ensure!(answer["message"].as_str().is_some_and(|m| m.contains(field)), "{body}: {answer}");
     }
     let (status, answer) = post(&stack, "/v1/auth/password/forgot", json!({"email": "not an address"})).await?;
+    ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
+    let (status, answer) = post(&stack, "/v1/auth/refresh", json!({"refresh_token": 12})).await?;
+    ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
+    // A NUL in a login's email (which PostgreSQL cannot store) is refused, not a 500.
+    let (status, answer) =
+        post(&stack, "/v1/auth/login", json!({"email": "a\u{0}@example.com", "password": "x"})).await?;
     ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
     // And what it allows, it takes: the longest local part and a non-ASCII address.
     let local = "a".repeat(64);
