@@ -112,6 +112,9 @@ impl Admin {
         if !self.state.users.set_suspended(id, suspended).await? {
             return Err(ApiError::not_found("user"));
         }
+        // This process forgets the account's sessions at once; the others when the
+        // notification reaches them.
+        self.state.status_feed.sessions().forget_user(id);
         let user = self.state.users.by_id(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
         tracing::info!(admin = %session.user.id, user = %id, suspended, "suspension changed");
         Ok(Json(UserView::from(&user)))

@@ -21,8 +21,10 @@
 //!   pinned on validation, and the header's `kid` names the key: the current one signs, earlier
 //!   ones (`jwt_previous_secrets`) still validate, so keys rotate without logging anyone out.
 //! - Either the `waveline_session` cookie (`HttpOnly; Secure; SameSite=Lax`) or
-//!   `Authorization: Bearer` authenticates. Every authenticated request checks, in one query,
-//!   that the session is live and the account exists and is not suspended.
+//!   `Authorization: Bearer` authenticates. Every authenticated request checks that the session
+//!   is live and the account exists and is not suspended: from the process's
+//!   [`crate::session_cache`], which database triggers keep current by notification (a
+//!   revocation reaches every replica within the time a notification takes), else in one query.
 //! - `POST /v1/auth/refresh` trades the refresh token (body, or the `waveline_refresh` cookie:
 //!   `HttpOnly; Secure; SameSite=Strict; Path=/v1/auth`) for a new pair. Each refresh token
 //!   works once; presenting a used one ends the session, whoever holds the newer token.
@@ -60,12 +62,13 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, Tags};
 use secrecy::{ExposeSecret, SecretString};
 pub use waveline_shared::db::LoginPolicy;
-use waveline_shared::db::{LoginBlock, NewUser, Registration, Role, Rotation, UserRow};
+use waveline_shared::db::{DbError, LoginBlock, NewUser, Registration, Role, Rotation, UserRow};
 use waveline_shared::domain::UserId;
 
 use crate::AppState;
 use crate::error::ApiError;
 use crate::mail::MailJob;
+use crate::text::Text;
 use crate::throttle::too_many;
 
 /// The session cookie's name (it carries the access token).
@@ -338,11 +341,17 @@ fn state_of(req: &Request) -> Result<&AppState, ApiError> {
 async fn authenticate(req: &Request, token: &str) -> poem::Result<Session> {
     let state = state_of(req)?;
     let claims = state.tokens.verify(token)?;
+    // From the process's session cache (see `session_cache`): no database round trip while
+    // the session is known and the notifications are heard.
     let user = state
-        .users
-        .session_user(claims.sid, UserId(claims.sub))
+        .status_feed
+        .sessions()
+        .account(&state.users, claims.sid, UserId(claims.sub))
         .await
-        .map_err(ApiError::from)?
+        .map_err(|err| match *err {
+            DbError::Unavailable(_) => ApiError::unavailable("database", &err),
+            _ => ApiError::internal(&err),
+        })?
         .ok_or_else(|| ApiError::unauthorized("the session has ended; log in again"))?;
     let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now);
     Ok(Session { user, id: claims.sid, expires_at })
@@ -421,12 +430,21 @@ impl MaybeAuth {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct Register {
-    /// At most 254 characters.
-    email: String,
+    /// An address such as `name@example.com`: 3–254 characters, one `@`, at most 64
+    /// characters before it, a dot in the domain (not at either end), no spaces or control
+    /// characters.
+    #[oai(validator(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
+    ))]
+    email: Text,
     /// 3–30 characters of `a-z`, `0-9`, `_` and `-`.
-    username: String,
+    #[oai(validator(min_length = 3, max_length = 30, pattern = "^[a-z0-9_-]{3,30}$"))]
+    username: Text,
     /// At least 10 characters (at most 1024).
-    password: String,
+    #[oai(validator(min_length = 10, max_length = 1024))]
+    password: Text,
 }
 
 /// An account, as its owner sees it.
@@ -461,8 +479,14 @@ impl From<&UserRow> for UserView {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct Login {
-    email: String,
-    password: String,
+    /// The account's email, as at registration.
+    #[oai(validator(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
+    ))]
+    email: Text,
+    password: Text,
 }
 
 #[derive(Debug, Object)]
@@ -485,7 +509,7 @@ pub(crate) struct TokenView {
 #[oai(deny_unknown_fields)]
 struct Refresh {
     #[oai(validator(max_length = 128))]
-    refresh_token: Option<String>,
+    refresh_token: Option<Text>,
 }
 
 /// The answer to a registration or a reset request: the same whether or not the email has
@@ -510,16 +534,20 @@ enum RegisterResponse {
 struct MailedToken {
     /// The `token` of the mail's link (its `code`).
     #[oai(validator(max_length = 128))]
-    token: String,
+    token: Text,
 }
 
 /// Where to mail a password-reset link.
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct Forgot {
-    /// The account's email, at most 254 characters.
-    #[oai(validator(max_length = 254))]
-    email: String,
+    /// The account's email, as at registration.
+    #[oai(validator(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\x00-\\x1f\\x7f-\\x9f]{1,64}@[^@\\s\\x00-\\x1f\\x7f-\\x9f.][^@\\s\\x00-\\x1f\\x7f-\\x9f]*\\.[^@\\s\\x00-\\x1f\\x7f-\\x9f]*[^@\\s\\x00-\\x1f\\x7f-\\x9f.]$"
+    ))]
+    email: Text,
 }
 
 /// A password-reset token and the new password.
@@ -528,9 +556,10 @@ struct Forgot {
 struct Reset {
     /// The `token` of the reset mail's link (its `code`).
     #[oai(validator(max_length = 128))]
-    token: String,
+    token: Text,
     /// At least 10 characters (at most 1024).
-    password: String,
+    #[oai(validator(min_length = 10, max_length = 1024))]
+    password: Text,
 }
 
 #[derive(ApiResponse)]
@@ -593,9 +622,10 @@ pub(crate) fn valid_email(email: &str) -> bool {
     let Some((local, domain)) = email.rsplit_once('@') else {
         return false;
     };
-    (3..=254).contains(&email.len())
+    // In characters, as the schema's validators (and the database's check) count them.
+    (3..=254).contains(&email.chars().count())
         && !local.is_empty()
-        && local.len() <= 64
+        && local.chars().count() <= 64
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
@@ -697,6 +727,7 @@ impl Accounts {
     async fn register(&self, body: Json<Register>) -> Result<RegisterResponse, ApiError> {
         let state = &self.state;
         let Register { email, username, password } = body.0;
+        let (email, username, password) = (email.0, username.0, password.0);
         let email = email.trim().to_owned();
         if !valid_email(&email) {
             return Err(invalid("email: expected an address such as name@example.com, at most 254 characters"));
@@ -742,7 +773,8 @@ impl Accounts {
     async fn verify_email(&self, auth: Auth, body: Json<MailedToken>) -> Result<DoneResponse, ApiError> {
         let account = auth.session().user.id;
         let user =
-            self.state.users.verify_email(account, &secret_hash(&body.0.token)).await?.ok_or_else(token_refused)?;
+            self.state.users.verify_email(account, &secret_hash(&body.0.token.0)).await?.ok_or_else(token_refused)?;
+        self.state.status_feed.sessions().forget_user(user.id);
         tracing::info!(user = %user.id, "email verified");
         Ok(DoneResponse::Done)
     }
@@ -763,7 +795,7 @@ impl Accounts {
     /// with the same body, answered before the address is even looked up.
     #[oai(path = "/v1/auth/password/forgot", method = "post")]
     async fn forgot_password(&self, body: Json<Forgot>) -> Result<AcceptedResponse, ApiError> {
-        let email = body.0.email.trim().to_owned();
+        let email = body.0.email.0.trim().to_owned();
         if !valid_email(&email) {
             return Err(invalid("email: expected an address such as name@example.com, at most 254 characters"));
         }
@@ -778,10 +810,13 @@ impl Accounts {
     #[oai(path = "/v1/auth/password/reset", method = "post")]
     async fn reset_password(&self, body: Json<Reset>) -> Result<DoneResponse, ApiError> {
         let Reset { token, password } = body.0;
+        let (token, password) = (token.0, password.0);
         check_password(&password)?;
         let password_hash = hash_password(password).await?;
         let user =
             self.state.users.reset_password(&secret_hash(&token), &password_hash).await?.ok_or_else(token_refused)?;
+        // This process forgets them at once; the others when the notification reaches them.
+        self.state.status_feed.sessions().forget_user(user.id);
         tracing::info!(user = %user.id, "password reset: every session of the account has ended");
         Ok(DoneResponse::Done)
     }
@@ -794,6 +829,7 @@ impl Accounts {
     async fn login(&self, body: Json<Login>, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
         let Login { email, password } = body.0;
+        let (email, password) = (email.0, password.0);
         if email.len() > 254 || password.len() > 4096 {
             return Err(invalid("email or password: too long"));
         }
@@ -831,7 +867,7 @@ impl Accounts {
     #[oai(path = "/v1/auth/refresh", method = "post")]
     async fn refresh(&self, body: Json<Refresh>, req: &Request, jar: &CookieJar) -> Result<LoginResponse, ApiError> {
         let state = &self.state;
-        let from_body = body.0.refresh_token;
+        let from_body = body.0.refresh_token.map(Text::into_string);
         let token = match from_body {
             Some(token) => token,
             None => {
@@ -868,11 +904,13 @@ impl Accounts {
                 Ok(LoginResponse::Ok(Json(view), "no-store".into()))
             }
             Rotation::Reused { session, user } => {
+                state.status_feed.sessions().forget_session(session);
                 tracing::warn!(%session, %user, "a used refresh token was presented again: the session is ended");
                 Err(refused("refresh_reused", "this refresh token was already used; the session has ended"))
             }
             Rotation::Expired => Err(refused("refresh_expired", "the refresh token has expired; log in again")),
-            Rotation::TooOld => {
+            Rotation::TooOld { session } => {
+                state.status_feed.sessions().forget_session(session);
                 Err(refused("session_expired", "the session has reached its maximum age; log in again"))
             }
             Rotation::Ended => Err(refused("session_ended", "the session has ended; log in again")),
@@ -887,14 +925,16 @@ impl Accounts {
         let state = &self.state;
         let session = auth.session();
         state.users.end_session(session.id, "logout").await?;
+        // This process forgets it at once; the others when the notification reaches them.
+        state.status_feed.sessions().forget_session(session.id);
         set_cookies(jar, None);
         Ok(LogoutResponse::Done)
     }
 
     /// The account behind the session.
     #[oai(path = "/v1/me", method = "get")]
-    async fn me(&self, auth: Auth) -> Json<UserView> {
-        Json(UserView::from(&auth.session().user))
+    async fn me(&self, auth: Auth) -> Result<Json<UserView>, ApiError> {
+        Ok(Json(UserView::from(&auth.session().user)))
     }
 }
 

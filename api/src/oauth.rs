@@ -107,7 +107,7 @@ fn local_path(path: &str) -> bool {
     path.starts_with('/')
         && !path.starts_with("//")
         && !path.starts_with("/\\")
-        && path.len() <= 512
+        && path.chars().count() <= 512
         && !path.chars().any(|c| c.is_control() || c == '\\')
 }
 
@@ -289,7 +289,11 @@ impl OAuth {
     async fn start(
         &self,
         provider: Path<String>,
-        #[oai(validator(max_length = 512))] redirect_to: Query<Option<String>>,
+        #[oai(validator(
+            max_length = 512,
+            pattern = "^/([^/\\\\\\x00-\\x1f\\x7f-\\x9f][^\\\\\\x00-\\x1f\\x7f-\\x9f]*)?$"
+        ))]
+        redirect_to: Query<Option<String>>,
         jar: &CookieJar,
     ) -> Result<Redirect, ApiError> {
         let provider = self.provider(&provider.0)?;

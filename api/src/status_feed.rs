@@ -18,6 +18,10 @@
 //! reconnects) and is bypassed while the listener is down, so it never serves a status older
 //! than the last one committed and heard. It holds at most [`CACHE_CAPACITY`] tracks; past
 //! that it starts afresh.
+//!
+//! The same listener hears the session announcements of [`crate::session_cache`] (on its own
+//! channel) and keeps the feed's [`SessionCache`] current: one listening connection per
+//! process for both.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +35,8 @@ use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::broadcast;
 use waveline_shared::db::{DbError, PgTracks, TrackDetails};
 use waveline_shared::domain::TrackId;
+
+use crate::session_cache::{self, SessionCache};
 
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "waveline_track_status";
@@ -73,13 +79,14 @@ pub enum Change {
 pub struct StatusFeed {
     sender: broadcast::Sender<Change>,
     cache: StatusCache,
+    sessions: SessionCache,
 }
 
 impl StatusFeed {
     /// Starts listening (in the background, reconnecting on its own).
     pub fn start(pool: PgPool) -> Arc<StatusFeed> {
         let (sender, _) = broadcast::channel(4096);
-        let feed = Arc::new(StatusFeed { sender, cache: StatusCache::default() });
+        let feed = Arc::new(StatusFeed { sender, cache: StatusCache::default(), sessions: SessionCache::default() });
         let relay = feed.clone();
         tokio::spawn(async move { listen(pool, relay).await });
         feed
@@ -88,7 +95,11 @@ impl StatusFeed {
     /// A feed that never announces anything (streams fall back to reading the track, and
     /// nothing is cached, since nothing would keep it current).
     pub fn silent() -> Arc<StatusFeed> {
-        Arc::new(StatusFeed { sender: broadcast::channel(1).0, cache: StatusCache::default() })
+        Arc::new(StatusFeed {
+            sender: broadcast::channel(1).0,
+            cache: StatusCache::default(),
+            sessions: SessionCache::default(),
+        })
     }
 
     /// Changes from now on.
@@ -109,10 +120,23 @@ impl StatusFeed {
         self.cache.slots().remove(&id);
     }
 
+    /// The live sessions, kept current by the same listener.
+    pub fn sessions(&self) -> &SessionCache {
+        &self.sessions
+    }
+
+    fn set_live(&self, live: bool) {
+        self.cache.set_live(live);
+        self.sessions.set_live(live);
+    }
+
     fn relay(&self, change: Change) {
         match &change {
             Change::Status(announced) => self.cache.heard(announced),
-            Change::Resync => self.cache.clear(),
+            Change::Resync => {
+                self.cache.clear();
+                self.sessions.clear();
+            }
         }
         let _ = self.sender.send(change);
     }
@@ -238,30 +262,46 @@ async fn listen(pool: PgPool, relay: Arc<StatusFeed>) {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(listener) => listener,
             Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for track status changes; retrying in 1 s");
+                tracing::warn!(error = %err, "cannot listen for track status and session changes; retrying in 1 s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        if let Err(err) = listener.listen(CHANNEL).await {
-            tracing::warn!(error = %err, "cannot listen for track status changes; retrying in 1 s");
+        if let Err(err) = listener.listen_all([CHANNEL, session_cache::CHANNEL]).await {
+            tracing::warn!(error = %err, "cannot listen for track status and session changes; retrying in 1 s");
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         // Anything may have happened before (or between) listens.
-        relay.cache.set_live(true);
+        relay.set_live(true);
         relay.relay(Change::Resync);
         loop {
             match listener.try_recv().await {
+                Ok(Some(notification)) if notification.channel() == session_cache::CHANNEL => {
+                    match serde_json::from_str::<session_cache::Announced>(notification.payload()) {
+                        Ok(announced) => relay.sessions.heard(&announced),
+                        // Which session it meant is unknown: forget them all.
+                        Err(err) => {
+                            tracing::warn!(error = %err, "an unreadable session notification");
+                            relay.sessions.clear();
+                        }
+                    }
+                }
                 Ok(Some(notification)) => match serde_json::from_str::<Announced>(notification.payload()) {
                     Ok(announced) => relay.relay(Change::Status(Arc::new(announced))),
                     Err(err) => tracing::warn!(error = %err, "an unreadable track status notification"),
                 },
-                // The connection dropped and is back: notifications may be lost.
-                Ok(None) => relay.relay(Change::Resync),
+                // The connection dropped: notifications may be lost. Bypass the caches until a
+                // new connection listens again (at once, by the outer loop).
+                Ok(None) => {
+                    tracing::warn!("the track status and session listener lost its connection; reconnecting");
+                    relay.set_live(false);
+                    relay.relay(Change::Resync);
+                    break;
+                }
                 Err(err) => {
-                    tracing::warn!(error = %err, "the track status listener failed; reconnecting");
-                    relay.cache.set_live(false);
+                    tracing::warn!(error = %err, "the track status and session listener failed; reconnecting");
+                    relay.set_live(false);
                     relay.relay(Change::Resync);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break;

@@ -74,38 +74,8 @@ impl Stack {
             }
         };
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let spawn = |args: &[&str], env: &[(String, String)]| -> Result<Child> {
-            let mut command = Command::new(waveline_bin());
-            command.args(args);
-            for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
-                command.env_remove(name);
-            }
-            command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            let log = child_log(args[0])?;
-            Ok(command.stdout(log.try_clone()?).stderr(log).spawn()?)
-        };
-        // The port is picked by binding port 0 and letting it go, so another process may take
-        // it before `serve` binds it: a `serve` that exits at once is started again on another.
-        let mut attempt = 0;
-        let (serve, port) = loop {
-            attempt += 1;
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let mut env = env.clone();
-            env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
-            let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
-            let mut serve = spawn(&["serve", "--workers", in_process], &env).context("cannot start waveline serve")?;
-            match wait_healthy(&mut serve, port).await {
-                Ok(()) => break (serve, port),
-                Err(err) if attempt < 3 && matches!(serve.try_wait(), Ok(Some(_))) => {
-                    eprintln!("waveline serve on port {port} exited ({err:#}); starting it on another port");
-                }
-                Err(err) => {
-                    let _ = serve.kill();
-                    let _ = serve.wait();
-                    return Err(err);
-                }
-            }
-        };
+        let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
+        let (serve, port) = start_serve(&env, in_process).await?;
         env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
         let worker = if mode == Mode::Distributed && process {
             Some(spawn(&["worker", "--concurrency", "1"], &env).context("cannot start waveline worker")?)
@@ -132,22 +102,118 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// Makes `user` an admin with `waveline users promote`, and waits until the API sees it:
+    /// the API learns of role changes by notification, within a second (5 s allowed here).
+    pub async fn promote(&self, user: &User) -> Result<()> {
+        let promoted = self.cli(&["users", "promote", &user.username, "--json"])?;
+        ensure!(promoted["role"] == "admin", "{promoted}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (status, me) =
+                json(reqwest::Client::new().get(self.url("/v1/me")).bearer_auth(&user.token).send().await?).await?;
+            if status == 200 && me["role"] == "admin" {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the promotion of {} never reached the API: {status} {me}",
+                user.username
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
-        for child in std::iter::once(&mut self.serve).chain(self.worker.as_mut()) {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        }
-        for child in std::iter::once(&mut self.serve).chain(self.worker.as_mut()) {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(std::iter::once(&mut self.serve).chain(self.worker.as_mut()).collect());
         // Once the processes are gone: nothing recreates the queues after this.
         if let Some((bucket, queue_name)) = self.distributed.take() {
             crate::remove_distributed(Some(bucket), Some(queue_name));
+        }
+    }
+}
+
+/// Another `waveline serve` of a stack: a second replica on the same database, storage and
+/// queue, with its own caches and listener.
+#[allow(missing_debug_implementations)]
+pub struct Replica {
+    serve: Child,
+    pub base: String,
+}
+
+impl Stack {
+    /// Starts a second replica of this stack's API (it processes nothing itself).
+    pub async fn replica(&self) -> Result<Replica> {
+        let env: Vec<(String, String)> =
+            self.env.iter().filter(|(name, _)| name != "WAVELINE_LISTEN").cloned().collect();
+        let (serve, port) = start_serve(&env, "0").await?;
+        Ok(Replica { serve, base: format!("http://127.0.0.1:{port}") })
+    }
+}
+
+impl Replica {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        stop(vec![&mut self.serve]);
+    }
+}
+
+/// Asks the children to stop, then waits for them (at most 15 s each) or kills them.
+fn stop(children: Vec<&mut Child>) {
+    for child in &children {
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    }
+    for child in children {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Runs `waveline <args>` with `env` (and no other `WAVELINE_*` variable), logging to a file.
+fn spawn(args: &[&str], env: &[(String, String)]) -> Result<Child> {
+    let mut command = Command::new(waveline_bin());
+    command.args(args);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let log = child_log(args[0])?;
+    Ok(command.stdout(log.try_clone()?).stderr(log).spawn()?)
+}
+
+/// Starts `waveline serve --workers <workers>` with `env` on a free port, once it answers.
+///
+/// The port is picked by binding port 0 and letting it go, so another process may take it
+/// before `serve` binds it: a `serve` that exits at once is started again on another.
+async fn start_serve(env: &[(String, String)], workers: &str) -> Result<(Child, u16)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut env = env.to_vec();
+        env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
+        let mut serve = spawn(&["serve", "--workers", workers], &env).context("cannot start waveline serve")?;
+        match wait_healthy(&mut serve, port).await {
+            Ok(()) => return Ok((serve, port)),
+            Err(err) if attempt < 3 && matches!(serve.try_wait(), Ok(Some(_))) => {
+                eprintln!("waveline serve on port {port} exited ({err:#}); starting it on another port");
+            }
+            Err(err) => {
+                let _ = serve.kill();
+                let _ = serve.wait();
+                return Err(err);
+            }
         }
     }
 }

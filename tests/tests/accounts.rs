@@ -1,13 +1,18 @@
 //! Accounts and their mail, over real HTTP against `waveline serve`, which sends through its
 //! real mail path (lettre over SMTP) to a sink the test reads: email verification, password
 //! reset, registrations that do not tell which emails exist, the OAuth pre-takeover, suspended
-//! accounts, and the absolute lifetime of a session.
+//! accounts, the absolute lifetime of a session, and revocations reaching every replica
+//! through the session cache.
+
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use waveline_tests::oauth_provider::{Browser, FakeProvider, profile};
 use waveline_tests::smtp_sink::SmtpSink;
-use waveline_tests::stack::{Mode, Stack, User, json, login, register, register_and_login, set_cookie, set_cookies};
+use waveline_tests::stack::{
+    Mode, Replica, Stack, User, json, login, register, register_and_login, set_cookie, set_cookies,
+};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -279,7 +284,7 @@ async fn a_suspended_account_answers_the_same_whatever_the_password_and_links_no
     let provider = FakeProvider::start().await?;
     let stack = stack_with_mail(&sink, Some(&provider), &[]).await?;
     let admin = register_and_login(&stack, "admin").await?;
-    stack.cli(&["users", "promote", "admin", "--json"])?;
+    stack.promote(&admin).await?;
     let sam = register_and_login(&stack, "sam").await?;
     let code = sink.wait_for(&sam.email, 1).await?.code()?;
     ensure!(verify(&stack, &sam, &code).await?.0 == 204);
@@ -382,5 +387,251 @@ async fn a_silent_smtp_server_slows_no_request() -> Result<()> {
     let took = started.elapsed();
     ensure!(took < std::time::Duration::from_secs(10), "the answers waited for SMTP: {took:?}");
     held.abort();
+    Ok(())
+}
+
+/// A counter's value in a `/metrics` page (0 while the series does not exist).
+async fn metric(base: &str, series: &str) -> Result<f64> {
+    let text = client().get(format!("{base}/metrics")).send().await?.text().await?;
+    Ok(text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0))
+}
+
+const HITS: &str = "waveline_session_cache_total{result=\"hit\"}";
+const MISSES: &str = "waveline_session_cache_total{result=\"miss\"}";
+const BYPASSES: &str = "waveline_session_cache_total{result=\"bypass\"}";
+
+/// The session cache's bypasses and misses so far.
+async fn counts(base: &str) -> Result<(f64, f64)> {
+    Ok((metric(base, BYPASSES).await?, metric(base, MISSES).await?))
+}
+
+/// `GET {base}{path}` with `token`: the status and body.
+async fn get_at(base: &str, path: &str, token: &str) -> Result<(u16, Value)> {
+    json(client().get(format!("{base}{path}")).bearer_auth(token).send().await?).await
+}
+
+/// Uses `token` on both replicas until each answers it from its session cache.
+async fn warm(a: &Stack, b: &Replica, token: &str, path: &str) -> Result<()> {
+    for base in [&a.base, &b.base] {
+        get_at(base, path, token).await?;
+        let hits = metric(base, HITS).await?;
+        let (status, body) = get_at(base, path, token).await?;
+        ensure!(status == 200, "{base}{path}: {status} {body}");
+        let now = metric(base, HITS).await?;
+        ensure!(now > hits, "{base} did not answer from its session cache ({hits} then {now} hits)");
+    }
+    Ok(())
+}
+
+/// Polls `GET {base}{path}` with `token` until it answers `status`: within 1 s, or fails.
+async fn answers_within_a_second(base: &str, path: &str, token: &str, status: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let (got, body) = get_at(base, path, token).await?;
+        if got == status {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: {base}{path} still answers {got} {body} after 1 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_reaches_the_other_within_a_second() -> Result<()> {
+    let sink = SmtpSink::start().await?;
+    let a = stack_with_mail(&sink, None, &[]).await?;
+    let b = a.replica().await?;
+    let admin = register_and_login(&a, "admin").await?;
+    a.promote(&admin).await?;
+    let ann = register_and_login(&a, "ann").await?;
+
+    // Logout on A.
+    warm(&a, &b, &ann.token, "/v1/me").await?;
+    let (status, _) = answer(client().post(a.url("/v1/auth/logout")).bearer_auth(&ann.token)).await?;
+    ensure!(status == 204, "logout: {status}");
+    ensure!(me(&a, &ann.token).await?.0 == 401, "A still accepts the token it logged out");
+    answers_within_a_second(&b.base, "/v1/me", &ann.token, 401, "logout").await?;
+
+    // A suspension through A's admin route; once lifted, the account logs in again.
+    let again = login(&a, &ann.email, &ann.password, &[]).await?;
+    warm(&a, &b, &again.token, "/v1/me").await?;
+    let suspension = a.url(&format!("/v1/admin/users/{}/suspension", ann.id));
+    let (status, body) = json(client().put(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200, "suspend: {status} {body}");
+    answers_within_a_second(&b.base, "/v1/me", &again.token, 401, "suspension").await?;
+    let (status, body) = json(client().delete(&suspension).bearer_auth(&admin.token).send().await?).await?;
+    ensure!(status == 200, "lift: {status} {body}");
+    ensure!(get_at(&b.base, "/v1/me", &again.token).await?.0 == 401, "lifting a suspension revived its sessions");
+
+    // A refresh token used twice on A ends the session, newest access token included.
+    let third = login(&a, &ann.email, &ann.password, &[]).await?;
+    let (status, rotated) = refresh(&a, &third.refresh).await?;
+    ensure!(status == 200, "{status} {rotated}");
+    let newest = json_token(&rotated)?;
+    warm(&a, &b, &newest, "/v1/me").await?;
+    let (status, body) = refresh(&a, &third.refresh).await?;
+    ensure!(status == 401 && body["code"] == "refresh_reused", "{status} {body}");
+    answers_within_a_second(&b.base, "/v1/me", &newest, 401, "refresh-token reuse").await?;
+
+    // A password reset on A ends every session.
+    let fourth = login(&a, &ann.email, &ann.password, &[]).await?;
+    warm(&a, &b, &fourth.token, "/v1/me").await?;
+    post(&a, "/v1/auth/password/forgot", json!({"email": ann.email})).await?;
+    let code = sink.wait_for(&ann.email, 2).await?.code()?;
+    let (status, body) =
+        post(&a, "/v1/auth/password/reset", json!({"token": code, "password": "a-brand-new-password"})).await?;
+    ensure!(status == 204, "reset: {status} {body}");
+    answers_within_a_second(&b.base, "/v1/me", &fourth.token, 401, "password reset").await?;
+
+    // An operator demotes the admin: B stops letting the session into admin routes.
+    warm(&a, &b, &admin.token, "/v1/admin/dead-letters").await?;
+    a.cli(&["users", "demote", "admin", "--json"])?;
+    answers_within_a_second(&b.base, "/v1/admin/dead-letters", &admin.token, 403, "demotion").await?;
+    let (status, body) = get_at(&b.base, "/v1/me", &admin.token).await?;
+    ensure!(status == 200 && body["role"] == "user", "{status} {body}");
+
+    // The account is deleted (by an operator, in SQL): its sessions end everywhere.
+    warm(&a, &b, &admin.token, "/v1/me").await?;
+    sqlx::query("DELETE FROM users WHERE username = 'admin'").execute(&a.db.pool).await?;
+    answers_within_a_second(&b.base, "/v1/me", &admin.token, 401, "account deletion").await?;
+    answers_within_a_second(&a.base, "/v1/me", &admin.token, 401, "account deletion").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_requests_cost_no_database_read_in_the_steady_state() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let hits = metric(&stack.base, HITS).await?;
+    let misses = metric(&stack.base, MISSES).await?;
+    for _ in 0..20 {
+        let (status, body) = me(&stack, &ann.token).await?;
+        ensure!(status == 200 && body["username"] == "ann", "{status} {body}");
+    }
+    // The cookie reads the same cache.
+    let (status, body) = json(client().get(stack.url("/v1/me")).header("cookie", &ann.cookie).send().await?).await?;
+    ensure!(status == 200 && body["username"] == "ann", "{status} {body}");
+    let new_misses = metric(&stack.base, MISSES).await? - misses;
+    let new_hits = metric(&stack.base, HITS).await? - hits;
+    ensure!(new_misses <= 1.0 && new_hits >= 20.0, "21 requests: {new_misses} misses, {new_hits} hits");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_states_the_account_fields_rules_and_requests_that_break_them_answer_400() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let (status, spec) = json(client().get(stack.url("/openapi.json")).send().await?).await?;
+    ensure!(status == 200);
+    let schemas = &spec["components"]["schemas"];
+    let fields = &schemas["Register"]["properties"];
+    ensure!(fields["username"]["pattern"] == "^[a-z0-9_-]{3,30}$", "{}", fields["username"]);
+    ensure!(fields["username"]["minLength"] == 3 && fields["username"]["maxLength"] == 30);
+    ensure!(fields["password"]["minLength"] == 10 && fields["password"]["maxLength"] == 1024);
+    for email in [&fields["email"], &schemas["Forgot"]["properties"]["email"]] {
+        ensure!(email["maxLength"] == 254 && email["pattern"].is_string(), "{email}");
+    }
+    ensure!(schemas["Reset"]["properties"]["password"]["minLength"] == 10, "{}", schemas["Reset"]);
+    let me_answers = &spec["paths"]["/v1/me"]["get"]["responses"];
+    ensure!(me_answers["401"].is_object(), "GET /v1/me documents no 401: {me_answers}");
+
+    let start = spec["paths"]["/v1/auth/oauth/{provider}/start"]["get"]["parameters"]
+        .as_array()
+        .and_then(|parameters| parameters.iter().find(|parameter| parameter["name"] == "redirect_to"))
+        .context("redirect_to")?;
+    ensure!(start["schema"]["pattern"].is_string(), "{start}");
+
+    // What the document refuses, the server refuses: 400 `invalid_field`, naming the field.
+    for redirect in ["//evil.example/", "/\\evil.example", "https://evil.example/"] {
+        let (status, answer) =
+            answer(client().get(stack.url("/v1/auth/oauth/corp/start")).query(&[("redirect_to", redirect)])).await?;
+        ensure!(status == 400 && answer["code"] == "invalid_field", "{redirect}: {status} {answer}");
+        ensure!(answer["message"].as_str().is_some_and(|m| m.contains("redirect_to")), "{answer}");
+    }
+    let cases = [
+        (json!({"email": "", "username": "", "password": ""}), "email"),
+        (json!({"email": " ann@example.com", "username": "ann", "password": "long-enough-password"}), "email"),
+        (json!({"email": "ann@example", "username": "ann", "password": "long-enough-password"}), "email"),
+        (json!({"email": "ann@example.com", "username": "Ann", "password": "long-enough-password"}), "username"),
+        (json!({"email": "ann@example.com", "username": "ann", "password": "short"}), "password"),
+        // A boolean is not a string, whatever it would read as (poem-openapi names the type
+        // it expected for such errors, not the field).
+        (json!({"email": "ann@example.com", "username": false, "password": "long-enough-password"}), "string"),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = post(&stack, "/v1/auth/register", body.clone()).await?;
+        ensure!(status == 400 && answer["code"] == "invalid_field", "{body}: {status} {answer}");
+        ensure!(answer["message"].as_str().is_some_and(|m| m.contains(field)), "{body}: {answer}");
+    }
+    let (status, answer) = post(&stack, "/v1/auth/password/forgot", json!({"email": "not an address"})).await?;
+    ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
+    let (status, answer) = post(&stack, "/v1/auth/refresh", json!({"refresh_token": 12})).await?;
+    ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
+    // A NUL in a login's email (which PostgreSQL cannot store) is refused, not a 500.
+    let (status, answer) =
+        post(&stack, "/v1/auth/login", json!({"email": "a\u{0}@example.com", "password": "x"})).await?;
+    ensure!(status == 400 && answer["code"] == "invalid_field", "{status} {answer}");
+    // And what it allows, it takes: the longest local part and a non-ASCII address.
+    let local = "a".repeat(64);
+    let (status, answer) = register(&stack, &format!("{local}@exämple.com"), "ann", "long-enough-password").await?;
+    ensure!(status == 202, "{status} {answer}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_while_the_listener_was_deaf_is_refused_once_it_reconnects() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let ann = register_and_login(&stack, "ann").await?;
+    let hits = metric(&stack.base, HITS).await?;
+    ensure!(me(&stack, &ann.token).await?.0 == 200);
+    ensure!(metric(&stack.base, HITS).await? > hits, "the session is not cached");
+
+    // The session ends with no notification (as if it were lost): the cache cannot know.
+    let mut tx = stack.db.pool.begin().await?;
+    sqlx::query("ALTER TABLE sessions DISABLE TRIGGER sessions_notify").execute(&mut *tx).await?;
+    sqlx::query("UPDATE sessions SET ended_at = now(), ended_why = 'logout' WHERE user_id = $1::uuid")
+        .bind(&ann.id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("ALTER TABLE sessions ENABLE TRIGGER sessions_notify").execute(&mut *tx).await?;
+    tx.commit().await?;
+    ensure!(me(&stack, &ann.token).await?.0 == 200, "the cache was not consulted");
+
+    // The listener's connection drops: once it listens again, it forgets what it cached.
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&stack.db.pool)
+    .await?;
+    ensure!(!dropped.is_empty(), "no listening connection found");
+    // Until the process notices, it may answer from the cache (a known limit). Once it does,
+    // it reads the database (bypassing the cache while deaf); once it listens again, the
+    // cache starts empty: no request after the drop is noticed may see the session live.
+    let mut noticed = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = counts(&stack.base).await?;
+        let (status, body) = me(&stack, &ann.token).await?;
+        let after = counts(&stack.base).await?;
+        let (bypassed, missed) = (after.0 > before.0, after.1 > before.1);
+        noticed |= bypassed || missed;
+        ensure!(!noticed || status == 401, "the ended session works after the drop was noticed: {status} {body}");
+        if noticed && !bypassed {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no reconnect within 5 s: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And it listens again: a logout elsewhere is heard.
+    let again = login(&stack, &ann.email, &ann.password, &[]).await?;
+    ensure!(me(&stack, &again.token).await?.0 == 200);
+    let hits = metric(&stack.base, HITS).await?;
+    ensure!(me(&stack, &again.token).await?.0 == 200);
+    ensure!(metric(&stack.base, HITS).await? > hits, "the cache is not used after the reconnect");
+    sqlx::query("UPDATE sessions SET ended_at = now() WHERE user_id = $1::uuid AND ended_at IS NULL")
+        .bind(&ann.id)
+        .execute(&stack.db.pool)
+        .await?;
+    answers_within_a_second(&stack.base, "/v1/me", &again.token, 401, "an end heard after the reconnect").await?;
     Ok(())
 }

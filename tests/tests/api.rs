@@ -470,8 +470,7 @@ async fn full_flow(mode: Mode) -> Result<()> {
     // Reprocessing (by an admin here, the owner below) keeps the old renditions live until
     // the new revision is ready.
     let admin = register_and_login(&stack, "admin_1").await?;
-    let promoted = stack.cli(&["users", "promote", "admin_1", "--json"])?;
-    ensure!(promoted["role"] == "admin", "{promoted}");
+    stack.promote(&admin).await?;
     let (status, me) = json(client.get(stack.url("/v1/me")).bearer_auth(&admin.token).send().await?).await?;
     ensure!(status == 200 && me["role"] == "admin", "{me}");
     let (status, requeued) =

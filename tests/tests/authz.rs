@@ -347,7 +347,7 @@ async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<
     let admin = register_and_login(&stack, "admin").await?;
     let target = register_and_login(&stack, "target").await?;
     let spare = register_and_login(&stack, "spare").await?;
-    stack.cli(&["users", "promote", "admin", "--json"])?;
+    stack.promote(&admin).await?;
     let dir = waveline_tests::temp_dir()?;
     let song = dir.path().join("song.wav");
     waveline_tests::audio::tone(&song, 2.0, 22050, 1, &[])?;

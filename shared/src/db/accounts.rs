@@ -243,7 +243,7 @@ impl PgUsers {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Ok(Rotation::TooOld);
+            return Ok(Rotation::TooOld { session });
         }
         if expired {
             return Ok(Rotation::Expired);
@@ -279,7 +279,8 @@ impl PgUsers {
     }
 
     /// The account behind an access token, if its session is live and the account exists and
-    /// is not suspended: one query per authenticated request.
+    /// is not suspended, in one query. The API caches the answer per session (see its
+    /// `session_cache`), kept current by the triggers of `20261129000008_session_cache.sql`.
     pub async fn session_user(&self, session: uuid::Uuid, id: UserId) -> Result<Option<UserRow>, DbError> {
         sqlx::query_as::<_, UserTuple>(sqlx::AssertSqlSafe(format!(
             "SELECT {USER_COLUMNS} FROM users
@@ -660,7 +661,7 @@ pub enum Rotation {
     /// Past its lifetime.
     Expired,
     /// Its session is older than the family's absolute lifetime: the session has now ended.
-    TooOld,
+    TooOld { session: uuid::Uuid },
     /// Its session ended (logout, reuse, suspension).
     Ended,
     /// No such token.
