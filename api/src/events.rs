@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
-use waveline_shared::db::PgTracks;
-use waveline_shared::domain::TrackId;
+use waveline_shared::db::{PgTracks, Visibility};
+use waveline_shared::domain::{TrackId, UserId};
 
 use crate::error::ApiError;
-use crate::status_feed::{Change, StatusFeed};
+use crate::status_feed::{Announced, Change, StatusFeed};
 use crate::tracks::TrackStatus;
 
 /// How many event streams may be open.
@@ -103,11 +103,25 @@ pub(crate) struct Watch {
     pub(crate) last: Option<TrackStatus>,
     pub(crate) pending: Option<TrackStatus>,
     pub(crate) finished: bool,
+    /// Who watches: their account and whether they are an admin (`None`: anonymous).
+    pub(crate) viewer: Option<(UserId, bool)>,
     /// Held while the stream is open.
     pub(crate) _slot: StreamSlot,
 }
 
 impl Watch {
+    /// Whether the viewer may still see the track as `announced` (a status without its owner
+    /// and visibility, from before they were announced, changes nothing).
+    fn may_see(&self, announced: &Announced) -> bool {
+        let visibility = announced.visibility.as_deref().and_then(Visibility::parse);
+        match (announced.owner_id, visibility) {
+            (Some(owner), Some(Visibility::Private)) => {
+                self.viewer.is_some_and(|(viewer, admin)| admin || viewer.0 == owner)
+            }
+            _ => true,
+        }
+    }
+
     /// The next status to send: a change of this track, or nothing once it is finished or gone.
     pub(crate) async fn next(&mut self) -> Option<TrackStatus> {
         use tokio::sync::broadcast::error::RecvError;
@@ -124,7 +138,8 @@ impl Watch {
             }
             let read_again = match tokio::time::timeout(BACKSTOP, self.changes.recv()).await {
                 Ok(Ok(Change::Status(announced))) if announced.track() == self.id => {
-                    if announced.deleted {
+                    // Gone, or no longer the viewer's to see (made private): the stream ends.
+                    if announced.deleted || !self.may_see(&announced) {
                         return None;
                     }
                     match TrackStatus::announced(&announced) {
@@ -145,6 +160,7 @@ impl Watch {
             };
             if read_again {
                 match self.feed.status(&self.tracks, self.id).await {
+                    Ok(Some(announced)) if !self.may_see(&announced) => return None,
                     Ok(Some(announced)) => self.pending = TrackStatus::announced(&announced),
                     // Deleted meanwhile: the stream ends.
                     Ok(None) => return None,

@@ -34,7 +34,7 @@ use waveline_shared::network::{Network, canonical};
 use crate::error::ApiError;
 
 /// The limiter's key: an IPv4 address, or the /64 of an IPv6 one.
-fn key_of(address: IpAddr) -> IpAddr {
+pub(crate) fn key_of(address: IpAddr) -> IpAddr {
     match canonical(address) {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
         v4 => v4,

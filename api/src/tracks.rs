@@ -620,7 +620,8 @@ impl Tracks {
         auth: MaybeAuth,
         req: &Request,
     ) -> Result<EventStream<BoxStream<'static, TrackStatus>>, ApiError> {
-        let slot = self.streams.take(req.data::<ClientAddr>().map(|client| client.0))?;
+        // Counted per client as the rate limiter counts them: an IPv6 client by its /64.
+        let slot = self.streams.take(req.data::<ClientAddr>().map(|client| crate::throttle::key_of(client.0)))?;
         // Subscribe before reading, so no change falls between the two.
         let changes = self.state.status_feed.subscribe();
         let track = self.visible(&id.0, auth.session()).await?;
@@ -632,6 +633,7 @@ impl Tracks {
             last: None,
             pending: Some(TrackStatus::from(&track)),
             finished: false,
+            viewer: auth.session().map(|session| (session.user.id, session.is_admin())),
             _slot: slot,
         };
         let stream = futures::stream::unfold(watch, |mut watch| async move {

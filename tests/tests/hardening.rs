@@ -319,61 +319,35 @@ async fn status_polls_come_from_the_cache_and_follow_every_change() -> Result<()
     Ok(())
 }
 
-/// A second `waveline serve` on the stack's database and store (another replica), killed
-/// when dropped.
-struct Replica {
-    child: std::process::Child,
-    base: String,
-}
-
-impl Replica {
-    async fn start(stack: &Stack) -> Result<Replica> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut command = std::process::Command::new(waveline_tests::waveline_bin());
-        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("WAVELINE_")) {
-            command.env_remove(name);
-        }
-        let child = command
-            .args(["serve", "--workers", "0"])
-            .envs(stack.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("WAVELINE_LISTEN", format!("127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let replica = Replica { child, base: format!("http://127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !reqwest::get(format!("{}/healthz", replica.base)).await.is_ok_and(|r| r.status() == 200) {
-            ensure!(Instant::now() < deadline, "the second replica did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(replica)
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_replica_s_status_cache_follows_changes_within_a_second() -> Result<()> {
     let stack = Stack::start(Mode::Embedded, false, &[]).await?;
-    let replica = Replica::start(&stack).await?;
+    let replica = stack.replica().await?;
     let alice = register_and_login(&stack, "alice").await?;
     let bob = register_and_login(&stack, "bob").await?;
     let (status, track) = upload(&stack, &alice, &[("title", "Shared")], ("shared.wav", &wav())).await?;
     ensure!(status == 202, "{status} {track}");
     let id = track["id"].as_str().context("id")?.to_owned();
     let on_replica = |token: String| {
-        let url = format!("{}/v1/tracks/{id}/status", replica.base);
+        let url = replica.url(&format!("/v1/tracks/{id}/status"));
         async move { json(reqwest::Client::new().get(url).bearer_auth(token).send().await?).await }
     };
-    // The replica caches the status (twice: a miss, then a hit).
-    for _ in 0..2 {
+    // The replica caches the status: poll it until its metrics show a hit (its listener may
+    // take a moment to connect; until then the cache is bypassed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
         let (status, body) = on_replica(bob.token.clone()).await?;
         ensure!(status == 200 && body["state"] == "queued", "{status} {body}");
+        let metrics = reqwest::get(replica.url("/metrics")).await?.text().await?;
+        let hits = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("waveline_status_cache_total{result=\"hit\"}"))
+            .and_then(|value| value.trim().parse::<f64>().ok());
+        if hits >= Some(1.0) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the replica never answered from its cache");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A change on the first replica reaches the second through the notification.
     let response = reqwest::Client::new()
@@ -392,5 +366,40 @@ async fn another_replica_s_status_cache_follows_changes_within_a_second() -> Res
         ensure!(changed.elapsed() < Duration::from_secs(1), "the other replica still shows it: {status} {body}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_ends_when_its_track_turns_private() -> Result<()> {
+    use futures::StreamExt as _;
+    let stack = Stack::start(Mode::Embedded, false, &[]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let (status, track) = upload(&stack, &alice, &[("title", "Watched")], ("watched.wav", &wav())).await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+    // An anonymous watcher has its first event before the change.
+    let stranger = reqwest::get(stack.url(&format!("/v1/tracks/{id}/events"))).await?;
+    ensure!(stranger.status() == 200);
+    let mut stranger = stranger.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(5), stranger.next()).await?.context("an event")??;
+    ensure!(String::from_utf8_lossy(&first).contains("queued"), "{first:?}");
+    let response = reqwest::Client::new()
+        .patch(stack.url(&format!("/v1/tracks/{id}")))
+        .bearer_auth(&alice.token)
+        .json(&serde_json::json!({"visibility": "private"}))
+        .send()
+        .await?;
+    ensure!(response.status() == 200, "{}", response.status());
+    // The stranger's stream ends (no more of the track's progress for someone who may not see it).
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(chunk) = stranger.next().await {
+            let chunk = chunk?;
+            ensure!(!String::from_utf8_lossy(&chunk).contains("\"state\""), "a status after going private: {chunk:?}");
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    ensure!(ended.is_ok(), "the stranger's stream was still open 5 s after the track went private");
+    ended??;
     Ok(())
 }
