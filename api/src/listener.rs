@@ -18,7 +18,11 @@
 //!   have their own read timeouts (see [`crate::body`]).
 //! - **A connection cap.** At most `max_connections` connections are served at once; past that
 //!   the loop stops accepting until one closes, and new clients wait in the kernel's backlog
-//!   rather than each costing the process a task and buffers.
+//!   rather than each costing the process a task and buffers. So that one client cannot fill
+//!   it, a client address (an IPv6 one by its /64) holds at most `max_connections_per_client`
+//!   (trusted proxies excepted: they carry many clients), and a connection with nothing in
+//!   flight is closed after `idle_timeout` (60 s; hyper has no idle timeout for HTTP/2, and a
+//!   client's HTTP/2 stack answers pings by itself).
 //!
 //! Everything else is as poem does it: each request becomes a `poem::Request` (upgrades
 //! included) for the same endpoint, and on shutdown the listener closes, open connections
@@ -33,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -42,8 +47,9 @@ use poem::http::uri::Scheme;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use waveline_shared::network::Network;
 
 /// How long a client may take to send a request's head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,15 +63,126 @@ const H2_MAX_HEADER_BYTES: u32 = 64 * 1024;
 static CAP_WAITS: AtomicU64 = AtomicU64::new(0);
 
 /// What one process serves at once, and how long a connection may sit before its first request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     pub max_connections: u32,
+    /// Connections one client address (an IPv6 one by its /64) may hold; trusted proxies are
+    /// exempt.
+    pub max_connections_per_client: u32,
+    pub trusted_proxies: Vec<Network>,
     pub first_request_within: Duration,
+    /// How long a connection with nothing in flight stays open after a request.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> ConnectionLimits {
-        ConnectionLimits { max_connections: 10_000, first_request_within: HEADER_READ_TIMEOUT }
+        ConnectionLimits {
+            max_connections: 10_000,
+            max_connections_per_client: 256,
+            trusted_proxies: Vec::new(),
+            first_request_within: HEADER_READ_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How long an idle keep-alive connection (HTTP/1.1 or HTTP/2) stays open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one connection is doing: requests in flight (bodies still being sent included), and
+/// since when it has been idle.
+#[derive(Debug)]
+struct Activity {
+    opened: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from `opened` to the last time the connection went idle.
+    idle_since_ms: AtomicU64,
+    served: std::sync::atomic::AtomicBool,
+    /// Woken when a request starts or ends, so the idle clock restarts.
+    changed: tokio::sync::Notify,
+}
+
+/// A request in flight; dropping it (with the response body) marks the end.
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: std::time::Instant::now(),
+            in_flight: Default::default(),
+            idle_since_ms: AtomicU64::new(0),
+            served: Default::default(),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.served.store(true, Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
+        Busy(self.clone())
+    }
+
+    fn served(&self) -> bool {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// How long it has been idle (`None` while a request is in flight).
+    fn idle_for(&self) -> Option<Duration> {
+        (self.in_flight.load(Ordering::SeqCst) == 0).then(|| {
+            let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+            self.opened.elapsed().saturating_sub(since)
+        })
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = self.0.opened.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.store(now, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_one();
+    }
+}
+
+/// Open connections per client.
+#[derive(Debug)]
+struct PerClient {
+    max: u32,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+}
+
+/// A client's place; dropping it frees the place.
+#[derive(Debug)]
+struct Place(Arc<PerClient>, std::net::IpAddr);
+
+impl PerClient {
+    fn new(max: u32) -> PerClient {
+        PerClient { max: max.max(1), open: Default::default() }
+    }
+
+    fn take(self: &Arc<Self>, client: std::net::IpAddr) -> Option<Place> {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(client).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(Place(self.clone(), client))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -87,7 +204,8 @@ impl Listener {
     /// Serves an already bound socket.
     pub fn from_tcp(listener: TcpListener) -> Listener {
         let limits = ConnectionLimits::default();
-        Listener { listener, limits, open: Arc::new(Semaphore::new(limits.max_connections as usize)) }
+        let open = Arc::new(Semaphore::new(limits.max_connections as usize));
+        Listener { listener, limits, open }
     }
 
     /// Sets the limits (the defaults are [`ConnectionLimits::default`]).
@@ -125,7 +243,7 @@ impl Listener {
             .max_concurrent_streams(H2_MAX_STREAMS)
             .max_header_list_size(H2_MAX_HEADER_BYTES);
         let graceful = GracefulShutdown::new();
-        let first_request_within = self.limits.first_request_within;
+        let per_client = Arc::new(PerClient::new(self.limits.max_connections_per_client));
         loop {
             // A place for one more connection first: at the cap, stop accepting.
             let permit = match self.open.clone().try_acquire_owned() {
@@ -156,39 +274,63 @@ impl Listener {
                     continue;
                 }
             };
+            // One client (an IPv6 one by its /64) holds at most its share of the connections;
+            // past it, a new one is closed at once. Trusted proxies carry many clients each.
+            let client = crate::throttle::key_of(peer.ip());
+            let trusted = self.limits.trusted_proxies.iter().any(|network| network.contains(peer.ip()));
+            let Some(place) = (if trusted { Some(None) } else { per_client.take(client).map(Some) }) else {
+                metrics::counter!("waveline_http_connections_refused_total", "reason" => "per_client").increment(1);
+                drop(stream);
+                continue;
+            };
             set_nodelay(&stream);
             let (endpoint, local, remote) = (endpoint.clone(), local.clone(), RemoteAddr(peer.into()));
-            let first_request = Arc::new(Notify::new());
+            let activity = Arc::new(Activity::new());
             let service = hyper::service::service_fn({
-                let first_request = first_request.clone();
+                let activity = activity.clone();
                 move |req: hyper::Request<Incoming>| {
-                    first_request.notify_one();
+                    let busy = activity.begin();
                     let (endpoint, local, remote) = (endpoint.clone(), local.clone(), remote.clone());
                     async move {
                         let req = poem::Request::from((req, local, remote, Scheme::HTTP));
                         let response: hyper::Response<BoxBody<Bytes, io::Error>> =
                             endpoint.get_response(req).await.into();
+                        // The request counts as in flight until its body is sent (or dropped).
+                        let response = response.map(|body| {
+                            body.map_err(move |err| {
+                                let _busy = &busy;
+                                err
+                            })
+                            .boxed()
+                        });
                         Ok::<_, Infallible>(response)
                     }
                 }
             });
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
             let connection = graceful.watch(connection);
+            let (first_request_within, idle_timeout) = (self.limits.first_request_within, self.limits.idle_timeout);
             tokio::spawn(async move {
-                let _permit = permit;
+                let (_permit, _place) = (permit, place);
                 let mut connection = std::pin::pin!(connection);
-                // A connection that brings no request in time is dropped, whatever its protocol.
-                let result = tokio::select! {
-                    result = connection.as_mut() => Some(result),
-                    () = first_request.notified() => None,
-                    () = tokio::time::sleep(first_request_within) => {
-                        metrics::counter!("waveline_http_connections_timed_out_total").increment(1);
-                        return;
+                // A connection with nothing in flight is closed once it has been idle too long:
+                // `first_request_within` before its first request, `idle_timeout` after one.
+                let result = loop {
+                    let idle_for = activity.idle_for();
+                    let allowed = if activity.served() { idle_timeout } else { first_request_within };
+                    let check = match idle_for {
+                        Some(idle) if idle >= allowed => {
+                            metrics::counter!("waveline_http_connections_timed_out_total").increment(1);
+                            return;
+                        }
+                        Some(idle) => allowed - idle,
+                        None => allowed,
+                    };
+                    tokio::select! {
+                        result = connection.as_mut() => break result,
+                        () = tokio::time::sleep(check) => {}
+                        () = activity.changed.notified() => {}
                     }
-                };
-                let result = match result {
-                    Some(result) => result,
-                    None => connection.await,
                 };
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "connection ended with an error");
@@ -320,6 +462,58 @@ mod tests {
             let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
             assert!(closed.is_ok(), "a connection opened with {opening:?} was still open after 10 s");
         }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+        let limits = super::ConnectionLimits { idle_timeout: Duration::from_millis(300), ..Default::default() };
+        let (addr, stop, task) = server_with(limits).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(ask(&mut stream, "/once").await.starts_with("HTTP/1.1 200"));
+        // Served once and left idle: the server ends it (the read sees the end).
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "an idle keep-alive connection was still open after 10 s");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+    }
+
+    #[tokio::test]
+    async fn one_client_cannot_take_every_connection() {
+        let limits = super::ConnectionLimits { max_connections_per_client: 2, ..Default::default() };
+        let (addr, stop, task) = server_with(limits).await;
+        let mut first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(ask(&mut first, "/one").await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut second, "/two").await.starts_with("HTTP/1.1 200"));
+        // A third from the same address is closed at once, unanswered.
+        let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = third.write_all(b"GET /three HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer)).await;
+        assert!(read.is_ok() && answer.is_empty(), "the third connection was served: {answer:?}");
+        // Another address still gets in.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+        let mut other = socket.connect(addr).await.expect("connect");
+        assert!(ask(&mut other, "/other").await.starts_with("HTTP/1.1 200"));
+        // A closed connection frees its place.
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut again = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let _ = again.write_all(b"GET /again HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+            let mut answer = Vec::new();
+            let _ = again.read_to_end(&mut answer).await;
+            if answer.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the closed connection's place never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((second, other));
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
     }

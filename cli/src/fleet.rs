@@ -173,6 +173,8 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         .with_context(|| format!("cannot listen on {}", settings.listen))?
         .with_limits(waveline_api::listener::ConnectionLimits {
             max_connections: settings.max_connections,
+            max_connections_per_client: settings.max_connections_per_client,
+            trusted_proxies: settings.trusted_proxies.clone(),
             ..Default::default()
         });
     tracing::info!(listen = %settings.listen, workers, "serving the API");

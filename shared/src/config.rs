@@ -134,6 +134,9 @@ pub struct Settings {
     /// Open client connections one API process accepts at once; further ones wait in the
     /// kernel's backlog until one closes. Default 10000.
     pub max_connections: u32,
+    /// Client connections one client address (an IPv6 one by its /64) may hold open on one
+    /// API process; more are closed at once. Trusted proxies are exempt. Default 256.
+    pub max_connections_per_client: u32,
     /// Open event streams (`/v1/tracks/{id}/events`) per API process (429 beyond). Default 2000.
     pub event_streams_max: u32,
     /// Open event streams per client address (429 beyond). Default 20.
@@ -244,7 +247,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 46] = [
+const KEYS: [Key; 47] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -283,6 +286,7 @@ const KEYS: [Key; 46] = [
     Key { name: "json_body_max_bytes", secret: false },
     Key { name: "body_read_timeout_s", secret: false },
     Key { name: "max_connections", secret: false },
+    Key { name: "max_connections_per_client", secret: false },
     Key { name: "event_streams_max", secret: false },
     Key { name: "event_streams_per_client", secret: false },
     Key { name: "smtp_url", secret: true },
@@ -531,6 +535,10 @@ impl Settings {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 10_000,
         };
+        let max_connections_per_client = match take("max_connections_per_client") {
+            Some(raw) => parse_int(&raw, 1, 1_000_000)?,
+            None => 256,
+        };
         let event_streams_max = match take("event_streams_max") {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 2000,
@@ -564,6 +572,7 @@ impl Settings {
             json_body_max_bytes,
             body_read_timeout,
             max_connections,
+            max_connections_per_client,
             event_streams_max,
             event_streams_per_client,
             smtp_url,
@@ -654,6 +663,7 @@ impl Settings {
             "json_body_max_bytes": self.json_body_max_bytes,
             "body_read_timeout_s": self.body_read_timeout.as_secs(),
             "max_connections": self.max_connections,
+            "max_connections_per_client": self.max_connections_per_client,
             "event_streams_max": self.event_streams_max,
             "event_streams_per_client": self.event_streams_per_client,
             "smtp_url": self.smtp_url.as_ref().map(|url| redact_url(url.expose_secret())),
