@@ -10,16 +10,15 @@
 //! through the feed's cache after a resync or 5 s of silence, so quiet streams cost the
 //! database nothing while the notifications flow.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
 use waveline_shared::db::{PgTracks, Visibility};
 use waveline_shared::domain::{TrackId, UserId};
 
-use crate::error::ApiError;
+use crate::slots::{self, Refusal, Slot, Slots};
 use crate::status_feed::{Announced, Change, StatusFeed};
 use crate::tracks::TrackStatus;
 
@@ -30,65 +29,24 @@ pub struct StreamLimits {
     pub per_client: u32,
 }
 
-/// The open streams of the process, by client.
-#[derive(Debug)]
-pub struct StreamSlots {
-    limits: StreamLimits,
-    open: Mutex<(u32, HashMap<Option<IpAddr>, u32>)>,
-}
+/// The open streams of the process, by client (an IPv6 one by its /64).
+pub type StreamSlots = Slots<Option<IpAddr>>;
 
-/// An open stream's place; dropping it frees the place.
-#[derive(Debug)]
-pub struct StreamSlot {
-    slots: Arc<StreamSlots>,
-    client: Option<IpAddr>,
-}
+/// An open stream's place.
+pub type StreamSlot = Slot<Option<IpAddr>>;
 
-impl StreamSlots {
-    pub fn new(limits: StreamLimits) -> Arc<StreamSlots> {
-        Arc::new(StreamSlots { limits, open: Mutex::default() })
-    }
-
-    fn open(&self) -> MutexGuard<'_, (u32, HashMap<Option<IpAddr>, u32>)> {
-        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A place for one more stream of `client`, or 429.
-    pub fn take(self: &Arc<Self>, client: Option<IpAddr>) -> Result<StreamSlot, ApiError> {
-        let mut open = self.open();
-        let (total, by_client) = &mut *open;
-        let mine = by_client.get(&client).copied().unwrap_or(0);
-        let refused = if *total >= self.limits.per_process {
-            Some("this server has as many event streams open as it allows")
-        } else if mine >= self.limits.per_client {
-            Some("this address has as many event streams open as it may")
-        } else {
-            None
-        };
-        if let Some(why) = refused {
-            metrics::counter!("waveline_event_streams_refused_total").increment(1);
-            return Err(crate::throttle::too_many(Duration::from_secs(5), "too_many_streams", why));
-        }
-        *total += 1;
-        by_client.insert(client, mine + 1);
-        metrics::gauge!("waveline_event_streams_open").set(f64::from(*total));
-        Ok(StreamSlot { slots: self.clone(), client })
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut open = self.slots.open();
-        let (total, by_client) = &mut *open;
-        *total = total.saturating_sub(1);
-        if let Some(count) = by_client.get_mut(&self.client) {
-            *count -= 1;
-            if *count == 0 {
-                by_client.remove(&self.client);
-            }
-        }
-        metrics::gauge!("waveline_event_streams_open").set(f64::from(*total));
-    }
+/// The process's stream places.
+pub fn stream_slots(limits: StreamLimits) -> Arc<StreamSlots> {
+    Slots::new(
+        slots::Limits { total: limits.per_process, per_key: limits.per_client },
+        Refusal {
+            code: "too_many_streams",
+            all_taken: "this server has as many event streams open as it allows",
+            key_full: "this address has as many event streams open as it may",
+            gauge: "waveline_event_streams_open",
+            refused: "waveline_event_streams_refused_total",
+        },
+    )
 }
 
 /// How long an event stream waits without news before reading its track anyway.
@@ -168,25 +126,5 @@ impl Watch {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_bounded_per_client_and_per_process_and_freed_on_drop() {
-        let slots = StreamSlots::new(StreamLimits { per_process: 3, per_client: 2 });
-        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().expect("ip"), "192.0.2.2".parse().expect("ip"));
-        let first = slots.take(Some(a)).expect("a 1");
-        let _second = slots.take(Some(a)).expect("a 2");
-        let refused = slots.take(Some(a)).expect_err("a 3");
-        assert_eq!((refused.status.as_u16(), refused.code), (429, "too_many_streams"));
-        assert!(refused.header.is_some_and(|(name, _)| name == "retry-after"));
-        let _third = slots.take(Some(b)).expect("b 1");
-        assert_eq!(slots.take(Some(b)).expect_err("process full").code, "too_many_streams");
-        drop(first);
-        slots.take(Some(b)).expect("a place was freed");
     }
 }

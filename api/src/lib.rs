@@ -34,6 +34,7 @@ mod ops;
 pub mod security;
 mod serve;
 pub mod session_cache;
+pub mod slots;
 pub mod spec;
 pub mod status_feed;
 pub mod text;
@@ -116,6 +117,22 @@ impl SecuritySettings {
     }
 }
 
+/// The places for uploads in progress: `uploads_per_account` per account (429
+/// `too_many_uploads` beyond), so one account cannot hold open uploads, each with its buffers,
+/// without bound.
+pub fn upload_slots(per_account: u32) -> Arc<slots::Slots<UserId>> {
+    slots::Slots::new(
+        slots::Limits { total: u32::MAX, per_key: per_account },
+        slots::Refusal {
+            code: "too_many_uploads",
+            all_taken: "this server has as many uploads in progress as it allows",
+            key_full: "this account has as many uploads in progress as it may",
+            gauge: "waveline_uploads_in_progress",
+            refused: "waveline_uploads_refused_total",
+        },
+    )
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -131,6 +148,8 @@ pub struct AppState {
     pub status_feed: Arc<status_feed::StatusFeed>,
     /// Recent lookups of the listening routes (see [`media::PlayableCache`]).
     pub playables: Arc<media::PlayableCache>,
+    /// The uploads in progress, per account (see [`upload_slots`]).
+    pub uploads_in_flight: Arc<slots::Slots<UserId>>,
     /// Renders the process's Prometheus metrics.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Account mail (verification, password reset), sent in the background.
@@ -177,7 +196,7 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             auth::Accounts { state: state.clone() },
             oauth::OAuth { state: state.clone(), http: oauth::provider_client() },
             uploads::Uploads { state: state.clone() },
-            tracks::Tracks { state: state.clone(), streams: events::StreamSlots::new(state.security.event_streams) },
+            tracks::Tracks { state: state.clone(), streams: events::stream_slots(state.security.event_streams) },
             media::Media { state: state.clone() },
             admin::Admin { state },
         ),

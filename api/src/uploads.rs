@@ -450,6 +450,7 @@ pub(crate) async fn upload(
     form: UploadForm,
 ) -> Result<UploadAccepted, ApiError> {
     let session = auth.session();
+    let _place = state.uploads_in_flight.take(session.user.id).map_err(close_after)?;
     check_declared_length(req, state.limits.upload_max_bytes, 1 << 20).map_err(close_after)?;
     check_quota(state, session).await.map_err(close_after)?;
     let mut multipart = form.0;
@@ -633,6 +634,7 @@ impl Uploads {
         body: RawBody,
     ) -> Result<Json<StoredUpload>, ApiError> {
         let track = self.pending_upload(&id.0, auth.session()).await?;
+        let _place = self.state.uploads_in_flight.take(auth.session().user.id).map_err(close_after)?;
         let max = self.state.limits.upload_max_bytes;
         let (limit, over): (u64, fn(u64) -> ApiError) = match declared_size(&track) {
             Some(declared) if declared <= max => (declared, larger_than_declared),

@@ -164,6 +164,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         security: Arc::new(waveline_api::SecuritySettings::from_settings(settings)),
         status_feed: waveline_api::status_feed::StatusFeed::start(pool.clone()),
         playables: Arc::default(),
+        uploads_in_flight: waveline_api::upload_slots(settings.uploads_per_account),
         metrics: Arc::new(move || metrics.render()),
         mailer: waveline_api::mail::Mailer::from_settings(settings, db::PgUsers::new(pool.clone()))
             .context("the mail settings are not usable")?,

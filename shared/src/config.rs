@@ -137,6 +137,9 @@ pub struct Settings {
     /// Client connections one client address (an IPv6 one by its /64) may hold open on one
     /// API process; more are closed at once. Trusted proxies are exempt. Default 256.
     pub max_connections_per_client: u32,
+    /// Uploads one account may have in progress at once (429 `too_many_uploads` beyond).
+    /// Default 4.
+    pub uploads_per_account: u32,
     /// Open event streams (`/v1/tracks/{id}/events`) per API process (429 beyond). Default 2000.
     pub event_streams_max: u32,
     /// Open event streams per client address (429 beyond). Default 20.
@@ -247,7 +250,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 47] = [
+const KEYS: [Key; 48] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -287,6 +290,7 @@ const KEYS: [Key; 47] = [
     Key { name: "body_read_timeout_s", secret: false },
     Key { name: "max_connections", secret: false },
     Key { name: "max_connections_per_client", secret: false },
+    Key { name: "uploads_per_account", secret: false },
     Key { name: "event_streams_max", secret: false },
     Key { name: "event_streams_per_client", secret: false },
     Key { name: "smtp_url", secret: true },
@@ -539,6 +543,10 @@ impl Settings {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 256,
         };
+        let uploads_per_account = match take("uploads_per_account") {
+            Some(raw) => parse_int(&raw, 1, 10_000)?,
+            None => 4,
+        };
         let event_streams_max = match take("event_streams_max") {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 2000,
@@ -573,6 +581,7 @@ impl Settings {
             body_read_timeout,
             max_connections,
             max_connections_per_client,
+            uploads_per_account,
             event_streams_max,
             event_streams_per_client,
             smtp_url,
@@ -664,6 +673,7 @@ impl Settings {
             "body_read_timeout_s": self.body_read_timeout.as_secs(),
             "max_connections": self.max_connections,
             "max_connections_per_client": self.max_connections_per_client,
+            "uploads_per_account": self.uploads_per_account,
             "event_streams_max": self.event_streams_max,
             "event_streams_per_client": self.event_streams_per_client,
             "smtp_url": self.smtp_url.as_ref().map(|url| redact_url(url.expose_secret())),

@@ -403,3 +403,49 @@ async fn an_event_stream_ends_when_its_track_turns_private() -> Result<()> {
     ended??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_account_holds_a_bounded_number_of_uploads_in_progress() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, &[("WAVELINE_UPLOADS_PER_ACCOUNT", "1")]).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    // An upload in progress: the head of a multipart body, and then nothing for now.
+    let mut held = connect(&stack).await?;
+    let head = format!(
+        "POST /v1/tracks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: multipart/form-data; boundary=XyZ\r\ntransfer-encoding: chunked\r\n\r\n",
+        alice.token
+    );
+    held.write_all(head.as_bytes()).await?;
+    let part = format!(
+        "--XyZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\ncontent-type: audio/wav\r\n\r\n{}",
+        String::from_utf8_lossy(&wav()[..44])
+    );
+    held.write_all(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes()).await?;
+    // Once the server counts it, a second upload of the account is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if metric(&stack, "waveline_uploads_in_progress").await? >= 1.0 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the held upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = upload(&stack, &alice, &[("title", "Second")], ("second.wav", &wav())).await?;
+    ensure!(status == 429 && body["code"] == "too_many_uploads", "{status} {body}");
+    // Others are not affected.
+    let bob = register_and_login(&stack, "bob").await?;
+    let (status, body) = upload(&stack, &bob, &[("title", "Bob's")], ("bob.wav", &wav())).await?;
+    ensure!(status == 202, "{status} {body}");
+    // The held upload goes away: its place is free again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = upload(&stack, &alice, &[("title", "Again")], ("again.wav", &wav())).await?;
+        if status == 202 {
+            break;
+        }
+        ensure!(status == 429 && Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
