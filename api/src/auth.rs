@@ -615,7 +615,12 @@ fn check_password(password: &str) -> Result<(), ApiError> {
 /// A mailed token that is unknown, used, expired, for something else, or for an address the
 /// account no longer has: one answer for all.
 fn token_refused() -> ApiError {
-    ApiError::bad_request("token_invalid", "this link is unknown, already used or expired; ask for a new one")
+    // 404: a mailed token names a one-time grant, and this one names none (any more).
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "token_invalid",
+        "this link is unknown, already used or expired; ask for a new one",
+    )
 }
 
 pub(crate) fn valid_email(email: &str) -> bool {

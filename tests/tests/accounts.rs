@@ -74,15 +74,15 @@ async fn registering_mails_a_single_use_verification_link() -> Result<()> {
     // A made-up token, another account's, or a verification token used to reset a password
     // does nothing; nor does the right token without a session.
     let (status, body) = verify(&stack, &ann, "made-up-token").await?;
-    ensure!(status == 400 && body["code"] == "token_invalid", "{status} {body}");
+    ensure!(status == 404 && body["code"] == "token_invalid", "{status} {body}");
     let (status, _) = post(&stack, "/v1/auth/email/verify", json!({"token": code})).await?;
     ensure!(status == 401, "verified without a session: {status}");
     let carl = register_and_login(&stack, "carl").await?;
     let (status, body) = verify(&stack, &carl, &code).await?;
-    ensure!(status == 400 && body["code"] == "token_invalid", "carl verified with ann's token: {status} {body}");
+    ensure!(status == 404 && body["code"] == "token_invalid", "carl verified with ann's token: {status} {body}");
     let (status, body) =
         post(&stack, "/v1/auth/password/reset", json!({"token": code, "password": "a-new-long-password"})).await?;
-    ensure!(status == 400 && body["code"] == "token_invalid", "a verification token reset a password: {status} {body}");
+    ensure!(status == 404 && body["code"] == "token_invalid", "a verification token reset a password: {status} {body}");
 
     // The token verifies the address once.
     let (status, body) = verify(&stack, &ann, &code).await?;
@@ -90,7 +90,7 @@ async fn registering_mails_a_single_use_verification_link() -> Result<()> {
     let (_, body) = me(&stack, &ann.token).await?;
     ensure!(body["email_verified"] == true, "{body}");
     let (status, body) = verify(&stack, &ann, &code).await?;
-    ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
+    ensure!(status == 404 && body["code"] == "token_invalid", "used twice: {status} {body}");
     let resend = |user: &User| client().post(stack.url("/v1/auth/email/resend")).bearer_auth(&user.token).send();
     let (status, body) = json(resend(&ann).await?).await?;
     ensure!(status == 409 && body["code"] == "email_already_verified", "{status} {body}");
@@ -110,7 +110,7 @@ async fn registering_mails_a_single_use_verification_link() -> Result<()> {
         .await?;
     for token in [&first, &second] {
         let (status, body) = verify(&stack, &bob, token).await?;
-        ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
+        ensure!(status == 404 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
     }
     let (_, body) = me(&stack, &bob.token).await?;
     ensure!(body["email_verified"] == false, "{body}");
@@ -181,7 +181,7 @@ async fn a_password_reset_works_once_and_ends_every_session() -> Result<()> {
     let (status, body) = reset(&code, "a-brand-new-password").await?;
     ensure!(status == 204, "{status} {body}");
     let (status, body) = reset(&code, "yet-another-password").await?;
-    ensure!(status == 400 && body["code"] == "token_invalid", "used twice: {status} {body}");
+    ensure!(status == 404 && body["code"] == "token_invalid", "used twice: {status} {body}");
 
     // Every session has ended: access and refresh tokens alike.
     for (device, user) in [("laptop", &ann), ("phone", &phone)] {
@@ -202,7 +202,7 @@ async fn a_password_reset_works_once_and_ends_every_session() -> Result<()> {
     let late = sink.wait_for(&ann.email, 3).await?.code()?;
     sqlx::query("UPDATE account_tokens SET expires_at = now() - interval '1 second'").execute(&stack.db.pool).await?;
     let (status, body) = reset(&late, "too-late-password").await?;
-    ensure!(status == 400 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
+    ensure!(status == 404 && body["code"] == "token_invalid", "an expired token worked: {status} {body}");
     login(&stack, &ann.email, "a-brand-new-password", &[]).await?;
     Ok(())
 }
@@ -254,7 +254,7 @@ async fn an_unverified_account_never_gains_the_email_owners_identity() -> Result
     ensure!(status == 401, "verified without a session: {status}");
     let vera_elsewhere = register_and_login(&stack, "vera_other").await?;
     let (status, _) = verify(&stack, &vera_elsewhere, &code).await?;
-    ensure!(status == 400, "verified from another account's session: {status}");
+    ensure!(status == 404, "verified from another account's session: {status}");
     let landing = browser.login(&stack, "corp").await?;
     ensure!(landing.status == 409, "{} {}", landing.status, landing.body);
 

@@ -79,10 +79,10 @@ const MATRIX: &[Row] = &[
     // made-up one is refused); resetting a password takes the token alone. Asking for a reset
     // link answers the same to everyone; a new verification link is for the signed-in
     // (unverified) account.
-    row("post", "/v1/auth/email/verify", Expect::Any([401, 400, 400, 400])),
+    row("post", "/v1/auth/email/verify", Expect::Any([401, 404, 404, 404])),
     row("post", "/v1/auth/email/resend", Expect::Any([401, 202, 202, 202])),
     row("post", "/v1/auth/password/forgot", Expect::Any([202, 202, 202, 202])),
-    row("post", "/v1/auth/password/reset", Expect::Any([400, 400, 400, 400])),
+    row("post", "/v1/auth/password/reset", Expect::Any([404, 404, 404, 404])),
     // OAuth: anyone may start a login (303 to the provider); a callback with no state of
     // this browser's is refused, whoever calls it.
     row("get", "/v1/auth/oauth/{provider}/start", Expect::Any([303, 303, 303, 303])),
