@@ -8,9 +8,12 @@
 //! `unmatched`; `method` is one of HTTP's standard methods or `other`; `status` is the status
 //! code.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use metrics::{Counter, Histogram};
 use poem::http::{HeaderValue, Method, StatusCode, header};
 use poem::{Endpoint, IntoResponse, Request, Response, Result};
 use tracing::Instrument;
@@ -29,10 +32,16 @@ struct Template {
 }
 
 /// The API's path templates, to label requests with.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RouteTemplates {
     templates: Vec<Template>,
+    /// The series' handles, registered once per label set rather than looked up by label
+    /// strings on every request (the label sets are bounded, see the module doc).
+    handles: Mutex<HashMap<SeriesKey, (Counter, Histogram)>>,
 }
+
+/// A request series' labels: route template, method, status.
+type SeriesKey = (Arc<str>, &'static str, u16);
 
 impl RouteTemplates {
     /// The templates of `routes` (OpenAPI style: `/v1/tracks/{id}`, with their methods), plus
@@ -53,7 +62,7 @@ impl RouteTemplates {
         // More literal segments first: `/v1/tracks/{id}/hls/master.m3u8` before a template
         // with a parameter in that place.
         templates.sort_by_key(|template| std::cmp::Reverse(template.segments.iter().filter(|s| s.is_some()).count()));
-        RouteTemplates { templates }
+        RouteTemplates { templates, handles: Mutex::default() }
     }
 
     fn matching(&self, path: &str) -> Option<&Template> {
@@ -73,6 +82,21 @@ impl RouteTemplates {
             return Arc::from("/docs");
         }
         self.matching(path).map(|template| template.label.clone()).unwrap_or_else(|| Arc::from(UNMATCHED))
+    }
+
+    /// The request counter and duration histogram of one label set.
+    fn handles(&self, route: &Arc<str>, method: &'static str, status: u16) -> (Counter, Histogram) {
+        let mut handles = self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        handles
+            .entry((route.clone(), method, status))
+            .or_insert_with(|| {
+                let route = route.to_string();
+                (
+                    metrics::counter!("waveline_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string()),
+                    metrics::histogram!("waveline_http_request_duration_seconds", "method" => method, "route" => route),
+                )
+            })
+            .clone()
     }
 
     /// The methods `path` answers, as an `Allow` header.
@@ -97,13 +121,23 @@ pub fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// A request id unique to this process's lifetime and, by its random start, across processes:
+/// 32 hex digits without a system call per request (a random UUID reads the OS's RNG each
+/// time).
+fn new_request_id() -> String {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    format!("{start:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// The middleware (`EndpointExt::around`).
 pub async fn observe<E: Endpoint>(routes: Arc<RouteTemplates>, next: E, request: Request) -> Result<Response> {
     let request_id = request
         .header("x-request-id")
         .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(new_request_id);
     let method = method_label(request.method());
     let path = request.uri().path().to_owned();
     let route = routes.label(&path);
@@ -122,11 +156,9 @@ pub async fn observe<E: Endpoint>(routes: Arc<RouteTemplates>, next: E, request:
     }
     let status = response.status().as_u16();
     span.in_scope(|| tracing::debug!(%status, elapsed_ms = started.elapsed().as_millis() as u64, "served"));
-    let route = route.to_string();
-    metrics::counter!("waveline_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("waveline_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let (requests, duration) = routes.handles(&route, method, status);
+    requests.increment(1);
+    duration.record(started.elapsed().as_secs_f64());
     if let Ok(value) = request_id.parse() {
         response.headers_mut().insert("x-request-id", value);
     }

@@ -144,7 +144,9 @@ pub fn parse_range(value: &str) -> Option<ByteRange> {
 
 /// Whether an `If-None-Match` list holds `etag` (weak comparison, as RFC 9110 says for it).
 pub(crate) fn none_match(header: &str, etag: &str) -> bool {
-    let bare = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    fn bare(tag: &str) -> &str {
+        tag.trim().trim_start_matches("W/")
+    }
     header.split(',').any(|tag| tag.trim() == "*" || bare(tag) == bare(etag))
 }
 

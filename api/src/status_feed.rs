@@ -63,6 +63,9 @@ pub struct Announced {
     pub owner_id: Option<uuid::Uuid>,
     #[serde(default)]
     pub visibility: Option<String>,
+    /// The status's ETag, computed on first use (a cached status is polled many times).
+    #[serde(skip)]
+    pub etag: std::sync::OnceLock<String>,
 }
 
 /// What the feed relays.
@@ -253,6 +256,7 @@ impl From<&TrackDetails> for Announced {
             error_message: track.error_message.as_ref().map(|message| message.chars().take(2000).collect()),
             owner_id: Some(track.owner_id.0),
             visibility: Some(track.visibility.as_str().to_owned()),
+            etag: std::sync::OnceLock::new(),
         }
     }
 }

@@ -595,19 +595,28 @@ impl Tracks {
             .ok_or_else(|| ApiError::not_found("track"))?;
         let owner = announced.owner_id.map(UserId);
         let visibility = announced.visibility.as_deref().and_then(Visibility::parse);
-        let (Some(owner), Some(visibility), Some(status)) = (owner, visibility, TrackStatus::announced(&announced))
-        else {
-            return Err(ApiError::internal(&"a cached status without its owner, visibility or state"));
+        let (Some(owner), Some(visibility)) = (owner, visibility) else {
+            return Err(ApiError::internal(&"a cached status without its owner or visibility"));
         };
         if !may_see(owner, visibility, auth.session()) {
             return Err(ApiError::not_found("track"));
         }
-        let etag = etag_of(&status);
+        let status = || {
+            TrackStatus::announced(&announced).ok_or_else(|| ApiError::internal(&"a cached status without its state"))
+        };
+        // Computed once per cached status, however often it is polled.
+        let etag = match announced.etag.get() {
+            Some(etag) => etag.clone(),
+            None => {
+                let computed = etag_of(&status()?);
+                announced.etag.get_or_init(|| computed).clone()
+            }
+        };
         let matches = if_none_match.0.as_deref().is_some_and(|header| crate::serve::none_match(header, &etag));
         Ok(if matches {
             StatusResponse::NotModified(etag)
         } else {
-            StatusResponse::Ok(Json(status), etag, "no-cache".to_owned())
+            StatusResponse::Ok(Json(status()?), etag, "no-cache".to_owned())
         })
     }
 
