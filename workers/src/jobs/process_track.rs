@@ -330,7 +330,9 @@ impl ProcessTrack {
                     timed_out_now = true;
                     cancel.store(true, Ordering::Relaxed);
                 }
-                _ = ticker.tick(), if !lost && !timed_out_now => {
+                // Beats go on after a timeout until the pass has stopped: the claim stays
+                // this worker's while its thread still runs.
+                _ = ticker.tick(), if !lost => {
                     let progress = *progress_rx.borrow_and_update();
                     let stage = match progress.stage {
                         Stage::Probing => ProcessingStage::Probing,
