@@ -215,11 +215,6 @@ impl Listener {
         self
     }
 
-    /// How many more connections would be served now.
-    pub fn available(&self) -> usize {
-        self.open.available_permits()
-    }
-
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
@@ -409,6 +404,12 @@ mod tests {
         assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening after shutdown");
     }
 
+    /// Stops the server and waits for its loop to end.
+    async fn shut_down(stop: tokio_util::sync::CancellationToken, task: tokio::task::JoinHandle<()>) {
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+    }
+
     /// Sends one keep-alive request on `stream` and reads the answer's head and body.
     async fn ask(stream: &mut tokio::net::TcpStream, path: &str) -> String {
         stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.expect("write");
@@ -440,8 +441,7 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(waited_before >= 1, "the loop never stopped at the cap");
         drop(second);
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+        shut_down(stop, task).await;
     }
 
     /// How often this process's loops stopped at the connection cap (the counter's value).
@@ -462,8 +462,7 @@ mod tests {
             let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
             assert!(closed.is_ok(), "a connection opened with {opening:?} was still open after 10 s");
         }
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+        shut_down(stop, task).await;
     }
 
     #[tokio::test]
@@ -476,8 +475,7 @@ mod tests {
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "an idle keep-alive connection was still open after 10 s");
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+        shut_down(stop, task).await;
     }
 
     #[tokio::test]
@@ -514,7 +512,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop((second, other));
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join");
+        shut_down(stop, task).await;
     }
 }

@@ -95,16 +95,6 @@ impl StatusFeed {
         feed
     }
 
-    /// A feed that never announces anything (streams fall back to reading the track, and
-    /// nothing is cached, since nothing would keep it current).
-    pub fn silent() -> Arc<StatusFeed> {
-        Arc::new(StatusFeed {
-            sender: broadcast::channel(1).0,
-            cache: StatusCache::default(),
-            sessions: SessionCache::default(),
-        })
-    }
-
     /// Changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.sender.subscribe()

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use waveline_tests::audio::{sine_s16, wav_header};
-use waveline_tests::stack::{Mode, Stack, header, json, register_and_login, upload};
+use waveline_tests::stack::{Mode, Stack, User, header, json, register_and_login, upload};
 
 /// A raw connection to the stack (what an attacker's client does, byte by byte).
 async fn connect(stack: &Stack) -> Result<TcpStream> {
@@ -167,6 +167,18 @@ async fn metrics_labels_come_from_a_closed_set() -> Result<()> {
     Ok(())
 }
 
+/// The owner makes track `id` private.
+async fn make_private(stack: &Stack, owner: &User, id: &str) -> Result<()> {
+    let response = reqwest::Client::new()
+        .patch(stack.url(&format!("/v1/tracks/{id}")))
+        .bearer_auth(&owner.token)
+        .json(&serde_json::json!({"visibility": "private"}))
+        .send()
+        .await?;
+    ensure!(response.status() == 200, "{}", response.status());
+    Ok(())
+}
+
 /// A few seconds of quiet audio as WAV.
 fn wav() -> Vec<u8> {
     let samples = sine_s16(8000 * 2, 1, 8000, 0.3, 0);
@@ -299,13 +311,7 @@ async fn status_polls_come_from_the_cache_and_follow_every_change() -> Result<()
 
     // The owner makes it private: the very next poll on this replica sees it (the process
     // drops the track from its cache when it changes it), and others get 404.
-    let response = client
-        .patch(stack.url(&format!("/v1/tracks/{id}")))
-        .bearer_auth(&alice.token)
-        .json(&serde_json::json!({"visibility": "private"}))
-        .send()
-        .await?;
-    ensure!(response.status() == 200, "{}", response.status());
+    make_private(&stack, &alice, &id).await?;
     let (status, body) = poll(bob.token.clone()).await?;
     ensure!(status == 404, "still visible to others after going private: {status} {body}");
     let (status, body) = poll(alice.token.clone()).await?;
@@ -350,13 +356,7 @@ async fn another_replica_s_status_cache_follows_changes_within_a_second() -> Res
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A change on the first replica reaches the second through the notification.
-    let response = reqwest::Client::new()
-        .patch(stack.url(&format!("/v1/tracks/{id}")))
-        .bearer_auth(&alice.token)
-        .json(&serde_json::json!({"visibility": "private"}))
-        .send()
-        .await?;
-    ensure!(response.status() == 200, "{}", response.status());
+    make_private(&stack, &alice, &id).await?;
     let changed = Instant::now();
     loop {
         let (status, body) = on_replica(bob.token.clone()).await?;
@@ -383,13 +383,7 @@ async fn an_event_stream_ends_when_its_track_turns_private() -> Result<()> {
     let mut stranger = stranger.bytes_stream();
     let first = tokio::time::timeout(Duration::from_secs(5), stranger.next()).await?.context("an event")??;
     ensure!(String::from_utf8_lossy(&first).contains("queued"), "{first:?}");
-    let response = reqwest::Client::new()
-        .patch(stack.url(&format!("/v1/tracks/{id}")))
-        .bearer_auth(&alice.token)
-        .json(&serde_json::json!({"visibility": "private"}))
-        .send()
-        .await?;
-    ensure!(response.status() == 200, "{}", response.status());
+    make_private(&stack, &alice, &id).await?;
     // The stranger's stream ends (no more of the track's progress for someone who may not see it).
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(chunk) = stranger.next().await {
