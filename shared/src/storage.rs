@@ -73,6 +73,20 @@ impl ObjectKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key as a URL path (and as `x-amz-copy-source` wants it): percent-encoded, slashes
+    /// kept.
+    pub fn url_path(&self) -> String {
+        let mut encoded = String::with_capacity(self.0.len());
+        for byte in self.0.bytes() {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'/') {
+                encoded.push(byte as char);
+            } else {
+                encoded.push_str(&format!("%{byte:02X}"));
+            }
+        }
+        encoded
+    }
 }
 
 impl fmt::Display for ObjectKey {
@@ -232,6 +246,22 @@ pub struct PresignedUpload {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Which request a presigned read URL is signed for: S3 signs the method, so a GET URL does
+/// not answer a HEAD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMethod {
+    Get,
+    Head,
+}
+
+/// A URL anyone holding it may read an object from, until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresignedRead {
+    pub url: String,
+    /// When the URL stops working: never later than the moment the caller asked for.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// The storage seam. Every method is safe to call concurrently; writes of the same key race
 /// to a last-writer-wins result in which readers only ever see one complete version.
 #[async_trait]
@@ -270,7 +300,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// is nothing at `from`.
     async fn rename(&self, from: &ObjectKey, to: &ObjectKey) -> Result<ObjectMeta, StorageError>;
 
-    /// Whether [`presign_put`](Storage::presign_put) hands out URLs.
+    /// Whether [`presign_put`](Storage::presign_put) and [`presign_get`](Storage::presign_get)
+    /// hand out URLs.
     fn presigns(&self) -> bool {
         false
     }
@@ -286,6 +317,21 @@ pub trait Storage: Send + Sync + fmt::Debug {
         size: u64,
         expires_in: Duration,
     ) -> Result<Option<PresignedUpload>, StorageError>;
+
+    /// A URL for reading `key` directly (a GET, with any `Range` or validator the client
+    /// adds, or a HEAD, as `method` says) that stops working at `until` at the latest: the
+    /// caller states the end of the access it grants, and the URL never outlives it. Expiry
+    /// is counted in whole seconds, so `until` must be at least a second away (`Config`
+    /// error otherwise). `None` when the backend has no such thing (the filesystem). Nothing
+    /// is asked of the store: the object may be gone by the time the URL is used.
+    async fn presign_get(
+        &self,
+        _key: &ObjectKey,
+        _method: ReadMethod,
+        _until: DateTime<Utc>,
+    ) -> Result<Option<PresignedRead>, StorageError> {
+        Ok(None)
+    }
 
     /// Checks that the backend answers (a cheap listing), for readiness probes.
     async fn ping(&self) -> Result<(), StorageError> {
@@ -363,6 +409,14 @@ mod tests {
             assert_eq!(err.code(), "invalid_key");
         }
         assert!(ObjectKey::parse("x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn keys_are_encoded_for_url_paths() {
+        let path = |key: &str| ObjectKey::parse(key).expect("a valid key").url_path();
+        assert_eq!(path("originals/abc-1/source"), "originals/abc-1/source");
+        assert_eq!(path("a b/ünï+x"), "a%20b/%C3%BCn%C3%AF%2Bx");
+        assert_eq!(path("a?b#c%d"), "a%3Fb%23c%25d");
     }
 
     #[test]

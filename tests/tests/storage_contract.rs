@@ -7,7 +7,8 @@ use anyhow::{Result, ensure};
 use bytes::Bytes;
 use futures::StreamExt;
 use waveline_shared::storage::{
-    ByteRange, ByteStream, FsStorage, ObjectKey, ResolvedRange, S3Storage, Storage, StorageError, byte_stream,
+    ByteRange, ByteStream, FsStorage, ObjectKey, ReadMethod, ResolvedRange, S3Storage, Storage, StorageError,
+    byte_stream,
 };
 use waveline_tests::{temp_dir, test_bucket};
 
@@ -286,6 +287,40 @@ async fn presigned_uploads_work_where_supported(b: &Backend) -> Result<()> {
     }
 }
 
+async fn presigned_reads_work_where_supported(b: &Backend) -> Result<()> {
+    let k = key("renditions/t/1/mp3_128/audio.mp3");
+    b.storage.put(&k, "audio/mpeg", body_of(&b"0123456789abcdef"[..])).await?;
+    let until = chrono::Utc::now() + chrono::Duration::seconds(30);
+    let get = b.storage.presign_get(&k, ReadMethod::Get, until).await?;
+    let head = b.storage.presign_get(&k, ReadMethod::Head, until).await?;
+    ensure!(b.storage.presigns() == get.is_some() && get.is_some() == head.is_some());
+    match (b.storage.backend(), get, head) {
+        ("fs", None, None) => Ok(()),
+        ("s3", Some(get), Some(head)) => {
+            ensure!(get.url.contains("X-Amz-Signature=") && get.expires_at <= until, "{get:?}");
+            ensure!(until.timestamp() - get.expires_at.timestamp() <= 1, "{get:?} ends well before {until}");
+            let client = reqwest::Client::new();
+            let response = client.get(&get.url).send().await?;
+            ensure!(response.status() == 200 && response.bytes().await? == b"0123456789abcdef"[..]);
+            let response = client.get(&get.url).header("range", "bytes=4-7").send().await?;
+            ensure!(response.status() == 206 && response.bytes().await? == b"4567"[..], "a range");
+            let response = client.head(&head.url).send().await?;
+            ensure!(response.status() == 200, "HEAD: {}", response.status());
+            ensure!(response.headers().get("content-length").is_some_and(|v| v == "16"), "{:?}", response.headers());
+            // The method and the key are signed.
+            ensure!(client.head(&get.url).send().await?.status() == 403, "a GET URL answered a HEAD");
+            let other = get.url.replace("mp3_128/audio.mp3", "opus_64/audio.mp3");
+            ensure!(other != get.url && client.get(&other).send().await?.status() == 403, "another key");
+            // Expiry is whole seconds, at least one.
+            let soon = chrono::Utc::now();
+            let refused = b.storage.presign_get(&k, ReadMethod::Get, soon).await;
+            ensure!(matches!(refused, Err(StorageError::Config(_))), "{refused:?}");
+            Ok(())
+        }
+        (backend, get, head) => anyhow::bail!("{backend}: unexpected presigned reads {get:?} {head:?}"),
+    }
+}
+
 async fn rename_moves_an_object_whole(b: &Backend) -> Result<()> {
     let (from, to) = (key("uploads/t1/source"), key("originals/t1/source"));
     b.storage.put(&to, "application/octet-stream", body_of(&b"old"[..])).await?;
@@ -340,5 +375,6 @@ contract!(
     a_failed_body_leaves_nothing_behind,
     empty_objects_have_no_ranges,
     presigned_uploads_work_where_supported,
+    presigned_reads_work_where_supported,
     rename_moves_an_object_whole,
 );
