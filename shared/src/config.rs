@@ -118,6 +118,21 @@ pub struct Settings {
     pub hsts_max_age: Option<u64>,
     /// Lifetime of a signed stream or HLS URL, seconds. Default 300.
     pub signed_url_ttl: Duration,
+    /// How the listening routes hand out bytes: `proxy` (the API streams them from storage,
+    /// the default) or `redirect` (307 to a presigned storage URL or the CDN, HLS playlists
+    /// with presigned segment URIs; needs S3 storage). See `api/src/redirect.rs`.
+    pub stream_mode: StreamMode,
+    /// In redirect mode, how long a presigned URL handed to a viewer of a private track (its
+    /// owner or an admin, by session) works, seconds. Default 60.
+    pub stream_redirect_ttl: Duration,
+    /// In redirect mode, how long a presigned URL for a public track works, seconds; HLS
+    /// playlists carry such URLs and players fetch a playlist once per playback, so keep it
+    /// above the longest track. Default 3600.
+    pub stream_redirect_public_ttl: Duration,
+    /// In redirect mode, a CDN whose origin is the bucket (`https://cdn.example.com/` + object
+    /// key): public tracks are redirected there instead of to a presigned URL. Unused in proxy
+    /// mode. Default none.
+    pub stream_cdn_base: Option<Url>,
     /// Total duration of audio a free account may upload, seconds. Default 10800 (3 h).
     pub free_quota: Duration,
     /// The API's address as clients reach it (`https://api.example.com`), for the OAuth
@@ -207,6 +222,16 @@ pub enum StorageBackend {
     },
 }
 
+/// How the listening routes deliver bytes (`stream_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamMode {
+    /// The API reads from storage and streams the bytes itself.
+    Proxy,
+    /// The API checks access and answers 307 to where the bytes are.
+    Redirect,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -250,7 +275,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 48] = [
+const KEYS: [Key; 52] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -284,6 +309,10 @@ const KEYS: [Key; 48] = [
     Key { name: "cors_origins", secret: false },
     Key { name: "hsts_max_age_s", secret: false },
     Key { name: "signed_url_ttl_s", secret: false },
+    Key { name: "stream_mode", secret: false },
+    Key { name: "stream_redirect_ttl_s", secret: false },
+    Key { name: "stream_redirect_public_ttl_s", secret: false },
+    Key { name: "stream_cdn_base", secret: false },
     Key { name: "free_quota_s", secret: false },
     Key { name: "public_url", secret: false },
     Key { name: "json_body_max_bytes", secret: false },
@@ -515,6 +544,31 @@ impl Settings {
             None => None,
         };
         let signed_url_ttl = seconds(take("signed_url_ttl_s"), 300)?;
+        let stream_mode = match take("stream_mode") {
+            Some(raw) => match raw.value.trim() {
+                "proxy" => StreamMode::Proxy,
+                "redirect" if matches!(storage, StorageBackend::Fs { .. }) => {
+                    return Err(raw.invalid(
+                        "`proxy` with file storage: the filesystem store cannot presign URLs, so `redirect` needs \
+                         S3 storage",
+                    ));
+                }
+                "redirect" => StreamMode::Redirect,
+                _ => return Err(raw.invalid("`proxy` or `redirect`")),
+            },
+            None => StreamMode::Proxy,
+        };
+        let stream_redirect_ttl = match take("stream_redirect_ttl_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 5, 3600)?.into()),
+            None => Duration::from_secs(60),
+        };
+        let stream_redirect_public_ttl = match take("stream_redirect_public_ttl_s") {
+            // S3 signs for a week at most.
+            Some(raw) => Duration::from_secs(parse_int(&raw, 60, 604_800)?.into()),
+            None => Duration::from_secs(3600),
+        };
+        // Checked in either mode, so that switching to `redirect` cannot reveal a bad value.
+        let stream_cdn_base = take("stream_cdn_base").map(|raw| parse_cdn_base(&raw)).transpose()?;
         let free_quota = match take("free_quota_s") {
             Some(raw) => Duration::from_secs(parse_int(&raw, 1, 100_000_000)?.into()),
             None => Duration::from_secs(3 * 3600),
@@ -603,6 +657,10 @@ impl Settings {
             cors_origins,
             hsts_max_age,
             signed_url_ttl,
+            stream_mode,
+            stream_redirect_ttl,
+            stream_redirect_public_ttl,
+            stream_cdn_base,
             free_quota,
             jwt_secret,
             access_token_ttl,
@@ -666,6 +724,10 @@ impl Settings {
             "cors_origins": self.cors_origins,
             "hsts_max_age_s": self.hsts_max_age.unwrap_or(0),
             "signed_url_ttl_s": self.signed_url_ttl.as_secs(),
+            "stream_mode": self.stream_mode,
+            "stream_redirect_ttl_s": self.stream_redirect_ttl.as_secs(),
+            "stream_redirect_public_ttl_s": self.stream_redirect_public_ttl.as_secs(),
+            "stream_cdn_base": self.stream_cdn_base.as_ref().map(Url::as_str),
             "free_quota_s": self.free_quota.as_secs(),
             "public_url": self.public_url.as_str(),
             "oauth": self.oauth.iter().map(oauth_redacted).collect::<Vec<_>>(),
@@ -834,6 +896,28 @@ fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
         }
         _ => Err(raw.invalid(EXPECTED)),
     }
+}
+
+/// An `http(s)://host[/path]/` base that object keys are appended to: no query, fragment or
+/// credentials, and a trailing slash added when missing.
+fn parse_cdn_base(raw: &Raw) -> Result<Url, ConfigError> {
+    const EXPECTED: &str = "an http(s) base URL such as https://cdn.example.com/ or https://example.com/media/ \
+                            (no query, fragment or credentials)";
+    let mut url = Url::parse(raw.value.trim()).map_err(|_| raw.invalid(EXPECTED))?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some_and(|host| !host.is_empty())
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if !plain {
+        return Err(raw.invalid(EXPECTED));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
 }
 
 /// `smtp://` or `smtps://` with a host; `tls` only `required` or `opportunistic`; credentials
@@ -1077,6 +1161,45 @@ mod tests {
         }
         for bad in ["nobody", "a b@example.com", "Name <x@y> trailing", "@example.com"] {
             assert!(load(&[("WAVELINE_MAIL_FROM", bad)]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stream_mode_is_checked_against_the_store() {
+        let s3 = ("WAVELINE_STORAGE", "s3://media?endpoint=http://127.0.0.1:9000");
+        let settings = load(&[]).expect("defaults");
+        assert_eq!(settings.stream_mode, StreamMode::Proxy);
+        assert_eq!(settings.stream_redirect_ttl, Duration::from_secs(60));
+        assert_eq!(settings.stream_redirect_public_ttl, Duration::from_secs(3600));
+        assert!(settings.stream_cdn_base.is_none());
+        let settings = load(&[
+            s3,
+            ("WAVELINE_STREAM_MODE", "redirect"),
+            ("WAVELINE_STREAM_REDIRECT_TTL_S", "30"),
+            ("WAVELINE_STREAM_CDN_BASE", "https://cdn.example.com/media"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.stream_mode, StreamMode::Redirect);
+        assert_eq!(settings.stream_redirect_ttl, Duration::from_secs(30));
+        assert_eq!(settings.stream_cdn_base.as_ref().map(Url::as_str), Some("https://cdn.example.com/media/"));
+        assert_eq!(settings.redacted()["stream_mode"], "redirect");
+
+        // The filesystem store cannot presign: redirect mode is refused at start-up.
+        let text = error_text(&[("WAVELINE_STREAM_MODE", "redirect")]);
+        assert!(text.starts_with("WAVELINE_STREAM_MODE: expected `proxy` with file storage"), "{text}");
+        assert!(text.contains("needs S3 storage") && text.ends_with("got \"redirect\""), "{text}");
+        for (var, value, expected) in [
+            ("WAVELINE_STREAM_MODE", "Redirect", "`proxy` or `redirect`"),
+            ("WAVELINE_STREAM_MODE", "cdn", "`proxy` or `redirect`"),
+            ("WAVELINE_STREAM_REDIRECT_TTL_S", "0", "a whole number from 5 to 3600"),
+            ("WAVELINE_STREAM_REDIRECT_PUBLIC_TTL_S", "604801", "a whole number from 60 to 604800"),
+            ("WAVELINE_STREAM_CDN_BASE", "cdn.example.com", "an http(s) base URL"),
+            ("WAVELINE_STREAM_CDN_BASE", "https://cdn.example.com/?sig=1", "no query"),
+            ("WAVELINE_STREAM_CDN_BASE", "https://user:pw@cdn.example.com/", "credentials"),
+            ("WAVELINE_STREAM_CDN_BASE", "ftp://cdn.example.com/", "an http(s) base URL"),
+        ] {
+            let text = error_text(&[s3, (var, value)]);
+            assert!(text.starts_with(&format!("{var}: expected")) && text.contains(expected), "{var}={value}: {text}");
         }
     }
 
