@@ -12,6 +12,7 @@
 //! | `tracks` | `GET /v1/tracks`, `GET|PATCH|DELETE /v1/tracks/{id}`, `/status`, `/events` (SSE), `POST /reprocess` |
 //! | `uploads` | `POST /v1/tracks` (multipart, streamed), `POST /v1/uploads`, `PUT /v1/uploads/{id}`, `POST /v1/uploads/{id}/complete` |
 //! | `media` | `GET|HEAD /v1/tracks/{id}/stream/{preset}`, `/hls/master.m3u8`, `/hls/{variant}/{file}`, `/waveform` |
+//! | [`redirect`] | no routes: where redirect mode sends listeners, and for how long |
 //! | [`events`] | how many event streams may be open, and what each sends |
 //! | `ops` | `GET /healthz`, `/readyz`, `/metrics` |
 //! | `admin` | `GET /v1/admin/dead-letters`, `PUT|DELETE /v1/admin/users/{id}/suspension` |
@@ -31,6 +32,7 @@ pub mod media;
 mod middleware;
 mod oauth;
 mod ops;
+pub mod redirect;
 pub mod security;
 mod serve;
 pub mod session_cache;
@@ -148,6 +150,8 @@ pub struct AppState {
     pub status_feed: Arc<status_feed::StatusFeed>,
     /// Recent lookups of the listening routes (see [`media::PlayableCache`]).
     pub playables: Arc<media::PlayableCache>,
+    /// How the listening routes deliver bytes: proxied or redirected (see [`redirect`]).
+    pub delivery: Arc<redirect::StreamDelivery>,
     /// The uploads in progress, per account (see [`upload_slots`]).
     pub uploads_in_flight: Arc<slots::Slots<UserId>>,
     /// Renders the process's Prometheus metrics.

@@ -18,21 +18,32 @@
 //! them (default lifetime 5 min, `signed_url_ttl_s`). A tampered one answers 403
 //! `bad_signature`, an expired one 403 `url_expired`; a private track whose owner is suspended
 //! answers 404 to them.
+//!
+//! **Delivery.** Every request takes one path: look the track up (cached), check access,
+//! choose the object, then [`Media::deliver`] it: in proxy mode `serve_object` streams it from
+//! storage; in redirect mode (`stream_mode = redirect`) it answers 307 to a presigned storage
+//! URL or the CDN, or serves an HLS playlist with rewritten URIs ([`crate::redirect`] has the
+//! rules). Access is checked before either, the same way, so both modes refuse the same
+//! requests. A play counter (counting a range from byte 0, or the first HLS segment) belongs
+//! in `serve_track` between the choice of object and `deliver`: the one point every
+//! listening request passes once, in both modes, before any byte or redirect goes out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use poem::Request;
-use poem::http::StatusCode;
+use poem::http::{Method, StatusCode};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::{Enum, OpenApi, Tags};
 use waveline_shared::db::{Playable, Visibility};
 use waveline_shared::domain::TrackId;
-use waveline_shared::storage::ObjectKey;
+use waveline_shared::storage::{ObjectKey, ReadMethod};
 
 use crate::auth::MaybeAuth;
 use crate::error::ApiError;
+use crate::redirect::{self, Grant};
 use crate::serve::{ObjectResponse, ObjectSpec, serve_object};
 use crate::{AppState, may_see, parse_track_id};
 
@@ -130,6 +141,17 @@ impl Access<'_> {
         }
     }
 
+    /// What this caller was granted, for where a redirect may send them.
+    fn grant(&self, playable: &Playable) -> Grant {
+        Grant {
+            public: playable.visibility == Visibility::Public,
+            signed_until: match self {
+                Access::Signed(until) => Some(*until),
+                Access::Viewer(_) => None,
+            },
+        }
+    }
+
     /// `Cache-Control` for what this caller gets. A signed URL names one version for a bounded
     /// time, and its path is the key: shared caches (a CDN) may keep it until it expires.
     fn cache(&self, playable: &Playable, max_age: i64) -> String {
@@ -206,7 +228,7 @@ impl Media {
         Ok((playable, from_cache))
     }
 
-    /// Serves the object `pick` chooses from the track's live revision. When a cached lookup
+    /// Delivers the object `pick` chooses from the track's live revision. When a cached lookup
     /// names an object that is gone (its revision was just replaced), looks again.
     async fn serve_track<F>(
         &self,
@@ -221,14 +243,98 @@ impl Media {
     {
         let id = parse_track_id(id)?;
         let (playable, cached) = self.playable(id, preset, access, true).await?;
-        match serve_object(self.state.storage.as_ref(), &pick(&playable)?, req).await {
+        let spec = pick(&playable)?;
+        // Access is checked and the object chosen; nothing has been sent. A play counter goes
+        // here (see the module doc).
+        match self.deliver(req, &playable, access, &spec).await {
             Err(err) if cached && err.status == StatusCode::NOT_FOUND => {
                 self.state.playables.forget(id);
                 let (playable, _) = self.playable(id, preset, access, false).await?;
-                serve_object(self.state.storage.as_ref(), &pick(&playable)?, req).await
+                self.deliver(req, &playable, access, &pick(&playable)?).await
             }
             other => other,
         }
+    }
+
+    /// Sends `spec`'s object the configured way: proxied, or (redirect mode) a 307 to where
+    /// its bytes are, or for an HLS variant playlist its text with storage URLs in it. The
+    /// master playlist is always proxied: it names only the API's own variant playlists.
+    async fn deliver(
+        &self,
+        req: &Request,
+        playable: &Playable,
+        access: Access<'_>,
+        spec: &ObjectSpec,
+    ) -> Result<ObjectResponse, ApiError> {
+        let storage = self.state.storage.as_ref();
+        let delivery = &self.state.delivery;
+        let key = spec.key.as_str();
+        let playlist = key.ends_with(".m3u8");
+        let master = playlist && playable.rendition.as_ref().is_some_and(|(master, _)| master == key);
+        let grant = access.grant(playable);
+        if !delivery.redirects() || master || (playlist && !grant.rewrites_playlists()) {
+            return serve_object(storage, spec, req).await;
+        }
+        let until = delivery.until(grant, chrono::Utc::now())?;
+        if playlist {
+            return self.rewritten_playlist(req, playable, spec, grant, until).await;
+        }
+        let method = if req.method() == Method::HEAD { ReadMethod::Head } else { ReadMethod::Get };
+        match delivery.target(storage, &spec.key, method, grant, until).await? {
+            Some(target) => {
+                metrics::counter!("waveline_http_stream_redirects_total", "route" => spec.route, "target" => target.kind)
+                    .increment(1);
+                Ok(ObjectResponse::redirect(&target.location))
+            }
+            None => serve_object(storage, spec, req).await,
+        }
+    }
+
+    /// An HLS variant playlist whose init and segment URIs name storage (or the CDN) directly,
+    /// each valid until `until`. Only URIs that resolve to files the worker recorded beside
+    /// the playlist are rewritten. A playlist too large to hold is proxied unchanged.
+    async fn rewritten_playlist(
+        &self,
+        req: &Request,
+        playable: &Playable,
+        spec: &ObjectSpec,
+        grant: Grant,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<ObjectResponse, ApiError> {
+        let storage = self.state.storage.as_ref();
+        let read = storage.get(&spec.key, None).await?;
+        if read.meta.size > redirect::MAX_PLAYLIST_BYTES {
+            tracing::warn!(key = %spec.key, size = read.meta.size, "a playlist too large to rewrite is proxied");
+            return serve_object(storage, spec, req).await;
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(read.meta.size).unwrap_or_default());
+        let mut body = read.body;
+        while let Some(chunk) = body.next().await {
+            bytes.extend_from_slice(&chunk?);
+            if bytes.len() as u64 > redirect::MAX_PLAYLIST_BYTES {
+                return Err(ApiError::internal(&format!("{} grew past its size while read", spec.key)));
+            }
+        }
+        let text = String::from_utf8(bytes).map_err(|err| ApiError::internal(&err))?;
+        let recorded: HashSet<&str> =
+            playable.rendition.as_ref().map(|(_, keys)| keys.iter().map(String::as_str).collect()).unwrap_or_default();
+        let dir = spec.key.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
+        let mut replace = HashMap::new();
+        for uri in redirect::playlist_uris(&text) {
+            let candidate = format!("{dir}/{uri}");
+            if !recorded.contains(candidate.as_str()) {
+                continue;
+            }
+            let key = ObjectKey::parse(candidate).map_err(|err| ApiError::internal(&err))?;
+            let target = self.state.delivery.target(storage, &key, ReadMethod::Get, grant, until).await?;
+            let Some(target) = target else {
+                // A store that cannot presign: the player comes to the API for each file.
+                return serve_object(storage, spec, req).await;
+            };
+            replace.insert(uri, target.location);
+        }
+        let body = redirect::rewrite_playlist(&text, &replace);
+        Ok(ObjectResponse::generated(spec, body, req.method() == Method::HEAD))
     }
 
     async fn stream(

@@ -14,6 +14,9 @@
 //!
 //! Without `If-Range`, a ranged GET is one storage call: the store resolves the range
 //! against the object's size and returns the metadata with the body.
+//!
+//! In redirect mode ([`crate::redirect`]) the listening routes answer most requests with
+//! [`ObjectResponse::redirect`] instead, and storage applies these same rules at the target.
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -38,9 +41,35 @@ pub struct ObjectSpec {
     pub route: &'static str,
 }
 
-/// A byte response: 200, 206 or 304 (errors go through [`ApiError`]).
+/// A byte response: 200, 206 or 304, or a 307 to where the bytes are in redirect mode (errors
+/// go through [`ApiError`]).
 #[derive(Debug)]
 pub struct ObjectResponse(Response);
+
+impl ObjectResponse {
+    /// 307 to `location` (redirect mode; see [`crate::redirect`]). `no-store`: the target
+    /// expires, so every request asks again.
+    pub fn redirect(location: &str) -> ObjectResponse {
+        ObjectResponse(
+            Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header("location", location)
+                .header("cache-control", "no-store")
+                .finish(),
+        )
+    }
+
+    /// A body made here rather than read from storage (a rewritten playlist): 200, the whole
+    /// body, and no validators, since the body differs from the stored object's.
+    pub fn generated(spec: &ObjectSpec, body: String, head: bool) -> ObjectResponse {
+        let builder = Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", spec.content_type)
+            .header("cache-control", spec.cache_control.as_str())
+            .header("content-length", body.len());
+        ObjectResponse(if head { builder.finish() } else { builder.body(body) })
+    }
+}
 
 impl IntoResponse for ObjectResponse {
     fn into_response(self) -> Response {
@@ -52,7 +81,7 @@ fn header(name: &str, description: &str) -> MetaHeader {
     MetaHeader {
         name: name.to_owned(),
         description: Some(description.to_owned()),
-        required: false,
+        required: name == "Location",
         deprecated: false,
         schema: String::schema_ref(),
     }
@@ -102,6 +131,20 @@ impl ApiResponse for ObjectResponse {
                     status_range: None,
                     content: vec![],
                     headers: vec![header("ETag", "a strong entity tag")],
+                },
+                MetaResponse {
+                    description: "Only when the server runs with `stream_mode = redirect`: access was checked and the \
+                                  bytes are at `Location` (a presigned storage URL, or the CDN for public tracks). \
+                                  Repeat the request there with the same method and headers (`Range`, `If-Range`, \
+                                  `If-None-Match`); the URL expires, so come back here for a new one. HLS playlists \
+                                  are never redirected.",
+                    status: Some(307),
+                    status_range: None,
+                    content: vec![],
+                    headers: vec![
+                        header("Location", "where the bytes are, for a limited time"),
+                        header("Cache-Control", "`no-store`"),
+                    ],
                 },
             ],
         }

@@ -164,6 +164,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         security: Arc::new(waveline_api::SecuritySettings::from_settings(settings)),
         status_feed: waveline_api::status_feed::StatusFeed::start(pool.clone()),
         playables: Arc::default(),
+        delivery: Arc::new(waveline_api::redirect::StreamDelivery::from_settings(settings)),
         uploads_in_flight: waveline_api::upload_slots(settings.uploads_per_account),
         metrics: Arc::new(move || metrics.render()),
         mailer: waveline_api::mail::Mailer::from_settings(settings, db::PgUsers::new(pool.clone()))
@@ -178,7 +179,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             trusted_proxies: settings.trusted_proxies.clone(),
             ..Default::default()
         });
-    tracing::info!(listen = %settings.listen, workers, "serving the API");
+    tracing::info!(listen = %settings.listen, workers, stream_mode = ?settings.stream_mode, "serving the API");
     let served = listener
         .serve(waveline_api::app(state), shutdown.clone(), Duration::from_secs(10))
         .await

@@ -146,8 +146,19 @@ pub struct Replica {
 impl Stack {
     /// Starts a second replica of this stack's API (it processes nothing itself).
     pub async fn replica(&self) -> Result<Replica> {
-        let env: Vec<(String, String)> =
-            self.env.iter().filter(|(name, _)| name != "WAVELINE_LISTEN").cloned().collect();
+        self.replica_with(&[]).await
+    }
+
+    /// Starts a second replica with some settings of its own (`extra` replaces the stack's
+    /// value of each variable it names).
+    pub async fn replica_with(&self, extra: &[(&str, &str)]) -> Result<Replica> {
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(name, _)| name != "WAVELINE_LISTEN" && !extra.iter().any(|(replaced, _)| replaced == name))
+            .cloned()
+            .collect();
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let (serve, port) = start_serve(&env, "0").await?;
         Ok(Replica { serve, base: format!("http://127.0.0.1:{port}") })
     }
