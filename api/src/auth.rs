@@ -42,7 +42,8 @@
 //!   its login, however often it is refreshed; then the refresh answers 401 `session_expired`.
 //! - Logging out ends the session: its access and refresh tokens stop working at once.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -152,7 +153,12 @@ pub struct Tokens {
     keys: Vec<Key>,
     validation: Validation,
     ttl: Duration,
+    /// Tokens verified lately, by their exact text (see [`Tokens::verify`]).
+    verified: Arc<Mutex<HashMap<Box<str>, Arc<Claims>>>>,
 }
+
+/// How many verified tokens [`Tokens`] remembers; when full, it starts again empty.
+const VERIFIED_MAX: usize = 10_000;
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,7 +192,7 @@ impl Tokens {
         validation.validate_nbf = true;
         validation.leeway = 5;
         let keys = std::iter::once(secret).chain(previous).map(Key::new).collect();
-        Tokens { keys, validation, ttl }
+        Tokens { keys, validation, ttl, verified: Arc::default() }
     }
 
     /// A random key for a process that was given none.
@@ -225,19 +231,47 @@ impl Tokens {
 
     /// The claims of a valid token: its `kid` names a configured key, and the signature,
     /// algorithm, issuer, audience and times check out.
-    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+    ///
+    /// A client sends the same access token with every request, and checking it in full (two
+    /// base64 decodes, two JSON parses and an HMAC) was the largest single cost of a status
+    /// poll. So tokens that checked out are remembered by their exact text (at most
+    /// [`VERIFIED_MAX`]; nothing unverified is ever kept): the same bytes carry the same
+    /// signature, so only the expiry needs checking again. The keys never change in a
+    /// process's life, so nothing else can turn a verified token invalid.
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, ApiError> {
+        self.verify_at(token, Utc::now().timestamp())
+    }
+
+    fn verify_at(&self, token: &str, now: i64) -> Result<Arc<Claims>, ApiError> {
+        let expired = || ApiError::unauthorized("the session has expired; refresh it or log in again");
+        let remembered = self.verified_lock().get(token).cloned();
+        if let Some(claims) = remembered {
+            if claims.exp + (self.validation.leeway as i64) < now {
+                self.verified_lock().remove(token);
+                return Err(expired());
+            }
+            return Ok(claims);
+        }
         let invalid = || ApiError::unauthorized("the token is not valid");
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
         let key =
             header.kid.as_deref().and_then(|kid| self.keys.iter().find(|key| key.kid == kid)).ok_or_else(invalid)?;
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation).map(|data| data.claims).map_err(|err| {
-            match err.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                    ApiError::unauthorized("the session has expired; refresh it or log in again")
-                }
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
+            .map(|data| Arc::new(data.claims))
+            .map_err(|err| match err.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => expired(),
                 _ => invalid(),
-            }
-        })
+            })?;
+        let mut verified = self.verified_lock();
+        if verified.len() >= VERIFIED_MAX {
+            verified.clear();
+        }
+        verified.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verified_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Claims>>> {
+        self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The CSRF token of a session.
@@ -991,6 +1025,26 @@ mod tests {
             tokens.verify(&old).expect_err("expired").message,
             "the session has expired; refresh it or log in again"
         );
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let tokens = tokens(&"k".repeat(32), &[], 60);
+        let (token, claims) = tokens.issue(UserId::new(), uuid::Uuid::new_v4()).expect("issue");
+        let now = Utc::now().timestamp();
+        assert_eq!(tokens.verify_at(&token, now).expect("valid").jti, claims.jti);
+        assert!(tokens.verified_lock().contains_key(token.as_str()), "remembered once verified");
+        // Within the leeway it still holds; past it, the remembered token is refused and forgotten.
+        tokens.verify_at(&token, claims.exp + 5).expect("within the leeway");
+        let err = tokens.verify_at(&token, claims.exp + 6).expect_err("expired");
+        assert_eq!(err.message, "the session has expired; refresh it or log in again");
+        assert!(!tokens.verified_lock().contains_key(token.as_str()));
+        // A token that does not verify is never remembered.
+        let at = token.len() - 10;
+        let swapped = if &token[at..=at] == "A" { "B" } else { "A" };
+        let forged = format!("{}{swapped}{}", &token[..at], &token[at + 1..]);
+        assert!(tokens.verify(&forged).is_err());
+        assert!(!tokens.verified_lock().contains_key(forged.as_str()));
     }
 
     #[test]
