@@ -13,13 +13,12 @@
 //!
 //! A body that stops arriving on a small route is 408 `body_timeout` as well.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use poem::http::{Method, StatusCode};
-use poem::{Body, Endpoint, IntoResponse, Request, Response};
+use poem::{Body, Request};
 
 use crate::error::ApiError;
 
@@ -99,8 +98,9 @@ fn with_idle_timeout(
     })
 }
 
-/// The middleware (for `EndpointExt::around`).
-pub async fn apply<E: Endpoint>(limits: Arc<BodyLimits>, next: E, mut req: Request) -> poem::Result<Response> {
+/// Bounds `req`'s body: a small body is read here within the limits (and handed on as
+/// bytes), an upload's stream gets its idle timeout.
+pub async fn bound(limits: &BodyLimits, req: &mut Request) -> Result<(), ApiError> {
     let body = req.take_body();
     if body.is_empty() {
         req.set_body(body);
@@ -110,14 +110,14 @@ pub async fn apply<E: Endpoint>(limits: Arc<BodyLimits>, next: E, mut req: Reque
         let limit = limits.json_max_bytes;
         let declared = req.header("content-length").and_then(|value| value.trim().parse::<u64>().ok());
         if declared.is_some_and(|length| length > limit) {
-            return Err(too_large(limit).into());
+            return Err(too_large(limit));
         }
         let bytes = tokio::time::timeout(limits.read_timeout, read_bounded(body, limit))
             .await
             .map_err(|_| timed_out(limits.read_timeout))??;
         req.set_body(Body::from_bytes(bytes));
     }
-    next.call(req).await.map(IntoResponse::into_response)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::{Endpoint, EndpointExt, Route};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Route};
 use poem_openapi::OpenApiService;
 use waveline_shared::db::{PgOutbox, PgTracks, PgUsers, Visibility};
 use waveline_shared::domain::{TrackId, UserId};
@@ -217,30 +217,47 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
 pub fn app(state: AppState) -> impl Endpoint {
     let api = openapi(state.clone());
     let document = spec::complete(&api.spec());
-    let routes = Arc::new(middleware::RouteTemplates::new(spec::routes(&document)));
+    let routes = middleware::RouteTemplates::new(spec::routes(&document));
     let document = document.to_string();
     let spec = poem::endpoint::make_sync(move |_| {
         poem::Response::builder().content_type("application/json; charset=utf-8").body(document.clone())
     });
     let docs = api.swagger_ui();
-    let policy = Arc::new(security::Policy::new(
-        state.security.cors_origins.clone(),
-        state.security.hsts_max_age,
-        &api.swagger_ui_html(),
-    ));
-    let throttle = Arc::new(throttle::Throttle::new(&state.security.throttle));
-    let body_limits = Arc::new(state.security.body);
-    Route::new()
-        .nest("/", api)
-        .nest("/docs", docs)
-        .at("/openapi.json", poem::get(spec))
+    let front = Arc::new(middleware::Front {
+        routes,
+        policy: security::Policy::new(
+            state.security.cors_origins.clone(),
+            state.security.hsts_max_age,
+            &api.swagger_ui_html(),
+        ),
+        throttle: throttle::Throttle::new(&state.security.throttle),
+        body: state.security.body,
+    });
+    let pages = Route::new().nest("/docs", docs).at("/openapi.json", poem::get(spec));
+    Dispatch { api: api.into_endpoint(), pages }
         .data(state)
         .with(poem::middleware::CookieJarManager::new())
-        .around(move |next, req| body::apply(body_limits.clone(), next, req))
-        .around(move |next, req| throttle.clone().apply(next, req))
-        .around(move |next, req| middleware::observe(routes.clone(), next, req))
-        .catch_all_error(error::to_json)
-        .around(move |next, req| policy.clone().apply(next, req))
+        .around(move |next, req| middleware::front(front.clone(), next, req))
+}
+
+/// The API's operations, and beside them the pages about the API (`/docs`, `/openapi.json`):
+/// the operations get each request without another routing layer in front of theirs.
+struct Dispatch<A, P> {
+    api: A,
+    pages: P,
+}
+
+impl<A: Endpoint, P: Endpoint> Endpoint for Dispatch<A, P> {
+    type Output = poem::Response;
+
+    async fn call(&self, req: poem::Request) -> poem::Result<poem::Response> {
+        let path = req.uri().path();
+        if path == "/openapi.json" || path == "/docs" || path.starts_with("/docs/") {
+            self.pages.call(req).await.map(poem::IntoResponse::into_response)
+        } else {
+            self.api.call(req).await.map(poem::IntoResponse::into_response)
+        }
+    }
 }
 
 /// Whether `viewer` may see a track of `owner` with `visibility`.

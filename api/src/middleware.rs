@@ -23,7 +23,7 @@ pub const UNMATCHED: &str = "unmatched";
 
 /// One path template of the API.
 #[derive(Debug, Clone)]
-struct Template {
+pub struct Template {
     /// Its segments (`None` for a parameter).
     segments: Vec<Option<String>>,
     label: Arc<str>,
@@ -35,13 +35,16 @@ struct Template {
 #[derive(Debug)]
 pub struct RouteTemplates {
     templates: Vec<Template>,
+    /// Swagger UI's pages, all under one label.
+    docs: Template,
     /// The series' handles, registered once per label set rather than looked up by label
     /// strings on every request (the label sets are bounded, see the module doc).
     handles: Mutex<HashMap<SeriesKey, (Counter, Histogram)>>,
 }
 
-/// A request series' labels: route template, method, status.
-type SeriesKey = (Arc<str>, &'static str, u16);
+/// A request series' labels: route template (by its label's address, which is unique and
+/// stable for the process's life), method, status.
+type SeriesKey = (usize, &'static str, u16);
 
 impl RouteTemplates {
     /// The templates of `routes` (OpenAPI style: `/v1/tracks/{id}`, with their methods), plus
@@ -62,10 +65,15 @@ impl RouteTemplates {
         // More literal segments first: `/v1/tracks/{id}/hls/master.m3u8` before a template
         // with a parameter in that place.
         templates.sort_by_key(|template| std::cmp::Reverse(template.segments.iter().filter(|s| s.is_some()).count()));
-        RouteTemplates { templates, handles: Mutex::default() }
+        let docs = Template { segments: Vec::new(), label: Arc::from("/docs"), allow: None };
+        RouteTemplates { templates, docs, handles: Mutex::default() }
     }
 
-    fn matching(&self, path: &str) -> Option<&Template> {
+    /// The template `path` matches, if any.
+    pub fn classify(&self, path: &str) -> Option<&Template> {
+        if path == "/docs" || path.starts_with("/docs/") {
+            return Some(&self.docs);
+        }
         let count = path.split('/').count();
         self.templates.iter().find(|template| {
             template.segments.len() == count
@@ -77,31 +85,30 @@ impl RouteTemplates {
     }
 
     /// The label of `path`.
-    pub fn label(&self, path: &str) -> Arc<str> {
-        if path == "/docs" || path.starts_with("/docs/") {
-            return Arc::from("/docs");
-        }
-        self.matching(path).map(|template| template.label.clone()).unwrap_or_else(|| Arc::from(UNMATCHED))
+    #[cfg(test)]
+    fn label(&self, path: &str) -> &str {
+        self.classify(path).map_or(UNMATCHED, |template| &template.label)
     }
 
     /// The request counter and duration histogram of one label set.
-    fn handles(&self, route: &Arc<str>, method: &'static str, status: u16) -> (Counter, Histogram) {
+    fn handles(&self, template: Option<&Template>, method: &'static str, status: u16) -> (Counter, Histogram) {
+        let route = template.map_or(UNMATCHED, |template| &*template.label);
         let mut handles = self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         handles
-            .entry((route.clone(), method, status))
+            .entry((route.as_ptr() as usize, method, status))
             .or_insert_with(|| {
-                let route = route.to_string();
                 (
-                    metrics::counter!("waveline_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string()),
-                    metrics::histogram!("waveline_http_request_duration_seconds", "method" => method, "route" => route),
+                    metrics::counter!("waveline_http_requests_total", "method" => method, "route" => route.to_owned(), "status" => status.to_string()),
+                    metrics::histogram!("waveline_http_request_duration_seconds", "method" => method, "route" => route.to_owned()),
                 )
             })
             .clone()
     }
 
     /// The methods `path` answers, as an `Allow` header.
-    pub fn allow(&self, path: &str) -> Option<HeaderValue> {
-        self.matching(path).and_then(|template| template.allow.clone())
+    #[cfg(test)]
+    fn allow(&self, path: &str) -> Option<HeaderValue> {
+        self.classify(path).and_then(|template| template.allow.clone())
     }
 }
 
@@ -131,37 +138,65 @@ fn new_request_id() -> String {
     format!("{start:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// The middleware (`EndpointExt::around`).
-pub async fn observe<E: Endpoint>(routes: Arc<RouteTemplates>, next: E, request: Request) -> Result<Response> {
+/// Everything every request passes through before its route, in one place so that the order
+/// is plain to read (and a request pays for one layer, not one per concern).
+#[derive(Debug)]
+pub struct Front {
+    pub routes: RouteTemplates,
+    pub policy: crate::security::Policy,
+    pub throttle: crate::throttle::Throttle,
+    pub body: crate::body::BodyLimits,
+}
+
+/// The middleware (`EndpointExt::around`), in order:
+///
+/// 1. the security policy reads the request; a CORS preflight it allows is answered at once;
+/// 2. a request id and a log span, and the clock starts;
+/// 3. the throttle (429), then the body limits (413, 408);
+/// 4. the route; any error becomes JSON `{code, message}`;
+/// 5. `Allow` on a 405, the metrics, `X-Request-Id`, and the security headers.
+pub async fn front<E: Endpoint>(front: Arc<Front>, next: E, mut request: Request) -> Result<Response> {
+    let seen = front.policy.see(&request);
+    if let Some(mut answer) = front.policy.preflight(&seen) {
+        front.policy.dress(&seen, &mut answer);
+        return Ok(answer);
+    }
     let request_id = request
         .header("x-request-id")
         .filter(|id| id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
     let method = method_label(request.method());
-    let path = request.uri().path().to_owned();
-    let route = routes.label(&path);
-    let span = tracing::info_span!("request", %request_id, %method, route = %route, %path);
+    let template = front.routes.classify(request.uri().path());
+    let route = template.map_or(UNMATCHED, |template| &*template.label);
+    let span = tracing::info_span!("request", %request_id, %method, route, path = %request.uri().path());
     let started = Instant::now();
-    let result = next.call(request).instrument(span.clone()).await;
+    let result = async {
+        front.throttle.admit(&mut request)?;
+        crate::body::bound(&front.body, &mut request).await?;
+        next.call(request).await.map(IntoResponse::into_response)
+    }
+    .instrument(span.clone())
+    .await;
     let mut response = match result {
-        Ok(response) => response.into_response(),
+        Ok(response) => response,
         Err(err) => crate::error::to_json(err).await,
     };
     // RFC 9110: a 405 says which methods the resource has.
     if response.status() == StatusCode::METHOD_NOT_ALLOWED
-        && let Some(allow) = routes.allow(&path)
+        && let Some(allow) = template.and_then(|template| template.allow.clone())
     {
         response.headers_mut().insert(header::ALLOW, allow);
     }
     let status = response.status().as_u16();
     span.in_scope(|| tracing::debug!(%status, elapsed_ms = started.elapsed().as_millis() as u64, "served"));
-    let (requests, duration) = routes.handles(&route, method, status);
+    let (requests, duration) = front.routes.handles(template, method, status);
     requests.increment(1);
     duration.record(started.elapsed().as_secs_f64());
-    if let Ok(value) = request_id.parse() {
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    front.policy.dress(&seen, &mut response);
     Ok(response)
 }
 
@@ -185,7 +220,7 @@ mod tests {
         );
         assert_eq!(routes.allow("/v1/tracks/x/status").expect("allow"), "GET, HEAD");
         assert!(routes.allow("/v1/nothing").is_none());
-        let label = |path: &str| routes.label(path).to_string();
+        let label = |path: &str| routes.label(path).to_owned();
         assert_eq!(label("/v1/tracks/01a216e7-6dd6-7549-81aa-f16443f12081/status"), "/v1/tracks/{id}/status");
         assert_eq!(label("/v1/tracks/x/hls/master.m3u8"), "/v1/tracks/{id}/hls/master.m3u8");
         assert_eq!(label("/v1/tracks/x/hls/160k/seg_00001.m4s"), "/v1/tracks/{id}/hls/{variant}/{file}");

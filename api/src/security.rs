@@ -20,11 +20,9 @@
 //!   (`Access-Control-Allow-Origin: *`): a signed URL is their only key there;
 //! - `Vary: Origin` on every answer, so shared caches keep the CORS variants apart.
 
-use std::sync::Arc;
-
 use base64::Engine;
 use poem::http::{HeaderValue, Method, StatusCode, header};
-use poem::{Endpoint, IntoResponse, Request, Response};
+use poem::{Request, Response};
 use sha2::{Digest, Sha256};
 
 /// The API's policy: its answers are never rendered as pages.
@@ -57,30 +55,37 @@ impl Policy {
         self.cors_origins.iter().any(|allowed| allowed == origin)
     }
 
-    /// Runs `next` and dresses its answer (the middleware, for `EndpointExt::around`).
-    pub async fn apply<E: Endpoint>(self: Arc<Self>, next: E, req: Request) -> poem::Result<Response> {
-        let origin = req.header("origin").map(str::to_owned);
-        let listening = is_listening_route(req.uri().path());
-        let docs = req.uri().path() == "/docs" || req.uri().path().starts_with("/docs/");
+    /// What the policy needs to know of `req`, read before the request is handed on.
+    pub fn see(&self, req: &Request) -> Seen {
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        let path = req.uri().path();
         let preflight = req.method() == Method::OPTIONS && req.headers().contains_key("access-control-request-method");
-        let trusted = origin.as_deref().is_some_and(|origin| self.allowed(origin));
+        let trusted =
+            origin.as_ref().and_then(|origin| origin.to_str().ok()).is_some_and(|origin| self.allowed(origin));
+        Seen {
+            origin,
+            listening: is_listening_route(path),
+            docs: path == "/docs" || path.starts_with("/docs/"),
+            preflight,
+            trusted,
+        }
+    }
 
-        let mut response = if preflight && (trusted || listening) {
-            Response::builder().status(StatusCode::NO_CONTENT).finish()
-        } else {
-            match next.call(req).await {
-                Ok(response) => response.into_response(),
-                Err(err) => crate::error::to_json(err).await,
-            }
-        };
+    /// The answer to a CORS preflight this policy allows, before anything else sees it.
+    pub fn preflight(&self, seen: &Seen) -> Option<Response> {
+        (seen.preflight && (seen.trusted || seen.listening))
+            .then(|| Response::builder().status(StatusCode::NO_CONTENT).finish())
+    }
 
+    /// Dresses an answer: the security headers, `Vary: Origin`, and CORS where it applies.
+    pub fn dress(&self, seen: &Seen, response: &mut Response) {
         let headers = response.headers_mut();
-        let csp = if docs { self.docs_csp.clone() } else { HeaderValue::from_static(API_CSP) };
+        let csp = if seen.docs { self.docs_csp.clone() } else { HeaderValue::from_static(API_CSP) };
         headers.insert(header::CONTENT_SECURITY_POLICY, csp);
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
         headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-        let corp = if listening { "cross-origin" } else { "same-origin" };
+        let corp = if seen.listening { "cross-origin" } else { "same-origin" };
         headers.insert("cross-origin-resource-policy", HeaderValue::from_static(corp));
         if let Some(hsts) = &self.hsts {
             headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
@@ -90,25 +95,34 @@ impl Policy {
         // (a CDN in front of the listening routes) must not hand an answer made without CORS
         // headers to a page on another origin, or one made for a trusted origin to anyone else.
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
-        if let Some(origin) = origin.and_then(|origin| HeaderValue::from_str(&origin).ok()) {
-            if trusted {
-                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        if let Some(origin) = &seen.origin {
+            if seen.trusted {
+                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
                 headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-            } else if listening {
+            } else if seen.listening {
                 headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
             }
-            if trusted || listening {
+            if seen.trusted || seen.listening {
                 headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSED));
-                if preflight {
-                    let methods = if trusted { ALLOWED_METHODS } else { "GET, HEAD" };
+                if seen.preflight {
+                    let methods = if seen.trusted { ALLOWED_METHODS } else { "GET, HEAD" };
                     headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(methods));
                     headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(ALLOWED_HEADERS));
                     headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
                 }
             }
         }
-        Ok(response)
     }
+}
+
+/// What [`Policy::see`] read of a request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    origin: Option<HeaderValue>,
+    listening: bool,
+    docs: bool,
+    preflight: bool,
+    trusted: bool,
 }
 
 /// The progressive streams, HLS and waveforms: read by players on any site.

@@ -19,15 +19,14 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
+use poem::Request;
 use poem::http::StatusCode;
 use poem::web::RemoteAddr;
-use poem::{Endpoint, IntoResponse, Request, Response};
 
 use waveline_shared::network::{Network, canonical};
 
@@ -130,8 +129,9 @@ impl Throttle {
         }
     }
 
-    /// The middleware (for `EndpointExt::around`).
-    pub async fn apply<E: Endpoint>(self: Arc<Self>, next: E, mut req: Request) -> poem::Result<Response> {
+    /// Notes who is calling on `req` ([`ClientAddr`]) and refuses the request with 429 when
+    /// its client is over a limit.
+    pub fn admit(&self, req: &mut Request) -> Result<(), ApiError> {
         let client = self.client_ip(&req);
         if let Some(client) = client {
             req.set_data(ClientAddr(client));
@@ -144,7 +144,7 @@ impl Throttle {
                 if let Err(wait) = verdict {
                     metrics::counter!("waveline_http_throttled_total").increment(1);
                     tracing::info!(client = %client, path, "rate limited");
-                    return Err(too_many(wait, "rate_limited", "too many requests from this address").into());
+                    return Err(too_many(wait, "rate_limited", "too many requests from this address"));
                 }
             }
             if self.calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
@@ -154,7 +154,7 @@ impl Throttle {
                 }
             }
         }
-        next.call(req).await.map(IntoResponse::into_response)
+        Ok(())
     }
 }
 
