@@ -132,7 +132,7 @@ impl Throttle {
     /// Notes who is calling on `req` ([`ClientAddr`]) and refuses the request with 429 when
     /// its client is over a limit.
     pub fn admit(&self, req: &mut Request) -> Result<(), ApiError> {
-        let client = self.client_ip(&req);
+        let client = self.client_ip(req);
         if let Some(client) = client {
             req.set_data(ClientAddr(client));
             let path = req.uri().path();
