@@ -983,6 +983,21 @@ async fn a_dropped_distributed_stack_leaves_no_bucket_and_no_queue() -> Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_distributed_stack_keeps_its_documents_in_a_mongodb_database_of_its_own() -> Result<()> {
+    let stack = Stack::start(Mode::Distributed, false, &[]).await?;
+    let (status, ready) = json(reqwest::get(stack.url("/readyz")).await?).await?;
+    ensure!(status == 200 && ready["documents"] == "ok", "{status} {ready}");
+    let report = stack.cli(&["check", "--json"])?;
+    let documents = report["checks"].as_array().and_then(|checks| checks.iter().find(|c| c["name"] == "documents"));
+    ensure!(documents.is_some_and(|c| c["backend"] == "mongodb" && c["ok"] == true), "{report}");
+    let mongo = stack.mongodb.as_ref().context("the distributed stack's document store")?;
+    let mut collections = mongo.database().list_collection_names().await?;
+    collections.sort();
+    ensure!(collections == ["activities", "comments"], "{collections:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_the_document_store_when_it_is_down() -> Result<()> {
     // Nothing listens on port 1: the API starts (the driver connects lazily), and is not ready.
     let stack =
