@@ -2,18 +2,21 @@
 # Installs and starts everything Waveline's build and tests need, on a fresh Debian 12 machine
 # or an already prepared one. Idempotent: run it as often as you like.
 #
-#   scripts/setup.sh              everything: packages, PostgreSQL, RabbitMQ, the S3 test server
+#   scripts/setup.sh              everything: packages, PostgreSQL, RabbitMQ, the S3 test server,
+#                                 the MongoDB test server (nx-27017)
 #   scripts/setup.sh --embedded   only what the embedded mode (scripts/demo.sh) needs
 #
 # Environment (defaults in brackets):
 #   WAVELINE_TEST_S3_PORT [9900]        port of the local S3-compatible server (s3s-fs)
-#   WAVELINE_STATE_DIR    [REPO/.waveline]  where that server keeps its data and logs
+#   WAVELINE_TEST_MONGODB_PORT [27017]  port of the MongoDB wire-protocol test server (nx-27017)
+#   WAVELINE_STATE_DIR    [REPO/.waveline]  where those servers keep their data and logs
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 state=${WAVELINE_STATE_DIR:-$root/.waveline}
 s3_port=${WAVELINE_TEST_S3_PORT:-9900}
 s3fs_version=0.14.1
+mongodb_port=${WAVELINE_TEST_MONGODB_PORT:-27017}
 mode=${1:-all}
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -102,11 +105,32 @@ install_schemathesis() {
   fi
 }
 
+# nx-27017 (PyPI): a MongoDB wire-protocol server on SQLite, the stand-in for MongoDB in tests
+# (no MongoDB server can be installed here; README.md says what it lacks). In the same venv as
+# schemathesis; one SQLite file per database under the state directory, so a test that drops
+# its database removes its file.
+start_mongodb() {
+  local version=0.8.1 venv=$state/venv
+  if ! "$venv/bin/pip" show nx-27017 2>/dev/null | grep -qx "Version: $version"; then
+    log "installing nx-27017 $version (pip, in $venv)"
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nx-27017==$version"
+  fi
+  if ! port_open "$mongodb_port"; then
+    mkdir -p "$state/mongodb"
+    log "starting nx-27017 on 127.0.0.1:$mongodb_port (data in $state/mongodb)"
+    setsid nohup "$venv/bin/nx-27017" --host 127.0.0.1 --port "$mongodb_port" --data-dir "$state/mongodb" \
+      --log-file "$state/nx-27017.log" --pid-file "$state/nx-27017.pid" >"$state/nx-27017.out" 2>&1 </dev/null &
+  fi
+  wait_for "MongoDB test server (nx-27017) on 127.0.0.1:$mongodb_port" 30 port_open "$mongodb_port"
+}
+
 install_packages
 start_postgres
 if [ "$mode" != --embedded ]; then
   start_rabbitmq
   start_s3
   install_schemathesis
+  start_mongodb
 fi
 log "done"

@@ -143,6 +143,8 @@ pub struct AppState {
     pub outbox: PgOutbox,
     pub storage: Arc<dyn Storage>,
     pub queue: Arc<dyn JobQueue>,
+    /// Comments and the activity feed (see [`waveline_shared::documents`]).
+    pub documents: Arc<dyn waveline_shared::documents::Documents>,
     pub tokens: Arc<Tokens>,
     pub limits: Limits,
     pub security: Arc<SecuritySettings>,
@@ -165,6 +167,7 @@ impl std::fmt::Debug for AppState {
         f.debug_struct("AppState")
             .field("storage", &self.storage)
             .field("queue", &self.queue)
+            .field("documents", &self.documents)
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }

@@ -24,6 +24,7 @@ struct Readiness {
     database: String,
     queue: String,
     storage: String,
+    documents: String,
 }
 
 #[derive(ApiResponse)]
@@ -58,26 +59,33 @@ impl Ops {
         PlainText("ok")
     }
 
-    /// The database, the queue and the storage answer.
+    /// The database, the queue, the storage and the document store answer.
     #[oai(path = "/readyz", method = "get")]
     async fn readyz(&self) -> ReadyResponse {
         let pool = self.state.tracks.pool().clone();
-        let (database, queue, storage) = tokio::join!(
+        let (database, queue, storage, documents) = tokio::join!(
             check(async move { sqlx::query("SELECT 1").execute(&pool).await.map(drop) }),
             check(async { self.state.queue.stats().await.map(drop) }),
             check(self.state.storage.ping()),
+            check(self.state.documents.ping()),
         );
         // The answer names what is down; why (hosts, addresses, OS errors) goes to the log only.
-        let failing: Vec<&str> = [("database", &database), ("queue", &queue), ("storage", &storage)]
-            .into_iter()
-            .filter_map(|(name, result)| {
-                let err = result.as_ref().err()?;
-                tracing::warn!(dependency = name, error = %err, "readiness check failed");
-                Some(name)
-            })
-            .collect();
+        let failing: Vec<&str> =
+            [("database", &database), ("queue", &queue), ("storage", &storage), ("documents", &documents)]
+                .into_iter()
+                .filter_map(|(name, result)| {
+                    let err = result.as_ref().err()?;
+                    tracing::warn!(dependency = name, error = %err, "readiness check failed");
+                    Some(name)
+                })
+                .collect();
         if failing.is_empty() {
-            ReadyResponse::Ready(Json(Readiness { database: "ok".into(), queue: "ok".into(), storage: "ok".into() }))
+            ReadyResponse::Ready(Json(Readiness {
+                database: "ok".into(),
+                queue: "ok".into(),
+                storage: "ok".into(),
+                documents: "ok".into(),
+            }))
         } else {
             ReadyResponse::NotReady(Json(ErrorBody::new("not_ready", format!("not reachable: {}", failing.join(", ")))))
         }

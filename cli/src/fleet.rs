@@ -152,6 +152,9 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         outbox: services.outbox.clone(),
         storage: services.storage.clone(),
         queue: services.queue.clone(),
+        documents: waveline_shared::documents::open(settings, &pool)
+            .await
+            .context("the document store settings are not usable")?,
         tokens: Arc::new(waveline_api::auth::Tokens::new(
             &secret,
             &settings.jwt_previous_secrets,

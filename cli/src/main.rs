@@ -4,8 +4,10 @@
 //! variables; see `waveline.example.toml`) and prints for people by default or one JSON
 //! document with `--json`. Roles arrive with their issues; this build has:
 //!
-//! - `migrate`: create the database if needed, apply the schema, prepare the storage;
-//! - `check`: prove that the database, the storage and the queue answer, with a round trip;
+//! - `migrate`: create the database if needed, apply the schema, prepare the storage and the
+//!   document store (MongoDB's indexes);
+//! - `check`: prove that the database, the storage, the queue and the document store answer,
+//!   with a round trip;
 //! - `config`: print the effective configuration, secrets redacted.
 
 mod fleet;
@@ -20,7 +22,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use waveline_shared::config::{LogFormat, Settings, StorageBackend};
 use waveline_shared::storage::{ObjectKey, S3Storage};
-use waveline_shared::{db, queue, storage};
+use waveline_shared::{db, documents, queue, storage};
 
 #[derive(Debug, Parser)]
 #[command(name = "waveline", version, about = "Waveline: the backend of a social audio platform")]
@@ -36,13 +38,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create the database if it is missing, apply pending migrations, and prepare the
-    /// storage (the directory, or the S3 bucket).
+    /// storage (the directory, or the S3 bucket) and the document store (MongoDB's indexes).
     Migrate {
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Check that the database, the storage and the queue answer; exits 1 if any does not.
+    /// Check that the database, the storage, the queue and the document store answer; exits 1
+    /// if any does not.
     Check {
         /// Print one JSON document instead of text.
         #[arg(long)]
@@ -337,8 +340,17 @@ async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
             format!("bucket {bucket} ready")
         }
     };
+    let store = documents::open(settings, &pool).await.context("cannot open the document store")?;
+    store.migrate().await.with_context(|| format!("cannot prepare the document store ({})", store.backend()))?;
+    let documents_note = match store.backend() {
+        "mongodb" => "document store (mongodb) indexes ready".to_owned(),
+        backend => format!("document store ({backend}) ready"),
+    };
     if json {
-        println!("{}", json!({"database_created": created, "applied": applied, "storage": storage_note}));
+        println!(
+            "{}",
+            json!({"database_created": created, "applied": applied, "storage": storage_note, "documents": documents_note})
+        );
     } else {
         if created {
             println!("created the database");
@@ -348,6 +360,7 @@ async fn migrate(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
             n => println!("applied {n} migration(s): {applied:?}"),
         }
         println!("{storage_note}");
+        println!("{documents_note}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -361,7 +374,12 @@ struct Probe {
 }
 
 async fn check(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
-    let probes = vec![check_database(settings).await, check_storage(settings).await, check_queue(settings).await];
+    let probes = vec![
+        check_database(settings).await,
+        check_storage(settings).await,
+        check_queue(settings).await,
+        check_documents(settings).await,
+    ];
     let healthy = probes.iter().all(|probe| probe.result.is_ok());
     if json {
         let checks: Vec<_> = probes
@@ -383,7 +401,7 @@ async fn check(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
                 Ok(text) => ("ok  ", text),
                 Err(text) => ("FAIL", text),
             };
-            println!("{mark} {:<8} {:<6} {detail} ({} ms)", probe.name, probe.backend, probe.elapsed.as_millis());
+            println!("{mark} {:<9} {:<8} {detail} ({} ms)", probe.name, probe.backend, probe.elapsed.as_millis());
         }
     }
     Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -452,4 +470,26 @@ async fn check_queue(settings: &Settings) -> Probe {
     }
     .await;
     Probe { name: "queue", backend, result, elapsed: started.elapsed() }
+}
+
+async fn check_documents(settings: &Settings) -> Probe {
+    let started = Instant::now();
+    let mut backend = String::from("?");
+    let result = async {
+        let pool = db::connect(settings).await.map_err(|err| format!("the database it needs: {err}"))?;
+        let store = documents::open(settings, &pool).await.map_err(|err| err.to_string())?;
+        backend = store.backend().to_owned();
+        let probe = async {
+            store.ping().await?;
+            // A read through the comments' index: proves the tables or collections answer.
+            store.count_comments(waveline_shared::domain::TrackId::new()).await
+        };
+        tokio::time::timeout(Duration::from_secs(15), probe)
+            .await
+            .map_err(|_| "no answer within 15 s".to_owned())?
+            .map_err(|err| err.to_string())?;
+        Ok("ping and a comment count".to_owned())
+    }
+    .await;
+    Probe { name: "documents", backend, result, elapsed: started.elapsed() }
 }

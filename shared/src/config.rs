@@ -46,6 +46,10 @@ pub struct Settings {
     /// directory) or `s3://BUCKET?endpoint=http://host:port&region=REGION` (path-style
     /// addressing; credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
     pub storage: StorageBackend,
+    /// The document store (comments, the activity feed): `postgres` (the default: JSONB
+    /// tables in the main database) or `mongodb://user:pass@host:port/DB` (the database is
+    /// the URL's path; the URL may carry driver options such as `?authSource=admin`).
+    pub documents: DocumentsBackend,
     /// The address the HTTP API binds. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
     /// How many times a job is tried before it is dead-lettered. Default 5.
@@ -207,6 +211,31 @@ impl QueueBackend {
     }
 }
 
+/// Which [`Documents`](crate::documents::Documents) backend to run.
+#[derive(Clone)]
+pub enum DocumentsBackend {
+    /// JSONB tables in the main PostgreSQL database.
+    Postgres,
+    /// A MongoDB database: the URL (which may hold a password) and the database it names.
+    Mongo { url: SecretString, database: String },
+}
+
+impl fmt::Debug for DocumentsBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl DocumentsBackend {
+    /// The value as it can be shown: any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self {
+            DocumentsBackend::Postgres => "postgres".to_owned(),
+            DocumentsBackend::Mongo { url, .. } => redact_url(url.expose_secret()),
+        }
+    }
+}
+
 /// Which [`Storage`](crate::storage::Storage) backend to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -275,11 +304,12 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 52] = [
+const KEYS: [Key; 53] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
     Key { name: "storage", secret: false },
+    Key { name: "documents", secret: true },
     Key { name: "listen", secret: false },
     Key { name: "job_max_attempts", secret: false },
     Key { name: "job_retry_base_ms", secret: false },
@@ -416,6 +446,10 @@ impl Settings {
         let storage = match take("storage") {
             Some(raw) => parse_storage(&raw)?,
             None => StorageBackend::Fs { root: default_data_dir().join("objects") },
+        };
+        let documents = match take("documents") {
+            Some(raw) => parse_documents(&raw)?,
+            None => DocumentsBackend::Postgres,
         };
         let listen = match take("listen") {
             Some(raw) => raw
@@ -678,6 +712,7 @@ impl Settings {
             database_max_connections,
             queue,
             storage,
+            documents,
             listen,
             job_max_attempts,
             job_retry_base,
@@ -695,6 +730,7 @@ impl Settings {
             "database_max_connections": self.database_max_connections,
             "queue": self.queue.redacted(),
             "storage": self.storage,
+            "documents": self.documents.redacted(),
             "listen": self.listen.to_string(),
             "job_max_attempts": self.job_max_attempts,
             "job_retry_base_ms": self.job_retry_base.as_millis() as u64,
@@ -843,6 +879,30 @@ fn parse_queue(raw: &Raw) -> Result<QueueBackend, ConfigError> {
         return Err(raw.invalid(EXPECTED));
     }
     Ok(QueueBackend::Amqp { url: SecretString::from(value.to_owned()) })
+}
+
+fn parse_documents(raw: &Raw) -> Result<DocumentsBackend, ConfigError> {
+    const EXPECTED: &str = "`postgres` or a MongoDB URL naming its database, such as mongodb://host:27017/waveline";
+    let value = raw.value.trim();
+    if value == "postgres" {
+        return Ok(DocumentsBackend::Postgres);
+    }
+    let url = Url::parse(value).map_err(|_| raw.invalid(EXPECTED))?;
+    if url.scheme() != "mongodb" || url.host_str().is_none_or(str::is_empty) {
+        return Err(raw.invalid(EXPECTED));
+    }
+    // MongoDB refuses slashes, backslashes, dots, spaces, quotes and dollar signs in database
+    // names; a safe subset is accepted.
+    let database = url.path().trim_start_matches('/');
+    let valid = !database.is_empty()
+        && database.len() <= 63
+        && database.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if !valid {
+        return Err(raw.invalid(format!(
+            "{EXPECTED} (the database, 1 to 63 letters, digits, underscores and hyphens, is the path)"
+        )));
+    }
+    Ok(DocumentsBackend::Mongo { url: SecretString::from(value.to_owned()), database: database.to_owned() })
 }
 
 fn parse_storage(raw: &Raw) -> Result<StorageBackend, ConfigError> {
@@ -1058,6 +1118,35 @@ mod tests {
         assert_eq!(settings.queue.redacted(), "amqp://guest:***@127.0.0.1:5672/%2f");
         let shown = settings.redacted().to_string();
         assert!(!shown.contains(":pw@"), "{shown}");
+    }
+
+    #[test]
+    fn documents_are_postgres_or_a_mongodb_url_naming_its_database() {
+        assert!(matches!(load(&[]).expect("defaults").documents, DocumentsBackend::Postgres));
+        let settings =
+            load(&[("WAVELINE_DOCUMENTS", "mongodb://app:pw@mongo.internal:27017/wl_docs?authSource=admin")])
+                .expect("valid");
+        match &settings.documents {
+            DocumentsBackend::Mongo { url, database } => {
+                assert_eq!(database, "wl_docs");
+                assert!(url.expose_secret().ends_with("?authSource=admin"));
+            }
+            other => panic!("expected mongodb, got {other:?}"),
+        }
+        assert_eq!(settings.documents.redacted(), "mongodb://app:***@mongo.internal:27017/wl_docs?authSource=admin");
+        assert!(!settings.redacted().to_string().contains(":pw@"));
+        for bad in [
+            "mongo",
+            "mongodb://host:27017",
+            "mongodb://host:27017/",
+            "mongodb://h/a.b",
+            "mongodb+srv://h/db",
+            "http://h/db",
+        ] {
+            let text = error_text(&[("WAVELINE_DOCUMENTS", bad)]);
+            assert!(text.starts_with("WAVELINE_DOCUMENTS: expected `postgres` or a MongoDB URL"), "{bad}: {text}");
+            assert!(text.ends_with("got (hidden)"), "{bad}: {text}");
+        }
     }
 
     #[test]

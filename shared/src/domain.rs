@@ -58,6 +58,18 @@ id_type!(
     /// Identifies a user account.
     UserId
 );
+id_type!(
+    /// Identifies a playlist.
+    PlaylistId
+);
+id_type!(
+    /// Identifies a timestamped comment (a document).
+    CommentId
+);
+id_type!(
+    /// Identifies an activity of the feed (a document).
+    ActivityId
+);
 
 /// Where a track is in its life, as stored in `tracks.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -7,7 +7,9 @@
 //! - [`network`]: addresses and networks (trusted proxies, rate-limit keys);
 //! - [`db`]: the PostgreSQL pool, the migrations, the track repository and the accounts;
 //! - [`storage`]: the [`Storage`](storage::Storage) seam with its S3 and filesystem backends;
-//! - [`queue`]: the [`JobQueue`](queue::JobQueue) seam with its AMQP and in-process backends.
+//! - [`queue`]: the [`JobQueue`](queue::JobQueue) seam with its AMQP and in-process backends;
+//! - [`documents`]: the [`Documents`](documents::Documents) seam (comments, the activity feed)
+//!   with its PostgreSQL and MongoDB backends.
 //!
 //! Error policy: every module has its own `thiserror` enum whose variants say what went wrong
 //! in the module's terms, with a stable snake_case `code()` and `is_permanent()` (whether
@@ -18,6 +20,7 @@
 
 pub mod config;
 pub mod db;
+pub mod documents;
 pub mod domain;
 pub mod job;
 pub mod network;

@@ -9,6 +9,7 @@
 //! | `WAVELINE_TEST_DATABASE_URL` (an admin connection) | `postgres://postgres@127.0.0.1:5432/postgres` |
 //! | `WAVELINE_TEST_AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` |
 //! | `WAVELINE_TEST_S3_ENDPOINT` | `http://127.0.0.1:9900` |
+//! | `WAVELINE_TEST_MONGODB_URL` (no database: tests add their own) | `mongodb://127.0.0.1:27017` |
 //! | `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` | `waveline-test` / `waveline-test-secret` |
 //!
 //! A service that is down fails the test with a message saying which one: these suites never
@@ -44,6 +45,46 @@ pub fn postgres_admin_url() -> String {
 /// The RabbitMQ URL.
 pub fn amqp_url() -> String {
     var_or("WAVELINE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+
+/// The MongoDB server's URL (`nx-27017` in tests), without a database.
+pub fn mongodb_url() -> String {
+    var_or("WAVELINE_TEST_MONGODB_URL", "mongodb://127.0.0.1:27017")
+}
+
+/// A `documents` setting naming a MongoDB database of the test's own, and that database's
+/// name (`wltest_<unique>`); drop it with [`remove_mongodb_database`].
+pub fn test_documents_url() -> (String, String) {
+    let name = format!("wltest_{}", unique());
+    let url = match url::Url::parse(&mongodb_url()) {
+        Ok(mut url) => {
+            url.set_path(&format!("/{name}"));
+            url.to_string()
+        }
+        Err(_) => format!("{}/{name}", mongodb_url().trim_end_matches('/')),
+    };
+    (url, name)
+}
+
+/// Drops a test's MongoDB database. Meant for `Drop` and clean-ups: it runs on a thread and
+/// runtime of its own, bounded, and reports a failure on stderr rather than panicking.
+pub fn remove_mongodb_database(name: String) {
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async move {
+            let dropped = tokio::time::timeout(Duration::from_secs(20), async {
+                let client = mongodb::Client::with_uri_str(mongodb_url()).await?;
+                client.database(&name).drop().await
+            })
+            .await;
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("could not drop the test MongoDB database {name}: {dropped:?}");
+            }
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// The S3-compatible server's endpoint.

@@ -10,7 +10,9 @@ use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use waveline_shared::storage::{FsStorage, S3Credentials, S3Storage, Storage};
 
-use crate::{TestDb, amqp_url, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
+use waveline_shared::documents::MongoDocuments;
+
+use crate::{TestDb, amqp_url, s3_credentials, s3_endpoint, temp_dir, test_documents_url, unique, waveline_bin};
 
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
@@ -30,8 +32,11 @@ pub struct Stack {
     pub storage: Arc<dyn Storage>,
     pub env: Vec<(String, String)>,
     _objects: Option<tempfile::TempDir>,
-    /// The distributed stack's own bucket and queue name, removed when the stack is dropped.
-    distributed: Option<(S3Storage, String)>,
+    /// The distributed stack's own bucket, queue name and MongoDB database, removed when the
+    /// stack is dropped.
+    distributed: Option<(S3Storage, String, String)>,
+    /// The distributed stack's document store (its own MongoDB database), to read directly.
+    pub mongodb: Option<MongoDocuments>,
 }
 
 impl Stack {
@@ -44,6 +49,7 @@ impl Stack {
             ("WAVELINE_RECONCILE_INTERVAL_S".into(), "1".into()),
         ];
         let mut distributed = None;
+        let mut mongodb = None;
         let (storage, objects): (Arc<dyn Storage>, _) = match mode {
             Mode::Embedded => {
                 let objects = temp_dir()?;
@@ -69,7 +75,15 @@ impl Stack {
                 env.push(("WAVELINE_QUEUE_NAME".into(), queue_name.clone()));
                 env.push(("AWS_ACCESS_KEY_ID".into(), access));
                 env.push(("AWS_SECRET_ACCESS_KEY".into(), secret));
-                distributed = Some((bucket.clone(), queue_name));
+                // Documents in a MongoDB database of the stack's own; embedded keeps PostgreSQL.
+                let (documents_url, documents_db) = test_documents_url();
+                let documents = MongoDocuments::connect(&documents_url, &documents_db).await?;
+                waveline_shared::documents::Documents::migrate(&documents)
+                    .await
+                    .context("MongoDB (nx-27017) is not answering; run scripts/setup.sh")?;
+                env.push(("WAVELINE_DOCUMENTS".into(), documents_url));
+                mongodb = Some(documents);
+                distributed = Some((bucket.clone(), queue_name, documents_db));
                 (Arc::new(bucket), None)
             }
         };
@@ -83,7 +97,7 @@ impl Stack {
             None
         };
         let base = format!("http://127.0.0.1:{port}");
-        Ok(Stack { serve, worker, base, db, storage, env, _objects: objects, distributed })
+        Ok(Stack { serve, worker, base, db, storage, env, _objects: objects, distributed, mongodb })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -129,8 +143,9 @@ impl Drop for Stack {
     fn drop(&mut self) {
         stop(std::iter::once(&mut self.serve).chain(self.worker.as_mut()).collect());
         // Once the processes are gone: nothing recreates the queues after this.
-        if let Some((bucket, queue_name)) = self.distributed.take() {
+        if let Some((bucket, queue_name, documents_db)) = self.distributed.take() {
             crate::remove_distributed(Some(bucket), Some(queue_name));
+            crate::remove_mongodb_database(documents_db);
         }
     }
 }

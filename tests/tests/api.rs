@@ -820,7 +820,10 @@ async fn operational_routes_answer_and_the_openapi_document_lists_every_route() 
     ensure!(health.status() == 200 && health.headers().contains_key("x-request-id"));
     ensure!(health.text().await? == "ok");
     let (status, ready) = json(reqwest::get(stack.url("/readyz")).await?).await?;
-    ensure!(status == 200 && ready == json!({"database": "ok", "queue": "ok", "storage": "ok"}), "{ready}");
+    ensure!(
+        status == 200 && ready == json!({"database": "ok", "queue": "ok", "storage": "ok", "documents": "ok"}),
+        "{ready}"
+    );
     let (status, spec) = json(reqwest::get(stack.url("/openapi.json")).await?).await?;
     ensure!(status == 200 && spec["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{spec}");
     let paths = spec["paths"].as_object().context("paths")?;
@@ -976,6 +979,32 @@ async fn a_dropped_distributed_stack_leaves_no_bucket_and_no_queue() -> Result<(
     ensure!(bucket.list_prefix("").await.is_err(), "the bucket outlived its stack");
     let left: Vec<String> = broker_queues()?.into_iter().filter(|name| name.starts_with(&queue)).collect();
     ensure!(left.is_empty(), "queues outlived their stack: {left:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_distributed_stack_keeps_its_documents_in_a_mongodb_database_of_its_own() -> Result<()> {
+    let stack = Stack::start(Mode::Distributed, false, &[]).await?;
+    let (status, ready) = json(reqwest::get(stack.url("/readyz")).await?).await?;
+    ensure!(status == 200 && ready["documents"] == "ok", "{status} {ready}");
+    let report = stack.cli(&["check", "--json"])?;
+    let documents = report["checks"].as_array().and_then(|checks| checks.iter().find(|c| c["name"] == "documents"));
+    ensure!(documents.is_some_and(|c| c["backend"] == "mongodb" && c["ok"] == true), "{report}");
+    let mongo = stack.mongodb.as_ref().context("the distributed stack's document store")?;
+    let mut collections = mongo.database().list_collection_names().await?;
+    collections.sort();
+    ensure!(collections == ["activities", "comments"], "{collections:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_document_store_when_it_is_down() -> Result<()> {
+    // Nothing listens on port 1: the API starts (the driver connects lazily), and is not ready.
+    let stack =
+        Stack::start(Mode::Embedded, false, &[("WAVELINE_DOCUMENTS", "mongodb://127.0.0.1:1/waveline")]).await?;
+    let (status, body) = json(reqwest::get(stack.url("/readyz")).await?).await?;
+    ensure!(status == 503 && body["code"] == "not_ready", "{status} {body}");
+    ensure!(body["message"] == "not reachable: documents", "{body}");
     Ok(())
 }
 

@@ -1,13 +1,14 @@
 //! The `waveline` binary as an operator runs it: configuration errors, `migrate` and `check`
 //! in the embedded configuration (filesystem + in-process queue) and the distributed one
-//! (S3 + RabbitMQ), all against real services.
+//! (S3 + RabbitMQ + MongoDB documents), all against real services.
 
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waveline_tests::{
-    TestDb, amqp_url, database_url, postgres_admin_url, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin,
+    TestDb, amqp_url, database_url, postgres_admin_url, remove_mongodb_database, s3_credentials, s3_endpoint, temp_dir,
+    test_documents_url, unique, waveline_bin,
 };
 
 /// Runs `waveline ARGS` with only the given `WAVELINE_*` variables (none inherited).
@@ -86,7 +87,12 @@ fn config_shows_the_layers_with_secrets_redacted() -> Result<()> {
     Ok(())
 }
 
-async fn migrate_then_check(env: &[(&str, String)], storage_backend: &str, queue_backend: &str) -> Result<()> {
+async fn migrate_then_check(
+    env: &[(&str, String)],
+    storage_backend: &str,
+    queue_backend: &str,
+    documents_backend: &str,
+) -> Result<()> {
     let migrated = waveline(&["migrate", "--json"], env)?;
     ensure!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
     let report = json_of(&migrated)?;
@@ -111,7 +117,8 @@ async fn migrate_then_check(env: &[(&str, String)], storage_backend: &str, queue
             == [
                 ("database".to_owned(), "postgres".to_owned()),
                 ("storage".to_owned(), storage_backend.to_owned()),
-                ("queue".to_owned(), queue_backend.to_owned())
+                ("queue".to_owned(), queue_backend.to_owned()),
+                ("documents".to_owned(), documents_backend.to_owned()),
             ],
         "{backends:?}"
     );
@@ -136,7 +143,7 @@ async fn embedded_configuration_migrates_and_checks() -> Result<()> {
         ("WAVELINE_STORAGE", format!("file://{}/objects", dir.path().display())),
         ("WAVELINE_QUEUE", "memory".to_owned()),
     ];
-    let result = migrate_then_check(&env, "fs", "memory").await;
+    let result = migrate_then_check(&env, "fs", "memory", "postgres").await;
     drop_database(&name).await?;
     result?;
     ensure!(dir.path().join("objects").is_dir(), "migrate did not prepare the storage directory");
@@ -147,12 +154,16 @@ async fn embedded_configuration_migrates_and_checks() -> Result<()> {
 async fn distributed_configuration_migrates_and_checks() -> Result<()> {
     let name = format!("waveline_test_{}", unique());
     let bucket = format!("wl-test-{}", unique());
+    let (documents, mongo_name) = test_documents_url();
     let env = [
         ("WAVELINE_DATABASE_URL", database_url(&postgres_admin_url(), &name)),
         ("WAVELINE_STORAGE", format!("s3://{bucket}?endpoint={}&region=us-east-1", s3_endpoint())),
         ("WAVELINE_QUEUE", amqp_url()),
+        ("WAVELINE_DOCUMENTS", documents.clone()),
     ];
-    let result = migrate_then_check(&env, "s3", "amqp").await;
+    let result = migrate_then_check(&env, "s3", "amqp", "mongodb").await;
+    let indexes = mongodb_indexes(&documents, &mongo_name).await;
+    remove_mongodb_database(mongo_name);
     drop_database(&name).await?;
     // migrate created the bucket; remove it through the same API the tests use.
     let (access_key, secret_key) = s3_credentials();
@@ -163,7 +174,25 @@ async fn distributed_configuration_migrates_and_checks() -> Result<()> {
         waveline_shared::storage::S3Credentials::new(access_key, secret_key, None, None, "test"),
     );
     storage.destroy_bucket().await?;
-    result
+    result?;
+    // `migrate` (run twice above) created the indexes the queries need, once.
+    let (comments, activities) = indexes?;
+    ensure!(comments.len() == 5 && activities.len() == 3, "{comments:?} {activities:?}");
+    Ok(())
+}
+
+/// The index keys of the `comments` and `activities` collections, read with the driver.
+async fn mongodb_indexes(url: &str, database: &str) -> Result<(Vec<String>, Vec<String>)> {
+    use futures::TryStreamExt;
+    let db = mongodb::Client::with_uri_str(url).await?.database(database);
+    let mut found = Vec::new();
+    for collection in ["comments", "activities"] {
+        let indexes: Vec<mongodb::IndexModel> =
+            db.collection::<mongodb::bson::Document>(collection).list_indexes().await?.try_collect().await?;
+        found.push(indexes.iter().map(|index| index.keys.to_string()).collect());
+    }
+    let activities = found.pop().unwrap_or_default();
+    Ok((found.pop().unwrap_or_default(), activities))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,13 +204,15 @@ async fn check_fails_and_says_which_service_is_down() -> Result<()> {
         ("WAVELINE_STORAGE", format!("file://{}/objects", dir.path().display())),
         // Nothing listens on port 1.
         ("WAVELINE_QUEUE", "amqp://guest:guest@127.0.0.1:1/%2f".to_owned()),
+        ("WAVELINE_DOCUMENTS", "mongodb://127.0.0.1:1/waveline".to_owned()),
     ];
     let output = waveline(&["check", "--json"], &env)?;
     let report = json_of(&output)?;
     ensure!(output.status.code() == Some(1) && report["ok"] == false, "{report}");
     let checks = report["checks"].as_array().context("checks")?;
     let failing: Vec<&str> = checks.iter().filter(|c| c["ok"] == false).filter_map(|c| c["name"].as_str()).collect();
-    ensure!(failing == ["queue"], "{report}");
+    ensure!(failing == ["queue", "documents"], "{report}");
+    ensure!(checks[3]["backend"] == "mongodb", "{report}");
     ensure!(checks[2]["detail"].as_str().is_some_and(|d| d.contains("unreachable")), "{report}");
     Ok(())
 }

@@ -1,0 +1,373 @@
+//! The MongoDB backend: the collections `comments` and `activities` of the database the
+//! `documents` URL names.
+//!
+//! A comment is `{_id, id, track_id, user_id, body, timestamp_ms, reply_to, created_at}` and an
+//! activity `{_id, id, kind, actor, object_id, created_at}`: ids are UUID strings, times BSON
+//! dates, `timestamp_ms` a 64-bit integer. Only plain queries are used (equality, ranges,
+//! `$in`, `$or`, sort, limit, `countDocuments`, `deleteMany`, `createIndexes`): nothing that
+//! needs a replica set, and nothing a real server rejects.
+//!
+//! Newest-first lists sort and page by `id` alone. That is the `(created_at, id)` order of the
+//! PostgreSQL backend, not an approximation of it: `created_at` is the millisecond in the
+//! UUIDv7's leading bits, and the hyphenated lowercase text of UUIDs sorts as their bytes do.
+//! So the indexes are `(track_id, id)` and `(actor, id)`, smaller than with the date in them,
+//! and no query compares dates (which the test stand-in gets wrong).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{self, Bson, Document, doc};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use uuid::Uuid;
+
+use super::{
+    ACTIVITY_TAG, AccountRemoval, Activity, ActivityKind, ActivityObject, ActivityPage, Comment, CommentOrder,
+    CommentPage, CommentQuery, Documents, DocumentsError, Keyset, NewActivity, NewComment, activity_page,
+    check_activity, check_actors, check_comment, comment_page, page_size,
+};
+use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
+
+/// How many root comments of an account one round of [`Documents::delete_account`] removes
+/// with their replies.
+const DELETE_BATCH: i64 = 1000;
+
+/// Documents in MongoDB.
+#[derive(Debug, Clone)]
+pub struct MongoDocuments {
+    database: Database,
+}
+
+impl MongoDocuments {
+    /// Connects to `url` (a `mongodb://` URL) and uses `database`. The driver connects lazily;
+    /// this fails at once only for a URL it cannot read.
+    pub async fn connect(url: &str, database: &str) -> Result<MongoDocuments, DocumentsError> {
+        let mut options =
+            ClientOptions::parse(url).await.map_err(|err| DocumentsError::Config(format!("the MongoDB URL: {err}")))?;
+        options.app_name.get_or_insert_with(|| "waveline".to_owned());
+        options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
+        options.connect_timeout.get_or_insert(Duration::from_secs(5));
+        let client = Client::with_options(options).map_err(|err| DocumentsError::Config(err.to_string()))?;
+        let database = client.database(database);
+        Ok(MongoDocuments { database })
+    }
+
+    /// The database in use.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// Drops the whole database (tests clean up with it).
+    pub async fn drop_database(&self) -> Result<(), DocumentsError> {
+        self.database.drop().await.map_err(error)
+    }
+
+    fn comments_collection(&self) -> Collection<Document> {
+        self.database.collection("comments")
+    }
+
+    fn activities(&self) -> Collection<Document> {
+        self.database.collection("activities")
+    }
+}
+
+/// Sorts a driver error into the seam's kinds.
+fn error(err: mongodb::error::Error) -> DocumentsError {
+    use mongodb::error::ErrorKind;
+    match *err.kind {
+        ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. } => {
+            DocumentsError::Unavailable(err.to_string())
+        }
+        _ => DocumentsError::Query(err.to_string()),
+    }
+}
+
+fn text(id: Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+fn date(at: DateTime<Utc>) -> bson::DateTime {
+    bson::DateTime::from_millis(at.timestamp_millis())
+}
+
+fn corrupt(what: &str, doc: &Document) -> DocumentsError {
+    DocumentsError::Corrupt(format!("{what} in {}", doc.get("_id").map(ToString::to_string).unwrap_or_default()))
+}
+
+fn uuid_field(doc: &Document, field: &str) -> Result<Uuid, DocumentsError> {
+    doc.get_str(field).ok().and_then(|s| Uuid::try_parse(s).ok()).ok_or_else(|| corrupt(field, doc))
+}
+
+fn time_field(doc: &Document, field: &str) -> Result<DateTime<Utc>, DocumentsError> {
+    let at = doc.get_datetime(field).map_err(|_| corrupt(field, doc))?;
+    DateTime::from_timestamp_millis(at.timestamp_millis()).ok_or_else(|| corrupt(field, doc))
+}
+
+/// An integer however the server stored it (a small one may come back as a 32-bit integer).
+fn int_field(doc: &Document, field: &str) -> Result<i64, DocumentsError> {
+    match doc.get(field) {
+        Some(Bson::Int64(n)) => Ok(*n),
+        Some(Bson::Int32(n)) => Ok(i64::from(*n)),
+        Some(Bson::Double(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => Ok(*n as i64),
+        _ => Err(corrupt(field, doc)),
+    }
+}
+
+fn comment_from(doc: &Document) -> Result<Comment, DocumentsError> {
+    let reply_to = match doc.get("reply_to") {
+        None | Some(Bson::Null) => None,
+        Some(_) => Some(CommentId(uuid_field(doc, "reply_to")?)),
+    };
+    Ok(Comment {
+        id: CommentId(uuid_field(doc, "_id")?),
+        track_id: TrackId(uuid_field(doc, "track_id")?),
+        user_id: UserId(uuid_field(doc, "user_id")?),
+        body: doc.get_str("body").map_err(|_| corrupt("body", doc))?.to_owned(),
+        timestamp_ms: int_field(doc, "timestamp_ms")?,
+        reply_to,
+        created_at: time_field(doc, "created_at")?,
+    })
+}
+
+fn activity_from(doc: &Document) -> Result<Activity, DocumentsError> {
+    let kind = doc.get_str("kind").ok().and_then(ActivityKind::parse).ok_or_else(|| corrupt("kind", doc))?;
+    let object_id = uuid_field(doc, "object_id")?;
+    let object = if kind.is_about_a_track() {
+        ActivityObject::Track(TrackId(object_id))
+    } else {
+        ActivityObject::Playlist(PlaylistId(object_id))
+    };
+    Ok(Activity {
+        id: ActivityId(uuid_field(doc, "_id")?),
+        kind,
+        actor: UserId(uuid_field(doc, "actor")?),
+        object,
+        created_at: time_field(doc, "created_at")?,
+    })
+}
+
+async fn collect(cursor: mongodb::Cursor<Document>) -> Result<Vec<Document>, DocumentsError> {
+    cursor.try_collect().await.map_err(error)
+}
+
+fn index(keys: Document, name: &str) -> IndexModel {
+    IndexModel::builder().keys(keys).options(IndexOptions::builder().name(name.to_owned()).build()).build()
+}
+
+#[async_trait]
+impl Documents for MongoDocuments {
+    fn backend(&self) -> &'static str {
+        "mongodb"
+    }
+
+    async fn migrate(&self) -> Result<(), DocumentsError> {
+        // The PostgreSQL tables' indexes, with `id` standing in for `_id` (see the module doc),
+        // and for `(created_at, id)` in the newest-first ones.
+        self.comments_collection()
+            .create_indexes([
+                index(doc! {"track_id": 1, "timestamp_ms": 1, "id": 1}, "track_timestamp"),
+                index(doc! {"track_id": 1, "id": -1}, "track_newest"),
+                index(doc! {"reply_to": 1}, "reply_to"),
+                index(doc! {"user_id": 1}, "user"),
+            ])
+            .await
+            .map_err(error)?;
+        self.activities()
+            .create_indexes([
+                index(doc! {"actor": 1, "id": -1}, "actor_newest"),
+                index(doc! {"object_id": 1}, "object"),
+            ])
+            .await
+            .map_err(error)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), DocumentsError> {
+        self.database.run_command(doc! {"ping": 1}).await.map_err(error)?;
+        Ok(())
+    }
+
+    async fn insert_comment(&self, comment: NewComment) -> Result<Comment, DocumentsError> {
+        let (id, created_at) = check_comment(&comment)?;
+        let reply_to = match comment.reply_to {
+            None => None,
+            Some(target) => {
+                let found = self
+                    .comments_collection()
+                    .find_one(doc! {"_id": text(target.0), "track_id": text(comment.track_id.0)})
+                    .await
+                    .map_err(error)?
+                    .ok_or(DocumentsError::ReplyTargetNotFound(target))?;
+                Some(comment_from(&found)?.reply_to.unwrap_or(target))
+            }
+        };
+        let stored = doc! {
+            "_id": text(id.0),
+            "id": text(id.0),
+            "track_id": text(comment.track_id.0),
+            "user_id": text(comment.user_id.0),
+            "body": &comment.body,
+            "timestamp_ms": Bson::Int64(comment.timestamp_ms),
+            "reply_to": reply_to.map_or(Bson::Null, |r| Bson::String(text(r.0))),
+            "created_at": date(created_at),
+        };
+        self.comments_collection().insert_one(stored).await.map_err(error)?;
+        Ok(Comment {
+            id,
+            track_id: comment.track_id,
+            user_id: comment.user_id,
+            body: comment.body,
+            timestamp_ms: comment.timestamp_ms,
+            reply_to,
+            created_at,
+        })
+    }
+
+    async fn comment(&self, id: CommentId) -> Result<Option<Comment>, DocumentsError> {
+        let found = self.comments_collection().find_one(doc! {"_id": text(id.0)}).await.map_err(error)?;
+        found.as_ref().map(comment_from).transpose()
+    }
+
+    async fn comments(&self, query: &CommentQuery) -> Result<CommentPage, DocumentsError> {
+        let limit = page_size(query.limit);
+        let after = Keyset::decode(query.cursor.as_deref(), query.order.cursor_tag())?;
+        let mut filter = doc! {"track_id": text(query.track_id.0)};
+        let mut window = Document::new();
+        if let Some(from) = query.from_ms {
+            window.insert("$gte", Bson::Int64(from));
+        }
+        if let Some(to) = query.to_ms {
+            window.insert("$lte", Bson::Int64(to));
+        }
+        if !window.is_empty() {
+            filter.insert("timestamp_ms", window);
+        }
+        let sort = match query.order {
+            CommentOrder::Timestamp => doc! {"timestamp_ms": 1, "id": 1},
+            CommentOrder::Newest => doc! {"id": -1},
+        };
+        if let Some(after) = after {
+            let id = text(after.id);
+            match query.order {
+                CommentOrder::Timestamp => {
+                    let position = vec![
+                        doc! {"timestamp_ms": {"$gt": Bson::Int64(after.key)}},
+                        doc! {"timestamp_ms": Bson::Int64(after.key), "id": {"$gt": id}},
+                    ];
+                    filter.insert("$or", position);
+                }
+                // The cursor's time is its id's (`Keyset::decode` checks it).
+                CommentOrder::Newest => {
+                    filter.insert("id", doc! {"$lt": id});
+                }
+            }
+        }
+        let cursor =
+            self.comments_collection().find(filter).sort(sort).limit((limit + 1) as i64).await.map_err(error)?;
+        let comments = collect(cursor).await?.iter().map(comment_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(comment_page(comments, query.order, limit))
+    }
+
+    async fn count_comments(&self, track: TrackId) -> Result<u64, DocumentsError> {
+        self.comments_collection().count_documents(doc! {"track_id": text(track.0)}).await.map_err(error)
+    }
+
+    async fn delete_comment(&self, id: CommentId) -> Result<u64, DocumentsError> {
+        // Replies first: were this interrupted, no reply would be left without its root.
+        let id = text(id.0);
+        let replies =
+            self.comments_collection().delete_many(doc! {"reply_to": &id}).await.map_err(error)?.deleted_count;
+        let root = self.comments_collection().delete_many(doc! {"_id": &id}).await.map_err(error)?.deleted_count;
+        Ok(replies + root)
+    }
+
+    async fn delete_track_comments(&self, track: TrackId) -> Result<u64, DocumentsError> {
+        let done = self.comments_collection().delete_many(doc! {"track_id": text(track.0)}).await.map_err(error)?;
+        Ok(done.deleted_count)
+    }
+
+    async fn insert_activity(&self, activity: NewActivity) -> Result<Activity, DocumentsError> {
+        let (id, created_at) = check_activity(&activity)?;
+        let stored = doc! {
+            "_id": text(id.0),
+            "id": text(id.0),
+            "kind": activity.kind.as_str(),
+            "actor": text(activity.actor.0),
+            "object_id": text(activity.object.id()),
+            "created_at": date(created_at),
+        };
+        self.activities().insert_one(stored).await.map_err(error)?;
+        Ok(Activity { id, kind: activity.kind, actor: activity.actor, object: activity.object, created_at })
+    }
+
+    async fn feed(
+        &self,
+        actors: &[UserId],
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ActivityPage, DocumentsError> {
+        check_actors(actors)?;
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, ACTIVITY_TAG)?;
+        let mut actors: Vec<String> = actors.iter().map(|a| text(a.0)).collect();
+        actors.sort_unstable();
+        actors.dedup();
+        if actors.is_empty() {
+            return Ok(activity_page(Vec::new(), limit));
+        }
+        let mut filter = if actors.len() == 1 {
+            doc! {"actor": actors.swap_remove(0)}
+        } else {
+            doc! {"actor": {"$in": actors}}
+        };
+        if let Some(after) = after {
+            // The cursor's time is its id's (`Keyset::decode` checks it).
+            filter.insert("id", doc! {"$lt": text(after.id)});
+        }
+        let cursor =
+            self.activities().find(filter).sort(doc! {"id": -1}).limit((limit + 1) as i64).await.map_err(error)?;
+        let activities = collect(cursor).await?.iter().map(activity_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(activity_page(activities, limit))
+    }
+
+    async fn delete_object_activities(
+        &self,
+        object: ActivityObject,
+        actor: Option<UserId>,
+    ) -> Result<u64, DocumentsError> {
+        let kinds: Vec<&str> = object.kinds().iter().map(|k| k.as_str()).collect();
+        let mut filter = doc! {"object_id": text(object.id()), "kind": {"$in": kinds}};
+        if let Some(actor) = actor {
+            filter.insert("actor", text(actor.0));
+        }
+        Ok(self.activities().delete_many(filter).await.map_err(error)?.deleted_count)
+    }
+
+    async fn delete_account(&self, user: UserId) -> Result<AccountRemoval, DocumentsError> {
+        let user = text(user.0);
+        let comments = self.comments_collection();
+        let mut removed = AccountRemoval::default();
+        // The account's root comments go in rounds, each with its replies (replies first).
+        loop {
+            let roots = comments
+                .find(doc! {"user_id": &user, "reply_to": Bson::Null})
+                .projection(doc! {"_id": 1})
+                .limit(DELETE_BATCH)
+                .await
+                .map_err(error)?;
+            let ids: Vec<Bson> = collect(roots).await?.into_iter().filter_map(|d| d.get("_id").cloned()).collect();
+            if ids.is_empty() {
+                break;
+            }
+            removed.comments +=
+                comments.delete_many(doc! {"reply_to": {"$in": ids.clone()}}).await.map_err(error)?.deleted_count;
+            removed.comments += comments.delete_many(doc! {"_id": {"$in": ids}}).await.map_err(error)?.deleted_count;
+        }
+        // Then its replies to others.
+        removed.comments += comments.delete_many(doc! {"user_id": &user}).await.map_err(error)?.deleted_count;
+        removed.activities = self.activities().delete_many(doc! {"actor": &user}).await.map_err(error)?.deleted_count;
+        Ok(removed)
+    }
+}

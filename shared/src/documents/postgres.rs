@@ -1,0 +1,276 @@
+//! The PostgreSQL backend: the tables `comment_documents` and `activity_documents` of the main
+//! database (migration `20261129000009_documents.sql`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::{
+    ACTIVITY_TAG, AccountRemoval, Activity, ActivityKind, ActivityObject, ActivityPage, Comment, CommentOrder,
+    CommentPage, CommentQuery, Documents, DocumentsError, Keyset, NewActivity, NewComment, activity_page,
+    check_activity, check_actors, check_comment, comment_page, page_size,
+};
+use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
+
+/// Documents in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgDocuments {
+    pool: PgPool,
+}
+
+impl PgDocuments {
+    pub fn new(pool: PgPool) -> PgDocuments {
+        PgDocuments { pool }
+    }
+}
+
+const COMMENT_COLUMNS: &str = "id, track_id, user_id, timestamp_ms, reply_to, created_at, doc->>'body' AS body";
+const ACTIVITY_COLUMNS: &str = "id, kind, actor, object_id, created_at";
+
+fn comment_from(row: &PgRow) -> Result<Comment, DocumentsError> {
+    let body: Option<String> = row.try_get("body")?;
+    Ok(Comment {
+        id: CommentId(row.try_get("id")?),
+        track_id: TrackId(row.try_get("track_id")?),
+        user_id: UserId(row.try_get("user_id")?),
+        body: body.ok_or_else(|| DocumentsError::Corrupt("a comment without a body".into()))?,
+        timestamp_ms: row.try_get("timestamp_ms")?,
+        reply_to: row.try_get::<Option<Uuid>, _>("reply_to")?.map(CommentId),
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn activity_from(row: &PgRow) -> Result<Activity, DocumentsError> {
+    let kind: String = row.try_get("kind")?;
+    let kind = ActivityKind::parse(&kind).ok_or_else(|| DocumentsError::Corrupt(format!("activity kind {kind:?}")))?;
+    let object_id: Uuid = row.try_get("object_id")?;
+    let object = if kind.is_about_a_track() {
+        ActivityObject::Track(TrackId(object_id))
+    } else {
+        ActivityObject::Playlist(PlaylistId(object_id))
+    };
+    Ok(Activity {
+        id: ActivityId(row.try_get("id")?),
+        kind,
+        actor: UserId(row.try_get("actor")?),
+        object,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn at_millis(key: i64) -> Result<DateTime<Utc>, DocumentsError> {
+    DateTime::from_timestamp_millis(key).ok_or(DocumentsError::InvalidCursor)
+}
+
+#[async_trait]
+impl Documents for PgDocuments {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), DocumentsError> {
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), DocumentsError> {
+        sqlx::query("SELECT 1 FROM comment_documents LIMIT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_comment(&self, comment: NewComment) -> Result<Comment, DocumentsError> {
+        let (id, created_at) = check_comment(&comment)?;
+        let reply_to = match comment.reply_to {
+            None => None,
+            Some(target) => {
+                let root: Option<Uuid> = sqlx::query_scalar(
+                    "SELECT coalesce(reply_to, id) FROM comment_documents WHERE id = $1 AND track_id = $2",
+                )
+                .bind(target.0)
+                .bind(comment.track_id.0)
+                .fetch_optional(&self.pool)
+                .await?;
+                Some(CommentId(root.ok_or(DocumentsError::ReplyTargetNotFound(target))?))
+            }
+        };
+        sqlx::query(
+            "INSERT INTO comment_documents (id, track_id, user_id, timestamp_ms, reply_to, created_at, doc)
+             VALUES ($1, $2, $3, $4, $5, $6, jsonb_build_object('body', $7::text))",
+        )
+        .bind(id.0)
+        .bind(comment.track_id.0)
+        .bind(comment.user_id.0)
+        .bind(comment.timestamp_ms)
+        .bind(reply_to.map(|r| r.0))
+        .bind(created_at)
+        .bind(&comment.body)
+        .execute(&self.pool)
+        .await?;
+        Ok(Comment {
+            id,
+            track_id: comment.track_id,
+            user_id: comment.user_id,
+            body: comment.body,
+            timestamp_ms: comment.timestamp_ms,
+            reply_to,
+            created_at,
+        })
+    }
+
+    async fn comment(&self, id: CommentId) -> Result<Option<Comment>, DocumentsError> {
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COMMENT_COLUMNS} FROM comment_documents WHERE id = $1")))
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(comment_from).transpose()
+    }
+
+    async fn comments(&self, query: &CommentQuery) -> Result<CommentPage, DocumentsError> {
+        let limit = page_size(query.limit);
+        let after = Keyset::decode(query.cursor.as_deref(), query.order.cursor_tag())?;
+        let (position, order_by) = match query.order {
+            CommentOrder::Timestamp => ("AND (timestamp_ms, id) > ($5, $6)", "timestamp_ms, id"),
+            CommentOrder::Newest => ("AND (created_at, id) < ($5, $6)", "created_at DESC, id DESC"),
+        };
+        let sql = format!(
+            "SELECT {COMMENT_COLUMNS} FROM comment_documents
+             WHERE track_id = $1
+               AND ($2::bigint IS NULL OR timestamp_ms >= $2)
+               AND ($3::bigint IS NULL OR timestamp_ms <= $3)
+               {}
+             ORDER BY {order_by}
+             LIMIT $4",
+            if after.is_some() { position } else { "" }
+        );
+        let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(query.track_id.0)
+            .bind(query.from_ms)
+            .bind(query.to_ms)
+            .bind((limit + 1) as i64);
+        if let Some(after) = after {
+            statement = match query.order {
+                CommentOrder::Timestamp => statement.bind(after.key),
+                CommentOrder::Newest => statement.bind(at_millis(after.key)?),
+            };
+            statement = statement.bind(after.id);
+        }
+        let rows = statement.fetch_all(&self.pool).await?;
+        let comments = rows.iter().map(comment_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(comment_page(comments, query.order, limit))
+    }
+
+    async fn count_comments(&self, track: TrackId) -> Result<u64, DocumentsError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM comment_documents WHERE track_id = $1")
+            .bind(track.0)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count as u64)
+    }
+
+    async fn delete_comment(&self, id: CommentId) -> Result<u64, DocumentsError> {
+        let done = sqlx::query("DELETE FROM comment_documents WHERE id = $1 OR reply_to = $1")
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_track_comments(&self, track: TrackId) -> Result<u64, DocumentsError> {
+        let done =
+            sqlx::query("DELETE FROM comment_documents WHERE track_id = $1").bind(track.0).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn insert_activity(&self, activity: NewActivity) -> Result<Activity, DocumentsError> {
+        let (id, created_at) = check_activity(&activity)?;
+        sqlx::query(
+            "INSERT INTO activity_documents (id, kind, actor, object_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.0)
+        .bind(activity.kind.as_str())
+        .bind(activity.actor.0)
+        .bind(activity.object.id())
+        .bind(created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(Activity { id, kind: activity.kind, actor: activity.actor, object: activity.object, created_at })
+    }
+
+    async fn feed(
+        &self,
+        actors: &[UserId],
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ActivityPage, DocumentsError> {
+        check_actors(actors)?;
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, ACTIVITY_TAG)?;
+        let mut actors: Vec<Uuid> = actors.iter().map(|a| a.0).collect();
+        actors.sort_unstable();
+        actors.dedup();
+        if actors.is_empty() {
+            return Ok(activity_page(Vec::new(), limit));
+        }
+        // One short walk of (actor, created_at DESC, id DESC) per actor, then a merge of at most
+        // actors × (limit + 1) rows.
+        let position = if after.is_some() { "AND (a.created_at, a.id) < ($3, $4)" } else { "" };
+        let sql = format!(
+            "SELECT page.* FROM unnest($1::uuid[]) AS followed(actor)
+             CROSS JOIN LATERAL (
+                 SELECT {ACTIVITY_COLUMNS} FROM activity_documents a
+                 WHERE a.actor = followed.actor {position}
+                 ORDER BY a.created_at DESC, a.id DESC
+                 LIMIT $2
+             ) page
+             ORDER BY page.created_at DESC, page.id DESC
+             LIMIT $2"
+        );
+        let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&actors).bind((limit + 1) as i64);
+        if let Some(after) = after {
+            statement = statement.bind(at_millis(after.key)?).bind(after.id);
+        }
+        let rows = statement.fetch_all(&self.pool).await?;
+        let activities = rows.iter().map(activity_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(activity_page(activities, limit))
+    }
+
+    async fn delete_object_activities(
+        &self,
+        object: ActivityObject,
+        actor: Option<UserId>,
+    ) -> Result<u64, DocumentsError> {
+        let kinds: Vec<&str> = object.kinds().iter().map(|k| k.as_str()).collect();
+        let done = sqlx::query(
+            "DELETE FROM activity_documents
+             WHERE object_id = $1 AND kind = ANY($2) AND ($3::uuid IS NULL OR actor = $3)",
+        )
+        .bind(object.id())
+        .bind(&kinds)
+        .bind(actor.map(|a| a.0))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_account(&self, user: UserId) -> Result<AccountRemoval, DocumentsError> {
+        let mut tx = self.pool.begin().await?;
+        let comments = sqlx::query(
+            "DELETE FROM comment_documents
+             WHERE user_id = $1
+                OR reply_to IN (SELECT id FROM comment_documents WHERE user_id = $1 AND reply_to IS NULL)",
+        )
+        .bind(user.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let activities = sqlx::query("DELETE FROM activity_documents WHERE actor = $1")
+            .bind(user.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(AccountRemoval { comments, activities })
+    }
+}
