@@ -78,6 +78,8 @@ impl Embedded {
             upload_quota: Duration::from_secs(3 * 3600),
             original_max_bytes: 4 << 30,
             pipeline_timeout: Duration::from_secs(600),
+            pipeline_priority: waveline_shared::config::PipelinePriority::Normal,
+            pipeline_budget: waveline_pipeline::ThreadBudget::all_cores(),
         };
         tweak(&mut context);
         let context = Arc::new(context);
