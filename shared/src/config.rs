@@ -81,8 +81,9 @@ pub struct Settings {
     pub pipeline_timeout: Duration,
     /// The scheduling priority of the pipeline's threads (decoding, analysis, encoding):
     /// `idle` (Linux `SCHED_IDLE`: they get only CPU time no other thread wants, so the API
-    /// answers as if no transcode ran), `low` (`SCHED_BATCH` at nice 19: the lowest ordinary
-    /// priority) or `normal` (the process's own). Unset: `idle` under `waveline serve` with
+    /// answers as if no transcode ran, but anything else that keeps the cores busy stops the
+    /// pipeline meanwhile), `low` (nice 10: the API still preempts it, and it keeps about a
+    /// tenth of a core against any busy thread) or `normal` (the process's own). Unset: `idle` under `waveline serve` with
     /// in-process workers, `normal` under `waveline worker`.
     pub pipeline_priority: Option<PipelinePriority>,
     /// How many of the pipeline's threads may compute at once, across every job of the
@@ -224,7 +225,7 @@ pub enum StorageBackend {
 pub enum PipelinePriority {
     /// Linux `SCHED_IDLE`.
     Idle,
-    /// Linux `SCHED_BATCH` at nice 19.
+    /// The ordinary policy at nice 10.
     Low,
     /// As the rest of the process.
     Normal,

@@ -5,8 +5,6 @@ use anyhow::{Context as _, Result};
 
 /// `SCHED_OTHER`, the default policy.
 pub const SCHED_OTHER: u32 = 0;
-/// `SCHED_BATCH`.
-pub const SCHED_BATCH: u32 = 3;
 /// `SCHED_IDLE`.
 pub const SCHED_IDLE: u32 = 5;
 
@@ -16,7 +14,7 @@ pub struct ThreadInfo {
     pub tid: u32,
     /// Its name (`comm`), at most 15 bytes.
     pub name: String,
-    /// `SCHED_OTHER`, `SCHED_BATCH`, `SCHED_IDLE`, …
+    /// `SCHED_OTHER`, `SCHED_IDLE`, …
     pub policy: u32,
     pub nice: i32,
 }

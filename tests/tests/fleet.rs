@@ -24,7 +24,7 @@ use waveline_shared::storage::{
     FsStorage, ORIGINALS_PREFIX, ObjectKey, Storage, byte_stream, original_key, renditions_prefix, revision_prefix,
 };
 use waveline_tests::stack::{Mode, Stack, register_and_login, upload, wait_ready};
-use waveline_tests::threads::{self, SCHED_BATCH, SCHED_IDLE, SCHED_OTHER, ThreadInfo};
+use waveline_tests::threads::{self, SCHED_IDLE, SCHED_OTHER, ThreadInfo};
 use waveline_tests::{S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
@@ -1009,7 +1009,7 @@ async fn in_waveline_serve_the_pipeline_runs_idle_and_the_api_does_not() -> Resu
     let pid = stack.serve_pid();
     let user = register_and_login(&stack, "listener").await?;
     let dir = temp_dir()?;
-    let song = fixture(dir.path(), "long.flac", 90.0)?;
+    let song = fixture(dir.path(), "long.flac", 40.0)?;
     let (status, track) = upload(&stack, &user, &[("title", "Long")], ("long.flac", &std::fs::read(&song)?)).await?;
     ensure!(status == 202, "{status} {track}");
     let id = track["id"].as_str().context("id")?.to_owned();
@@ -1031,7 +1031,7 @@ async fn a_dedicated_worker_runs_its_pipeline_at_the_configured_priority() -> Re
     let fleet = Distributed::new(&[("WAVELINE_PIPELINE_PRIORITY", "low"), ("WAVELINE_PIPELINE_THREADS", "1")]).await?;
     migrate(&fleet)?;
     let dir = temp_dir()?;
-    let song = fixture(dir.path(), "long.flac", 90.0)?;
+    let song = fixture(dir.path(), "long.flac", 40.0)?;
     let imported = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?;
     let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
     let worker = fleet.worker()?;
@@ -1040,7 +1040,7 @@ async fn a_dedicated_worker_runs_its_pipeline_at_the_configured_priority() -> Re
     let tracks = PgTracks::new(fleet.db.pool.clone());
     let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(120)).await;
     let status = stop(worker)?;
-    check_priorities(pid, &during?, SCHED_BATCH, 19)?;
+    check_priorities(pid, &during?, SCHED_OTHER, 10)?;
     ready?;
     ensure!(status.success(), "the worker exited with {status}");
     Ok(())

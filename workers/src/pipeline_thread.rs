@@ -12,8 +12,11 @@
 //! `idle` is Linux `SCHED_IDLE`: such a thread runs only when no other thread wants the core,
 //! a waking thread of the API preempts it at once, and the kernel counts a core that runs
 //! only idle-policy work as free when it places a waking thread. That is the strongest
-//! promise that playback wins. `low` is `SCHED_BATCH` at nice 19 (about 1.5 % of a core
-//! against one busy thread at nice 0, and no preemption of others when it wakes); `normal`
+//! promise that playback wins, and its price: anything else that keeps the cores busy (a
+//! build on the same machine, another service) stops the pipeline for as long as it does.
+//! `low` is the ordinary policy at nice 10: a waking nice-0 thread still preempts it (its
+//! virtual deadline is far later), but against a thread that never sleeps it keeps about a
+//! tenth of a core (weights 110 against 1024), so a transcode always progresses. `normal`
 //! leaves the thread as the process is.
 
 use waveline_shared::config::PipelinePriority;
@@ -39,28 +42,48 @@ pub enum ThreadFailed {
 #[cfg(target_os = "linux")]
 pub fn lower_current_thread(priority: PipelinePriority) -> Result<(), PriorityError> {
     use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
-        thread_native_id, thread_schedule_policy,
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id, thread_schedule_policy,
     };
-    let policy = match priority {
+    let failed = |detail: String| PriorityError { wanted: priority, detail };
+    let (policy, value) = match priority {
         PipelinePriority::Normal => return Ok(()),
-        PipelinePriority::Idle => NormalThreadSchedulePolicy::Idle,
-        PipelinePriority::Low => NormalThreadSchedulePolicy::Batch,
-    };
-    // `Min` is nice 19 for SCHED_BATCH, and 0 (the only value it has) for SCHED_IDLE.
-    match set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, ThreadSchedulePolicy::Normal(policy))
-    {
-        Ok(()) => Ok(()),
-        // The crate sets the policy, then the nice value; SCHED_IDLE ignores the nice value,
-        // and a process started at a positive nice may not lower it to the 0 the crate asks.
-        Err(_)
-            if policy == NormalThreadSchedulePolicy::Idle
-                && thread_schedule_policy() == Ok(ThreadSchedulePolicy::Normal(policy)) =>
-        {
-            Ok(())
+        // 0, the only value SCHED_IDLE has.
+        PipelinePriority::Idle => (NormalThreadSchedulePolicy::Idle, ThreadPriority::Min),
+        // The crate maps 0..=99 onto nice 19..=-20 (nice = 39 × (1 − p/99) − 20, truncated):
+        // 22 is nice 10. The test below reads the result back from /proc.
+        PipelinePriority::Low => {
+            let value = ThreadPriorityValue::try_from(LOW_CROSSPLATFORM).map_err(failed)?;
+            (NormalThreadSchedulePolicy::Other, ThreadPriority::Crossplatform(value))
         }
-        Err(err) => Err(PriorityError { wanted: priority, detail: err.to_string() }),
+    };
+    match set_thread_priority_and_policy(thread_native_id(), value, ThreadSchedulePolicy::Normal(policy)) {
+        Ok(()) => Ok(()),
+        // The crate sets the policy, then the nice value. A process started at a higher nice
+        // may not lower it (no privilege), and need not: SCHED_IDLE ignores nice, and a nice
+        // of 10 or more is already as low as `low` asks.
+        Err(err) => {
+            let policy_set = thread_schedule_policy() == Ok(ThreadSchedulePolicy::Normal(policy));
+            let low_enough =
+                policy == NormalThreadSchedulePolicy::Idle || current_nice().is_some_and(|nice| nice >= LOW_NICE);
+            if policy_set && low_enough { Ok(()) } else { Err(failed(err.to_string())) }
+        }
     }
+}
+
+/// The nice value of `low`.
+#[cfg(target_os = "linux")]
+const LOW_NICE: i32 = 10;
+/// The thread-priority crate's cross-platform value for nice 10.
+#[cfg(target_os = "linux")]
+const LOW_CROSSPLATFORM: u8 = 22;
+
+/// The calling thread's nice value (field 19 of `/proc/thread-self/stat`).
+#[cfg(target_os = "linux")]
+fn current_nice() -> Option<i32> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // The name, in parentheses, may hold spaces: fields are counted after its closing one.
+    stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(19 - 3)?.parse().ok()
 }
 
 /// Lowers the calling thread to `priority`: only `normal` exists outside Linux.
@@ -124,12 +147,11 @@ mod tests {
     #[tokio::test]
     async fn each_priority_is_what_proc_shows_and_the_caller_keeps_its_own() {
         const SCHED_OTHER: u32 = 0;
-        const SCHED_BATCH: u32 = 3;
         const SCHED_IDLE: u32 = 5;
         let before = policy_and_nice();
         for (priority, expected) in [
             (PipelinePriority::Idle, (SCHED_IDLE, before.1)),
-            (PipelinePriority::Low, (SCHED_BATCH, 19)),
+            (PipelinePriority::Low, (SCHED_OTHER, 10)),
             (PipelinePriority::Normal, before),
         ] {
             check(priority).expect("lowering needs no privilege");
