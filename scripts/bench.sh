@@ -550,7 +550,7 @@ stream_during_transcode() {
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $tdb WITH (FORCE)" >/dev/null 2>&1 || true
 
   echo
-  echo "stream during a transcode: a $(echo "$size / 1048576" | bc -l | xargs printf %.1f) MiB MP3 (the mp3_128 of a 600 s WAV upload) served by \`serve --workers 1\` (file store), random 64 KiB ranges, wrk 2 threads, 32 connections, ${duration} s per run, $runs runs of each, idle and busy alternating, each busy run during the transcode of another upload of the same 600 s WAV (107 MB); medians ($cores cores, wrk on the same machine)"
+  echo "stream during a transcode: a $(echo "$size / 1048576" | bc -l | xargs printf %.1f) MiB MP3 (the mp3_128 of a 600 s WAV upload) served by \`serve --workers 1\` (file store), random 64 KiB ranges, wrk 2 threads, 32 connections, ${duration} s per run, $runs runs of each, idle and busy alternating, each busy run during the transcode of another upload of the same 600 s WAV ($(( $(stat -c %s "$work/transcode.wav") / 1000000 )) MB); medians ($cores cores, wrk on the same machine)"
   echo
   echo "| pipeline scheduling | idle req/s | idle p99 ms | busy req/s | busy p99 ms | p99 busy/idle | transcode alone s | transcode under ranges s |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
