@@ -21,6 +21,12 @@
 #       server's RSS growth from VmRSS before to VmHWM after). Targets: range req/s ≥ 0.5×
 #       nginx with p99 ≤ 10 ms; upload RSS growth ≤ 64 MiB. Needs local PostgreSQL (started by
 #       scripts/setup.sh --embedded when it does not answer) and installs wrk and nginx-light.
+#       Ends with stream-transcode.
+#
+#   scripts/bench.sh stream-transcode [SECONDS=15] [RUNS=3]
+#       range p99 and req/s idle and during the transcode of a 10-minute WAV upload, in the
+#       embedded mode, with the pipeline's default scheduling and with normal priority on
+#       every core; target: busy p99 ≤ 1.5× idle (see stream_during_transcode).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
@@ -396,11 +402,189 @@ LUA
   echo "VmHWM before the upload: $((hwm0 / 1024)) MiB (includes start-up and the 1 MiB warm-up upload; reset before the 1 GiB uploads where /proc allows)"
   echo "every run (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): nginx: $(paste -sd';' "$work/nginx") waveline: $(paste -sd';' "$work/waveline") status: $(paste -sd';' "$work/status") bare 304: $(paste -sd';' "$work/bare")"
   echo "every upload (s MiB/s): $(paste -sd';' "$work/upload")"
+  stream_during_transcode "$duration" "$runs"
+}
+
+# --- stream during a transcode: playback while the embedded pipeline works ---------------------
+
+# range_lua OUT SIZE: the wrk script of stream(): a random 64 KiB-aligned 64 KiB range of a
+# SIZE-byte file per request; its RESULT line is "req/s p50-ms p99-ms http-errors socket-errors
+# bytes/answer".
+range_lua() {
+  cat >"$1" <<LUA
+local blocks, counter = math.floor($2 / 65536), 0
+function setup(thread) counter = counter + 1; thread:set("thread_id", counter) end
+function init(args) math.randomseed(os.time() * 97 + thread_id) end
+function request()
+  local first = math.random(0, blocks - 1) * 65536
+  wrk.headers["Range"] = "bytes=" .. first .. "-" .. (first + 65535)
+  return wrk.format()
+end
+function done(summary, latency, requests)
+  local e, secs = summary.errors, summary.duration / 1e6
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", summary.requests / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.status,
+    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
+end
+LUA
+}
+
+now_s() { date +%s.%N; }
+
+# track_state API AUTH ID: the track's state.
+track_state() {
+  curl -sS -H "$2" "$1/v1/tracks/$3/status" | first_string state
+}
+
+# transcode_upload API AUTH WAV: uploads WAV as a public track; prints its id.
+transcode_upload() {
+  local code id
+  code=$(curl -sS -o "$work/tr.resp" -w '%{http_code}' -H "$2" -F "file=@$3;type=audio/wav" -F title=transcode \
+    -F visibility=public "$1/v1/tracks")
+  [ "$code" = 202 ] || die "upload: HTTP $code $(cat "$work/tr.resp")"
+  id=$(first_string id <"$work/tr.resp")
+  [ -n "$id" ] || die "upload: no track id in $(cat "$work/tr.resp")"
+  echo "$id"
+}
+
+# wait_state API AUTH ID STATE…: waits (at most 900 s) until the track is in one of STATEs.
+wait_state() {
+  local api=$1 auth=$2 id=$3 state deadline=$((SECONDS + 900)); shift 3
+  while :; do
+    state=$(track_state "$api" "$auth" "$id")
+    [ "$state" != failed ] || die "the transcode of $id failed: $(curl -sS -H "$auth" "$api/v1/tracks/$id/status")"
+    case " $* " in *" $state "*) return 0 ;; esac
+    [ "$SECONDS" -lt "$deadline" ] || die "$id is still $state after 900 s"
+    sleep 0.1
+  done
+}
+
+# stream_during_transcode [SECONDS=15] [RUNS=3]: issue 12's "playback that transcoding cannot
+# starve". On the embedded configuration (serve --workers 1, file store, in-process queue),
+# random 64 KiB ranges (wrk 2 threads, 32 connections, SECONDS per run) of a ready track's
+# mp3_128, idle and while a 10-minute WAV upload transcodes, RUNS of each, alternating; with
+# the pipeline's embedded defaults (pipeline_priority idle, pipeline_threads = cores - 1), with
+# `low` (nice 10) in their place, and as serve ran before them (normal priority, every core). Prints p99 idle and busy,
+# their ratio, req/s, and the transcode's wall time (upload accepted to ready) alone and under
+# the range load. Target: busy p99 <= 1.5x idle. Runs on its own (`scripts/bench.sh
+# stream-transcode`) or at the end of stream(), whose set-up it reuses.
+stream_during_transcode() {
+  duration=${1:-${duration:-15}}; local runs=${2:-3}
+  if [ -z "${bin:-}" ]; then
+    export PATH=$PATH:/usr/sbin
+    local missing=()
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+    command -v psql >/dev/null || missing+=(postgresql-client)
+    command -v bc >/dev/null || missing+=(bc)
+    if [ "${#missing[@]}" -gt 0 ]; then
+      as_root apt-get update -qq
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
+    echo "building waveline (release)…" >&2
+    (cd "$root" && cargo build --release --locked --quiet -p waveline)
+    bin=$(target_dir)/release/waveline
+    work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid=
+    trap stream_cleanup EXIT
+    export WAVELINE_QUEUE=memory WAVELINE_LOG=warn WAVELINE_ACCESS_TOKEN_TTL_S=86400
+    export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
+    export WAVELINE_RATE_LIMIT_PER_MINUTE=1000000000
+  fi
+  # A database of its own: stream()'s holds tracks queued by its upload test (--workers 0).
+  local tdb=${db}_transcode previous
+  previous=$(trap -p EXIT); previous=${previous#trap -- \'}; previous=${previous%\' EXIT}
+  trap "psql -h 127.0.0.1 -U postgres -qc 'DROP DATABASE IF EXISTS $tdb WITH (FORCE)' >/dev/null 2>&1 || true; $previous" EXIT
+  local cores; cores=$(nproc)
+  echo "stream during a transcode: generating a 600 s WAV…" >&2
+  bash "$shared/bench/gen-signal.sh" 600 "$work/transcode.wav"
+  local load_before; load_before=$(uptime)
+
+  local label rows=() i
+  for label in defaults low normal; do
+    local store=$work/store-transcode-$label
+    unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS
+    case $label in
+      low) export WAVELINE_PIPELINE_PRIORITY=low ;;
+      normal) export WAVELINE_PIPELINE_PRIORITY=normal WAVELINE_PIPELINE_THREADS=$cores ;;
+    esac
+    WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$tdb WAVELINE_STORAGE=file://$store "$bin" migrate >/dev/null
+    WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$tdb start_serve 1 "$store"
+    local api=$base code token auth
+    code=$(curl -sS -o "$work/tr.resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+      -d "{\"email\":\"tr-$label@example.com\",\"username\":\"tr_$label\",\"password\":\"bench-password-123\"}" "$api/v1/auth/register")
+    [ "$code" = 202 ] || die "register: HTTP $code $(cat "$work/tr.resp")"
+    code=$(curl -sS -o "$work/tr.resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+      -d "{\"email\":\"tr-$label@example.com\",\"password\":\"bench-password-123\"}" "$api/v1/auth/login")
+    [ "$code" = 200 ] || die "login: HTTP $code $(cat "$work/tr.resp")"
+    token=$(first_string access_token <"$work/tr.resp"); auth="Authorization: Bearer $token"
+
+    # The first transcode runs alone: its wall time is the baseline, its mp3_128 the ranges' file.
+    echo "[$label] a transcode alone…" >&2
+    local t0 id ref mp3 size
+    t0=$(now_s); ref=$(transcode_upload "$api" "$auth" "$work/transcode.wav")
+    wait_state "$api" "$auth" "$ref" ready
+    echo "$(now_s) - $t0" | bc -l >>"$work/tr_alone_$label"
+    mp3=$(find "$store/renditions/$ref" -path '*/mp3_128/*' -name '*.mp3' | head -1)
+    [ -n "$mp3" ] || die "no mp3_128 rendition under $store/renditions/$ref"
+    size=$(stat -c %s "$mp3")
+    range_lua "$work/tr_range.lua" "$size"
+    local url=$api/v1/tracks/$ref/stream/mp3_128 saved=$duration
+    duration=3; wrk_run tr_warmup "$url" "$work/tr_range.lua"; duration=$saved
+    for i in $(seq "$runs"); do
+      echo "[$label] run $i/$runs: ranges idle, then during a transcode…" >&2
+      wrk_run "tr_idle_$label" "$url" "$work/tr_range.lua"
+      t0=$(now_s); id=$(transcode_upload "$api" "$auth" "$work/transcode.wav")
+      wait_state "$api" "$auth" "$id" processing ready
+      [ "$(track_state "$api" "$auth" "$id")" = processing ] || die "the transcode ended before the ranges started"
+      wrk_run "tr_busy_$label" "$url" "$work/tr_range.lua"
+      [ "$(track_state "$api" "$auth" "$id")" = processing ] \
+        || echo "WARNING [$label] run $i: the transcode ended before the ranges did; its busy figures are partly idle" >&2
+      wait_state "$api" "$auth" "$id" ready
+      echo "$(now_s) - $t0" | bc -l >>"$work/tr_wall_$label"
+    done
+    stop_serve "$serve_pid"
+    rows+=("$label")
+  done
+  unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $tdb WITH (FORCE)" >/dev/null 2>&1 || true
+
+  echo
+  echo "stream during a transcode: a $(echo "$size / 1048576" | bc -l | xargs printf %.1f) MiB MP3 (the mp3_128 of a 600 s WAV upload) served by \`serve --workers 1\` (file store), random 64 KiB ranges, wrk 2 threads, 32 connections, ${duration} s per run, $runs runs of each, idle and busy alternating, each busy run during the transcode of another upload of the same 600 s WAV ($(( $(stat -c %s "$work/transcode.wav") / 1000000 )) MB); medians ($cores cores, wrk on the same machine)"
+  echo
+  echo "| pipeline scheduling | idle req/s | idle p99 ms | busy req/s | busy p99 ms | p99 busy/idle | transcode alone s | transcode under ranges s |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  local ir i99 br b99 ratio name target=
+  for label in "${rows[@]}"; do
+    ir=$(col 1 "tr_idle_$label"); i99=$(col 3 "tr_idle_$label"); br=$(col 1 "tr_busy_$label"); b99=$(col 3 "tr_busy_$label")
+    ratio=$(echo "$b99 / $i99" | bc -l)
+    case $label in
+      defaults) name="embedded defaults: pipeline_priority idle, pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))"; target=$ratio ;;
+      low) name="pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))" ;;
+      *) name="pipeline_priority normal, pipeline_threads $cores (as serve was before)" ;;
+    esac
+    printf "| %s | %.0f | %.2f | %.0f | %.2f | **%.2f×** | %.1f | %.1f |\n" "$name" "$ir" "$i99" "$br" "$b99" "$ratio" \
+      "$(col 1 "tr_alone_$label")" "$(col 1 "tr_wall_$label")"
+  done
+  echo
+  printf "| target | measured | |\n|---|---:|---|\n| range p99 during a transcode ≤ 1.5× idle (embedded defaults) | %.2f× | %s |\n" \
+    "$target" "$(if [ "$(echo "$target <= 1.5" | bc -l)" = 1 ]; then echo met; else echo "**missed**"; fi)"
+  echo
+  local bad=0
+  for label in "${rows[@]}"; do
+    bad=$((bad + $(sum_col 4 "tr_idle_$label") + $(sum_col 5 "tr_idle_$label") + $(sum_col 4 "tr_busy_$label") + $(sum_col 5 "tr_busy_$label")))
+  done
+  [ "$bad" = 0 ] || echo "WARNING: $bad failed answers (HTTP ≥ 400 or socket errors): see the runs below"
+  echo "load: before: ${load_before##*load average: }; after: $(uptime | sed 's/.*load average: //')"
+  for label in "${rows[@]}"; do
+    echo "every run [$label] (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): idle: $(paste -sd';' "$work/tr_idle_$label") busy: $(paste -sd';' "$work/tr_busy_$label"); transcodes under ranges (s): $(xargs printf '%.1f ' <"$work/tr_wall_$label")"
+  done
 }
 
 case "$mode" in
   pipeline) shift; pipeline "$@" ;;
   fleet) shift; fleet "$@" ;;
   stream) shift; stream "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS]" ;;
+  stream-transcode) shift; stream_during_transcode "$@" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS]" ;;
 esac

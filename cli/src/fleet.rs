@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use waveline_pipeline::PipelineConfig;
-use waveline_shared::config::Settings;
+use waveline_pipeline::{PipelineConfig, ThreadBudget};
+use waveline_shared::config::{PipelinePriority, Settings};
 use waveline_shared::db::{self, PgOutbox, PgTracks, SYSTEM_USER, TrackFilter, TrackRow};
 use waveline_shared::domain::{TrackId, TrackState};
 use waveline_shared::queue::{self, JobQueue};
@@ -36,8 +36,32 @@ impl Services {
     }
 }
 
+/// Where a worker's jobs run, which decides the defaults of the pipeline's scheduling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerRole {
+    /// In `waveline serve`, beside the API: the pipeline yields to it.
+    Embedded,
+    /// A `waveline worker` process, whose purpose is the pipeline.
+    Dedicated,
+}
+
+/// The pipeline's priority and thread budget: the settings, else the role's defaults (the
+/// embedded mode keeps playback first; see the README's "Playback while transcoding").
+pub fn pipeline_scheduling(settings: &Settings, role: WorkerRole) -> (PipelinePriority, ThreadBudget) {
+    let cores = waveline_pipeline::budget::cores();
+    let (priority, threads) = match role {
+        WorkerRole::Embedded => (PipelinePriority::Low, cores.saturating_sub(1).max(1)),
+        WorkerRole::Dedicated => (PipelinePriority::Normal, cores),
+    };
+    let threads = settings.pipeline_threads.map_or(threads, |threads| threads as usize);
+    (settings.pipeline_priority.unwrap_or(priority), ThreadBudget::new(threads))
+}
+
 /// Builds a worker's context from the settings.
-pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Result<Arc<Context>> {
+pub fn worker_context(settings: &Settings, services: &Services, role: WorkerRole) -> anyhow::Result<Arc<Context>> {
+    let (pipeline_priority, pipeline_budget) = pipeline_scheduling(settings, role);
+    waveline_workers::pipeline_thread::check(pipeline_priority)?;
+    tracing::info!(priority = ?pipeline_priority, threads = pipeline_budget.limit(), "pipeline scheduling");
     let pipeline = match &settings.presets {
         Some(path) => PipelineConfig::load(path).with_context(|| format!("presets file {}", path.display()))?,
         None => PipelineConfig::default(),
@@ -55,6 +79,8 @@ pub fn worker_context(settings: &Settings, services: &Services) -> anyhow::Resul
         upload_quota: settings.free_quota,
         original_max_bytes: settings.upload_max_bytes,
         pipeline_timeout: settings.pipeline_timeout,
+        pipeline_priority,
+        pipeline_budget,
     }))
 }
 
@@ -84,7 +110,7 @@ pub async fn worker(
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
     let services = Services::connect(settings).await?;
-    let context = worker_context(settings, &services)?;
+    let context = worker_context(settings, &services, WorkerRole::Dedicated)?;
     let shutdown = cancel_on_stop_signal("finishing the jobs in hand");
     waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown).await?;
     tracing::info!("worker stopped");
@@ -124,7 +150,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
     let services = Services::connect(settings).await?;
     let shutdown = cancel_on_stop_signal("draining requests and jobs");
     let worker = if workers > 0 {
-        let context = worker_context(settings, &services)?;
+        let context = worker_context(settings, &services, WorkerRole::Embedded)?;
         let (queue, options, stop) = (services.queue.clone(), worker_options(settings, workers), shutdown.clone());
         Some(tokio::spawn(async move { waveline_workers::run(context, queue, options, stop).await }))
     } else {
@@ -462,4 +488,30 @@ pub async fn jobs_replay(settings: &Settings, ids: &[uuid::Uuid], all: bool, jso
         println!("replayed {}, left {} unreadable", report.replayed, report.unreadable);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let env: BTreeMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Settings::from_sources(None, &env).expect("valid settings")
+    }
+
+    #[test]
+    fn the_embedded_pipeline_yields_and_a_dedicated_worker_does_not_unless_told() {
+        let cores = waveline_pipeline::budget::cores();
+        let (priority, budget) = pipeline_scheduling(&settings(&[]), WorkerRole::Embedded);
+        assert_eq!((priority, budget.limit()), (PipelinePriority::Low, cores.saturating_sub(1).max(1)));
+        let (priority, budget) = pipeline_scheduling(&settings(&[]), WorkerRole::Dedicated);
+        assert_eq!((priority, budget.limit()), (PipelinePriority::Normal, cores));
+        let told = settings(&[("WAVELINE_PIPELINE_PRIORITY", "low"), ("WAVELINE_PIPELINE_THREADS", "3")]);
+        for role in [WorkerRole::Embedded, WorkerRole::Dedicated] {
+            let (priority, budget) = pipeline_scheduling(&told, role);
+            assert_eq!((priority, budget.limit()), (PipelinePriority::Low, 3), "{role:?}");
+        }
+    }
 }

@@ -254,8 +254,10 @@ impl FfmpegReader {
             .best(media::Type::Audio)
             .ok_or_else(|| PipelineError::UnsupportedFormat("the file has no audio stream".into()))?;
         let stream_index = stream.index();
-        let context = codec::context::Context::from_parameters(stream.parameters())
+        let mut context = codec::context::Context::from_parameters(stream.parameters())
             .map_err(|err| PipelineError::CorruptAudio(format!("bad codec parameters: {err}")))?;
+        // Decoding happens on the pass's decode thread, inside its budget: no codec threads.
+        context.set_threading(crate::budget::codec_threads());
         let codec_name = context.id().name().to_owned();
         let decoder = context.decoder().audio().map_err(|err| match err {
             ffmpeg_next::Error::DecoderNotFound => {

@@ -112,6 +112,8 @@ impl Encoder {
         context.set_format(format);
         context.set_bit_rate(spec.bitrate_kbps as usize * 1000);
         context.set_time_base(encoder_tb);
+        // Each encoder already has a thread of the pass; codec threads would escape the budget.
+        context.set_threading(crate::budget::codec_threads());
         if global_header {
             context.set_flags(codec::flag::Flags::GLOBAL_HEADER);
         }

@@ -15,8 +15,10 @@
 //! | waveform (audiowaveform formats) | [`waveform`] |
 //! | encoders and muxers (FFmpeg) | [`encode`], [`hls`] |
 //! | the ladder and limits, as data | [`presets`] |
+//! | how many of its threads compute at once | [`budget`] |
 //! | the manifest | [`manifest`] |
 
+pub mod budget;
 pub mod channels;
 pub mod decode;
 pub mod encode;
@@ -31,6 +33,7 @@ pub mod sniff;
 pub mod tags;
 pub mod waveform;
 
+pub use budget::ThreadBudget;
 pub use error::PipelineError;
 pub use manifest::Manifest;
 pub use presets::PipelineConfig;

@@ -24,6 +24,12 @@
 //! decide something between the two (a worker's quota, from the declared duration) hold the
 //! [`Opened`] in between; [`process`] does both at once. A run can be cancelled between two
 //! blocks ([`PipelineError::Cancelled`]).
+//!
+//! Every thread of a pass is named `pipe-…` (`pipe-loudness`, `pipe-feed-44100`,
+//! `pipe-enc-mp3_128`, …) and is spawned by the thread that calls [`Opened::process`], so it
+//! starts at that thread's scheduling priority: a caller that lowered its own priority first
+//! has lowered the whole pass (the worker does, see `waveline-workers`). The pass computes
+//! within a [`ThreadBudget`]: at most its limit of these threads work at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
+use crate::budget::ThreadBudget;
 use crate::channels::{StereoDownmix, mono_mixdown};
 use crate::decode::{self, SourceFacts};
 use crate::encode::{EncodeSpec, Encoded, Encoder, Target};
@@ -72,7 +79,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 type Block = Arc<Vec<f32>>;
 
-/// Processes `input` into `out_dir` with `config`, reporting progress along the way.
+/// Processes `input` into `out_dir` with `config`, reporting progress along the way, on as
+/// many cores as the process may use.
 pub fn process(
     input: &Path,
     out_dir: &Path,
@@ -80,7 +88,7 @@ pub fn process(
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Manifest, PipelineError> {
     on_progress(Progress { stage: Stage::Probing, fraction: 0.0 });
-    open(input, config)?.process(out_dir, config, on_progress, &AtomicBool::new(false))
+    open(input, config)?.process(out_dir, config, &ThreadBudget::all_cores(), on_progress, &AtomicBool::new(false))
 }
 
 /// The first half of a run: `input` sniffed, its headers past the guard, its decoder open.
@@ -119,27 +127,30 @@ impl Opened {
         (self.facts.sample_rate > 0).then(|| frames.saturating_mul(1000) / u64::from(self.facts.sample_rate))
     }
 
-    /// The second half of a run: the one pass and the packaging, into `out_dir`. Setting
-    /// `cancel` stops the pass at the next block with [`PipelineError::Cancelled`], leaving
-    /// no output behind.
+    /// The second half of a run: the one pass and the packaging, into `out_dir`, computing
+    /// on at most `budget`'s limit of threads at once. Setting `cancel` stops the pass at the
+    /// next block with [`PipelineError::Cancelled`], leaving no output behind.
     pub fn process(
         self,
         out_dir: &Path,
         config: &PipelineConfig,
+        budget: &ThreadBudget,
         on_progress: &(dyn Fn(Progress) + Sync),
         cancel: &AtomicBool,
     ) -> Result<Manifest, PipelineError> {
         let Opened { input, reader, facts } = self;
-        process_opened(&input, reader, facts, out_dir, config, on_progress, cancel)
+        process_opened(&input, reader, facts, out_dir, config, budget, on_progress, cancel)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn process_opened(
     input: &Path,
     reader: Box<dyn decode::PcmReader>,
     facts: SourceFacts,
     out_dir: &Path,
     config: &PipelineConfig,
+    budget: &ThreadBudget,
     on_progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
 ) -> Result<Manifest, PipelineError> {
@@ -154,11 +165,12 @@ fn process_opened(
     }
     let staging = out_dir.join(format!(".staging-{}-{}", std::process::id(), nanos()));
     std::fs::create_dir_all(&staging)?;
-    let result = run_pass(reader, &facts, &tags, config, &staging, on_progress, cancel).and_then(|pass| {
+    let result = run_pass(reader, &facts, &tags, config, budget, &staging, on_progress, cancel).and_then(|pass| {
         if cancel.load(Ordering::Relaxed) {
             return Err(PipelineError::Cancelled);
         }
         on_progress(Progress { stage: Stage::Finishing, fraction: 0.97 });
+        let _permit = budget.permit();
         finish(pass, &facts, tags.clone(), artwork, config, &staging)
     });
     let manifest = match result {
@@ -331,11 +343,13 @@ fn extension(codec: crate::presets::Codec) -> &'static str {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_pass(
     mut reader: Box<dyn decode::PcmReader>,
     facts: &SourceFacts,
     tags: &tags::Tags,
     config: &PipelineConfig,
+    budget: &ThreadBudget,
     staging: &Path,
     on_progress: &(dyn Fn(Progress) + Sync),
     cancel: &AtomicBool,
@@ -357,13 +371,16 @@ fn run_pass(
     let plans_ref = &plans;
     let (frames, loudness, encoded) = std::thread::scope(|scope| {
         let (loudness_tx, loudness_rx) = bounded::<Block>(QUEUE_DEPTH);
-        let loudness = scope.spawn(move || -> Result<(LoudnessReport, Duration), PipelineError> {
-            for block in loudness_rx {
-                meter.add(&block).map_err(|err| PipelineError::internal("loudness", err))?;
-            }
-            let report = meter.finish().map_err(|err| PipelineError::internal("loudness", err))?;
-            Ok((report, thread_cpu()))
-        });
+        let loudness =
+            spawn(scope, "pipe-loudness".into(), move || -> Result<(LoudnessReport, Duration), PipelineError> {
+                for block in loudness_rx {
+                    let _permit = budget.permit();
+                    meter.add(&block).map_err(|err| PipelineError::internal("loudness", err))?;
+                }
+                let _permit = budget.permit();
+                let report = meter.finish().map_err(|err| PipelineError::internal("loudness", err))?;
+                Ok((report, thread_cpu()))
+            });
 
         let mut feeder_txs: Vec<Sender<Block>> = Vec::new();
         let mut feeders = Vec::new();
@@ -374,12 +391,14 @@ fn run_pass(
                 let (tx, rx) = bounded::<Block>(QUEUE_DEPTH);
                 encoder_txs.push(tx);
                 let plan = &plans_ref[index];
-                encoders.push((index, scope.spawn(move || run_encoder(plan, rx))));
+                let name = format!("pipe-enc-{}", plan.preset);
+                encoders.push((index, spawn(scope, name, move || run_encoder(plan, rx, budget))));
             }
             let (tx, rx) = bounded::<Block>(QUEUE_DEPTH);
             feeder_txs.push(tx);
             let (from, to) = (facts.sample_rate, *rate);
-            feeders.push(scope.spawn(move || run_feeder(rx, encoder_txs, facts.channels, from, to)));
+            let name = format!("pipe-feed-{to}");
+            feeders.push(spawn(scope, name, move || run_feeder(rx, encoder_txs, facts.channels, from, to, budget)));
         }
 
         // The decode loop, on this thread.
@@ -397,6 +416,7 @@ fn run_pass(
             }
             decoded.clear();
             let mut more = true;
+            let permit = budget.permit();
             while decoded.len() < BLOCK_FRAMES * channels && more {
                 match reader.read(&mut decoded) {
                     Ok(true) => {}
@@ -411,6 +431,7 @@ fn run_pass(
                 break;
             }
             let block_frames = decoded.len() / channels;
+            let mut ready: Option<Block> = None;
             if block_frames > 0 {
                 frames += block_frames as u64;
                 if frames > max_frames {
@@ -425,7 +446,11 @@ fn run_pass(
                 mono_mixdown(&decoded, facts.channels, &mut mono);
                 waveform.add_mono(&mono);
                 waveform_time += waveform_started.elapsed();
-                let block: Block = Arc::new(std::mem::take(&mut decoded));
+                ready = Some(Arc::new(std::mem::take(&mut decoded)));
+            }
+            // The sends below may wait for a consumer: the permit goes back first.
+            drop(permit);
+            if let Some(block) = ready {
                 let delivered = loudness_tx.send(block.clone()).is_ok()
                     && feeder_txs.iter().all(|tx| tx.send(block.clone()).is_ok());
                 if !delivered {
@@ -517,6 +542,19 @@ fn run_pass(
     Ok(PassOutput { frames, loudness, waveform: waveform.finish(), encoded })
 }
 
+/// Spawns one named thread of the pass. A thread that cannot be made is a panic, as with
+/// `Scope::spawn`: the pass's caller reports it as an internal failure.
+fn spawn<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    name: String,
+    work: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, work)
+        .unwrap_or_else(|err| panic!("cannot start a pipeline thread: {err}"))
+}
+
 /// Downmixes and resamples for one encoder rate, fanning blocks out to its encoders.
 fn run_feeder(
     rx: Receiver<Block>,
@@ -524,6 +562,7 @@ fn run_feeder(
     channels: u16,
     from: u32,
     to: u32,
+    budget: &ThreadBudget,
 ) -> Result<Duration, PipelineError> {
     let downmix = StereoDownmix::new(channels)
         .ok_or_else(|| PipelineError::LimitExceeded(format!("{channels} channels cannot be mixed to stereo")))?;
@@ -534,16 +573,20 @@ fn run_feeder(
         encoders.iter().all(|tx| tx.send(block.clone()).is_ok())
     };
     for block in rx {
+        let permit = budget.permit();
         stereo.clear();
         downmix.process(&block, &mut stereo);
         let mut out = Vec::with_capacity(stereo.len() * to as usize / from as usize + 64);
         resampler.push(&stereo, &mut out)?;
+        drop(permit);
         if !out.is_empty() && !send(out) {
             return Ok(thread_cpu());
         }
     }
     let mut tail = Vec::new();
+    let permit = budget.permit();
     resampler.finish(&mut tail)?;
+    drop(permit);
     if !tail.is_empty() {
         send(tail);
     }
@@ -551,8 +594,15 @@ fn run_feeder(
 }
 
 /// Runs one encoder over its stream of stereo blocks.
-fn run_encoder(plan: &EncoderPlan, rx: Receiver<Block>) -> Result<(Encoded, Duration), PipelineError> {
-    let mut encoder = Encoder::open(&plan.spec)?;
+fn run_encoder(
+    plan: &EncoderPlan,
+    rx: Receiver<Block>,
+    budget: &ThreadBudget,
+) -> Result<(Encoded, Duration), PipelineError> {
+    let mut encoder = {
+        let _permit = budget.permit();
+        Encoder::open(&plan.spec)?
+    };
     let mut position: u64 = 0;
     for block in rx {
         let block_frames = (block.len() / 2) as u64;
@@ -567,9 +617,11 @@ fn run_encoder(plan: &EncoderPlan, rx: Receiver<Block>) -> Result<(Encoded, Dura
         };
         position += block_frames;
         if end > start {
+            let _permit = budget.permit();
             encoder.push(&block[start as usize * 2..end as usize * 2])?;
         }
     }
+    let _permit = budget.permit();
     let encoded = encoder.finish()?;
     Ok((encoded, thread_cpu()))
 }

@@ -83,6 +83,17 @@ pub struct Settings {
     /// How long the pipeline may work on one job (opening the original, decoding, analysing,
     /// encoding), seconds; past it the track fails with the code `timeout`. Default 3600.
     pub pipeline_timeout: Duration,
+    /// The scheduling priority of the pipeline's threads (decoding, analysis, encoding):
+    /// `idle` (Linux `SCHED_IDLE`: they get only CPU time no other thread wants, so the API
+    /// answers as if no transcode ran, but anything else that keeps the cores busy stops the
+    /// pipeline meanwhile), `low` (nice 10: the API still preempts it, and it keeps about a
+    /// tenth of a core against any busy thread) or `normal` (the process's own). Unset: `idle` under `waveline serve` with
+    /// in-process workers, `normal` under `waveline worker`.
+    pub pipeline_priority: Option<PipelinePriority>,
+    /// How many of the pipeline's threads may compute at once, across every job of the
+    /// process (codecs get no threads of their own, so this bounds all of it). Unset: every
+    /// core but one (at least 1) under `waveline serve`, every core under `waveline worker`.
+    pub pipeline_threads: Option<u32>,
     /// The key that signs session tokens (HS256), at least 32 bytes. Every API replica needs
     /// the same one. Unset, `waveline serve` makes a random key at start-up and warns:
     /// sessions then end when the process does.
@@ -261,6 +272,19 @@ pub enum StreamMode {
     Redirect,
 }
 
+/// The scheduling priority of the pipeline's threads (see
+/// [`Settings::pipeline_priority`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelinePriority {
+    /// Linux `SCHED_IDLE`.
+    Idle,
+    /// The ordinary policy at nice 10.
+    Low,
+    /// As the rest of the process.
+    Normal,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -304,7 +328,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 53] = [
+const KEYS: [Key; 55] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -324,6 +348,8 @@ const KEYS: [Key; 53] = [
     Key { name: "presets", secret: false },
     Key { name: "work_dir", secret: false },
     Key { name: "pipeline_timeout_s", secret: false },
+    Key { name: "pipeline_priority", secret: false },
+    Key { name: "pipeline_threads", secret: false },
     Key { name: "jwt_secret", secret: true },
     Key { name: "access_token_ttl_s", secret: false },
     Key { name: "upload_max_bytes", secret: false },
@@ -513,6 +539,16 @@ impl Settings {
         let presets = absolute_path(take("presets"))?;
         let work_dir = absolute_path(take("work_dir"))?;
         let pipeline_timeout = seconds(take("pipeline_timeout_s"), 3600)?;
+        let pipeline_priority = match take("pipeline_priority") {
+            Some(raw) => Some(match raw.value.trim() {
+                "idle" => PipelinePriority::Idle,
+                "low" => PipelinePriority::Low,
+                "normal" => PipelinePriority::Normal,
+                _ => return Err(raw.invalid("`idle`, `low` or `normal`")),
+            }),
+            None => None,
+        };
+        let pipeline_threads = take("pipeline_threads").map(|raw| parse_int(&raw, 1, 1024)).transpose()?;
         let jwt_secret = match take("jwt_secret") {
             Some(raw) if raw.value.len() >= 32 => Some(SecretString::from(raw.value)),
             Some(raw) => return Err(raw.invalid("a random secret of at least 32 bytes")),
@@ -708,6 +744,8 @@ impl Settings {
             presets,
             work_dir,
             pipeline_timeout,
+            pipeline_priority,
+            pipeline_threads,
             database_url,
             database_max_connections,
             queue,
@@ -745,6 +783,8 @@ impl Settings {
             "presets": self.presets,
             "work_dir": self.work_dir,
             "pipeline_timeout_s": self.pipeline_timeout.as_secs(),
+            "pipeline_priority": self.pipeline_priority,
+            "pipeline_threads": self.pipeline_threads,
             "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
             "access_token_ttl_s": self.access_token_ttl.as_secs(),
             "upload_max_bytes": self.upload_max_bytes,
@@ -1290,6 +1330,19 @@ mod tests {
             let text = error_text(&[s3, (var, value)]);
             assert!(text.starts_with(&format!("{var}: expected")) && text.contains(expected), "{var}={value}: {text}");
         }
+    }
+
+    #[test]
+    fn pipeline_scheduling_is_unset_by_default_and_checked() {
+        let settings = load(&[]).expect("defaults");
+        assert_eq!((settings.pipeline_priority, settings.pipeline_threads), (None, None), "the mode decides");
+        let settings =
+            load(&[("WAVELINE_PIPELINE_PRIORITY", "low"), ("WAVELINE_PIPELINE_THREADS", "3")]).expect("valid");
+        assert_eq!((settings.pipeline_priority, settings.pipeline_threads), (Some(PipelinePriority::Low), Some(3)));
+        let text = error_text(&[("WAVELINE_PIPELINE_PRIORITY", "realtime")]);
+        assert!(text.starts_with("WAVELINE_PIPELINE_PRIORITY: expected `idle`, `low` or `normal`"), "{text}");
+        let text = error_text(&[("WAVELINE_PIPELINE_THREADS", "0")]);
+        assert!(text.starts_with("WAVELINE_PIPELINE_THREADS: expected a whole number from 1"), "{text}");
     }
 
     #[test]

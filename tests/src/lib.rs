@@ -19,6 +19,7 @@ pub mod audio;
 pub mod oauth_provider;
 pub mod smtp_sink;
 pub mod stack;
+pub mod threads;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -104,6 +104,11 @@ impl Stack {
         format!("{}{path}", self.base)
     }
 
+    /// The process id of `waveline serve`.
+    pub fn serve_pid(&self) -> u32 {
+        self.serve.id()
+    }
+
     /// Runs the CLI against this stack; returns its `--json` output.
     pub fn cli(&self, args: &[&str]) -> Result<Value> {
         let mut command = Command::new(waveline_bin());

@@ -4,7 +4,8 @@
 //!
 //! In-process cases run the worker loop itself (the embedded mode: `MemoryQueue` and
 //! `FsStorage`); distributed cases run the real `waveline worker` and `waveline import`
-//! binaries against RabbitMQ and the S3 server.
+//! binaries against RabbitMQ and the S3 server. The pipeline's scheduling priority is read
+//! from `/proc` while a pass runs, in `waveline serve` and in `waveline worker`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +23,8 @@ use waveline_shared::queue::{JobQueue, MemoryQueue, RetryPolicy};
 use waveline_shared::storage::{
     FsStorage, ORIGINALS_PREFIX, ObjectKey, Storage, byte_stream, original_key, renditions_prefix, revision_prefix,
 };
+use waveline_tests::stack::{Mode, Stack, register_and_login, upload, wait_ready};
+use waveline_tests::threads::{self, SCHED_OTHER, ThreadInfo};
 use waveline_tests::{S3Server, TestDb, amqp_url, audio, s3_credentials, s3_endpoint, temp_dir, unique, waveline_bin};
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
@@ -78,6 +81,8 @@ impl Embedded {
             upload_quota: Duration::from_secs(3 * 3600),
             original_max_bytes: 4 << 30,
             pipeline_timeout: Duration::from_secs(600),
+            pipeline_priority: waveline_shared::config::PipelinePriority::Normal,
+            pipeline_budget: waveline_pipeline::ThreadBudget::all_cores(),
         };
         tweak(&mut context);
         let context = Arc::new(context);
@@ -955,5 +960,88 @@ async fn exclusive_a_database_restart_while_a_backlog_drains_loses_nothing() -> 
     }
     stop(worker)?;
     outcome?;
+    Ok(())
+}
+
+// ---- the pipeline's scheduling priority, read from /proc while a pass runs ----
+
+/// The threads of one pass over the default ladder: the pass itself, loudness, one feeder per
+/// encoder rate (44.1 and 48 kHz) and six encoders (MP3, three AAC variants, Opus, preview).
+/// FFmpeg gets no codec threads; one it made would carry its creator's name and count here.
+const PASS_THREADS: usize = 10;
+
+/// Waits until process `pid` runs a whole pass (its pass thread and all six encoders are
+/// up) and returns every thread of the process at that moment.
+async fn threads_during_a_pass(pid: u32) -> Result<Vec<ThreadInfo>> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = threads::of(pid)?;
+        let named = |prefix: &str| now.iter().filter(|t| t.name.starts_with(prefix)).count();
+        if named("pipe-pass") == 1 && named("pipe-enc-") == 6 {
+            return Ok(now);
+        }
+        ensure!(Instant::now() < deadline, "no pass was seen running in 90 s: {now:#?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every `pipe-` thread has `policy` and `nice`; every other thread is as the process's main
+/// thread is (the API's and the runtime's threads are untouched).
+fn check_priorities(pid: u32, threads: &[ThreadInfo], policy: u32, nice: i32) -> Result<()> {
+    let main = threads.iter().find(|t| t.tid == pid).context("the main thread")?;
+    ensure!((main.policy, main.nice) == (SCHED_OTHER, 0), "the process itself was changed: {main:?}");
+    let (pass, rest): (Vec<&ThreadInfo>, Vec<&ThreadInfo>) = threads.iter().partition(|t| t.name.starts_with("pipe-"));
+    ensure!(pass.len() == PASS_THREADS, "expected the pass's {PASS_THREADS} threads: {pass:#?}");
+    for thread in &pass {
+        ensure!((thread.policy, thread.nice) == (policy, nice), "a pipeline thread: {thread:?}");
+    }
+    ensure!(rest.iter().any(|t| t.name.starts_with("tokio-")), "no runtime threads among {rest:#?}");
+    for thread in &rest {
+        ensure!((thread.policy, thread.nice) == (SCHED_OTHER, 0), "a thread outside the pipeline: {thread:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_waveline_serve_the_pipeline_runs_lowered_and_the_api_does_not() -> Result<()> {
+    // The embedded defaults: nice 10, and a thread budget.
+    let stack = Stack::start(Mode::Embedded, true, &[]).await?;
+    let pid = stack.serve_pid();
+    let user = register_and_login(&stack, "listener").await?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "long.flac", 40.0)?;
+    let (status, track) = upload(&stack, &user, &[("title", "Long")], ("long.flac", &std::fs::read(&song)?)).await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+
+    let during = threads_during_a_pass(pid).await?;
+    check_priorities(pid, &during, SCHED_OTHER, 10)?;
+
+    // Lowered and within its budget, the pass still finishes; afterwards no
+    // thread of the process is left lowered (the pipeline's threads were its own).
+    wait_ready(&stack, &user, &id, 1).await?;
+    let after = threads::of(pid)?;
+    ensure!(after.iter().all(|t| (t.policy, t.nice) == (SCHED_OTHER, 0)), "{after:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_worker_runs_its_pipeline_at_the_configured_priority() -> Result<()> {
+    // A worker's default is `normal`; an operator who shares the host asks for `low`.
+    let fleet = Distributed::new(&[("WAVELINE_PIPELINE_PRIORITY", "low"), ("WAVELINE_PIPELINE_THREADS", "1")]).await?;
+    migrate(&fleet)?;
+    let dir = temp_dir()?;
+    let song = fixture(dir.path(), "long.flac", 40.0)?;
+    let imported = fleet.json(&["import", song.to_str().unwrap_or_default(), "--json"])?;
+    let id: TrackId = imported["tracks"][0]["id"].as_str().context("id")?.parse()?;
+    let worker = fleet.worker()?;
+    let pid = worker.id();
+    let during = threads_during_a_pass(pid).await;
+    let tracks = PgTracks::new(fleet.db.pool.clone());
+    let ready = wait_for(&tracks, id, TrackState::Ready, Duration::from_secs(120)).await;
+    let status = stop(worker)?;
+    check_priorities(pid, &during?, SCHED_OTHER, 10)?;
+    ready?;
+    ensure!(status.success(), "the worker exited with {status}");
     Ok(())
 }

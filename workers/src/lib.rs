@@ -3,7 +3,10 @@
 //! A worker process runs [`run`]: it consumes jobs with prefetch equal to its concurrency and
 //! runs each on its own task ([`jobs`]), and alongside them the outbox relay ([`relay`]) and
 //! the reconciler ([`reconciler`], one at a time across the fleet through an advisory lock).
-//! Workers are stateless: add processes on any host to scale.
+//! Workers are stateless: add processes on any host to scale. The pipeline of a job runs on
+//! threads of its own, at the priority and within the thread budget of the [`Context`]
+//! ([`pipeline_thread`]), so that beside the API (`waveline serve --workers N`) it takes only
+//! what the API leaves.
 //!
 //! Shutdown: when `shutdown` is cancelled the worker stops taking jobs and lets those in hand
 //! finish for up to the grace period; what is still running then gives its claim back and
@@ -11,6 +14,7 @@
 
 pub mod jobs;
 pub mod metrics;
+pub mod pipeline_thread;
 pub mod reconciler;
 pub mod relay;
 
@@ -21,7 +25,8 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use waveline_pipeline::PipelineConfig;
+use waveline_pipeline::{PipelineConfig, ThreadBudget};
+use waveline_shared::config::PipelinePriority;
 use waveline_shared::db::{Failure, PgOutbox, PgTracks};
 use waveline_shared::domain::TrackState;
 use waveline_shared::queue::{Delivery, JobQueue, QueueError, RetryOutcome};
@@ -50,6 +55,10 @@ pub struct Context {
     /// How long the pipeline may run on one job (opening the original and the pass); past
     /// it the track fails `timeout`.
     pub pipeline_timeout: Duration,
+    /// The scheduling priority of the pipeline's threads ([`pipeline_thread`]).
+    pub pipeline_priority: PipelinePriority,
+    /// How many of the pipeline's threads compute at once, shared by every job.
+    pub pipeline_budget: ThreadBudget,
 }
 
 /// How a worker runs.

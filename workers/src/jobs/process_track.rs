@@ -9,7 +9,8 @@
 //! 4. Admit it against the owner's quota by the duration it declares, atomically per owner
 //!    ([`PgTracks::admit`](waveline_shared::db::PgTracks::admit)), so concurrent workers
 //!    cannot together pass the quota.
-//! 5. Run the pass on a blocking thread while this task beats the heartbeat and records stage
+//! 5. Run the pass on a thread of its own at the pipeline's priority and within its thread
+//!    budget ([`crate::pipeline_thread`]) while this task beats the heartbeat and records stage
 //!    and progress, at most once a second; a heartbeat that finds the claim gone stops the
 //!    job from writing anything further. Past the pipeline timeout the pass is cancelled and
 //!    the track fails `timeout`.
@@ -37,7 +38,7 @@ use waveline_shared::domain::{ProcessingStage, TrackId};
 use waveline_shared::storage::{ObjectKey, StorageError, byte_stream, rendition_key, revision_prefix};
 
 use super::Outcome;
-use crate::Context;
+use crate::{Context, pipeline_thread};
 
 /// The job.
 #[derive(Debug, Clone, Copy)]
@@ -272,18 +273,16 @@ impl ProcessTrack {
         Ok(())
     }
 
-    /// The header guard, then the decoder, on a blocking thread, within the time limit.
+    /// The header guard, then the decoder, on a pipeline thread, within the time limit.
     async fn open(&self, context: &Context, input: &Path, deadline: Instant) -> Result<Opened, JobError> {
         let config = context.pipeline.clone();
         let input = input.to_path_buf();
-        let span = tracing::Span::current();
-        let opening = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
+        let opening = pipeline_thread::run("pipe-open", context.pipeline_priority, move || {
             waveline_pipeline::open(&input, &config)
         });
         match tokio::time::timeout_at(deadline, opening).await {
             Ok(Ok(opened)) => opened.map_err(pipeline_error),
-            Ok(Err(join)) => Err(JobError::internal(format!("the pipeline thread failed: {join}"))),
+            Ok(Err(failed)) => Err(JobError::internal(failed)),
             Err(_) => Err(timed_out(context)),
         }
     }
@@ -301,14 +300,14 @@ impl ProcessTrack {
         let config = context.pipeline.clone();
         let out = out.to_path_buf();
         let cancel = Arc::new(AtomicBool::new(false));
-        let span = tracing::Span::current();
-        let mut pipeline = tokio::task::spawn_blocking({
+        let budget = context.pipeline_budget.clone();
+        let pipeline = pipeline_thread::run("pipe-pass", context.pipeline_priority, {
             let cancel = cancel.clone();
             move || {
-                let _entered = span.enter();
                 opened.process(
                     &out,
                     &config,
+                    &budget,
                     &|progress| {
                         let _ = progress_tx.send(progress);
                     },
@@ -316,6 +315,7 @@ impl ProcessTrack {
                 )
             }
         });
+        tokio::pin!(pipeline);
         let mut ticker = tokio::time::interval(context.heartbeat_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let time_limit = tokio::time::sleep_until(deadline);
@@ -355,7 +355,7 @@ impl ProcessTrack {
             Ok(Ok(manifest)) => Ok(manifest),
             Ok(Err(PipelineError::Cancelled)) => Err(timed_out(context)),
             Ok(Err(err)) => Err(pipeline_error(err)),
-            Err(join) => Err(JobError::internal(format!("the pipeline thread failed: {join}"))),
+            Err(failed) => Err(JobError::internal(failed)),
         }
     }
 
