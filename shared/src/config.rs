@@ -647,7 +647,9 @@ impl Settings {
             None => None,
         };
         let stream_cache_bytes = match take("stream_cache_bytes") {
-            Some(raw) => raw.value.trim().parse::<u64>().map_err(|_| raw.invalid("a number of bytes (0 turns the cache off)"))?,
+            Some(raw) => {
+                raw.value.trim().parse::<u64>().map_err(|_| raw.invalid("a number of bytes (0 turns the cache off)"))?
+            }
             None => 10 << 30,
         };
         Ok(Settings {
@@ -773,7 +775,10 @@ impl Settings {
 
     /// Where the stream cache lives and how large it may grow, or `None` when it is off.
     pub fn stream_cache(&self) -> Option<(&Path, u64)> {
-        self.stream_cache_dir.as_deref().filter(|_| self.stream_cache_bytes > 0).map(|dir| (dir, self.stream_cache_bytes))
+        self.stream_cache_dir
+            .as_deref()
+            .filter(|_| self.stream_cache_bytes > 0)
+            .map(|dir| (dir, self.stream_cache_bytes))
     }
 }
 
@@ -1240,8 +1245,8 @@ mod tests {
         assert!(dir.is_absolute() && dir.ends_with("stream-cache"), "{}", dir.display());
         assert_eq!(bytes, 10 << 30);
         assert!(load(&[]).expect("defaults").stream_cache().is_none(), "off with the file store");
-        let settings =
-            load(&[("WAVELINE_STREAM_CACHE_DIR", "/srv/cache"), ("WAVELINE_STREAM_CACHE_BYTES", "1048576")]).expect("valid");
+        let settings = load(&[("WAVELINE_STREAM_CACHE_DIR", "/srv/cache"), ("WAVELINE_STREAM_CACHE_BYTES", "1048576")])
+            .expect("valid");
         assert_eq!(settings.stream_cache(), Some((Path::new("/srv/cache"), 1 << 20)), "on when asked for");
         let off = load(&[s3[0], ("WAVELINE_STREAM_CACHE_BYTES", "0")]).expect("valid");
         assert!(off.stream_cache().is_none(), "0 bytes turns it off");

@@ -240,7 +240,8 @@ async fn start_serve(env: &[(String, String)], workers: &str) -> Result<(Child, 
         attempt += 1;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut env = env.to_vec();
-        let s3 = env.iter().rev().find(|(name, _)| name == "WAVELINE_STORAGE").is_some_and(|(_, v)| v.starts_with("s3:"));
+        let s3 =
+            env.iter().rev().find(|(name, _)| name == "WAVELINE_STORAGE").is_some_and(|(_, v)| v.starts_with("s3:"));
         if s3 && !env.iter().any(|(name, _)| name == "WAVELINE_STREAM_CACHE_DIR") {
             env.insert(0, ("WAVELINE_STREAM_CACHE_DIR".into(), stream_cache.path().display().to_string()));
         }

@@ -1050,7 +1050,11 @@ async fn distributed_ranges_are_served_from_the_stream_cache_while_the_store_is_
     for (preset, _) in presets {
         let rendition = renditions.iter().find(|r| r.preset == preset).context("rendition row")?;
         let read = bucket.get(&ObjectKey::parse(rendition.storage_key.as_str())?, None).await?;
-        let chunks: Vec<bytes::Bytes> = read.body.map(|c| c.map_err(anyhow::Error::from)).collect::<Vec<_>>().await
+        let chunks: Vec<bytes::Bytes> = read
+            .body
+            .map(|c| c.map_err(anyhow::Error::from))
+            .collect::<Vec<_>>()
+            .await
             .into_iter()
             .collect::<Result<_>>()?;
         stored.push(chunks.concat());
@@ -1089,7 +1093,8 @@ async fn distributed_a_new_revision_is_served_at_once_past_the_stream_cache() ->
     let (first_song, second_song) = (dir.path().join("first.flac"), dir.path().join("second.flac"));
     audio::tone(&first_song, 4.0, 44100, 2, &[])?;
     audio::tone(&second_song, 3.0, 48000, 1, &[])?;
-    let (status, track) = upload(&stack, &alice, &[("title", "Twice")], ("first.flac", &std::fs::read(&first_song)?)).await?;
+    let (status, track) =
+        upload(&stack, &alice, &[("title", "Twice")], ("first.flac", &std::fs::read(&first_song)?)).await?;
     ensure!(status == 202, "{status} {track}");
     let id = track["id"].as_str().context("id")?.to_owned();
     wait_ready(&stack, &alice, &id, 1).await?;
@@ -1102,7 +1107,8 @@ async fn distributed_a_new_revision_is_served_at_once_past_the_stream_cache() ->
     let second = std::fs::read(&second_song)?;
     let body = byte_stream(futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(second))]));
     stack.storage.put(&storage::original_key(id.parse()?), "audio/flac", body).await?;
-    let response = client.post(stack.url(&format!("/v1/tracks/{id}/reprocess"))).bearer_auth(&alice.token).send().await?;
+    let response =
+        client.post(stack.url(&format!("/v1/tracks/{id}/reprocess"))).bearer_auth(&alice.token).send().await?;
     let (status, requeued) = json(response).await?;
     ensure!(status == 202 && requeued["revision"] == 2, "{status} {requeued}");
     // The player keeps reading while the new revision is made.
@@ -1111,7 +1117,8 @@ async fn distributed_a_new_revision_is_served_at_once_past_the_stream_cache() ->
         let (status, _, body) = get_bytes(client.get(&url).header("range", "bytes=0-99")).await?;
         ensure!(status == 206 && body.len() == 100, "a range during reprocessing: {status}");
         let (status, body) =
-            json(client.get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&alice.token).send().await?).await?;
+            json(client.get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&alice.token).send().await?)
+                .await?;
         ensure!(status == 200 && body["state"] != "failed", "{status} {body}");
         if body["state"] == "ready" && body["revision"] == 2 {
             break;
@@ -1125,7 +1132,11 @@ async fn distributed_a_new_revision_is_served_at_once_past_the_stream_cache() ->
     ensure!(rendition.storage_key.contains("/2/"), "{}", rendition.storage_key);
     let stored = stored_bytes(&stack, &rendition.storage_key).await?;
     ensure!(stored != first, "the new revision's bytes are the old ones; the test proves nothing");
-    ensure!(status == 200 && served == stored, "the stream served {} old or wrong bytes after revision 2 went live", served.len());
+    ensure!(
+        status == 200 && served == stored,
+        "the stream served {} old or wrong bytes after revision 2 went live",
+        served.len()
+    );
     ensure!(h(&new_headers, "etag") != h(&headers, "etag"), "the ETag did not change");
     Ok(())
 }

@@ -375,7 +375,9 @@ async fn repeated_reads_agree_on_bytes_and_validators(b: &Backend) -> Result<()>
         ensure!(meta == head, "a read's metadata {meta:?} differs from HEAD's {head:?}");
         ensure!(bytes == want, "a whole read differs ({} bytes)", bytes.len());
     }
-    for (first, last) in [(0, 65_535), (SIZE as u64 / 2, SIZE as u64 / 2 + 300_000), (SIZE as u64 - 10, SIZE as u64 - 1)] {
+    for (first, last) in
+        [(0, 65_535), (SIZE as u64 / 2, SIZE as u64 / 2 + 300_000), (SIZE as u64 - 10, SIZE as u64 - 1)]
+    {
         for _ in 0..2 {
             let read = b.storage.get(&k, Some(ByteRange::Inclusive { first, last })).await?;
             ensure!(read.meta == head, "{first}-{last}: {:?}", read.meta);

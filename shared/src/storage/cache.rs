@@ -284,7 +284,7 @@ fn again(err: &StorageError) -> StorageError {
     match err {
         StorageError::NotFound { key } => StorageError::NotFound { key: key.clone() },
         StorageError::RangeNotSatisfiable { size } => StorageError::RangeNotSatisfiable { size: *size },
-        StorageError::InvalidKey { key, reason } => StorageError::InvalidKey { key: key.clone(), reason: *reason },
+        StorageError::InvalidKey { key, reason } => StorageError::InvalidKey { key: key.clone(), reason },
         StorageError::Body(text) => StorageError::Body(text.clone()),
         StorageError::Config(text) => StorageError::Config(text.clone()),
         StorageError::Io(err) => StorageError::Io(std::io::Error::new(err.kind(), err.to_string())),
@@ -359,7 +359,8 @@ fn prepare(settings: &CacheSettings) -> Result<Prepared, StorageError> {
     for number in 0..MAX_SLOTS {
         let slot = settings.dir.join(number.to_string());
         std::fs::create_dir_all(&slot)?;
-        let lock = std::fs::File::options().read(true).write(true).create(true).truncate(false).open(slot.join("lock"))?;
+        let lock =
+            std::fs::File::options().read(true).write(true).create(true).truncate(false).open(slot.join("lock"))?;
         match lock.try_lock() {
             Ok(()) => {
                 claimed = Some((lock, slot));
@@ -412,7 +413,8 @@ fn prepare(settings: &CacheSettings) -> Result<Prepared, StorageError> {
                 let key = ObjectKey::parse(stored.key).ok().filter(|key| (settings.cacheable)(key))?;
                 let data = std::fs::metadata(objects.join(name)).ok()?;
                 (data.is_file() && data.len() == stored.size).then_some(())?;
-                let fetched = std::fs::metadata(&meta_path).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                let fetched =
+                    std::fs::metadata(&meta_path).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
                 let meta = ObjectMeta {
                     size: stored.size,
                     etag: stored.etag,
@@ -499,7 +501,12 @@ impl Shared {
     }
 
     /// A read of a complete cached file, with the store's metadata.
-    async fn read_cached(&self, name: &str, meta: ObjectMeta, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+    async fn read_cached(
+        &self,
+        name: &str,
+        meta: ObjectMeta,
+        range: Option<ByteRange>,
+    ) -> Result<ObjectRead, StorageError> {
         let size = meta.size;
         let missing = || StorageError::NotFound { key: name.to_owned() };
         let gone = missing();
@@ -511,7 +518,11 @@ impl Shared {
     }
 
     /// A read of an object that is not cached (yet).
-    async fn read_through(self: &Arc<Self>, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+    async fn read_through(
+        self: &Arc<Self>,
+        key: &ObjectKey,
+        range: Option<ByteRange>,
+    ) -> Result<ObjectRead, StorageError> {
         let how = {
             let mut index = self.lock();
             if index.entries.contains_key(key) {
@@ -560,7 +571,12 @@ impl Shared {
     }
 
     /// Serves `range` from a fetch in flight: from the temp file as it grows.
-    async fn read_from(&self, fill: &Fill, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
+    async fn read_from(
+        &self,
+        fill: &Fill,
+        key: &ObjectKey,
+        range: Option<ByteRange>,
+    ) -> Result<ObjectRead, StorageError> {
         let mut progress = fill.progress.subscribe();
         let head = loop {
             let ended = {
@@ -642,7 +658,12 @@ impl Shared {
 
     /// Fetches `key` whole into a temp file and commits it: its metadata when it is complete on
     /// disk, `None` when it is not to be cached. On failure nothing is left on disk.
-    async fn fetch(&self, key: &ObjectKey, fill: &Fill, reserved: &mut u64) -> Result<Option<ObjectMeta>, StorageError> {
+    async fn fetch(
+        &self,
+        key: &ObjectKey,
+        fill: &Fill,
+        reserved: &mut u64,
+    ) -> Result<Option<ObjectMeta>, StorageError> {
         let read = self.inner.get(key, None).await?;
         let meta = read.meta;
         let evicted = {
@@ -735,7 +756,9 @@ impl Shared {
             }
             let length: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
             if written + length > size {
-                return Err(StorageError::Body(format!("the object store sent more than the {size} bytes it announced")));
+                return Err(StorageError::Body(format!(
+                    "the object store sent more than the {size} bytes it announced"
+                )));
             }
             let (target, at) = (file.clone(), written);
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -859,9 +882,10 @@ impl Storage for CachedStorage {
                 let mut index = shared.lock();
                 match index.touch(key) {
                     Some((_, meta)) => Some(meta),
-                    None => index.fills.get(key).and_then(|fill| {
-                        fill.progress.borrow().head.as_ref().map(|head| head.meta.clone())
-                    }),
+                    None => index
+                        .fills
+                        .get(key)
+                        .and_then(|fill| fill.progress.borrow().head.as_ref().map(|head| head.meta.clone())),
                 }
             };
             if let Some(meta) = known {
