@@ -278,16 +278,14 @@ stream() {
   [ "$code" = 200 ] || die "putting the rendition into the bucket: HTTP $code"
   local s3_store="s3://bench?endpoint=$s3url&region=us-east-1" cache_dir=$work/stream-cache
   export AWS_ACCESS_KEY_ID=$s3_access AWS_SECRET_ACCESS_KEY=$s3_secret
-  # start_dist: a distributed API with an empty stream cache; sets dist_pid and dist.
+  # start_dist: a distributed API with an empty stream cache; sets dist_pid, dist and ds_url.
   start_dist() {
     [ -z "${dist_pid:-}" ] || stop_serve "$dist_pid"
     rm -rf "$cache_dir"
     WAVELINE_STREAM_CACHE_DIR=$cache_dir start_serve 0 "$s3_store"
-    dist_pid=$serve_pid dist=$base
+    dist_pid=$serve_pid dist=$base ds_url=$base/v1/tracks/$id/stream/mp3_128
   }
-  local dist_pid= dist
-  start_dist
-  local ds_url=$dist/v1/tracks/$id/stream/mp3_128 s3_range_url=$s3url/bench/$key
+  local dist_pid= dist ds_url got s3_range_url=$s3url/bench/$key
 
   # Cold first byte: the distributed API with an empty cache, after a HEAD of the stream (the
   # track's lookup and a connection to S3 are warm, the object is not), against a bare signed
