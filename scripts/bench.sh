@@ -274,8 +274,12 @@ stream() {
   s3port=$(free_port); s3url=http://127.0.0.1:$s3port; mkdir -p "$work/s3"
   "$s3fs" --host 127.0.0.1 --port "$s3port" --access-key "$s3_access" --secret-key "$s3_secret" "$work/s3" >>"$work/s3.log" 2>&1 &
   s3_pid=$!
-  local tries=0
-  until port_open "$s3port"; do tries=$((tries + 1)); [ "$tries" -lt 100 ] || die "s3s-fs did not start"; sleep 0.1; done
+  local deadline=$((SECONDS + 30))
+  until port_open "$s3port"; do
+    kill -0 "$s3_pid" 2>/dev/null || { cat "$work/s3.log" >&2; die "s3s-fs exited"; }
+    [ "$SECONDS" -lt "$deadline" ] || { cat "$work/s3.log" >&2; die "s3s-fs is not answering on port $s3port after 30 s"; }
+    sleep 0.1
+  done
   code=$(s3 -o /dev/null -w '%{http_code}' -X PUT "$s3url/bench"); [ "$code" = 200 ] || die "creating the bucket: HTTP $code"
   code=$(s3 -o /dev/null -w '%{http_code}' -H 'Content-Type: audio/mpeg' -T "$mp3" "$s3url/bench/$key")
   [ "$code" = 200 ] || die "putting the rendition into the bucket: HTTP $code"
@@ -313,7 +317,7 @@ stream() {
   # Hot: the distributed API once it holds the rendition.
   start_dist
   curl -sS -o "$work/whole.dist" "$ds_url" && cmp -s "$work/whole.dist" "$mp3" || die "the distributed stream differs from the rendition"
-  local deadline=$((SECONDS + 30))
+  deadline=$((SECONDS + 30))
   until [ "$(cache_objects "$dist")" = 1 ]; do
     [ "$SECONDS" -lt "$deadline" ] || die "the stream cache does not hold the rendition after 30 s"
     sleep 0.1
