@@ -130,6 +130,8 @@ struct Shared {
     cacheable: fn(&ObjectKey) -> bool,
     index: Mutex<Index>,
     hot: HotFiles,
+    /// `waveline_stream_cache_hits_total`, registered once: it is counted on the hot path.
+    hits: metrics::Counter,
     /// Holds the slot's lock for as long as the cache lives.
     _lock: std::fs::File,
 }
@@ -148,7 +150,7 @@ impl std::fmt::Debug for Shared {
 #[derive(Default)]
 struct Index {
     entries: HashMap<ObjectKey, Entry>,
-    /// Use tick → key, oldest first.
+    /// Place tick → key, oldest first (see [`Entry::placed`]).
     lru: BTreeMap<u64, ObjectKey>,
     tick: u64,
     /// Bytes of complete entries.
@@ -161,20 +163,22 @@ struct Index {
 
 struct Entry {
     /// The file's name under `objects/`.
-    name: String,
-    meta: ObjectMeta,
+    name: Arc<str>,
+    meta: Arc<ObjectMeta>,
+    /// The tick of its last use.
     used: u64,
+    /// Its place in `lru`: the tick of its last use when it was put there. A hit only sets
+    /// `used` (no reordering on the hot path); eviction puts an entry whose place is older
+    /// than its last use back at that use, so the order evicted is still least recent first.
+    placed: u64,
 }
 
 impl Index {
     /// The entry of `key`, marked as just used.
-    fn touch(&mut self, key: &ObjectKey) -> Option<(String, ObjectMeta)> {
+    fn touch(&mut self, key: &ObjectKey) -> Option<(Arc<str>, Arc<ObjectMeta>)> {
         self.tick += 1;
-        let tick = self.tick;
         let entry = self.entries.get_mut(key)?;
-        self.lru.remove(&entry.used);
-        entry.used = tick;
-        self.lru.insert(tick, key.clone());
+        entry.used = self.tick;
         Some((entry.name.clone(), entry.meta.clone()))
     }
 
@@ -183,15 +187,16 @@ impl Index {
         self.tick += 1;
         self.held += meta.size;
         self.lru.insert(self.tick, key.clone());
-        let old = self.entries.insert(key, Entry { name, meta, used: self.tick })?;
-        self.lru.remove(&old.used);
+        let entry = Entry { name: name.into(), meta: Arc::new(meta), used: self.tick, placed: self.tick };
+        let old = self.entries.insert(key, entry)?;
+        self.lru.remove(&old.placed);
         self.held -= old.meta.size;
-        Some(old.name)
+        Some(old.name.to_string())
     }
 
     fn remove(&mut self, key: &ObjectKey) -> Option<Entry> {
         let entry = self.entries.remove(key)?;
-        self.lru.remove(&entry.used);
+        self.lru.remove(&entry.placed);
         self.held -= entry.meta.size;
         Some(entry)
     }
@@ -205,10 +210,17 @@ impl Index {
         }
         let mut evicted = Vec::new();
         while self.held + self.reserved + need > max {
-            let Some((_, key)) = self.lru.pop_first() else { break };
+            let Some((placed, key)) = self.lru.pop_first() else { break };
+            let Some(entry) = self.entries.get_mut(&key) else { continue };
+            if entry.used != placed {
+                // Used since it was placed: back in line at its last use.
+                entry.placed = entry.used;
+                self.lru.insert(entry.used, key);
+                continue;
+            }
             if let Some(entry) = self.entries.remove(&key) {
                 self.held -= entry.meta.size;
-                evicted.push(entry.name);
+                evicted.push(entry.name.to_string());
             }
         }
         metrics::counter!("waveline_stream_cache_evictions_total").increment(evicted.len() as u64);
@@ -326,6 +338,7 @@ impl CachedStorage {
             cacheable: settings.cacheable,
             index: Mutex::new(index),
             hot: HotFiles::default(),
+            hits: metrics::counter!("waveline_stream_cache_hits_total"),
             _lock: lock,
         };
         shared.remove_files(evicted).await;
@@ -485,7 +498,8 @@ impl Shared {
         let names = {
             let mut index = self.lock();
             let keys: Vec<ObjectKey> = index.entries.keys().filter(|key| matches(key)).cloned().collect();
-            let names: Vec<String> = keys.iter().filter_map(|key| index.remove(key)).map(|entry| entry.name).collect();
+            let names: Vec<String> =
+                keys.iter().filter_map(|key| index.remove(key)).map(|entry| entry.name.to_string()).collect();
             index.fills.retain(|key, fill| {
                 let keep = !matches(key);
                 if !keep {
@@ -503,16 +517,20 @@ impl Shared {
     /// A read of a complete cached file, with the store's metadata.
     async fn read_cached(
         &self,
-        name: &str,
-        meta: ObjectMeta,
+        name: &Arc<str>,
+        meta: Arc<ObjectMeta>,
         range: Option<ByteRange>,
     ) -> Result<ObjectRead, StorageError> {
-        let size = meta.size;
-        let missing = || StorageError::NotFound { key: name.to_owned() };
-        let gone = missing();
-        read_local(&self.hot, name, self.objects.join(name), range, missing(), move |_, stat| {
+        let (missing, gone) = (name.clone(), name.clone());
+        let missing = move || StorageError::NotFound { key: missing.to_string() };
+        let path = || self.objects.join(&**name);
+        read_local(&self.hot, name, path, range, missing, move |_, stat| {
             // Not the file that was cached (changed by hand): as good as missing.
-            if stat.len() == size { Ok(meta) } else { Err(gone) }
+            if stat.len() == meta.size {
+                Ok(ObjectMeta::clone(&meta))
+            } else {
+                Err(StorageError::NotFound { key: gone.to_string() })
+            }
         })
         .await
     }
@@ -547,7 +565,7 @@ impl Shared {
                 if let Some((name, meta)) = cached
                     && let Ok(read) = self.read_cached(&name, meta, range).await
                 {
-                    metrics::counter!("waveline_stream_cache_hits_total").increment(1);
+                    self.hits.increment(1);
                     return Ok(read);
                 }
                 miss("bypass");
@@ -858,13 +876,13 @@ impl Storage for CachedStorage {
         if let Some((name, meta)) = cached {
             match shared.read_cached(&name, meta, range).await {
                 Ok(read) => {
-                    metrics::counter!("waveline_stream_cache_hits_total").increment(1);
+                    shared.hits.increment(1);
                     return Ok(read);
                 }
                 // The file is gone (removed by hand): forget it and read through.
                 Err(StorageError::NotFound { .. }) => {
                     let mut index = shared.lock();
-                    if index.entries.get(key).is_some_and(|entry| entry.name == name) {
+                    if index.entries.get(key).is_some_and(|entry| Arc::ptr_eq(&entry.name, &name)) {
                         index.remove(key);
                         index.publish();
                     }
@@ -881,7 +899,7 @@ impl Storage for CachedStorage {
             let known = {
                 let mut index = shared.lock();
                 match index.touch(key) {
-                    Some((_, meta)) => Some(meta),
+                    Some((_, meta)) => Some(ObjectMeta::clone(&meta)),
                     None => index
                         .fills
                         .get(key)

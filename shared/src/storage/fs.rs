@@ -125,20 +125,23 @@ pub(super) fn resolve(range: Option<ByteRange>, size: u64) -> Result<Option<Reso
     }
 }
 
-/// Reads `range` of the local file at `path`, named `name` among the `hot` files, with the
+/// Reads `range` of the local file at `path()`, named `name` among the `hot` files, with the
 /// metadata `meta_of` gives for the opened file. A small part of a file read a moment ago is
 /// one positional read on the calling thread; otherwise the file is opened, checked and, for a
-/// small part (a player's range request), read on the blocking pool in one trip. `missing` is
-/// the error for a path with no file.
-pub(super) async fn read_local<M>(
+/// small part (a player's range request), read on the blocking pool in one trip. `missing()`
+/// is the error for a path with no file. (The path and the error are only made when needed:
+/// the hot path allocates as little as it can.)
+pub(super) async fn read_local<P, E, M>(
     hot: &HotFiles,
     name: &str,
-    path: PathBuf,
+    path: P,
     range: Option<ByteRange>,
-    missing: StorageError,
+    missing: E,
     meta_of: M,
 ) -> Result<ObjectRead, StorageError>
 where
+    P: FnOnce() -> PathBuf,
+    E: FnOnce() -> StorageError + Send + 'static,
     M: FnOnce(&Path, &std::fs::Metadata) -> Result<ObjectMeta, StorageError> + Send + 'static,
 {
     if let Some(hot_file) = hot.get(name) {
@@ -157,19 +160,20 @@ where
         }
     }
 
+    let path = path();
     let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
         use std::io::Seek;
         let mut file = match std::fs::File::open(&path) {
             Ok(file) => file,
             Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
-                return Err(missing);
+                return Err(missing());
             }
             Err(err) => return Err(err.into()),
         };
         // The open handle pins this version of the object, even if a writer replaces it now.
         let stat = file.metadata()?;
         if stat.is_dir() {
-            return Err(missing);
+            return Err(missing());
         }
         let meta = meta_of(&path, &stat)?;
         let resolved = resolve(range, meta.size)?;
@@ -335,11 +339,16 @@ impl Storage for FsStorage {
         result
     }
     async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
-        let owned_key = key.clone();
-        let missing = StorageError::NotFound { key: key.to_string() };
-        read_local(&self.hot, key.as_str(), self.path_of(key), range, missing, move |path, stat| {
-            Ok(meta_of(path, &owned_key, stat))
-        })
+        let (owned_key, missing) = (key.clone(), key.clone());
+        let missing = move || StorageError::NotFound { key: missing.to_string() };
+        read_local(
+            &self.hot,
+            key.as_str(),
+            || self.path_of(key),
+            range,
+            missing,
+            move |path, stat| Ok(meta_of(path, &owned_key, stat)),
+        )
         .await
     }
 
