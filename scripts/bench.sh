@@ -12,9 +12,14 @@
 #
 #   scripts/bench.sh stream [SECONDS=15] [RUNS=3]
 #       range serving: the same ~10 MB MP3 (the mp3_128 rendition of a 640 s upload) from
-#       `waveline serve` (filesystem store) and from ../shared/bench/nginx-range.sh, driven by
-#       wrk (2 threads, 32 connections, SECONDS per run) with a random 64 KiB-aligned 64 KiB
-#       range per request, alternating runs; prints req/s, p50/p99 and the ratio to nginx.
+#       ../shared/bench/nginx-range.sh and from `waveline serve` in both configurations: the
+#       filesystem store (anonymous), and the distributed one, an S3 store (a private s3s-fs)
+#       behind the stream cache, hot, anonymous and with a Bearer token; driven by wrk
+#       (2 threads, 32 connections, SECONDS per run) with a random 64 KiB-aligned 64 KiB range
+#       per request, alternating runs; prints successful answers per second, p50/p99 and the
+#       ratios to nginx. Then the cold first byte of a range: the distributed API with an empty
+#       stream cache against a bare SigV4-signed GET of the same range from the S3 server
+#       (curl's time to first byte, alternating, 2×RUNS+1 samples).
 #       Then status polling (`If-None-Match` on /v1/tracks/ID/status: 304s per second, p99), side by side
 #       with a bare poem handler answering the same poll (bench/src/bare_304.rs), and
 #       a 1 GiB streaming multipart upload to a `serve --workers 0` instance (throughput, the
@@ -141,9 +146,11 @@ wav() {
 rss_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 
 # start_serve WORKERS STORE: starts `waveline serve` on a free port; sets serve_pid and base.
+# STORE is a directory (the file store) or a storage URL (s3://…).
 start_serve() {
-  local port; port=$(free_port)
-  WAVELINE_LISTEN=127.0.0.1:$port WAVELINE_STORAGE=file://$2 "$bin" serve --workers "$1" >>"$work/serve.log" 2>&1 &
+  local port store=$2; port=$(free_port)
+  case "$store" in *://*) ;; *) store=file://$store ;; esac
+  WAVELINE_LISTEN=127.0.0.1:$port WAVELINE_STORAGE=$store "$bin" serve --workers "$1" >>"$work/serve.log" 2>&1 &
   serve_pid=$!; serve_pids+=("$serve_pid"); base=http://127.0.0.1:$port
   local deadline=$((SECONDS + 30))
   until [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/healthz")" = 200 ]; do
@@ -167,6 +174,7 @@ stop_nginx() {
 stream_cleanup() {
   local pid
   for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
+  [ -z "${s3_pid:-}" ] || kill "$s3_pid" 2>/dev/null || true
   [ -z "${bare_pid:-}" ] || kill "$bare_pid" 2>/dev/null || true
   stop_nginx
   rm -rf "$work" "${www:-}"
@@ -183,6 +191,13 @@ wrk_run() {
   grep '^RESULT ' "$work/wrk.out" | cut -d' ' -f2- >>"$work/$name" || { cat "$work/wrk.out" >&2; die "no result from wrk"; }
 }
 col() { cut -d' ' -f"$1" "$work/$2" | median; }
+# s3 ARGS…: curl with SigV4 request signing against the bench's S3 server (the payload is
+# left unsigned, as S3 allows; curl does not hash it).
+s3() {
+  curl -sS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$s3_access:$s3_secret" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' "$@"
+}
+# cache_objects URL: the stream cache's object count from the server's /metrics.
+cache_objects() { curl -sS "$1/metrics" | awk '$1 == "waveline_stream_cache_objects" {print $2}'; }
 sum_col() { cut -d' ' -f"$1" "$work/$2" | paste -sd+ | bc; }
 
 stream() {
@@ -204,7 +219,7 @@ stream() {
   echo "building waveline and the bare poem reference (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
   bin=$(target_dir)/release/waveline
-  work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid=
+  work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid= s3_pid=
   trap stream_cleanup EXIT
   [ "$(df -Pk "$work" | awk 'NR == 2 {print $4}')" -gt $((4 * 1024 * 1024)) ] || die "the upload test needs 4 GiB free in $work"
   export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
@@ -216,7 +231,7 @@ stream() {
   local store=$work/store
   WAVELINE_STORAGE=file://$store "$bin" migrate >/dev/null
   start_serve 1 "$store"
-  local api=$base
+  local api=$base api_pid=$serve_pid
 
   echo "generating a 640 s signal and uploading it…" >&2
   bash "$shared/bench/gen-signal.sh" 640 "$work/input.flac"
@@ -257,6 +272,65 @@ stream() {
   [ -n "$nginx_pid" ] && kill -0 "$nginx_pid" 2>/dev/null || die "nginx did not start"
   local wl_url=$api/v1/tracks/$id/stream/mp3_128 ng_url=http://127.0.0.1:$nport/track.mp3
 
+  # The distributed configuration: the same rendition in a bucket of a private S3 server
+  # (s3s-fs), served by `serve --workers 0` on the same database through its stream cache.
+  local s3fs=${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs s3port s3url key=${mp3#"$store"/}
+  [ -x "$s3fs" ] || die "no $s3fs: run scripts/setup.sh"
+  s3_access=${AWS_ACCESS_KEY_ID:-waveline-test} s3_secret=${AWS_SECRET_ACCESS_KEY:-waveline-test-secret}
+  s3port=$(free_port); s3url=http://127.0.0.1:$s3port; mkdir -p "$work/s3"
+  "$s3fs" --host 127.0.0.1 --port "$s3port" --access-key "$s3_access" --secret-key "$s3_secret" "$work/s3" >>"$work/s3.log" 2>&1 &
+  s3_pid=$!
+  local deadline=$((SECONDS + 30))
+  until port_open "$s3port"; do
+    kill -0 "$s3_pid" 2>/dev/null || { cat "$work/s3.log" >&2; die "s3s-fs exited"; }
+    [ "$SECONDS" -lt "$deadline" ] || { cat "$work/s3.log" >&2; die "s3s-fs is not answering on port $s3port after 30 s"; }
+    sleep 0.1
+  done
+  code=$(s3 -o /dev/null -w '%{http_code}' -X PUT "$s3url/bench"); [ "$code" = 200 ] || die "creating the bucket: HTTP $code"
+  code=$(s3 -o /dev/null -w '%{http_code}' -H 'Content-Type: audio/mpeg' -T "$mp3" "$s3url/bench/$key")
+  [ "$code" = 200 ] || die "putting the rendition into the bucket: HTTP $code"
+  local s3_store="s3://bench?endpoint=$s3url&region=us-east-1" cache_dir=$work/stream-cache
+  export AWS_ACCESS_KEY_ID=$s3_access AWS_SECRET_ACCESS_KEY=$s3_secret
+  # start_dist: a distributed API with an empty stream cache; sets dist_pid, dist and ds_url.
+  start_dist() {
+    [ -z "${dist_pid:-}" ] || stop_serve "$dist_pid"
+    rm -rf "$cache_dir"
+    WAVELINE_STREAM_CACHE_DIR=$cache_dir start_serve 0 "$s3_store"
+    dist_pid=$serve_pid dist=$base ds_url=$base/v1/tracks/$id/stream/mp3_128
+  }
+  local dist_pid= dist ds_url got s3_range_url=$s3url/bench/$key
+
+  # Cold first byte: the distributed API with an empty cache, after a HEAD of the stream (the
+  # track's lookup and a connection to S3 are warm, the object is not), against a bare signed
+  # GET of the same range from the S3 server; alternating which goes first.
+  echo "cold first byte: $((2 * runs + 1)) samples, alternating with a bare S3 GET…" >&2
+  for i in $(seq $((2 * runs + 1))); do
+    start_dist
+    code=$(curl -sS -o /dev/null -w '%{http_code}' -I "$ds_url"); [ "$code" = 200 ] || die "HEAD of the cold stream: HTTP $code"
+    local order="waveline s3"; [ $((i % 2)) = 0 ] && order="s3 waveline"
+    for server in $order; do
+      if [ "$server" = s3 ]; then
+        got=$(s3 -o "$work/cold.$server" -w '%{http_code} %{size_download} %{time_starttransfer}' -H 'Range: bytes=0-65535' "$s3_range_url")
+      else
+        got=$(curl -sS -o "$work/cold.$server" -w '%{http_code} %{size_download} %{time_starttransfer}' -H 'Range: bytes=0-65535' "$ds_url")
+      fi
+      [ "${got% *}" = "206 65536" ] || die "$server: a cold 64 KiB range answered '$got' (status, bytes, seconds)"
+      echo "${got##* }" | awk '{printf "%.3f\n", $1 * 1000}' >>"$work/cold_$server"
+    done
+    cmp -s "$work/cold.s3" "$work/cold.waveline" || die "the cold range differs between S3 and waveline"
+  done
+
+  # Hot: the distributed API once it holds the rendition.
+  start_dist
+  curl -sS -o "$work/whole.dist" "$ds_url" && cmp -s "$work/whole.dist" "$mp3" || die "the distributed stream differs from the rendition"
+  deadline=$((SECONDS + 30))
+  until [ "$(cache_objects "$dist")" = 1 ]; do
+    [ "$SECONDS" -lt "$deadline" ] || die "the stream cache does not hold the rendition after 30 s"
+    sleep 0.1
+  done
+  got=$(curl -sS -o "$work/range.dist" -w '%{http_code} %{size_download}' -H "$auth" -H 'Range: bytes=65536-131071' "$ds_url")
+  [ "$got" = "206 65536" ] || die "distributed, signed in: a 64 KiB range answered '$got'"
+
   # Both must answer a range with 206 and the same 65536 bytes, and the whole file must match.
   local first=$(((size / 65536 / 2) * 65536)) got
   for server in nginx waveline; do
@@ -279,7 +353,8 @@ function request()
 end
 function done(summary, latency, requests)
   local e, secs = summary.errors, summary.duration / 1e6
-  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", summary.requests / secs,
+  -- Successful answers only: e.status counts the answers with a status of 400 or more.
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - e.status) / secs,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.status,
     e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
 end
@@ -287,12 +362,18 @@ LUA
   echo "range serving: warming up, then $runs runs of ${duration}s each, alternating…" >&2
   local saved=$duration; duration=3
   wrk_run warmup "$ng_url" "$work/range.lua"; wrk_run warmup "$wl_url" "$work/range.lua"
+  wrk_run warmup "$ds_url" "$work/range.lua"; wrk_run warmup "$ds_url" "$work/range.lua" "$auth"
   duration=$saved
   for i in $(seq "$runs"); do
     echo "run $i/$runs…" >&2
     wrk_run nginx "$ng_url" "$work/range.lua"
     wrk_run waveline "$wl_url" "$work/range.lua"
+    wrk_run dist_anon "$ds_url" "$work/range.lua"
+    wrk_run dist_bearer "$ds_url" "$work/range.lua" "$auth"
   done
+  local cache_hits
+  cache_hits=$(curl -sS "$dist/metrics" | awk '$1 == "waveline_stream_cache_hits_total" {print $2}')
+  stop_serve "$dist_pid"; kill "$s3_pid" 2>/dev/null; wait "$s3_pid" 2>/dev/null || true; s3_pid=
 
   # Status polling: the owner's client revalidates with If-None-Match.
   local etag
@@ -330,7 +411,7 @@ LUA
   done
   kill "$bare_pid" 2>/dev/null; wait "$bare_pid" 2>/dev/null || true
   stop_nginx
-  stop_serve "$serve_pid"
+  stop_serve "$api_pid"
 
   # Upload: an API-only instance (--workers 0) only stores and queues, so no processing runs.
   echo "upload: $runs streaming uploads of 1 GiB…" >&2
@@ -360,6 +441,10 @@ LUA
   local nr n50 n99 wr w50 w99 sr s50 s99 ut ur growth ratio
   nr=$(col 1 nginx); n50=$(col 2 nginx); n99=$(col 3 nginx)
   wr=$(col 1 waveline); w50=$(col 2 waveline); w99=$(col 3 waveline)
+  local ar a50 a99 aratio tr t50 t99 tratio cw cs cdiff
+  ar=$(col 1 dist_anon); a50=$(col 2 dist_anon); a99=$(col 3 dist_anon); aratio=$(echo "$ar / $nr" | bc -l)
+  tr=$(col 1 dist_bearer); t50=$(col 2 dist_bearer); t99=$(col 3 dist_bearer); tratio=$(echo "$tr / $nr" | bc -l)
+  cw=$(median <"$work/cold_waveline"); cs=$(median <"$work/cold_s3"); cdiff=$(echo "$cw - $cs" | bc -l)
   sr=$(col 1 status); s50=$(col 2 status); s99=$(col 3 status)
   local br b50 b99 sratio
   br=$(col 1 bare); b50=$(col 2 bare); b99=$(col 3 bare)
@@ -375,7 +460,17 @@ LUA
   echo "|---|---:|---:|---:|"
   printf "| nginx %s (sendfile) | %.0f | %.2f | %.2f |\n" "$(nginx -v 2>&1 | sed 's|.*/||')" "$nr" "$n50" "$n99"
   printf "| waveline serve (file store) | %.0f | %.2f | %.2f |\n" "$wr" "$w50" "$w99"
-  printf "| ratio waveline / nginx | **%.2f×** | %.2f× | %.2f× |\n" "$ratio" "$(echo "$w50 / $n50" | bc -l)" "$(echo "$w99 / $n99" | bc -l)"
+  printf "| waveline serve (S3 store, stream cache hot), anonymous | %.0f | %.2f | %.2f |\n" "$ar" "$a50" "$a99"
+  printf "| waveline serve (S3 store, stream cache hot), Bearer token | %.0f | %.2f | %.2f |\n" "$tr" "$t50" "$t99"
+  printf "| ratio waveline / nginx: file store, anonymous | **%.2f×** | %.2f× | %.2f× |\n" "$ratio" "$(echo "$w50 / $n50" | bc -l)" "$(echo "$w99 / $n99" | bc -l)"
+  printf "| ratio waveline / nginx: S3 + cache, anonymous | **%.2f×** | %.2f× | %.2f× |\n" "$aratio" "$(echo "$a50 / $n50" | bc -l)" "$(echo "$a99 / $n99" | bc -l)"
+  printf "| ratio waveline / nginx: S3 + cache, Bearer token | **%.2f×** | %.2f× | %.2f× |\n" "$tratio" "$(echo "$t50 / $n50" | bc -l)" "$(echo "$t99 / $n99" | bc -l)"
+  echo
+  echo "| cold first byte of bytes=0-65535 ($((2 * runs + 1)) samples, alternating) | median ms | min ms | max ms |"
+  echo "|---|---:|---:|---:|"
+  printf "| bare SigV4-signed GET from the S3 server (s3s-fs) | %.2f | %.2f | %.2f |\n" "$cs" "$(sort -g "$work/cold_s3" | head -1)" "$(sort -g "$work/cold_s3" | tail -1)"
+  printf "| waveline serve (S3 store), empty stream cache | %.2f | %.2f | %.2f |\n" "$cw" "$(sort -g "$work/cold_waveline" | head -1)" "$(sort -g "$work/cold_waveline" | tail -1)"
+  printf "| difference of the medians | %+.2f | | |\n" "$cdiff"
   echo
   echo "| status polling with If-None-Match | 304/s | p50 ms | p99 ms |"
   echo "|---|---:|---:|---:|"
@@ -392,15 +487,22 @@ LUA
   echo "|---|---:|---|"
   printf "| range req/s ≥ 0.5× nginx | %.2f× | %s |\n" "$ratio" "$(mark "$(echo "$ratio >= 0.5" | bc -l)")"
   printf "| range p99 ≤ 10 ms | %.2f ms | %s |\n" "$w99" "$(mark "$(echo "$w99 <= 10" | bc -l)")"
+  printf "| S3 + cache, anonymous: range req/s ≥ 0.5× nginx | %.2f× | %s |\n" "$aratio" "$(mark "$(echo "$aratio >= 0.5" | bc -l)")"
+  printf "| S3 + cache, Bearer token: range req/s ≥ 0.5× nginx | %.2f× | %s |\n" "$tratio" "$(mark "$(echo "$tratio >= 0.5" | bc -l)")"
+  printf "| S3 + cache: range p99 ≤ 10 ms (anonymous, Bearer) | %.2f, %.2f ms | %s |\n" "$a99" "$t99" "$(mark "$(echo "$a99 <= 10 && $t99 <= 10" | bc -l)")"
+  printf "| cold first byte ≤ S3's own + 5 ms | %+.2f ms | %s |\n" "$cdiff" "$(mark "$(echo "$cdiff <= 5" | bc -l)")"
   printf "| status polls ≥ 0.5× a bare poem 304 handler | %.2f× | %s |\n" "$sratio" "$(mark "$(echo "$sratio >= 0.5" | bc -l)")"
   printf "| upload RSS growth ≤ 64 MiB | %.1f MiB | %s |\n" "$growth" "$(mark "$(echo "$growth <= 64" | bc -l)")"
   echo
   local bad
   bad=$(( $(sum_col 4 nginx) + $(sum_col 5 nginx) + $(sum_col 4 waveline) + $(sum_col 5 waveline) + $(sum_col 4 status) + $(sum_col 5 status) + $(sum_col 4 bare) + $(sum_col 5 bare) ))
+  bad=$(( bad + $(sum_col 4 dist_anon) + $(sum_col 5 dist_anon) + $(sum_col 4 dist_bearer) + $(sum_col 5 dist_bearer) ))
   [ "$bad" = 0 ] || echo "WARNING: $bad failed answers (HTTP ≥ 400, socket errors, or non-304 status polls): see the runs below"
   echo "bytes per answer (median; headers included): nginx $(col 6 nginx), waveline $(col 6 waveline), status 304 $(col 6 status)"
   echo "VmHWM before the upload: $((hwm0 / 1024)) MiB (includes start-up and the 1 MiB warm-up upload; reset before the 1 GiB uploads where /proc allows)"
-  echo "every run (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): nginx: $(paste -sd';' "$work/nginx") waveline: $(paste -sd';' "$work/waveline") status: $(paste -sd';' "$work/status") bare 304: $(paste -sd';' "$work/bare")"
+  echo "every run (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): nginx: $(paste -sd';' "$work/nginx") waveline: $(paste -sd';' "$work/waveline") S3+cache anonymous: $(paste -sd';' "$work/dist_anon") S3+cache Bearer: $(paste -sd';' "$work/dist_bearer") status: $(paste -sd';' "$work/status") bare 304: $(paste -sd';' "$work/bare")"
+  echo "every cold first byte (ms): S3: $(paste -sd';' "$work/cold_s3") waveline: $(paste -sd';' "$work/cold_waveline"); stream cache hits after the hot runs: ${cache_hits:-?}"
+  echo "load while measuring (uptime at the end): $(uptime)"
   echo "every upload (s MiB/s): $(paste -sd';' "$work/upload")"
   stream_during_transcode "$duration" "$runs"
 }

@@ -78,20 +78,25 @@ pub enum WaveformFormat {
 /// run of range requests (and HLS segment requests) for one track; with the cache they cost
 /// one database query per track and preset every [`PLAYABLE_TTL`], not one each.
 ///
-/// Only playable tracks are cached. Staleness is bounded and harmless: an edit or deletion
-/// through this process drops the track's entries at once (other replicas within the TTL),
-/// and an object that is gone from storage (a revision replaced by reprocessing) drops the
-/// entry and is looked up again before anything is answered.
+/// Only playable tracks are cached. Every change of a track that the status feed hears (a new
+/// revision going live, a visibility change, a deletion, made by any replica or worker) drops
+/// the track's entries at once ([`StatusFeed::keep_current`](crate::status_feed::StatusFeed::keep_current)),
+/// and the feed empties the cache whenever notifications may have been lost; an edit through
+/// this process drops them even before the notification arrives. This matters with the stream
+/// cache: a replaced revision's files may outlive their removal from the store there, so the
+/// routes must not keep naming them. An object that is gone from storage drops the entry and
+/// is looked up again before anything is answered.
 #[derive(Debug, Default)]
 pub struct PlayableCache {
     entries: Mutex<Entries>,
 }
 
-/// (track, preset) → (when it was looked up, what was found).
-type Entries = HashMap<(TrackId, Option<String>), (Instant, Playable)>;
+/// track → preset → (when it was looked up, what was found).
+type Entries = HashMap<TrackId, HashMap<Option<String>, (Instant, Playable)>>;
 
 /// How long a cached lookup is used.
 pub const PLAYABLE_TTL: Duration = Duration::from_secs(2);
+/// The most tracks held.
 const PLAYABLE_MAX: usize = 10_000;
 
 impl PlayableCache {
@@ -99,24 +104,36 @@ impl PlayableCache {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, key: &(TrackId, Option<String>)) -> Option<Playable> {
-        self.lock().get(key).filter(|(at, _)| at.elapsed() < PLAYABLE_TTL).map(|(_, playable)| playable.clone())
+    fn get(&self, id: TrackId, preset: &Option<String>) -> Option<Playable> {
+        self.lock()
+            .get(&id)?
+            .get(preset)
+            .filter(|(at, _)| at.elapsed() < PLAYABLE_TTL)
+            .map(|(_, playable)| playable.clone())
     }
 
-    fn put(&self, key: (TrackId, Option<String>), playable: Playable) {
+    fn put(&self, id: TrackId, preset: Option<String>, playable: Playable) {
         let mut entries = self.lock();
-        if entries.len() >= PLAYABLE_MAX {
-            entries.retain(|_, (at, _)| at.elapsed() < PLAYABLE_TTL);
+        if entries.len() >= PLAYABLE_MAX && !entries.contains_key(&id) {
+            entries.retain(|_, presets| {
+                presets.retain(|_, (at, _)| at.elapsed() < PLAYABLE_TTL);
+                !presets.is_empty()
+            });
             if entries.len() >= PLAYABLE_MAX {
                 entries.clear();
             }
         }
-        entries.insert(key, (Instant::now(), playable));
+        entries.entry(id).or_default().insert(preset, (Instant::now(), playable));
     }
 
-    /// Drops every entry of a track (after an edit or a deletion).
+    /// Drops every entry of a track (after a change to it).
     pub fn forget(&self, id: TrackId) {
-        self.lock().retain(|(track, _), _| *track != id);
+        self.lock().remove(&id);
+    }
+
+    /// Drops everything (changes may have gone unheard).
+    pub fn clear(&self) {
+        self.lock().clear();
     }
 }
 
@@ -202,8 +219,8 @@ impl Media {
         access: Access<'_>,
         use_cache: bool,
     ) -> Result<(Playable, bool), ApiError> {
-        let key = (id, preset.map(str::to_owned));
-        let cached = if use_cache { self.state.playables.get(&key) } else { None };
+        let preset_key = preset.map(str::to_owned);
+        let cached = if use_cache { self.state.playables.get(id, &preset_key) } else { None };
         let from_cache = cached.is_some();
         let playable = match cached {
             Some(playable) => playable,
@@ -211,7 +228,7 @@ impl Media {
                 let playable =
                     self.state.tracks.playable(id, preset).await?.ok_or_else(|| ApiError::not_found("track"))?;
                 if playable.ready_revision.is_some() {
-                    self.state.playables.put(key, playable.clone());
+                    self.state.playables.put(id, preset_key, playable.clone());
                 }
                 playable
             }

@@ -83,13 +83,20 @@ pub struct StatusFeed {
     sender: broadcast::Sender<Change>,
     cache: StatusCache,
     sessions: SessionCache,
+    /// The listening routes' lookups, dropped for every track that changes.
+    playables: std::sync::OnceLock<Arc<crate::media::PlayableCache>>,
 }
 
 impl StatusFeed {
     /// Starts listening (in the background, reconnecting on its own).
     pub fn start(pool: PgPool) -> Arc<StatusFeed> {
         let (sender, _) = broadcast::channel(4096);
-        let feed = Arc::new(StatusFeed { sender, cache: StatusCache::default(), sessions: SessionCache::default() });
+        let feed = Arc::new(StatusFeed {
+            sender,
+            cache: StatusCache::default(),
+            sessions: SessionCache::default(),
+            playables: std::sync::OnceLock::new(),
+        });
         let relay = feed.clone();
         tokio::spawn(async move { listen(pool, relay).await });
         feed
@@ -113,6 +120,13 @@ impl StatusFeed {
         self.cache.slots().remove(&id);
     }
 
+    /// Keeps the listening routes' lookups current: every change heard drops the track's
+    /// entries, before the status cache shows the change (so a client that saw a new revision
+    /// go live in its status gets the new revision's bytes next), and a resync drops them all.
+    pub fn keep_current(&self, playables: Arc<crate::media::PlayableCache>) {
+        let _ = self.playables.set(playables);
+    }
+
     /// The live sessions, kept current by the same listener.
     pub fn sessions(&self) -> &SessionCache {
         &self.sessions
@@ -124,9 +138,18 @@ impl StatusFeed {
     }
 
     fn relay(&self, change: Change) {
+        let playables = self.playables.get();
         match &change {
-            Change::Status(announced) => self.cache.heard(announced),
+            Change::Status(announced) => {
+                if let Some(playables) = playables {
+                    playables.forget(announced.track());
+                }
+                self.cache.heard(announced);
+            }
             Change::Resync => {
+                if let Some(playables) = playables {
+                    playables.clear();
+                }
                 self.cache.clear();
                 self.sessions.clear();
             }

@@ -172,11 +172,31 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         }
     };
     let pool = services.tracks.pool().clone();
+    // Listeners read through the stream cache; the in-process workers write to the store itself.
+    let served = match settings.stream_cache() {
+        Some((dir, max_bytes)) => {
+            let cache = storage::CacheSettings {
+                dir: dir.to_path_buf(),
+                max_bytes,
+                cacheable: storage::renditions_only,
+                origin: serde_json::to_string(&settings.storage)?,
+            };
+            let cached = storage::CachedStorage::open(services.storage.clone(), cache)
+                .await
+                .with_context(|| format!("cannot open the stream cache in {}", dir.display()))?;
+            tracing::info!(slot = %cached.slot().display(), max_bytes, "renditions are cached on local disk");
+            Arc::new(cached) as Arc<dyn Storage>
+        }
+        None => services.storage.clone(),
+    };
+    let status_feed = waveline_api::status_feed::StatusFeed::start(pool.clone());
+    let playables = Arc::new(waveline_api::media::PlayableCache::default());
+    status_feed.keep_current(playables.clone());
     let state = waveline_api::AppState {
         tracks: services.tracks.clone(),
         users: db::PgUsers::new(pool.clone()),
         outbox: services.outbox.clone(),
-        storage: services.storage.clone(),
+        storage: served,
         queue: services.queue.clone(),
         documents: waveline_shared::documents::open(settings, &pool)
             .await
@@ -191,8 +211,8 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             upload_url_ttl: settings.upload_url_ttl,
         },
         security: Arc::new(waveline_api::SecuritySettings::from_settings(settings)),
-        status_feed: waveline_api::status_feed::StatusFeed::start(pool.clone()),
-        playables: Arc::default(),
+        status_feed,
+        playables,
         delivery: Arc::new(waveline_api::redirect::StreamDelivery::from_settings(settings)),
         uploads_in_flight: waveline_api::upload_slots(settings.uploads_per_account),
         metrics: Arc::new(move || metrics.render()),

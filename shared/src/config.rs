@@ -193,6 +193,15 @@ pub struct Settings {
     /// The absolute lifetime of a session (a refresh-token family), however often it is
     /// refreshed, seconds. Default 7776000 (90 days).
     pub refresh_family_max_age: Duration,
+    /// Where `waveline serve` keeps its read-through cache of renditions on local disk (see
+    /// [`CachedStorage`](crate::storage::CachedStorage)); processes sharing it take separate
+    /// slots inside. Default `$XDG_DATA_HOME/waveline/stream-cache` (else
+    /// `~/.local/share/…`) with the S3 store; with the file store, none: its files are local
+    /// already (set it for a file store on a network filesystem).
+    pub stream_cache_dir: Option<PathBuf>,
+    /// The most bytes the stream cache of one API process holds (least recently read objects
+    /// go first; a larger object is never cached); 0 turns the cache off. Default 10 GiB.
+    pub stream_cache_bytes: u64,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -328,7 +337,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 55] = [
+const KEYS: [Key; 57] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -384,6 +393,8 @@ const KEYS: [Key; 55] = [
     Key { name: "email_verify_ttl_s", secret: false },
     Key { name: "password_reset_ttl_s", secret: false },
     Key { name: "refresh_family_max_age_s", secret: false },
+    Key { name: "stream_cache_dir", secret: false },
+    Key { name: "stream_cache_bytes", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -700,7 +711,20 @@ impl Settings {
             Some(raw) => Duration::from_secs(parse_int(&raw, 60, 315_360_000)?.into()),
             None => Duration::from_secs(90 * 86_400),
         };
+        let stream_cache_dir = match absolute_path(take("stream_cache_dir"))? {
+            Some(dir) => Some(dir),
+            None if matches!(storage, StorageBackend::S3 { .. }) => Some(default_data_dir().join("stream-cache")),
+            None => None,
+        };
+        let stream_cache_bytes = match take("stream_cache_bytes") {
+            Some(raw) => {
+                raw.value.trim().parse::<u64>().map_err(|_| raw.invalid("a number of bytes (0 turns the cache off)"))?
+            }
+            None => 10 << 30,
+        };
         Ok(Settings {
+            stream_cache_dir,
+            stream_cache_bytes,
             json_body_max_bytes,
             body_read_timeout,
             max_connections,
@@ -820,7 +844,17 @@ impl Settings {
             "email_verify_ttl_s": self.email_verify_ttl.as_secs(),
             "password_reset_ttl_s": self.password_reset_ttl.as_secs(),
             "refresh_family_max_age_s": self.refresh_family_max_age.as_secs(),
+            "stream_cache_dir": self.stream_cache_dir,
+            "stream_cache_bytes": self.stream_cache_bytes,
         })
+    }
+
+    /// Where the stream cache lives and how large it may grow, or `None` when it is off.
+    pub fn stream_cache(&self) -> Option<(&Path, u64)> {
+        self.stream_cache_dir
+            .as_deref()
+            .filter(|_| self.stream_cache_bytes > 0)
+            .map(|dir| (dir, self.stream_cache_bytes))
     }
 }
 
@@ -1343,6 +1377,25 @@ mod tests {
         assert!(text.starts_with("WAVELINE_PIPELINE_PRIORITY: expected `idle`, `low` or `normal`"), "{text}");
         let text = error_text(&[("WAVELINE_PIPELINE_THREADS", "0")]);
         assert!(text.starts_with("WAVELINE_PIPELINE_THREADS: expected a whole number from 1"), "{text}");
+    }
+
+    #[test]
+    fn the_stream_cache_is_on_for_s3_and_off_for_the_file_store() {
+        let s3 = [("WAVELINE_STORAGE", "s3://media?endpoint=http://127.0.0.1:9000")];
+        let settings = load(&s3).expect("valid");
+        let (dir, bytes) = settings.stream_cache().expect("on with S3");
+        assert!(dir.is_absolute() && dir.ends_with("stream-cache"), "{}", dir.display());
+        assert_eq!(bytes, 10 << 30);
+        assert!(load(&[]).expect("defaults").stream_cache().is_none(), "off with the file store");
+        let settings = load(&[("WAVELINE_STREAM_CACHE_DIR", "/srv/cache"), ("WAVELINE_STREAM_CACHE_BYTES", "1048576")])
+            .expect("valid");
+        assert_eq!(settings.stream_cache(), Some((Path::new("/srv/cache"), 1 << 20)), "on when asked for");
+        let off = load(&[s3[0], ("WAVELINE_STREAM_CACHE_BYTES", "0")]).expect("valid");
+        assert!(off.stream_cache().is_none(), "0 bytes turns it off");
+        for (var, bad) in [("WAVELINE_STREAM_CACHE_DIR", "relative/dir"), ("WAVELINE_STREAM_CACHE_BYTES", "10GB")] {
+            let text = error_text(&[(var, bad)]);
+            assert!(text.starts_with(&format!("{var}: expected")), "{text}");
+        }
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The `Storage` seam: where originals, renditions, waveforms and artwork live.
 //!
 //! Two backends implement [`Storage`]: [`S3Storage`] (any S3-compatible server, path-style)
-//! and [`FsStorage`] (a local directory, for the embedded mode). Both pass the same contract
-//! suite (`shared/tests/storage_contract.rs`). Callers hold an `Arc<dyn Storage>` built by
-//! [`open`] from the configured [`StorageBackend`].
+//! and [`FsStorage`] (a local directory, for the embedded mode). [`CachedStorage`] wraps
+//! either with a read-through cache on local disk (API processes put it in front of S3 for
+//! renditions). All three pass the same contract suite (`tests/tests/storage_contract.rs`).
+//! Callers hold an `Arc<dyn Storage>` built by [`open`] from the configured [`StorageBackend`].
 //!
 //! Bodies move as streams of [`Bytes`] in both directions, so memory use is bounded by the
 //! chunk size (and, for S3 multipart uploads, by one part), never by the object size.
 
+mod cache;
 mod fs;
 mod s3;
 
@@ -23,6 +25,7 @@ use futures::Stream;
 use serde::Serialize;
 
 pub use aws_sdk_s3::config::Credentials as S3Credentials;
+pub use cache::{CacheSettings, CacheStats, CachedStorage, renditions_only};
 pub use fs::FsStorage;
 pub use s3::S3Storage;
 

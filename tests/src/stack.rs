@@ -26,6 +26,9 @@ pub enum Mode {
 #[allow(missing_debug_implementations)]
 pub struct Stack {
     serve: Child,
+    /// The stream cache directory of `serve` (its own, unless the test named one).
+    pub stream_cache_dir: std::path::PathBuf,
+    _stream_cache: tempfile::TempDir,
     worker: Option<Child>,
     pub base: String,
     pub db: TestDb,
@@ -89,7 +92,7 @@ impl Stack {
         };
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let in_process = if mode == Mode::Embedded && process { "1" } else { "0" };
-        let (serve, port) = start_serve(&env, in_process).await?;
+        let (serve, port, stream_cache) = start_serve(&env, in_process).await?;
         env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
         let worker = if mode == Mode::Distributed && process {
             Some(spawn(&["worker", "--concurrency", "1"], &env).context("cannot start waveline worker")?)
@@ -97,7 +100,20 @@ impl Stack {
             None
         };
         let base = format!("http://127.0.0.1:{port}");
-        Ok(Stack { serve, worker, base, db, storage, env, _objects: objects, distributed, mongodb })
+        let stream_cache_dir = stream_cache_dir(&env, &stream_cache);
+        Ok(Stack {
+            serve,
+            stream_cache_dir,
+            _stream_cache: stream_cache,
+            worker,
+            base,
+            db,
+            storage,
+            env,
+            _objects: objects,
+            distributed,
+            mongodb,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -161,6 +177,7 @@ impl Drop for Stack {
 pub struct Replica {
     serve: Child,
     pub base: String,
+    _stream_cache: tempfile::TempDir,
 }
 
 impl Stack {
@@ -179,8 +196,8 @@ impl Stack {
             .cloned()
             .collect();
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let (serve, port) = start_serve(&env, "0").await?;
-        Ok(Replica { serve, base: format!("http://127.0.0.1:{port}") })
+        let (serve, port, stream_cache) = start_serve(&env, "0").await?;
+        Ok(Replica { serve, base: format!("http://127.0.0.1:{port}"), _stream_cache: stream_cache })
     }
 }
 
@@ -223,20 +240,36 @@ fn spawn(args: &[&str], env: &[(String, String)]) -> Result<Child> {
     Ok(command.stdout(log.try_clone()?).stderr(log).spawn()?)
 }
 
+/// The stream cache directory `serve` was given: the test's own, or the one made for it.
+fn stream_cache_dir(env: &[(String, String)], made: &tempfile::TempDir) -> std::path::PathBuf {
+    env.iter()
+        .rev()
+        .find(|(name, _)| name == "WAVELINE_STREAM_CACHE_DIR")
+        .map_or_else(|| made.path().to_path_buf(), |(_, dir)| dir.into())
+}
+
 /// Starts `waveline serve --workers <workers>` with `env` on a free port, once it answers.
+/// With the S3 store, unless `env` names one, the process gets a stream cache directory of its
+/// own (a test's processes then never share a cache, and nothing is left in the home directory).
 ///
 /// The port is picked by binding port 0 and letting it go, so another process may take it
 /// before `serve` binds it: a `serve` that exits at once is started again on another.
-async fn start_serve(env: &[(String, String)], workers: &str) -> Result<(Child, u16)> {
+async fn start_serve(env: &[(String, String)], workers: &str) -> Result<(Child, u16, tempfile::TempDir)> {
+    let stream_cache = temp_dir()?;
     let mut attempt = 0;
     loop {
         attempt += 1;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut env = env.to_vec();
+        let s3 =
+            env.iter().rev().find(|(name, _)| name == "WAVELINE_STORAGE").is_some_and(|(_, v)| v.starts_with("s3:"));
+        if s3 && !env.iter().any(|(name, _)| name == "WAVELINE_STREAM_CACHE_DIR") {
+            env.insert(0, ("WAVELINE_STREAM_CACHE_DIR".into(), stream_cache.path().display().to_string()));
+        }
         env.push(("WAVELINE_LISTEN".into(), format!("127.0.0.1:{port}")));
         let mut serve = spawn(&["serve", "--workers", workers], &env).context("cannot start waveline serve")?;
         match wait_healthy(&mut serve, port).await {
-            Ok(()) => return Ok((serve, port)),
+            Ok(()) => return Ok((serve, port, stream_cache)),
             Err(err) if attempt < 3 && matches!(serve.try_wait(), Ok(Some(_))) => {
                 eprintln!("waveline serve on port {port} exited ({err:#}); starting it on another port");
             }

@@ -1027,3 +1027,145 @@ async fn readyz_names_the_dependency_that_is_down() -> Result<()> {
     ensure!(message == "not reachable: storage", "{message}");
     Ok(())
 }
+
+/// A gauge or the sum of a counter's series from the server's `/metrics`.
+async fn metric(base_url: &str, name: &str) -> Result<f64> {
+    let metrics = reqwest::get(format!("{base_url}/metrics")).await?.text().await?;
+    Ok(metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && matches!(line.as_bytes().get(name.len()), Some(b' ' | b'{')))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Waits until the API's stream cache holds `objects` complete objects.
+async fn cache_holds(stack: &Stack, objects: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = metric(&stack.base, "waveline_stream_cache_objects").await?;
+        if held >= objects as f64 {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "the stream cache holds {held} objects after 10 s, not {objects}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The range contract, served by the distributed API from its stream cache: once each stream
+/// has been read, the object store is stopped, and every range form, `If-Range`, `HEAD` and
+/// 304 still answer, byte for byte, with the store's own validators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_ranges_are_served_from_the_stream_cache_while_the_store_is_down() -> Result<()> {
+    let mut s3 = S3Server::start()?;
+    let (access, secret) = s3_credentials();
+    let credentials = storage::S3Credentials::new(access, secret, None, None, "test");
+    let bucket = storage::S3Storage::new("wl-cache", Some(&s3.endpoint()), "us-east-1", credentials);
+    bucket.ensure_bucket().await?;
+    let store = format!("s3://wl-cache?endpoint={}&region=us-east-1", s3.endpoint());
+    let stack = Stack::start(Mode::Distributed, true, &[("WAVELINE_STORAGE", &store)]).await?;
+    let client = reqwest::Client::new();
+    let alice = register_and_login(&stack, "alice").await?;
+    let dir = temp_dir()?;
+    let song = dir.path().join("song.flac");
+    audio::tone(&song, 4.0, 44100, 2, &[])?;
+    let (status, track) = upload(&stack, &alice, &[("title", "Cached")], ("song.flac", &std::fs::read(&song)?)).await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+    wait_ready(&stack, &alice, &id, 1).await?;
+
+    let renditions = PgTracks::new(stack.db.pool.clone()).renditions(id.parse()?).await?;
+    let presets = [("mp3_128", "audio/mpeg"), ("opus_64", "audio/ogg"), ("preview", "audio/mpeg")];
+    let mut stored = Vec::new();
+    for (preset, _) in presets {
+        let rendition = renditions.iter().find(|r| r.preset == preset).context("rendition row")?;
+        let read = bucket.get(&ObjectKey::parse(rendition.storage_key.as_str())?, None).await?;
+        let chunks: Vec<bytes::Bytes> = read
+            .body
+            .map(|c| c.map_err(anyhow::Error::from))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        stored.push(chunks.concat());
+    }
+    // One read of each stream fills the cache.
+    for ((preset, _), bytes) in presets.iter().zip(&stored) {
+        let url = stack.url(&format!("/v1/tracks/{id}/stream/{preset}"));
+        let (status, _, body) = get_bytes(client.get(&url).bearer_auth(&alice.token)).await?;
+        ensure!(status == 200 && body == *bytes, "{preset}: {status}, {} bytes", body.len());
+    }
+    cache_holds(&stack, presets.len()).await?;
+    let hits = metric(&stack.base, "waveline_stream_cache_hits_total").await?;
+
+    s3.pause()?;
+    for ((preset, content_type), bytes) in presets.iter().zip(&stored) {
+        check_ranges(&stack, &alice, &id, preset, bytes, content_type).await?;
+    }
+    // Each stream's check makes nine GETs with a body (the whole, five ranges, three If-Range).
+    let served = metric(&stack.base, "waveline_stream_cache_hits_total").await? - hits;
+    ensure!(served >= 9.0 * presets.len() as f64, "only {served} reads were counted as cache hits");
+    // What was never read is not there: the waveform needs the store.
+    let (status, _) = json(client.get(stack.url(&format!("/v1/tracks/{id}/waveform"))).send().await?).await?;
+    ensure!(status == 503, "the waveform answered {status} with the store down");
+    Ok(())
+}
+
+/// A reprocessed track's new revision is what its stream serves as soon as its status says
+/// it is live, although the API's stream cache still holds the old revision's bytes and the
+/// player was just reading them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_a_new_revision_is_served_at_once_past_the_stream_cache() -> Result<()> {
+    let stack = Stack::start(Mode::Distributed, true, &[]).await?;
+    let client = reqwest::Client::new();
+    let alice = register_and_login(&stack, "alice").await?;
+    let dir = temp_dir()?;
+    let (first_song, second_song) = (dir.path().join("first.flac"), dir.path().join("second.flac"));
+    audio::tone(&first_song, 4.0, 44100, 2, &[])?;
+    audio::tone(&second_song, 3.0, 48000, 1, &[])?;
+    let (status, track) =
+        upload(&stack, &alice, &[("title", "Twice")], ("first.flac", &std::fs::read(&first_song)?)).await?;
+    ensure!(status == 202, "{status} {track}");
+    let id = track["id"].as_str().context("id")?.to_owned();
+    wait_ready(&stack, &alice, &id, 1).await?;
+    let url = stack.url(&format!("/v1/tracks/{id}/stream/mp3_128"));
+    let (status, headers, first) = get_bytes(client.get(&url)).await?;
+    ensure!(status == 200 && first.len() > 2000, "{status}");
+    cache_holds(&stack, 1).await?;
+
+    // Another original under the same key, and a new revision made from it.
+    let second = std::fs::read(&second_song)?;
+    let body = byte_stream(futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(second))]));
+    stack.storage.put(&storage::original_key(id.parse()?), "audio/flac", body).await?;
+    let response =
+        client.post(stack.url(&format!("/v1/tracks/{id}/reprocess"))).bearer_auth(&alice.token).send().await?;
+    let (status, requeued) = json(response).await?;
+    ensure!(status == 202 && requeued["revision"] == 2, "{status} {requeued}");
+    // The player keeps reading while the new revision is made.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, _, body) = get_bytes(client.get(&url).header("range", "bytes=0-99")).await?;
+        ensure!(status == 206 && body.len() == 100, "a range during reprocessing: {status}");
+        let (status, body) =
+            json(client.get(stack.url(&format!("/v1/tracks/{id}/status"))).bearer_auth(&alice.token).send().await?)
+                .await?;
+        ensure!(status == 200 && body["state"] != "failed", "{status} {body}");
+        if body["state"] == "ready" && body["revision"] == 2 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "revision 2 is not ready after 120 s: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, new_headers, served) = get_bytes(client.get(&url)).await?;
+    let renditions = PgTracks::new(stack.db.pool.clone()).renditions(id.parse()?).await?;
+    let rendition = renditions.iter().find(|r| r.preset == "mp3_128").context("rendition row")?;
+    ensure!(rendition.storage_key.contains("/2/"), "{}", rendition.storage_key);
+    let stored = stored_bytes(&stack, &rendition.storage_key).await?;
+    ensure!(stored != first, "the new revision's bytes are the old ones; the test proves nothing");
+    ensure!(
+        status == 200 && served == stored,
+        "the stream served {} old or wrong bytes after revision 2 went live",
+        served.len()
+    );
+    ensure!(h(&new_headers, "etag") != h(&headers, "etag"), "the ETag did not change");
+    Ok(())
+}

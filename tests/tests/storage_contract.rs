@@ -1,5 +1,7 @@
-//! The `Storage` contract: every case runs against `FsStorage` on a temp dir and `S3Storage`
-//! on a real S3-compatible server, each with a bucket or directory of its own.
+//! The `Storage` contract: every case runs against `FsStorage` on a temp dir, `S3Storage` on a
+//! real S3-compatible server, and `CachedStorage` in front of such an `S3Storage` (caching
+//! every key, so each write, delete and rename through it must drop what it holds), each with
+//! a bucket or directory of its own.
 
 use std::sync::Arc;
 
@@ -7,8 +9,8 @@ use anyhow::{Result, ensure};
 use bytes::Bytes;
 use futures::StreamExt;
 use waveline_shared::storage::{
-    ByteRange, ByteStream, FsStorage, ObjectKey, ReadMethod, ResolvedRange, S3Storage, Storage, StorageError,
-    byte_stream,
+    ByteRange, ByteStream, CacheSettings, CachedStorage, FsStorage, ObjectKey, ReadMethod, ResolvedRange, S3Storage,
+    Storage, StorageError, byte_stream,
 };
 use waveline_tests::{temp_dir, test_bucket};
 
@@ -29,6 +31,20 @@ impl Backend {
     async fn s3() -> Result<Backend> {
         let s3 = test_bucket().await?;
         Ok(Backend { storage: Arc::new(s3.clone()), s3: Some(s3), _dir: None })
+    }
+
+    /// A cache of every key in front of S3, large enough for every case's objects.
+    async fn cached() -> Result<Backend> {
+        let s3 = test_bucket().await?;
+        let dir = temp_dir()?;
+        let settings = CacheSettings {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 256 << 20,
+            cacheable: |_| true,
+            origin: s3.bucket().to_owned(),
+        };
+        let storage = CachedStorage::open(Arc::new(s3.clone()), settings).await?;
+        Ok(Backend { storage: Arc::new(storage), s3: Some(s3), _dir: Some(dir) })
     }
 
     async fn cleanup(self) -> Result<()> {
@@ -338,6 +354,40 @@ async fn rename_moves_an_object_whole(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+async fn repeated_reads_agree_on_bytes_and_validators(b: &Backend) -> Result<()> {
+    const SIZE: usize = 3 * 1024 * 1024 + 5;
+    let k = key("renditions/t/1/opus_64/audio.ogg");
+    b.storage.put(&k, "audio/ogg", generated(SIZE, 100_000, 3)).await?;
+    let want = collect(generated(SIZE, 100_000, 3)).await?;
+    let head = b.storage.head(&k).await?;
+    // Whole, concurrently and then again; then ranges at the start, the middle and the end.
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (storage, k) = (b.storage.clone(), k.clone());
+            tokio::spawn(async move {
+                let read = storage.get(&k, None).await?;
+                anyhow::Ok((read.meta.clone(), collect(read.body).await?))
+            })
+        })
+        .collect();
+    for reader in readers {
+        let (meta, bytes) = reader.await??;
+        ensure!(meta == head, "a read's metadata {meta:?} differs from HEAD's {head:?}");
+        ensure!(bytes == want, "a whole read differs ({} bytes)", bytes.len());
+    }
+    for (first, last) in
+        [(0, 65_535), (SIZE as u64 / 2, SIZE as u64 / 2 + 300_000), (SIZE as u64 - 10, SIZE as u64 - 1)]
+    {
+        for _ in 0..2 {
+            let read = b.storage.get(&k, Some(ByteRange::Inclusive { first, last })).await?;
+            ensure!(read.meta == head, "{first}-{last}: {:?}", read.meta);
+            ensure!(collect(read.body).await? == want[first as usize..=last as usize], "{first}-{last}: wrong bytes");
+        }
+    }
+    ensure!(b.storage.head(&k).await? == head, "HEAD changed between reads");
+    Ok(())
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod fs {
@@ -362,6 +412,17 @@ macro_rules! contract {
                 }
             )*
         }
+        mod cached {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    let backend = super::Backend::cached().await?;
+                    let result = super::$case(&backend).await;
+                    backend.cleanup().await?;
+                    result
+                }
+            )*
+        }
     };
 }
 
@@ -377,4 +438,5 @@ contract!(
     presigned_uploads_work_where_supported,
     presigned_reads_work_where_supported,
     rename_moves_an_object_whole,
+    repeated_reads_agree_on_bytes_and_validators,
 );

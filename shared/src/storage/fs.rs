@@ -19,7 +19,9 @@
 //! almost always in the page cache. Everything else (a first read, a large range) opens the file
 //! on the blocking pool. A write or delete through this store drops the entry at once; a
 //! replacement by another process (another replica on the same directory) shows within the
-//! second, and until then readers get the previous version whole, never a mix.
+//! second, and until then readers get the previous version whole, never a mix. The stream
+//! cache ([`CachedStorage`](super::CachedStorage)) serves its files through the same path
+//! ([`read_local`]), with the metadata of the store it caches.
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
@@ -36,15 +38,16 @@ use tokio_util::io::ReaderStream;
 use uuid::Uuid;
 
 use super::{
-    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload, Storage, StorageError,
+    ByteRange, ByteStream, ObjectKey, ObjectMeta, ObjectRead, ObjectSummary, PresignedUpload, ResolvedRange, Storage,
+    StorageError,
 };
 
 const CONTENT_TYPE_ATTR: &str = "user.waveline.content_type";
 const TMP_DIR: &str = ".tmp";
 /// Read chunk size: large enough for throughput, small enough to bound memory per stream.
-const CHUNK: usize = 64 * 1024;
+pub(super) const CHUNK: usize = 64 * 1024;
 /// Parts up to this size are read in the same blocking call that opens the file.
-const SMALL_READ: u64 = 256 * 1024;
+pub(super) const SMALL_READ: u64 = 256 * 1024;
 
 /// How long an opened file is kept for the reads that follow.
 const HOT_TTL: Duration = Duration::from_secs(1);
@@ -58,9 +61,10 @@ pub struct FsStorage {
     hot: Arc<HotFiles>,
 }
 
-/// Files opened in the last [`HOT_TTL`], by key.
+/// Files opened in the last [`HOT_TTL`], by name: a key for [`FsStorage`], a cache file's
+/// own name for [`CachedStorage`](super::CachedStorage).
 #[derive(Debug, Default)]
-struct HotFiles {
+pub(super) struct HotFiles {
     entries: Mutex<HashMap<String, Hot>>,
 }
 
@@ -76,11 +80,11 @@ impl HotFiles {
         self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, key: &ObjectKey) -> Option<Hot> {
-        self.lock().get(key.as_str()).filter(|hot| hot.opened.elapsed() < HOT_TTL).cloned()
+    fn get(&self, name: &str) -> Option<Hot> {
+        self.lock().get(name).filter(|hot| hot.opened.elapsed() < HOT_TTL).cloned()
     }
 
-    fn put(&self, key: &ObjectKey, hot: Hot) {
+    fn put(&self, name: &str, hot: Hot) {
         let mut entries = self.lock();
         if entries.len() >= HOT_MAX {
             entries.retain(|_, hot| hot.opened.elapsed() < HOT_TTL);
@@ -88,17 +92,18 @@ impl HotFiles {
                 entries.clear();
             }
         }
-        entries.insert(key.as_str().to_owned(), hot);
+        entries.insert(name.to_owned(), hot);
     }
 
-    fn forget(&self, key: &ObjectKey) {
-        self.lock().remove(key.as_str());
+    /// Closes `name` here (it was replaced or removed).
+    pub(super) fn forget(&self, name: &str) {
+        self.lock().remove(name);
     }
 }
 
 /// `len` bytes at `offset`, with positional reads (the file's cursor is not used, so one open
 /// file serves concurrent readers).
-fn read_part(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bytes::Bytes> {
+pub(super) fn read_part(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bytes::Bytes> {
     let mut bytes = vec![0u8; len as usize];
     let mut filled = 0;
     while filled < bytes.len() {
@@ -108,6 +113,98 @@ fn read_part(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<byt
         }
     }
     Ok(bytes::Bytes::from(bytes))
+}
+
+/// `range` resolved against an object of `size` bytes as [`Storage::get`] answers it: the whole
+/// object when no range is asked for (`None` then only for an empty object), 416 for a range
+/// outside it.
+pub(super) fn resolve(range: Option<ByteRange>, size: u64) -> Result<Option<ResolvedRange>, StorageError> {
+    match range {
+        Some(range) => Ok(Some(range.resolve(size).ok_or(StorageError::RangeNotSatisfiable { size })?)),
+        None => Ok(ByteRange::From { first: 0 }.resolve(size)),
+    }
+}
+
+/// Reads `range` of the local file at `path()`, named `name` among the `hot` files, with the
+/// metadata `meta_of` gives for the opened file. A small part of a file read a moment ago is
+/// one positional read on the calling thread; otherwise the file is opened, checked and, for a
+/// small part (a player's range request), read on the blocking pool in one trip. `missing()`
+/// is the error for a path with no file. (The path and the error are only made when needed:
+/// the hot path allocates as little as it can.)
+pub(super) async fn read_local<P, E, M>(
+    hot: &HotFiles,
+    name: &str,
+    path: P,
+    range: Option<ByteRange>,
+    missing: E,
+    meta_of: M,
+) -> Result<ObjectRead, StorageError>
+where
+    P: FnOnce() -> PathBuf,
+    E: FnOnce() -> StorageError + Send + 'static,
+    M: FnOnce(&Path, &std::fs::Metadata) -> Result<ObjectMeta, StorageError> + Send + 'static,
+{
+    if let Some(hot_file) = hot.get(name) {
+        match resolve(range, hot_file.meta.size)? {
+            None => {
+                return Ok(ObjectRead { meta: hot_file.meta, range: None, body: Box::pin(futures::stream::empty()) });
+            }
+            Some(part) if part.len() <= SMALL_READ => match read_part(&hot_file.file, part.first, part.len()) {
+                Ok(bytes) => {
+                    let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(bytes) }));
+                    return Ok(ObjectRead { meta: hot_file.meta, range: Some(part), body });
+                }
+                Err(_) => hot.forget(name),
+            },
+            Some(_) => {}
+        }
+    }
+
+    let path = path();
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        use std::io::Seek;
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                return Err(missing());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        // The open handle pins this version of the object, even if a writer replaces it now.
+        let stat = file.metadata()?;
+        if stat.is_dir() {
+            return Err(missing());
+        }
+        let meta = meta_of(&path, &stat)?;
+        let resolved = resolve(range, meta.size)?;
+        let small = match resolved {
+            Some(part) if part.len() <= SMALL_READ => Some(read_part(&file, part.first, part.len())?),
+            Some(part) => {
+                file.seek(SeekFrom::Start(part.first))?;
+                None
+            }
+            None => Some(bytes::Bytes::new()),
+        };
+        Ok((file, meta, resolved, small))
+    })
+    .await
+    .map_err(|err| StorageError::Io(std::io::Error::other(err)))??;
+    let (file, meta, resolved, small) = opened;
+    let body: ByteStream = match (resolved, small) {
+        (_, Some(bytes)) => {
+            hot.put(name, Hot { file: Arc::new(file), meta: meta.clone(), opened: Instant::now() });
+            if bytes.is_empty() {
+                Box::pin(futures::stream::empty())
+            } else {
+                Box::pin(futures::stream::once(async move { Ok(bytes) }))
+            }
+        }
+        (Some(range), None) => {
+            super::byte_stream(ReaderStream::with_capacity(tokio::fs::File::from_std(file).take(range.len()), CHUNK))
+        }
+        (None, None) => Box::pin(futures::stream::empty()),
+    };
+    Ok(ObjectRead { meta, range: resolved, body })
 }
 
 impl FsStorage {
@@ -238,76 +335,21 @@ impl Storage for FsStorage {
 
     async fn put(&self, key: &ObjectKey, content_type: &str, body: ByteStream) -> Result<ObjectMeta, StorageError> {
         let result = self.put_file(key, content_type, body).await;
-        self.hot.forget(key);
+        self.hot.forget(key.as_str());
         result
     }
     async fn get(&self, key: &ObjectKey, range: Option<ByteRange>) -> Result<ObjectRead, StorageError> {
-        let resolve = move |size: u64| -> Result<Option<super::ResolvedRange>, StorageError> {
-            match range {
-                Some(range) => Ok(Some(range.resolve(size).ok_or(StorageError::RangeNotSatisfiable { size })?)),
-                None => Ok(ByteRange::From { first: 0 }.resolve(size)),
-            }
-        };
-        // A small part of a file read a moment ago: one positional read, here.
-        if let Some(hot) = self.hot.get(key) {
-            match resolve(hot.meta.size)? {
-                None => {
-                    return Ok(ObjectRead { meta: hot.meta, range: None, body: Box::pin(futures::stream::empty()) });
-                }
-                Some(part) if part.len() <= SMALL_READ => match read_part(&hot.file, part.first, part.len()) {
-                    Ok(bytes) => {
-                        let body: ByteStream = Box::pin(futures::stream::once(async move { Ok(bytes) }));
-                        return Ok(ObjectRead { meta: hot.meta, range: Some(part), body });
-                    }
-                    Err(_) => self.hot.forget(key),
-                },
-                Some(_) => {}
-            }
-        }
-
-        // Open, stat, read the attributes, seek and, for a small part (a player's range
-        // request), read it whole: one trip to the blocking pool instead of one per step.
-        let path = self.path_of(key);
-        let owned_key = key.clone();
-        let opened = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-            use std::io::Seek;
-            let mut file = std::fs::File::open(&path).map_err(not_found(&owned_key))?;
-            // The open handle pins this version of the object, even if a writer replaces it now.
-            let stat = file.metadata()?;
-            if stat.is_dir() {
-                return Err(StorageError::NotFound { key: owned_key.to_string() });
-            }
-            let meta = meta_of(&path, &owned_key, &stat);
-            let resolved = resolve(meta.size)?;
-            let small = match resolved {
-                Some(part) if part.len() <= SMALL_READ => Some(read_part(&file, part.first, part.len())?),
-                Some(part) => {
-                    file.seek(SeekFrom::Start(part.first))?;
-                    None
-                }
-                None => Some(bytes::Bytes::new()),
-            };
-            Ok((file, meta, resolved, small))
-        })
+        let (owned_key, missing) = (key.clone(), key.clone());
+        let missing = move || StorageError::NotFound { key: missing.to_string() };
+        read_local(
+            &self.hot,
+            key.as_str(),
+            || self.path_of(key),
+            range,
+            missing,
+            move |path, stat| Ok(meta_of(path, &owned_key, stat)),
+        )
         .await
-        .map_err(|err| StorageError::Io(std::io::Error::other(err)))??;
-        let (file, meta, resolved, small) = opened;
-        let body: ByteStream = match (resolved, small) {
-            (_, Some(bytes)) => {
-                self.hot.put(key, Hot { file: Arc::new(file), meta: meta.clone(), opened: Instant::now() });
-                if bytes.is_empty() {
-                    Box::pin(futures::stream::empty())
-                } else {
-                    Box::pin(futures::stream::once(async move { Ok(bytes) }))
-                }
-            }
-            (Some(range), None) => super::byte_stream(ReaderStream::with_capacity(
-                tokio::fs::File::from_std(file).take(range.len()),
-                CHUNK,
-            )),
-            (None, None) => Box::pin(futures::stream::empty()),
-        };
-        Ok(ObjectRead { meta, range: resolved, body })
     }
 
     async fn head(&self, key: &ObjectKey) -> Result<ObjectMeta, StorageError> {
@@ -325,7 +367,7 @@ impl Storage for FsStorage {
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
-        self.hot.forget(key);
+        self.hot.forget(key.as_str());
         let path = self.path_of(key);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => {}
@@ -340,8 +382,8 @@ impl Storage for FsStorage {
     }
 
     async fn rename(&self, from: &ObjectKey, to: &ObjectKey) -> Result<ObjectMeta, StorageError> {
-        self.hot.forget(from);
-        self.hot.forget(to);
+        self.hot.forget(from.as_str());
+        self.hot.forget(to.as_str());
         let (source, target) = (self.path_of(from), self.path_of(to));
         match tokio::fs::metadata(&source).await {
             Ok(stat) if stat.is_file() => {}
@@ -365,7 +407,7 @@ impl Storage for FsStorage {
         }
         renamed?;
         self.prune_empty_parents(&source).await;
-        self.hot.forget(to);
+        self.hot.forget(to.as_str());
         self.head(to).await
     }
 
