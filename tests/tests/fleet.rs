@@ -405,8 +405,17 @@ async fn a_permanent_database_error_fails_the_track_at_once_with_a_safe_message(
     let message = track.error_message.clone().unwrap_or_default();
     ensure!(!message.is_empty() && !message.contains("refused by the test"), "database text stored: {message}");
     ensure!(!message.contains("renditions") && !message.contains("SQL"), "database text stored: {message}");
-    // The renditions the failed run had stored went with it.
-    ensure!(keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?.is_empty());
+    // The renditions the failed run had stored go with it (the worker removes them right after
+    // it records the failure).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = keys(fleet.storage.as_ref(), &renditions_prefix(id)).await?;
+        if left.is_empty() {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "renditions of the failed run left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     fleet.stop().await
 }
 
