@@ -341,24 +341,7 @@ stream() {
   cmp -s "$work/range.nginx" "$work/range.waveline" || die "the same range differs between nginx and waveline"
   curl -sS -o "$work/whole" "$wl_url" && cmp -s "$work/whole" "$mp3" || die "waveline's whole stream differs from the stored rendition"
 
-  cat >"$work/range.lua" <<LUA
--- A random 64 KiB-aligned 64 KiB range of a $size-byte file per request.
-local blocks, counter = math.floor($size / 65536), 0
-function setup(thread) counter = counter + 1; thread:set("thread_id", counter) end
-function init(args) math.randomseed(os.time() * 97 + thread_id) end
-function request()
-  local first = math.random(0, blocks - 1) * 65536
-  wrk.headers["Range"] = "bytes=" .. first .. "-" .. (first + 65535)
-  return wrk.format()
-end
-function done(summary, latency, requests)
-  local e, secs = summary.errors, summary.duration / 1e6
-  -- Successful answers only: e.status counts the answers with a status of 400 or more.
-  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - e.status) / secs,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.status,
-    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
-end
-LUA
+  range_lua "$work/range.lua" "$size"
   echo "range serving: warming up, then $runs runs of ${duration}s each, alternating…" >&2
   local saved=$duration; duration=3
   wrk_run warmup "$ng_url" "$work/range.lua"; wrk_run warmup "$wl_url" "$work/range.lua"
@@ -509,9 +492,9 @@ LUA
 
 # --- stream during a transcode: playback while the embedded pipeline works ---------------------
 
-# range_lua OUT SIZE: the wrk script of stream(): a random 64 KiB-aligned 64 KiB range of a
-# SIZE-byte file per request; its RESULT line is "req/s p50-ms p99-ms http-errors socket-errors
-# bytes/answer".
+# range_lua OUT SIZE: the wrk script of the range runs: a random 64 KiB-aligned 64 KiB range of
+# a SIZE-byte file per request; its RESULT line is "successful answers/s p50-ms p99-ms
+# http-errors socket-errors bytes/answer".
 range_lua() {
   cat >"$1" <<LUA
 local blocks, counter = math.floor($2 / 65536), 0
@@ -524,7 +507,8 @@ function request()
 end
 function done(summary, latency, requests)
   local e, secs = summary.errors, summary.duration / 1e6
-  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", summary.requests / secs,
+  -- Successful answers only: e.status counts the answers with a status of 400 or more.
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - e.status) / secs,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.status,
     e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
 end
