@@ -111,6 +111,21 @@ pub struct NewComment {
     pub created_at: DateTime<Utc>,
 }
 
+impl NewComment {
+    /// The comment as stored under `id` at `created_at`, replying to the root `reply_to`.
+    pub(crate) fn stored(self, id: CommentId, reply_to: Option<CommentId>, created_at: DateTime<Utc>) -> Comment {
+        Comment {
+            id,
+            track_id: self.track_id,
+            user_id: self.user_id,
+            body: self.body,
+            timestamp_ms: self.timestamp_ms,
+            reply_to,
+            created_at,
+        }
+    }
+}
+
 /// The order of a track's comments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -214,15 +214,7 @@ impl Documents for MongoDocuments {
             "created_at": date(created_at),
         };
         self.comments_collection().insert_one(stored).await.map_err(error)?;
-        Ok(Comment {
-            id,
-            track_id: comment.track_id,
-            user_id: comment.user_id,
-            body: comment.body,
-            timestamp_ms: comment.timestamp_ms,
-            reply_to,
-            created_at,
-        })
+        Ok(comment.stored(id, reply_to, created_at))
     }
 
     async fn comment(&self, id: CommentId) -> Result<Option<Comment>, DocumentsError> {

@@ -107,15 +107,7 @@ impl Documents for PgDocuments {
         .bind(&comment.body)
         .execute(&self.pool)
         .await?;
-        Ok(Comment {
-            id,
-            track_id: comment.track_id,
-            user_id: comment.user_id,
-            body: comment.body,
-            timestamp_ms: comment.timestamp_ms,
-            reply_to,
-            created_at,
-        })
+        Ok(comment.stored(id, reply_to, created_at))
     }
 
     async fn comment(&self, id: CommentId) -> Result<Option<Comment>, DocumentsError> {
