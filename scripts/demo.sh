@@ -5,8 +5,9 @@
 #
 # What it runs: `waveline serve --workers 1` (the API and an in-process worker in one
 # process); registers a user, uploads a generated 30 s track over HTTP, follows its processing
-# as Server-Sent Events until ready, fetches a byte range of the MP3 and the waveform, and
-# prints what it did.
+# as Server-Sent Events until ready, fetches a byte range of the MP3 and the waveform; then a
+# second account follows the uploader, likes the track, comments at a timestamp and reads its
+# feed; and it prints what it did.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
@@ -103,11 +104,35 @@ curl -fsS "$api/v1/tracks/$id/waveform" | python3 -c 'import json,sys; w=json.lo
 print("  audiowaveform v%d: %d channel(s), %d Hz, %d samples per pixel, %d-bit, %d pixels" % (w["version"], w["channels"], w["sample_rate"], w["samples_per_pixel"], w["bits"], w["length"]))'
 curl -fsS "$api/metrics" | grep -E '^waveline_(jobs_total|http_stream_bytes_total)' | sed 's/^/  /' || true
 
+say "The social layer: a listener follows, likes, comments at 0:12, and reads the feed"
+fan=fan_$(date +%s)
+curl -fsS -o /dev/null -X POST "$api/v1/auth/register" -H 'content-type: application/json' \
+  -d "{\"email\":\"$fan@example.com\",\"username\":\"$fan\",\"password\":\"correct horse battery\"}"
+fan_token=$(curl -fsS -X POST "$api/v1/auth/login" -H 'content-type: application/json' \
+  -d "{\"email\":\"$fan@example.com\",\"password\":\"correct horse battery\"}" | json access_token)
+echo "  PUT /v1/me/followings/$user → $(curl -fsS -o /dev/null -w '%{http_code}' -X PUT -H "authorization: Bearer $fan_token" "$api/v1/me/followings/$user")"
+echo "  PUT /v1/me/likes/tracks/$id → $(curl -fsS -o /dev/null -w '%{http_code}' -X PUT -H "authorization: Bearer $fan_token" "$api/v1/me/likes/tracks/$id")"
+curl -fsS -X POST "$api/v1/tracks/$id/comments" -H "authorization: Bearer $fan_token" -H 'content-type: application/json' \
+  -d '{"body":"that noise swell at 0:12","timestamp_ms":12000}' | python3 -c 'import json,sys; c=json.load(sys.stdin)
+print("  POST /v1/tracks/…/comments → 201: %s at %d ms: %r" % (c["user"]["username"], c["timestamp_ms"], c["body"]))'
+curl -fsS "$api/v1/tracks/$id/comments?from_ms=10000&to_ms=15000" | python3 -c 'import json,sys; p=json.load(sys.stdin)
+print("  GET /v1/tracks/…/comments?from_ms=10000&to_ms=15000 → %d comment(s) in that part of the waveform" % len(p["comments"]))'
+curl -fsS "$api/v1/users/$user" | python3 -c 'import json,sys; u=json.load(sys.stdin)
+print("  GET /v1/users/%s → followers %d, tracks %d" % (u["username"], u["followers_count"], u["track_count"]))'
+echo "  GET /v1/me/feed (as $fan):"
+curl -fsS -H "authorization: Bearer $fan_token" "$api/v1/me/feed" | python3 -c 'import json,sys; f=json.load(sys.stdin)
+for a in f["activities"]:
+    o = a.get("track") or a.get("playlist")
+    print("    %s  %-14s by %s: %r (likes %d, comments %d)" % (a["created_at"][:19], a["type"], a["actor"]["username"], o["title"], o["likes_count"], o["comment_count"]))
+if not f["activities"]:
+    print("    (empty)")'
+
 say "Done"
 cat <<TXT
 What ran: \`waveline serve --workers 1\` in the embedded configuration (PostgreSQL, objects under
 ${WAVELINE_STORAGE#file://}, the in-process queue). A user registered and logged in, uploaded a
 30 s track over HTTP, watched it go through the pipeline (MP3, Opus, HLS AAC x3, a preview,
 waveform, loudness) as Server-Sent Events, then fetched a 64 KiB range of the MP3 (206) and the
-waveform. The API's contract is at $api/openapi.json and $api/docs while a server runs.
+waveform. A second account followed the uploader, liked the track, commented at 0:12 and read
+its feed, where the new track appears. The API's contract is at $api/openapi.json and $api/docs while a server runs.
 TXT

@@ -329,7 +329,7 @@ pub async fn hash_password(password: String) -> Result<String, ApiError> {
 
 /// Whether `password` matches `phc`; with `None`, checks against a fixed hash so the time
 /// taken is the same as for a real account, and answers `false`.
-async fn verify_password(password: String, phc: Option<String>) -> Result<bool, ApiError> {
+pub(crate) async fn verify_password(password: String, phc: Option<String>) -> Result<bool, ApiError> {
     static DECOY: OnceLock<String> = OnceLock::new();
     tokio::task::spawn_blocking(move || {
         let (phc, real) = match phc {
@@ -672,7 +672,7 @@ pub(crate) fn valid_email(email: &str) -> bool {
         && email.matches('@').count() == 1
 }
 
-fn valid_username(username: &str) -> bool {
+pub(crate) fn valid_username(username: &str) -> bool {
     (3..=30).contains(&username.len())
         && username.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
@@ -974,6 +974,30 @@ impl Accounts {
     #[oai(path = "/v1/me", method = "get")]
     async fn me(&self, auth: Auth) -> Result<Json<UserView>, ApiError> {
         Ok(Json(UserView::from(&auth.session().user)))
+    }
+
+    /// Changes the signed-in account's display name and bio; answers its public profile.
+    #[oai(path = "/v1/me", method = "patch")]
+    async fn edit_me(
+        &self,
+        body: Json<crate::social::ProfileEdit>,
+        auth: Auth,
+    ) -> Result<Json<crate::social::ProfileView>, ApiError> {
+        Ok(Json(crate::social::edit_me(&self.state, body.0, &auth).await?))
+    }
+
+    /// Deletes the signed-in account and everything of it: its tracks and their files,
+    /// playlists, follows, blocks, likes, reposts, comments and activities. Needs the
+    /// account's password (403 `wrong_password`); an account that signs in only through a
+    /// provider sets one first, through the password reset (409 `password_not_set`).
+    #[oai(path = "/v1/me", method = "delete")]
+    async fn delete_me(
+        &self,
+        body: Json<crate::social::AccountDeletion>,
+        auth: Auth,
+    ) -> Result<crate::social::Done, ApiError> {
+        crate::social::delete_me(&self.state, body.0, &auth).await?;
+        Ok(crate::social::Done::Done)
     }
 }
 

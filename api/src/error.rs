@@ -19,6 +19,7 @@ use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registr
 use poem_openapi::types::Type;
 use poem_openapi::{ApiResponse, Object};
 use waveline_shared::db::DbError;
+use waveline_shared::documents::DocumentsError;
 use waveline_shared::storage::StorageError;
 
 /// The error body of every failed request.
@@ -102,6 +103,30 @@ impl From<DbError> for ApiError {
             DbError::Invalid(message) => ApiError::bad_request("invalid_request", message),
             DbError::Unavailable(_) => ApiError::unavailable("database", &err),
             other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<DocumentsError> for ApiError {
+    fn from(err: DocumentsError) -> ApiError {
+        match err {
+            DocumentsError::InvalidCursor => {
+                ApiError::bad_request("invalid_field", "cursor: not one this API returned for this list")
+            }
+            DocumentsError::Invalid { .. } | DocumentsError::ReplyTargetNotFound(_) => {
+                ApiError::bad_request("invalid_field", err.to_string())
+            }
+            DocumentsError::Unavailable(_) => ApiError::unavailable("document store", &err),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<waveline_shared::db::social::AnnounceError> for ApiError {
+    fn from(err: waveline_shared::db::social::AnnounceError) -> ApiError {
+        match err {
+            waveline_shared::db::social::AnnounceError::Db(err) => err.into(),
+            waveline_shared::db::social::AnnounceError::Documents(err) => err.into(),
         }
     }
 }

@@ -16,27 +16,36 @@
 //! | [`events`] | how many event streams may be open, and what each sends |
 //! | `ops` | `GET /healthz`, `/readyz`, `/metrics` |
 //! | `admin` | `GET /v1/admin/dead-letters`, `PUT|DELETE /v1/admin/users/{id}/suspension` |
+//! | [`social`] | `GET /v1/users/{username}`, `PATCH|DELETE /v1/me`, `PUT|DELETE /v1/me/followings/{username}`, `/v1/me/blocks/{username}`, `GET /v1/me/blocks`, `PUT|DELETE /v1/me/likes/{tracks,playlists}/{id}`, `/v1/me/reposts/{tracks,playlists}/{id}`, `GET /v1/users/{username}/followers`, `/followings`, `/likes`, `/reposts` |
+//! | `playlists` | `POST /v1/playlists`, `GET|PATCH|DELETE /v1/playlists/{id}`, `PUT /v1/playlists/{id}/tracks`, `GET /v1/users/{username}/playlists` |
+//! | `comments` | `POST|GET /v1/tracks/{id}/comments`, `DELETE /v1/comments/{id}` |
+//! | `feed` | `GET /v1/me/feed`, `GET /v1/users/{username}/activities` |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
 //! returned. Every response carries an `X-Request-Id`, also on the request's log lines.
 
+mod account_deletion;
 mod admin;
 pub mod auth;
 pub mod body;
+mod comments;
 mod error;
 pub mod events;
+mod feed;
 pub mod listener;
 pub mod mail;
 pub mod media;
 mod middleware;
 mod oauth;
 mod ops;
+mod playlists;
 pub mod redirect;
 pub mod security;
 mod serve;
 pub mod session_cache;
 pub mod slots;
+pub mod social;
 pub mod spec;
 pub mod status_feed;
 pub mod text;
@@ -145,6 +154,10 @@ pub struct AppState {
     pub queue: Arc<dyn JobQueue>,
     /// Comments and the activity feed (see [`waveline_shared::documents`]).
     pub documents: Arc<dyn waveline_shared::documents::Documents>,
+    /// Profiles, follows, blocks, likes, reposts and playlists.
+    pub social: waveline_shared::db::social::PgSocial,
+    /// Social writes per account (see [`social::WriteLimit`]).
+    pub social_writes: Arc<social::WriteLimit>,
     pub tokens: Arc<Tokens>,
     pub limits: Limits,
     pub security: Arc<SecuritySettings>,
@@ -193,7 +206,19 @@ impl AppState {
     }
 }
 
-type Apis = (ops::Ops, auth::Accounts, oauth::OAuth, uploads::Uploads, tracks::Tracks, media::Media, admin::Admin);
+type Apis = (
+    ops::Ops,
+    auth::Accounts,
+    oauth::OAuth,
+    uploads::Uploads,
+    tracks::Tracks,
+    media::Media,
+    admin::Admin,
+    social::Social,
+    playlists::Playlists,
+    comments::Comments,
+    feed::Feed,
+);
 
 /// The OpenAPI service: every operation of the API.
 pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
@@ -205,14 +230,19 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             uploads::Uploads { state: state.clone() },
             tracks::Tracks { state: state.clone(), streams: events::stream_slots(state.security.event_streams) },
             media::Media { state: state.clone() },
-            admin::Admin { state },
+            admin::Admin { state: state.clone() },
+            social::Social { state: state.clone() },
+            playlists::Playlists { state: state.clone() },
+            comments::Comments { state: state.clone() },
+            feed::Feed { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
-         HLS and waveforms. Errors are JSON `{code, message}`.",
+         HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments \
+         and the activity feed. Errors are JSON `{code, message}`.",
     )
 }
 

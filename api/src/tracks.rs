@@ -30,7 +30,9 @@ use poem_openapi::types::Any;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use waveline_shared::db::social::Target;
 use waveline_shared::db::{TrackDetails, TrackPatch, Visibility};
+use waveline_shared::documents::ActivityObject;
 use waveline_shared::domain::{TrackId, UserId};
 use waveline_shared::storage::Storage;
 
@@ -149,11 +151,53 @@ pub struct TrackView {
     /// Progressive streams by preset, with byte ranges.
     stream_urls: BTreeMap<String, String>,
     hls_master_url: Option<String>,
+    /// Accounts that like the track.
+    likes_count: i64,
+    /// Accounts that reposted it.
+    reposts_count: i64,
+    /// Its timestamped comments, replies included.
+    comment_count: i64,
+    /// Plays (0 until play counting exists).
+    playback_count: i64,
+    /// For a signed-in viewer: whether they like it.
+    user_liked: Option<bool>,
+    /// For a signed-in viewer: whether they reposted it.
+    user_reposted: Option<bool>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
 impl TrackView {
+    /// The view with its social counts, and the viewer's own marks when signed in.
+    pub fn with_social(
+        mut self,
+        stats: waveline_shared::db::social::Stats,
+        comments: u64,
+        signed_in: bool,
+    ) -> TrackView {
+        self.likes_count = stats.likes;
+        self.reposts_count = stats.reposts;
+        self.comment_count = i64::try_from(comments).unwrap_or(i64::MAX);
+        self.user_liked = signed_in.then_some(stats.liked);
+        self.user_reposted = signed_in.then_some(stats.reposted);
+        self
+    }
+
+    /// The track's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its duration, once processed.
+    pub fn duration_ms(&self) -> Option<i64> {
+        self.duration_ms
+    }
+
+    /// Its comments, replies included.
+    pub fn comment_count(&self) -> i64 {
+        self.comment_count
+    }
+
     /// The view as the API's JSON: what `GET /v1/tracks/{id}` answers, and what the CLI's
     /// `tracks show --json` and `tracks list --json` print.
     pub fn to_json(&self) -> serde_json::Value {
@@ -191,6 +235,12 @@ impl From<TrackDetails> for TrackView {
             waveform_url: ready.then(|| format!("{base}/waveform")),
             stream_urls,
             hls_master_url: track.presets.iter().any(|p| p == "aac_hls").then(|| format!("{base}/hls/master.m3u8")),
+            likes_count: 0,
+            reposts_count: 0,
+            comment_count: 0,
+            playback_count: 0,
+            user_liked: None,
+            user_reposted: None,
             created_at: track.created_at,
             updated_at: track.updated_at,
         }
@@ -427,7 +477,7 @@ impl Tracks {
         let viewer = auth.session().map(|session| session.user.id);
         let page = self.state.tracks.page(owner, viewer, after, limit.0.unwrap_or(20)).await?;
         Ok(Json(TrackPage {
-            tracks: page.tracks.into_iter().map(TrackView::from).collect(),
+            tracks: crate::social::track_views(&self.state, page.tracks, auth.session()).await?,
             next_cursor: page.next.map(encode_cursor),
         }))
     }
@@ -451,7 +501,8 @@ impl Tracks {
         secret: Query<Option<String>>,
         auth: MaybeAuth,
     ) -> Result<Json<TrackView>, ApiError> {
-        Ok(Json(TrackView::from(self.visible_with(&id.0, auth.session(), secret.0.as_deref()).await?)))
+        let track = self.visible_with(&id.0, auth.session(), secret.0.as_deref()).await?;
+        Ok(Json(crate::social::track_view(&self.state, track, auth.session()).await?))
     }
 
     /// Signed, expiring URLs for the track's streams, HLS and waveform: they play without a
@@ -539,16 +590,26 @@ impl Tracks {
             return Err(ApiError::not_found("track"));
         }
         self.state.track_changed(track.id);
+        if patch.visibility == Some(Visibility::Public)
+            && let Err(err) = self.state.social.announce(self.state.documents.as_ref(), Target::Track(track.id)).await
+        {
+            // The edit stands; the activity is written the next time the track becomes public.
+            tracing::warn!(track = %track.id, error = %err, "could not write the track's activity");
+        }
         let track = self.state.tracks.details(track.id).await?.ok_or_else(|| ApiError::not_found("track"))?;
-        Ok(Json(TrackView::from(track)))
+        Ok(Json(crate::social::track_view(&self.state, track, Some(auth.session())).await?))
     }
 
     /// Deletes a track with its original and every rendition (owner only).
     #[oai(path = "/v1/tracks/:id", method = "delete")]
     async fn delete(&self, id: Path<String>, auth: Auth) -> Result<Deleted, ApiError> {
         let track = self.owned(&id.0, auth.session(), false).await?;
-        // The row first: from then on nothing serves or processes it (a worker mid-job loses
-        // its claim and cleans up after itself); then the objects.
+        // Its documents first (comments, and activities about it), so a document store that
+        // is down leaves the track whole, to delete again. Then the row: from then on nothing
+        // serves or processes it (a worker mid-job loses its claim and cleans up after
+        // itself); then the objects.
+        self.state.documents.delete_track_comments(track.id).await?;
+        self.state.documents.delete_object_activities(ActivityObject::Track(track.id), None).await?;
         self.state.tracks.delete(track.id).await?;
         self.state.track_changed(track.id);
         delete_objects(self.state.storage.as_ref(), track.id).await;

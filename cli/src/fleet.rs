@@ -25,6 +25,8 @@ pub struct Services {
     pub outbox: PgOutbox,
     pub storage: Arc<dyn Storage>,
     pub queue: Arc<dyn JobQueue>,
+    /// Comments and activities.
+    pub documents: Arc<dyn waveline_shared::documents::Documents>,
 }
 
 impl Services {
@@ -32,7 +34,10 @@ impl Services {
         let pool = db::connect(settings).await.context("cannot connect to PostgreSQL")?;
         let storage = storage::open(&settings.storage).await.context("cannot open the storage")?;
         let queue = queue::open(settings).await.context("cannot connect to the queue")?;
-        Ok(Services { tracks: PgTracks::new(pool.clone()), outbox: PgOutbox::new(pool), storage, queue })
+        let documents = waveline_shared::documents::open(settings, &pool)
+            .await
+            .context("the document store settings are not usable")?;
+        Ok(Services { tracks: PgTracks::new(pool.clone()), outbox: PgOutbox::new(pool), storage, queue, documents })
     }
 }
 
@@ -72,6 +77,7 @@ pub fn worker_context(settings: &Settings, services: &Services, role: WorkerRole
         tracks: services.tracks.clone(),
         outbox: services.outbox.clone(),
         storage: services.storage.clone(),
+        documents: services.documents.clone(),
         pipeline: Arc::new(pipeline),
         temp_root,
         heartbeat_every: Duration::from_secs(1),
@@ -198,9 +204,9 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         outbox: services.outbox.clone(),
         storage: served,
         queue: services.queue.clone(),
-        documents: waveline_shared::documents::open(settings, &pool)
-            .await
-            .context("the document store settings are not usable")?,
+        documents: services.documents.clone(),
+        social: db::social::PgSocial::new(pool.clone()),
+        social_writes: Arc::new(waveline_api::social::WriteLimit::new(settings.social_writes_per_minute)),
         tokens: Arc::new(waveline_api::auth::Tokens::new(
             &secret,
             &settings.jwt_previous_secrets,
@@ -318,9 +324,24 @@ async fn import_one(
     services.tracks.get(track.id).await?.context("the track vanished")
 }
 
-/// The API's view of a track (`GET /v1/tracks/{id}`), as JSON.
-async fn track_view(tracks: &PgTracks, id: TrackId) -> anyhow::Result<Option<Value>> {
-    Ok(tracks.details(id).await?.map(|details| waveline_api::TrackView::from(details).to_json()))
+/// The API's view of a track (`GET /v1/tracks/{id}`, as an anonymous listener sees its
+/// counts), as JSON.
+async fn track_view(
+    tracks: &PgTracks,
+    documents: &dyn waveline_shared::documents::Documents,
+    id: TrackId,
+) -> anyhow::Result<Option<Value>> {
+    let Some(details) = tracks.details(id).await? else {
+        return Ok(None);
+    };
+    let stats = db::social::PgSocial::new(tracks.pool().clone()).track_stats(&[id], None).await?;
+    let comments = documents.count_comments_of(&[id]).await?;
+    let view = waveline_api::TrackView::from(details).with_social(
+        stats.get(&id).copied().unwrap_or_default(),
+        comments.get(&id).copied().unwrap_or(0),
+        false,
+    );
+    Ok(Some(view.to_json()))
 }
 
 /// `waveline tracks list`.
@@ -331,6 +352,7 @@ pub async fn tracks_list(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(settings).await?;
+    let documents = waveline_shared::documents::open(settings, &pool).await?;
     let tracks = PgTracks::new(pool);
     let rows =
         tracks.list(&TrackFilter { states: states.to_vec(), limit: Some(limit), ..TrackFilter::default() }).await?;
@@ -338,7 +360,7 @@ pub async fn tracks_list(
         let mut list = Vec::with_capacity(rows.len());
         for track in &rows {
             // A track deleted since the listing is left out.
-            list.extend(track_view(&tracks, track.id).await?);
+            list.extend(track_view(&tracks, documents.as_ref(), track.id).await?);
         }
         println!("{}", json!({"tracks": list}));
     } else {
@@ -356,8 +378,9 @@ pub async fn tracks_list(
 /// `waveline tracks show`.
 pub async fn tracks_show(settings: &Settings, id: TrackId, json: bool) -> anyhow::Result<ExitCode> {
     let pool = db::connect(settings).await?;
+    let documents = waveline_shared::documents::open(settings, &pool).await?;
     let tracks = PgTracks::new(pool);
-    let Some(shown) = track_view(&tracks, id).await? else {
+    let Some(shown) = track_view(&tracks, documents.as_ref(), id).await? else {
         if json {
             println!("{}", json!({"error": {"code": "not_found", "message": format!("no track {id}")}}));
         }

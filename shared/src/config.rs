@@ -170,6 +170,10 @@ pub struct Settings {
     /// Uploads one account may have in progress at once (429 `too_many_uploads` beyond).
     /// Default 4.
     pub uploads_per_account: u32,
+    /// Social writes (comments, likes, reposts, follows, blocks, playlist changes) one
+    /// account may make per minute on one API process (429 `rate_limited` beyond); 0: no
+    /// limit. Default 60.
+    pub social_writes_per_minute: u32,
     /// Open event streams (`/v1/tracks/{id}/events`) per API process (429 beyond). Default 2000.
     pub event_streams_max: u32,
     /// Open event streams per client address (429 beyond). Default 20.
@@ -337,7 +341,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 57] = [
+const KEYS: [Key; 58] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -385,6 +389,7 @@ const KEYS: [Key; 57] = [
     Key { name: "max_connections", secret: false },
     Key { name: "max_connections_per_client", secret: false },
     Key { name: "uploads_per_account", secret: false },
+    Key { name: "social_writes_per_minute", secret: false },
     Key { name: "event_streams_max", secret: false },
     Key { name: "event_streams_per_client", secret: false },
     Key { name: "smtp_url", secret: true },
@@ -682,6 +687,10 @@ impl Settings {
             Some(raw) => parse_int(&raw, 1, 10_000)?,
             None => 4,
         };
+        let social_writes_per_minute = match take("social_writes_per_minute") {
+            Some(raw) => parse_int(&raw, 0, 1_000_000)?,
+            None => 60,
+        };
         let event_streams_max = match take("event_streams_max") {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 2000,
@@ -730,6 +739,7 @@ impl Settings {
             max_connections,
             max_connections_per_client,
             uploads_per_account,
+            social_writes_per_minute,
             event_streams_max,
             event_streams_per_client,
             smtp_url,
@@ -836,6 +846,7 @@ impl Settings {
             "max_connections": self.max_connections,
             "max_connections_per_client": self.max_connections_per_client,
             "uploads_per_account": self.uploads_per_account,
+            "social_writes_per_minute": self.social_writes_per_minute,
             "event_streams_max": self.event_streams_max,
             "event_streams_per_client": self.event_streams_per_client,
             "smtp_url": self.smtp_url.as_ref().map(|url| redact_url(url.expose_secret())),

@@ -18,6 +18,7 @@ use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 
 mod accounts;
 mod catalog;
+pub mod social;
 
 pub use accounts::{
     LoginBlock, LoginPolicy, NewUser, PgUsers, Registration, Role, Rotation, TOKENS_PER_HOUR, TokenPurpose, UserRow,

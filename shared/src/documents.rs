@@ -57,6 +57,7 @@
 mod mongo;
 mod postgres;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -80,6 +81,9 @@ pub const MAX_FEED_ACTORS: usize = 10_000;
 
 /// The longest comment body, in characters.
 pub const COMMENT_BODY_MAX_CHARS: usize = 1000;
+
+/// The most tracks one [`Documents::count_comments_of`] call counts (a playlist's worth).
+pub const MAX_COUNTED_TRACKS: usize = 500;
 
 /// A timestamped comment on a track.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,6 +291,19 @@ pub trait Documents: Send + Sync + fmt::Debug {
     /// How many comments a track has, replies included; exact.
     async fn count_comments(&self, track: TrackId) -> Result<u64, DocumentsError>;
 
+    /// How many comments each of some tracks has (at most [`MAX_COUNTED_TRACKS`] tracks);
+    /// exact. A track without comments may be absent from the answer.
+    async fn count_comments_of(&self, tracks: &[TrackId]) -> Result<HashMap<TrackId, u64>, DocumentsError> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        check_counted(tracks)?;
+        // A few at a time: one count each, without flooding the store.
+        futures::stream::iter(tracks.iter().copied())
+            .map(|track| async move { self.count_comments(track).await.map(|count| (track, count)) })
+            .buffered(8)
+            .try_collect()
+            .await
+    }
+
     /// Deletes a comment and its replies; returns how many went (0 when it did not exist).
     async fn delete_comment(&self, id: CommentId) -> Result<u64, DocumentsError>;
 
@@ -301,6 +318,15 @@ pub trait Documents: Send + Sync + fmt::Debug {
     /// [`MAX_FEED_ACTORS`] actors; none gives an empty page).
     async fn feed(&self, actors: &[UserId], cursor: Option<&str>, limit: usize)
     -> Result<ActivityPage, DocumentsError>;
+
+    /// For each of `objects`, the newest activity about it by any of `actors` (at most
+    /// [`MAX_FEED_ACTORS`] actors, [`MAX_PAGE`] objects): the feed shows an object once, at
+    /// its newest activity. Objects without one are absent from the answer.
+    async fn newest_about(
+        &self,
+        objects: &[ActivityObject],
+        actors: &[UserId],
+    ) -> Result<HashMap<ActivityObject, ActivityId>, DocumentsError>;
 
     /// A page of one actor's activities, newest first.
     async fn actor_activities(
@@ -446,6 +472,55 @@ fn check_activity(activity: &NewActivity) -> Result<(ActivityId, DateTime<Utc>),
     }
     let at = millis(activity.created_at);
     Ok((ActivityId(id_at(at)), at))
+}
+
+/// Checks the tracks of a comment count.
+fn check_counted(tracks: &[TrackId]) -> Result<(), DocumentsError> {
+    if tracks.len() > MAX_COUNTED_TRACKS {
+        return Err(DocumentsError::Invalid {
+            field: "tracks",
+            reason: format!("at most {MAX_COUNTED_TRACKS} tracks, got {}", tracks.len()),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the objects of [`Documents::newest_about`].
+fn check_objects(objects: &[ActivityObject]) -> Result<(), DocumentsError> {
+    if objects.len() > MAX_PAGE {
+        return Err(DocumentsError::Invalid {
+            field: "objects",
+            reason: format!("at most {MAX_PAGE} objects, got {}", objects.len()),
+        });
+    }
+    Ok(())
+}
+
+/// The newest activity about each of `objects`, from `(object id, activity id, kind)` rows in
+/// any order (the kind tells a track from a playlist that somehow shared an id).
+fn newest_of(
+    objects: &[ActivityObject],
+    rows: impl IntoIterator<Item = (Uuid, ActivityId, String)>,
+) -> Result<HashMap<ActivityObject, ActivityId>, DocumentsError> {
+    let mut newest: HashMap<ActivityObject, ActivityId> = HashMap::new();
+    for (object_id, id, kind) in rows {
+        let kind =
+            ActivityKind::parse(&kind).ok_or_else(|| DocumentsError::Corrupt(format!("activity kind {kind:?}")))?;
+        let object = match kind.is_about_a_track() {
+            true => ActivityObject::Track(TrackId(object_id)),
+            false => ActivityObject::Playlist(PlaylistId(object_id)),
+        };
+        if !objects.contains(&object) {
+            continue;
+        }
+        let entry = newest.entry(object).or_insert(id);
+        // UUIDv7 ids order as their times, then arbitrarily but totally within a millisecond,
+        // as every list here does.
+        if id.0 > entry.0 {
+            *entry = id;
+        }
+    }
+    Ok(newest)
 }
 
 /// Checks the actors of a feed.

@@ -66,6 +66,10 @@ const fn owner_or_admin(status: u16) -> Expect {
     Expect::Track { public: [401, 403, status, status], private: [401, 404, status, status] }
 }
 const READ: Expect = Expect::Track { public: READ_PUBLIC, private: READ_PRIVATE };
+/// Likes and reposts (and taking them back): whoever may see it.
+const MARK: Expect = Expect::Track { public: [401, 204, 204, 204], private: [401, 404, 204, 204] };
+/// A repost: whoever may see it, but not its owner.
+const REPOST: Expect = Expect::Track { public: [401, 204, 400, 204], private: [401, 404, 400, 204] };
 
 /// The matrix. Order matters (see the module doc).
 const MATRIX: &[Row] = &[
@@ -123,6 +127,47 @@ const MATRIX: &[Row] = &[
         "/v1/uploads/{id}/complete",
         Expect::Track { public: [401, 404, 202, 404], private: [401, 404, 202, 404] },
     ),
+    // The social layer. `{username}` is the owner's; following or blocking oneself is 400.
+    row("get", "/v1/users/{username}", Expect::Any(ALL_OK)),
+    row("patch", "/v1/me", Expect::Any(SIGNED_IN)),
+    row("put", "/v1/me/followings/{username}", Expect::Any([401, 204, 400, 204])),
+    row("delete", "/v1/me/followings/{username}", Expect::Any([401, 204, 400, 204])),
+    row("get", "/v1/users/{username}/followers", Expect::Any(ALL_OK)),
+    row("get", "/v1/users/{username}/followings", Expect::Any(ALL_OK)),
+    row("put", "/v1/me/blocks/{username}", Expect::Any([401, 204, 400, 204])),
+    row("delete", "/v1/me/blocks/{username}", Expect::Any([401, 204, 400, 204])),
+    row("get", "/v1/me/blocks", Expect::Any(SIGNED_IN)),
+    row("get", "/v1/users/{username}/likes", Expect::Any(ALL_OK)),
+    row("get", "/v1/users/{username}/reposts", Expect::Any(ALL_OK)),
+    row("get", "/v1/users/{username}/playlists", Expect::Any(ALL_OK)),
+    row("get", "/v1/users/{username}/activities", Expect::Any(ALL_OK)),
+    row("get", "/v1/me/feed", Expect::Any(SIGNED_IN)),
+    // Deleting an account takes its password; a wrong one is refused for everyone.
+    row("delete", "/v1/me", Expect::Any([401, 403, 403, 403])),
+    // Likes and reposts of what one may see; nobody reposts their own.
+    row("put", "/v1/me/likes/tracks/{id}", MARK),
+    row("delete", "/v1/me/likes/tracks/{id}", MARK),
+    row("put", "/v1/me/reposts/tracks/{id}", REPOST),
+    row("delete", "/v1/me/reposts/tracks/{id}", MARK),
+    // Comments on what one may see; a comment (a new one of the owner's for every cell) is
+    // deleted by its author, the track's owner or an admin.
+    row(
+        "post",
+        "/v1/tracks/{id}/comments",
+        Expect::Track { public: [401, 201, 201, 201], private: [401, 404, 201, 201] },
+    ),
+    row("get", "/v1/tracks/{id}/comments", READ),
+    row("delete", "/v1/comments/{id}", owner_or_admin(204)),
+    // Playlists (one of the owner's of each visibility, holding the track).
+    row("post", "/v1/playlists", Expect::Any([401, 201, 201, 201])),
+    row("get", "/v1/playlists/{id}", READ),
+    row("patch", "/v1/playlists/{id}", owner_only(200)),
+    row("put", "/v1/playlists/{id}/tracks", owner_only(200)),
+    row("put", "/v1/me/likes/playlists/{id}", MARK),
+    row("delete", "/v1/me/likes/playlists/{id}", MARK),
+    row("put", "/v1/me/reposts/playlists/{id}", REPOST),
+    row("delete", "/v1/me/reposts/playlists/{id}", MARK),
+    row("delete", "/v1/playlists/{id}", owner_only(204)),
     row("get", "/v1/admin/dead-letters", Expect::Any([401, 403, 403, 200])),
     row("delete", "/v1/tracks/{id}", owner_only(204)),
     Row {
@@ -158,6 +203,8 @@ struct TrackFixture {
     signed: Value,
     /// A direct upload of the owner's with this visibility, awaiting its bytes.
     upload: String,
+    /// A playlist of the owner's with this visibility, holding the track.
+    playlist: String,
 }
 
 /// Redirects are answers here, not something to follow.
@@ -194,7 +241,18 @@ async fn track_fixture(stack: &Stack, owner: &User, visibility: &str, wav: &[u8]
     .await?;
     ensure!(status == 201, "{status} {ticket}");
     let upload = ticket["upload_id"].as_str().context("upload_id")?.to_owned();
-    Ok(TrackFixture { id, hls_file, signed, upload })
+    let (status, playlist) = json(
+        client()
+            .post(stack.url("/v1/playlists"))
+            .bearer_auth(&owner.token)
+            .json(&json!({"title": visibility, "visibility": visibility, "track_ids": [id]}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 201, "{status} {playlist}");
+    let playlist = playlist["id"].as_str().context("playlist id")?.to_owned();
+    Ok(TrackFixture { id, hls_file, signed, upload, playlist })
 }
 
 impl Fixture {
@@ -219,7 +277,7 @@ impl Fixture {
     }
 
     /// The concrete URL of `path` for a cell.
-    fn url(&self, stack: &Stack, path: &str, track: &TrackFixture) -> Result<String> {
+    fn url(&self, stack: &Stack, path: &str, track: &TrackFixture, comment: &str) -> Result<String> {
         if let Some(rest) = path.strip_prefix("/v1/signed/{expires}/{signature}/tracks/{id}/") {
             let signed = &track.signed;
             let url = match rest {
@@ -236,6 +294,10 @@ impl Fixture {
         }
         let id = if path.starts_with("/v1/uploads/") {
             track.upload.as_str()
+        } else if path.starts_with("/v1/playlists/") || path.contains("/playlists/{id}") {
+            track.playlist.as_str()
+        } else if path.starts_with("/v1/comments/") {
+            comment
         } else if path.starts_with("/v1/admin/users/") {
             self.target.id.as_str()
         } else {
@@ -245,7 +307,8 @@ impl Fixture {
             .replace("{id}", id)
             .replace("{preset}", "mp3_128")
             .replace("{variant}/{file}", &track.hls_file)
-            .replace("{provider}", "corp");
+            .replace("{provider}", "corp")
+            .replace("{username}", &self.owner.username);
         ensure!(!path.contains('{'), "a parameter the matrix does not fill: {path}");
         Ok(stack.url(&path))
     }
@@ -254,7 +317,23 @@ impl Fixture {
 /// Runs one cell; returns the status.
 async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track: usize) -> Result<u16> {
     let tracks = [&fixture.public, &fixture.private];
-    let url = fixture.url(stack, row.path, tracks[track])?;
+    // Every cell deleting a comment gets a new one, the owner's.
+    let comment = if row.path == "/v1/comments/{id}" {
+        let (status, comment) = json(
+            client()
+                .post(stack.url(&format!("/v1/tracks/{}/comments", tracks[track].id)))
+                .bearer_auth(&fixture.owner.token)
+                .json(&json!({"body": "to delete", "timestamp_ms": 0}))
+                .send()
+                .await?,
+        )
+        .await?;
+        ensure!(status == 201, "{status} {comment}");
+        comment["id"].as_str().context("comment id")?.to_owned()
+    } else {
+        String::new()
+    };
+    let url = fixture.url(stack, row.path, tracks[track], &comment)?;
     let method = reqwest::Method::from_bytes(row.method.to_uppercase().as_bytes())?;
     let mut request = client().request(method, &url);
     if let Some(user) = fixture.user(role, row.path) {
@@ -285,7 +364,12 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
                 waveline_tests::stack::multipart(&[("title", "matrix")], Some(("m.wav", &fixture.wav)));
             request.header("content-type", content_type).body(body)
         }
+        ("patch", "/v1/me") => request.json(&json!({"bio": "Matrix"})),
         ("patch", _) => request.json(&json!({"title": "Renamed"})),
+        ("delete", "/v1/me") => request.json(&json!({"password": "not the password"})),
+        ("post", "/v1/tracks/{id}/comments") => request.json(&json!({"body": "matrix", "timestamp_ms": 0})),
+        ("post", "/v1/playlists") => request.json(&json!({"title": "matrix"})),
+        ("put", "/v1/playlists/{id}/tracks") => request.json(&json!({"track_ids": []})),
         ("post", "/v1/uploads") => request.json(&json!({"filename": "m.wav"})),
         ("put", "/v1/uploads/{id}") => request.header("content-type", "audio/wav").body(fixture.wav.clone()),
         _ => request,
@@ -324,6 +408,7 @@ async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<
     let provider = waveline_tests::oauth_provider::FakeProvider::start().await?;
     let mut env = provider.env();
     env.push(("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE".into(), "0".into()));
+    env.push(("WAVELINE_SOCIAL_WRITES_PER_MINUTE".into(), "0".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let stack = Stack::start(Mode::Embedded, true, &env).await?;
 

@@ -438,6 +438,55 @@ async fn activities_of_an_object_go_all_at_once_or_one_actors(b: &Backend) -> Re
     Ok(())
 }
 
+async fn comments_are_counted_per_track_in_one_call(b: &Backend) -> Result<()> {
+    let (busy, quiet, silent) = (TrackId::new(), TrackId::new(), TrackId::new());
+    let user = UserId::new();
+    for n in 0..5 {
+        let root = comment(b, busy, user, n, moment(n)).await?;
+        if n == 0 {
+            reply(b, &root, user, moment(10)).await?;
+        }
+    }
+    comment(b, quiet, user, 0, moment(20)).await?;
+    let counts = b.docs.count_comments_of(&[busy, quiet, silent]).await?;
+    ensure!(counts.get(&busy) == Some(&6) && counts.get(&quiet) == Some(&1), "{counts:?}");
+    ensure!(counts.get(&silent).copied().unwrap_or(0) == 0, "{counts:?}");
+    ensure!(b.docs.count_comments_of(&[]).await?.is_empty());
+    let too_many: Vec<TrackId> = (0..=waveline_shared::documents::MAX_COUNTED_TRACKS).map(|_| TrackId::new()).collect();
+    match b.docs.count_comments_of(&too_many).await {
+        Err(DocumentsError::Invalid { field: "tracks", .. }) => Ok(()),
+        other => bail!("{} tracks were counted: {other:?}", too_many.len()),
+    }
+}
+
+async fn the_newest_activity_about_each_object_among_actors(b: &Backend) -> Result<()> {
+    let (uploader, fan, stranger) = (UserId::new(), UserId::new(), UserId::new());
+    let (track, quiet) = (TrackId::new(), TrackId::new());
+    let playlist = PlaylistId(track.0); // the same UUID, another kind of object
+    let t = ActivityObject::Track(track);
+    let posted = b.docs.insert_activity(activity(ActivityKind::Track, uploader, t, moment(0))).await?;
+    let reposted = b.docs.insert_activity(activity(ActivityKind::TrackRepost, fan, t, moment(5))).await?;
+    b.docs.insert_activity(activity(ActivityKind::TrackRepost, stranger, t, moment(9))).await?;
+    let listed = b
+        .docs
+        .insert_activity(activity(ActivityKind::Playlist, uploader, ActivityObject::Playlist(playlist), moment(1)))
+        .await?;
+    let objects = [t, ActivityObject::Playlist(playlist), ActivityObject::Track(quiet)];
+    let newest = b.docs.newest_about(&objects, &[uploader, fan]).await?;
+    ensure!(newest.get(&t) == Some(&reposted.id), "{newest:?}");
+    ensure!(newest.get(&ActivityObject::Playlist(playlist)) == Some(&listed.id), "{newest:?}");
+    ensure!(!newest.contains_key(&ActivityObject::Track(quiet)), "{newest:?}");
+    let only_uploader = b.docs.newest_about(&[t], &[uploader]).await?;
+    ensure!(only_uploader.get(&t) == Some(&posted.id), "{only_uploader:?}");
+    ensure!(b.docs.newest_about(&[t], &[]).await?.is_empty());
+    let too_many = vec![t; MAX_PAGE + 1];
+    ensure!(matches!(
+        b.docs.newest_about(&too_many, &[uploader]).await,
+        Err(DocumentsError::Invalid { field: "objects", .. })
+    ));
+    Ok(())
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod postgres {
@@ -481,6 +530,8 @@ contract!(
     bad_fields_are_refused_with_the_field,
     the_feed_merges_actors_newest_first_through_ties,
     activities_of_an_object_go_all_at_once_or_one_actors,
+    comments_are_counted_per_track_in_one_call,
+    the_newest_activity_about_each_object_among_actors,
 );
 
 /// The MongoDB backend really keeps its documents in MongoDB: read back with the driver,

@@ -40,6 +40,8 @@ pub struct Context {
     pub tracks: PgTracks,
     pub outbox: PgOutbox,
     pub storage: Arc<dyn Storage>,
+    /// Where a track's `track` activity is written when it becomes ready and public.
+    pub documents: Arc<dyn waveline_shared::documents::Documents>,
     pub pipeline: Arc<PipelineConfig>,
     /// Where jobs make their temp dirs.
     pub temp_root: PathBuf,

@@ -288,6 +288,24 @@ impl PgTracks {
             .transpose()
     }
 
+    /// The tracks among `ids` that exist, in the order of `ids`.
+    pub async fn details_many(&self, ids: &[TrackId]) -> Result<Vec<TrackDetails>, DbError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows =
+            sqlx::query_as::<_, DetailsRow>(sqlx::AssertSqlSafe(format!("{DETAILS_SELECT} WHERE t.id = ANY($1)")))
+                .bind(&keys)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut found: std::collections::HashMap<TrackId, TrackDetails> = rows
+            .into_iter()
+            .map(|row| TrackDetails::try_from(row).map(|track| (track.id, track)))
+            .collect::<Result<_, _>>()?;
+        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+    }
+
     /// A page of tracks, newest first: those of `owner` (every track when `None`) that
     /// `viewer` may see, starting after the `after` cursor. Others' tracks are listed once
     /// public and playable (a ready revision); the viewer's own tracks always are, in any

@@ -13,6 +13,7 @@
 //! So the indexes are `(track_id, id)` and `(actor, id)`, smaller than with the date in them,
 //! and no query compares dates (which the test stand-in gets wrong).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,7 +27,7 @@ use uuid::Uuid;
 use super::{
     ACTIVITY_TAG, AccountRemoval, Activity, ActivityKind, ActivityObject, ActivityPage, Comment, CommentOrder,
     CommentPage, CommentQuery, Documents, DocumentsError, Keyset, NewActivity, NewComment, activity_page,
-    check_activity, check_actors, check_comment, comment_page, page_size,
+    check_activity, check_actors, check_comment, check_objects, comment_page, newest_of, page_size,
 };
 use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
 
@@ -292,6 +293,35 @@ impl Documents for MongoDocuments {
         };
         self.activities().insert_one(stored).await.map_err(error)?;
         Ok(Activity { id, kind: activity.kind, actor: activity.actor, object: activity.object, created_at })
+    }
+
+    async fn newest_about(
+        &self,
+        objects: &[ActivityObject],
+        actors: &[UserId],
+    ) -> Result<HashMap<ActivityObject, ActivityId>, DocumentsError> {
+        check_objects(objects)?;
+        check_actors(actors)?;
+        if objects.is_empty() || actors.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<String> = objects.iter().map(|o| text(o.id())).collect();
+        let actors: Vec<String> = actors.iter().map(|a| text(a.0)).collect();
+        // Through the `object` index; each object's activities by the actors are few next to
+        // the actors' own (an object is posted once and reposted by some of them).
+        let cursor = self
+            .activities()
+            .find(doc! {"object_id": {"$in": ids}, "actor": {"$in": actors}})
+            .projection(doc! {"id": 1, "object_id": 1, "kind": 1})
+            .await
+            .map_err(error)?;
+        let found = collect(cursor).await?;
+        let mut rows = Vec::with_capacity(found.len());
+        for doc in &found {
+            let kind = doc.get_str("kind").map_err(|_| corrupt("activity", doc))?.to_owned();
+            rows.push((uuid_field(doc, "object_id")?, ActivityId(uuid_field(doc, "id")?), kind));
+        }
+        newest_of(objects, rows)
     }
 
     async fn feed(

@@ -1,6 +1,8 @@
 //! The PostgreSQL backend: the tables `comment_documents` and `activity_documents` of the main
 //! database (migration `20261129000009_documents.sql`).
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
@@ -10,7 +12,7 @@ use uuid::Uuid;
 use super::{
     ACTIVITY_TAG, AccountRemoval, Activity, ActivityKind, ActivityObject, ActivityPage, Comment, CommentOrder,
     CommentPage, CommentQuery, Documents, DocumentsError, Keyset, NewActivity, NewComment, activity_page,
-    check_activity, check_actors, check_comment, comment_page, page_size,
+    check_activity, check_actors, check_comment, check_counted, check_objects, comment_page, newest_of, page_size,
 };
 use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
 
@@ -161,6 +163,21 @@ impl Documents for PgDocuments {
         Ok(count as u64)
     }
 
+    async fn count_comments_of(&self, tracks: &[TrackId]) -> Result<HashMap<TrackId, u64>, DocumentsError> {
+        check_counted(tracks)?;
+        if tracks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Uuid> = tracks.iter().map(|t| t.0).collect();
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT track_id, count(*) FROM comment_documents WHERE track_id = ANY($1) GROUP BY track_id",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, count)| (TrackId(id), count as u64)).collect())
+    }
+
     async fn delete_comment(&self, id: CommentId) -> Result<u64, DocumentsError> {
         let done = sqlx::query("DELETE FROM comment_documents WHERE id = $1 OR reply_to = $1")
             .bind(id.0)
@@ -188,6 +205,30 @@ impl Documents for PgDocuments {
         .execute(&self.pool)
         .await?;
         Ok(Activity { id, kind: activity.kind, actor: activity.actor, object: activity.object, created_at })
+    }
+
+    async fn newest_about(
+        &self,
+        objects: &[ActivityObject],
+        actors: &[UserId],
+    ) -> Result<HashMap<ActivityObject, ActivityId>, DocumentsError> {
+        check_objects(objects)?;
+        check_actors(actors)?;
+        if objects.is_empty() || actors.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Uuid> = objects.iter().map(|o| o.id()).collect();
+        let actors: Vec<Uuid> = actors.iter().map(|a| a.0).collect();
+        let rows: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (object_id, kind IN ('track', 'track_repost')) object_id, id, kind
+             FROM activity_documents WHERE object_id = ANY($1) AND actor = ANY($2)
+             ORDER BY object_id, kind IN ('track', 'track_repost'), created_at DESC, id DESC",
+        )
+        .bind(&ids)
+        .bind(&actors)
+        .fetch_all(&self.pool)
+        .await?;
+        newest_of(objects, rows.into_iter().map(|(object, id, kind)| (object, ActivityId(id), kind)))
     }
 
     async fn feed(

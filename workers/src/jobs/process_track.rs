@@ -187,6 +187,17 @@ impl ProcessTrack {
             Committed::Stale => Err(JobError::ClaimLost),
             Committed::Ready { previous_revision } => {
                 tracing::info!(revision = claim.revision, renditions = completion.renditions.len(), "ready");
+                // A public track's first ready revision goes to its owner's followers' feeds
+                // (once: a reprocessed track has its activity already).
+                let social = waveline_shared::db::social::PgSocial::new(context.tracks.pool().clone());
+                let target = waveline_shared::db::social::Target::Track(claim.track_id);
+                match social.announce(context.documents.as_ref(), target).await {
+                    Ok(true) => tracing::info!("the track's activity is written"),
+                    Ok(false) => {}
+                    // The track is ready either way; the activity is written the next time
+                    // the track becomes ready or public.
+                    Err(err) => tracing::warn!(error = %err, "could not write the track's activity"),
+                }
                 if let Some(old) = previous_revision {
                     let prefix = revision_prefix(claim.track_id, old);
                     match context.storage.delete_prefix(&prefix).await {
