@@ -318,6 +318,20 @@ async fn social_flow(mode: Mode) -> Result<()> {
     let feed = expect(&stack, "GET", "/v1/me/feed", Some(&carol), None, 200).await?;
     ensure!(feed["activities"].as_array().is_some_and(|a| a.iter().all(|a| a["actor"]["username"] == "alice")));
 
+    // A repost of a track whose owner the viewer blocks drops out of the feed.
+    expect(&stack, "PUT", "/v1/me/followings/bob", Some(&carol), None, 204).await?;
+    expect(&stack, "PUT", &format!("/v1/me/reposts/tracks/{private}"), Some(&bob), None, 204).await?;
+    let feed = expect(&stack, "GET", "/v1/me/feed", Some(&carol), None, 200).await?;
+    ensure!(feed_items(&feed).first() == Some(&("track_repost".to_owned(), private.clone())), "{feed}");
+    expect(&stack, "PUT", "/v1/me/blocks/alice", Some(&carol), None, 204).await?;
+    let feed = expect(&stack, "GET", "/v1/me/feed", Some(&carol), None, 200).await?;
+    ensure!(feed_items(&feed).is_empty(), "nothing of a blocked account's: {feed}");
+    let reposts = expect(&stack, "GET", "/v1/users/bob/reposts", Some(&carol), None, 200).await?;
+    ensure!(reposts["reposts"].as_array().map(Vec::len) == Some(2), "{reposts}");
+    expect(&stack, "DELETE", "/v1/me/blocks/alice", Some(&carol), None, 204).await?;
+    expect(&stack, "PUT", "/v1/me/followings/alice", Some(&carol), None, 204).await?;
+    expect(&stack, "DELETE", "/v1/me/followings/bob", Some(&carol), None, 204).await?;
+
     // A block ends the follows both ways and stops follows and comments.
     expect(&stack, "PUT", "/v1/me/followings/bob", Some(&alice), None, 204).await?;
     expect(&stack, "PUT", "/v1/me/blocks/bob", Some(&alice), None, 204).await?;
