@@ -54,6 +54,7 @@
 //! readers; no query compares them, since newest first is id order (the stand-in also gets
 //! date ranges wrong).
 
+mod inbox;
 mod mongo;
 mod postgres;
 
@@ -67,11 +68,16 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub use inbox::{
+    CLIENT_ID_MAX_CHARS, ConversationPage, ConversationSummary, MESSAGE_BODY_MAX_CHARS, Message, MessagePage,
+    NOTIFICATIONS_KEPT, NewMessage, NewNotification, Notification, NotificationKind, NotificationPage, Sent, Subject,
+    conversation_between,
+};
 pub use mongo::MongoDocuments;
 pub use postgres::PgDocuments;
 
 use crate::config::{DocumentsBackend, Settings};
-use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
+use crate::domain::{ActivityId, CommentId, ConversationId, MessageId, NotificationId, PlaylistId, TrackId, UserId};
 
 /// The most items one page holds; a larger `limit` is clamped to it.
 pub const MAX_PAGE: usize = 100;
@@ -263,6 +269,10 @@ pub struct AccountRemoval {
     pub comments: u64,
     /// The activities the account is the actor of.
     pub activities: u64,
+    /// The messages it sent or received.
+    pub messages: u64,
+    /// The notifications for it or by it.
+    pub notifications: u64,
 }
 
 /// The document store seam. Every method is safe to call concurrently.
@@ -346,9 +356,57 @@ pub trait Documents: Send + Sync + fmt::Debug {
         actor: Option<UserId>,
     ) -> Result<u64, DocumentsError>;
 
-    /// Deletes an account's comments (with the replies of others to them) and the
-    /// activities it is the actor of.
+    /// Deletes an account's comments (with the replies of others to them), the activities
+    /// it is the actor of, its conversations and messages (sent or received), and the
+    /// notifications for it or by it.
     async fn delete_account(&self, user: UserId) -> Result<AccountRemoval, DocumentsError>;
+
+    /// Stores a direct message, and moves the conversation to the top of both members' lists.
+    /// Idempotent by `(sender, client_id)`: a second send returns the first message, unchanged.
+    async fn send_message(&self, message: NewMessage) -> Result<Sent, DocumentsError>;
+
+    /// The two accounts of a conversation, if it has any message.
+    async fn conversation_members(&self, id: ConversationId) -> Result<Option<(UserId, UserId)>, DocumentsError>;
+
+    /// A page of a conversation's messages, newest first.
+    async fn messages(
+        &self,
+        id: ConversationId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MessagePage, DocumentsError>;
+
+    /// A page of `user`'s conversations, the latest message first, with unread counts.
+    async fn conversations(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ConversationPage, DocumentsError>;
+
+    /// Marks `user`'s messages of a conversation read up to `up_to` (never backwards);
+    /// `false` when `user` is not a member.
+    async fn mark_conversation_read(
+        &self,
+        id: ConversationId,
+        user: UserId,
+        up_to: MessageId,
+    ) -> Result<bool, DocumentsError>;
+
+    /// Stores a notification (and lets go of the account's oldest beyond
+    /// [`NOTIFICATIONS_KEPT`]).
+    async fn insert_notification(&self, notification: NewNotification) -> Result<Notification, DocumentsError>;
+
+    /// A page of `user`'s notifications, newest first, with the unread count.
+    async fn notifications(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<NotificationPage, DocumentsError>;
+
+    /// Marks `user`'s notifications read up to `up_to` (never backwards).
+    async fn mark_notifications_read(&self, user: UserId, up_to: NotificationId) -> Result<(), DocumentsError>;
 }
 
 /// Why a document operation failed.

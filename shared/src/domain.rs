@@ -70,6 +70,19 @@ id_type!(
     /// Identifies an activity of the feed (a document).
     ActivityId
 );
+id_type!(
+    /// Identifies a one-to-one conversation: derived from its two accounts, so both sides name
+    /// the same one without coordinating.
+    ConversationId
+);
+id_type!(
+    /// Identifies a direct message (a document).
+    MessageId
+);
+id_type!(
+    /// Identifies a notification (a document).
+    NotificationId
+);
 
 /// Where a track is in its life, as stored in `tracks.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

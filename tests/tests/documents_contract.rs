@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail, ensure};
 use chrono::{DateTime, Duration, Utc};
 use mongodb::bson::{Bson, Document, doc};
 use waveline_shared::documents::{
-    Activity, ActivityKind, ActivityObject, Comment, CommentOrder, CommentQuery, Documents, DocumentsError,
-    MAX_FEED_ACTORS, MAX_PAGE, MongoDocuments, NewActivity, NewComment, PgDocuments,
+    Activity, ActivityKind, ActivityObject, Comment, CommentOrder, CommentQuery, ConversationPage, Documents,
+    DocumentsError, MAX_FEED_ACTORS, MAX_PAGE, MongoDocuments, NewActivity, NewComment, NewMessage, NewNotification,
+    NotificationKind, PgDocuments, Subject, conversation_between,
 };
 use waveline_shared::domain::{CommentId, PlaylistId, TrackId, UserId};
 use waveline_tests::{TestDb, init_logging, test_documents_url};
@@ -487,6 +488,159 @@ async fn the_newest_activity_about_each_object_among_actors(b: &Backend) -> Resu
     Ok(())
 }
 
+fn message(sender: UserId, recipient: UserId, body: &str, client_id: &str, at: DateTime<Utc>) -> NewMessage {
+    NewMessage { sender, recipient, body: body.to_owned(), client_id: client_id.to_owned(), created_at: at }
+}
+
+async fn messages_are_idempotent_by_client_id_and_listed_newest_first(b: &Backend) -> Result<()> {
+    let (a, z) = (UserId::new(), UserId::new());
+    let first = b.docs.send_message(message(a, z, "salut 👋", "c-1", moment(0))).await?;
+    ensure!(first.new && first.message.conversation_id == conversation_between(z, a), "{first:?}");
+    ensure!(first.message.body == "salut 👋" && first.message.created_at == moment(0), "{first:?}");
+    let second = b.docs.send_message(message(z, a, "hi", "c-1", moment(1))).await?;
+    ensure!(second.new, "the same client_id of another sender is another message");
+    let third = b.docs.send_message(message(a, z, "again", "c-2", moment(2))).await?;
+    // A retried send returns the first, unchanged.
+    let retried = b.docs.send_message(message(a, z, "salut (edited)", "c-1", moment(3))).await?;
+    ensure!(!retried.new && retried.message == first.message, "{retried:?}");
+    let conversation = first.message.conversation_id;
+    let members = b.docs.conversation_members(conversation).await?.context("members")?;
+    ensure!(BTreeSet::from([members.0, members.1]) == BTreeSet::from([a, z]), "{members:?}");
+    ensure!(b.docs.conversation_members(conversation_between(a, UserId::new())).await?.is_none());
+    let page = b.docs.messages(conversation, None, 2).await?;
+    ensure!(page.messages == [third.message.clone(), second.message.clone()], "{page:?}");
+    let rest = b.docs.messages(conversation, page.next_cursor.as_deref(), 2).await?;
+    ensure!(rest.messages == [first.message.clone()] && rest.next_cursor.is_none(), "{rest:?}");
+    ensure!(matches!(b.docs.messages(conversation, Some("t1.zz"), 2).await, Err(DocumentsError::InvalidCursor)));
+    for bad in [
+        message(a, z, "", "c-9", moment(4)),
+        message(a, z, "x", "not ok", moment(4)),
+        message(a, a, "x", "c-9", moment(4)),
+    ] {
+        ensure!(matches!(b.docs.send_message(bad).await, Err(DocumentsError::Invalid { .. })));
+    }
+    Ok(())
+}
+
+async fn conversations_list_the_latest_first_with_exact_unread_counts(b: &Backend) -> Result<()> {
+    let (a, friend, other) = (UserId::new(), UserId::new(), UserId::new());
+    let m1 = b.docs.send_message(message(friend, a, "one", "f-1", moment(10))).await?.message;
+    let m2 = b.docs.send_message(message(friend, a, "two", "f-2", moment(11))).await?.message;
+    let m3 = b.docs.send_message(message(a, other, "three", "a-1", moment(12))).await?.message;
+    let page = b.docs.conversations(a, None, 10).await?;
+    let listed: Vec<_> = page.conversations.iter().map(|c| (c.other, c.last_message.id, c.unread_count)).collect();
+    ensure!(listed == [(other, m3.id, 0), (friend, m2.id, 2)], "{listed:?}");
+    let first = b.docs.conversations(a, None, 1).await?;
+    ensure!(first.conversations.len() == 1 && first.next_cursor.is_some());
+    let second = b.docs.conversations(a, first.next_cursor.as_deref(), 1).await?;
+    ensure!(second.conversations[0].other == friend && second.next_cursor.is_none(), "{second:?}");
+    // Reading moves forward only.
+    let with_friend = m1.conversation_id;
+    ensure!(b.docs.mark_conversation_read(with_friend, a, m1.id).await?);
+    let unread = |page: ConversationPage| page.conversations.iter().find(|c| c.other == friend).map(|c| c.unread_count);
+    ensure!(unread(b.docs.conversations(a, None, 10).await?) == Some(1));
+    ensure!(b.docs.mark_conversation_read(with_friend, a, m2.id).await?);
+    ensure!(b.docs.mark_conversation_read(with_friend, a, m1.id).await?);
+    ensure!(unread(b.docs.conversations(a, None, 10).await?) == Some(0));
+    ensure!(!b.docs.mark_conversation_read(with_friend, other, m2.id).await?, "not a member");
+    let theirs = b.docs.conversations(other, None, 10).await?;
+    ensure!(theirs.conversations.len() == 1 && theirs.conversations[0].unread_count == 1, "{theirs:?}");
+    Ok(())
+}
+
+async fn notifications_keep_the_newest_and_count_the_unread(b: &Backend) -> Result<()> {
+    let (user, actor) = (UserId::new(), UserId::new());
+    let subjects = [
+        Subject::Nothing,
+        Subject::Track { id: TrackId::new() },
+        Subject::Playlist { id: PlaylistId::new() },
+        Subject::Comment { track: TrackId::new(), comment: CommentId::new() },
+        Subject::Conversation {
+            id: conversation_between(user, actor),
+            message: waveline_shared::domain::MessageId::new(),
+        },
+    ];
+    let mut stored = Vec::new();
+    for (n, (kind, subject)) in NotificationKind::ALL.iter().zip(subjects.iter().cycle()).enumerate() {
+        let new = NewNotification {
+            user_id: user,
+            kind: *kind,
+            actor: (n % 2 == 0).then_some(actor),
+            subject: *subject,
+            created_at: moment(n as i64),
+        };
+        stored.push(b.docs.insert_notification(new).await?);
+    }
+    let page = b.docs.notifications(user, None, 100).await?;
+    let mut newest_first = stored.clone();
+    newest_first.reverse();
+    ensure!(page.notifications == newest_first, "{page:?}");
+    ensure!(page.unread_count == stored.len() as u64 && page.next_cursor.is_none());
+    b.docs.mark_notifications_read(user, stored[5].id).await?;
+    b.docs.mark_notifications_read(user, stored[1].id).await?; // never backwards
+    let page = b.docs.notifications(user, None, 3).await?;
+    ensure!(page.unread_count == 2 && page.notifications.len() == 3 && page.next_cursor.is_some(), "{page:?}");
+    let rest = b.docs.notifications(user, page.next_cursor.as_deref(), 100).await?;
+    ensure!(rest.notifications.len() == stored.len() - 3, "{rest:?}");
+    ensure!(b.docs.notifications(UserId::new(), None, 10).await?.unread_count == 0);
+    Ok(())
+}
+
+async fn notifications_past_the_limit_let_go_of_the_oldest(b: &Backend) -> Result<()> {
+    let user = UserId::new();
+    let kept = waveline_shared::documents::NOTIFICATIONS_KEPT;
+    let mut first = None;
+    for n in 0..kept + 3 {
+        let new = NewNotification {
+            user_id: user,
+            kind: NotificationKind::Follow,
+            actor: Some(UserId::new()),
+            subject: Subject::Nothing,
+            created_at: moment(n as i64),
+        };
+        let stored = b.docs.insert_notification(new).await?;
+        first.get_or_insert(stored.id);
+    }
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = b.docs.notifications(user, cursor.as_deref(), 100).await?;
+        all.extend(page.notifications);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    ensure!(all.len() == kept, "{} kept", all.len());
+    ensure!(all.iter().all(|n| Some(n.id) != first), "the oldest went");
+    Ok(())
+}
+
+async fn deleting_an_account_removes_its_messages_and_notifications(b: &Backend) -> Result<()> {
+    let (gone, stays, third) = (UserId::new(), UserId::new(), UserId::new());
+    b.docs.send_message(message(gone, stays, "bye", "g-1", moment(0))).await?;
+    b.docs.send_message(message(stays, gone, "wait", "s-1", moment(1))).await?;
+    let kept = b.docs.send_message(message(stays, third, "hello", "s-2", moment(2))).await?;
+    let note = |user, actor| NewNotification {
+        user_id: user,
+        kind: NotificationKind::Follow,
+        actor: Some(actor),
+        subject: Subject::Nothing,
+        created_at: moment(3),
+    };
+    b.docs.insert_notification(note(gone, stays)).await?;
+    b.docs.insert_notification(note(stays, gone)).await?;
+    b.docs.insert_notification(note(stays, third)).await?;
+    let removed = b.docs.delete_account(gone).await?;
+    ensure!(removed.messages == 2 && removed.notifications == 2, "{removed:?}");
+    let left = b.docs.conversations(stays, None, 10).await?;
+    ensure!(left.conversations.len() == 1 && left.conversations[0].last_message == kept.message, "{left:?}");
+    ensure!(b.docs.conversation_members(conversation_between(gone, stays)).await?.is_none());
+    let notes = b.docs.notifications(stays, None, 10).await?;
+    ensure!(notes.notifications.len() == 1 && notes.notifications[0].actor == Some(third), "{notes:?}");
+    Ok(())
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod postgres {
@@ -532,6 +686,11 @@ contract!(
     activities_of_an_object_go_all_at_once_or_one_actors,
     comments_are_counted_per_track_in_one_call,
     the_newest_activity_about_each_object_among_actors,
+    messages_are_idempotent_by_client_id_and_listed_newest_first,
+    conversations_list_the_latest_first_with_exact_unread_counts,
+    notifications_keep_the_newest_and_count_the_unread,
+    notifications_past_the_limit_let_go_of_the_oldest,
+    deleting_an_account_removes_its_messages_and_notifications,
 );
 
 /// The MongoDB backend really keeps its documents in MongoDB: read back with the driver,

@@ -24,12 +24,17 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use uuid::Uuid;
 
+use super::inbox::{
+    CONVERSATION_TAG, ConversationPage, ConversationSummary, MESSAGE_TAG, Message, MessagePage, NOTIFICATION_TAG,
+    NOTIFICATIONS_KEPT, NewMessage, NewNotification, Notification, NotificationKind, NotificationPage, Sent, Subject,
+    check_message, conversation_between, keyset_of, notification_id,
+};
 use super::{
     ACTIVITY_TAG, AccountRemoval, Activity, ActivityKind, ActivityObject, ActivityPage, Comment, CommentOrder,
     CommentPage, CommentQuery, Documents, DocumentsError, Keyset, NewActivity, NewComment, activity_page,
-    check_activity, check_actors, check_comment, check_objects, comment_page, newest_of, page_size,
+    check_activity, check_actors, check_comment, check_objects, comment_page, newest_of, page_size, paginate,
 };
-use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
+use crate::domain::{ActivityId, CommentId, ConversationId, MessageId, NotificationId, PlaylistId, TrackId, UserId};
 
 /// How many root comments of an account one round of [`Documents::delete_account`] removes
 /// with their replies.
@@ -71,6 +76,22 @@ impl MongoDocuments {
 
     fn activities(&self) -> Collection<Document> {
         self.database.collection("activities")
+    }
+
+    fn messages_collection(&self) -> Collection<Document> {
+        self.database.collection("messages")
+    }
+
+    fn conversations_collection(&self) -> Collection<Document> {
+        self.database.collection("conversations")
+    }
+
+    fn notifications_collection(&self) -> Collection<Document> {
+        self.database.collection("notifications")
+    }
+
+    fn notification_reads(&self) -> Collection<Document> {
+        self.database.collection("notification_reads")
     }
 }
 
@@ -180,6 +201,28 @@ impl Documents for MongoDocuments {
                 index(doc! {"actor": 1, "id": -1}, "actor_newest"),
                 index(doc! {"object_id": 1}, "object"),
             ])
+            .await
+            .map_err(error)?;
+        self.messages_collection()
+            .create_indexes([
+                index(doc! {"conversation_id": 1, "id": -1}, "conversation_newest"),
+                index(doc! {"conversation_id": 1, "recipient": 1, "id": 1}, "unread"),
+                index(doc! {"id": 1}, "id"),
+                index(doc! {"sender": 1}, "sender"),
+                index(doc! {"recipient": 1}, "recipient"),
+            ])
+            .await
+            .map_err(error)?;
+        self.conversations_collection()
+            .create_indexes([
+                index(doc! {"user_id": 1, "last_message_id": -1}, "member_latest"),
+                index(doc! {"conversation_id": 1}, "conversation"),
+                index(doc! {"other_id": 1}, "other"),
+            ])
+            .await
+            .map_err(error)?;
+        self.notifications_collection()
+            .create_indexes([index(doc! {"user_id": 1, "id": -1}, "user_newest"), index(doc! {"actor": 1}, "actor")])
             .await
             .map_err(error)?;
         Ok(())
@@ -390,6 +433,298 @@ impl Documents for MongoDocuments {
         // Then its replies to others.
         removed.comments += comments.delete_many(doc! {"user_id": &user}).await.map_err(error)?.deleted_count;
         removed.activities = self.activities().delete_many(doc! {"actor": &user}).await.map_err(error)?.deleted_count;
+        removed.messages = self
+            .messages_collection()
+            .delete_many(doc! {"$or": [{"sender": &user}, {"recipient": &user}]})
+            .await
+            .map_err(error)?
+            .deleted_count;
+        self.conversations_collection()
+            .delete_many(doc! {"$or": [{"user_id": &user}, {"other_id": &user}]})
+            .await
+            .map_err(error)?;
+        removed.notifications = self
+            .notifications_collection()
+            .delete_many(doc! {"$or": [{"user_id": &user}, {"actor": &user}]})
+            .await
+            .map_err(error)?
+            .deleted_count;
+        self.notification_reads().delete_many(doc! {"_id": &user}).await.map_err(error)?;
         Ok(removed)
     }
+
+    async fn send_message(&self, message: NewMessage) -> Result<Sent, DocumentsError> {
+        let (id, created_at) = check_message(&message)?;
+        let conversation = conversation_between(message.sender, message.recipient);
+        // The key is the idempotency key, so the server itself refuses a second copy.
+        let key = format!("{}:{}", text(message.sender.0), message.client_id);
+        let messages = self.messages_collection();
+        if let Some(found) = messages.find_one(doc! {"_id": &key}).await.map_err(error)? {
+            return Ok(Sent { message: message_from(&found)?, new: false });
+        }
+        let stored = doc! {
+            "_id": &key,
+            "id": text(id.0),
+            "conversation_id": text(conversation.0),
+            "sender": text(message.sender.0),
+            "recipient": text(message.recipient.0),
+            "client_id": &message.client_id,
+            "body": &message.body,
+            "created_at": date(created_at),
+        };
+        if let Err(err) = messages.insert_one(stored).await {
+            // Sent twice at once: the other one won; answer with it.
+            if let Some(found) = messages.find_one(doc! {"_id": &key}).await.map_err(error)? {
+                return Ok(Sent { message: message_from(&found)?, new: false });
+            }
+            return Err(error(err));
+        }
+        for (member, other) in [(message.sender, message.recipient), (message.recipient, message.sender)] {
+            self.conversations_collection()
+                .update_one(
+                    doc! {"_id": format!("{}:{}", text(conversation.0), text(member.0))},
+                    doc! {
+                        "$set": {"conversation_id": text(conversation.0), "user_id": text(member.0), "other_id": text(other.0)},
+                        "$max": {"last_message_id": text(id.0)},
+                    },
+                )
+                .upsert(true)
+                .await
+                .map_err(error)?;
+        }
+        let stored = Message {
+            id,
+            conversation_id: conversation,
+            sender: message.sender,
+            recipient: message.recipient,
+            body: message.body,
+            client_id: message.client_id,
+            created_at,
+        };
+        Ok(Sent { message: stored, new: true })
+    }
+
+    async fn conversation_members(&self, id: ConversationId) -> Result<Option<(UserId, UserId)>, DocumentsError> {
+        let found =
+            self.conversations_collection().find_one(doc! {"conversation_id": text(id.0)}).await.map_err(error)?;
+        found.map(|doc| Ok((UserId(uuid_field(&doc, "user_id")?), UserId(uuid_field(&doc, "other_id")?)))).transpose()
+    }
+
+    async fn messages(
+        &self,
+        id: ConversationId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MessagePage, DocumentsError> {
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, MESSAGE_TAG)?;
+        let mut filter = doc! {"conversation_id": text(id.0)};
+        if let Some(after) = after {
+            filter.insert("id", doc! {"$lt": text(after.id)});
+        }
+        let found = self
+            .messages_collection()
+            .find(filter)
+            .sort(doc! {"id": -1})
+            .limit((limit + 1) as i64)
+            .await
+            .map_err(error)?;
+        let messages = collect(found).await?.iter().map(message_from).collect::<Result<Vec<_>, _>>()?;
+        let (messages, next_cursor) =
+            paginate(messages, limit, |m| keyset_of(m.id.0, m.created_at).encode(MESSAGE_TAG));
+        Ok(MessagePage { messages, next_cursor })
+    }
+
+    async fn conversations(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ConversationPage, DocumentsError> {
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, CONVERSATION_TAG)?;
+        let mut filter = doc! {"user_id": text(user.0)};
+        if let Some(after) = after {
+            filter.insert("last_message_id", doc! {"$lt": text(after.id)});
+        }
+        let found = self
+            .conversations_collection()
+            .find(filter)
+            .sort(doc! {"last_message_id": -1})
+            .limit((limit + 1) as i64)
+            .await
+            .map_err(error)?;
+        let mut summaries = Vec::new();
+        for member in collect(found).await? {
+            let conversation = uuid_field(&member, "conversation_id")?;
+            let last = uuid_field(&member, "last_message_id")?;
+            let Some(message) = self.messages_collection().find_one(doc! {"id": text(last)}).await.map_err(error)?
+            else {
+                return Err(corrupt("last_message_id", &member));
+            };
+            let mut unread = doc! {"conversation_id": text(conversation), "recipient": text(user.0)};
+            if let Ok(read) = member.get_str("read_up_to") {
+                unread.insert("id", doc! {"$gt": read});
+            }
+            let unread_count = self.messages_collection().count_documents(unread).await.map_err(error)?;
+            summaries.push(ConversationSummary {
+                id: ConversationId(conversation),
+                other: UserId(uuid_field(&member, "other_id")?),
+                last_message: message_from(&message)?,
+                unread_count,
+            });
+        }
+        let (conversations, next_cursor) = paginate(summaries, limit, |c| {
+            keyset_of(c.last_message.id.0, c.last_message.created_at).encode(CONVERSATION_TAG)
+        });
+        Ok(ConversationPage { conversations, next_cursor })
+    }
+
+    async fn mark_conversation_read(
+        &self,
+        id: ConversationId,
+        user: UserId,
+        up_to: MessageId,
+    ) -> Result<bool, DocumentsError> {
+        let done = self
+            .conversations_collection()
+            .update_one(
+                doc! {"_id": format!("{}:{}", text(id.0), text(user.0))},
+                doc! {"$max": {"read_up_to": text(up_to.0)}},
+            )
+            .await
+            .map_err(error)?;
+        Ok(done.matched_count == 1)
+    }
+
+    async fn insert_notification(&self, notification: NewNotification) -> Result<Notification, DocumentsError> {
+        let (id, created_at) = notification_id(&notification);
+        let subject = subject_doc(notification.subject);
+        let user = text(notification.user_id.0);
+        let stored = doc! {
+            "_id": text(id.0),
+            "id": text(id.0),
+            "user_id": &user,
+            "kind": notification.kind.as_str(),
+            "actor": notification.actor.map(|a| Bson::String(text(a.0))).unwrap_or(Bson::Null),
+            "subject": subject,
+            "created_at": date(created_at),
+        };
+        let collection = self.notifications_collection();
+        collection.insert_one(stored).await.map_err(error)?;
+        // Keep the newest NOTIFICATIONS_KEPT.
+        let oldest_kept = collection
+            .find(doc! {"user_id": &user})
+            .sort(doc! {"id": -1})
+            .skip((NOTIFICATIONS_KEPT - 1) as u64)
+            .limit(1)
+            .projection(doc! {"id": 1})
+            .await
+            .map_err(error)?;
+        if let Some(oldest) = collect(oldest_kept).await?.first() {
+            let oldest = uuid_field(oldest, "id")?;
+            collection.delete_many(doc! {"user_id": &user, "id": {"$lt": text(oldest)}}).await.map_err(error)?;
+        }
+        Ok(Notification {
+            id,
+            user_id: notification.user_id,
+            kind: notification.kind,
+            actor: notification.actor,
+            subject: notification.subject,
+            created_at,
+        })
+    }
+
+    async fn notifications(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<NotificationPage, DocumentsError> {
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, NOTIFICATION_TAG)?;
+        let user = text(user.0);
+        let mut filter = doc! {"user_id": &user};
+        if let Some(after) = after {
+            filter.insert("id", doc! {"$lt": text(after.id)});
+        }
+        let collection = self.notifications_collection();
+        let found = collection.find(filter).sort(doc! {"id": -1}).limit((limit + 1) as i64).await.map_err(error)?;
+        let notifications = collect(found).await?.iter().map(notification_from).collect::<Result<Vec<_>, _>>()?;
+        let (notifications, next_cursor) =
+            paginate(notifications, limit, |n| keyset_of(n.id.0, n.created_at).encode(NOTIFICATION_TAG));
+        let mut unread = doc! {"user_id": &user};
+        if let Some(read) = self.notification_reads().find_one(doc! {"_id": &user}).await.map_err(error)?
+            && let Ok(up_to) = read.get_str("up_to")
+        {
+            unread.insert("id", doc! {"$gt": up_to});
+        }
+        let unread_count = collection.count_documents(unread).await.map_err(error)?;
+        Ok(NotificationPage { notifications, next_cursor, unread_count })
+    }
+
+    async fn mark_notifications_read(&self, user: UserId, up_to: NotificationId) -> Result<(), DocumentsError> {
+        self.notification_reads()
+            .update_one(doc! {"_id": text(user.0)}, doc! {"$max": {"up_to": text(up_to.0)}})
+            .upsert(true)
+            .await
+            .map_err(error)?;
+        Ok(())
+    }
+}
+
+fn message_from(doc: &Document) -> Result<Message, DocumentsError> {
+    Ok(Message {
+        id: MessageId(uuid_field(doc, "id")?),
+        conversation_id: ConversationId(uuid_field(doc, "conversation_id")?),
+        sender: UserId(uuid_field(doc, "sender")?),
+        recipient: UserId(uuid_field(doc, "recipient")?),
+        body: doc.get_str("body").map_err(|_| corrupt("body", doc))?.to_owned(),
+        client_id: doc.get_str("client_id").map_err(|_| corrupt("client_id", doc))?.to_owned(),
+        created_at: time_field(doc, "created_at")?,
+    })
+}
+
+/// A notification's subject as a document: `{kind, …ids as strings}`.
+fn subject_doc(subject: Subject) -> Document {
+    match subject {
+        Subject::Nothing => doc! {"kind": "nothing"},
+        Subject::Track { id } => doc! {"kind": "track", "id": text(id.0)},
+        Subject::Playlist { id } => doc! {"kind": "playlist", "id": text(id.0)},
+        Subject::Comment { track, comment } => {
+            doc! {"kind": "comment", "track": text(track.0), "comment": text(comment.0)}
+        }
+        Subject::Conversation { id, message } => {
+            doc! {"kind": "conversation", "id": text(id.0), "message": text(message.0)}
+        }
+    }
+}
+
+fn subject_of(doc: &Document) -> Option<Subject> {
+    let id = |field: &str| doc.get_str(field).ok().and_then(|s| Uuid::try_parse(s).ok());
+    Some(match doc.get_str("kind").ok()? {
+        "nothing" => Subject::Nothing,
+        "track" => Subject::Track { id: TrackId(id("id")?) },
+        "playlist" => Subject::Playlist { id: PlaylistId(id("id")?) },
+        "comment" => Subject::Comment { track: TrackId(id("track")?), comment: CommentId(id("comment")?) },
+        "conversation" => Subject::Conversation { id: ConversationId(id("id")?), message: MessageId(id("message")?) },
+        _ => return None,
+    })
+}
+
+fn notification_from(doc: &Document) -> Result<Notification, DocumentsError> {
+    let kind = doc.get_str("kind").ok().and_then(NotificationKind::parse).ok_or_else(|| corrupt("kind", doc))?;
+    let actor = match doc.get("actor") {
+        None | Some(Bson::Null) => None,
+        Some(_) => Some(UserId(uuid_field(doc, "actor")?)),
+    };
+    let subject = doc.get_document("subject").ok().and_then(subject_of).ok_or_else(|| corrupt("subject", doc))?;
+    Ok(Notification {
+        id: NotificationId(uuid_field(doc, "id")?),
+        user_id: UserId(uuid_field(doc, "user_id")?),
+        kind,
+        actor,
+        subject,
+        created_at: time_field(doc, "created_at")?,
+    })
 }

@@ -9,12 +9,18 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use super::inbox::{
+    CONVERSATION_TAG, ConversationPage, ConversationSummary, MESSAGE_TAG, Message, MessagePage, NOTIFICATION_TAG,
+    NOTIFICATIONS_KEPT, NewMessage, NewNotification, Notification, NotificationKind, NotificationPage, Sent, Subject,
+    check_message, conversation_between, keyset_of, notification_id,
+};
 use super::{
     ACTIVITY_TAG, AccountRemoval, Activity, ActivityKind, ActivityObject, ActivityPage, Comment, CommentOrder,
     CommentPage, CommentQuery, Documents, DocumentsError, Keyset, NewActivity, NewComment, activity_page,
     check_activity, check_actors, check_comment, check_counted, check_objects, comment_page, newest_of, page_size,
+    paginate,
 };
-use crate::domain::{ActivityId, CommentId, PlaylistId, TrackId, UserId};
+use crate::domain::{ActivityId, CommentId, ConversationId, MessageId, NotificationId, PlaylistId, TrackId, UserId};
 
 /// Documents in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -303,7 +309,281 @@ impl Documents for PgDocuments {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        let messages = sqlx::query("DELETE FROM message_documents WHERE sender = $1 OR recipient = $1")
+            .bind(user.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM conversation_documents WHERE user_id = $1 OR other_id = $1")
+            .bind(user.0)
+            .execute(&mut *tx)
+            .await?;
+        let notifications = sqlx::query("DELETE FROM notification_documents WHERE user_id = $1 OR actor = $1")
+            .bind(user.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM notification_reads WHERE user_id = $1").bind(user.0).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(AccountRemoval { comments, activities })
+        Ok(AccountRemoval { comments, activities, messages, notifications })
     }
+
+    async fn send_message(&self, message: NewMessage) -> Result<Sent, DocumentsError> {
+        let (id, created_at) = check_message(&message)?;
+        let conversation = conversation_between(message.sender, message.recipient);
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO message_documents (id, conversation_id, sender, recipient, client_id, created_at, doc)
+             VALUES ($1, $2, $3, $4, $5, $6, jsonb_build_object('body', $7::text))
+             ON CONFLICT (sender, client_id) DO NOTHING",
+        )
+        .bind(id.0)
+        .bind(conversation.0)
+        .bind(message.sender.0)
+        .bind(message.recipient.0)
+        .bind(&message.client_id)
+        .bind(created_at)
+        .bind(&message.body)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM message_documents WHERE sender = $1 AND client_id = $2"
+            )))
+            .bind(message.sender.0)
+            .bind(&message.client_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(Sent { message: message_from(&row)?, new: false });
+        }
+        sqlx::query(
+            "INSERT INTO conversation_documents (conversation_id, user_id, other_id, last_message_id)
+             VALUES ($1, $2, $3, $4), ($1, $3, $2, $4)
+             ON CONFLICT (conversation_id, user_id)
+             DO UPDATE SET last_message_id = greatest(conversation_documents.last_message_id, EXCLUDED.last_message_id)",
+        )
+        .bind(conversation.0)
+        .bind(message.sender.0)
+        .bind(message.recipient.0)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let stored = Message {
+            id,
+            conversation_id: conversation,
+            sender: message.sender,
+            recipient: message.recipient,
+            body: message.body,
+            client_id: message.client_id,
+            created_at,
+        };
+        Ok(Sent { message: stored, new: true })
+    }
+
+    async fn conversation_members(&self, id: ConversationId) -> Result<Option<(UserId, UserId)>, DocumentsError> {
+        let row: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT user_id, other_id FROM conversation_documents WHERE conversation_id = $1 ORDER BY user_id LIMIT 1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(a, b)| (UserId(a), UserId(b))))
+    }
+
+    async fn messages(
+        &self,
+        id: ConversationId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MessagePage, DocumentsError> {
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, MESSAGE_TAG)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM message_documents
+             WHERE conversation_id = $1 AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        )))
+        .bind(id.0)
+        .bind(after.map(|a| a.id))
+        .bind((limit + 1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let messages = rows.iter().map(message_from).collect::<Result<Vec<_>, _>>()?;
+        let (messages, next_cursor) =
+            paginate(messages, limit, |m| keyset_of(m.id.0, m.created_at).encode(MESSAGE_TAG));
+        Ok(MessagePage { messages, next_cursor })
+    }
+
+    async fn conversations(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ConversationPage, DocumentsError> {
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, CONVERSATION_TAG)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT c.conversation_id AS summary_id, c.other_id,
+                    (SELECT count(*) FROM message_documents u
+                     WHERE u.conversation_id = c.conversation_id AND u.recipient = $1
+                       AND (c.read_up_to IS NULL OR u.id > c.read_up_to)) AS unread,
+                    {MESSAGE_COLUMNS_OF_M}
+             FROM conversation_documents c JOIN message_documents m ON m.id = c.last_message_id
+             WHERE c.user_id = $1 AND ($2::uuid IS NULL OR c.last_message_id < $2)
+             ORDER BY c.last_message_id DESC LIMIT $3"
+        )))
+        .bind(user.0)
+        .bind(after.map(|a| a.id))
+        .bind((limit + 1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut summaries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let unread: i64 = row.try_get("unread")?;
+            summaries.push(ConversationSummary {
+                id: ConversationId(row.try_get("summary_id")?),
+                other: UserId(row.try_get("other_id")?),
+                last_message: message_from(row)?,
+                unread_count: unread.max(0) as u64,
+            });
+        }
+        let (conversations, next_cursor) = paginate(summaries, limit, |c| {
+            keyset_of(c.last_message.id.0, c.last_message.created_at).encode(CONVERSATION_TAG)
+        });
+        Ok(ConversationPage { conversations, next_cursor })
+    }
+
+    async fn mark_conversation_read(
+        &self,
+        id: ConversationId,
+        user: UserId,
+        up_to: MessageId,
+    ) -> Result<bool, DocumentsError> {
+        let done = sqlx::query(
+            "UPDATE conversation_documents SET read_up_to = greatest(coalesce(read_up_to, $3), $3)
+             WHERE conversation_id = $1 AND user_id = $2",
+        )
+        .bind(id.0)
+        .bind(user.0)
+        .bind(up_to.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn insert_notification(&self, notification: NewNotification) -> Result<Notification, DocumentsError> {
+        let (id, created_at) = notification_id(&notification);
+        let doc = serde_json::json!({ "subject": notification.subject });
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO notification_documents (id, user_id, kind, actor, created_at, doc)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.0)
+        .bind(notification.user_id.0)
+        .bind(notification.kind.as_str())
+        .bind(notification.actor.map(|a| a.0))
+        .bind(created_at)
+        .bind(&doc)
+        .execute(&mut *tx)
+        .await?;
+        // Keep the newest NOTIFICATIONS_KEPT.
+        sqlx::query(
+            "DELETE FROM notification_documents WHERE user_id = $1 AND id < (
+                 SELECT id FROM notification_documents WHERE user_id = $1 ORDER BY id DESC OFFSET $2 LIMIT 1)",
+        )
+        .bind(notification.user_id.0)
+        .bind((NOTIFICATIONS_KEPT - 1) as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Notification {
+            id,
+            user_id: notification.user_id,
+            kind: notification.kind,
+            actor: notification.actor,
+            subject: notification.subject,
+            created_at,
+        })
+    }
+
+    async fn notifications(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<NotificationPage, DocumentsError> {
+        let limit = page_size(limit);
+        let after = Keyset::decode(cursor, NOTIFICATION_TAG)?;
+        let rows = sqlx::query(
+            "SELECT id, user_id, kind, actor, created_at, doc FROM notification_documents
+             WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(user.0)
+        .bind(after.map(|a| a.id))
+        .bind((limit + 1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let notifications = rows.iter().map(notification_from).collect::<Result<Vec<_>, _>>()?;
+        let (notifications, next_cursor) =
+            paginate(notifications, limit, |n| keyset_of(n.id.0, n.created_at).encode(NOTIFICATION_TAG));
+        let unread: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM notification_documents WHERE user_id = $1
+               AND id > coalesce((SELECT up_to FROM notification_reads WHERE user_id = $1),
+                                 '00000000-0000-0000-0000-000000000000')",
+        )
+        .bind(user.0)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(NotificationPage { notifications, next_cursor, unread_count: unread.max(0) as u64 })
+    }
+
+    async fn mark_notifications_read(&self, user: UserId, up_to: NotificationId) -> Result<(), DocumentsError> {
+        sqlx::query(
+            "INSERT INTO notification_reads (user_id, up_to) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE SET up_to = greatest(notification_reads.up_to, EXCLUDED.up_to)",
+        )
+        .bind(user.0)
+        .bind(up_to.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+const MESSAGE_COLUMNS: &str = "id, conversation_id, sender, recipient, client_id, created_at, doc->>'body' AS body";
+const MESSAGE_COLUMNS_OF_M: &str =
+    "m.id, m.conversation_id, m.sender, m.recipient, m.client_id, m.created_at, m.doc->>'body' AS body";
+
+fn message_from(row: &PgRow) -> Result<Message, DocumentsError> {
+    let body: Option<String> = row.try_get("body")?;
+    Ok(Message {
+        id: MessageId(row.try_get("id")?),
+        conversation_id: ConversationId(row.try_get("conversation_id")?),
+        sender: UserId(row.try_get("sender")?),
+        recipient: UserId(row.try_get("recipient")?),
+        body: body.ok_or_else(|| DocumentsError::Corrupt("a message without a body".into()))?,
+        client_id: row.try_get("client_id")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn notification_from(row: &PgRow) -> Result<Notification, DocumentsError> {
+    let kind: String = row.try_get("kind")?;
+    let doc: serde_json::Value = row.try_get("doc")?;
+    let subject: Subject = serde_json::from_value(doc["subject"].clone())
+        .map_err(|err| DocumentsError::Corrupt(format!("a notification's subject: {err}")))?;
+    Ok(Notification {
+        id: NotificationId(row.try_get("id")?),
+        user_id: UserId(row.try_get("user_id")?),
+        kind: NotificationKind::parse(&kind)
+            .ok_or_else(|| DocumentsError::Corrupt(format!("notification kind {kind:?}")))?,
+        actor: row.try_get::<Option<Uuid>, _>("actor")?.map(UserId),
+        subject,
+        created_at: row.try_get("created_at")?,
+    })
 }
