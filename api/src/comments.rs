@@ -14,8 +14,9 @@ use poem::http::StatusCode;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
+use waveline_shared::bus::Event;
 use waveline_shared::db::TrackDetails;
-use waveline_shared::documents::{Comment, CommentOrder, CommentQuery, NewComment};
+use waveline_shared::documents::{Comment, CommentOrder, CommentQuery, NewComment, NotificationKind, Subject};
 use waveline_shared::domain::CommentId;
 
 use crate::auth::{Auth, MaybeAuth, Session};
@@ -104,6 +105,31 @@ impl Comments {
         Ok(track)
     }
 
+    /// Tells who should hear of a new comment: the sockets watching the track (the comment
+    /// and the new count), the author of the comment it replies to, and the track's owner.
+    async fn announce(&self, track: &TrackDetails, comment: &Comment, author: waveline_shared::domain::UserId) {
+        if let Err(err) = self.state.realtime.bus.publish(&Event::CommentNew { comment: comment.clone() }).await {
+            tracing::warn!(error = %err, "could not publish a new comment");
+        }
+        crate::realtime::publish_counters(&self.state, track.id);
+        let subject = Subject::Comment { track: track.id, comment: comment.id };
+        let mut replied_to = None;
+        if let Some(root) = comment.reply_to {
+            match self.state.documents.comment(root).await {
+                Ok(Some(root)) if root.user_id != author => {
+                    replied_to = Some(root.user_id);
+                    crate::inbox::notify(&self.state, root.user_id, NotificationKind::Reply, Some(author), subject)
+                        .await;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "could not find the comment replied to"),
+            }
+        }
+        if track.owner_id != author && replied_to != Some(track.owner_id) {
+            crate::inbox::notify(&self.state, track.owner_id, NotificationKind::Comment, Some(author), subject).await;
+        }
+    }
+
     /// Views of comments; those whose author is gone drop out.
     async fn views(&self, comments: Vec<Comment>) -> Result<Vec<CommentView>, ApiError> {
         let mut authors: Vec<_> = comments.iter().map(|c| c.user_id).collect();
@@ -165,6 +191,7 @@ impl Comments {
                 created_at: Utc::now(),
             })
             .await?;
+        self.announce(&track, &comment, session.user.id).await;
         let view = self.views(vec![comment]).await?.pop().ok_or_else(|| ApiError::not_found("user"))?;
         Ok(Created::Created(Json(view)))
     }
@@ -232,6 +259,7 @@ impl Comments {
             return Err(ApiError::forbidden("only the comment's author, the track's owner or an admin may delete it"));
         }
         self.state.documents.delete_comment(id).await?;
+        crate::realtime::publish_counters(&self.state, track.id);
         Ok(Done::Done)
     }
 }

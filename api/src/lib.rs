@@ -20,6 +20,8 @@
 //! | `playlists` | `POST /v1/playlists`, `GET|PATCH|DELETE /v1/playlists/{id}`, `PUT /v1/playlists/{id}/tracks`, `GET /v1/users/{username}/playlists` |
 //! | `comments` | `POST|GET /v1/tracks/{id}/comments`, `DELETE /v1/comments/{id}` |
 //! | `feed` | `GET /v1/me/feed`, `GET /v1/users/{username}/activities` |
+//! | [`inbox`] | `POST /v1/me/conversations/{username}/messages`, `GET /v1/me/conversations`, `GET /v1/me/conversations/{id}/messages`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
+//! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -33,6 +35,7 @@ mod comments;
 mod error;
 pub mod events;
 mod feed;
+pub mod inbox;
 pub mod listener;
 pub mod mail;
 pub mod media;
@@ -40,6 +43,7 @@ mod middleware;
 mod oauth;
 mod ops;
 mod playlists;
+pub mod realtime;
 pub mod redirect;
 pub mod security;
 mod serve;
@@ -158,6 +162,8 @@ pub struct AppState {
     pub social: waveline_shared::db::social::PgSocial,
     /// Social writes per account (see [`social::WriteLimit`]).
     pub social_writes: Arc<social::WriteLimit>,
+    /// The sockets of this process, the event bus and presence (see [`realtime`]).
+    pub realtime: Arc<realtime::Realtime>,
     pub tokens: Arc<Tokens>,
     pub limits: Limits,
     pub security: Arc<SecuritySettings>,
@@ -218,6 +224,8 @@ type Apis = (
     playlists::Playlists,
     comments::Comments,
     feed::Feed,
+    inbox::Inbox,
+    realtime::RealtimeApi,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -234,7 +242,9 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             social::Social { state: state.clone() },
             playlists::Playlists { state: state.clone() },
             comments::Comments { state: state.clone() },
-            feed::Feed { state },
+            feed::Feed { state: state.clone() },
+            inbox::Inbox { state: state.clone() },
+            realtime::RealtimeApi { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),

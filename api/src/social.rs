@@ -28,7 +28,7 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use uuid::Uuid;
 use waveline_shared::db::TrackDetails;
 use waveline_shared::db::social::{Keyset, Mark, Marked, Relate, Relation, Target, UserSummary, Viewer};
-use waveline_shared::documents::{ActivityKind, ActivityObject, NewActivity};
+use waveline_shared::documents::{ActivityKind, ActivityObject, NewActivity, NotificationKind, Subject};
 use waveline_shared::domain::{PlaylistId, TrackId, UserId};
 
 use crate::auth::{Auth, MaybeAuth, Session};
@@ -94,7 +94,7 @@ impl WriteLimit {
 }
 
 /// An account, as lists show it.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, serde::Serialize)]
 pub struct UserSummaryView {
     pub id: String,
     pub username: String,
@@ -161,6 +161,17 @@ pub(crate) struct ProfileEdit {
     display_name: Option<String>,
     /// At most 4000 characters; empty clears it.
     bio: Option<String>,
+    /// Who may send you direct messages: `everyone` (the default) or `following` (only the
+    /// accounts you follow).
+    messages_from: Option<MessagesFromChoice>,
+}
+
+/// Who may send an account direct messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub(crate) enum MessagesFromChoice {
+    Everyone,
+    Following,
 }
 
 /// Confirms an account's deletion.
@@ -364,6 +375,13 @@ pub(crate) async fn edit_me(state: &AppState, edit: ProfileEdit, auth: &Auth) ->
     if !state.social.update_profile(me.id, display_name.as_deref(), bio.as_deref()).await? {
         return Err(ApiError::not_found("user"));
     }
+    if let Some(from) = edit.messages_from {
+        let from = match from {
+            MessagesFromChoice::Everyone => waveline_shared::db::social::MessagesFrom::Everyone,
+            MessagesFromChoice::Following => waveline_shared::db::social::MessagesFrom::Following,
+        };
+        state.social.set_messages_from(me.id, from).await?;
+    }
     profile_of(state, &me.username).await
 }
 
@@ -415,7 +433,7 @@ impl Social {
         session: &Session,
         mark: Mark,
         on: bool,
-    ) -> Result<Target, ApiError> {
+    ) -> Result<(Target, UserId), ApiError> {
         match kind {
             MarkedKind::Track => {
                 let id = crate::parse_track_id(id)?;
@@ -432,14 +450,14 @@ impl Social {
                 if on && mark == Mark::Repost && track.owner_id == session.user.id {
                     return Err(ApiError::bad_request("cannot_repost_own", "you cannot repost your own track"));
                 }
-                Ok(Target::Track(id))
+                Ok((Target::Track(id), track.owner_id))
             }
             MarkedKind::Playlist => {
                 let playlist = crate::playlists::visible(&self.state, id, Some(session)).await?;
                 if on && mark == Mark::Repost && playlist.owner_id == session.user.id {
                     return Err(ApiError::bad_request("cannot_repost_own", "you cannot repost your own playlist"));
                 }
-                Ok(Target::Playlist(playlist.id))
+                Ok((Target::Playlist(playlist.id), playlist.owner_id))
             }
         }
     }
@@ -450,7 +468,7 @@ impl Social {
         let session = auth.session();
         let me = session.user.id;
         self.state.social_writes.check(me)?;
-        let target = self.target(kind, id, session, mark, on).await?;
+        let (target, owner) = self.target(kind, id, session, mark, on).await?;
         let object = match target {
             Target::Track(id) => ActivityObject::Track(id),
             Target::Playlist(id) => ActivityObject::Playlist(id),
@@ -470,6 +488,20 @@ impl Social {
                 // No repost without its activity: take the repost back, and say so.
                 self.state.social.set_mark(mark, target, me, false).await?;
                 return Err(err.into());
+            }
+        }
+        if changed {
+            if let Target::Track(track) = target {
+                crate::realtime::publish_counters(&self.state, track);
+            }
+            if on && owner != me {
+                let (kind, subject) = match (mark, target) {
+                    (Mark::Like, Target::Track(id)) => (NotificationKind::Like, Subject::Track { id }),
+                    (Mark::Like, Target::Playlist(id)) => (NotificationKind::Like, Subject::Playlist { id }),
+                    (Mark::Repost, Target::Track(id)) => (NotificationKind::Repost, Subject::Track { id }),
+                    (Mark::Repost, Target::Playlist(id)) => (NotificationKind::Repost, Subject::Playlist { id }),
+                };
+                crate::inbox::notify(&self.state, owner, kind, Some(me), subject).await;
             }
         }
         Ok(Done::Done)
@@ -540,7 +572,11 @@ impl Social {
         self.state.social_writes.check(me)?;
         let other = self.other(&username.0, me, "cannot_follow_self", "follow").await?;
         match self.state.social.follow(me, other.id).await? {
-            Relate::Done => Ok(Done::Done),
+            Relate::Done => {
+                crate::inbox::notify(&self.state, other.id, NotificationKind::Follow, Some(me), Subject::Nothing).await;
+                Ok(Done::Done)
+            }
+            Relate::Already => Ok(Done::Done),
             Relate::Blocked => Err(ApiError::new(StatusCode::FORBIDDEN, "blocked", "one of you blocks the other")),
             Relate::Full => Err(ApiError::conflict(
                 "too_many_followings",
@@ -599,7 +635,7 @@ impl Social {
         self.state.social_writes.check(me)?;
         let other = self.other(&username.0, me, "cannot_block_self", "block").await?;
         match self.state.social.block(me, other.id).await? {
-            Relate::Done | Relate::Blocked => Ok(Done::Done),
+            Relate::Done | Relate::Already | Relate::Blocked => Ok(Done::Done),
             Relate::Full => Err(ApiError::conflict(
                 "too_many_blocks",
                 format!("an account blocks at most {} others", waveline_shared::db::social::MAX_BLOCKS),

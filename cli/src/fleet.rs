@@ -27,6 +27,8 @@ pub struct Services {
     pub queue: Arc<dyn JobQueue>,
     /// Comments and activities.
     pub documents: Arc<dyn waveline_shared::documents::Documents>,
+    /// Live events to every API process (follows the queue: in-process or RabbitMQ).
+    pub bus: Arc<dyn waveline_shared::bus::EventBus>,
 }
 
 impl Services {
@@ -37,7 +39,15 @@ impl Services {
         let documents = waveline_shared::documents::open(settings, &pool)
             .await
             .context("the document store settings are not usable")?;
-        Ok(Services { tracks: PgTracks::new(pool.clone()), outbox: PgOutbox::new(pool), storage, queue, documents })
+        let bus = waveline_shared::bus::open(settings).await.context("cannot connect to the event bus")?;
+        Ok(Services {
+            tracks: PgTracks::new(pool.clone()),
+            outbox: PgOutbox::new(pool),
+            storage,
+            queue,
+            documents,
+            bus,
+        })
     }
 }
 
@@ -78,6 +88,7 @@ pub fn worker_context(settings: &Settings, services: &Services, role: WorkerRole
         outbox: services.outbox.clone(),
         storage: services.storage.clone(),
         documents: services.documents.clone(),
+        bus: services.bus.clone(),
         pipeline: Arc::new(pipeline),
         temp_root,
         heartbeat_every: Duration::from_secs(1),
@@ -207,6 +218,10 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         documents: services.documents.clone(),
         social: db::social::PgSocial::new(pool.clone()),
         social_writes: Arc::new(waveline_api::social::WriteLimit::new(settings.social_writes_per_minute)),
+        realtime: waveline_api::realtime::Realtime::new(
+            services.bus.clone(),
+            db::realtime::PgRealtime::new(pool.clone()),
+        ),
         tokens: Arc::new(waveline_api::auth::Tokens::new(
             &secret,
             &settings.jwt_previous_secrets,
@@ -234,6 +249,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             trusted_proxies: settings.trusted_proxies.clone(),
             ..Default::default()
         });
+    waveline_api::realtime::Realtime::start(&state, shutdown.clone());
     tracing::info!(listen = %settings.listen, workers, stream_mode = ?settings.stream_mode, "serving the API");
     let served = listener
         .serve(waveline_api::app(state), shutdown.clone(), Duration::from_secs(10))

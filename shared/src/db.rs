@@ -18,6 +18,7 @@ use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 
 mod accounts;
 mod catalog;
+pub mod realtime;
 pub mod social;
 
 pub use accounts::{

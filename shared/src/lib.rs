@@ -18,6 +18,7 @@
 // `Settings::redacted` lists every setting in one `json!`, deeper than the default limit allows.
 #![recursion_limit = "256"]
 
+pub mod bus;
 pub mod config;
 pub mod db;
 pub mod documents;

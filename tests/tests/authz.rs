@@ -168,6 +168,16 @@ const MATRIX: &[Row] = &[
     row("put", "/v1/me/reposts/playlists/{id}", REPOST),
     row("delete", "/v1/me/reposts/playlists/{id}", MARK),
     row("delete", "/v1/playlists/{id}", owner_only(204)),
+    // Direct messages between `other` and the owner; the admin is in no conversation.
+    row("post", "/v1/me/conversations/{username}/messages", Expect::Any([401, 201, 400, 201])),
+    row("get", "/v1/me/conversations", Expect::Any(SIGNED_IN)),
+    row("get", "/v1/me/conversations/{id}/messages", Expect::Any([401, 200, 200, 404])),
+    row("put", "/v1/me/conversations/{id}/read", Expect::Any([401, 204, 204, 404])),
+    row("get", "/v1/me/notifications", Expect::Any(SIGNED_IN)),
+    row("put", "/v1/me/notifications/read", Expect::Any([401, 204, 204, 204])),
+    // The socket: a plain GET is no upgrade (400 once signed in).
+    row("post", "/v1/ws/tickets", Expect::Any([401, 201, 201, 201])),
+    row("get", "/v1/ws", Expect::Any([401, 400, 400, 400])),
     row("get", "/v1/admin/dead-letters", Expect::Any([401, 403, 403, 200])),
     row("delete", "/v1/tracks/{id}", owner_only(204)),
     Row {
@@ -193,6 +203,10 @@ struct Fixture {
     private: TrackFixture,
     wav: Vec<u8>,
     registrations: u32,
+    /// The conversation of `other` and the owner, and its first message.
+    conversation: (String, String),
+    /// Client ids of messages sent by the matrix.
+    messages: u32,
 }
 
 struct TrackFixture {
@@ -298,6 +312,8 @@ impl Fixture {
             track.playlist.as_str()
         } else if path.starts_with("/v1/comments/") {
             comment
+        } else if path.starts_with("/v1/me/conversations/{id}") {
+            self.conversation.0.as_str()
         } else if path.starts_with("/v1/admin/users/") {
             self.target.id.as_str()
         } else {
@@ -370,6 +386,12 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
         ("post", "/v1/tracks/{id}/comments") => request.json(&json!({"body": "matrix", "timestamp_ms": 0})),
         ("post", "/v1/playlists") => request.json(&json!({"title": "matrix"})),
         ("put", "/v1/playlists/{id}/tracks") => request.json(&json!({"track_ids": []})),
+        ("post", "/v1/me/conversations/{username}/messages") => {
+            fixture.messages += 1;
+            request.json(&json!({"body": "matrix", "client_id": format!("m-{}", fixture.messages)}))
+        }
+        ("put", "/v1/me/conversations/{id}/read") => request.json(&json!({"up_to": fixture.conversation.1})),
+        ("put", "/v1/me/notifications/read") => request.json(&json!({"up_to": uuid::Uuid::now_v7()})),
         ("post", "/v1/uploads") => request.json(&json!({"filename": "m.wav"})),
         ("put", "/v1/uploads/{id}") => request.header("content-type", "audio/wav").body(fixture.wav.clone()),
         _ => request,
@@ -439,7 +461,33 @@ async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<
     let wav = std::fs::read(&song)?;
     let public = track_fixture(&stack, &owner, "public", &wav).await?;
     let private = track_fixture(&stack, &owner, "private", &wav).await?;
-    let mut fixture = Fixture { other, owner, admin, target, spare, public, private, wav, registrations: 0 };
+    let (status, first) = json(
+        client()
+            .post(stack.url(&format!("/v1/me/conversations/{}/messages", owner.username)))
+            .bearer_auth(&other.token)
+            .json(&json!({"body": "hello", "client_id": "first"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 201, "{status} {first}");
+    let conversation = (
+        first["conversation_id"].as_str().context("conversation_id")?.to_owned(),
+        first["id"].as_str().context("message id")?.to_owned(),
+    );
+    let mut fixture = Fixture {
+        other,
+        owner,
+        admin,
+        target,
+        spare,
+        public,
+        private,
+        wav,
+        registrations: 0,
+        conversation,
+        messages: 0,
+    };
 
     let mut wrong = Vec::new();
     for row in MATRIX {

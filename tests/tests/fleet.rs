@@ -75,6 +75,7 @@ impl Embedded {
             outbox: PgOutbox::new(db.pool.clone()),
             storage: storage.clone(),
             documents: Arc::new(waveline_shared::documents::PgDocuments::new(db.pool.clone())),
+            bus: Arc::new(waveline_shared::bus::MemoryBus::new()),
             pipeline: Arc::new(PipelineConfig::default()),
             temp_root: work.path().to_path_buf(),
             heartbeat_every: Duration::from_millis(300),

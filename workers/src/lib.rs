@@ -42,6 +42,8 @@ pub struct Context {
     pub storage: Arc<dyn Storage>,
     /// Where a track's `track` activity is written when it becomes ready and public.
     pub documents: Arc<dyn waveline_shared::documents::Documents>,
+    /// Where a track's owner hears live that it is ready or failed.
+    pub bus: Arc<dyn waveline_shared::bus::EventBus>,
     pub pipeline: Arc<PipelineConfig>,
     /// Where jobs make their temp dirs.
     pub temp_root: PathBuf,

@@ -113,8 +113,10 @@ pub struct Profile {
 /// How a follow or block went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relate {
-    /// Done (or already so).
+    /// Done.
     Done,
+    /// It was so already: nothing changed.
+    Already,
     /// One of the two blocks the other.
     Blocked,
     /// The account has as many as it may.
@@ -381,7 +383,7 @@ impl PgSocial {
             return Ok(Relate::Blocked);
         }
         if following {
-            return Ok(Relate::Done);
+            return Ok(Relate::Already);
         }
         if count >= MAX_FOLLOWINGS {
             return Ok(Relate::Full);
@@ -393,6 +395,50 @@ impl PgSocial {
             .await?;
         tx.commit().await?;
         Ok(Relate::Done)
+    }
+
+    /// Whether `follower` follows `followee`.
+    pub async fn follows(&self, follower: UserId, followee: UserId) -> Result<bool, DbError> {
+        let (found,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM follows WHERE follower_id = $1 AND followee_id = $2)")
+                .bind(follower)
+                .bind(followee)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(found)
+    }
+
+    /// Whether either of two accounts blocks the other.
+    pub async fn blocked_between(&self, a: UserId, b: UserId) -> Result<bool, DbError> {
+        let (found,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM blocks WHERE (blocker_id = $1 AND blocked_id = $2)
+                                                    OR (blocker_id = $2 AND blocked_id = $1))",
+        )
+        .bind(a)
+        .bind(b)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(found)
+    }
+
+    /// Who may send `user` direct messages.
+    pub async fn messages_from(&self, user: UserId) -> Result<Option<MessagesFrom>, DbError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT messages_from FROM users WHERE id = $1")
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(text,)| MessagesFrom::parse(&text).ok_or_else(|| DbError::Invalid(format!("messages_from {text:?}"))))
+            .transpose()
+    }
+
+    /// Sets who may send `user` direct messages.
+    pub async fn set_messages_from(&self, user: UserId, from: MessagesFrom) -> Result<(), DbError> {
+        sqlx::query("UPDATE users SET messages_from = $2 WHERE id = $1")
+            .bind(user)
+            .bind(from.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// `follower` stops following `followee` (idempotent).
@@ -874,6 +920,31 @@ impl PgSocial {
             tracks: tracks.into_iter().map(|(id,)| id).collect(),
             playlists: playlists.into_iter().map(|(id,)| id).collect(),
         }))
+    }
+}
+
+/// Who may send an account direct messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessagesFrom {
+    Everyone,
+    /// Only the accounts it follows.
+    Following,
+}
+
+impl MessagesFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessagesFrom::Everyone => "everyone",
+            MessagesFrom::Following => "following",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MessagesFrom> {
+        match text {
+            "everyone" => Some(MessagesFrom::Everyone),
+            "following" => Some(MessagesFrom::Following),
+            _ => None,
+        }
     }
 }
 

@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::StreamExt;
 use tokio::time::Instant;
 use waveline_pipeline::{Manifest, Opened, PipelineError, Progress, Stage};
+use waveline_shared::bus::Event;
 use waveline_shared::db::{Admission, Claim, Committed, Completion, DbError, Failure, RenditionRow};
+use waveline_shared::documents::{NewNotification, NotificationKind, Subject};
 use waveline_shared::domain::{ProcessingStage, TrackId};
 use waveline_shared::storage::{ObjectKey, StorageError, byte_stream, rendition_key, revision_prefix};
 
@@ -136,6 +138,9 @@ impl ProcessTrack {
                 let message = scrub(&message, &context.temp_root);
                 match context.tracks.fail_claimed(&claim, Failure { code, message: &message }).await {
                     Ok(held) => {
+                        if held {
+                            notify_owner(context, claim.track_id, NotificationKind::TrackFailed).await;
+                        }
                         // Renditions this revision already stored will never be served. Only
                         // while the claim was ours: a worker that took it over writes the
                         // same revision's keys.
@@ -198,6 +203,7 @@ impl ProcessTrack {
                     // the track becomes ready or public.
                     Err(err) => tracing::warn!(error = %err, "could not write the track's activity"),
                 }
+                notify_owner(context, claim.track_id, NotificationKind::TrackReady).await;
                 if let Some(old) = previous_revision {
                     let prefix = revision_prefix(claim.track_id, old);
                     match context.storage.delete_prefix(&prefix).await {
@@ -531,5 +537,33 @@ impl HeldClaims {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<TrackId, Claim>> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Tells a track's owner that it is ready or failed: a notification, delivered live to their
+/// sockets on any API process. Failures are logged: the track's state is what counts.
+async fn notify_owner(context: &Context, track: TrackId, kind: NotificationKind) {
+    let owner = match context.tracks.owner_of(track).await {
+        Ok(Some(owner)) => owner,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot find the track's owner to notify");
+            return;
+        }
+    };
+    let new = NewNotification {
+        user_id: owner,
+        kind,
+        actor: None,
+        subject: Subject::Track { id: track },
+        created_at: chrono::Utc::now(),
+    };
+    match context.documents.insert_notification(new).await {
+        Ok(notification) => {
+            if let Err(err) = context.bus.publish(&Event::Notification { notification }).await {
+                tracing::warn!(error = %err, "could not publish the owner's notification; it is stored");
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "could not store the owner's notification"),
     }
 }
