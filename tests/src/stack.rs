@@ -205,6 +205,11 @@ impl Replica {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+
+    /// The replica's process id (to kill it).
+    pub fn pid(&self) -> u32 {
+        self.serve.id()
+    }
 }
 
 impl Drop for Replica {
