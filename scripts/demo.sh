@@ -6,8 +6,9 @@
 # What it runs: `waveline serve --workers 1` (the API and an in-process worker in one
 # process); registers a user, uploads a generated 30 s track over HTTP, follows its processing
 # as Server-Sent Events until ready, fetches a byte range of the MP3 and the waveform; then a
-# second account follows the uploader, likes the track, comments at a timestamp and reads its
-# feed; and it prints what it did.
+# second account follows the uploader, likes the track, comments at a timestamp, reads its
+# feed and sends the uploader a direct message over the realtime socket; and it prints what
+# it did.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
@@ -127,6 +128,28 @@ for a in f["activities"]:
 if not f["activities"]:
     print("    (empty)")'
 
+say "A direct message over the realtime socket (GET /v1/ws), both sides"
+wsload=$(target_dir)/debug/ws-load
+"$wsload" listen --url "ws://$listen/v1/ws" --token "$token" --seconds 4 >"$demo/uploader.jsonl" &
+listener=$!
+sleep 1
+"$wsload" send --url "ws://$listen/v1/ws" --token "$fan_token" --to "$user" --body "loved the swell at 0:12" \
+  --seconds 2 >"$demo/fan.jsonl"
+wait $listener
+show_frames() { python3 -c 'import json,sys
+for line in sys.stdin:
+    f = json.loads(line)
+    if f["type"] == "message.new":
+        m = f["message"]; print("    %s message.new: %r (%s)" % (sys.argv[1], m["body"], m["created_at"][:19]))
+    elif f["type"] == "notification":
+        n = f["notification"]; print("    %s notification: %s from %s" % (sys.argv[1], n["type"], (n.get("actor") or {}).get("username")))
+    else:
+        print("    %s %s" % (sys.argv[1], f["type"]))' "$1"; }
+echo "  the sender ($fan), its own socket:"
+show_frames "$fan →" <"$demo/fan.jsonl"
+echo "  the recipient ($user):"
+show_frames "$user ←" <"$demo/uploader.jsonl"
+
 say "Done"
 cat <<TXT
 What ran: \`waveline serve --workers 1\` in the embedded configuration (PostgreSQL, objects under
@@ -134,5 +157,6 @@ ${WAVELINE_STORAGE#file://}, the in-process queue). A user registered and logged
 30 s track over HTTP, watched it go through the pipeline (MP3, Opus, HLS AAC x3, a preview,
 waveform, loudness) as Server-Sent Events, then fetched a 64 KiB range of the MP3 (206) and the
 waveform. A second account followed the uploader, liked the track, commented at 0:12 and read
-its feed, where the new track appears. The API's contract is at $api/openapi.json and $api/docs while a server runs.
+its feed, where the new track appears, then sent the uploader a direct message over the realtime
+socket, which both sides received live. The API's contract is at $api/openapi.json and $api/docs while a server runs.
 TXT
