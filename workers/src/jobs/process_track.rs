@@ -116,10 +116,7 @@ impl ProcessTrack {
                 return Outcome::Done;
             }
             Err(err) => {
-                return Outcome::Retry {
-                    reason: format!("cannot claim the track: {err}"),
-                    public: "the database was unavailable".into(),
-                };
+                return Outcome::retry(format!("cannot claim the track: {err}"), "the database was unavailable");
             }
         };
         tracing::info!(attempt = claim.attempt, revision = claim.revision, "claimed");
@@ -145,10 +142,10 @@ impl ProcessTrack {
                         }
                         Outcome::Abort { code, message }
                     }
-                    Err(err) => Outcome::Retry {
-                        reason: format!("cannot record the failure {code}: {err}"),
-                        public: "the database was unavailable".into(),
-                    },
+                    Err(err) => Outcome::retry(
+                        format!("cannot record the failure {code}: {err}"),
+                        "the database was unavailable",
+                    ),
                 }
             }
             Err(JobError::Transient { public, detail }) => {
@@ -156,7 +153,7 @@ impl ProcessTrack {
                     // The heartbeat will go stale and the reconciler will release it.
                     tracing::warn!(error = %err, "cannot release the claim");
                 }
-                Outcome::Retry { reason: detail, public: scrub(&public, &context.temp_root) }
+                Outcome::retry(detail, scrub(&public, &context.temp_root))
             }
         }
     }
