@@ -20,6 +20,7 @@
 //! | `playlists` | `POST /v1/playlists`, `GET|PATCH|DELETE /v1/playlists/{id}`, `PUT /v1/playlists/{id}/tracks`, `GET /v1/users/{username}/playlists` |
 //! | `comments` | `POST|GET /v1/tracks/{id}/comments`, `DELETE /v1/comments/{id}` |
 //! | `feed` | `GET /v1/me/feed`, `GET /v1/users/{username}/activities` |
+//! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -30,6 +31,7 @@ mod admin;
 pub mod auth;
 pub mod body;
 mod comments;
+mod devices;
 mod error;
 pub mod events;
 mod feed;
@@ -173,6 +175,11 @@ pub struct AppState {
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Account mail (verification, password reset), sent in the background.
     pub mailer: mail::Mailer,
+    /// The accounts' push devices.
+    pub devices: waveline_shared::db::PgDevices,
+    /// Whether pushes are on, and how to enqueue one ([`waveline_shared::push::Push::enqueue`],
+    /// then `publish_soon` after the commit).
+    pub push: waveline_shared::push::Push,
 }
 
 impl std::fmt::Debug for AppState {
@@ -218,6 +225,7 @@ type Apis = (
     playlists::Playlists,
     comments::Comments,
     feed::Feed,
+    devices::Devices,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -234,15 +242,16 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             social::Social { state: state.clone() },
             playlists::Playlists { state: state.clone() },
             comments::Comments { state: state.clone() },
-            feed::Feed { state },
+            feed::Feed { state: state.clone() },
+            devices::Devices { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
-         HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments \
-         and the activity feed. Errors are JSON `{code, message}`.",
+         HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
+         the activity feed and push notification devices. Errors are JSON `{code, message}`.",
     )
 }
 

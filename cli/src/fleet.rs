@@ -247,6 +247,8 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         metrics: Arc::new(move || metrics.render()),
         mailer: waveline_api::mail::Mailer::from_settings(settings, db::PgUsers::new(pool.clone()))
             .context("the mail settings are not usable")?,
+        devices: db::PgDevices::new(pool.clone()),
+        push: waveline_shared::push::Push::from_settings(settings),
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await

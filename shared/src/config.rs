@@ -170,9 +170,9 @@ pub struct Settings {
     /// Uploads one account may have in progress at once (429 `too_many_uploads` beyond).
     /// Default 4.
     pub uploads_per_account: u32,
-    /// Social writes (comments, likes, reposts, follows, blocks, playlist changes) one
-    /// account may make per minute on one API process (429 `rate_limited` beyond); 0: no
-    /// limit. Default 60.
+    /// Social writes (comments, likes, reposts, follows, blocks, playlist changes, device
+    /// registrations) one account may make per minute on one API process (429
+    /// `rate_limited` beyond); 0: no limit. Default 60.
     pub social_writes_per_minute: u32,
     /// Open event streams (`/v1/tracks/{id}/events`) per API process (429 beyond). Default 2000.
     pub event_streams_max: u32,
