@@ -40,7 +40,8 @@ install_packages() {
   local wanted=(pkg-config clang ffmpeg sox postgresql curl
     libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libswresample-dev libswscale-dev libavdevice-dev)
   if [ "$mode" != --embedded ]; then
-    wanted+=(rabbitmq-server nginx-light wrk hyperfine time bc python3-venv)
+    # openssl: the push tests make a fresh service-account key with it.
+    wanted+=(rabbitmq-server nginx-light wrk hyperfine time bc python3-venv openssl)
   fi
   local missing=()
   for pkg in "${wanted[@]}"; do

@@ -35,7 +35,9 @@ struct DeadLetterView {
     /// Stable code: `retries_exhausted`, `unreadable_payload`, …
     code: String,
     reason: String,
-    /// The job's track, when the payload could be read.
+    /// The job's kind (`process_track`, `push`), when the payload could be read.
+    kind: Option<String>,
+    /// The job's track, when the payload could be read and the job is about a track.
     track_id: Option<String>,
     dead_at: DateTime<Utc>,
 }
@@ -81,7 +83,8 @@ impl Admin {
                     id: letter.id.to_string(),
                     code: letter.code,
                     reason: letter.reason,
-                    track_id: letter.job.map(|message| message.job.track_id().to_string()),
+                    kind: letter.job.as_ref().map(|message| message.job.kind().to_owned()),
+                    track_id: letter.job.and_then(|message| message.job.track_id()).map(|id| id.to_string()),
                     dead_at: letter.dead_at,
                 })
                 .collect(),

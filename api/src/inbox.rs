@@ -238,9 +238,21 @@ pub(crate) async fn notify(
     actor: Option<UserId>,
     subject: Subject,
 ) {
+    notify_with(state, user, kind, actor, subject, None).await;
+}
+
+/// [`notify`] with a message's text, for the push.
+async fn notify_with(
+    state: &AppState,
+    user: UserId,
+    kind: NotificationKind,
+    actor: Option<UserId>,
+    subject: Subject,
+    preview: Option<&str>,
+) {
     let new = NewNotification { user_id: user, kind, actor, subject, created_at: Utc::now() };
     match state.documents.insert_notification(new).await {
-        Ok(notification) => crate::realtime::deliver_notification(state, notification).await,
+        Ok(notification) => crate::realtime::deliver_notification(state, notification, preview).await,
         Err(err) => tracing::warn!(%user, kind = kind.as_str(), error = %err, "could not store a notification"),
     }
 }
@@ -283,7 +295,7 @@ pub(crate) async fn send_message(
             tracing::warn!(error = %err, "could not publish a new message; clients will fetch it");
         }
         let subject = Subject::Conversation { id: message.conversation_id, message: message.id };
-        notify(state, recipient.id, NotificationKind::Message, Some(me), subject).await;
+        notify_with(state, recipient.id, NotificationKind::Message, Some(me), subject, Some(&message.body)).await;
     }
     Ok((sent.message, sent.new))
 }

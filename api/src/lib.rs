@@ -22,6 +22,7 @@
 //! | `feed` | `GET /v1/me/feed`, `GET /v1/users/{username}/activities` |
 //! | [`inbox`] | `POST /v1/me/conversations/{username}/messages`, `GET /v1/me/conversations`, `GET /v1/me/conversations/{id}/messages`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
+//! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -32,6 +33,7 @@ mod admin;
 pub mod auth;
 pub mod body;
 mod comments;
+mod devices;
 mod error;
 pub mod events;
 mod feed;
@@ -179,6 +181,11 @@ pub struct AppState {
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Account mail (verification, password reset), sent in the background.
     pub mailer: mail::Mailer,
+    /// The accounts' push devices.
+    pub devices: waveline_shared::db::PgDevices,
+    /// Whether pushes are on, and how to enqueue one ([`waveline_shared::push::Push::enqueue`],
+    /// then `publish_soon` after the commit).
+    pub push: waveline_shared::push::Push,
 }
 
 impl std::fmt::Debug for AppState {
@@ -226,6 +233,7 @@ type Apis = (
     feed::Feed,
     inbox::Inbox,
     realtime::RealtimeApi,
+    devices::Devices,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -244,15 +252,16 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             comments::Comments { state: state.clone() },
             feed::Feed { state: state.clone() },
             inbox::Inbox { state: state.clone() },
-            realtime::RealtimeApi { state },
+            realtime::RealtimeApi { state: state.clone() },
+            devices::Devices { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
-         HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments \
-         and the activity feed. Errors are JSON `{code, message}`.",
+         HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
+         the activity feed and push notification devices. Errors are JSON `{code, message}`.",
     )
 }
 

@@ -445,10 +445,49 @@ pub(crate) fn publish_counters(state: &AppState, track: TrackId) {
     });
 }
 
-/// Sends a stored notification live, to every socket of its account on any process.
-pub(crate) async fn deliver_notification(state: &AppState, notification: Notification) {
+/// Sends a stored notification live, to every socket of its account on any process; when the
+/// account has none, as a push to its devices (when pushes are on). `preview` is a message's
+/// text.
+pub(crate) async fn deliver_notification(state: &AppState, notification: Notification, preview: Option<&str>) {
+    // The push is decided first, so by the time a socket sees the notification, whether it
+    // was also pushed is settled.
+    if state.push.is_on() {
+        push_notification(state, &notification, preview).await;
+    }
     if let Err(err) = state.realtime.bus.publish(&Event::Notification { notification }).await {
         tracing::warn!(error = %err, "could not publish a notification; it is stored");
+    }
+}
+
+/// Pushes a notification to its account's devices if it has no live socket anywhere.
+async fn push_notification(state: &AppState, notification: &Notification, preview: Option<&str>) {
+    let user = notification.user_id;
+    let actor = notification.actor;
+    match state.realtime.store.online(user).await {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot tell whether the account is online; no push");
+            return;
+        }
+    }
+    let name = match actor {
+        Some(actor) => {
+            state.social.summaries(&[actor]).await.ok().and_then(|found| found.get(&actor).map(|u| u.username.clone()))
+        }
+        None => None,
+    };
+    let message = match waveline_shared::push::for_notification(notification, name.as_deref(), preview) {
+        Ok(message) => message,
+        Err(err) => {
+            tracing::warn!(error = %err, "a notification's push does not fit; none sent");
+            return;
+        }
+    };
+    match state.push.enqueue(state.tracks.pool(), user, &message).await {
+        Ok(true) => state.publish_soon(),
+        Ok(false) => {}
+        Err(err) => tracing::warn!(error = %err, "could not queue a push"),
     }
 }
 

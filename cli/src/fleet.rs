@@ -17,6 +17,7 @@ use waveline_shared::db::{self, PgOutbox, PgTracks, SYSTEM_USER, TrackFilter, Tr
 use waveline_shared::domain::{TrackId, TrackState};
 use waveline_shared::queue::{self, JobQueue};
 use waveline_shared::storage::{self, Storage};
+use waveline_workers::fcm::Fcm;
 use waveline_workers::{Context, HeldClaims, WorkerOptions};
 
 /// The pieces every fleet command connects to.
@@ -72,8 +73,26 @@ pub fn pipeline_scheduling(settings: &Settings, role: WorkerRole) -> (PipelinePr
     (settings.pipeline_priority.unwrap_or(priority), ThreadBudget::new(threads))
 }
 
-/// Builds a worker's context from the settings.
-pub fn worker_context(settings: &Settings, services: &Services, role: WorkerRole) -> anyhow::Result<Arc<Context>> {
+/// The FCM client when pushes are on (`fcm_credentials_file`), its key file read and checked
+/// now so that a bad one stops the start; says once in the log whether pushes are on.
+pub fn push_client(settings: &Settings) -> anyhow::Result<Option<Arc<Fcm>>> {
+    let Some(path) = &settings.fcm_credentials_file else {
+        tracing::info!("push notifications are off: no fcm_credentials_file is set");
+        return Ok(None);
+    };
+    let fcm = Fcm::load(path, &settings.fcm_base_url)
+        .map_err(|err| anyhow::anyhow!("push notifications cannot be set up ({}): {err}", err.code()))?;
+    tracing::info!(project = fcm.project_id(), "push notifications are on (FCM HTTP v1)");
+    Ok(Some(Arc::new(fcm)))
+}
+
+/// Builds a worker's context from the settings; `push` from [`push_client`].
+pub fn worker_context(
+    settings: &Settings,
+    services: &Services,
+    role: WorkerRole,
+    push: Option<Arc<Fcm>>,
+) -> anyhow::Result<Arc<Context>> {
     let (pipeline_priority, pipeline_budget) = pipeline_scheduling(settings, role);
     waveline_workers::pipeline_thread::check(pipeline_priority)?;
     tracing::info!(priority = ?pipeline_priority, threads = pipeline_budget.limit(), "pipeline scheduling");
@@ -98,6 +117,8 @@ pub fn worker_context(settings: &Settings, services: &Services, role: WorkerRole
         pipeline_timeout: settings.pipeline_timeout,
         pipeline_priority,
         pipeline_budget,
+        devices: db::PgDevices::new(services.tracks.pool().clone()),
+        push,
     }))
 }
 
@@ -126,8 +147,9 @@ pub async fn worker(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
+    let push = push_client(settings)?;
     let services = Services::connect(settings).await?;
-    let context = worker_context(settings, &services, WorkerRole::Dedicated)?;
+    let context = worker_context(settings, &services, WorkerRole::Dedicated, push)?;
     let shutdown = cancel_on_stop_signal("finishing the jobs in hand");
     waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown).await?;
     tracing::info!("worker stopped");
@@ -164,10 +186,11 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot set up the metrics registry")?;
+    let push = push_client(settings)?;
     let services = Services::connect(settings).await?;
     let shutdown = cancel_on_stop_signal("draining requests and jobs");
     let worker = if workers > 0 {
-        let context = worker_context(settings, &services, WorkerRole::Embedded)?;
+        let context = worker_context(settings, &services, WorkerRole::Embedded, push)?;
         let (queue, options, stop) = (services.queue.clone(), worker_options(settings, workers), shutdown.clone());
         Some(tokio::spawn(async move { waveline_workers::run(context, queue, options, stop).await }))
     } else {
@@ -239,6 +262,8 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
         metrics: Arc::new(move || metrics.render()),
         mailer: waveline_api::mail::Mailer::from_settings(settings, db::PgUsers::new(pool.clone()))
             .context("the mail settings are not usable")?,
+        devices: db::PgDevices::new(pool.clone()),
+        push: waveline_shared::push::Push::from_settings(settings),
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await
@@ -514,8 +539,14 @@ pub async fn jobs_dead(settings: &Settings, json: bool) -> anyhow::Result<ExitCo
         println!("{}", json!({"dead": dead}));
     } else {
         for letter in &dead {
-            let track = letter.job.as_ref().map(|j| j.job.track_id().to_string()).unwrap_or_else(|| "-".into());
-            println!("{}  {}  track {track}  {}", letter.id, letter.code, letter.reason);
+            let job = letter.job.as_ref().map(|message| &message.job);
+            let about = match (job.and_then(|j| j.track_id()), job.and_then(|j| j.user_id())) {
+                (Some(track), _) => format!("track {track}"),
+                (None, Some(user)) => format!("user {user}"),
+                (None, None) => "-".to_owned(),
+            };
+            let kind = job.map_or("?", |j| j.kind());
+            println!("{}  {}  {kind}  {about}  {}", letter.id, letter.code, letter.reason);
         }
         println!("{} dead letter(s)", dead.len());
     }
@@ -531,13 +562,11 @@ pub async fn jobs_replay(settings: &Settings, ids: &[uuid::Uuid], all: bool, jso
     // A dead-lettered track is `failed`; replaying its job must find it queued again.
     let dead = services.queue.dead_letters(10_000).await?;
     for letter in dead.iter().filter(|l| all || ids.contains(&l.id)) {
-        if let Some(job) = &letter.job {
-            let id = job.job.track_id();
-            if let Some(track) = services.tracks.get(id).await?
-                && track.state == TrackState::Failed
-            {
-                services.tracks.transition(id, TrackState::Failed, TrackState::Queued, None).await?;
-            }
+        if let Some(id) = letter.job.as_ref().and_then(|job| job.job.track_id())
+            && let Some(track) = services.tracks.get(id).await?
+            && track.state == TrackState::Failed
+        {
+            services.tracks.transition(id, TrackState::Failed, TrackState::Queued, None).await?;
         }
     }
     let report = services.queue.replay_dead(if all { None } else { Some(ids) }).await?;

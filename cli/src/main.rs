@@ -7,7 +7,8 @@
 //! - `migrate`: create the database if needed, apply the schema, prepare the storage and the
 //!   document store (MongoDB's indexes);
 //! - `check`: prove that the database, the storage, the queue and the document store answer,
-//!   with a round trip;
+//!   with a round trip, and that push notifications can be sent (the key file is usable and the
+//!   token endpoint grants an access token) when they are on;
 //! - `config`: print the effective configuration, secrets redacted.
 
 mod fleet;
@@ -44,8 +45,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check that the database, the storage, the queue and the document store answer; exits 1
-    /// if any does not.
+    /// Check that the database, the storage, the queue and the document store answer, and that
+    /// FCM grants an access token when pushes are on; exits 1 if any does not.
     Check {
         /// Print one JSON document instead of text.
         #[arg(long)]
@@ -379,6 +380,7 @@ async fn check(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
         check_storage(settings).await,
         check_queue(settings).await,
         check_documents(settings).await,
+        check_push(settings).await,
     ];
     let healthy = probes.iter().all(|probe| probe.result.is_ok());
     if json {
@@ -470,6 +472,23 @@ async fn check_queue(settings: &Settings) -> Probe {
     }
     .await;
     Probe { name: "queue", backend, result, elapsed: started.elapsed() }
+}
+
+async fn check_push(settings: &Settings) -> Probe {
+    let started = Instant::now();
+    let result = async {
+        let Some(path) = &settings.fcm_credentials_file else {
+            return Ok("off: no fcm_credentials_file".to_owned());
+        };
+        let fcm = waveline_workers::fcm::Fcm::load(path, &settings.fcm_base_url).map_err(|err| err.to_string())?;
+        tokio::time::timeout(Duration::from_secs(15), fcm.access_token())
+            .await
+            .map_err(|_| "the token endpoint did not answer within 15 s".to_owned())?
+            .map_err(|err| err.to_string())?;
+        Ok(format!("an access token for project {}", fcm.project_id()))
+    }
+    .await;
+    Probe { name: "push", backend: "fcm".into(), result, elapsed: started.elapsed() }
 }
 
 async fn check_documents(settings: &Settings) -> Probe {

@@ -170,9 +170,9 @@ pub struct Settings {
     /// Uploads one account may have in progress at once (429 `too_many_uploads` beyond).
     /// Default 4.
     pub uploads_per_account: u32,
-    /// Social writes (comments, likes, reposts, follows, blocks, playlist changes) one
-    /// account may make per minute on one API process (429 `rate_limited` beyond); 0: no
-    /// limit. Default 60.
+    /// Social writes (comments, likes, reposts, follows, blocks, playlist changes, device
+    /// registrations) one account may make per minute on one API process (429
+    /// `rate_limited` beyond); 0: no limit. Default 60.
     pub social_writes_per_minute: u32,
     /// Open event streams (`/v1/tracks/{id}/events`) per API process (429 beyond). Default 2000.
     pub event_streams_max: u32,
@@ -206,6 +206,15 @@ pub struct Settings {
     /// The most bytes the stream cache of one API process holds (least recently read objects
     /// go first; a larger object is never cached); 0 turns the cache off. Default 10 GiB.
     pub stream_cache_bytes: u64,
+    /// The Firebase service-account key file (JSON with `project_id`, `client_email`,
+    /// `private_key` and `token_uri`, as the Firebase console downloads it) that push
+    /// notifications are sent with, an absolute path. The path is not secret; the file is
+    /// (it holds a private key): readable by Waveline's user alone. Unset (the default), pushes
+    /// are off: none is enqueued or sent.
+    pub fcm_credentials_file: Option<PathBuf>,
+    /// Where the FCM HTTP v1 API answers: `https://…`, or `http://` on a loopback address (a
+    /// test double). Default `https://fcm.googleapis.com`.
+    pub fcm_base_url: Url,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -341,7 +350,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 58] = [
+const KEYS: [Key; 60] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -400,6 +409,8 @@ const KEYS: [Key; 58] = [
     Key { name: "refresh_family_max_age_s", secret: false },
     Key { name: "stream_cache_dir", secret: false },
     Key { name: "stream_cache_bytes", secret: false },
+    Key { name: "fcm_credentials_file", secret: false },
+    Key { name: "fcm_base_url", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -731,7 +742,18 @@ impl Settings {
             }
             None => 10 << 30,
         };
+        let fcm_credentials_file = absolute_path(take("fcm_credentials_file"))?;
+        let fcm_base_url = match take("fcm_base_url") {
+            Some(raw) => parse_service_base(&raw)?,
+            None => Url::parse("https://fcm.googleapis.com").map_err(|err| ConfigError::Invalid {
+                setting: "fcm_base_url".into(),
+                expected: "a URL".into(),
+                got: err.to_string(),
+            })?,
+        };
         Ok(Settings {
+            fcm_credentials_file,
+            fcm_base_url,
             stream_cache_dir,
             stream_cache_bytes,
             json_body_max_bytes,
@@ -857,6 +879,8 @@ impl Settings {
             "refresh_family_max_age_s": self.refresh_family_max_age.as_secs(),
             "stream_cache_dir": self.stream_cache_dir,
             "stream_cache_bytes": self.stream_cache_bytes,
+            "fcm_credentials_file": self.fcm_credentials_file,
+            "fcm_base_url": self.fcm_base_url.as_str(),
         })
     }
 
@@ -1061,6 +1085,35 @@ fn parse_cdn_base(raw: &Raw) -> Result<Url, ConfigError> {
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
         url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// Whether `url` may be spoken to: `https`, or `http` to a loopback address (a test double or
+/// a local relay), with a host and no credentials, query or fragment.
+pub fn is_secure_or_loopback(url: &Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    };
+    let plain = url.host_str().is_some_and(|host| !host.is_empty())
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none();
+    plain && (url.scheme() == "https" || (url.scheme() == "http" && loopback))
+}
+
+/// The base URL of an outside HTTP service (`fcm_base_url`): see [`is_secure_or_loopback`];
+/// the path is kept without its trailing slash, so the service's paths are appended to it.
+fn parse_service_base(raw: &Raw) -> Result<Url, ConfigError> {
+    const EXPECTED: &str = "an https:// base URL such as https://fcm.googleapis.com (http:// only to a loopback \
+                            address; no credentials, query or fragment)";
+    let url = Url::parse(raw.value.trim()).map_err(|_| raw.invalid(EXPECTED))?;
+    if !is_secure_or_loopback(&url) {
+        return Err(raw.invalid(EXPECTED));
     }
     Ok(url)
 }
@@ -1406,6 +1459,33 @@ mod tests {
         for (var, bad) in [("WAVELINE_STREAM_CACHE_DIR", "relative/dir"), ("WAVELINE_STREAM_CACHE_BYTES", "10GB")] {
             let text = error_text(&[(var, bad)]);
             assert!(text.starts_with(&format!("{var}: expected")), "{text}");
+        }
+    }
+
+    #[test]
+    fn push_is_off_unless_a_key_file_is_named() {
+        let settings = load(&[]).expect("defaults");
+        assert!(settings.fcm_credentials_file.is_none());
+        assert_eq!(settings.fcm_base_url.as_str(), "https://fcm.googleapis.com/");
+        let settings = load(&[
+            ("WAVELINE_FCM_CREDENTIALS_FILE", "/etc/waveline/firebase.json"),
+            ("WAVELINE_FCM_BASE_URL", "http://127.0.0.1:9099"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.fcm_credentials_file.as_deref(), Some(Path::new("/etc/waveline/firebase.json")));
+        assert_eq!(settings.redacted()["fcm_credentials_file"], "/etc/waveline/firebase.json");
+        assert_eq!(settings.redacted()["fcm_base_url"], "http://127.0.0.1:9099/");
+        let text = error_text(&[("WAVELINE_FCM_CREDENTIALS_FILE", "firebase.json")]);
+        assert!(text.starts_with("WAVELINE_FCM_CREDENTIALS_FILE: expected an absolute path"), "{text}");
+        for bad in [
+            "http://fcm.example.com",
+            "ftp://127.0.0.1",
+            "https://user:pw@fcm.example.com",
+            "https://fcm.example.com/?key=1",
+            "fcm.googleapis.com",
+        ] {
+            let text = error_text(&[("WAVELINE_FCM_BASE_URL", bad)]);
+            assert!(text.starts_with("WAVELINE_FCM_BASE_URL: expected an https:// base URL"), "{bad}: {text}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! The database layer: the PostgreSQL pool, the migrations, and [`PgTracks`], the track
-//! repository.
+//! repository (the accounts, the catalogue, the social layer and the push devices have
+//! modules of their own).
 //!
 //! PostgreSQL is the record of truth (DESIGN.md). Every state change is a compare-and-set
 //! (`UPDATE … WHERE state = $expected`), so a duplicate or late job can never move a track
@@ -18,6 +19,7 @@ use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 
 mod accounts;
 mod catalog;
+mod devices;
 pub mod realtime;
 pub mod social;
 
@@ -25,6 +27,7 @@ pub use accounts::{
     LoginBlock, LoginPolicy, NewUser, PgUsers, Registration, Role, Rotation, TOKENS_PER_HOUR, TokenPurpose, UserRow,
 };
 pub use catalog::{Admission, NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
+pub use devices::PgDevices;
 
 /// The schema, embedded at build time from `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");

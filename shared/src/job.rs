@@ -1,7 +1,10 @@
 //! The job message: what travels through the queue, versioned.
 //!
 //! On the wire a job is one JSON object:
-//! `{"v":1,"kind":"process_track","id":"…","track_id":"…","attempt":1,"enqueued_at":"…"}`.
+//! `{"v":1,"kind":"process_track","id":"…","track_id":"…","attempt":1,"enqueued_at":"…"}`, or
+//! for a push `{"v":1,"kind":"push","id":"…","user_id":"…","push":{"title":"…","body":"…",
+//! "data":{…}},"attempt":1,"enqueued_at":"…"}` (with `"remaining":["TOKEN",…]` once an attempt
+//! reached some of the account's devices and not others).
 //! `v` is the schema version and `kind` selects the job; both are read before anything else,
 //! so a message from a newer or older producer is recognised as such and dead-lettered with a
 //! reason instead of failing the consumer. `attempt` counts deliveries of this job that ended
@@ -11,7 +14,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::TrackId;
+use crate::domain::{TrackId, UserId};
+use crate::push::{DeviceToken, MAX_DEVICES_PER_ACCOUNT, PushMessage};
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -22,6 +26,15 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub enum Job {
     /// Run the pipeline over a track's original and store its renditions.
     ProcessTrack { track_id: TrackId },
+    /// Send a push notification to the devices of an account (see [`crate::push`]).
+    Push {
+        user_id: UserId,
+        push: PushMessage,
+        /// The devices still to reach, when an earlier attempt reached the others; absent, all
+        /// of the account's devices.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remaining: Option<Vec<DeviceToken>>,
+    },
 }
 
 impl Job {
@@ -29,19 +42,39 @@ impl Job {
     pub fn kind(&self) -> &'static str {
         match self {
             Job::ProcessTrack { .. } => "process_track",
+            Job::Push { .. } => "push",
         }
     }
 
-    /// The track the job is about, for log fields.
-    pub fn track_id(&self) -> TrackId {
+    /// The track the job is about, if it is about one (for log fields and dead letters).
+    pub fn track_id(&self) -> Option<TrackId> {
         match self {
-            Job::ProcessTrack { track_id } => *track_id,
+            Job::ProcessTrack { track_id } => Some(*track_id),
+            Job::Push { .. } => None,
+        }
+    }
+
+    /// The account the job is about, if it is about one (for log fields).
+    pub fn user_id(&self) -> Option<UserId> {
+        match self {
+            Job::ProcessTrack { .. } => None,
+            Job::Push { user_id, .. } => Some(*user_id),
+        }
+    }
+
+    /// What the types cannot say: a push names at most as many devices as an account keeps.
+    fn check(&self) -> Result<(), PoisonMessage> {
+        match self {
+            Job::Push { remaining: Some(tokens), .. } if tokens.len() > MAX_DEVICES_PER_ACCOUNT => {
+                Err(PoisonMessage::Malformed(format!("a push names at most {MAX_DEVICES_PER_ACCOUNT} devices")))
+            }
+            _ => Ok(()),
         }
     }
 }
 
-/// The kinds this build knows, for error messages.
-const KNOWN_KINDS: &[&str] = &["process_track"];
+/// The kinds this build knows; every [`Job`] variant's wire name.
+pub const KNOWN_KINDS: &[&str] = &["process_track", "push"];
 
 /// A job with its envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +130,7 @@ impl JobMessage {
         if message.attempt == 0 {
             return Err(PoisonMessage::Malformed("`attempt` starts at 1".into()));
         }
+        message.job.check()?;
         Ok(message)
     }
 }
@@ -108,7 +142,7 @@ pub enum PoisonMessage {
     NotJson(String),
     #[error("schema version {0} is not supported (this build reads version {SCHEMA_VERSION})")]
     UnsupportedVersion(u64),
-    #[error("unknown job kind {0:?} (known: process_track)")]
+    #[error("unknown job kind {0:?} (known: process_track, push)")]
     UnknownKind(String),
     #[error("malformed job message: {0}")]
     Malformed(String),
@@ -140,6 +174,57 @@ mod tests {
         assert_eq!(value["track_id"], track_id.to_string());
         assert_eq!(value["attempt"], 1);
         assert_eq!(JobMessage::decode(&message.encode()), Ok(message));
+    }
+
+    #[test]
+    fn a_push_travels_flat_and_versioned_too() {
+        use std::collections::BTreeMap;
+
+        let user_id = UserId::new();
+        let data = BTreeMap::from([("kind".to_owned(), "message".to_owned())]);
+        let push = PushMessage::new("Ada", "hello", data).expect("push");
+        let message = JobMessage::new(Job::Push { user_id, push: push.clone(), remaining: None });
+        let value: serde_json::Value = serde_json::from_slice(&message.encode()).expect("json");
+        assert_eq!(value["v"], 1);
+        assert_eq!(value["kind"], "push");
+        assert_eq!(value["user_id"], user_id.to_string());
+        assert_eq!(value["push"], serde_json::json!({"title": "Ada", "body": "hello", "data": {"kind": "message"}}));
+        assert!(value.get("remaining").is_none(), "{value}");
+        assert_eq!(JobMessage::decode(&message.encode()), Ok(message.clone()));
+        assert_eq!((message.job.kind(), message.job.track_id(), message.job.user_id()), ("push", None, Some(user_id)));
+
+        let token = DeviceToken::parse("tok-1:x").expect("token");
+        let narrowed = JobMessage::new(Job::Push { user_id, push, remaining: Some(vec![token]) });
+        let value: serde_json::Value = serde_json::from_slice(&narrowed.encode()).expect("json");
+        assert_eq!(value["remaining"], serde_json::json!(["tok-1:x"]));
+        assert_eq!(JobMessage::decode(&narrowed.encode()), Ok(narrowed));
+        for kind in KNOWN_KINDS {
+            assert!(PoisonMessage::UnknownKind("x".into()).to_string().contains(kind), "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_push_out_of_bounds_is_poison() {
+        let id = Uuid::nil();
+        let user = UserId::new();
+        let envelope = |rest: &str| {
+            format!(
+                r#"{{"v":1,"kind":"push","id":"{id}","user_id":"{user}",{rest},"attempt":1,"enqueued_at":"2026-01-01T00:00:00Z"}}"#
+            )
+        };
+        let tokens: Vec<String> = (0..21).map(|i| format!("\"t{i}\"")).collect();
+        let cases = [
+            envelope(&format!(r#""push":{{"title":"{}"}}"#, "t".repeat(201))),
+            envelope(r#""push":{"title":"t","data":{"google.x":"1"}}"#),
+            envelope(r#""push":{"title":"t"},"remaining":["bad token"]"#),
+            envelope(&format!(r#""push":{{"title":"t"}},"remaining":[{}]"#, tokens.join(","))),
+            envelope(r#""track_id":"00000000-0000-0000-0000-000000000000""#),
+        ];
+        for payload in cases {
+            let err = JobMessage::decode(payload.as_bytes()).expect_err("poison");
+            assert_eq!(err.code(), "malformed", "{payload}");
+        }
+        JobMessage::decode(envelope(r#""push":{"title":"t"},"remaining":["a","b"]"#).as_bytes()).expect("valid");
     }
 
     #[test]

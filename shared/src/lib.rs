@@ -5,6 +5,7 @@
 //! - [`domain`]: identifiers and the track's processing states with their allowed transitions;
 //! - [`job`]: the versioned job message that travels through the queue;
 //! - [`network`]: addresses and networks (trusted proxies, rate-limit keys);
+//! - [`push`]: push notifications: what one carries, device tokens, and enqueueing one;
 //! - [`db`]: the PostgreSQL pool, the migrations, the track repository and the accounts;
 //! - [`storage`]: the [`Storage`](storage::Storage) seam with its S3 and filesystem backends;
 //! - [`queue`]: the [`JobQueue`](queue::JobQueue) seam with its AMQP and in-process backends;
@@ -25,5 +26,6 @@ pub mod documents;
 pub mod domain;
 pub mod job;
 pub mod network;
+pub mod push;
 pub mod queue;
 pub mod storage;

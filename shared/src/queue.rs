@@ -13,7 +13,8 @@
 //!   while it is at that limit.
 //! - **Retries.** [`Delivery::retry`] re-enqueues the job with `attempt + 1` after an
 //!   exponential backoff ([`RetryPolicy`]); once `attempt` reaches the policy's maximum it
-//!   dead-letters the job instead.
+//!   dead-letters the job instead. [`Delivery::retry_with`] may also put a narrower job in its
+//!   place (the part still to do) and wait at least as long as a failing service asked for.
 //! - **Dead letters** keep the payload, a code and a reason. Payloads this build cannot read
 //!   (not JSON, an unknown schema version or job kind) are dead-lettered by the consumer
 //!   itself, logged, and never handed to the caller, so one bad message cannot crash-loop a
@@ -37,7 +38,7 @@ pub use amqp::{AmqpQueue, Topology};
 pub use memory::MemoryQueue;
 
 use crate::config::{QueueBackend, Settings};
-use crate::job::{JobMessage, PoisonMessage};
+use crate::job::{Job, JobMessage, PoisonMessage};
 
 /// How failed jobs are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,27 @@ impl RetryPolicy {
         let doublings = attempt.saturating_sub(1).min(30);
         self.base_delay.saturating_mul(1 << doublings).min(self.max_delay)
     }
+
+    /// The wait after attempt `attempt` failed when the failing service asked for at least
+    /// `at_least` (an HTTP `Retry-After`): the backoff, or the smallest power of two of the
+    /// base that is not shorter than `at_least`, whichever is longer. The service's word
+    /// outranks `max_delay`; a wait asked past [`RetryPolicy::LONGEST_REQUESTED`] counts as that
+    /// long. Staying on powers of two of the base keeps the AMQP backend's delay queues few.
+    pub fn delay_at_least(&self, attempt: u32, at_least: Duration) -> Duration {
+        let backoff = self.delay_after(attempt);
+        let wanted = at_least.min(Self::LONGEST_REQUESTED);
+        if wanted <= backoff {
+            return backoff;
+        }
+        let mut delay = self.base_delay.max(Duration::from_millis(1));
+        while delay < wanted {
+            delay = delay.saturating_mul(2);
+        }
+        delay
+    }
+
+    /// The longest wait a service's request can impose on a retry.
+    pub const LONGEST_REQUESTED: Duration = Duration::from_secs(3600);
 }
 
 impl Default for RetryPolicy {
@@ -109,6 +131,16 @@ pub struct ReplayReport {
     pub replayed: u64,
     /// Dead letters left in place because their payload cannot be read by this build.
     pub unreadable: u64,
+}
+
+/// How a retry differs from a plain one ([`Delivery::retry_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryRequest {
+    /// The job to try next in place of the same one: a job that did part of its work carries
+    /// on with the rest. Its id, `enqueued_at` and attempt count stay the delivery's.
+    pub job: Option<Job>,
+    /// Wait at least this long before the next attempt (see [`RetryPolicy::delay_at_least`]).
+    pub at_least: Option<Duration>,
 }
 
 /// What [`Delivery::retry`] did.
@@ -223,16 +255,29 @@ impl Delivery {
 
     /// The job failed for a reason that may pass: try again later, or dead-letter it with
     /// code `retries_exhausted` when this was the last attempt.
-    pub async fn retry(mut self, reason: &str) -> Result<RetryOutcome, QueueError> {
+    pub async fn retry(self, reason: &str) -> Result<RetryOutcome, QueueError> {
+        self.retry_with(reason, RetryRequest::default()).await
+    }
+
+    /// As [`Delivery::retry`], with the next attempt's job and its earliest time as `request`
+    /// asks. The dead letter of a last attempt keeps the narrower job too, so a replay does
+    /// only what is left.
+    pub async fn retry_with(mut self, reason: &str, request: RetryRequest) -> Result<RetryOutcome, QueueError> {
         let mut settle = self.take();
         let attempt = self.message.attempt;
+        let mut next = self.message.clone();
+        if let Some(job) = request.job {
+            next.job = job;
+        }
         if attempt >= self.policy.max_attempts {
             let reason = format!("retries exhausted after {attempt} attempts; last error: {reason}");
-            let result = settle.dead_letter(self.message.encode(), "retries_exhausted", &reason).await;
+            let result = settle.dead_letter(next.encode(), "retries_exhausted", &reason).await;
             return give_back_on_error(settle, result).map(|()| RetryOutcome::DeadLettered);
         }
-        let delay = self.policy.delay_after(attempt);
-        let mut next = self.message.clone();
+        let delay = match request.at_least {
+            Some(at_least) => self.policy.delay_at_least(attempt, at_least),
+            None => self.policy.delay_after(attempt),
+        };
         next.attempt = attempt + 1;
         let result = settle.retry_later(next.encode(), delay).await;
         give_back_on_error(settle, result).map(|()| RetryOutcome::Scheduled { attempt: attempt + 1, delay })
@@ -345,5 +390,21 @@ mod tests {
         let delays: Vec<u128> = (1..=6).map(|attempt| policy.delay_after(attempt).as_millis()).collect();
         assert_eq!(delays, [500, 1000, 2000, 3000, 3000, 3000]);
         assert_eq!(policy.delay_after(u32::MAX), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_requested_wait_rounds_up_to_a_power_of_two_of_the_base() {
+        let policy =
+            RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(500), max_delay: Duration::from_secs(3) };
+        let at_least = |attempt, secs: f64| policy.delay_at_least(attempt, Duration::from_secs_f64(secs)).as_millis();
+        // Shorter than the backoff: the backoff.
+        assert_eq!(at_least(1, 0.2), 500);
+        assert_eq!(at_least(3, 1.0), 2000);
+        // Longer: the next power of two of the base, past `max_delay` if asked.
+        assert_eq!(at_least(1, 1.0), 1000);
+        assert_eq!(at_least(1, 1.2), 2000);
+        assert_eq!(at_least(1, 30.0), 32_000);
+        // Never past the ceiling's power of two, whatever is asked.
+        assert_eq!(at_least(1, 1e9), 4_096_000);
     }
 }

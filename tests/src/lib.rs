@@ -16,6 +16,7 @@
 //! skip.
 
 pub mod audio;
+pub mod fake_fcm;
 pub mod oauth_provider;
 pub mod smtp_sink;
 pub mod stack;

@@ -994,7 +994,7 @@ async fn the_distributed_stack_keeps_its_documents_in_a_mongodb_database_of_its_
     let mongo = stack.mongodb.as_ref().context("the distributed stack's document store")?;
     let mut collections = mongo.database().list_collection_names().await?;
     collections.sort();
-    ensure!(collections == ["activities", "comments"], "{collections:?}");
+    ensure!(collections == ["activities", "comments", "conversations", "messages", "notifications"], "{collections:?}");
     Ok(())
 }
 

@@ -142,6 +142,10 @@ const MATRIX: &[Row] = &[
     row("get", "/v1/users/{username}/playlists", Expect::Any(ALL_OK)),
     row("get", "/v1/users/{username}/activities", Expect::Any(ALL_OK)),
     row("get", "/v1/me/feed", Expect::Any(SIGNED_IN)),
+    // Push devices: one's own; a token of another account's moves on `PUT`, and is left alone
+    // (204 all the same) on `DELETE`.
+    row("put", "/v1/me/devices/{token}", Expect::Any([401, 204, 204, 204])),
+    row("delete", "/v1/me/devices/{token}", Expect::Any([401, 204, 204, 204])),
     // Deleting an account takes its password; a wrong one is refused for everyone.
     row("delete", "/v1/me", Expect::Any([401, 403, 403, 403])),
     // Likes and reposts of what one may see; nobody reposts their own.
@@ -324,7 +328,8 @@ impl Fixture {
             .replace("{preset}", "mp3_128")
             .replace("{variant}/{file}", &track.hls_file)
             .replace("{provider}", "corp")
-            .replace("{username}", &self.owner.username);
+            .replace("{username}", &self.owner.username)
+            .replace("{token}", "matrix-device:token_1");
         ensure!(!path.contains('{'), "a parameter the matrix does not fill: {path}");
         Ok(stack.url(&path))
     }
@@ -381,6 +386,7 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
             request.header("content-type", content_type).body(body)
         }
         ("patch", "/v1/me") => request.json(&json!({"bio": "Matrix"})),
+        ("put", "/v1/me/devices/{token}") => request.json(&json!({"platform": "android"})),
         ("patch", _) => request.json(&json!({"title": "Renamed"})),
         ("delete", "/v1/me") => request.json(&json!({"password": "not the password"})),
         ("post", "/v1/tracks/{id}/comments") => request.json(&json!({"body": "matrix", "timestamp_ms": 0})),

@@ -119,6 +119,7 @@ async fn migrate_then_check(
                 ("storage".to_owned(), storage_backend.to_owned()),
                 ("queue".to_owned(), queue_backend.to_owned()),
                 ("documents".to_owned(), documents_backend.to_owned()),
+                ("push".to_owned(), "fcm".to_owned()),
             ],
         "{backends:?}"
     );

@@ -85,6 +85,8 @@ impl Embedded {
             pipeline_timeout: Duration::from_secs(600),
             pipeline_priority: waveline_shared::config::PipelinePriority::Normal,
             pipeline_budget: waveline_pipeline::ThreadBudget::all_cores(),
+            devices: waveline_shared::db::PgDevices::new(db.pool.clone()),
+            push: None,
         };
         tweak(&mut context);
         let context = Arc::new(context);

@@ -10,7 +10,8 @@ use secrecy::SecretString;
 use waveline_shared::domain::TrackId;
 use waveline_shared::job::{Job, JobMessage};
 use waveline_shared::queue::{
-    AmqpQueue, Delivery, JobConsumer, JobQueue, MemoryQueue, QueueError, RetryOutcome, RetryPolicy, Topology,
+    AmqpQueue, Delivery, JobConsumer, JobQueue, MemoryQueue, QueueError, RetryOutcome, RetryPolicy, RetryRequest,
+    Topology,
 };
 use waveline_tests::{TcpProxy, amqp_url, init_logging, test_topology};
 
@@ -199,6 +200,38 @@ async fn retries_back_off_then_dead_letter(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// A retry may carry on with a narrower job, and wait at least as long as a failing service
+/// asked (past `max_delay`); the dead letter of the last attempt keeps the narrower job.
+async fn retries_may_narrow_the_job_and_wait_as_asked(b: &Backend) -> Result<()> {
+    let sent = job();
+    b.queue.publish(&sent).await?;
+    let mut consumer = b.queue.consume(1).await?;
+    let first = next(&mut consumer).await?;
+    let narrower = Job::ProcessTrack { track_id: TrackId::new() };
+    let asked = Duration::from_millis(2500);
+    let retried_at = Instant::now();
+    let request = RetryRequest { job: Some(narrower.clone()), at_least: Some(asked) };
+    let outcome = first.retry_with("FCM said 503", request).await?;
+    let delay = POLICY.delay_at_least(1, asked);
+    ensure!(delay >= asked && delay > POLICY.max_delay, "{delay:?}");
+    ensure!(outcome == RetryOutcome::Scheduled { attempt: 2, delay }, "{outcome:?}");
+    let back = next(&mut consumer).await?;
+    let waited = retried_at.elapsed();
+    ensure!(waited >= asked, "came back after {waited:?}, before the {asked:?} asked for");
+    ensure!(back.message.job == narrower && back.message.id == sent.id && back.message.attempt == 2, "{back:?}");
+    ensure!(back.message.enqueued_at == sent.enqueued_at);
+    let last = back.retry("storage timed out").await?;
+    ensure!(matches!(last, RetryOutcome::Scheduled { attempt: 3, .. }), "{last:?}");
+    let third = next(&mut consumer).await?;
+    let narrowest = Job::ProcessTrack { track_id: TrackId::new() };
+    let request = RetryRequest { job: Some(narrowest.clone()), at_least: None };
+    ensure!(third.retry_with("still 503", request).await? == RetryOutcome::DeadLettered);
+    wait_for_stats(&*b.queue, |ready, dead| ready == 0 && dead == 1).await?;
+    let dead = b.queue.dead_letters(10).await?;
+    ensure!(dead.len() == 1 && dead[0].job.as_ref().map(|m| &m.job) == Some(&narrowest), "{dead:?}");
+    Ok(())
+}
+
 async fn poison_messages_are_dead_lettered_and_the_consumer_goes_on(b: &Backend) -> Result<()> {
     let track = TrackId::new();
     let id = uuid::Uuid::now_v7();
@@ -332,6 +365,7 @@ contract!(
     a_dropped_delivery_comes_back,
     prefetch_bounds_unsettled_deliveries,
     retries_back_off_then_dead_letter,
+    retries_may_narrow_the_job_and_wait_as_asked,
     poison_messages_are_dead_lettered_and_the_consumer_goes_on,
     dead_letters_replay_as_first_attempts,
     competing_consumers_share_the_work_without_order,

@@ -3,7 +3,8 @@
 //! A worker process runs [`run`]: it consumes jobs with prefetch equal to its concurrency and
 //! runs each on its own task ([`jobs`]), and alongside them the outbox relay ([`relay`]) and
 //! the reconciler ([`reconciler`], one at a time across the fleet through an advisory lock).
-//! Workers are stateless: add processes on any host to scale. The pipeline of a job runs on
+//! Workers are stateless: add processes on any host to scale. Besides tracks, workers send
+//! push notifications ([`jobs::push`], through [`fcm`]). The pipeline of a job runs on
 //! threads of its own, at the priority and within the thread budget of the [`Context`]
 //! ([`pipeline_thread`]), so that beside the API (`waveline serve --workers N`) it takes only
 //! what the API leaves.
@@ -12,6 +13,7 @@
 //! finish for up to the grace period; what is still running then gives its claim back and
 //! its message back to the queue, so another worker picks it up at once.
 
+pub mod fcm;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline_thread;
@@ -27,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use waveline_pipeline::{PipelineConfig, ThreadBudget};
 use waveline_shared::config::PipelinePriority;
-use waveline_shared::db::{Failure, PgOutbox, PgTracks};
+use waveline_shared::db::{Failure, PgDevices, PgOutbox, PgTracks};
 use waveline_shared::domain::TrackState;
-use waveline_shared::queue::{Delivery, JobQueue, QueueError, RetryOutcome};
+use waveline_shared::queue::{Delivery, JobQueue, QueueError, RetryOutcome, RetryRequest};
 use waveline_shared::storage::Storage;
 
 pub use jobs::process_track::HeldClaims;
@@ -63,6 +65,11 @@ pub struct Context {
     pub pipeline_priority: PipelinePriority,
     /// How many of the pipeline's threads compute at once, shared by every job.
     pub pipeline_budget: ThreadBudget,
+    /// The accounts' push devices.
+    pub devices: PgDevices,
+    /// The FCM client (its access token shared by every push job of the process); `None`
+    /// when pushes are off.
+    pub push: Option<Arc<fcm::Fcm>>,
 }
 
 /// How a worker runs.
@@ -161,7 +168,19 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
     let job = delivery.message.job.clone();
     let attempt = delivery.message.attempt;
     let track_id = job.track_id();
-    let span = tracing::info_span!("job", kind = job.kind(), track_id = %track_id, attempt);
+    let span = tracing::info_span!(
+        "job",
+        kind = job.kind(),
+        track_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+        attempt
+    );
+    if let Some(track_id) = track_id {
+        span.record("track_id", tracing::field::display(track_id));
+    }
+    if let Some(user_id) = job.user_id() {
+        span.record("user_id", tracing::field::display(user_id));
+    }
     async move {
         let started = Instant::now();
         ::metrics::gauge!("waveline_jobs_in_flight").increment(1.0);
@@ -172,7 +191,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
         ::metrics::gauge!("waveline_jobs_in_flight").decrement(1.0);
         let result = match outcome {
             None => {
-                if let Some(claim) = context.claims.get(track_id) {
+                if let Some(claim) = track_id.and_then(|id| context.claims.get(id)) {
                     let _ = context.tracks.release(&claim).await;
                 }
                 let _ = delivery.requeue().await;
@@ -187,11 +206,11 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
                 settle(delivery.ack().await);
                 "failed"
             }
-            Some(jobs::Outcome::Retry { reason, public }) => {
+            Some(jobs::Outcome::Retry { reason, public, after, resume }) => {
                 tracing::warn!(%reason, "transient failure");
                 // The dead letter keeps the safe text (admins read it over HTTP); the detail
                 // is in this log line.
-                match delivery.retry(&public).await {
+                match delivery.retry_with(&public, RetryRequest { job: resume, at_least: after }).await {
                     Ok(RetryOutcome::Scheduled { attempt, delay }) => {
                         tracing::info!(next_attempt = attempt, ?delay, "retry scheduled");
                         "retried"
@@ -200,15 +219,19 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
                         tracing::error!(%reason, "giving up");
                         let message = format!("gave up after {max_attempts} attempts; last error: {public}");
                         let failure = Failure { code: "retries_exhausted", message: &message };
-                        match context
-                            .tracks
-                            .transition(track_id, TrackState::Queued, TrackState::Failed, Some(failure))
-                            .await
-                        {
-                            Ok(_) => tracing::error!(%message, "dead-lettered"),
-                            Err(err) => {
-                                tracing::error!(error = %err, "dead-lettered, but the track could not be marked failed")
-                            }
+                        match track_id {
+                            Some(track_id) => match context
+                                .tracks
+                                .transition(track_id, TrackState::Queued, TrackState::Failed, Some(failure))
+                                .await
+                            {
+                                Ok(_) => tracing::error!(%message, "dead-lettered"),
+                                Err(err) => tracing::error!(
+                                    error = %err,
+                                    "dead-lettered, but the track could not be marked failed"
+                                ),
+                            },
+                            None => tracing::error!(%message, "dead-lettered"),
                         }
                         "dead_lettered"
                     }

@@ -5,6 +5,8 @@
 //!   `dead_lettered`, `requeued`, `redelivered`);
 //! - `waveline_job_duration_seconds`: job duration histogram;
 //! - `waveline_jobs_in_flight`: jobs running now;
+//! - `waveline_push_sent_total{result}`: pushes by device and result (`sent`,
+//!   `token_removed`, `rejected`, `retried`);
 //! - `waveline_queue_ready`, `waveline_queue_dead`: queue depth and dead letters (polled).
 
 use std::sync::Arc;

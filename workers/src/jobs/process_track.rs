@@ -118,10 +118,7 @@ impl ProcessTrack {
                 return Outcome::Done;
             }
             Err(err) => {
-                return Outcome::Retry {
-                    reason: format!("cannot claim the track: {err}"),
-                    public: "the database was unavailable".into(),
-                };
+                return Outcome::retry(format!("cannot claim the track: {err}"), "the database was unavailable");
             }
         };
         tracing::info!(attempt = claim.attempt, revision = claim.revision, "claimed");
@@ -150,10 +147,10 @@ impl ProcessTrack {
                         }
                         Outcome::Abort { code, message }
                     }
-                    Err(err) => Outcome::Retry {
-                        reason: format!("cannot record the failure {code}: {err}"),
-                        public: "the database was unavailable".into(),
-                    },
+                    Err(err) => Outcome::retry(
+                        format!("cannot record the failure {code}: {err}"),
+                        "the database was unavailable",
+                    ),
                 }
             }
             Err(JobError::Transient { public, detail }) => {
@@ -161,7 +158,7 @@ impl ProcessTrack {
                     // The heartbeat will go stale and the reconciler will release it.
                     tracing::warn!(error = %err, "cannot release the claim");
                 }
-                Outcome::Retry { reason: detail, public: scrub(&public, &context.temp_root) }
+                Outcome::retry(detail, scrub(&public, &context.temp_root))
             }
         }
     }
@@ -558,12 +555,36 @@ async fn notify_owner(context: &Context, track: TrackId, kind: NotificationKind)
         subject: Subject::Track { id: track },
         created_at: chrono::Utc::now(),
     };
-    match context.documents.insert_notification(new).await {
-        Ok(notification) => {
-            if let Err(err) = context.bus.publish(&Event::Notification { notification }).await {
-                tracing::warn!(error = %err, "could not publish the owner's notification; it is stored");
+    let notification = match context.documents.insert_notification(new).await {
+        Ok(notification) => notification,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not store the owner's notification");
+            return;
+        }
+    };
+    if let Err(err) = context.bus.publish(&Event::Notification { notification: notification.clone() }).await {
+        tracing::warn!(error = %err, "could not publish the owner's notification; it is stored");
+    }
+    // An owner with no live socket gets a push (the relay publishes the job).
+    let push = waveline_shared::push::Push::new(context.push.is_some());
+    if !push.is_on() {
+        return;
+    }
+    let pool = context.tracks.pool();
+    match waveline_shared::db::realtime::PgRealtime::new(pool.clone()).online(owner).await {
+        Ok(false) => {}
+        Ok(true) => return,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot tell whether the owner is online; no push");
+            return;
+        }
+    }
+    match waveline_shared::push::for_notification(&notification, None, None) {
+        Ok(message) => {
+            if let Err(err) = push.enqueue(pool, owner, &message).await {
+                tracing::warn!(error = %err, "could not queue the owner's push");
             }
         }
-        Err(err) => tracing::warn!(error = %err, "could not store the owner's notification"),
+        Err(err) => tracing::warn!(error = %err, "the owner's push does not fit"),
     }
 }
