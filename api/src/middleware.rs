@@ -169,7 +169,13 @@ pub async fn front<E: Endpoint>(front: Arc<Front>, next: E, mut request: Request
     let method = method_label(request.method());
     let template = front.routes.classify(request.uri().path());
     let route = template.map_or(UNMATCHED, |template| &*template.label);
-    let span = tracing::info_span!("request", %request_id, %method, route, path = %request.uri().path());
+    // Paths that carry a secret (a device token, a signed URL's signature) are logged by their
+    // template: logs are read by more people than hold the secrets.
+    let path = match route {
+        secret if secret.contains("{token}") || secret.contains("{signature}") => secret,
+        _ => request.uri().path(),
+    };
+    let span = tracing::info_span!("request", %request_id, %method, route, path = %path);
     let started = Instant::now();
     let result = async {
         front.throttle.admit(&mut request)?;
