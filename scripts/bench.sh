@@ -28,6 +28,11 @@
 #       scripts/setup.sh --embedded when it does not answer) and installs wrk and nginx-light.
 #       Ends with stream-transcode.
 #
+#   scripts/bench.sh realtime [ACCOUNTS=1000] [RATE=100]
+#       the realtime socket: RSS per idle socket with ACCOUNTS×10 sockets on one process, and
+#       direct-message delivery latency between ACCOUNTS clients on two replicas joined by
+#       RabbitMQ at RATE messages a second (see realtime below).
+#
 #   scripts/bench.sh stream-transcode [SECONDS=15] [RUNS=3]
 #       range p99 and req/s idle and during the transcode of a 10-minute WAV upload, in the
 #       embedded mode, with the pipeline's default scheduling and with normal priority on
@@ -667,10 +672,105 @@ stream_during_transcode() {
   done
 }
 
+realtime_cleanup() {
+  local pid
+  for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
+  [ -z "${load_pid:-}" ] || kill "$load_pid" 2>/dev/null || true
+  rm -rf "$work"
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+}
+
+# realtime [ACCOUNTS=1000] [RATE=100]: the socket. (1) Memory: ACCOUNTS×10 idle sockets on one
+# `serve` (file store, in-process bus), RSS per socket from VmRSS before and after they are open
+# (target ≤ 64 KiB, i.e. 10,000 sockets in ≤ 640 MiB). (2) Delivery: ACCOUNTS clients, one socket
+# each, split across two `serve` replicas joined by RabbitMQ (the fanout exchange), sending each
+# other direct messages at RATE per second in all for 10 s; each message carries its send time,
+# the recipient measures delivery (target p99 ≤ 50 ms). Driven by bench/src/ws_load.rs.
+realtime() {
+  local accounts=${1:-1000} rate=${2:-100}
+  local missing=()
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v bc >/dev/null || missing+=(bc)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" >&2
+  port_open 5672 || bash "$root/scripts/setup.sh" >&2
+  echo "building waveline and ws-load (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
+  bin=$(target_dir)/release/waveline
+  local wsload; wsload=$(target_dir)/release/ws-load
+  work=$(mktemp -d) db=waveline_bench_rt_$$ serve_pids=() load_pid=
+  trap realtime_cleanup EXIT
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  [ "$(ulimit -n)" -ge $((accounts * 10 + 1000)) ] || die "needs $((accounts * 10 + 1000)) file descriptors; ulimit -n is $(ulimit -n)"
+  export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
+  export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz WAVELINE_ACCESS_TOKEN_TTL_S=86400
+  export WAVELINE_RATE_LIMIT_PER_MINUTE=0 WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE=0 WAVELINE_SOCIAL_WRITES_PER_MINUTE=0
+  # Every socket comes from this one address.
+  export WAVELINE_MAX_CONNECTIONS=$((accounts * 10 + 1000)) WAVELINE_MAX_CONNECTIONS_PER_CLIENT=$((accounts * 10 + 1000))
+  WAVELINE_STORAGE=file://$work/store "$bin" migrate >/dev/null
+  start_serve 0 "$work/store"
+  local api=$base code
+  # One account through the API; the rest share its password hash (one argon2 hash, not
+  # ACCOUNTS of them), and each logs in for a token of its own.
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"rt0@example.com","username":"rt0","password":"bench-password-123"}' "$api/v1/auth/register")
+  [ "$code" = 202 ] || die "register: HTTP $code $(cat "$work/resp")"
+  psql -h 127.0.0.1 -U postgres -d "$db" -qc "
+    INSERT INTO users (id, email, username, password_hash)
+    SELECT gen_random_uuid(), 'rt' || n || '@example.com', 'rt' || n, (SELECT password_hash FROM users WHERE username = 'rt0')
+    FROM generate_series(1, $((accounts - 1))) AS n" >/dev/null
+  echo "logging $accounts accounts in…" >&2
+  seq 0 $((accounts - 1)) | xargs -P 4 -I{} sh -c \
+    "curl -sS -H 'Content-Type: application/json' -d '{\"email\":\"rt{}@example.com\",\"password\":\"bench-password-123\"}' '$api/v1/auth/login' \
+       | sed -n 's/.*\"access_token\":\"\([^\"]*\)\".*/\1 rt{}/p'" >"$work/accounts"
+  [ "$(wc -l <"$work/accounts")" = "$accounts" ] || die "only $(wc -l <"$work/accounts") of $accounts accounts logged in"
+
+  echo "opening $((accounts * 10)) idle sockets…" >&2
+  local before after opened
+  before=$(rss_kib "$serve_pid" VmRSS)
+  "$wsload" idle --url "ws://${api#http://}/v1/ws" --accounts "$work/accounts" --per-account 10 --hold 600 >"$work/idle.json" &
+  load_pid=$!
+  local deadline=$((SECONDS + 600))
+  until [ -s "$work/idle.json" ]; do
+    kill -0 "$load_pid" 2>/dev/null || die "ws-load idle exited"
+    [ "$SECONDS" -lt "$deadline" ] || die "the sockets did not open within 600 s"
+    sleep 1
+  done
+  sleep 3 # the server's side of the last sockets settles
+  after=$(rss_kib "$serve_pid" VmRSS)
+  opened=$(sed -n 's/.*"opened":\([0-9]*\).*/\1/p' "$work/idle.json")
+  local connections; connections=$(curl -sS "$api/metrics" | awk '$1 == "waveline_ws_connections" {print $2}')
+  kill "$load_pid" 2>/dev/null || true; wait "$load_pid" 2>/dev/null || true; load_pid=
+  stop_serve "$serve_pid"; serve_pids=()
+
+  echo "two replicas with RabbitMQ: $accounts clients, $rate messages/s for 10 s…" >&2
+  export WAVELINE_QUEUE=amqp://guest:guest@127.0.0.1:5672/%2f WAVELINE_QUEUE_NAME=waveline.bench.realtime
+  start_serve 0 "$work/store"; local a=$base
+  start_serve 0 "$work/store"; local b=$base
+  "$wsload" latency --a "ws://${a#http://}/v1/ws" --b "ws://${b#http://}/v1/ws" --accounts "$work/accounts" \
+    --rate "$rate" --seconds 10 >"$work/latency.json"
+  local field; field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p" "$work/latency.json"; }
+
+  echo
+  echo "realtime socket ($(nproc) cores, the load generator on the same machine; $(date -u +%F), commit $(cd "$root" && git rev-parse --short HEAD))"
+  echo
+  echo "| measure | value | target |"
+  echo "|---|---:|---|"
+  printf "| idle sockets open on one process (of %d asked; server's gauge) | %d (%s) | 10,000 |\n" $((accounts * 10)) "$opened" "$connections"
+  printf "| server RSS: before → with them open | %.0f → %.0f MiB | ≤ 640 MiB |\n" "$(echo "$before / 1024" | bc -l)" "$(echo "$after / 1024" | bc -l)"
+  printf "| RSS per idle socket | **%.1f KiB** | ≤ 64 KiB |\n" "$(echo "($after - $before) / $opened" | bc -l)"
+  printf "| messages delivered across two replicas (of sent) | %s of %s | all |\n" "$(field delivered)" "$(field sent)"
+  printf "| delivery p50 / p99 / max | %s / **%s** / %s ms | p99 ≤ 50 ms |\n" "$(field p50_ms)" "$(field p99_ms)" "$(field max_ms)"
+}
+
 case "$mode" in
   pipeline) shift; pipeline "$@" ;;
   fleet) shift; fleet "$@" ;;
   stream) shift; stream "$@" ;;
   stream-transcode) shift; stream_during_transcode "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS]" ;;
+  realtime) shift; realtime "$@" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE]" ;;
 esac

@@ -25,6 +25,10 @@
 //! - At most [`MAX_SUBSCRIPTIONS`] tracks per socket and [`MAX_SOCKETS_PER_ACCOUNT`] sockets
 //!   per account on one process.
 //!
+//! **Sessions.** A socket acts for the session it opened with: when that session ends (logout,
+//! a reused refresh token, its lifetime) or the account changes (suspended, deleted, its
+//! password reset), the socket closes with 1008, as the session cache hears it.
+//!
 //! **Across replicas.** Every event goes through the bus ([`waveline_shared::bus`]): each
 //! process delivers it to the sockets it holds. `track.status` comes from the status feed,
 //! which every process already follows. Which accounts have a live socket anywhere is kept in
@@ -141,6 +145,21 @@ impl Realtime {
                 pause = (pause * 2).min(Duration::from_secs(10));
             }
         });
+        let sessions_state = state.clone();
+        let sessions_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut changes = sessions_state.status_feed.sessions().subscribe();
+            loop {
+                tokio::select! {
+                    () = sessions_stop.cancelled() => return,
+                    change = changes.recv() => match change {
+                        Ok(change) => sessions_state.realtime.hub.revoke(change.session, change.user),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
         let status_state = state.clone();
         let status_stop = stop.clone();
         tokio::spawn(async move {
@@ -207,8 +226,12 @@ impl Outgoing {
 #[derive(Debug)]
 struct Conn {
     user: UserId,
+    /// The session it acts for.
+    session: Uuid,
     out: Outgoing,
     tracks: HashSet<TrackId>,
+    /// Cancelled when the session ends or the account changes: the socket closes.
+    revoked: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -232,8 +255,18 @@ impl Hub {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Closes the sockets of a session that ended, or of an account that changed.
+    fn revoke(&self, session: Option<Uuid>, user: Option<Uuid>) {
+        let inner = self.lock();
+        for conn in inner.conns.values() {
+            if session == Some(conn.session) || user == Some(conn.user.0) {
+                conn.revoked.cancel();
+            }
+        }
+    }
+
     /// Adds a socket of `user`, unless it has [`MAX_SOCKETS_PER_ACCOUNT`] here already.
-    fn register(&self, user: UserId, out: Outgoing) -> Option<u64> {
+    fn register(&self, user: UserId, session: Uuid, out: Outgoing, revoked: CancellationToken) -> Option<u64> {
         let mut inner = self.lock();
         let mine = inner.users.entry(user).or_default();
         if mine.len() >= MAX_SOCKETS_PER_ACCOUNT {
@@ -241,7 +274,7 @@ impl Hub {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         mine.insert(id);
-        inner.conns.insert(id, Conn { user, out, tracks: HashSet::new() });
+        inner.conns.insert(id, Conn { user, session, out, tracks: HashSet::new(), revoked });
         metrics::gauge!("waveline_ws_connections").set(inner.conns.len() as f64);
         Some(id)
     }
@@ -617,7 +650,8 @@ impl RealtimeApi {
         let (tx, rx) = mpsc::unbounded_channel();
         let out = Outgoing { tx, queued: Arc::new(AtomicUsize::new(0)), kill: CancellationToken::new() };
         let hub = self.state.realtime.hub.clone();
-        let Some(id) = hub.register(session.user.id, out.clone()) else {
+        let revoked = CancellationToken::new();
+        let Some(id) = hub.register(session.user.id, session.id, out.clone(), revoked.clone()) else {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_sockets",
@@ -636,7 +670,7 @@ impl RealtimeApi {
                 tracing::warn!(error = %err, "could not record a socket's presence");
             }
             metrics::counter!("waveline_ws_opened_total").increment(1);
-            Connection { state: state.clone(), session, id, rx, out }.run(stream).await;
+            Connection { state: state.clone(), session, id, rx, out, revoked }.run(stream).await;
             state.realtime.hub.unregister(id);
             if let Err(err) = state.realtime.store.disconnected(state.realtime.replica, user).await {
                 tracing::warn!(error = %err, "could not record a socket's end");
@@ -671,6 +705,7 @@ struct Connection {
     id: u64,
     rx: mpsc::UnboundedReceiver<Arc<str>>,
     out: Outgoing,
+    revoked: CancellationToken,
 }
 
 /// Why a socket ended, for the close frame.
@@ -695,6 +730,7 @@ impl Connection {
         let end = loop {
             tokio::select! {
                 () = closing.cancelled() => break End::Stopping,
+                () = self.revoked.cancelled() => break End::Policy("the session ended, or the account changed: sign in again"),
                 () = self.out.kill.cancelled() => break End::Policy("the client is not reading its frames"),
                 outgoing = self.rx.recv() => {
                     let Some(text) = outgoing else { break End::Gone };
@@ -879,9 +915,15 @@ mod tests {
             let (tx, _rx) = mpsc::unbounded_channel();
             Outgoing { tx, queued: Arc::new(AtomicUsize::new(0)), kill: CancellationToken::new() }
         };
-        let ids: Vec<u64> = (0..MAX_SOCKETS_PER_ACCOUNT).filter_map(|_| hub.register(user, out())).collect();
+        let session = Uuid::now_v7();
+        let revoked = CancellationToken::new();
+        let ids: Vec<u64> = (0..MAX_SOCKETS_PER_ACCOUNT)
+            .filter_map(|_| hub.register(user, session, out(), revoked.child_token()))
+            .collect();
         assert_eq!(ids.len(), MAX_SOCKETS_PER_ACCOUNT);
-        assert!(hub.register(user, out()).is_none());
+        assert!(hub.register(user, session, out(), CancellationToken::new()).is_none());
+        hub.revoke(Some(session), None);
+        assert!(hub.lock().conns.values().all(|conn| conn.revoked.is_cancelled()));
         for _ in 0..MAX_SUBSCRIPTIONS {
             assert!(hub.subscribe(ids[0], TrackId::new()));
         }

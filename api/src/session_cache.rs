@@ -75,6 +75,8 @@ pub struct SessionCache {
     /// Whether notifications are being heard (else the cache is bypassed).
     live: AtomicBool,
     loads: AtomicU64,
+    /// Every session or account change heard, for what else holds sessions (open sockets).
+    changes: std::sync::OnceLock<tokio::sync::broadcast::Sender<Announced>>,
 }
 
 impl std::fmt::Debug for SessionCache {
@@ -95,6 +97,7 @@ impl SessionCache {
     /// A notification: forget the session, or every session of the account (a read in
     /// flight for them is not kept either).
     pub(crate) fn heard(&self, announced: &Announced) {
+        let _ = self.changes().send(announced.clone());
         let mut slots = self.slots();
         if let Some(session) = announced.session {
             slots.remove(&session);
@@ -102,6 +105,16 @@ impl SessionCache {
         if let Some(user) = announced.user {
             slots.retain(|_, slot| slot.user().0 != user);
         }
+    }
+
+    fn changes(&self) -> &tokio::sync::broadcast::Sender<Announced> {
+        self.changes.get_or_init(|| tokio::sync::broadcast::channel(1024).0)
+    }
+
+    /// Session and account changes from now on: a session ended, or an account changed in
+    /// what a session may do (suspended, deleted, its password reset…).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Announced> {
+        self.changes().subscribe()
     }
 
     /// Forgets a session this process just ended (so its next request sees it ended, before

@@ -77,6 +77,18 @@ impl Socket {
         }
     }
 
+    /// The next notification of `kind` within `within`, skipping other frames (a track's
+    /// processing may still be telling its owner it is ready).
+    async fn notification(&mut self, kind: &str, within: Duration) -> Result<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let frame = self.next("notification", deadline.saturating_duration_since(Instant::now())).await?;
+            if frame["notification"]["type"] == kind {
+                return Ok(frame);
+            }
+        }
+    }
+
     /// Waits for the server to close the socket; its close code.
     async fn closed(&mut self, within: Duration) -> Result<Option<CloseCode>> {
         let deadline = Instant::now() + within;
@@ -142,8 +154,11 @@ async fn the_socket_authenticates_and_refuses_cross_site_cookies() -> Result<()>
     ensure!(open(&stack.base, "", &[("cookie", cookie), ("origin", "https://evil.example")]).await?.err() == Some(403));
     ensure!(open(&stack.base, "", &[("cookie", cookie), ("origin", "https://app.example")]).await?.is_ok());
     ensure!(open(&stack.base, "", &[("cookie", cookie)]).await?.is_ok());
-    // A bearer token in the header.
-    connect(&stack.base, &alice).await?;
+    // A bearer token in the header; logging out closes the session's sockets.
+    let mut socket = connect(&stack.base, &alice).await?;
+    let (status, _) = call(&stack.base, "POST", "/v1/auth/logout", Some(&alice), None).await?;
+    ensure!(status == 204, "{status}");
+    ensure!(socket.closed(SOON).await? == Some(CloseCode::Policy), "a socket of an ended session closes");
     Ok(())
 }
 
@@ -174,10 +189,10 @@ async fn every_frame_type_flows_and_bad_frames_answer_errors() -> Result<()> {
     let counters = b.next("counters", SOON).await?;
     ensure!(counters["comment_count"] == 1 && counters["likes_count"] == 1, "{counters}");
     // Alice hears of the like and the comment.
-    let liked = a.next("notification", SOON).await?;
-    ensure!(liked["notification"]["type"] == "like" && liked["notification"]["actor"]["username"] == "carol");
-    let commented = a.next("notification", SOON).await?;
-    ensure!(commented["notification"]["type"] == "comment", "{commented}");
+    let liked = a.notification("like", SOON).await?;
+    ensure!(liked["notification"]["actor"]["username"] == "carol", "{liked}");
+    let commented = a.notification("comment", SOON).await?;
+    ensure!(commented["notification"]["track_id"] == track.as_str(), "{commented}");
 
     // A message reaches the recipient and the sender's other device, and the recipient's
     // notification; a retried send does not duplicate.
@@ -186,8 +201,8 @@ async fn every_frame_type_flows_and_bad_frames_answer_errors() -> Result<()> {
     ensure!(got["message"]["body"] == "hey alice" && got["message"]["client_id"] == "b-1", "{got}");
     let echoed = b2.next("message.new", SOON).await?;
     ensure!(echoed["message"]["id"] == got["message"]["id"], "{echoed}");
-    let note = a.next("notification", SOON).await?;
-    ensure!(note["notification"]["type"] == "message", "{note}");
+    let note = a.notification("message", SOON).await?;
+    ensure!(note["notification"]["actor"]["username"] == "bob", "{note}");
     b.send(json!({"type": "message.send", "to": "alice", "body": "hey alice", "client_id": "b-1"})).await?;
     let conversation = got["message"]["conversation_id"].as_str().context("conversation")?.to_owned();
     let (_, messages) =
@@ -201,8 +216,8 @@ async fn every_frame_type_flows_and_bad_frames_answer_errors() -> Result<()> {
 
     // A follow is a notification; one's own track's processing arrives as track.status.
     call(&base, "PUT", "/v1/me/followings/alice", Some(&carol), None).await?;
-    let followed = a.next("notification", SOON).await?;
-    ensure!(followed["notification"]["type"] == "follow", "{followed}");
+    let followed = a.notification("follow", SOON).await?;
+    ensure!(followed["notification"]["actor"]["username"] == "carol", "{followed}");
     let dir = temp_dir()?;
     let path = dir.path().join("n.wav");
     audio::tone(&path, 2.0, 22050, 1, &[])?;
@@ -213,8 +228,7 @@ async fn every_frame_type_flows_and_bad_frames_answer_errors() -> Result<()> {
             break;
         }
     }
-    let ready = a.next("notification", SOON).await?;
-    ensure!(ready["notification"]["type"] == "track_ready", "{ready}");
+    a.notification("track_ready", SOON).await?;
 
     // Refusals answer `error` with a code and the frame's reference.
     b.send(json!({"type": "subscribe", "track_id": hidden})).await?;
@@ -353,6 +367,117 @@ async fn a_silent_peer_is_dropped_within_75_seconds() -> Result<()> {
             Err(_) => bail!("the socket is still open"),
             Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => return Ok(()),
             Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// Two replicas behind RabbitMQ: a message, a like and a comment each arrive within a second
+/// on the other replica; a replica killed with `kill -9` loses no stored message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_deliver_within_a_second_and_survive_a_crash() -> Result<()> {
+    let stack = Stack::start(Mode::Distributed, true, UNLIMITED).await?;
+    let replica = stack.replica().await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let bob = register_and_login(&stack, "bob").await?;
+    let track = ready_track(&stack, &alice, "public").await?;
+    let mut a = connect(&stack.base, &alice).await?;
+    let mut b = connect(&replica.base, &bob).await?;
+    a.send(json!({"type": "subscribe", "track_id": track})).await?;
+    a.send(json!({"type": "ping"})).await?;
+    a.next("pong", SOON).await?;
+    b.send(json!({"type": "ping"})).await?;
+    b.next("pong", SOON).await?;
+
+    let second = Duration::from_secs(1);
+    let started = Instant::now();
+    b.send(json!({"type": "message.send", "to": "alice", "body": "across", "client_id": "x-1"})).await?;
+    let got = a.next("message.new", second).await?;
+    ensure!(got["message"]["body"] == "across", "{got}");
+    let message_took = started.elapsed();
+
+    let started = Instant::now();
+    call(&replica.base, "PUT", &format!("/v1/me/likes/tracks/{track}"), Some(&bob), None).await?;
+    let counters = a.next("counters", second).await?;
+    ensure!(counters["likes_count"] == 1, "{counters}");
+    let like_took = started.elapsed();
+
+    let started = Instant::now();
+    let comment = json!({"body": "from the other side", "timestamp_ms": 5});
+    call(&replica.base, "POST", &format!("/v1/tracks/{track}/comments"), Some(&bob), Some(comment)).await?;
+    let new = a.next("comment.new", second).await?;
+    ensure!(new["comment"]["body"] == "from the other side", "{new}");
+    let comment_took = started.elapsed();
+    eprintln!("across replicas: message {message_took:?}, like {like_took:?}, comment {comment_took:?}");
+
+    // Bob's replica dies; Alice keeps writing; Bob comes back on the other replica and
+    // fetches what he missed.
+    let status = std::process::Command::new("kill").args(["-9", &replica.pid().to_string()]).status()?;
+    ensure!(status.success());
+    // The dead replica's socket breaks (no close frame from a killed process).
+    b.closed(Duration::from_secs(10)).await?;
+    for n in 0..3 {
+        a.send(json!({"type": "message.send", "to": "bob", "body": format!("while away {n}"), "client_id": format!("a-{n}")}))
+            .await?;
+        a.next("message.new", SOON).await?;
+    }
+    let mut b = connect(&stack.base, &bob).await?;
+    let conversation = got["message"]["conversation_id"].as_str().context("conversation")?;
+    let (_, page) =
+        call(&stack.base, "GET", &format!("/v1/me/conversations/{conversation}/messages"), Some(&bob), None).await?;
+    let bodies: Vec<&str> =
+        page["messages"].as_array().context("messages")?.iter().filter_map(|m| m["body"].as_str()).collect();
+    ensure!(bodies == ["while away 2", "while away 1", "while away 0", "across"], "{bodies:?}");
+    a.send(json!({"type": "message.send", "to": "bob", "body": "welcome back", "client_id": "a-9"})).await?;
+    ensure!(b.next("message.new", second).await?["message"]["body"] == "welcome back");
+    Ok(())
+}
+
+/// A client that does not read is cut off once its queue passes the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_disconnected() -> Result<()> {
+    let stack = Stack::start(Mode::Embedded, false, UNLIMITED).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let bob = register_and_login(&stack, "bob").await?;
+    // A tiny receive buffer, and no reading: the server's frames pile up in its queue.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let address = stack.base.trim_start_matches("http://").parse()?;
+    let stream = socket.connect(address).await?;
+    let mut request = format!("ws://{}/v1/ws", stack.base.trim_start_matches("http://")).into_client_request()?;
+    request.headers_mut().insert("authorization", format!("Bearer {}", alice.token).parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await?;
+    let body = "m".repeat(1900);
+    let client = reqwest::Client::new();
+    let mut cut = false;
+    for n in 0..4000 {
+        let response = client
+            .post(stack.url("/v1/me/conversations/alice/messages"))
+            .bearer_auth(&bob.token)
+            .json(&json!({"body": body, "client_id": format!("flood-{n}")}))
+            .send()
+            .await?;
+        ensure!(response.status() == 201, "{}", response.status());
+        if n % 200 == 199 {
+            let metrics = client.get(stack.url("/metrics")).send().await?.text().await?;
+            if metrics.lines().any(|l| l.starts_with("waveline_ws_slow_clients_total") && !l.ends_with(" 0")) {
+                cut = true;
+                break;
+            }
+        }
+    }
+    ensure!(cut, "the slow client was never cut off");
+    // What it finally reads ends with the policy close.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await.context("no close")? {
+            Some(Ok(Message::Close(frame))) => {
+                ensure!(frame.map(|f| f.code) == Some(CloseCode::Policy));
+                return Ok(());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(err)) => bail!("the socket broke instead of closing: {err}"),
+            None => bail!("the socket ended without a close frame"),
         }
     }
 }
