@@ -817,6 +817,33 @@ impl PgSocial {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
+    /// The tracks `viewer` may see in each of some playlists, in order (one query).
+    pub async fn playlists_track_ids(
+        &self,
+        ids: &[PlaylistId],
+        viewer: Viewer,
+    ) -> Result<HashMap<PlaylistId, Vec<TrackId>>, DbError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows: Vec<(PlaylistId, TrackId)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT pt.playlist_id, pt.track_id FROM playlist_tracks pt JOIN tracks t ON t.id = pt.track_id
+             WHERE pt.playlist_id = ANY($3) AND {TRACK_VISIBLE}
+             ORDER BY pt.playlist_id, pt.position"
+        )))
+        .bind(viewer.id)
+        .bind(viewer.admin)
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: HashMap<PlaylistId, Vec<TrackId>> = HashMap::new();
+        for (playlist, track) in rows {
+            found.entry(playlist).or_default().push(track);
+        }
+        Ok(found)
+    }
+
     /// Claims the `track` activity of a track that is ready and public and has none yet:
     /// its owner when this call claimed it.
     pub async fn claim_track_announcement(&self, id: TrackId) -> Result<Option<UserId>, DbError> {
