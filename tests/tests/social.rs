@@ -254,6 +254,11 @@ async fn social_flow(mode: Mode) -> Result<()> {
     refused(&stack, "GET", &format!("{path}?cursor=n1.zz"), None, None, 400, "invalid_field").await?;
     let counted = expect(&stack, "GET", &format!("/v1/tracks/{public}"), None, None, 200).await?;
     ensure!(counted["comment_count"] == 3, "{counted}");
+    // A playlist counts the comments of the tracks the viewer sees in it, listed or whole.
+    let listed = expect(&stack, "GET", "/v1/users/alice/playlists", None, None, 200).await?;
+    ensure!(listed["playlists"][0]["comment_count"] == 3, "{listed}");
+    let whole = expect(&stack, "GET", &format!("/v1/playlists/{playlist}"), None, None, 200).await?;
+    ensure!(whole["comment_count"] == 3, "{whole}");
     refused(
         &stack,
         "DELETE",
