@@ -102,6 +102,7 @@ impl Feed {
         let actors: Vec<UserId> = actors.iter().filter(|a| !blocked.contains(a)).copied().collect();
         let mut kept: Vec<Activity> = Vec::new();
         let mut shown: HashSet<ActivityObject> = HashSet::new();
+        let mut seen = Seen::default();
         let mut cursor = cursor;
         let mut next = None;
         for _ in 0..ROUNDS {
@@ -110,10 +111,10 @@ impl Feed {
             let objects: Vec<ActivityObject> = page.activities.iter().map(|a| a.object).collect();
             let newest =
                 if dedupe { self.state.documents.newest_about(&objects, &actors).await? } else { HashMap::new() };
-            let visible = self.visible_objects(&objects, session, &blocked).await?;
+            self.see(&objects, session, &blocked, &mut seen).await?;
             for activity in page.activities {
                 let newest_here = !dedupe || newest.get(&activity.object).is_none_or(|id| *id == activity.id);
-                if newest_here && visible.contains(&activity.object) && shown.insert(activity.object) {
+                if newest_here && seen.visible(activity.object) && shown.insert(activity.object) {
                     kept.push(activity);
                 }
             }
@@ -123,44 +124,49 @@ impl Feed {
                 _ => break,
             }
         }
-        let activities = self.views(kept, session).await?;
+        let activities = self.views(kept, session, seen).await?;
         Ok(ActivityPage { activities, next_cursor: next })
     }
 
-    /// Which of `objects` the viewer may see, leaving out those owned by `blocked` accounts.
-    async fn visible_objects(
+    /// Reads the objects the viewer may see among `objects`, leaving out those owned by
+    /// `blocked` accounts, into `seen` (which the views are then made from: each object is read
+    /// once).
+    async fn see(
         &self,
         objects: &[ActivityObject],
         session: Option<&Session>,
         blocked: &HashSet<UserId>,
-    ) -> Result<HashSet<ActivityObject>, ApiError> {
+        seen: &mut Seen,
+    ) -> Result<(), ApiError> {
         let (tracks, playlists) = split(objects);
         let tracks = crate::social::visible_tracks(&self.state, &tracks, session).await?;
         let playlists = self.state.social.visible_playlists(&playlists, crate::social::viewer(session)).await?;
-        Ok(tracks
-            .iter()
-            .filter(|t| !blocked.contains(&t.owner_id))
-            .map(|t| ActivityObject::Track(t.id))
-            .chain(playlists.iter().filter(|p| !blocked.contains(&p.owner_id)).map(|p| ActivityObject::Playlist(p.id)))
-            .collect())
+        seen.tracks.extend(tracks.into_iter().filter(|t| !blocked.contains(&t.owner_id)).map(|t| (t.id, t)));
+        seen.playlists.extend(playlists.into_iter().filter(|p| !blocked.contains(&p.owner_id)).map(|p| (p.id, p)));
+        Ok(())
     }
 
     /// Views of activities, with their objects as the viewer sees them.
-    async fn views(&self, kept: Vec<Activity>, session: Option<&Session>) -> Result<Vec<ActivityView>, ApiError> {
+    async fn views(
+        &self,
+        kept: Vec<Activity>,
+        session: Option<&Session>,
+        mut seen: Seen,
+    ) -> Result<Vec<ActivityView>, ApiError> {
         let objects: Vec<ActivityObject> = kept.iter().map(|a| a.object).collect();
         let (track_ids, playlist_ids) = split(&objects);
-        let tracks = self.state.tracks.details_many(&track_ids).await?;
+        let tracks: Vec<_> = track_ids.iter().filter_map(|id| seen.tracks.remove(id)).collect();
         let mut tracks: HashMap<String, TrackView> = crate::social::track_views(&self.state, tracks, session)
             .await?
             .into_iter()
             .map(|v| (v.id().to_owned(), v))
             .collect();
-        let mut playlists: HashMap<String, PlaylistView> =
-            crate::playlists::views_of(&self.state, &playlist_ids, session)
-                .await?
-                .into_iter()
-                .map(|v| (v.id.clone(), v))
-                .collect();
+        let playlists: Vec<_> = playlist_ids.iter().filter_map(|id| seen.playlists.remove(id)).collect();
+        let mut playlists: HashMap<String, PlaylistView> = crate::playlists::views(&self.state, playlists, session)
+            .await?
+            .into_iter()
+            .map(|v| (v.id.clone(), v))
+            .collect();
         let mut actors: Vec<UserId> = kept.iter().map(|a| a.actor).collect();
         actors.sort_unstable();
         actors.dedup();
@@ -188,6 +194,22 @@ impl Feed {
                 })
             })
             .collect())
+    }
+}
+
+/// The objects a page read, that the viewer may see.
+#[derive(Default)]
+struct Seen {
+    tracks: HashMap<TrackId, waveline_shared::db::TrackDetails>,
+    playlists: HashMap<PlaylistId, waveline_shared::db::social::PlaylistRow>,
+}
+
+impl Seen {
+    fn visible(&self, object: ActivityObject) -> bool {
+        match object {
+            ActivityObject::Track(id) => self.tracks.contains_key(&id),
+            ActivityObject::Playlist(id) => self.playlists.contains_key(&id),
+        }
     }
 }
 

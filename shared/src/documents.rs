@@ -35,12 +35,14 @@
 //! The activity feed is built on read: [`Documents::feed`] merges the newest activities of a
 //! set of actors (the accounts a viewer follows, at most [`MAX_FEED_ACTORS`]). Activities are
 //! indexed by actor, then newest first: `(actor, created_at, id)` in PostgreSQL, `(actor, id)`
-//! in MongoDB (the same order, see below). PostgreSQL walks that index once per actor (a
-//! `LATERAL` join taking at most one page from each) and merges the small results, so a page
-//! costs O(actors · page) index entries however many activities exist; the index covers the
-//! columns a page reads, so the walks never touch the table. (Measured on the development
-//! machine, under load: 1,000 followed accounts among 10,000, 1,000,000 activities, a page of
-//! 20 in 15–19 ms, first page or 2,000 items deep.) MongoDB answers
+//! in MongoDB (the same order, see below). PostgreSQL reads that index in two steps: first
+//! each actor's newest activity below the cursor (one entry per actor), then, only for the
+//! actors whose newest reaches the page-size-th newest of those, their activities down to it (a
+//! `LATERAL` walk each). Every item of the page is at or above that bound, since that many
+//! distinct activities are, so a page costs about one index entry per actor plus the page,
+//! however many activities exist; the index covers the columns a page reads, so the walks
+//! never touch the table. (A page from every actor, merged, cost 8 ms of CPU at 1,000 followed
+//! accounts: BENCHMARKS.md.) MongoDB answers
 //! `actor ∈ {…}` sorted by `id` from its index: a real server merges the per-actor ranges
 //! while there are few actors (up to 200), and beyond that keeps the top page while it scans
 //! the actors' entries older than the cursor: fine for a first page of recent activity, more

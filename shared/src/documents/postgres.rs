@@ -224,14 +224,25 @@ impl Documents for PgDocuments {
             return Ok(HashMap::new());
         }
         let ids: Vec<Uuid> = objects.iter().map(|o| o.id()).collect();
+        let is_track: Vec<bool> = objects.iter().map(|o| matches!(o, ActivityObject::Track(_))).collect();
         let actors: Vec<Uuid> = actors.iter().map(|a| a.0).collect();
+        // One walk of the object's index per object, whatever plan the statement gets: a
+        // generic plan of `object_id = ANY(…) AND actor = ANY(…)` once walked every activity of
+        // every followed account instead (measured: 16-20 ms a page against 0.3-0.5 ms).
         let rows: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-            "SELECT DISTINCT ON (object_id, kind IN ('track', 'track_repost')) object_id, id, kind
-             FROM activity_documents WHERE object_id = ANY($1) AND actor = ANY($2)
-             ORDER BY object_id, kind IN ('track', 'track_repost'), created_at DESC, id DESC",
+            "SELECT o.object_id, n.id, n.kind
+             FROM unnest($1::uuid[], $3::bool[]) AS o(object_id, is_track)
+             CROSS JOIN LATERAL (
+                 SELECT a.id, a.kind FROM activity_documents a
+                 WHERE a.object_id = o.object_id AND a.actor = ANY($2)
+                   AND (a.kind IN ('track', 'track_repost')) = o.is_track
+                 ORDER BY a.created_at DESC, a.id DESC
+                 LIMIT 1
+             ) n",
         )
         .bind(&ids)
         .bind(&actors)
+        .bind(&is_track)
         .fetch_all(&self.pool)
         .await?;
         newest_of(objects, rows.into_iter().map(|(object, id, kind)| (object, ActivityId(id), kind)))
@@ -252,17 +263,44 @@ impl Documents for PgDocuments {
         if actors.is_empty() {
             return Ok(activity_page(Vec::new(), limit));
         }
-        // One short walk of (actor, created_at DESC, id DESC) per actor, then a merge of at most
-        // actors × (limit + 1) rows.
+        // Two steps, both index-only walks of (actor, created_at DESC, id DESC). First each
+        // followed account's newest activity (below the cursor): one entry per account. The
+        // page's items are all at or above the page-size-th newest of those (that many distinct
+        // activities are), so only the accounts whose newest reaches it are walked further,
+        // each at most down to it. A page then reads about one entry per followed account
+        // plus the page, instead of a page from every followed account (measured with 1,000
+        // followed accounts: 8 ms of CPU per page before).
         let position = if after.is_some() { "AND (a.created_at, a.id) < ($3, $4)" } else { "" };
         let sql = format!(
-            "SELECT page.* FROM unnest($1::uuid[]) AS followed(actor)
+            "WITH heads AS MATERIALIZED (
+                 SELECT followed.actor, h.created_at, h.id
+                 FROM unnest($1::uuid[]) AS followed(actor)
+                 CROSS JOIN LATERAL (
+                     SELECT a.created_at, a.id FROM activity_documents a
+                     WHERE a.actor = followed.actor {position}
+                     ORDER BY a.created_at DESC, a.id DESC
+                     LIMIT 1
+                 ) h
+             ),
+             bound AS (
+                 SELECT created_at, id FROM (
+                     (SELECT created_at, id FROM heads ORDER BY created_at DESC, id DESC OFFSET $2 - 1 LIMIT 1)
+                     UNION ALL
+                     SELECT '-infinity'::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid
+                 ) candidates
+                 ORDER BY created_at DESC, id DESC
+                 LIMIT 1
+             )
+             SELECT page.* FROM heads
+             CROSS JOIN bound
              CROSS JOIN LATERAL (
                  SELECT {ACTIVITY_COLUMNS} FROM activity_documents a
-                 WHERE a.actor = followed.actor {position}
+                 WHERE a.actor = heads.actor {position}
+                   AND (a.created_at, a.id) >= (bound.created_at, bound.id)
                  ORDER BY a.created_at DESC, a.id DESC
                  LIMIT $2
              ) page
+             WHERE (heads.created_at, heads.id) >= (bound.created_at, bound.id)
              ORDER BY page.created_at DESC, page.id DESC
              LIMIT $2"
         );
