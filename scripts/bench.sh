@@ -181,12 +181,13 @@ stream_cleanup() {
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
 }
 
-# wrk_run NAME URL SCRIPT [HEADER...]: one wrk run; appends its RESULT line (see the scripts)
-# to $work/NAME.
+# wrk_run NAME URL SCRIPT [HEADER...]: one wrk run ($threads threads, 2 by default;
+# $connections connections, 32 by default; $wrk_timeout seconds before a request counts as
+# timed out, wrk's 2 by default); appends its RESULT line (see the scripts) to $work/NAME.
 wrk_run() {
   local name=$1 url=$2 script=$3 h args=(); shift 3
   for h in "$@"; do args+=(-H "$h"); done
-  wrk -t2 -c32 -d"${duration}s" --latency -s "$script" "${args[@]}" "$url" >"$work/wrk.out" 2>&1 \
+  wrk -t"${threads:-2}" -c"${connections:-32}" -d"${duration}s" --timeout "${wrk_timeout:-2}s" --latency -s "$script" "${args[@]}" "$url" >"$work/wrk.out" 2>&1 \
     || { cat "$work/wrk.out" >&2; die "wrk failed against $url"; }
   grep '^RESULT ' "$work/wrk.out" | cut -d' ' -f2- >>"$work/$name" || { cat "$work/wrk.out" >&2; die "no result from wrk"; }
 }
