@@ -30,8 +30,9 @@
 #
 #   scripts/bench.sh stream-transcode [SECONDS=15] [RUNS=3]
 #       range p99 and req/s idle and during the transcode of a 10-minute WAV upload, in the
-#       embedded mode, with the pipeline's default scheduling and with normal priority on
-#       every core; target: busy p99 ≤ 1.5× idle (see stream_during_transcode).
+#       embedded mode, with the pipeline's default scheduling (low: nice 10), with idle
+#       (SCHED_IDLE), and with normal priority on every core; target: busy p99 ≤ 1.5× idle
+#       (see stream_during_transcode).
 #
 #   scripts/bench.sh social [SECONDS=10] [RUNS=3]
 #       the social layer at scale, in a database of its own (waveline_bench_social, dropped
@@ -565,8 +566,9 @@ wait_state() {
 # starve". On the embedded configuration (serve --workers 1, file store, in-process queue),
 # random 64 KiB ranges (wrk 2 threads, 32 connections, SECONDS per run) of a ready track's
 # mp3_128, idle and while a 10-minute WAV upload transcodes, RUNS of each, alternating; with
-# the pipeline's embedded defaults (pipeline_priority idle, pipeline_threads = cores - 1), with
-# `low` (nice 10) in their place, and as serve ran before them (normal priority, every core). Prints p99 idle and busy,
+# the pipeline's embedded defaults (pipeline_priority low, i.e. nice 10, and pipeline_threads =
+# cores - 1), with `idle` (SCHED_IDLE) in place of `low`, and as serve ran before them (normal
+# priority, every core). Prints p99 idle and busy,
 # their ratio, req/s, and the transcode's wall time (upload accepted to ready) alone and under
 # the range load. Target: busy p99 <= 1.5x idle. Runs on its own (`scripts/bench.sh
 # stream-transcode`) or at the end of stream(), whose set-up it reuses.
@@ -603,11 +605,11 @@ stream_during_transcode() {
   local load_before; load_before=$(uptime)
 
   local label rows=() i
-  for label in defaults low normal; do
+  for label in defaults idle normal; do
     local store=$work/store-transcode-$label
     unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS
     case $label in
-      low) export WAVELINE_PIPELINE_PRIORITY=low ;;
+      idle) export WAVELINE_PIPELINE_PRIORITY=idle ;;
       normal) export WAVELINE_PIPELINE_PRIORITY=normal WAVELINE_PIPELINE_THREADS=$cores ;;
     esac
     WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$tdb WAVELINE_STORAGE=file://$store "$bin" migrate >/dev/null
@@ -661,8 +663,8 @@ stream_during_transcode() {
     ir=$(col 1 "tr_idle_$label"); i99=$(col 3 "tr_idle_$label"); br=$(col 1 "tr_busy_$label"); b99=$(col 3 "tr_busy_$label")
     ratio=$(echo "$b99 / $i99" | bc -l)
     case $label in
-      defaults) name="embedded defaults: pipeline_priority idle, pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))"; target=$ratio ;;
-      low) name="pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))" ;;
+      defaults) name="embedded defaults: pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))"; target=$ratio ;;
+      idle) name="pipeline_priority idle (SCHED_IDLE), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))" ;;
       *) name="pipeline_priority normal, pipeline_threads $cores (as serve was before)" ;;
     esac
     printf "| %s | %.0f | %.2f | %.0f | %.2f | **%.2f×** | %.1f | %.1f |\n" "$name" "$ir" "$i99" "$br" "$b99" "$ratio" \
