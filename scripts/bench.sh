@@ -35,8 +35,24 @@
 #
 #   scripts/bench.sh stream-transcode [SECONDS=15] [RUNS=3]
 #       range p99 and req/s idle and during the transcode of a 10-minute WAV upload, in the
-#       embedded mode, with the pipeline's default scheduling and with normal priority on
-#       every core; target: busy p99 ≤ 1.5× idle (see stream_during_transcode).
+#       embedded mode, with the pipeline's default scheduling (low: nice 10), with idle
+#       (SCHED_IDLE), and with normal priority on every core; target: busy p99 ≤ 1.5× idle
+#       (see stream_during_transcode).
+#
+#   scripts/bench.sh social [SECONDS=10] [RUNS=3]
+#       the social layer at scale, in a database of its own (waveline_bench_social, dropped
+#       and made again each run): 10,000 accounts, 100,000 public ready tracks and 1,000,000
+#       activities written with SQL (scripts/bench-social-seed.sql), and one account,
+#       registered and logged in through the API, following 1,000 of them; `serve --workers 0`
+#       with every rate limit off. wrk (2 threads, 8 connections, SECONDS per run, RUNS runs
+#       each, alternating) on GET /v1/me/feed's first page and its 100th page, side by side
+#       with the bare SQL of the PostgreSQL documents backend's feed query at the same
+#       positions (pgbench, 8 clients); the same pages one at a time (1 connection); likes
+#       given and taken back (PUT/DELETE /v1/me/likes/tracks/ID). Then the same feed pages with
+#       the activities in a private MongoDB stand-in (nx-27017, from the venv setup.sh makes
+#       under WAVELINE_STATE_DIR, default REPO/.waveline). Prints successful answers per
+#       second, p50/p99 and the ratios. Target: a feed page's p99 ≤ 50 ms on PostgreSQL.
+#       About 11 minutes; WAVELINE_BENCH_KEEP=1 keeps the database for EXPLAIN.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
@@ -186,12 +202,13 @@ stream_cleanup() {
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
 }
 
-# wrk_run NAME URL SCRIPT [HEADER...]: one wrk run; appends its RESULT line (see the scripts)
-# to $work/NAME.
+# wrk_run NAME URL SCRIPT [HEADER...]: one wrk run ($threads threads, 2 by default;
+# $connections connections, 32 by default; $wrk_timeout seconds before a request counts as
+# timed out, wrk's 2 by default); appends its RESULT line (see the scripts) to $work/NAME.
 wrk_run() {
   local name=$1 url=$2 script=$3 h args=(); shift 3
   for h in "$@"; do args+=(-H "$h"); done
-  wrk -t2 -c32 -d"${duration}s" --latency -s "$script" "${args[@]}" "$url" >"$work/wrk.out" 2>&1 \
+  wrk -t"${threads:-2}" -c"${connections:-32}" -d"${duration}s" --timeout "${wrk_timeout:-2}s" --latency -s "$script" "${args[@]}" "$url" >"$work/wrk.out" 2>&1 \
     || { cat "$work/wrk.out" >&2; die "wrk failed against $url"; }
   grep '^RESULT ' "$work/wrk.out" | cut -d' ' -f2- >>"$work/$name" || { cat "$work/wrk.out" >&2; die "no result from wrk"; }
 }
@@ -554,8 +571,9 @@ wait_state() {
 # starve". On the embedded configuration (serve --workers 1, file store, in-process queue),
 # random 64 KiB ranges (wrk 2 threads, 32 connections, SECONDS per run) of a ready track's
 # mp3_128, idle and while a 10-minute WAV upload transcodes, RUNS of each, alternating; with
-# the pipeline's embedded defaults (pipeline_priority idle, pipeline_threads = cores - 1), with
-# `low` (nice 10) in their place, and as serve ran before them (normal priority, every core). Prints p99 idle and busy,
+# the pipeline's embedded defaults (pipeline_priority low, i.e. nice 10, and pipeline_threads =
+# cores - 1), with `idle` (SCHED_IDLE) in place of `low`, and as serve ran before them (normal
+# priority, every core). Prints p99 idle and busy,
 # their ratio, req/s, and the transcode's wall time (upload accepted to ready) alone and under
 # the range load. Target: busy p99 <= 1.5x idle. Runs on its own (`scripts/bench.sh
 # stream-transcode`) or at the end of stream(), whose set-up it reuses.
@@ -592,11 +610,11 @@ stream_during_transcode() {
   local load_before; load_before=$(uptime)
 
   local label rows=() i
-  for label in defaults low normal; do
+  for label in defaults idle normal; do
     local store=$work/store-transcode-$label
     unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS
     case $label in
-      low) export WAVELINE_PIPELINE_PRIORITY=low ;;
+      idle) export WAVELINE_PIPELINE_PRIORITY=idle ;;
       normal) export WAVELINE_PIPELINE_PRIORITY=normal WAVELINE_PIPELINE_THREADS=$cores ;;
     esac
     WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$tdb WAVELINE_STORAGE=file://$store "$bin" migrate >/dev/null
@@ -650,8 +668,8 @@ stream_during_transcode() {
     ir=$(col 1 "tr_idle_$label"); i99=$(col 3 "tr_idle_$label"); br=$(col 1 "tr_busy_$label"); b99=$(col 3 "tr_busy_$label")
     ratio=$(echo "$b99 / $i99" | bc -l)
     case $label in
-      defaults) name="embedded defaults: pipeline_priority idle, pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))"; target=$ratio ;;
-      low) name="pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))" ;;
+      defaults) name="embedded defaults: pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))"; target=$ratio ;;
+      idle) name="pipeline_priority idle (SCHED_IDLE), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))" ;;
       *) name="pipeline_priority normal, pipeline_threads $cores (as serve was before)" ;;
     esac
     printf "| %s | %.0f | %.2f | %.0f | %.2f | **%.2f×** | %.1f | %.1f |\n" "$name" "$ir" "$i99" "$br" "$b99" "$ratio" \
@@ -670,6 +688,374 @@ stream_during_transcode() {
   for label in "${rows[@]}"; do
     echo "every run [$label] (req/s p50-ms p99-ms http-errors socket-errors bytes/answer): idle: $(paste -sd';' "$work/tr_idle_$label") busy: $(paste -sd';' "$work/tr_busy_$label"); transcodes under ranges (s): $(xargs printf '%.1f ' <"$work/tr_wall_$label")"
   done
+}
+
+# --- social: the feed and likes at scale ---------------------------------------------------------
+
+# expect_lua OUT STATUS: a wrk script counting only answers with STATUS; its RESULT line is
+# "STATUS answers/s p50-ms p99-ms other-answers socket-errors bytes/answer".
+expect_lua() {
+  cat >"$1" <<LUA
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) other = 0 end
+function response(status, headers, body) if status ~= $2 then other = other + 1 end end
+function done(summary, latency, requests)
+  local bad, e, secs = 0, summary.errors, summary.duration / 1e6
+  for _, thread in ipairs(threads) do bad = bad + thread:get("other") end
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - bad) / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad,
+    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
+end
+LUA
+}
+
+# likes_lua OUT IDS: the like/unlike script: each thread likes a random track of the file IDS
+# (one id a line), then takes the like back, and again; only 204s count (RESULT as above). Run
+# it with one connection per thread, so that each like is taken back after it was given.
+likes_lua() {
+  { printf 'local ids = {'; sed 's/.*/"&",/' "$2" | tr -d '\n'; printf '}\n'; cat <<'LUA'
+local threads, counter = {}, 0
+function setup(thread) counter = counter + 1; thread:set("thread_id", counter); table.insert(threads, thread) end
+function init(args) math.randomseed(os.time() * 97 + thread_id); other = 0 end
+function request()
+  if liked then
+    local id = liked; liked = nil
+    return wrk.format("DELETE", "/v1/me/likes/tracks/" .. id)
+  end
+  liked = ids[math.random(#ids)]
+  return wrk.format("PUT", "/v1/me/likes/tracks/" .. liked)
+end
+function response(status, headers, body) if status ~= 204 then other = other + 1 end end
+function done(summary, latency, requests)
+  local bad, e, secs = 0, summary.errors, summary.duration / 1e6
+  for _, thread in ipairs(threads) do bad = bad + thread:get("other") end
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - bad) / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad,
+    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
+end
+LUA
+  } >"$1"
+}
+
+# pgbench_run NAME SCRIPT [-D VAR=VALUE...]: one pgbench run of SCRIPT against $db ($clients
+# clients, 2 threads, prepared statements, SECONDS); appends "transactions/s p50-ms p99-ms
+# failed 0 0" to $work/NAME (the latencies from pgbench's per-transaction log).
+pgbench_run() {
+  local name=$1 script=$2; shift 2
+  rm -f "$work"/pgb.log*
+  pgbench -h 127.0.0.1 -U postgres -n -M prepared -c "$connections" -j 2 -T "$duration" -l --log-prefix="$work/pgb.log" \
+    -f "$script" "$@" "$db" >"$work/pgbench.out" 2>&1 || { cat "$work/pgbench.out" >&2; die "pgbench failed ($script)"; }
+  local tps failed
+  tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$work/pgbench.out")
+  failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$work/pgbench.out")
+  [ -n "$tps" ] || { cat "$work/pgbench.out" >&2; die "no tps from pgbench"; }
+  cat "$work"/pgb.log* | awk '{print $3 / 1000}' | sort -g | awk -v tps="$tps" -v failed="${failed:-0}" \
+    '{a[NR] = $1} END {if (NR == 0) exit 1; printf "%.1f %.3f %.3f %d 0 0\n", tps, a[int(NR * 0.5) + (NR % 2)], a[int(NR * 0.99 + 0.999)], failed}' \
+    >>"$work/$name" || die "pgbench logged no transactions ($script)"
+}
+
+# api_get URL [CURL-ARG...]: the body of a GET that must answer 200 (else the bench stops,
+# naming the status and the body).
+api_get() {
+  local url=$1 code; shift
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' "$@" "$url") || die "GET $url: curl failed"
+  [ "$code" = 200 ] || die "GET $url: HTTP $code $(head -c 2000 "$work/resp")"
+  cat "$work/resp"
+}
+
+# activity_ids: the activity ids of a feed page (the JSON on stdin), in order.
+activity_ids() { python3 -c 'import json, sys; [print(a["id"]) for a in json.load(sys.stdin)["activities"]]'; }
+
+# social [SECONDS=10] [RUNS=3]: the social layer at scale. A database of its own with
+# 10,000 accounts, 100,000 public ready tracks and 1,000,000 activities (written with SQL:
+# scripts/bench-social-seed.sql), one account (registered and logged in through the API)
+# following 1,000 of them; `serve --workers 0` with every rate limit off. Measures with wrk
+# (2 threads, 8 connections, SECONDS per run, RUNS runs each, alternating) the feed's first
+# page and its 100th page, side by side with the bare SQL of the documents backend's feed
+# query at the same positions (pgbench, 8 clients), and likes taken and taken back; then the
+# same feed pages with the documents in a private MongoDB stand-in (nx-27017 from the venv of
+# scripts/setup.sh) holding the same activities. Target: a feed page's p99 <= 50 ms on
+# PostgreSQL. WAVELINE_BENCH_KEEP=1 keeps the database (and the stand-in's file) for EXPLAIN;
+# WAVELINE_BENCH_MONGO_SEED_S (default 420) bounds the stand-in's seeding, newest activities
+# first.
+social() {
+  duration=${1:-10}; local runs=${2:-3}
+  local users=10000 tracks=100000 activities=1000000 followed=1000 depth=100
+  local started=$SECONDS
+  export PATH=$PATH:/usr/sbin
+  local missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v pgbench >/dev/null || missing+=(postgresql)
+  command -v bc >/dev/null || missing+=(bc)
+  command -v python3 >/dev/null || missing+=(python3-venv)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}…" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
+  # The MongoDB stand-in and pymongo live in the venv scripts/setup.sh makes.
+  local venv=${WAVELINE_STATE_DIR:-$root/.waveline}/venv
+  [ -x "$venv/bin/nx-27017" ] || die "no MongoDB stand-in at $venv/bin/nx-27017: run scripts/setup.sh (or set WAVELINE_STATE_DIR to its state directory)"
+  "$venv/bin/python" -c 'import pymongo' 2>/dev/null || {
+    echo "installing pymongo into $venv…" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pymongo
+  }
+  echo "building waveline (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  bin=$(target_dir)/release/waveline
+  work=$(mktemp -d) db=waveline_bench_social serve_pids=() mongo_pid=
+  trap social_cleanup EXIT
+  export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
+  export WAVELINE_STORAGE=file://$work/store WAVELINE_DOCUMENTS=postgres WAVELINE_ACCESS_TOKEN_TTL_S=86400
+  export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
+  export WAVELINE_RATE_LIMIT_PER_MINUTE=0 WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE=0 WAVELINE_SOCIAL_WRITES_PER_MINUTE=0
+  local load_before; load_before=$(uptime | sed 's/.*load average: //')
+
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+  "$bin" migrate >/dev/null
+  start_serve 0 "$work/store"
+  local api=$base code token auth viewer
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"viewer@example.com","username":"viewer","password":"bench-password-123"}' "$api/v1/auth/register")
+  [ "$code" = 202 ] || die "register: HTTP $code $(cat "$work/resp")"
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"viewer@example.com","password":"bench-password-123"}' "$api/v1/auth/login")
+  [ "$code" = 200 ] || die "login: HTTP $code $(cat "$work/resp")"
+  token=$(first_string access_token <"$work/resp"); auth="Authorization: Bearer $token"
+  [ -n "$token" ] || die "login: no access_token in $(cat "$work/resp")"
+  viewer=$(api_get "$api/v1/me" -H "$auth" | first_string id)
+  [ -n "$viewer" ] || die "GET /v1/me: no id"
+
+  echo "seeding $users accounts, $tracks tracks, $activities activities (SQL)…" >&2
+  local t0=$SECONDS seed_s vacuum_s
+  psql -h 127.0.0.1 -U postgres -X -v users=$users -v tracks=$tracks -v activities=$activities -v followed=$followed \
+    -v viewer="$viewer" -f "$root/scripts/bench-social-seed.sql" "$db" >"$work/seed.out" 2>&1 \
+    || { cat "$work/seed.out" >&2; die "seeding failed"; }
+  seed_s=$((SECONDS - t0)); t0=$SECONDS
+  # As autovacuum leaves a table of old rows: all-visible (the feed's scans index-only) and
+  # analyzed.
+  psql -h 127.0.0.1 -U postgres -X -qc 'VACUUM (ANALYZE)' "$db" >/dev/null
+  vacuum_s=$((SECONDS - t0))
+  local counts
+  counts=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT (SELECT count(*) FROM users WHERE role = 'user'),
+      (SELECT count(*) FROM tracks WHERE state = 'ready' AND visibility = 'public'), (SELECT count(*) FROM activity_documents),
+      (SELECT count(*) FROM follows WHERE follower_id = '$viewer'),
+      (SELECT count(*) FROM activity_documents a JOIN follows f ON f.followee_id = a.actor AND f.follower_id = '$viewer')" "$db")
+  [ "${counts%|*}" = "$((users + 1))|$tracks|$activities|$followed" ] || die "seeded counts (accounts|tracks|activities|followed|their activities): $counts"
+  local followed_activities=${counts##*|}
+
+  # The first page, then ~100 pages down by next_cursor.
+  local first_url="$api/v1/me/feed?limit=20" cursor page items=0 i
+  page=$(api_get "$first_url" -H "$auth")
+  echo "$page" | activity_ids >"$work/first.ids"
+  [ "$(wc -l <"$work/first.ids")" = 20 ] || die "the first feed page holds $(wc -l <"$work/first.ids") activities, not 20: $page"
+  for i in $(seq 2 "$depth"); do
+    items=$((items + $(echo "$page" | activity_ids | wc -l)))
+    cursor=$(echo "$page" | first_string next_cursor || true)
+    [ -n "$cursor" ] || die "the feed ended after $((i - 1)) pages ($items activities)"
+    page=$(api_get "$api/v1/me/feed?limit=20&cursor=$cursor" -H "$auth")
+  done
+  local deep_url="$api/v1/me/feed?limit=20&cursor=$cursor"
+  echo "$page" | activity_ids >"$work/deep.ids"
+  [ "$(wc -l <"$work/deep.ids")" = 20 ] || die "feed page $depth holds $(wc -l <"$work/deep.ids") activities, not 20"
+
+  # The bare query of the documents backend's feed (shared/src/documents/postgres.rs), with the
+  # API's parameters: the followed accounts sorted, a page of 20 (+1), the cursor's position.
+  local actors at id
+  actors=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT '{' || string_agg(followee_id::text, ',' ORDER BY followee_id) || '}'
+      FROM follows WHERE follower_id = '$viewer'" "$db")
+  at=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT timestamptz 'epoch' + ${cursor:1:$(( ${#cursor} - 34 ))} * interval '1 millisecond'" "$db")
+  id=${cursor##*.}
+  local feed_sql="SELECT page.* FROM unnest(:actors::uuid[]) AS followed(actor)
+     CROSS JOIN LATERAL (
+         SELECT id, kind, actor, object_id, created_at FROM activity_documents a
+         WHERE a.actor = followed.actor POSITION
+         ORDER BY a.created_at DESC, a.id DESC
+         LIMIT 21
+     ) page
+     ORDER BY page.created_at DESC, page.id DESC
+     LIMIT 21;"
+  echo "${feed_sql/POSITION/}" >"$work/feed_first.sql"
+  echo "${feed_sql/POSITION/AND (a.created_at, a.id) < (:at::timestamptz, :id::uuid)}" >"$work/feed_deep.sql"
+  local bare_first bare_deep
+  bare_first=$(psql -h 127.0.0.1 -U postgres -X -At -v actors="'$actors'" -f "$work/feed_first.sql" "$db" | cut -d'|' -f1 | head -20)
+  bare_deep=$(psql -h 127.0.0.1 -U postgres -X -At -v actors="'$actors'" -v at="'$at'" -v id="'$id'" -f "$work/feed_deep.sql" "$db" | cut -d'|' -f1)
+  [ "$(echo "$bare_deep" | wc -l)" = 21 ] || die "the bare query at page $depth's cursor found $(echo "$bare_deep" | wc -l) rows, not 21"
+  # The API's page is the query's page less what the feed shows elsewhere (each object once).
+  [ "$(head -1 "$work/first.ids")" = "$(echo "$bare_first" | head -1)" ] || die "the feed's first activity is not the bare query's"
+
+  # Likes: 1,000 random seeded tracks, taken and taken back.
+  psql -h 127.0.0.1 -U postgres -X -Atc "SELECT id FROM tracks WHERE owner_id <> '$viewer' ORDER BY random() LIMIT 1000" "$db" >"$work/like.ids"
+  local like_id; like_id=$(head -1 "$work/like.ids")
+  for method in PUT DELETE; do
+    code=$(curl -sS -o "$work/resp" -w '%{http_code}' -X "$method" -H "$auth" "$api/v1/me/likes/tracks/$like_id")
+    [ "$code" = 204 ] || die "$method /v1/me/likes/tracks/$like_id: HTTP $code $(cat "$work/resp")"
+  done
+
+  expect_lua "$work/ok200.lua" 200
+  likes_lua "$work/likes.lua" "$work/like.ids"
+  connections=8
+  echo "PostgreSQL documents: warming up, then $runs runs of ${duration}s each, alternating…" >&2
+  local saved=$duration; duration=3
+  wrk_run warmup "$first_url" "$work/ok200.lua" "$auth"; wrk_run warmup "$deep_url" "$work/ok200.lua" "$auth"
+  pgbench_run warmup "$work/feed_first.sql" -D "actors=$actors"
+  threads=8 wrk_run warmup "$api/" "$work/likes.lua" "$auth"
+  duration=$saved
+  for i in $(seq "$runs"); do
+    echo "run $i/$runs…" >&2
+    wrk_run pg_first "$first_url" "$work/ok200.lua" "$auth"
+    pgbench_run bare_first "$work/feed_first.sql" -D "actors=$actors"
+    wrk_run pg_deep "$deep_url" "$work/ok200.lua" "$auth"
+    pgbench_run bare_deep "$work/feed_deep.sql" -D "actors=$actors" -D "at=$at" -D "id=$id"
+    threads=8 wrk_run likes "$api/" "$work/likes.lua" "$auth"
+    threads=1 connections=1 wrk_run pg_first_c1 "$first_url" "$work/ok200.lua" "$auth"
+    threads=1 connections=1 wrk_run pg_deep_c1 "$deep_url" "$work/ok200.lua" "$auth"
+  done
+  local leftover_likes
+  leftover_likes=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT count(*) FROM track_likes" "$db")
+  stop_serve "$serve_pid"
+  local pg_done=$SECONDS
+
+  # The same activities in a private MongoDB stand-in, newest first, within the time allowed.
+  echo "MongoDB stand-in: seeding the activities (at most ${WAVELINE_BENCH_MONGO_SEED_S:-420} s)…" >&2
+  local mport murl mongo_docs mongo_seed_s mongo_version
+  mport=$(free_port); murl=mongodb://127.0.0.1:$mport/$db; mkdir -p "$work/mongodb"
+  "$venv/bin/nx-27017" --host 127.0.0.1 --port "$mport" --data-dir "$work/mongodb" --log-file "$work/nx-27017.log" \
+    --pid-file "$work/nx-27017.pid" >"$work/nx-27017.out" 2>&1 &
+  mongo_pid=$!
+  local deadline=$((SECONDS + 30))
+  until port_open "$mport"; do
+    kill -0 "$mongo_pid" 2>/dev/null || { cat "$work/nx-27017.out" >&2; die "nx-27017 exited"; }
+    [ "$SECONDS" -lt "$deadline" ] || die "nx-27017 is not answering on port $mport after 30 s"
+    sleep 0.2
+  done
+  mongo_version=$("$venv/bin/pip" show nx-27017 2>/dev/null | sed -n 's/^Version: //p')
+  psql -h 127.0.0.1 -U postgres -X -qc "COPY (SELECT id, kind, actor, object_id, (extract(epoch FROM created_at) * 1000)::bigint
+      FROM activity_documents ORDER BY id DESC) TO STDOUT" "$db" >"$work/activities.tsv"
+  t0=$SECONDS
+  mongo_docs=$("$venv/bin/python" - "$murl" "$db" "${WAVELINE_BENCH_MONGO_SEED_S:-420}" "$work/activities.tsv" <<'PY'
+# The shape of shared/src/documents/mongo.rs: {_id, id, kind, actor, object_id, created_at},
+# ids as lowercase hyphenated UUID text, created_at a BSON date (the id's millisecond).
+import sys, time
+import pymongo
+from bson.datetime_ms import DatetimeMS
+url, name, budget, path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10000)
+client.drop_database(name)
+activities = client[name]["activities"]
+start, stored, batch = time.monotonic(), 0, []
+with open(path) as rows:
+    for row in rows:
+        id_, kind, actor, object_id, ms = row.rstrip("\n").split("\t")
+        batch.append({"_id": id_, "id": id_, "kind": kind, "actor": actor, "object_id": object_id,
+                      "created_at": DatetimeMS(int(ms))})
+        if len(batch) == 10000:
+            activities.insert_many(batch, ordered=False)
+            stored, batch = stored + len(batch), []
+            if stored % 100000 == 0:
+                print(f"  {stored} documents, {time.monotonic() - start:.0f} s", file=sys.stderr)
+            if time.monotonic() - start > budget:
+                break
+if batch and time.monotonic() - start <= budget:
+    activities.insert_many(batch, ordered=False)
+    stored += len(batch)
+count = activities.count_documents({})
+if count != stored:
+    sys.exit(f"the stand-in holds {count} activities, {stored} were written")
+print(stored)
+PY
+) || die "seeding the MongoDB stand-in failed"
+  mongo_seed_s=$((SECONDS - t0))
+  rm -f "$work/activities.tsv"
+  WAVELINE_DOCUMENTS=$murl "$bin" migrate >/dev/null  # the collections' indexes
+  WAVELINE_DOCUMENTS=$murl start_serve 0 "$work/store"
+  local mongo_api=$base
+  # The same data gives the same pages (when the whole feed is there).
+  api_get "$mongo_api/v1/me/feed?limit=20" -H "$auth" | activity_ids >"$work/m_first.ids"
+  api_get "$mongo_api/v1/me/feed?limit=20&cursor=$cursor" -H "$auth" | activity_ids >"$work/m_deep.ids"
+  if [ "$mongo_docs" = "$activities" ]; then
+    cmp -s "$work/first.ids" "$work/m_first.ids" || die "the stand-in's first feed page differs from PostgreSQL's"
+    cmp -s "$work/deep.ids" "$work/m_deep.ids" || die "the stand-in's page $depth differs from PostgreSQL's"
+  fi
+  # The stand-in is one Python process answering one query at a time: more connections would
+  # only queue there. One connection, and runs long enough for a few dozen pages.
+  local m_duration=$((duration > 30 ? duration : 30))
+  echo "MongoDB stand-in: $runs runs of ${m_duration}s each, alternating…" >&2
+  saved=$duration; duration=$m_duration; wrk_timeout=120
+  for i in $(seq "$runs"); do
+    echo "run $i/$runs…" >&2
+    threads=1 connections=1 wrk_run m_first "$mongo_api/v1/me/feed?limit=20" "$work/ok200.lua" "$auth"
+    threads=1 connections=1 wrk_run m_deep "$mongo_api/v1/me/feed?limit=20&cursor=$cursor" "$work/ok200.lua" "$auth"
+  done
+  duration=$saved
+  local mongo_hwm; mongo_hwm=$(rss_kib "$mongo_pid" VmHWM)
+  stop_serve "$serve_pid"
+
+  # Medians and the tables.
+  local fr f50 f99 br b50 b99 dr d50 d99 er e50 e99 lr l50 l99 mr m50 m99 nr n50 n99
+  fr=$(col 1 pg_first); f50=$(col 2 pg_first); f99=$(col 3 pg_first)
+  br=$(col 1 bare_first); b50=$(col 2 bare_first); b99=$(col 3 bare_first)
+  dr=$(col 1 pg_deep); d50=$(col 2 pg_deep); d99=$(col 3 pg_deep)
+  er=$(col 1 bare_deep); e50=$(col 2 bare_deep); e99=$(col 3 bare_deep)
+  lr=$(col 1 likes); l50=$(col 2 likes); l99=$(col 3 likes)
+  local sr s50 s99 tr t50 t99
+  sr=$(col 1 pg_first_c1); s50=$(col 2 pg_first_c1); s99=$(col 3 pg_first_c1)
+  tr=$(col 1 pg_deep_c1); t50=$(col 2 pg_deep_c1); t99=$(col 3 pg_deep_c1)
+  mr=$(col 1 m_first); m50=$(col 2 m_first); m99=$(col 3 m_first)
+  nr=$(col 1 m_deep); n50=$(col 2 m_deep); n99=$(col 3 m_deep)
+  ratio() { echo "$1 / $2" | bc -l; }
+  mark() { if [ "$1" = 1 ]; then echo met; else echo "**missed**"; fi; }
+  echo
+  echo "social: $users accounts, $tracks public ready tracks, $activities activities ($tracks track, $((activities - tracks)) track_repost); the viewer follows $followed accounts ($followed_activities activities); page 1 and page $depth ($items activities down) of GET /v1/me/feed?limit=20; wrk 2 threads, 8 connections, pgbench 8 clients 2 threads (prepared), ${duration} s per run, $runs runs each, alternating; medians ($(nproc) cores; wrk, pgbench, PostgreSQL and Waveline on the same machine)"
+  echo
+  echo "| PostgreSQL documents (the default) | req/s | p50 ms | p99 ms |"
+  echo "|---|---:|---:|---:|"
+  printf "| GET /v1/me/feed, first page | %.0f | %.2f | %.2f |\n" "$fr" "$f50" "$f99"
+  printf "| bare feed query, first page (pgbench) | %.0f | %.2f | %.2f |\n" "$br" "$b50" "$b99"
+  printf "| ratio API / bare query, first page | **%.2f×** | %.2f× | %.2f× |\n" "$(ratio "$fr" "$br")" "$(ratio "$f50" "$b50")" "$(ratio "$f99" "$b99")"
+  printf "| GET /v1/me/feed, page %d | %.0f | %.2f | %.2f |\n" "$depth" "$dr" "$d50" "$d99"
+  printf "| bare feed query at page %d's cursor (pgbench) | %.0f | %.2f | %.2f |\n" "$depth" "$er" "$e50" "$e99"
+  printf "| ratio API / bare query, page %d | **%.2f×** | %.2f× | %.2f× |\n" "$depth" "$(ratio "$dr" "$er")" "$(ratio "$d50" "$e50")" "$(ratio "$d99" "$e99")"
+  printf "| GET /v1/me/feed, first page, 1 connection (one page at a time) | %.0f | %.2f | %.2f |\n" "$sr" "$s50" "$s99"
+  printf "| GET /v1/me/feed, page %d, 1 connection | %.0f | %.2f | %.2f |\n" "$depth" "$tr" "$t50" "$t99"
+  printf "| PUT then DELETE /v1/me/likes/tracks/ID, random among 1,000 tracks (wrk 8 threads, 1 connection each; 204s) | %.0f | %.2f | %.2f |\n" "$lr" "$l50" "$l99"
+  echo
+  echo "| MongoDB stand-in (nx-27017 $mongo_version on SQLite; $mongo_docs activities; wrk 1 connection, $m_duration s per run) | req/s | p50 ms | p99 ms |"
+  echo "|---|---:|---:|---:|"
+  printf "| GET /v1/me/feed, first page | %.2f | %.0f | %.0f |\n" "$mr" "$m50" "$m99"
+  printf "| GET /v1/me/feed, page %d's cursor | %.2f | %.0f | %.0f |\n" "$depth" "$nr" "$n50" "$n99"
+  printf "| req/s, stand-in / PostgreSQL: first page, page %d | %.4f×, %.4f× | | |\n" "$depth" "$(ratio "$mr" "$fr")" "$(ratio "$nr" "$dr")"
+  echo
+  echo "| target | measured | |"
+  echo "|---|---:|---|"
+  printf "| a feed page's p99 ≤ 50 ms on PostgreSQL, 8 connections (first page, page %d) | %.1f, %.1f ms | %s |\n" "$depth" "$f99" "$d99" \
+    "$(mark "$(echo "$f99 <= 50 && $d99 <= 50" | bc -l)")"
+  printf "| the same, 1 connection | %.1f, %.1f ms | %s |\n" "$s99" "$t99" "$(mark "$(echo "$s99 <= 50 && $t99 <= 50" | bc -l)")"
+  echo
+  local bad=0 name
+  for name in pg_first bare_first pg_deep bare_deep likes pg_first_c1 pg_deep_c1 m_first m_deep; do
+    bad=$((bad + $(sum_col 4 "$name") + $(sum_col 5 "$name")))
+  done
+  [ "$bad" = 0 ] || echo "WARNING: $bad failed answers (another status than 200, or 204 for likes; socket errors or timeouts; failed transactions): see the runs below"
+  echo "seeding: PostgreSQL ${seed_s} s (SQL) + ${vacuum_s} s (VACUUM ANALYZE); the MongoDB stand-in $mongo_docs of $activities activities in ${mongo_seed_s} s (peak RSS $((mongo_hwm / 1024)) MiB); likes left after the runs: $leftover_likes"
+  echo "load: before: $load_before; after: $(uptime | sed 's/.*load average: //')"
+  echo "every run (req/s p50-ms p99-ms failed socket-errors bytes/answer): API first page: $(paste -sd';' "$work/pg_first") bare first page: $(paste -sd';' "$work/bare_first") API page $depth: $(paste -sd';' "$work/pg_deep") bare page $depth: $(paste -sd';' "$work/bare_deep") likes: $(paste -sd';' "$work/likes") API first page, 1 connection: $(paste -sd';' "$work/pg_first_c1") API page $depth, 1 connection: $(paste -sd';' "$work/pg_deep_c1") stand-in first page: $(paste -sd';' "$work/m_first") stand-in page $depth: $(paste -sd';' "$work/m_deep")"
+  echo "took $((SECONDS - started)) s (PostgreSQL part $((pg_done - started)) s)"
+}
+
+social_cleanup() {
+  local pid
+  for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
+  if [ -n "${mongo_pid:-}" ]; then kill "$mongo_pid" 2>/dev/null; wait "$mongo_pid" 2>/dev/null || true; fi
+  if [ -n "${WAVELINE_BENCH_KEEP:-}" ]; then
+    echo "kept: database $db, the stand-in's data in $work/mongodb" >&2
+    return
+  fi
+  rm -rf "$work"
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
 }
 
 realtime_cleanup() {
@@ -771,6 +1157,7 @@ case "$mode" in
   fleet) shift; fleet "$@" ;;
   stream) shift; stream "$@" ;;
   stream-transcode) shift; stream_during_transcode "$@" ;;
+  social) shift; social "$@" ;;
   realtime) shift; realtime "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE]" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE]" ;;
 esac
