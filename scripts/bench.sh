@@ -152,7 +152,15 @@ fleet() {
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() { local p; while :; do p=$((20000 + RANDOM % 40000)); port_open "$p" || { echo "$p"; return; }; done; }
+# free_port: a port nothing listens on, below the kernel's ephemeral ports: an outgoing
+# connection (wrk's, the database pool's) may hold any port in that range, and a server asked to
+# listen there fails with "Address already in use".
+free_port() {
+  local low p
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 11000 ] || low=32768
+  while :; do p=$((10000 + RANDOM % (low - 10000))); port_open "$p" || { echo "$p"; return; }; done
+}
 # first_string FIELD <JSON: the first string value of "FIELD" in compact JSON.
 first_string() { grep -o "\"$1\":\"[^\"]*\"" | head -1 | cut -d'"' -f4; }
 # le VALUE BYTES: VALUE as little-endian bytes.
