@@ -59,6 +59,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 target_dir() {
   (cd "$root" && cargo metadata --format-version 1 --no-deps --locked) | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
 }
+# own_copy NAME: copies the release binary NAME into $work and prints the copy's path. The runs
+# start it again and again for minutes, and a build meanwhile (the target directory may be
+# shared) would replace it under them.
+own_copy() { mkdir -p "$work/bin" && cp "$(target_dir)/release/$1" "$work/bin/$1" && echo "$work/bin/$1"; }
 shared=${WAVELINE_SHARED_DIR:-$root/../shared}
 mode=${1:-}
 
@@ -79,9 +83,9 @@ pipeline() {
   command -v /usr/bin/time >/dev/null || die "GNU time is missing: apt-get install time"
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  local bin=$(target_dir)/release/waveline
   work=$(mktemp -d)  # global: the EXIT trap needs it
   trap 'rm -rf "$work"' EXIT
+  local bin; bin=$(own_copy waveline)
   echo "generating a ${seconds}s signal…" >&2
   bash "$shared/bench/gen-signal.sh" "$seconds" "$work/input.flac"
   cc -O2 -o "${TMPDIR:-/tmp}/waveform-ref" "$shared/bench/waveform-ref.c"
@@ -113,9 +117,9 @@ fleet() {
   local tracks=${1:-20} seconds=${2:-120}
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  local bin=$(target_dir)/release/waveline
   work=$(mktemp -d)
   trap 'rm -rf "$work"; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS waveline_bench WITH (FORCE)" >/dev/null 2>&1' EXIT
+  local bin; bin=$(own_copy waveline)
   export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-waveline-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-waveline-test-secret}
   export WAVELINE_QUEUE=amqp://guest:guest@127.0.0.1:5672/%2f WAVELINE_QUEUE_NAME=waveline.bench
   export WAVELINE_STORAGE="s3://waveline-bench?endpoint=http://127.0.0.1:${WAVELINE_TEST_S3_PORT:-9900}&region=us-east-1"
@@ -153,7 +157,15 @@ fleet() {
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() { local p; while :; do p=$((20000 + RANDOM % 40000)); port_open "$p" || { echo "$p"; return; }; done; }
+# free_port: a port nothing listens on, below the kernel's ephemeral ports: an outgoing
+# connection (wrk's, the database pool's) may hold any port in that range, and a server asked to
+# listen there fails with "Address already in use".
+free_port() {
+  local low p
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 11000 ] || low=32768
+  while :; do p=$((10000 + RANDOM % (low - 10000))); port_open "$p" || { echo "$p"; return; }; done
+}
 # first_string FIELD <JSON: the first string value of "FIELD" in compact JSON.
 first_string() { grep -o "\"$1\":\"[^\"]*\"" | head -1 | cut -d'"' -f4; }
 # le VALUE BYTES: VALUE as little-endian bytes.
@@ -240,9 +252,10 @@ stream() {
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
   echo "building waveline and the bare poem reference (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
-  bin=$(target_dir)/release/waveline
   work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid= s3_pid=
   trap stream_cleanup EXIT
+  bin=$(own_copy waveline)
+  local bare_304; bare_304=$(own_copy bare-304)
   [ "$(df -Pk "$work" | awk 'NR == 2 {print $4}')" -gt $((4 * 1024 * 1024)) ] || die "the upload test needs 4 GiB free in $work"
   export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
   export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
@@ -403,7 +416,7 @@ LUA
   # The reference: a bare poem handler answering the same poll (bench/src/bare_304.rs).
   local bare_port bare_etag='"5d41402abc4b2a76b9719d911017c592"'
   bare_port=$(free_port)
-  "$(target_dir)/release/bare-304" "127.0.0.1:$bare_port" &
+  "$bare_304" "127.0.0.1:$bare_port" &
   bare_pid=$!
   local tries=0
   until port_open "$bare_port"; do tries=$((tries + 1)); [ "$tries" -lt 100 ] || die "bare-304 did not start"; sleep 0.1; done
@@ -593,9 +606,9 @@ stream_during_transcode() {
     pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
     echo "building waveline (release)…" >&2
     (cd "$root" && cargo build --release --locked --quiet -p waveline)
-    bin=$(target_dir)/release/waveline
     work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid=
     trap stream_cleanup EXIT
+    bin=$(own_copy waveline)
     export WAVELINE_QUEUE=memory WAVELINE_LOG=warn WAVELINE_ACCESS_TOKEN_TTL_S=86400
     export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
     export WAVELINE_RATE_LIMIT_PER_MINUTE=1000000000
@@ -805,9 +818,9 @@ social() {
   }
   echo "building waveline (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline)
-  bin=$(target_dir)/release/waveline
   work=$(mktemp -d) db=waveline_bench_social serve_pids=() mongo_pid=
   trap social_cleanup EXIT
+  bin=$(own_copy waveline)
   export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
   export WAVELINE_STORAGE=file://$work/store WAVELINE_DOCUMENTS=postgres WAVELINE_ACCESS_TOKEN_TTL_S=86400
   export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
