@@ -1098,10 +1098,10 @@ realtime() {
   port_open 5672 || bash "$root/scripts/setup.sh" >&2
   echo "building waveline and ws-load (release)…" >&2
   (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
-  bin=$(target_dir)/release/waveline
-  local wsload; wsload=$(target_dir)/release/ws-load
   work=$(mktemp -d) db=waveline_bench_rt_$$ serve_pids=() load_pid=
   trap realtime_cleanup EXIT
+  bin=$(own_copy waveline)
+  local wsload; wsload=$(own_copy ws-load)
   ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
   [ "$(ulimit -n)" -ge $((accounts * 10 + 1000)) ] || die "needs $((accounts * 10 + 1000)) file descriptors; ulimit -n is $(ulimit -n)"
   export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
