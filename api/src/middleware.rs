@@ -50,14 +50,28 @@ impl RouteTemplates {
     /// The templates of `routes` (OpenAPI style: `/v1/tracks/{id}`, with their methods), plus
     /// `/openapi.json`.
     pub fn new(routes: impl IntoIterator<Item = (String, Vec<String>)>) -> RouteTemplates {
-        let mut templates: Vec<Template> = routes
+        // Paths of the same shape (`/v1/me/conversations/{username}/messages` for POST and
+        // `/v1/me/conversations/{id}/messages` for GET) are one resource to a client: one
+        // template, its methods together, named after the first of them.
+        let mut shapes: Vec<(Vec<Option<String>>, String, Vec<String>)> = Vec::new();
+        for (path, methods) in routes.into_iter().chain([("/openapi.json".to_owned(), vec!["GET".to_owned()])]) {
+            let segments: Vec<Option<String>> = path
+                .split('/')
+                .map(|segment| (!(segment.starts_with('{') && segment.ends_with('}'))).then(|| segment.to_owned()))
+                .collect();
+            match shapes.iter_mut().find(|(shape, _, _)| *shape == segments) {
+                Some((_, _, known)) => {
+                    known.extend(methods);
+                    known.sort_unstable();
+                    known.dedup();
+                }
+                None => shapes.push((segments, path, methods)),
+            }
+        }
+        let mut templates: Vec<Template> = shapes
             .into_iter()
-            .chain([("/openapi.json".to_owned(), vec!["GET".to_owned()])])
-            .map(|(path, methods)| Template {
-                segments: path
-                    .split('/')
-                    .map(|segment| (!(segment.starts_with('{') && segment.ends_with('}'))).then(|| segment.to_owned()))
-                    .collect(),
+            .map(|(segments, path, methods)| Template {
+                segments,
                 allow: HeaderValue::from_str(&methods.join(", ")).ok(),
                 label: Arc::from(path),
             })

@@ -312,6 +312,16 @@ async fn direct_messages_over_rest_with_unread_counts_and_who_may_write() -> Res
     let (_, notes) = call(&base, "GET", "/v1/me/notifications", Some(&alice), None).await?;
     ensure!(notes["unread_count"] == 0, "{notes}");
 
+    // Sending (by username) and reading (by conversation id) are one resource to a client:
+    // a method it does not have lists both.
+    let response = reqwest::Client::new()
+        .put(format!("{base}/v1/me/conversations/{id}/messages"))
+        .bearer_auth(&alice.token)
+        .send()
+        .await?;
+    let allow = response.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    ensure!(response.status() == 405 && allow.contains("GET") && allow.contains("POST"), "{allow}");
+
     // Only the accounts alice follows, now.
     call(&base, "PATCH", "/v1/me", Some(&alice), Some(json!({"messages_from": "following"}))).await?;
     let (status, refused) = send(&bob, "alice", "three", "3").await?;
