@@ -333,17 +333,29 @@ async fn member_of(state: &AppState, id: ConversationId, user: UserId) -> Result
 
 #[OpenApi(tag = "Tag::Inbox")]
 impl Inbox {
-    /// Sends a direct message (stored before the answer). 201 with the message; 200 with the
-    /// first one when this `client_id` was sent before.
-    #[oai(path = "/v1/me/conversations/:username/messages", method = "post")]
+    /// Sends a direct message (stored before the answer) in a conversation named by the other
+    /// account's username or by its id. 201 with the message; 200 with the first one when this
+    /// `client_id` was sent before.
+    #[oai(path = "/v1/me/conversations/:conversation/messages", method = "post")]
     async fn send(
         &self,
-        username: Path<String>,
+        /// The other account's username, or the conversation's id.
+        conversation: Path<String>,
         body: Json<MessageSend>,
         auth: Auth,
     ) -> Result<SentResponse, ApiError> {
         let body = body.0;
-        let (message, new) = send_message(&self.state, auth.session(), &username.0, &body.body, body.client_id).await?;
+        let session = auth.session();
+        let to = match conversation.0.parse::<ConversationId>() {
+            Ok(id) => {
+                let (a, b) = member_of(&self.state, id, session.user.id).await?;
+                let other = if a == session.user.id { b } else { a };
+                let users = self.state.social.summaries(&[other]).await?;
+                users.get(&other).map(|u| u.username.clone()).ok_or_else(|| ApiError::not_found("conversation"))?
+            }
+            Err(_) => conversation.0,
+        };
+        let (message, new) = send_message(&self.state, session, &to, &body.body, body.client_id).await?;
         let view = MessageView::from(&message);
         Ok(if new { SentResponse::Created(Json(view)) } else { SentResponse::Repeated(Json(view)) })
     }
@@ -380,10 +392,11 @@ impl Inbox {
     }
 
     /// A conversation's messages, newest first; `before` pages back.
-    #[oai(path = "/v1/me/conversations/:id/messages", method = "get")]
+    #[oai(path = "/v1/me/conversations/:conversation/messages", method = "get")]
     async fn messages(
         &self,
-        id: Path<String>,
+        /// The conversation's id, or the other account's username.
+        conversation: Path<String>,
         /// From `next_cursor` of the previous page.
         #[oai(validator(max_length = 80))]
         before: Query<Option<String>>,
@@ -392,7 +405,13 @@ impl Inbox {
         limit: Query<Option<i64>>,
         auth: Auth,
     ) -> Result<Json<MessagePage>, ApiError> {
-        let conversation: ConversationId = id.0.parse().map_err(|_| ApiError::not_found("conversation"))?;
+        let conversation = match conversation.0.parse::<ConversationId>() {
+            Ok(id) => id,
+            Err(_) => {
+                let other = account(&self.state, &conversation.0).await?;
+                waveline_shared::documents::conversation_between(auth.session().user.id, other.id)
+            }
+        };
         member_of(&self.state, conversation, auth.session().user.id).await?;
         let page =
             self.state.documents.messages(conversation, before.0.as_deref(), page_limit(limit.0)? as usize).await?;

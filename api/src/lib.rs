@@ -20,7 +20,7 @@
 //! | `playlists` | `POST /v1/playlists`, `GET|PATCH|DELETE /v1/playlists/{id}`, `PUT /v1/playlists/{id}/tracks`, `GET /v1/users/{username}/playlists` |
 //! | `comments` | `POST|GET /v1/tracks/{id}/comments`, `DELETE /v1/comments/{id}` |
 //! | `feed` | `GET /v1/me/feed`, `GET /v1/users/{username}/activities` |
-//! | [`inbox`] | `POST /v1/me/conversations/{username}/messages`, `GET /v1/me/conversations`, `GET /v1/me/conversations/{id}/messages`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
+//! | [`inbox`] | `POST|GET /v1/me/conversations/{conversation}/messages`, `GET /v1/me/conversations`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
 //!

@@ -173,9 +173,10 @@ const MATRIX: &[Row] = &[
     row("delete", "/v1/me/reposts/playlists/{id}", MARK),
     row("delete", "/v1/playlists/{id}", owner_only(204)),
     // Direct messages between `other` and the owner; the admin is in no conversation.
-    row("post", "/v1/me/conversations/{username}/messages", Expect::Any([401, 201, 400, 201])),
+    // `{conversation}` is the conversation's id here (a username works too).
+    row("post", "/v1/me/conversations/{conversation}/messages", Expect::Any([401, 201, 201, 404])),
     row("get", "/v1/me/conversations", Expect::Any(SIGNED_IN)),
-    row("get", "/v1/me/conversations/{id}/messages", Expect::Any([401, 200, 200, 404])),
+    row("get", "/v1/me/conversations/{conversation}/messages", Expect::Any([401, 200, 200, 404])),
     row("put", "/v1/me/conversations/{id}/read", Expect::Any([401, 204, 204, 404])),
     row("get", "/v1/me/notifications", Expect::Any(SIGNED_IN)),
     row("put", "/v1/me/notifications/read", Expect::Any([401, 204, 204, 204])),
@@ -316,7 +317,9 @@ impl Fixture {
             track.playlist.as_str()
         } else if path.starts_with("/v1/comments/") {
             comment
-        } else if path.starts_with("/v1/me/conversations/{id}") {
+        } else if path.starts_with("/v1/me/conversations/{id}")
+            || path.starts_with("/v1/me/conversations/{conversation}")
+        {
             self.conversation.0.as_str()
         } else if path.starts_with("/v1/admin/users/") {
             self.target.id.as_str()
@@ -325,6 +328,7 @@ impl Fixture {
         };
         let path = path
             .replace("{id}", id)
+            .replace("{conversation}", id)
             .replace("{preset}", "mp3_128")
             .replace("{variant}/{file}", &track.hls_file)
             .replace("{provider}", "corp")
@@ -392,7 +396,7 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
         ("post", "/v1/tracks/{id}/comments") => request.json(&json!({"body": "matrix", "timestamp_ms": 0})),
         ("post", "/v1/playlists") => request.json(&json!({"title": "matrix"})),
         ("put", "/v1/playlists/{id}/tracks") => request.json(&json!({"track_ids": []})),
-        ("post", "/v1/me/conversations/{username}/messages") => {
+        ("post", "/v1/me/conversations/{conversation}/messages") => {
             fixture.messages += 1;
             request.json(&json!({"body": "matrix", "client_id": format!("m-{}", fixture.messages)}))
         }

@@ -312,7 +312,10 @@ async fn direct_messages_over_rest_with_unread_counts_and_who_may_write() -> Res
     let (_, notes) = call(&base, "GET", "/v1/me/notifications", Some(&alice), None).await?;
     ensure!(notes["unread_count"] == 0, "{notes}");
 
-    // Sending (by username) and reading (by conversation id) are one resource to a client:
+    // A conversation is named by its id or by the other account's username.
+    let (_, by_name) = call(&base, "GET", "/v1/me/conversations/bob/messages?limit=1", Some(&alice), None).await?;
+    ensure!(by_name["messages"][0]["id"] == second["id"], "{by_name}");
+    // Sending and reading are one resource to a client:
     // a method it does not have lists both.
     let response = reqwest::Client::new()
         .put(format!("{base}/v1/me/conversations/{id}/messages"))
