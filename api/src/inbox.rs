@@ -257,26 +257,37 @@ async fn notify_with(
     }
 }
 
-/// Sends a direct message from `sender` to the account named `to`: the checks, the store,
+/// Whom a message is for.
+pub(crate) enum To<'a> {
+    /// The account with this username.
+    Username(&'a str),
+    /// This account (known already, as the other member of a conversation).
+    Account(UserId),
+}
+
+/// Sends a direct message from `sender` to `to`: the checks, the store,
 /// the live delivery and the recipient's notification. `(message, new)`.
 pub(crate) async fn send_message(
     state: &AppState,
     sender: &Session,
-    to: &str,
+    to: To<'_>,
     body: &str,
     client_id: String,
 ) -> Result<(Message, bool), ApiError> {
     let me = sender.user.id;
     state.social_writes.check(me)?;
-    let recipient = account(state, to).await?;
-    if recipient.id == me {
+    let recipient = match to {
+        To::Username(name) => account(state, name).await?.id,
+        To::Account(id) => id,
+    };
+    if recipient == me {
         return Err(ApiError::bad_request("cannot_message_self", "you cannot message yourself"));
     }
-    if state.social.blocked_between(me, recipient.id).await? {
+    if state.social.blocked_between(me, recipient).await? {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "blocked", "one of you blocks the other"));
     }
-    if state.social.messages_from(recipient.id).await? == Some(MessagesFrom::Following)
-        && !state.social.follows(recipient.id, me).await?
+    if state.social.messages_from(recipient).await? == Some(MessagesFrom::Following)
+        && !state.social.follows(recipient, me).await?
     {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -287,7 +298,7 @@ pub(crate) async fn send_message(
     let body = crate::tracks::check_text("body", body, 1, waveline_shared::documents::MESSAGE_BODY_MAX_CHARS)?;
     let sent = state
         .documents
-        .send_message(NewMessage { sender: me, recipient: recipient.id, body, client_id, created_at: Utc::now() })
+        .send_message(NewMessage { sender: me, recipient, body, client_id, created_at: Utc::now() })
         .await?;
     if sent.new {
         let message = sent.message.clone();
@@ -295,7 +306,7 @@ pub(crate) async fn send_message(
             tracing::warn!(error = %err, "could not publish a new message; clients will fetch it");
         }
         let subject = Subject::Conversation { id: message.conversation_id, message: message.id };
-        notify_with(state, recipient.id, NotificationKind::Message, Some(me), subject, Some(&message.body)).await;
+        notify_with(state, recipient, NotificationKind::Message, Some(me), subject, Some(&message.body)).await;
     }
     Ok((sent.message, sent.new))
 }
@@ -349,13 +360,11 @@ impl Inbox {
         let to = match conversation.0.parse::<ConversationId>() {
             Ok(id) => {
                 let (a, b) = member_of(&self.state, id, session.user.id).await?;
-                let other = if a == session.user.id { b } else { a };
-                let users = self.state.social.summaries(&[other]).await?;
-                users.get(&other).map(|u| u.username.clone()).ok_or_else(|| ApiError::not_found("conversation"))?
+                To::Account(if a == session.user.id { b } else { a })
             }
-            Err(_) => conversation.0,
+            Err(_) => To::Username(&conversation.0),
         };
-        let (message, new) = send_message(&self.state, session, &to, &body.body, body.client_id).await?;
+        let (message, new) = send_message(&self.state, session, to, &body.body, body.client_id).await?;
         let view = MessageView::from(&message);
         Ok(if new { SentResponse::Created(Json(view)) } else { SentResponse::Repeated(Json(view)) })
     }

@@ -235,7 +235,7 @@ struct Conn {
 }
 
 #[derive(Debug, Default)]
-struct Registry_ {
+struct Sockets {
     conns: HashMap<u64, Conn>,
     users: HashMap<UserId, HashSet<u64>>,
     tracks: HashMap<TrackId, HashSet<u64>>,
@@ -244,14 +244,14 @@ struct Registry_ {
 /// The sockets of this process, by account and by watched track.
 #[derive(Debug, Default)]
 pub struct Hub {
-    inner: Mutex<Registry_>,
+    inner: Mutex<Sockets>,
     next: AtomicU64,
     /// Cancelled when the process stops: every socket closes with 1001 (going away).
     closing: CancellationToken,
 }
 
 impl Hub {
-    fn lock(&self) -> MutexGuard<'_, Registry_> {
+    fn lock(&self) -> MutexGuard<'_, Sockets> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -832,9 +832,15 @@ impl Connection {
                 (track_id, result)
             }
             ClientFrame::MessageSend { to, body, client_id } => {
-                let result = crate::inbox::send_message(&self.state, &self.session, &to, &body, client_id.clone())
-                    .await
-                    .map(|_| ());
+                let result = crate::inbox::send_message(
+                    &self.state,
+                    &self.session,
+                    crate::inbox::To::Username(&to),
+                    &body,
+                    client_id.clone(),
+                )
+                .await
+                .map(|_| ());
                 (client_id, result)
             }
             ClientFrame::MessageRead { conversation_id, up_to } => {

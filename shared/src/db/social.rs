@@ -5,9 +5,9 @@
 //! - **Counts are counted, not kept.** Every count (followers, likes, a playlist's tracks) is
 //!   a `count(*)` over the rows, by an index that covers it, when it is asked for. No counter
 //!   column can drift from its rows, whatever runs at once: 200 accounts liking one track at
-//!   once give exactly 200. The cost grows with the count (an index-only scan reads about a
-//!   million entries in 50 ms); a counter table maintained by triggers would be the next step
-//!   for objects with millions of likes.
+//!   once give exactly 200. The cost grows with the count (one index-only scan of the object's
+//!   entries); a counter table maintained by triggers would be the next step for objects with
+//!   millions of likes.
 //! - **Visibility is decided in the queries.** A viewer sees a track when it is theirs, when
 //!   they are an admin, or when it is public and has a ready revision; a playlist when it is
 //!   theirs, when they are an admin, or when it is public. Lists and counts of others' marks
