@@ -23,6 +23,8 @@
 //! | [`inbox`] | `POST|GET /v1/me/conversations/{conversation}/messages`, `GET /v1/me/conversations`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
+//! | [`plays`] | `GET /v1/tracks/{id}/stats`; counts the plays the listening routes start |
+//! | `charts` | `GET /v1/charts/trending`, `GET /v1/charts/top` |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -32,6 +34,7 @@ mod account_deletion;
 mod admin;
 pub mod auth;
 pub mod body;
+mod charts;
 mod comments;
 mod devices;
 mod error;
@@ -45,6 +48,7 @@ mod middleware;
 mod oauth;
 mod ops;
 mod playlists;
+pub mod plays;
 pub mod realtime;
 pub mod redirect;
 pub mod security;
@@ -186,6 +190,10 @@ pub struct AppState {
     /// Whether pushes are on, and how to enqueue one ([`waveline_shared::push::Push::enqueue`],
     /// then `publish_soon` after the commit).
     pub push: waveline_shared::push::Push,
+    /// The plays this process buffered (see [`plays`]).
+    pub plays: Arc<plays::PlayCounter>,
+    /// The charts the schedule computes.
+    pub charts: Arc<waveline_shared::charts::Charts>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -234,6 +242,8 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
+    plays::Stats,
+    charts::ChartsApi,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -253,7 +263,9 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             feed::Feed { state: state.clone() },
             inbox::Inbox { state: state.clone() },
             realtime::RealtimeApi { state: state.clone() },
-            devices::Devices { state },
+            devices::Devices { state: state.clone() },
+            plays::Stats { state: state.clone() },
+            charts::ChartsApi { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
@@ -261,7 +273,7 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
          HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
-         the activity feed and push notification devices. Errors are JSON `{code, message}`.",
+         the activity feed, push notification devices, play counts and charts. Errors are JSON `{code, message}`.",
     )
 }
 
