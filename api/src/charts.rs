@@ -4,7 +4,8 @@
 //! ([`waveline_shared::charts`]); nothing is scored per request. Pages are in score order,
 //! ties by track id, with a keyset cursor, so paging is stable until the next computation.
 //! A track made private, deleted or whose owner was suspended since the computation is left
-//! out at once.
+//! out at once; for a signed-in viewer, so are the tracks of accounts in a block with them
+//! (the others keep their ranks).
 
 use chrono::{DateTime, Utc};
 use poem_openapi::param::Query;
@@ -138,7 +139,12 @@ impl ChartsApi {
             Some((score, track)) => charts.rank_after(chart, genre, score, track).await? + 1,
         };
         let ids: Vec<_> = entries.iter().map(|(id, _)| *id).collect();
-        let tracks = self.state.tracks.details_many(&ids).await?;
+        let mut tracks = self.state.tracks.details_many(&ids).await?;
+        // The charts are everyone's, less the accounts in a block with the viewer.
+        if let Some(session) = auth.session() {
+            let blocked = self.state.social.blocked_either_way(session.user.id).await?;
+            tracks.retain(|track| !blocked.contains(&track.owner_id));
+        }
         let views = social::track_views(&self.state, tracks, auth.session()).await?;
         let mut views: std::collections::HashMap<String, TrackView> =
             views.into_iter().map(|view| (view.id().to_owned(), view)).collect();

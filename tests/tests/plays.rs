@@ -413,6 +413,18 @@ async fn seeded_engagement_gives_the_expected_charts() -> Result<()> {
     let page = chart(&stack, "/v1/charts/trending").await?;
     ensure!(!titles(&page).contains(&"hot".to_owned()) && page["tracks"][0]["rank"] == 1, "{page}");
 
+    // A viewer in a block with an account does not see its tracks; others still do.
+    let response = reqwest::Client::new().put(stack.url("/v1/me/blocks/alice")).bearer_auth(&bob.token).send().await?;
+    ensure!(response.status() == 204, "{}", response.status());
+    let (status, page) =
+        json(reqwest::Client::new().get(stack.url("/v1/charts/trending")).bearer_auth(&bob.token).send().await?)
+            .await?;
+    ensure!(status == 200 && titles(&page).is_empty(), "{status} {page}");
+    let (status, page) =
+        json(reqwest::Client::new().get(stack.url("/v1/charts/trending")).bearer_auth(&carol.token).send().await?)
+            .await?;
+    ensure!(status == 200 && titles(&page).len() == expected.len() - 1, "{status} {page}");
+
     // Bad input.
     for (query, code) in [
         ("/v1/charts/trending?limit=0", "invalid_field"),
