@@ -890,17 +890,41 @@ social() {
       FROM follows WHERE follower_id = '$viewer'" "$db")
   at=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT timestamptz 'epoch' + ${cursor:1:$(( ${#cursor} - 34 ))} * interval '1 millisecond'" "$db")
   id=${cursor##*.}
-  local feed_sql="SELECT page.* FROM unnest(:actors::uuid[]) AS followed(actor)
+  # The two steps of PgDocuments::feed: each followed account's newest activity, then only the
+  # accounts whose newest reaches the page, each walked down to the page's bound.
+  local feed_sql="WITH heads AS MATERIALIZED (
+         SELECT followed.actor, h.created_at, h.id
+         FROM unnest(:actors::uuid[]) AS followed(actor)
+         CROSS JOIN LATERAL (
+             SELECT a.created_at, a.id FROM activity_documents a
+             WHERE a.actor = followed.actor POSITION
+             ORDER BY a.created_at DESC, a.id DESC
+             LIMIT 1
+         ) h
+     ),
+     bound AS (
+         SELECT created_at, id FROM (
+             (SELECT created_at, id FROM heads ORDER BY created_at DESC, id DESC OFFSET 20 LIMIT 1)
+             UNION ALL
+             SELECT '-infinity'::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid
+         ) candidates
+         ORDER BY created_at DESC, id DESC
+         LIMIT 1
+     )
+     SELECT page.* FROM heads
+     CROSS JOIN bound
      CROSS JOIN LATERAL (
          SELECT id, kind, actor, object_id, created_at FROM activity_documents a
-         WHERE a.actor = followed.actor POSITION
+         WHERE a.actor = heads.actor POSITION
+           AND (a.created_at, a.id) >= (bound.created_at, bound.id)
          ORDER BY a.created_at DESC, a.id DESC
          LIMIT 21
      ) page
+     WHERE (heads.created_at, heads.id) >= (bound.created_at, bound.id)
      ORDER BY page.created_at DESC, page.id DESC
      LIMIT 21;"
-  echo "${feed_sql/POSITION/}" >"$work/feed_first.sql"
-  echo "${feed_sql/POSITION/AND (a.created_at, a.id) < (:at::timestamptz, :id::uuid)}" >"$work/feed_deep.sql"
+  echo "${feed_sql//POSITION/}" >"$work/feed_first.sql"
+  echo "${feed_sql//POSITION/AND (a.created_at, a.id) < (:at::timestamptz, :id::uuid)}" >"$work/feed_deep.sql"
   local bare_first bare_deep
   bare_first=$(psql -h 127.0.0.1 -U postgres -X -At -v actors="'$actors'" -f "$work/feed_first.sql" "$db" | cut -d'|' -f1 | head -20)
   bare_deep=$(psql -h 127.0.0.1 -U postgres -X -At -v actors="'$actors'" -v at="'$at'" -v id="'$id'" -f "$work/feed_deep.sql" "$db" | cut -d'|' -f1)
