@@ -241,6 +241,15 @@ async fn every_replicas_plays_add_up_and_a_listener_counts_once_across_them() ->
     .fetch_one(&stack.db.pool)
     .await?;
     ensure!(counter == 22 && rows == 22, "{counter} {rows}");
+
+    // The plays make the track trend, in this configuration too.
+    let run = stack.cli(&["charts", "rebuild", "--json"])?;
+    ensure!(run["entries"] == 4, "one track in each of the four charts: {run}");
+    let (status, page) = json(reqwest::get(other.url("/v1/charts/trending")).await?).await?;
+    ensure!(status == 200, "{status} {page}");
+    let first = &page["tracks"][0];
+    ensure!(first["rank"] == 1 && first["track"]["id"] == id.as_str(), "{page}");
+    ensure!(first["track"]["playback_count"] == 22 && first["score"].as_f64().is_some_and(|s| s > 21.0), "{page}");
     Ok(())
 }
 
