@@ -104,6 +104,9 @@ FROM (SELECT t.posted_ms AS ms, 'track' AS kind, u.id AS actor, t.id AS object_i
       SELECT r.ms, 'track_repost', u.id, r.track_id
       FROM seed_reposts r JOIN seed_users u ON u.n = r.actor) a
 ORDER BY ms;
+-- Each actor's newest activity, as the triggers (off while seeding) keep it.
+INSERT INTO activity_heads (actor, created_at, id)
+SELECT DISTINCT ON (actor) actor, created_at, id FROM activity_documents ORDER BY actor, created_at DESC, id DESC;
 
 -- The viewer follows :followed of the accounts, followed over the last 100 days.
 INSERT INTO follows (follower_id, followee_id, created_at)

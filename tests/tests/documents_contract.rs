@@ -439,6 +439,34 @@ async fn activities_of_an_object_go_all_at_once_or_one_actors(b: &Backend) -> Re
     Ok(())
 }
 
+/// An account's newest activity deleted, the feed goes on from the one before it, on the first
+/// page and below a cursor alike; with none left the account has nothing in the feed, until it
+/// posts again.
+async fn the_feed_survives_the_deletion_of_an_accounts_newest_activity(b: &Backend) -> Result<()> {
+    let (writer, other) = (UserId::new(), UserId::new());
+    let objects: Vec<ActivityObject> = (0..4).map(|_| ActivityObject::Track(TrackId::new())).collect();
+    let mut written = Vec::new();
+    for (n, object) in objects.iter().enumerate() {
+        written.push(
+            b.docs.insert_activity(activity(ActivityKind::Track, writer, *object, moment(100 + n as i64))).await?,
+        );
+    }
+    let others = b.docs.insert_activity(activity(ActivityKind::Track, other, objects[0], moment(50))).await?;
+    ensure!(b.docs.delete_object_activities(objects[3], Some(writer)).await? == 1);
+    let first = b.docs.feed(&[writer], None, 1).await?;
+    ensure!(first.activities == written[2..3], "{:?}", first.activities);
+    let all = whole_feed(b, &[writer, other], 1).await?;
+    ensure!(all == [written[2].clone(), written[1].clone(), written[0].clone(), others.clone()], "{all:?}");
+    for object in &objects[..3] {
+        ensure!(b.docs.delete_object_activities(*object, Some(writer)).await? == 1);
+    }
+    ensure!(b.docs.feed(&[writer], None, 10).await?.activities.is_empty());
+    ensure!(whole_feed(b, &[writer, other], 1).await? == [others.clone()]);
+    let again = b.docs.insert_activity(activity(ActivityKind::Track, writer, objects[3], moment(99))).await?;
+    ensure!(whole_feed(b, &[writer, other], 1).await? == [again, others]);
+    Ok(())
+}
+
 async fn comments_are_counted_per_track_in_one_call(b: &Backend) -> Result<()> {
     let (busy, quiet, silent) = (TrackId::new(), TrackId::new(), TrackId::new());
     let user = UserId::new();
@@ -684,6 +712,7 @@ contract!(
     bad_fields_are_refused_with_the_field,
     the_feed_merges_actors_newest_first_through_ties,
     activities_of_an_object_go_all_at_once_or_one_actors,
+    the_feed_survives_the_deletion_of_an_accounts_newest_activity,
     comments_are_counted_per_track_in_one_call,
     the_newest_activity_about_each_object_among_actors,
     messages_are_idempotent_by_client_id_and_listed_newest_first,

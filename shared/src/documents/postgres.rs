@@ -263,25 +263,33 @@ impl Documents for PgDocuments {
         if actors.is_empty() {
             return Ok(activity_page(Vec::new(), limit));
         }
-        // Two steps, both index-only walks of (actor, created_at DESC, id DESC). First each
-        // followed account's newest activity (below the cursor): one entry per account. The
+        // Two steps. First each followed account's newest activity (below the cursor): its
+        // row in `activity_heads` (kept by triggers with the activities), or, for an account
+        // whose head is at or above the cursor, one descent of its index below the cursor. The
         // page's items are all at or above the page-size-th newest of those (that many distinct
         // activities are), so only the accounts whose newest reaches it are walked further,
-        // each at most down to it. A page then reads about one entry per followed account
+        // each at most down to it. A page then reads about one small row per followed account
         // plus the page, instead of a page from every followed account (measured with 1,000
-        // followed accounts: 8 ms of CPU per page before).
+        // followed accounts: 8 ms of CPU per page before the two steps; reading the heads
+        // from their table instead of descending 1,000 indexes is the second saving).
+        let heads = if after.is_some() {
+            "SELECT h.actor, h.created_at, h.id FROM activity_heads h
+             WHERE h.actor = ANY($1::uuid[]) AND (h.created_at, h.id) < ($3, $4)
+             UNION ALL
+             SELECT h.actor, x.created_at, x.id FROM activity_heads h
+             CROSS JOIN LATERAL (
+                 SELECT a.created_at, a.id FROM activity_documents a
+                 WHERE a.actor = h.actor AND (a.created_at, a.id) < ($3, $4)
+                 ORDER BY a.created_at DESC, a.id DESC
+                 LIMIT 1
+             ) x
+             WHERE h.actor = ANY($1::uuid[]) AND (h.created_at, h.id) >= ($3, $4)"
+        } else {
+            "SELECT h.actor, h.created_at, h.id FROM activity_heads h WHERE h.actor = ANY($1::uuid[])"
+        };
         let position = if after.is_some() { "AND (a.created_at, a.id) < ($3, $4)" } else { "" };
         let sql = format!(
-            "WITH heads AS MATERIALIZED (
-                 SELECT followed.actor, h.created_at, h.id
-                 FROM unnest($1::uuid[]) AS followed(actor)
-                 CROSS JOIN LATERAL (
-                     SELECT a.created_at, a.id FROM activity_documents a
-                     WHERE a.actor = followed.actor {position}
-                     ORDER BY a.created_at DESC, a.id DESC
-                     LIMIT 1
-                 ) h
-             ),
+            "WITH heads AS MATERIALIZED ({heads}),
              bound AS (
                  SELECT created_at, id FROM (
                      (SELECT created_at, id FROM heads ORDER BY created_at DESC, id DESC OFFSET $2 - 1 LIMIT 1)
