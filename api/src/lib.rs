@@ -23,14 +23,18 @@
 //! | [`inbox`] | `POST|GET /v1/me/conversations/{conversation}/messages`, `GET /v1/me/conversations`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
+//! | [`billing`] | `POST /v1/billing/checkout`, `/portal`, `/webhook` (Stripe subscriptions, the tier) |
+//! | [`access`] | no routes: what a listener may play of a premium-only track |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
 //! returned. Every response carries an `X-Request-Id`, also on the request's log lines.
 
+pub mod access;
 mod account_deletion;
 mod admin;
 pub mod auth;
+pub mod billing;
 pub mod body;
 mod comments;
 mod devices;
@@ -186,6 +190,8 @@ pub struct AppState {
     /// Whether pushes are on, and how to enqueue one ([`waveline_shared::push::Push::enqueue`],
     /// then `publish_soon` after the commit).
     pub push: waveline_shared::push::Push,
+    /// Subscriptions and tiers (Stripe), and whether billing is on.
+    pub billing: Arc<billing::Billing>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -234,6 +240,7 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
+    billing::BillingApi,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -253,7 +260,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             feed::Feed { state: state.clone() },
             inbox::Inbox { state: state.clone() },
             realtime::RealtimeApi { state: state.clone() },
-            devices::Devices { state },
+            devices::Devices { state: state.clone() },
+            billing::BillingApi { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
@@ -261,7 +269,7 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
          HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
-         the activity feed and push notification devices. Errors are JSON `{code, message}`.",
+         the activity feed and push notification devices; Stripe subscriptions and premium-only tracks. Errors are JSON `{code, message}`.",
     )
 }
 

@@ -264,6 +264,10 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             .context("the mail settings are not usable")?,
         devices: db::PgDevices::new(pool.clone()),
         push: waveline_shared::push::Push::from_settings(settings),
+        billing: Arc::new(
+            waveline_api::billing::Billing::from_settings(settings, pool.clone())
+                .context("the billing settings are not usable")?,
+        ),
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await
