@@ -129,9 +129,15 @@ mod tests {
 
     #[test]
     fn premium_variants_are_256k_and_above() {
-        for (variant, premium) in
-            [("96k", false), ("160k", false), ("256k", true), ("320k", true), ("k", false), ("256", false), ("x56k", false)]
-        {
+        for (variant, premium) in [
+            ("96k", false),
+            ("160k", false),
+            ("256k", true),
+            ("320k", true),
+            ("k", false),
+            ("256", false),
+            ("x56k", false),
+        ] {
             assert_eq!(is_premium_variant(variant), premium, "{variant}");
         }
     }

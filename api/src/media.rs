@@ -146,7 +146,10 @@ impl PlayableCache {
 enum Access<'a> {
     Viewer(&'a MaybeAuth),
     /// Until this Unix time, with premium access when signed for a listener who had it.
-    Signed { until: i64, premium: bool },
+    Signed {
+        until: i64,
+        premium: bool,
+    },
 }
 
 impl Access<'_> {

@@ -91,7 +91,7 @@ fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Result<Call, Resp
         idempotency_key: req.header("idempotency-key").map(str::to_owned),
     };
     lock(state).calls.push(call.clone());
-    if req.header("authorization") != Some(&format!("Bearer {SECRET_KEY}")) {
+    if req.header("authorization") != Some(format!("Bearer {SECRET_KEY}").as_str()) {
         return Err(stripe_error(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
@@ -102,7 +102,12 @@ fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Result<Call, Resp
     if req.method() == poem::http::Method::POST
         && req.header("content-type") != Some("application/x-www-form-urlencoded")
     {
-        return Err(stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "parameter_invalid", "form expected"));
+        return Err(stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "parameter_invalid",
+            "form expected",
+        ));
     }
     Ok(call)
 }

@@ -106,9 +106,8 @@ async fn checkout_and_portal(stack: &Stack, stripe: &FakeStripe, listener: &User
     let (customers, sessions) =
         stripe.seen(|seen| (seen.calls_to("/v1/customers").len(), seen.calls_to("/v1/checkout/sessions").len()));
     ensure!((customers, sessions) == (1, 1), "{customers} customers, {sessions} sessions");
-    let (customer, session) = stripe.seen(|seen| {
-        (seen.calls_to("/v1/customers")[0].clone(), seen.calls_to("/v1/checkout/sessions")[0].clone())
-    });
+    let (customer, session) = stripe
+        .seen(|seen| (seen.calls_to("/v1/customers")[0].clone(), seen.calls_to("/v1/checkout/sessions")[0].clone()));
     ensure!(customer.param("email") == Some(listener.email.as_str()), "{customer:?}");
     ensure!(customer.param("metadata[waveline_account]") == Some(listener.id.as_str()), "{customer:?}");
     ensure!(customer.idempotency_key.is_some(), "the customer is created with an idempotency key");
@@ -128,13 +127,21 @@ async fn checkout_and_portal(stack: &Stack, stripe: &FakeStripe, listener: &User
     // A second checkout reuses the customer.
     let (status, body) = post(&stack.base, "/v1/billing/checkout", listener).await?;
     ensure!(status == 200, "{status} {body}");
-    let checkouts = stripe.seen(|seen| seen.calls_to("/v1/checkout/sessions").iter().map(|c| c.param("customer").map(str::to_owned)).collect::<Vec<_>>());
+    let checkouts = stripe.seen(|seen| {
+        seen.calls_to("/v1/checkout/sessions")
+            .iter()
+            .map(|c| c.param("customer").map(str::to_owned))
+            .collect::<Vec<_>>()
+    });
     ensure!(checkouts == vec![Some("cus_fake1".to_owned()); 2], "{checkouts:?}");
     ensure!(stripe.seen(|seen| seen.calls_to("/v1/customers").len()) == 1, "the customer is reused");
 
     let (status, body) = post(&stack.base, "/v1/billing/portal", listener).await?;
     ensure!(status == 200, "{status} {body}");
-    ensure!(body["url"].as_str().is_some_and(|url| url.starts_with("https://billing.stripe.test/p/session/")), "{body}");
+    ensure!(
+        body["url"].as_str().is_some_and(|url| url.starts_with("https://billing.stripe.test/p/session/")),
+        "{body}"
+    );
     let portal = stripe.seen(|seen| seen.calls_to("/v1/billing_portal/sessions")[0].clone());
     ensure!(portal.param("customer") == Some("cus_fake1") && portal.param("return_url").is_some(), "{portal:?}");
     Ok("cus_fake1".to_owned())
@@ -236,7 +243,7 @@ async fn subscriptions_change_the_tier_quota_and_access_embedded() -> Result<()>
     let (status, reply) = deliver(&stack, &body, Some(stale)).await?;
     ensure!(status == 400 && reply["code"] == "signature_expired", "{status} {reply}");
     let tampered = fake_stripe::signature_header(&[SECRET], now(), &body);
-    let (status, reply) = deliver(&stack, &[&body[..], b" "].concat(), Some(tampered)).await?;
+    let (status, reply) = deliver(&stack, &[&body[..], &b" "[..]].concat(), Some(tampered)).await?;
     ensure!(status == 400 && reply["code"] == "signature_mismatch", "{status} {reply}");
     let (status, reply) = deliver(&stack, b"{}", Some(fake_stripe::signature_header(&[SECRET], now(), b"{}"))).await?;
     ensure!(status == 400 && reply["code"] == "invalid_event", "{status} {reply}");
@@ -281,7 +288,8 @@ async fn subscriptions_change_the_tier_quota_and_access_embedded() -> Result<()>
 
     // Out of order: the deletion arrives before an older update; the account stays free.
     stripe.set_subscription(subscription("sub_1", &customer, "canceled", created));
-    let object = |status: &str| json!({"id": "sub_1", "object": "subscription", "customer": customer, "status": status});
+    let object =
+        |status: &str| json!({"id": "sub_1", "object": "subscription", "customer": customer, "status": status});
     let deleted = fake_stripe::event("evt_deleted", "customer.subscription.deleted", created + 20, object("canceled"));
     let updated = fake_stripe::event("evt_updated", "customer.subscription.updated", created + 10, object("active"));
     let (status, reply) = send_event(&stack, &deleted, &[SECRET]).await?;

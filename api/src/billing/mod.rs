@@ -27,8 +27,8 @@
 //! cancellation brings it back to free. The change reaches every API process's session cache
 //! through the trigger on `users.tier`, and this process forgets the account's sessions at once.
 
+pub mod client;
 pub mod signature;
-pub mod stripe;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -42,10 +42,10 @@ use waveline_shared::db::billing::Subscription;
 use waveline_shared::db::{PgBilling, Tier, UserRow};
 use waveline_shared::domain::UserId;
 
+use self::client::{StripeApi, StripeError};
 use crate::AppState;
 use crate::auth::Auth;
 use crate::error::ApiError;
-use self::stripe::{StripeApi, StripeError};
 
 #[derive(Tags)]
 enum Tag {
@@ -80,7 +80,11 @@ impl Billing {
 
     fn stripe(&self) -> Result<&(StripeApi, Vec<SecretString>), ApiError> {
         self.stripe.as_ref().ok_or_else(|| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "billing_disabled", "billing is not configured on this server")
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "billing_disabled",
+                "billing is not configured on this server",
+            )
         })
     }
 }
@@ -88,7 +92,11 @@ impl Billing {
 /// Stripe failed: logged, and the client told to try again.
 fn stripe_failed(err: &StripeError) -> ApiError {
     tracing::error!(error = %err, "a call to Stripe failed");
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "billing_unavailable", "the payment provider is unavailable; try again")
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "billing_unavailable",
+        "the payment provider is unavailable; try again",
+    )
 }
 
 /// A page of Stripe's to send the customer to.
@@ -331,7 +339,8 @@ mod tests {
         assert_eq!(concern(&checkout), Some(Concern { subscription: "sub_1", checkout: Some((user, "cus_1")) }));
         let payment = event("checkout.session.completed", serde_json::json!({"mode": "payment"}));
         assert_eq!(concern(&payment), None);
-        for kind in ["customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted"] {
+        for kind in ["customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted"]
+        {
             let updated = event(kind, serde_json::json!({"id": "sub_2", "object": "subscription"}));
             assert_eq!(concern(&updated), Some(Concern { subscription: "sub_2", checkout: None }));
         }

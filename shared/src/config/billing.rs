@@ -30,12 +30,12 @@ pub struct BillingSettings {
 
 /// The values of the billing keys, as taken from the layers.
 pub(super) struct RawBilling {
-    pub secret_key: Option<Raw>,
-    pub webhook_secret: Option<Raw>,
-    pub price_premium: Option<Raw>,
-    pub api_base: Option<Raw>,
-    pub success_url: Option<Raw>,
-    pub cancel_url: Option<Raw>,
+    pub(super) secret_key: Option<Raw>,
+    pub(super) webhook_secret: Option<Raw>,
+    pub(super) price_premium: Option<Raw>,
+    pub(super) api_base: Option<Raw>,
+    pub(super) success_url: Option<Raw>,
+    pub(super) cancel_url: Option<Raw>,
 }
 
 fn missing(name: &str, present: &[&str]) -> ConfigError {
@@ -94,13 +94,11 @@ pub(super) fn parse(raw: RawBilling, app_url: &Url) -> Result<Option<BillingSett
     }
     let secrets: Vec<&str> =
         webhook_secret.value.split(',').map(str::trim).filter(|secret| !secret.is_empty()).collect();
-    if secrets.is_empty() || secrets.len() > 8 || secrets.iter().any(|secret| secret.len() < 16 || secret.len() > 255)
-    {
+    if secrets.is_empty() || secrets.len() > 8 || secrets.iter().any(|secret| secret.len() < 16 || secret.len() > 255) {
         return Err(webhook_secret.invalid("one to eight comma-separated signing secrets (whsec_…), 16–255 bytes each"));
     }
     let price_premium = price.value.trim();
-    if price_premium.is_empty() || price_premium.len() > 255 || !price_premium.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if price_premium.is_empty() || price_premium.len() > 255 || !price_premium.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(price.invalid("a Stripe price id such as price_1Abc…"));
     }
     Ok(Some(BillingSettings {

@@ -83,8 +83,7 @@ pub struct PgUsers {
     pool: PgPool,
 }
 
-type UserTuple =
-    (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>, bool, String);
+type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>, bool, String);
 
 fn user_row(
     (id, email, username, role, password_hash, created_at, suspended_at, email_verified, tier): UserTuple,

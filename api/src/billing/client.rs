@@ -35,6 +35,8 @@ pub enum StripeError {
     Unreachable(String),
     #[error("Stripe's answer lacks {0}")]
     Incomplete(&'static str),
+    #[error("Stripe's answer is not what was expected: {0}")]
+    Unreadable(String),
     #[error("the Stripe client cannot be built: {0}")]
     Config(String),
 }
@@ -45,7 +47,7 @@ impl StripeError {
         match self {
             StripeError::Refused { status, .. } => matches!(status, 409 | 429 | 500..=599),
             StripeError::Unreachable(_) => true,
-            StripeError::Incomplete(_) | StripeError::Config(_) => false,
+            StripeError::Incomplete(_) | StripeError::Unreadable(_) | StripeError::Config(_) => false,
         }
     }
 }
@@ -56,6 +58,7 @@ impl From<stripe::StripeError> for StripeError {
             stripe::StripeError::Stripe(api, status) => {
                 StripeError::Refused { status, message: api.message.unwrap_or_default() }
             }
+            stripe::StripeError::JSONDeserialize(message) => StripeError::Unreadable(message),
             other => StripeError::Unreachable(other.to_string()),
         }
     }
@@ -117,8 +120,10 @@ impl StripeApi {
             ..CreateCheckoutSessionLineItems::new()
         };
         let metadata = HashMap::from([(ACCOUNT_KEY.to_owned(), user.to_string())]);
-        let subscription =
-            CreateCheckoutSessionSubscriptionData { metadata: Some(metadata), ..CreateCheckoutSessionSubscriptionData::new() };
+        let subscription = CreateCheckoutSessionSubscriptionData {
+            metadata: Some(metadata),
+            ..CreateCheckoutSessionSubscriptionData::new()
+        };
         let session = CreateCheckoutSession::new()
             .mode(stripe_shared::CheckoutSessionMode::Subscription)
             .customer(customer)
