@@ -76,6 +76,10 @@ pub struct StripeApi {
 
 impl StripeApi {
     pub fn new(settings: &BillingSettings) -> Result<StripeApi, StripeError> {
+        // async-stripe's connector takes the process's default TLS provider, and with both of
+        // rustls's providers in the tree there is none until one is named (an `Err` here means
+        // one was named already, which is as good).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         // async-stripe appends `v1/…` to the base as given: it must end with a slash.
         let mut base = settings.api_base.as_str().to_owned();
         if !base.ends_with('/') {
