@@ -82,8 +82,8 @@ fn stripe_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Re
     Json(json!({"error": {"type": kind, "code": code, "message": message}})).with_status(status).into_response()
 }
 
-/// Records the call; `Err` with Stripe's answer when it is not authorized.
-fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Result<Call, Response> {
+/// Records the call.
+fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Call {
     let call = Call {
         method: req.method().to_string(),
         path: req.uri().path().to_owned(),
@@ -91,8 +91,13 @@ fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Result<Call, Resp
         idempotency_key: req.header("idempotency-key").map(str::to_owned),
     };
     lock(state).calls.push(call.clone());
+    call
+}
+
+/// Stripe's answer to a call it does not take: a wrong key, or a POST that is not a form.
+fn refusal(req: &poem::Request) -> Option<Response> {
     if req.header("authorization") != Some(format!("Bearer {SECRET_KEY}").as_str()) {
-        return Err(stripe_error(
+        return Some(stripe_error(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "api_key_invalid",
@@ -102,14 +107,14 @@ fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Result<Call, Resp
     if req.method() == poem::http::Method::POST
         && req.header("content-type") != Some("application/x-www-form-urlencoded")
     {
-        return Err(stripe_error(
+        return Some(stripe_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "parameter_invalid",
             "form expected",
         ));
     }
-    Ok(call)
+    None
 }
 
 fn now() -> i64 {
@@ -118,10 +123,10 @@ fn now() -> i64 {
 
 #[handler]
 fn create_customer(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared>) -> Response {
-    let call = match record(req, &body, state) {
-        Ok(call) => call,
-        Err(refused) => return refused,
-    };
+    let call = record(req, &body, state);
+    if let Some(refused) = refusal(req) {
+        return refused;
+    }
     let mut state = lock(state);
     let id = match call.idempotency_key.as_ref().and_then(|key| state.customers.get(key)) {
         Some(id) => id.clone(),
@@ -144,10 +149,10 @@ fn create_customer(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared
 
 #[handler]
 fn create_checkout_session(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared>) -> Response {
-    let call = match record(req, &body, state) {
-        Ok(call) => call,
-        Err(refused) => return refused,
-    };
+    let call = record(req, &body, state);
+    if let Some(refused) = refusal(req) {
+        return refused;
+    }
     let mut state = lock(state);
     state.next += 1;
     let id = format!("cs_test_fake{}", state.next);
@@ -165,10 +170,10 @@ fn create_checkout_session(req: &poem::Request, body: Vec<u8>, Data(state): Data
 
 #[handler]
 fn create_portal_session(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared>) -> Response {
-    let call = match record(req, &body, state) {
-        Ok(call) => call,
-        Err(refused) => return refused,
-    };
+    let call = record(req, &body, state);
+    if let Some(refused) = refusal(req) {
+        return refused;
+    }
     let mut state = lock(state);
     state.next += 1;
     let id = format!("bps_fake{}", state.next);
@@ -212,7 +217,8 @@ pub fn subscription_json(sub: &Subscription) -> Value {
 
 #[handler]
 fn retrieve_subscription(req: &poem::Request, Path(id): Path<String>, Data(state): Data<&Shared>) -> Response {
-    if let Err(refused) = record(req, &[], state) {
+    record(req, &[], state);
+    if let Some(refused) = refusal(req) {
         return refused;
     }
     match lock(state).subscriptions.get(&id) {
