@@ -120,6 +120,6 @@ impl Admin {
         self.state.status_feed.sessions().forget_user(id);
         let user = self.state.users.by_id(id).await?.ok_or_else(|| ApiError::not_found("user"))?;
         tracing::info!(admin = %session.user.id, user = %id, suspended, "suspension changed");
-        Ok(Json(UserView::from(&user)))
+        Ok(Json(UserView::from(&user).with_subscription(&self.state, user.id).await?))
     }
 }

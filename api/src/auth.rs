@@ -506,6 +506,18 @@ pub struct UserView {
     suspended_at: Option<DateTime<Utc>>,
     /// Whether the account proved it receives mail at `email`.
     email_verified: bool,
+    /// `free` or `premium`.
+    tier: String,
+    /// The account's Stripe subscription, once it has one (shown to its owner).
+    subscription: Option<crate::billing::SubscriptionView>,
+}
+
+impl UserView {
+    /// The view with the account's subscription.
+    pub(crate) async fn with_subscription(mut self, state: &AppState, user: UserId) -> Result<UserView, ApiError> {
+        self.subscription = crate::billing::subscription_view(state, user).await?;
+        Ok(self)
+    }
 }
 
 impl From<&UserRow> for UserView {
@@ -518,6 +530,8 @@ impl From<&UserRow> for UserView {
             created_at: user.created_at,
             suspended_at: user.suspended_at,
             email_verified: user.email_verified,
+            tier: user.tier.as_str().to_owned(),
+            subscription: None,
         }
     }
 }
@@ -982,10 +996,11 @@ impl Accounts {
         Ok(LogoutResponse::Done)
     }
 
-    /// The account behind the session.
+    /// The account behind the session, with its tier and subscription.
     #[oai(path = "/v1/me", method = "get")]
     async fn me(&self, auth: Auth) -> Result<Json<UserView>, ApiError> {
-        Ok(Json(UserView::from(&auth.session().user)))
+        let user = &auth.session().user;
+        Ok(Json(UserView::from(user).with_subscription(&self.state, user.id).await?))
     }
 
     /// Changes the signed-in account's display name and bio; answers its public profile.

@@ -11,6 +11,10 @@
 //!   Here they get an idle timeout: each chunk must arrive within `body_read_timeout_s`, or
 //!   the upload fails as interrupted (400 `upload_interrupted`, saying why) and nothing is kept.
 //!
+//! - **Stripe's webhook** (`POST /v1/billing/webhook`) is read the same way, up to
+//!   [`WEBHOOK_MAX_BYTES`] (Stripe's events can outgrow the JSON limit), so its signature is
+//!   checked over the raw bytes.
+//!
 //! A body that stops arriving on a small route is 408 `body_timeout` as well.
 
 use std::time::Duration;
@@ -36,6 +40,9 @@ impl Default for BodyLimits {
         BodyLimits { json_max_bytes: 64 * 1024, read_timeout: Duration::from_secs(30) }
     }
 }
+
+/// The largest Stripe webhook delivery read.
+pub const WEBHOOK_MAX_BYTES: u64 = 1 << 20;
 
 /// The routes whose bodies stream into storage.
 fn is_upload(method: &Method, path: &str) -> bool {
@@ -107,7 +114,8 @@ pub async fn bound(limits: &BodyLimits, req: &mut Request) -> Result<(), ApiErro
     } else if is_upload(req.method(), req.uri().path()) {
         req.set_body(Body::from_bytes_stream(with_idle_timeout(body.into_bytes_stream(), limits.read_timeout)));
     } else {
-        let limit = limits.json_max_bytes;
+        let webhook = req.method() == Method::POST && req.uri().path() == "/v1/billing/webhook";
+        let limit = if webhook { WEBHOOK_MAX_BYTES } else { limits.json_max_bytes };
         let declared = req.header("content-length").and_then(|value| value.trim().parse::<u64>().ok());
         if declared.is_some_and(|length| length > limit) {
             return Err(too_large(limit));

@@ -25,14 +25,18 @@
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
 //! | [`plays`] | `GET /v1/tracks/{id}/stats`; counts the plays the listening routes start |
 //! | `charts` | `GET /v1/charts/trending`, `GET /v1/charts/top` |
+//! | [`billing`] | `POST /v1/billing/checkout`, `/portal`, `/webhook` (Stripe subscriptions, the tier) |
+//! | [`access`] | no routes: what a listener may play of a premium-only track |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
 //! returned. Every response carries an `X-Request-Id`, also on the request's log lines.
 
+pub mod access;
 mod account_deletion;
 mod admin;
 pub mod auth;
+pub mod billing;
 pub mod body;
 mod charts;
 mod comments;
@@ -194,6 +198,8 @@ pub struct AppState {
     pub plays: Arc<plays::PlayCounter>,
     /// The charts the schedule computes.
     pub charts: Arc<waveline_shared::charts::Charts>,
+    /// Subscriptions and tiers (Stripe), and whether billing is on.
+    pub billing: Arc<billing::Billing>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -242,8 +248,8 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
-    plays::Stats,
-    charts::ChartsApi,
+    // poem-openapi implements its trait for tuples of at most 16; the rest nest.
+    (plays::Stats, charts::ChartsApi, billing::BillingApi),
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -264,8 +270,11 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             inbox::Inbox { state: state.clone() },
             realtime::RealtimeApi { state: state.clone() },
             devices::Devices { state: state.clone() },
-            plays::Stats { state: state.clone() },
-            charts::ChartsApi { state },
+            (
+                plays::Stats { state: state.clone() },
+                charts::ChartsApi { state: state.clone() },
+                billing::BillingApi { state },
+            ),
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
@@ -273,7 +282,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
          HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
-         the activity feed, push notification devices, play counts and charts. Errors are JSON `{code, message}`.",
+         the activity feed and push notification devices; play counts and charts; Stripe subscriptions and \
+         premium-only tracks. Errors are JSON `{code, message}`.",
     )
 }
 

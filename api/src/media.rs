@@ -12,7 +12,10 @@
 //! `/v1/signed/{expires}/{signature}/tracks/{id}/…`, without a cookie or token: the signature
 //! is an HMAC (a key derived from the signing key) over the track, the scope (`stream/PRESET`,
 //! `hls` or `waveform`) and the expiry, so one signature covers a whole HLS tree and nothing
-//! else. The signature lives in the path rather than the query so that the playlists' relative
+//! else. A URL signed for a listener with premium access (see [`crate::access`]) says so: its
+//! signature segment is `p.` followed by an HMAC that also covers the word `premium`, so the
+//! access it grants is the one checked when it was signed, for its whole lifetime, and a URL
+//! signed without it cannot be turned into one that has it. The signature lives in the path rather than the query so that the playlists' relative
 //! URIs resolve beneath it (a player needs nothing rewritten) and CDNs that drop query strings
 //! from their cache keys still tell versions apart. `GET /v1/tracks/{id}/signed-urls` mints
 //! them (default lifetime 5 min, `signed_url_ttl_s`). A tampered one answers 403
@@ -41,6 +44,7 @@ use waveline_shared::db::{Playable, Visibility};
 use waveline_shared::domain::TrackId;
 use waveline_shared::storage::{ObjectKey, ReadMethod};
 
+use crate::access;
 use crate::auth::MaybeAuth;
 use crate::error::ApiError;
 use crate::plays::Start;
@@ -142,8 +146,11 @@ impl PlayableCache {
 #[derive(Debug, Clone, Copy)]
 enum Access<'a> {
     Viewer(&'a MaybeAuth),
-    /// Until this Unix time.
-    Signed(i64),
+    /// Until this Unix time, with premium access when signed for a listener who had it.
+    Signed {
+        until: i64,
+        premium: bool,
+    },
 }
 
 impl Access<'_> {
@@ -155,7 +162,15 @@ impl Access<'_> {
                 may_see(playable.owner_id, playable.visibility, session)
                     && (playable.visibility == Visibility::Public || !playable.owner_suspended || admin)
             }
-            Access::Signed(_) => playable.visibility == Visibility::Public || !playable.owner_suspended,
+            Access::Signed { .. } => playable.visibility == Visibility::Public || !playable.owner_suspended,
+        }
+    }
+
+    /// Whether the caller has premium access to the track (see [`crate::access`]).
+    fn premium(&self, playable: &Playable) -> bool {
+        match self {
+            Access::Viewer(auth) => access::premium_access(auth.session(), playable.owner_id),
+            Access::Signed { premium, .. } => *premium,
         }
     }
 
@@ -164,7 +179,7 @@ impl Access<'_> {
         Grant {
             public: playable.visibility == Visibility::Public,
             signed_until: match self {
-                Access::Signed(until) => Some(*until),
+                Access::Signed { until, .. } => Some(*until),
                 Access::Viewer(_) => None,
             },
         }
@@ -174,7 +189,7 @@ impl Access<'_> {
     /// time, and its path is the key: shared caches (a CDN) may keep it until it expires.
     fn cache(&self, playable: &Playable, max_age: i64) -> String {
         match (self, playable.visibility) {
-            (Access::Signed(expires), _) => {
+            (Access::Signed { until: expires, .. }, _) => {
                 let left = (expires - chrono::Utc::now().timestamp()).clamp(0, max_age);
                 format!("public, max-age={left}")
             }
@@ -184,30 +199,40 @@ impl Access<'_> {
     }
 }
 
-/// The signed path prefix of a track's listening routes.
-pub fn signed_prefix(tokens: &crate::auth::Tokens, id: TrackId, scope: &str, expires: i64) -> String {
-    let signature = tokens.sign_url(&format!("{id}/{scope}"), expires);
-    format!("/v1/signed/{expires}/{signature}/tracks/{id}")
+/// What a signature covers: the track and scope, and the premium access it grants.
+fn signed_path(id: TrackId, scope: &str, premium: bool) -> String {
+    if premium { format!("{id}/{scope}/premium") } else { format!("{id}/{scope}") }
 }
 
-/// Checks a signed URL's signature, then its expiry.
+/// The signed path prefix of a track's listening routes, granting premium access or not.
+pub fn signed_prefix(tokens: &crate::auth::Tokens, id: TrackId, scope: &str, expires: i64, premium: bool) -> String {
+    let signature = tokens.sign_url(&signed_path(id, scope, premium), expires);
+    let mark = if premium { "p." } else { "" };
+    format!("/v1/signed/{expires}/{mark}{signature}/tracks/{id}")
+}
+
+/// Checks a signed URL's signature, then its expiry; answers the access it grants.
 fn check_signature(
     tokens: &crate::auth::Tokens,
     id: &str,
     scope: &str,
     expires: &str,
     signature: &str,
-) -> Result<i64, ApiError> {
+) -> Result<Access<'static>, ApiError> {
     let bad = || ApiError::forbidden("the URL's signature does not match").with_code("bad_signature");
     let id = parse_track_id(id)?;
     let expires: i64 = expires.parse().map_err(|_| bad())?;
-    if !tokens.url_signature_holds(&format!("{id}/{scope}"), expires, signature) {
+    let (premium, signature) = match signature.strip_prefix("p.") {
+        Some(rest) => (true, rest),
+        None => (false, signature),
+    };
+    if !tokens.url_signature_holds(&signed_path(id, scope, premium), expires, signature) {
         return Err(bad());
     }
     if expires < chrono::Utc::now().timestamp() {
         return Err(ApiError::forbidden("the signed URL has expired; ask for a new one").with_code("url_expired"));
     }
-    Ok(expires)
+    Ok(Access::Signed { until: expires, premium })
 }
 
 impl Media {
@@ -268,7 +293,7 @@ impl Media {
         if let Some((start, file)) = start {
             let viewer = match access {
                 Access::Viewer(auth) => auth.session().map(|session| session.user.id),
-                Access::Signed(_) => None,
+                Access::Signed { .. } => None,
             };
             // In redirect mode a rewritten variant playlist sends the player's segment
             // requests to storage: the playlist is the last this API sees of the play.
@@ -305,6 +330,9 @@ impl Media {
         let playlist = key.ends_with(".m3u8");
         let master = playlist && playable.rendition.as_ref().is_some_and(|(master, _)| master == key);
         let grant = access.grant(playable);
+        if master && !access.premium(playable) {
+            return self.free_master(req, spec).await;
+        }
         if !delivery.redirects() || master || (playlist && !grant.rewrites_playlists()) {
             return serve_object(storage, spec, req).await;
         }
@@ -335,20 +363,9 @@ impl Media {
         until: chrono::DateTime<chrono::Utc>,
     ) -> Result<ObjectResponse, ApiError> {
         let storage = self.state.storage.as_ref();
-        let read = storage.get(&spec.key, None).await?;
-        if read.meta.size > redirect::MAX_PLAYLIST_BYTES {
-            tracing::warn!(key = %spec.key, size = read.meta.size, "a playlist too large to rewrite is proxied");
+        let Some(text) = self.read_playlist(spec).await? else {
             return serve_object(storage, spec, req).await;
-        }
-        let mut bytes = Vec::with_capacity(usize::try_from(read.meta.size).unwrap_or_default());
-        let mut body = read.body;
-        while let Some(chunk) = body.next().await {
-            bytes.extend_from_slice(&chunk?);
-            if bytes.len() as u64 > redirect::MAX_PLAYLIST_BYTES {
-                return Err(ApiError::internal(&format!("{} grew past its size while read", spec.key)));
-            }
-        }
-        let text = String::from_utf8(bytes).map_err(|err| ApiError::internal(&err))?;
+        };
         let recorded: HashSet<&str> =
             playable.rendition.as_ref().map(|(_, keys)| keys.iter().map(String::as_str).collect()).unwrap_or_default();
         let dir = spec.key.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
@@ -370,6 +387,34 @@ impl Media {
         Ok(ObjectResponse::generated(spec, body, req.method() == Method::HEAD))
     }
 
+    /// A playlist's text, or `None` when it is too large to hold (it is then proxied as is).
+    async fn read_playlist(&self, spec: &ObjectSpec) -> Result<Option<String>, ApiError> {
+        let read = self.state.storage.get(&spec.key, None).await?;
+        if read.meta.size > redirect::MAX_PLAYLIST_BYTES {
+            tracing::warn!(key = %spec.key, size = read.meta.size, "a playlist too large to rewrite is proxied");
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(read.meta.size).unwrap_or_default());
+        let mut body = read.body;
+        while let Some(chunk) = body.next().await {
+            bytes.extend_from_slice(&chunk?);
+            if bytes.len() as u64 > redirect::MAX_PLAYLIST_BYTES {
+                return Err(ApiError::internal(&format!("{} grew past its size while read", spec.key)));
+            }
+        }
+        Ok(Some(String::from_utf8(bytes).map_err(|err| ApiError::internal(&err))?))
+    }
+
+    /// The master playlist for a listener without premium access: without its premium
+    /// variants. One too large to hold is refused rather than served whole.
+    async fn free_master(&self, req: &Request, spec: &ObjectSpec) -> Result<ObjectResponse, ApiError> {
+        let Some(text) = self.read_playlist(spec).await? else {
+            return Err(ApiError::internal(&format!("{} is too large to filter", spec.key)));
+        };
+        let body = access::without_premium_variants(&text);
+        Ok(ObjectResponse::generated(spec, body, req.method() == Method::HEAD))
+    }
+
     async fn stream(
         &self,
         req: &Request,
@@ -385,6 +430,9 @@ impl Media {
         }
         let start = Start::Progressive { preview: preset == "preview" };
         self.serve_track(req, id, Some(preset), access, Some((start, None)), |playable| {
+            if preset != "preview" && playable.premium_only && !access.premium(playable) {
+                return Err(access::premium_required("this track"));
+            }
             let Some((key, _)) = &playable.rendition else {
                 return Err(ApiError::not_found(&format!("stream {preset:?} for this track")));
             };
@@ -407,6 +455,13 @@ impl Media {
     ) -> Result<ObjectResponse, ApiError> {
         let start = file.map(|(_, file)| (Start::HlsSegment, Some(file)));
         self.serve_track(req, id, Some("aac_hls"), access, start, |playable| {
+            let premium = access.premium(playable);
+            if playable.premium_only && !premium {
+                return Err(access::premium_required("this track"));
+            }
+            if file.is_some_and(|(variant, _)| access::is_premium_variant(variant)) && !premium {
+                return Err(access::premium_required("this HLS variant"));
+            }
             let Some((master, keys)) = &playable.rendition else {
                 return Err(ApiError::not_found("HLS rendition for this track"));
             };
@@ -426,10 +481,16 @@ impl Media {
                 }
             };
             let playlist = key.ends_with(".m3u8");
+            // The master a viewer gets depends on their tier: no shared cache may keep it.
+            let per_viewer = file.is_none() && matches!(access, Access::Viewer(_));
             Ok(ObjectSpec {
                 key: ObjectKey::parse(key.clone()).map_err(|err| ApiError::internal(&err))?,
                 content_type: waveline_media::content_type(&key),
-                cache_control: access.cache(playable, if playlist { 30 } else { 3600 }),
+                cache_control: if per_viewer {
+                    "private, max-age=30".to_owned()
+                } else {
+                    access.cache(playable, if playlist { 30 } else { 3600 })
+                },
                 route: "hls",
             })
         })
@@ -492,9 +553,9 @@ impl Media {
         id: Path<String>,
         preset: Path<String>,
     ) -> Result<ObjectResponse, ApiError> {
-        let until =
+        let access =
             check_signature(&self.state.tokens, &id.0, &format!("stream/{}", preset.0), &expires.0, &signature.0)?;
-        self.stream(req, &id.0, &preset.0, Access::Signed(until)).await
+        self.stream(req, &id.0, &preset.0, access).await
     }
 
     /// The HLS master playlist by signed URL; its relative URIs stay under the signature.
@@ -506,8 +567,8 @@ impl Media {
         signature: Path<String>,
         id: Path<String>,
     ) -> Result<ObjectResponse, ApiError> {
-        let until = check_signature(&self.state.tokens, &id.0, "hls", &expires.0, &signature.0)?;
-        self.hls(req, &id.0, None, Access::Signed(until)).await
+        let access = check_signature(&self.state.tokens, &id.0, "hls", &expires.0, &signature.0)?;
+        self.hls(req, &id.0, None, access).await
     }
 
     /// An HLS variant playlist or segment by signed URL.
@@ -521,8 +582,8 @@ impl Media {
         variant: Path<String>,
         file: Path<String>,
     ) -> Result<ObjectResponse, ApiError> {
-        let until = check_signature(&self.state.tokens, &id.0, "hls", &expires.0, &signature.0)?;
-        self.hls(req, &id.0, Some((&variant.0, &file.0)), Access::Signed(until)).await
+        let access = check_signature(&self.state.tokens, &id.0, "hls", &expires.0, &signature.0)?;
+        self.hls(req, &id.0, Some((&variant.0, &file.0)), access).await
     }
 
     /// The waveform by signed URL.
@@ -535,8 +596,8 @@ impl Media {
         id: Path<String>,
         format: Query<Option<WaveformFormat>>,
     ) -> Result<ObjectResponse, ApiError> {
-        let until = check_signature(&self.state.tokens, &id.0, "waveform", &expires.0, &signature.0)?;
-        self.waveform(req, &id.0, format.0, Access::Signed(until)).await
+        let access = check_signature(&self.state.tokens, &id.0, "waveform", &expires.0, &signature.0)?;
+        self.waveform(req, &id.0, format.0, access).await
     }
 }
 

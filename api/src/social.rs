@@ -274,11 +274,14 @@ pub(crate) async fn track_views(
         .into_iter()
         .map(|track| {
             let id = track.id;
-            TrackView::from(track).with_social(
-                stats.get(&id).copied().unwrap_or_default(),
-                comments.get(&id).copied().unwrap_or(0),
-                session.is_some(),
-            )
+            let premium = crate::access::premium_access(session, track.owner_id);
+            TrackView::from(track)
+                .with_social(
+                    stats.get(&id).copied().unwrap_or_default(),
+                    comments.get(&id).copied().unwrap_or(0),
+                    session.is_some(),
+                )
+                .with_access(premium)
         })
         .collect())
 }

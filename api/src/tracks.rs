@@ -135,6 +135,11 @@ pub struct TrackView {
     tags: Vec<String>,
     /// `public` or `private`.
     visibility: String,
+    /// Only premium listeners (and the owner, and admins) play it in full.
+    premium_only: bool,
+    /// How the viewer may listen: `playable`, `preview` (the 30 s `preview` stream only) or
+    /// `blocked`.
+    access: crate::access::TrackAccess,
     state: String,
     stage: Option<String>,
     progress: i16,
@@ -184,6 +189,13 @@ impl TrackView {
         self
     }
 
+    /// The view for a viewer with (or without) premium access to the track.
+    pub fn with_access(mut self, premium: bool) -> TrackView {
+        let has_preview = self.stream_urls.contains_key("preview");
+        self.access = crate::access::track_access(self.premium_only, has_preview, premium);
+        self
+    }
+
     /// The track's id.
     pub fn id(&self) -> &str {
         &self.id
@@ -225,6 +237,9 @@ impl From<TrackDetails> for TrackView {
             genre: track.genre,
             tags: track.tags,
             visibility: track.visibility.as_str().to_owned(),
+            premium_only: track.premium_only,
+            // As its owner sees it; [`TrackView::with_access`] sets it for another viewer.
+            access: crate::access::TrackAccess::Playable,
             state: status.state,
             stage: status.stage,
             progress: status.progress,
@@ -320,6 +335,8 @@ struct TrackEdit {
     ))]
     tags: Option<Vec<String>>,
     visibility: Option<VisibilityChoice>,
+    /// Only premium listeners (and the owner, and admins) play it in full.
+    premium_only: Option<bool>,
 }
 
 /// Who may see a track.
@@ -529,13 +546,15 @@ impl Tracks {
         let expires_at = Utc::now() + ttl;
         let expires = expires_at.timestamp();
         let tokens = &self.state.tokens;
+        // The access the URLs grant is the viewer's now (see `crate::access`).
+        let premium = crate::access::premium_access(auth.session(), track.owner_id);
         let streams = track
             .presets
             .iter()
             .filter(|preset| crate::media::PROGRESSIVE.contains(&preset.as_str()))
             .map(|preset| {
                 let scope = format!("stream/{preset}");
-                (preset.clone(), format!("{}/{scope}", signed_prefix(tokens, track.id, &scope, expires)))
+                (preset.clone(), format!("{}/{scope}", signed_prefix(tokens, track.id, &scope, expires, premium)))
             })
             .collect();
         let hls = track.presets.iter().any(|p| p == "aac_hls");
@@ -543,8 +562,9 @@ impl Tracks {
             expires_at,
             expires_in: ttl.as_secs(),
             stream_urls: streams,
-            hls_master_url: hls.then(|| format!("{}/hls/master.m3u8", signed_prefix(tokens, track.id, "hls", expires))),
-            waveform_url: format!("{}/waveform", signed_prefix(tokens, track.id, "waveform", expires)),
+            hls_master_url: hls
+                .then(|| format!("{}/hls/master.m3u8", signed_prefix(tokens, track.id, "hls", expires, premium))),
+            waveform_url: format!("{}/waveform", signed_prefix(tokens, track.id, "waveform", expires, premium)),
         }))
     }
 
@@ -586,6 +606,7 @@ impl Tracks {
                 .transpose()?,
             tags: edit.tags.as_deref().map(check_tags).transpose()?,
             visibility: edit.visibility.map(Visibility::from),
+            premium_only: edit.premium_only,
         };
         if !self.state.tracks.update_metadata(track.id, &patch).await? {
             return Err(ApiError::not_found("track"));

@@ -90,6 +90,7 @@ impl Payload for UploadForm {
                 ("genre", text("At most 100 characters.")),
                 ("tags", text("Comma-separated, at most 20 tags of 1–50 characters; the field may repeat.")),
                 ("visibility", text("`public` (default) or `private`.")),
+                ("premium_only", text("`true` or `false` (default): only premium listeners play it in full.")),
             ],
             ..MetaSchema::new("object")
         }))
@@ -150,6 +151,8 @@ struct UploadRequest {
     tags: Option<Vec<String>>,
     /// `public` (default) or `private`.
     visibility: Option<String>,
+    /// Only premium listeners (and the owner, and admins) play it in full; default `false`.
+    premium_only: Option<bool>,
     /// The file's name, for the default title.
     filename: Option<String>,
     /// The file's size in bytes: the upload must be exactly this long. Required with S3
@@ -197,6 +200,7 @@ struct Fields {
     genre: Option<String>,
     tags: Vec<String>,
     visibility: Option<String>,
+    premium_only: Option<bool>,
 }
 
 impl Fields {
@@ -225,6 +229,7 @@ impl Fields {
             tags: check_tags(&self.tags)?,
             visibility: self.visibility.as_deref().map(check_visibility).transpose()?.unwrap_or(Visibility::Public),
             original_key: original_key.as_str().to_owned(),
+            premium_only: self.premium_only.unwrap_or(false),
         })
     }
 }
@@ -478,6 +483,7 @@ pub(crate) async fn upload(
                 "description" => fields.description = Some(budget.read(field).await?),
                 "genre" => fields.genre = Some(budget.read(field).await?),
                 "visibility" => fields.visibility = Some(budget.read(field).await?),
+                "premium_only" => fields.premium_only = Some(crate::access::parse_flag(&budget.read(field).await?)?),
                 "tags" => fields.tags.extend(
                     budget.read(field).await?.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned),
                 ),
@@ -485,7 +491,7 @@ pub(crate) async fn upload(
                     return Err(ApiError::bad_request(
                         "invalid_field",
                         format!(
-                            "unknown form field {other:?}; expected file, title, description, genre, tags, visibility"
+                            "unknown form field {other:?}; expected file, title, description, genre, tags, visibility, premium_only"
                         ),
                     ));
                 }
@@ -595,6 +601,7 @@ impl Uploads {
             genre: request.genre,
             tags: request.tags.unwrap_or_default(),
             visibility: request.visibility,
+            premium_only: request.premium_only,
         };
         let new = fields.into_new_track(id, session.user.id, request.filename.as_deref(), &key)?;
         let ttl = self.state.limits.upload_url_ttl;

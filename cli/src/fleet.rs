@@ -324,6 +324,10 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             settings.plays_flush,
         )),
         charts: charts(settings, &pool, "serve"),
+        billing: Arc::new(
+            waveline_api::billing::Billing::from_settings(settings, pool.clone())
+                .context("the billing settings are not usable")?,
+        ),
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await

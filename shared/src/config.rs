@@ -22,7 +22,9 @@ use url::Url;
 
 use crate::network::Network;
 
+mod billing;
 mod oauth;
+pub use billing::BillingSettings;
 pub use oauth::{OAuthProvider, ProviderKind};
 
 /// The environment variable prefix of every setting.
@@ -226,6 +228,13 @@ pub struct Settings {
     /// The charts' weights and trending's half-life (`trending_weight_plays`, `…_likes`,
     /// `…_reposts`, `…_comments`, `…_reposts_all_time`, `trending_half_life_h`).
     pub chart_scores: crate::charts::Scores,
+    /// Stripe billing (subscriptions, the premium tier): on when `stripe_secret_key` (a
+    /// secret), `stripe_webhook_secret` (the webhook endpoint's signing secret, a secret;
+    /// comma-separated during a rotation) and `stripe_price_premium` (the premium price id)
+    /// are all set; `stripe_api_base` (default `https://api.stripe.com`; `http://` only on
+    /// loopback), `billing_success_url` and `billing_cancel_url` (defaults under `app_url`)
+    /// complete it. `None` (the default): the billing routes answer 503 `billing_disabled`.
+    pub billing: Option<BillingSettings>,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -361,7 +370,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 69] = [
+const KEYS: [Key; 75] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -431,6 +440,12 @@ const KEYS: [Key; 69] = [
     Key { name: "trending_weight_comments", secret: false },
     Key { name: "trending_weight_reposts_all_time", secret: false },
     Key { name: "trending_half_life_h", secret: false },
+    Key { name: "stripe_secret_key", secret: true },
+    Key { name: "stripe_webhook_secret", secret: true },
+    Key { name: "stripe_price_premium", secret: false },
+    Key { name: "stripe_api_base", secret: false },
+    Key { name: "billing_success_url", secret: false },
+    Key { name: "billing_cancel_url", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -798,7 +813,19 @@ impl Settings {
                 got: err.to_string(),
             })?,
         };
+        let billing = billing::parse(
+            billing::RawBilling {
+                secret_key: take("stripe_secret_key"),
+                webhook_secret: take("stripe_webhook_secret"),
+                price_premium: take("stripe_price_premium"),
+                api_base: take("stripe_api_base"),
+                success_url: take("billing_success_url"),
+                cancel_url: take("billing_cancel_url"),
+            },
+            &app_url,
+        )?;
         Ok(Settings {
+            billing,
             fcm_credentials_file,
             fcm_base_url,
             stream_cache_dir,
@@ -941,6 +968,12 @@ impl Settings {
             "trending_weight_comments": self.chart_scores.comments,
             "trending_weight_reposts_all_time": self.chart_scores.reposts_all_time,
             "trending_half_life_h": self.chart_scores.half_life_hours,
+            "stripe_secret_key": self.billing.as_ref().map(|_| "(set)"),
+            "stripe_webhook_secret": self.billing.as_ref().map(|billing| format!("({} set)", billing.webhook_secrets.len())),
+            "stripe_price_premium": self.billing.as_ref().map(|billing| billing.price_premium.as_str()),
+            "stripe_api_base": self.billing.as_ref().map(|billing| billing.api_base.as_str()),
+            "billing_success_url": self.billing.as_ref().map(|billing| billing.success_url.as_str()),
+            "billing_cancel_url": self.billing.as_ref().map(|billing| billing.cancel_url.as_str()),
         })
     }
 
@@ -1556,6 +1589,40 @@ mod tests {
         ] {
             let text = error_text(&[("WAVELINE_FCM_BASE_URL", bad)]);
             assert!(text.starts_with("WAVELINE_FCM_BASE_URL: expected an https:// base URL"), "{bad}: {text}");
+        }
+    }
+
+    #[test]
+    fn billing_is_off_unless_all_three_stripe_settings_are_set() {
+        let settings = load(&[]).expect("defaults");
+        assert!(settings.billing.is_none());
+        let full = [
+            ("WAVELINE_STRIPE_SECRET_KEY", "sk_test_abc123"),
+            ("WAVELINE_STRIPE_WEBHOOK_SECRET", "whsec_new_0123456789, whsec_old_0123456789"),
+            ("WAVELINE_STRIPE_PRICE_PREMIUM", "price_premium1"),
+            ("WAVELINE_STRIPE_API_BASE", "http://127.0.0.1:12111"),
+            ("WAVELINE_APP_URL", "https://app.example.com"),
+        ];
+        let billing = load(&full).expect("valid").billing.expect("on");
+        assert_eq!(billing.webhook_secrets.len(), 2, "a rotation keeps both");
+        assert_eq!(billing.price_premium, "price_premium1");
+        assert_eq!(billing.api_base.as_str(), "http://127.0.0.1:12111/");
+        assert_eq!(billing.success_url, "https://app.example.com/billing/success?session_id={CHECKOUT_SESSION_ID}");
+        assert_eq!(billing.cancel_url, "https://app.example.com/billing/cancel");
+        let redacted = load(&full).expect("valid").redacted().to_string();
+        assert!(!redacted.contains("sk_test_abc123") && !redacted.contains("whsec_new"), "{redacted}");
+        let text = error_text(&full[..1]);
+        assert!(text.starts_with("WAVELINE_STRIPE_WEBHOOK_SECRET: expected a value"), "{text}");
+        for (var, bad) in [
+            ("WAVELINE_STRIPE_SECRET_KEY", "pk_test_public"),
+            ("WAVELINE_STRIPE_WEBHOOK_SECRET", "short"),
+            ("WAVELINE_STRIPE_API_BASE", "http://stripe.example.com"),
+        ] {
+            let mut env = full.to_vec();
+            env.retain(|(name, _)| *name != var);
+            env.push((var, bad));
+            let text = error_text(&env);
+            assert!(text.starts_with(&format!("{var}: expected")), "{text}");
         }
     }
 

@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 
 mod accounts;
+pub mod billing;
 mod catalog;
 mod devices;
 pub mod plays;
@@ -27,6 +28,7 @@ pub mod social;
 pub use accounts::{
     LoginBlock, LoginPolicy, NewUser, PgUsers, Registration, Role, Rotation, TOKENS_PER_HOUR, TokenPurpose, UserRow,
 };
+pub use billing::{PgBilling, Tier};
 pub use catalog::{Admission, NewTrack, Page, Playable, TrackDetails, TrackPatch, Visibility};
 pub use devices::PgDevices;
 

@@ -150,6 +150,12 @@ const MATRIX: &[Row] = &[
     // (204 all the same) on `DELETE`.
     row("put", "/v1/me/devices/{token}", Expect::Any([401, 204, 204, 204])),
     row("delete", "/v1/me/devices/{token}", Expect::Any([401, 204, 204, 204])),
+    // Billing, against a fake Stripe: a checkout for the signed-in account (which makes its
+    // Stripe customer), then its portal. The webhook is Stripe's: a delivery without a
+    // signature is refused whoever sends it.
+    row("post", "/v1/billing/checkout", Expect::Any([401, 200, 200, 200])),
+    row("post", "/v1/billing/portal", Expect::Any([401, 200, 200, 200])),
+    row("post", "/v1/billing/webhook", Expect::Any([400, 400, 400, 400])),
     // Deleting an account takes its password; a wrong one is refused for everyone.
     row("delete", "/v1/me", Expect::Any([401, 403, 403, 403])),
     // Likes and reposts of what one may see; nobody reposts their own.
@@ -395,6 +401,7 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
         }
         ("patch", "/v1/me") => request.json(&json!({"bio": "Matrix"})),
         ("put", "/v1/me/devices/{token}") => request.json(&json!({"platform": "android"})),
+        ("post", "/v1/billing/webhook") => request.json(&json!({"id": "evt_matrix", "type": "invoice.paid"})),
         ("patch", _) => request.json(&json!({"title": "Renamed"})),
         ("delete", "/v1/me") => request.json(&json!({"password": "not the password"})),
         ("post", "/v1/tracks/{id}/comments") => request.json(&json!({"body": "matrix", "timestamp_ms": 0})),
@@ -442,7 +449,9 @@ async fn relogin(stack: &Stack, fixture: &mut Fixture, role: Role, path: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<()> {
     let provider = waveline_tests::oauth_provider::FakeProvider::start().await?;
+    let stripe = waveline_tests::fake_stripe::FakeStripe::start().await?;
     let mut env = provider.env();
+    env.extend(stripe.env("whsec_matrix_secret_0123456789"));
     env.push(("WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE".into(), "0".into()));
     env.push(("WAVELINE_SOCIAL_WRITES_PER_MINUTE".into(), "0".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -481,6 +481,7 @@ async fn abandoned_direct_uploads_are_forgotten_with_their_bytes() -> Result<()>
             tags: Vec::new(),
             visibility: Visibility::Public,
             original_key: original_key(id).to_string(),
+            premium_only: false,
         };
         let tracks = fleet.tracks.clone();
         async move { tracks.create_awaiting(&new, expires_at, None).await.map(|()| id) }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
 
 use super::DbError;
+use super::billing::Tier;
 use crate::domain::UserId;
 
 /// What an account may do.
@@ -54,6 +55,8 @@ pub struct UserRow {
     /// Whether the account proved it receives mail at `email` (a verification link, a
     /// completed password reset, or a login provider that vouched for the address).
     pub email_verified: bool,
+    /// Free or premium (see [`super::billing`]).
+    pub tier: Tier,
 }
 
 /// A new account, validated by the caller.
@@ -80,10 +83,10 @@ pub struct PgUsers {
     pool: PgPool,
 }
 
-type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>, bool);
+type UserTuple = (UserId, String, String, String, Option<String>, DateTime<Utc>, Option<DateTime<Utc>>, bool, String);
 
 fn user_row(
-    (id, email, username, role, password_hash, created_at, suspended_at, email_verified): UserTuple,
+    (id, email, username, role, password_hash, created_at, suspended_at, email_verified, tier): UserTuple,
 ) -> Result<UserRow, DbError> {
     Ok(UserRow {
         id,
@@ -94,11 +97,12 @@ fn user_row(
         created_at,
         suspended_at,
         email_verified,
+        tier: Tier::parse(&tier)?,
     })
 }
 
 const USER_COLUMNS: &str =
-    "id, email, username, role, password_hash, created_at, suspended_at, email_verified_at IS NOT NULL";
+    "id, email, username, role, password_hash, created_at, suspended_at, email_verified_at IS NOT NULL, tier";
 
 impl PgUsers {
     pub fn new(pool: PgPool) -> PgUsers {

@@ -43,6 +43,8 @@ pub struct NewTrack {
     pub tags: Vec<String>,
     pub visibility: Visibility,
     pub original_key: String,
+    /// Only premium listeners (and the owner, and admins) play it in full.
+    pub premium_only: bool,
 }
 
 /// Everything the API shows of a track.
@@ -56,6 +58,8 @@ pub struct TrackDetails {
     pub genre: Option<String>,
     pub tags: Vec<String>,
     pub visibility: Visibility,
+    /// Only premium listeners (and the owner, and admins) play it in full.
+    pub premium_only: bool,
     pub state: TrackState,
     pub stage: Option<ProcessingStage>,
     pub progress: i16,
@@ -89,6 +93,7 @@ struct DetailsRow {
     genre: Option<String>,
     tags: Vec<String>,
     visibility: String,
+    premium_only: bool,
     state: String,
     stage: Option<String>,
     progress: i16,
@@ -111,7 +116,7 @@ struct DetailsRow {
 
 const DETAILS_SELECT: &str = "
     SELECT t.id, t.owner_id, u.username AS owner_username, t.title, t.description, t.genre, t.tags,
-           t.visibility, t.state, t.stage, t.progress, t.error_code, t.error_message, t.attempts,
+           t.visibility, t.premium_only, t.state, t.stage, t.progress, t.error_code, t.error_message, t.attempts,
            t.revision, t.ready_revision, t.duration_ms, t.original_size, t.loudness, t.track_tags,
            t.source, t.playback_count, t.preview_playback_count, t.created_at, t.updated_at,
            coalesce(ARRAY(SELECT r.preset FROM renditions r
@@ -134,6 +139,7 @@ impl TryFrom<DetailsRow> for TrackDetails {
             tags: row.tags,
             visibility: Visibility::parse(&row.visibility)
                 .ok_or_else(|| DbError::Invalid(format!("unknown visibility {:?}", row.visibility)))?,
+            premium_only: row.premium_only,
             state: row.state.parse().map_err(invalid)?,
             stage: row.stage.map(|stage| stage.parse()).transpose().map_err(invalid)?,
             progress: row.progress,
@@ -172,6 +178,7 @@ pub struct TrackPatch {
     pub genre: Option<Option<String>>,
     pub tags: Option<Vec<String>>,
     pub visibility: Option<Visibility>,
+    pub premium_only: Option<bool>,
 }
 
 /// What a stream, HLS or waveform route needs, in one query.
@@ -190,6 +197,8 @@ pub struct Playable {
     pub waveform_summary_key: Option<String>,
     /// The owner is suspended: only admins may play their private tracks.
     pub owner_suspended: bool,
+    /// Only premium listeners (and the owner, and admins) play it in full.
+    pub premium_only: bool,
 }
 
 /// How [`PgTracks::admit`] decided.
@@ -356,6 +365,7 @@ impl PgTracks {
                  genre = CASE WHEN $4 THEN $5 ELSE genre END,
                  tags = coalesce($6, tags),
                  visibility = coalesce($7, visibility),
+                 premium_only = coalesce($8, premium_only),
                  updated_at = now()
              WHERE id = $1",
         )
@@ -366,6 +376,7 @@ impl PgTracks {
         .bind(patch.genre.clone().flatten())
         .bind(&patch.tags)
         .bind(patch.visibility.map(Visibility::as_str))
+        .bind(patch.premium_only)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
@@ -384,10 +395,12 @@ impl PgTracks {
             Option<String>,
             Option<String>,
             bool,
+            bool,
         );
         let row: Option<Row> = sqlx::query_as(
             "SELECT t.owner_id, t.visibility, t.state, t.ready_revision, r.storage_key, r.storage_keys,
-                    t.waveform_key, t.waveform_dat_key, t.waveform_summary_key, u.suspended_at IS NOT NULL
+                    t.waveform_key, t.waveform_dat_key, t.waveform_summary_key, u.suspended_at IS NOT NULL,
+                    t.premium_only
              FROM tracks t
              JOIN users u ON u.id = t.owner_id
              LEFT JOIN renditions r ON r.track_id = t.id AND r.revision = t.ready_revision AND r.preset = $2
@@ -397,8 +410,19 @@ impl PgTracks {
         .bind(preset)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((owner_id, visibility, state, ready_revision, key, keys, waveform, dat, summary, owner_suspended)) =
-            row
+        let Some((
+            owner_id,
+            visibility,
+            state,
+            ready_revision,
+            key,
+            keys,
+            waveform,
+            dat,
+            summary,
+            owner_suspended,
+            premium_only,
+        )) = row
         else {
             return Ok(None);
         };
@@ -413,16 +437,17 @@ impl PgTracks {
             waveform_dat_key: dat,
             waveform_summary_key: summary,
             owner_suspended,
+            premium_only,
         }))
     }
 
     /// For the upload quota: whether `owner` is exempt (the system account of operator
-    /// imports), and the total duration of their tracks that have not failed, other than
+    /// imports, and premium accounts), and the total duration of their tracks that have not failed, other than
     /// `excluding`, in milliseconds: the decoded duration of processed tracks, the admitted
     /// one of tracks in processing ([`PgTracks::admit`]); tracks not admitted yet count as 0.
     pub async fn quota_usage(&self, owner: UserId, excluding: Option<TrackId>) -> Result<(bool, i64), DbError> {
         let row: Option<(bool, i64)> = sqlx::query_as(
-            "SELECT u.role = 'system',
+            "SELECT u.role = 'system' OR u.tier = 'premium',
                     coalesce((SELECT sum(coalesce(t.duration_ms, t.admitted_ms)) FROM tracks t
                               WHERE t.owner_id = u.id AND t.state <> 'failed' AND t.id IS DISTINCT FROM $2), 0)::bigint
              FROM users u WHERE u.id = $1",
@@ -442,7 +467,7 @@ impl PgTracks {
     pub async fn admit(&self, claim: &Claim, duration_ms: i64, quota_ms: i64) -> Result<Admission, DbError> {
         let mut tx = self.pool.begin().await?;
         let owner: Option<(UserId, bool)> = sqlx::query_as(
-            "SELECT u.id, u.role = 'system' FROM tracks t JOIN users u ON u.id = t.owner_id
+            "SELECT u.id, u.role = 'system' OR u.tier = 'premium' FROM tracks t JOIN users u ON u.id = t.owner_id
              WHERE t.id = $1 AND t.state = 'processing' AND t.attempts = $2
              FOR UPDATE OF u",
         )
@@ -514,8 +539,8 @@ async fn insert_track(
 ) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO tracks (id, owner_id, title, description, genre, tags, visibility, state, original_key,
-                             original_size, upload_expires_at, enqueued_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $8 = 'queued' THEN now() END)",
+                             original_size, upload_expires_at, enqueued_at, premium_only)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $8 = 'queued' THEN now() END, $12)",
     )
     .bind(new.id)
     .bind(new.owner)
@@ -528,6 +553,7 @@ async fn insert_track(
     .bind(&new.original_key)
     .bind(original_size)
     .bind(upload_expires_at)
+    .bind(new.premium_only)
     .execute(executor)
     .await?;
     Ok(())
