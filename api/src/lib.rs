@@ -23,6 +23,7 @@
 //! | [`inbox`] | `POST|GET /v1/me/conversations/{conversation}/messages`, `GET /v1/me/conversations`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
+//! | `search` | `GET /v1/search` (tracks, accounts and playlists by their words) |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -47,6 +48,7 @@ mod ops;
 mod playlists;
 pub mod realtime;
 pub mod redirect;
+mod search;
 pub mod security;
 mod serve;
 pub mod session_cache;
@@ -234,6 +236,7 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
+    search::Search,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -253,7 +256,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             feed::Feed { state: state.clone() },
             inbox::Inbox { state: state.clone() },
             realtime::RealtimeApi { state: state.clone() },
-            devices::Devices { state },
+            devices::Devices { state: state.clone() },
+            search::Search { search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()), state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
@@ -261,7 +265,7 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
          HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
-         the activity feed and push notification devices. Errors are JSON `{code, message}`.",
+         the activity feed, push notification devices and search. Errors are JSON `{code, message}`.",
     )
 }
 
