@@ -342,7 +342,7 @@ async fn search_pages_are_complete_and_stable_and_bad_input_is_refused() -> Resu
     loop {
         let mut params = vec![("q", "echo"), ("limit", "20")];
         if let Some(cursor) = &cursor {
-            params.push(("cursor", cursor));
+            params.push(("cursor", cursor.as_str()));
         }
         let (status, page) = search_raw(&stack, &params, None).await?;
         ensure!(status == 200, "{status} {page}");
@@ -366,11 +366,11 @@ async fn search_pages_are_complete_and_stable_and_bad_input_is_refused() -> Resu
     let (_, first) = search_raw(&stack, &[("q", "echo"), ("limit", "20")], None).await?;
     ensure!(field(&first, "tracks", "id") == pages[0]);
     let second_cursor = first["next_cursor"].as_str().context("a cursor")?.to_owned();
-    let (_, second) = search_raw(&stack, &[("q", "echo"), ("limit", "20"), ("cursor", &second_cursor)], None).await?;
+    let (_, second) = search_raw(&stack, &[("q", "echo"), ("limit", "20"), ("cursor", second_cursor.as_str())], None).await?;
     ensure!(field(&second, "tracks", "id") == pages[1]);
     // A cursor belongs to its search.
     for (q, kind) in [("ech", "tracks"), ("echo", "users")] {
-        let (status, body) = search_raw(&stack, &[("q", q), ("type", kind), ("cursor", &second_cursor)], None).await?;
+        let (status, body) = search_raw(&stack, &[("q", q), ("type", kind), ("cursor", second_cursor.as_str())], None).await?;
         ensure!(status == 400 && body["code"] == "invalid_field", "{q} {kind}: {status} {body}");
     }
 
@@ -379,7 +379,7 @@ async fn search_pages_are_complete_and_stable_and_bad_input_is_refused() -> Resu
     for q in [
         "echo & !", "echo | 2", "!echo", "echo:*", "'echo'", "\"echo\"", "echo\\", "(echo", "echo)", "e:* & f",
         "<->", "echo <-> 4", "\\'", "'''", "&&&", "!!!", ":", "*", "()", "echo\u{0}", "\u{202e}echo", "ŉ", "ʻecho",
-        "%", "_", "echo%", "\u{feff}", "🎵 echo", "東京", long_hostile.as_str(),
+        "ʻ", "ʻʻʻ", "%", "_", "echo%", "\u{feff}", "🎵 echo", "東京", long_hostile.as_str(),
     ] {
         let (status, body) = search_raw(&stack, &[("q", q)], None).await?;
         ensure!(status == 200 && body["tracks"].is_array(), "{q:?}: {status} {body}");
@@ -409,7 +409,7 @@ async fn search_pages_are_complete_and_stable_and_bad_input_is_refused() -> Resu
         ensure!(status == 400 && body["code"] == "invalid_field", "{params:?}: {status} {body}");
     }
     // 200 characters are allowed.
-    let (status, _) = search_raw(&stack, &[("q", &"é".repeat(200))], None).await?;
+    let (status, _) = search_raw(&stack, &[("q", "é".repeat(200).as_str())], None).await?;
     ensure!(status == 200);
     Ok(())
 }
