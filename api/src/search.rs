@@ -186,10 +186,8 @@ impl Search {
         let words = words(&q.0);
         let after = decode_cursor(&self.state.tokens, kind, &words, cursor.0.as_deref())?;
         let session = auth.session();
-        let page = self
-            .search
-            .search(kind.kind(), &words, session.map(|s| s.user.id), after, page_limit(limit.0)?)
-            .await?;
+        let page =
+            self.search.search(kind.kind(), &words, session.map(|s| s.user.id), after, page_limit(limit.0)?).await?;
         let mut results = self.results(kind, &page.ids, session).await?;
         results.next_cursor = page.next.map(|at| encode_cursor(&self.state.tokens, kind, &words, at));
         Ok(Json(results))

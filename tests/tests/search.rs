@@ -22,7 +22,13 @@ const UNLIMITED: &[(&str, &str)] = &[
 ];
 
 /// One call: the status and the JSON body.
-async fn call(stack: &Stack, method: &str, path: &str, user: Option<&User>, body: Option<Value>) -> Result<(u16, Value)> {
+async fn call(
+    stack: &Stack,
+    method: &str,
+    path: &str,
+    user: Option<&User>,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
     let mut request = reqwest::Client::new().request(reqwest::Method::from_bytes(method.as_bytes())?, stack.url(path));
     if let Some(user) = user {
         request = request.bearer_auth(&user.token);
@@ -33,8 +39,11 @@ async fn call(stack: &Stack, method: &str, path: &str, user: Option<&User>, body
     let response = request.send().await?;
     let status = response.status().as_u16();
     let text = response.text().await?;
-    let value =
-        if text.is_empty() { Value::Null } else { serde_json::from_str(&text).with_context(|| format!("{status}: {text}"))? };
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{status}: {text}"))?
+    };
     Ok((status, value))
 }
 
@@ -59,9 +68,9 @@ async fn search(stack: &Stack, kind: &str, q: &str, user: Option<&User>) -> Resu
 
 /// A field of each item of a page's list.
 fn field(page: &Value, list: &str, name: &str) -> Vec<String> {
-    page[list].as_array().map_or_else(Vec::new, |items| {
-        items.iter().filter_map(|item| item[name].as_str().map(str::to_owned)).collect()
-    })
+    page[list]
+        .as_array()
+        .map_or_else(Vec::new, |items| items.iter().filter_map(|item| item[name].as_str().map(str::to_owned)).collect())
 }
 
 fn titles(page: &Value) -> Vec<String> {
@@ -84,7 +93,8 @@ const PLAIN: NewTrack<'static> =
 async fn insert_track(stack: &Stack, owner: &User, track: NewTrack<'_>) -> Result<String> {
     let id = TrackId::new();
     let owner: uuid::Uuid = owner.id.parse()?;
-    let (state, stage, ready_revision) = if track.ready { ("ready", None, Some(1)) } else { ("processing", Some("encoding"), None) };
+    let (state, stage, ready_revision) =
+        if track.ready { ("ready", None, Some(1)) } else { ("processing", Some("encoding"), None) };
     sqlx::query(
         "INSERT INTO tracks (id, owner_id, title, description, genre, tags, visibility, state, stage, revision,
                              ready_revision, duration_ms)
@@ -148,25 +158,25 @@ async fn flow(mode: Mode) -> Result<()> {
 
     // Tracks, in the view of GET /v1/tracks/{id}: counts and the viewer's marks included.
     let found = search(&stack, "tracks", "beyonce", Some(&bob)).await?;
-    ensure!(field(&found, "tracks", "id") == [halo.clone()], "{found}");
+    ensure!(field(&found, "tracks", "id") == [halo.as_str()], "{found}");
     let track = &found["tracks"][0];
     ensure!(track["likes_count"] == 1 && track["user_liked"] == true && track["state"] == "ready", "{track}");
     ensure!(track["stream_urls"]["mp3_128"].is_string() && track["owner"]["username"] == "alice", "{track}");
     ensure!(found.get("next_cursor").is_none() && found.get("users").is_none(), "{found}");
     // As typed, by tag, by genre, by description; the private demo for its owner alone.
     for q in ["hal", "Halo cov", "pop", "r&b", "recorded live"] {
-        ensure!(field(&search(&stack, "tracks", q, Some(&bob)).await?, "tracks", "id") == [halo.clone()], "{q}");
+        ensure!(field(&search(&stack, "tracks", q, Some(&bob)).await?, "tracks", "id") == [halo.as_str()], "{q}");
     }
     let mine = search(&stack, "tracks", "halo", Some(&alice)).await?;
     ensure!(field(&mine, "tracks", "id").iter().collect::<BTreeSet<_>>() == [&halo, &demo].into(), "{mine}");
-    ensure!(field(&search(&stack, "tracks", "halo", None).await?, "tracks", "id") == [halo.clone()]);
+    ensure!(field(&search(&stack, "tracks", "halo", None).await?, "tracks", "id") == [halo.as_str()]);
 
     // Accounts, in the view of GET /v1/users/{username}; playlists, as their lists show them.
     let users = search(&stack, "users", "beyonce fan", None).await?;
     ensure!(field(&users, "users", "username") == ["alice"], "{users}");
     ensure!(users["users"][0]["track_count"] == 1 && users["users"][0]["display_name"] == "Beyoncé Fan Club");
     let lists = search(&stack, "playlists", "covers", Some(&bob)).await?;
-    ensure!(field(&lists, "playlists", "id") == [list.clone()], "{lists}");
+    ensure!(field(&lists, "playlists", "id") == [list.as_str()], "{lists}");
     ensure!(lists["playlists"][0]["track_count"] == 1, "bob sees one of its tracks: {lists}");
     let lists = search(&stack, "playlists", "covers", Some(&alice)).await?;
     ensure!(lists["playlists"][0]["track_count"] == 2, "{lists}");
@@ -212,7 +222,7 @@ async fn search_ranks_matches_prefixes_folds_accents_and_tolerates_typos() -> Re
     let ranked = search(&stack, "tracks", "aurora", None).await?;
     let ids = field(&ranked, "tracks", "id");
     ensure!(ids.len() == 5, "{ranked}");
-    ensure!(ids[..2] == [newer_title.clone(), older_title.clone()], "title matches first, newest first: {ranked}");
+    ensure!(ids[..2] == [newer_title.as_str(), older_title.as_str()], "title matches first, newest first: {ranked}");
     ensure!(
         ids[2..4].iter().collect::<BTreeSet<_>>() == [&by_tag, &by_genre].into() && ids[4] == by_description,
         "tags and genre, then the description: {ranked}"
@@ -259,13 +269,16 @@ async fn search_shows_each_viewer_only_what_they_may_see() -> Result<()> {
     let bob = register_and_login(&stack, "bob").await?;
     let carol = register_and_login(&stack, "carol").await?;
     let mallory = register_and_login(&stack, "mallory").await?;
-    for (user, name) in [(&alice, "Alice Nebula"), (&bob, "Bob Nebula"), (&carol, "Carol Nebula"), (&mallory, "Mallory Nebula")] {
+    for (user, name) in
+        [(&alice, "Alice Nebula"), (&bob, "Bob Nebula"), (&carol, "Carol Nebula"), (&mallory, "Mallory Nebula")]
+    {
         display_name(&stack, user, name).await?;
     }
     let public = insert_track(&stack, &alice, NewTrack { title: "Nebula public", ..PLAIN }).await?;
     let private =
         insert_track(&stack, &alice, NewTrack { title: "Nebula private", visibility: "private", ..PLAIN }).await?;
-    let processing = insert_track(&stack, &alice, NewTrack { title: "Nebula processing", ready: false, ..PLAIN }).await?;
+    let processing =
+        insert_track(&stack, &alice, NewTrack { title: "Nebula processing", ready: false, ..PLAIN }).await?;
     let carols = insert_track(&stack, &carol, NewTrack { title: "Nebula by carol", ..PLAIN }).await?;
     let mallorys = insert_track(&stack, &mallory, NewTrack { title: "Nebula by mallory", ..PLAIN }).await?;
     let alices_list = playlist(&stack, &alice, "Nebula list", "public", &[&public, &private]).await?;
@@ -358,28 +371,58 @@ async fn search_pages_are_complete_and_stable_and_bad_input_is_refused() -> Resu
     ensure!(listed.iter().cloned().collect::<BTreeSet<_>>() == all && listed.len() == 45, "each once: {listed:?}");
     // The ranks hold across the pages: the 15 title matches, then the 30 others.
     let titles_first: BTreeSet<String> = listed[..15].iter().cloned().collect();
-    let echo_titled: Vec<String> = sqlx::query_scalar("SELECT id::text FROM tracks WHERE title LIKE 'Echo %'")
-        .fetch_all(&stack.db.pool)
-        .await?;
+    let echo_titled: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM tracks WHERE title LIKE 'Echo %'").fetch_all(&stack.db.pool).await?;
     ensure!(titles_first == echo_titled.into_iter().collect(), "title matches first");
     // The same walk again gives the same pages.
     let (_, first) = search_raw(&stack, &[("q", "echo"), ("limit", "20")], None).await?;
     ensure!(field(&first, "tracks", "id") == pages[0]);
     let second_cursor = first["next_cursor"].as_str().context("a cursor")?.to_owned();
-    let (_, second) = search_raw(&stack, &[("q", "echo"), ("limit", "20"), ("cursor", second_cursor.as_str())], None).await?;
+    let (_, second) =
+        search_raw(&stack, &[("q", "echo"), ("limit", "20"), ("cursor", second_cursor.as_str())], None).await?;
     ensure!(field(&second, "tracks", "id") == pages[1]);
     // A cursor belongs to its search.
     for (q, kind) in [("ech", "tracks"), ("echo", "users")] {
-        let (status, body) = search_raw(&stack, &[("q", q), ("type", kind), ("cursor", second_cursor.as_str())], None).await?;
+        let (status, body) =
+            search_raw(&stack, &[("q", q), ("type", kind), ("cursor", second_cursor.as_str())], None).await?;
         ensure!(status == 400 && body["code"] == "invalid_field", "{q} {kind}: {status} {body}");
     }
 
     // Queries that are tsquery syntax, or nothing but it, are words or nothing: never 500.
     let long_hostile = "&|!:*'\"\\()<->".repeat(14);
     for q in [
-        "echo & !", "echo | 2", "!echo", "echo:*", "'echo'", "\"echo\"", "echo\\", "(echo", "echo)", "e:* & f",
-        "<->", "echo <-> 4", "\\'", "'''", "&&&", "!!!", ":", "*", "()", "echo\u{0}", "\u{202e}echo", "ŉ", "ʻecho",
-        "ʻ", "ʻʻʻ", "%", "_", "echo%", "\u{feff}", "🎵 echo", "東京", long_hostile.as_str(),
+        "echo & !",
+        "echo | 2",
+        "!echo",
+        "echo:*",
+        "'echo'",
+        "\"echo\"",
+        "echo\\",
+        "(echo",
+        "echo)",
+        "e:* & f",
+        "<->",
+        "echo <-> 4",
+        "\\'",
+        "'''",
+        "&&&",
+        "!!!",
+        ":",
+        "*",
+        "()",
+        "echo\u{0}",
+        "\u{202e}echo",
+        "ŉ",
+        "ʻecho",
+        "ʻ",
+        "ʻʻʻ",
+        "%",
+        "_",
+        "echo%",
+        "\u{feff}",
+        "🎵 echo",
+        "東京",
+        long_hostile.as_str(),
     ] {
         let (status, body) = search_raw(&stack, &[("q", q)], None).await?;
         ensure!(status == 200 && body["tracks"].is_array(), "{q:?}: {status} {body}");

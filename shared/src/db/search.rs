@@ -211,7 +211,13 @@ impl PgSearch {
         .await?;
         let estimate = |n: usize| plan[0]["Plan"]["Plans"][n]["Plan Rows"].as_f64().unwrap_or(0.0);
         let (matches, rows) = (estimate(0), estimate(1));
-        Ok(if matches * matches * INDEX_READ_COST >= CANDIDATES as f64 * rows { Reading::Newest } else { Reading::Every })
+        let reading = if matches * matches * INDEX_READ_COST >= CANDIDATES as f64 * rows {
+            Reading::Newest
+        } else {
+            Reading::Every
+        };
+        tracing::debug!(table, matches, rows, ?reading, "search candidates");
+        Ok(reading)
     }
 
     async fn page(
@@ -255,8 +261,7 @@ impl PgSearch {
             .await?;
         let more = rows.len() as i64 > limit;
         let rows = &rows[..rows.len().min(limit as usize)];
-        let next =
-            if more { rows.last().map(|&(id, score)| SearchPosition { matching, score, id }) } else { None };
+        let next = if more { rows.last().map(|&(id, score)| SearchPosition { matching, score, id }) } else { None };
         Ok(SearchPage { ids: rows.iter().map(|(id, _)| *id).collect(), next })
     }
 }
