@@ -54,6 +54,14 @@
 #       second, p50/p99 and the ratios. Target: a feed page's p99 ≤ 50 ms on PostgreSQL.
 #       About 11 minutes; WAVELINE_BENCH_KEEP=1 keeps the database for EXPLAIN.
 #
+#   scripts/bench.sh trending [RUNS=5]
+#       one computation of every chart (`waveline charts rebuild`, release) over 1,000,000
+#       plays on 100,000 tracks (with 100,000 likes, 20,000 reposts and 10,000 comments;
+#       scripts/bench-trending-seed.sql, in a database of its own, waveline_bench_trending),
+#       side by side with the bare SQL that only reads the same engagement (the four windows'
+#       sums per track, no scoring, ranking or writes) in psql, alternating, RUNS each;
+#       prints medians and the ratio. About 2 minutes.
+#
 #   scripts/bench.sh search [SECONDS=10] [RUNS=3]
 #       GET /v1/search at scale, in a database of its own (waveline_bench_search): 10,000
 #       accounts, 100,000 tracks and 10,000 playlists with varied names written with SQL
@@ -891,17 +899,41 @@ social() {
       FROM follows WHERE follower_id = '$viewer'" "$db")
   at=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT timestamptz 'epoch' + ${cursor:1:$(( ${#cursor} - 34 ))} * interval '1 millisecond'" "$db")
   id=${cursor##*.}
-  local feed_sql="SELECT page.* FROM unnest(:actors::uuid[]) AS followed(actor)
+  # The two steps of PgDocuments::feed: each followed account's newest activity, then only the
+  # accounts whose newest reaches the page, each walked down to the page's bound.
+  local feed_sql="WITH heads AS MATERIALIZED (
+         SELECT followed.actor, h.created_at, h.id
+         FROM unnest(:actors::uuid[]) AS followed(actor)
+         CROSS JOIN LATERAL (
+             SELECT a.created_at, a.id FROM activity_documents a
+             WHERE a.actor = followed.actor POSITION
+             ORDER BY a.created_at DESC, a.id DESC
+             LIMIT 1
+         ) h
+     ),
+     bound AS (
+         SELECT created_at, id FROM (
+             (SELECT created_at, id FROM heads ORDER BY created_at DESC, id DESC OFFSET 20 LIMIT 1)
+             UNION ALL
+             SELECT '-infinity'::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid
+         ) candidates
+         ORDER BY created_at DESC, id DESC
+         LIMIT 1
+     )
+     SELECT page.* FROM heads
+     CROSS JOIN bound
      CROSS JOIN LATERAL (
          SELECT id, kind, actor, object_id, created_at FROM activity_documents a
-         WHERE a.actor = followed.actor POSITION
+         WHERE a.actor = heads.actor POSITION
+           AND (a.created_at, a.id) >= (bound.created_at, bound.id)
          ORDER BY a.created_at DESC, a.id DESC
          LIMIT 21
      ) page
+     WHERE (heads.created_at, heads.id) >= (bound.created_at, bound.id)
      ORDER BY page.created_at DESC, page.id DESC
      LIMIT 21;"
-  echo "${feed_sql/POSITION/}" >"$work/feed_first.sql"
-  echo "${feed_sql/POSITION/AND (a.created_at, a.id) < (:at::timestamptz, :id::uuid)}" >"$work/feed_deep.sql"
+  echo "${feed_sql//POSITION/}" >"$work/feed_first.sql"
+  echo "${feed_sql//POSITION/AND (a.created_at, a.id) < (:at::timestamptz, :id::uuid)}" >"$work/feed_deep.sql"
   local bare_first bare_deep
   bare_first=$(psql -h 127.0.0.1 -U postgres -X -At -v actors="'$actors'" -f "$work/feed_first.sql" "$db" | cut -d'|' -f1 | head -20)
   bare_deep=$(psql -h 127.0.0.1 -U postgres -X -At -v actors="'$actors'" -v at="'$at'" -v id="'$id'" -f "$work/feed_deep.sql" "$db" | cut -d'|' -f1)
@@ -1503,6 +1535,65 @@ realtime() {
   printf "| delivery p50 / p99 / max | %s / **%s** / %s ms | p99 ≤ 50 ms |\n" "$(field p50_ms)" "$(field p99_ms)" "$(field max_ms)"
 }
 
+trending_cleanup() {
+  [ -n "${WAVELINE_BENCH_KEEP:-}" ] || psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+
+trending() {
+  local runs=${1:-5} users=10000 tracks=100000 plays=1000000
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
+  command -v bc >/dev/null || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bc >/dev/null; }
+  echo "building waveline (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  work=$(mktemp -d) db=waveline_bench_trending
+  trap trending_cleanup EXIT
+  bin=$(own_copy waveline)
+  export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
+  export WAVELINE_STORAGE=file://$work/store
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+  "$bin" migrate >/dev/null
+  echo "seeding $tracks tracks and $plays plays…" >&2
+  psql -h 127.0.0.1 -U postgres -d "$db" -q -v users=$users -v tracks=$tracks -v plays=$plays \
+    -f "$root/scripts/bench-trending-seed.sql" >/dev/null
+  local counts; counts=$(psql -h 127.0.0.1 -U postgres -d "$db" -Atc "
+    SELECT (SELECT sum(plays) FROM play_hours) || ' plays in ' || (SELECT count(*) FROM play_hours) || ' hourly rows, '
+        || (SELECT count(*) FROM track_likes) || ' likes, ' || (SELECT count(*) FROM track_reposts) || ' reposts, '
+        || (SELECT sum(comments) FROM comment_hours) || ' comments'")
+  # The reference: the same engagement read and summed per track for each chart's window.
+  local bare='' window
+  for window in "7 days" "7 days" "30 days" "100 years"; do
+    bare+="SELECT count(*) FROM (SELECT track_id, sum(w) FROM (
+      SELECT track_id, plays::float8 AS w FROM play_hours WHERE hour >= now() - interval '$window'
+      UNION ALL SELECT track_id, 1 FROM track_likes WHERE created_at >= now() - interval '$window'
+      UNION ALL SELECT track_id, 50 FROM track_reposts WHERE created_at >= now() - interval '$window'
+      UNION ALL SELECT track_id, comments FROM comment_hours WHERE hour >= now() - interval '$window') e GROUP BY 1) s;
+"
+  done
+  "$bin" charts rebuild --json >/dev/null # warm the caches once
+  : >"$work/ours"; : >"$work/bare"; : >"$work/wall"
+  local i start out
+  for ((i = 0; i < runs; i++)); do
+    start=$(now_s)
+    out=$("$bin" charts rebuild --json)
+    echo "$(now_s) - $start" | bc -l | awk '{printf "%.1f\n", $1 * 1000}' >>"$work/wall"
+    echo "$out" | sed -n 's/.*"duration_ms":\([0-9]*\).*/\1/p' >>"$work/ours"
+    printf '\\timing on\n%s' "$bare" | psql -h 127.0.0.1 -U postgres -d "$db" -q 2>&1 \
+      | awk '/^Time:/ {sum += $2} END {printf "%.1f\n", sum}' >>"$work/bare"
+  done
+  local entries; entries=$(echo "$out" | sed -n 's/.*"entries":\([0-9]*\).*/\1/p')
+  local ours bare_ms wall
+  ours=$(median <"$work/ours"); bare_ms=$(median <"$work/bare"); wall=$(median <"$work/wall")
+  echo
+  echo "trending ($(nproc) cores; $counts; $(date -u +%F), commit $(cd "$root" && git rev-parse --short HEAD))"
+  echo
+  echo "| measure | median of $runs | ratio |"
+  echo "|---|---:|---:|"
+  printf "| every chart computed and written (\`charts rebuild\`, %s rows) | **%s ms** | %.2f× |\n" "$entries" "$ours" "$(echo "$ours / $bare_ms" | bc -l)"
+  printf "| the same, the CLI's wall time (start, connect, compute) | %s ms | |\n" "$wall"
+  printf "| reference: the bare SQL summing the same engagement per track, four windows | %s ms | 1.00× |\n" "$bare_ms"
+}
+
 case "$mode" in
   pipeline) shift; pipeline "$@" ;;
   fleet) shift; fleet "$@" ;;
@@ -1510,6 +1601,7 @@ case "$mode" in
   stream-transcode) shift; stream_during_transcode "$@" ;;
   social) shift; social "$@" ;;
   realtime) shift; realtime "$@" ;;
+  trending) shift; trending "$@" ;;
   search) shift; search "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE] | search [SECONDS] [RUNS]" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE] | trending [RUNS] | search [SECONDS] [RUNS]" ;;
 esac

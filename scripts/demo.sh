@@ -128,6 +128,24 @@ for a in f["activities"]:
 if not f["activities"]:
     print("    (empty)")'
 
+say "Plays and charts: the listener plays the track, and the charts are computed"
+echo "  GET /v1/tracks/$id/stream/mp3_128 (Range: bytes=0-65535, as $fan) → $(curl -fsS -o /dev/null -w '%{http_code}' \
+  -H "authorization: Bearer $fan_token" -H 'range: bytes=0-65535' "$api/v1/tracks/$id/stream/mp3_128")"
+plays=0
+for _ in $(seq 50); do # the API writes plays every second
+  plays=$(curl -fsS "$api/v1/tracks/$id" | json playback_count)
+  [ "$plays" = 1 ] && break
+  sleep 0.1
+done
+echo "  GET /v1/tracks/$id → playback_count $plays"
+"$waveline" charts rebuild --json | python3 -c 'import json,sys; r=json.load(sys.stdin)
+print("  waveline charts rebuild → %d chart entries in %d ms" % (r["entries"], r["duration_ms"]))'
+curl -fsS "$api/v1/charts/trending?limit=3" | python3 -c 'import json,sys; p=json.load(sys.stdin)
+for t in p["tracks"]:
+    print("  GET /v1/charts/trending → #%d %r (score %.1f: %d play(s), %d like(s), %d comment(s))" % (t["rank"], t["track"]["title"], t["score"], t["track"]["playback_count"], t["track"]["likes_count"], t["track"]["comment_count"]))'
+curl -fsS -H "authorization: Bearer $token" "$api/v1/tracks/$id/stats?days=1" | python3 -c 'import json,sys; s=json.load(sys.stdin)
+d=s["days"][-1]; print("  GET /v1/tracks/…/stats?days=1 (as the uploader) → %s: %d play(s), %d like(s), %d comment(s)" % (d["day"], d["plays"], d["likes"], d["comments"]))'
+
 say "A direct message over the realtime socket (GET /v1/ws), both sides"
 wsload=$(target_dir)/debug/ws-load
 "$wsload" listen --url "ws://$listen/v1/ws" --token "$token" --seconds 4 >"$demo/uploader.jsonl" &
@@ -157,6 +175,7 @@ ${WAVELINE_STORAGE#file://}, the in-process queue). A user registered and logged
 30 s track over HTTP, watched it go through the pipeline (MP3, Opus, HLS AAC x3, a preview,
 waveform, loudness) as Server-Sent Events, then fetched a 64 KiB range of the MP3 (206) and the
 waveform. A second account followed the uploader, liked the track, commented at 0:12 and read
-its feed, where the new track appears, then sent the uploader a direct message over the realtime
+its feed, where the new track appears, played it (counted once, shown in the charts and the
+uploader's statistics), then sent the uploader a direct message over the realtime
 socket, which both sides received live. The API's contract is at $api/openapi.json and $api/docs while a server runs.
 TXT

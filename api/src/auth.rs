@@ -101,6 +101,8 @@ struct Key {
     /// made for one purpose is never valid for another.
     csrf: Vec<u8>,
     urls: Vec<u8>,
+    /// For the listener hashes of play counting.
+    listeners: Vec<u8>,
 }
 
 fn derive(secret: &[u8], purpose: &str) -> Vec<u8> {
@@ -119,6 +121,7 @@ impl Key {
             decoding: DecodingKey::from_secret(bytes),
             csrf: derive(bytes, "waveline csrf"),
             urls: derive(bytes, "waveline signed urls"),
+            listeners: derive(bytes, "waveline play listeners"),
         }
     }
 }
@@ -282,6 +285,15 @@ impl Tokens {
     /// Whether `token` is the CSRF token of `session` under any configured key.
     fn csrf_holds(&self, session: uuid::Uuid, token: &str) -> bool {
         self.keys.iter().any(|key| mac_holds(&key.csrf, &[session.as_bytes()], token))
+    }
+
+    /// A keyed hash naming a listener for play counting (the same on every replica that
+    /// shares the key, and not reversible into an address without it).
+    pub fn listener_hash(&self, parts: &[&[u8]]) -> [u8; 16] {
+        let digest = mac_of(&self.keys[0].listeners, parts).finalize().into_bytes();
+        let mut hash = [0u8; 16];
+        hash.copy_from_slice(&digest[..16]);
+        hash
     }
 
     /// The signature of `path` until `expires` (Unix seconds), with the current key.

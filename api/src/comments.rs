@@ -112,6 +112,9 @@ impl Comments {
             tracing::warn!(error = %err, "could not publish a new comment");
         }
         crate::realtime::publish_counters(&self.state, track.id);
+        if let Err(err) = self.state.plays.db().comment_made(track.id, comment.created_at).await {
+            tracing::warn!(error = %err, "cannot count a comment in its hour for the charts");
+        }
         let subject = Subject::Comment { track: track.id, comment: comment.id };
         let mut replied_to = None;
         if let Some(root) = comment.reply_to {
@@ -258,7 +261,11 @@ impl Comments {
         if comment.user_id != me && track.owner_id != me && !session.is_admin() {
             return Err(ApiError::forbidden("only the comment's author, the track's owner or an admin may delete it"));
         }
-        self.state.documents.delete_comment(id).await?;
+        let removed = self.state.documents.delete_comment(id).await?;
+        // The thread goes from the hour of its first comment (the statistics' approximation).
+        if let Err(err) = self.state.plays.db().comments_deleted(track.id, comment.created_at, removed).await {
+            tracing::warn!(error = %err, "cannot take a deleted comment from its hour for the charts");
+        }
         crate::realtime::publish_counters(&self.state, track.id);
         Ok(Done::Done)
     }

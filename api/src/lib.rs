@@ -23,6 +23,8 @@
 //! | [`inbox`] | `POST|GET /v1/me/conversations/{conversation}/messages`, `GET /v1/me/conversations`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
+//! | [`plays`] | `GET /v1/tracks/{id}/stats`; counts the plays the listening routes start |
+//! | `charts` | `GET /v1/charts/trending`, `GET /v1/charts/top` |
 //! | `search` | `GET /v1/search` (tracks, accounts and playlists by their words) |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
@@ -33,6 +35,7 @@ mod account_deletion;
 mod admin;
 pub mod auth;
 pub mod body;
+mod charts;
 mod comments;
 mod devices;
 mod error;
@@ -46,6 +49,7 @@ mod middleware;
 mod oauth;
 mod ops;
 mod playlists;
+pub mod plays;
 pub mod realtime;
 pub mod redirect;
 mod search;
@@ -188,6 +192,10 @@ pub struct AppState {
     /// Whether pushes are on, and how to enqueue one ([`waveline_shared::push::Push::enqueue`],
     /// then `publish_soon` after the commit).
     pub push: waveline_shared::push::Push,
+    /// The plays this process buffered (see [`plays`]).
+    pub plays: Arc<plays::PlayCounter>,
+    /// The charts the schedule computes.
+    pub charts: Arc<waveline_shared::charts::Charts>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -236,7 +244,9 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
-    search::Search,
+    plays::Stats,
+    // poem-openapi implements its trait for tuples of at most 16: finding things, nested.
+    (charts::ChartsApi, search::Search),
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -257,7 +267,11 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             inbox::Inbox { state: state.clone() },
             realtime::RealtimeApi { state: state.clone() },
             devices::Devices { state: state.clone() },
-            search::Search { search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()), state },
+            plays::Stats { state: state.clone() },
+            (
+                charts::ChartsApi { state: state.clone() },
+                search::Search { search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()), state },
+            ),
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),
@@ -265,7 +279,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
          HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
-         the activity feed, push notification devices and search. Errors are JSON `{code, message}`.",
+         the activity feed, push notification devices, play counts, charts and search. Errors are JSON \
+         `{code, message}`.",
     )
 }
 

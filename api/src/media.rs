@@ -24,8 +24,8 @@
 //! storage; in redirect mode (`stream_mode = redirect`) it answers 307 to a presigned storage
 //! URL or the CDN, or serves an HLS playlist with rewritten URIs ([`crate::redirect`] has the
 //! rules). Access is checked before either, the same way, so both modes refuse the same
-//! requests. A play counter (counting a range from byte 0, or the first HLS segment) belongs
-//! in `serve_track` between the choice of object and `deliver`: the one point every
+//! requests. Plays are counted ([`crate::plays`]: a range from byte 0, or the first HLS
+//! segment) in `serve_track` between the choice of object and `deliver`: the one point every
 //! listening request passes once, in both modes, before any byte or redirect goes out.
 
 use std::collections::{HashMap, HashSet};
@@ -43,6 +43,7 @@ use waveline_shared::storage::{ObjectKey, ReadMethod};
 
 use crate::auth::MaybeAuth;
 use crate::error::ApiError;
+use crate::plays::Start;
 use crate::redirect::{self, Grant};
 use crate::serve::{ObjectResponse, ObjectSpec, serve_object};
 use crate::{AppState, may_see, parse_track_id};
@@ -253,6 +254,7 @@ impl Media {
         id: &str,
         preset: Option<&str>,
         access: Access<'_>,
+        start: Option<(Start, Option<&str>)>,
         pick: F,
     ) -> Result<ObjectResponse, ApiError>
     where
@@ -261,8 +263,22 @@ impl Media {
         let id = parse_track_id(id)?;
         let (playable, cached) = self.playable(id, preset, access, true).await?;
         let spec = pick(&playable)?;
-        // Access is checked and the object chosen; nothing has been sent. A play counter goes
-        // here (see the module doc).
+        // Access is checked and the object chosen; nothing has been sent: the one point each
+        // listening request passes once, in both delivery modes.
+        if let Some((start, file)) = start {
+            let viewer = match access {
+                Access::Viewer(auth) => auth.session().map(|session| session.user.id),
+                Access::Signed(_) => None,
+            };
+            // In redirect mode a rewritten variant playlist sends the player's segment
+            // requests to storage: the playlist is the last this API sees of the play.
+            let rewritten = self.state.delivery.redirects() && access.grant(&playable).rewrites_playlists();
+            let start = match start {
+                Start::HlsSegment if rewritten => Start::HlsRewrittenPlaylist,
+                other => other,
+            };
+            self.state.count_play(req, id, playable.owner_id, viewer, start, file);
+        }
         match self.deliver(req, &playable, access, &spec).await {
             Err(err) if cached && err.status == StatusCode::NOT_FOUND => {
                 self.state.playables.forget(id);
@@ -367,7 +383,8 @@ impl Media {
                 PROGRESSIVE.join(", ")
             )));
         }
-        self.serve_track(req, id, Some(preset), access, |playable| {
+        let start = Start::Progressive { preview: preset == "preview" };
+        self.serve_track(req, id, Some(preset), access, Some((start, None)), |playable| {
             let Some((key, _)) = &playable.rendition else {
                 return Err(ApiError::not_found(&format!("stream {preset:?} for this track")));
             };
@@ -388,7 +405,8 @@ impl Media {
         file: Option<(&str, &str)>,
         access: Access<'_>,
     ) -> Result<ObjectResponse, ApiError> {
-        self.serve_track(req, id, Some("aac_hls"), access, |playable| {
+        let start = file.map(|(_, file)| (Start::HlsSegment, Some(file)));
+        self.serve_track(req, id, Some("aac_hls"), access, start, |playable| {
             let Some((master, keys)) = &playable.rendition else {
                 return Err(ApiError::not_found("HLS rendition for this track"));
             };
@@ -531,7 +549,7 @@ impl Media {
         access: Access<'_>,
     ) -> Result<ObjectResponse, ApiError> {
         let format = format.unwrap_or(WaveformFormat::Json);
-        self.serve_track(req, id, None, access, |playable| {
+        self.serve_track(req, id, None, access, None, |playable| {
             let key = match format {
                 WaveformFormat::Json => &playable.waveform_key,
                 WaveformFormat::Dat => &playable.waveform_dat_key,

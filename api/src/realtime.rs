@@ -458,24 +458,57 @@ fn track_status(state: &AppState, announced: &crate::status_feed::Announced) {
 pub(crate) fn publish_counters(state: &AppState, track: TrackId) {
     let state = state.clone();
     tokio::spawn(async move {
-        let stats = state.social.track_stats(&[track], None).await;
-        let comments = state.documents.count_comments_of(&[track]).await;
-        let (Ok(stats), Ok(comments)) = (stats, comments) else {
-            tracing::warn!(%track, "cannot count a track's likes and comments for its watchers");
-            return;
+        let plays = match state.plays.db().counts(&[track]).await {
+            Ok(counts) => counts.first().map_or(0, |counted| counted.playback_count),
+            Err(_) => {
+                tracing::warn!(%track, "cannot count a track's plays for its watchers");
+                return;
+            }
         };
-        let stats = stats.get(&track).copied().unwrap_or_default();
+        send_counters(&state, &[(track, plays)]).await;
+    });
+}
+
+/// Publishes the counts of the tracks a flush of plays changed (in the background).
+pub(crate) fn publish_play_counts(state: &AppState, counted: Vec<waveline_shared::db::plays::Counted>) {
+    if counted.is_empty() {
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let plays: Vec<(TrackId, i64)> = counted.iter().map(|c| (c.track, c.playback_count)).collect();
+        send_counters(&state, &plays).await;
+    });
+}
+
+/// One `counters` event per track, with its likes, reposts and comments counted now.
+async fn send_counters(state: &AppState, plays: &[(TrackId, i64)]) {
+    for chunk in plays.chunks(waveline_shared::documents::MAX_COUNTED_TRACKS) {
+        send_counters_of(state, chunk).await;
+    }
+}
+
+async fn send_counters_of(state: &AppState, plays: &[(TrackId, i64)]) {
+    let tracks: Vec<TrackId> = plays.iter().map(|(track, _)| *track).collect();
+    let stats = state.social.track_stats(&tracks, None).await;
+    let comments = state.documents.count_comments_of(&tracks).await;
+    let (Ok(stats), Ok(comments)) = (stats, comments) else {
+        tracing::warn!(tracks = tracks.len(), "cannot count tracks' likes and comments for their watchers");
+        return;
+    };
+    for &(track, playback_count) in plays {
+        let counts = stats.get(&track).copied().unwrap_or_default();
         let event = Event::Counters {
             track_id: track,
-            likes_count: stats.likes,
-            reposts_count: stats.reposts,
+            likes_count: counts.likes,
+            reposts_count: counts.reposts,
             comment_count: i64::try_from(comments.get(&track).copied().unwrap_or(0)).unwrap_or(i64::MAX),
-            playback_count: 0,
+            playback_count,
         };
         if let Err(err) = state.realtime.bus.publish(&event).await {
             tracing::warn!(error = %err, "could not publish a track's counts");
         }
-    });
+    }
 }
 
 /// Sends a stored notification live, to every socket of its account on any process; when the

@@ -157,7 +157,8 @@ pub struct TrackView {
     reposts_count: i64,
     /// Its timestamped comments, replies included.
     comment_count: i64,
-    /// Plays (0 until play counting exists).
+    /// Counted plays: listeners starting the stream, once per listener per 30 min, the
+    /// owner's own not counted (see `GET /v1/tracks/{id}/stats`).
     playback_count: i64,
     /// For a signed-in viewer: whether they like it.
     user_liked: Option<bool>,
@@ -238,7 +239,7 @@ impl From<TrackDetails> for TrackView {
             likes_count: 0,
             reposts_count: 0,
             comment_count: 0,
-            playback_count: 0,
+            playback_count: track.playback_count,
             user_liked: None,
             user_reposted: None,
             created_at: track.created_at,

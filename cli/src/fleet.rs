@@ -134,6 +134,51 @@ pub fn worker_options(settings: &Settings, concurrency: u16) -> WorkerOptions {
     }
 }
 
+/// The charts of this process; `role` names it in `chart_runs`.
+pub fn charts(settings: &Settings, pool: &sqlx::PgPool, role: &str) -> Arc<waveline_shared::charts::Charts> {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    Arc::new(waveline_shared::charts::Charts::new(
+        pool.clone(),
+        settings.chart_scores,
+        settings.charts_interval,
+        format!("{role} {host} pid {}", std::process::id()),
+    ))
+}
+
+/// `waveline charts rebuild`.
+pub async fn charts_rebuild(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(settings).await.context("cannot connect to PostgreSQL")?;
+    let charts = charts(settings, &pool, "cli");
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(waveline_shared::charts::Chart::ALL.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:40}] {pos}/{len} charts")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let progress = |done: usize, _total: usize| {
+        if let Some(bar) = &bar {
+            bar.set_position(done as u64);
+        }
+    };
+    let run = charts.rebuild(&progress).await?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let duration_ms = run.duration.as_millis() as u64;
+    if json {
+        println!(
+            "{}",
+            json!({"tick": run.tick, "computed_at": run.computed_at, "duration_ms": duration_ms, "entries": run.entries})
+        );
+    } else {
+        println!("charts computed in {duration_ms} ms: {} entries", run.entries);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `waveline worker`.
 pub async fn worker(
     settings: &Settings,
@@ -151,7 +196,16 @@ pub async fn worker(
     let services = Services::connect(settings).await?;
     let context = worker_context(settings, &services, WorkerRole::Dedicated, push)?;
     let shutdown = cancel_on_stop_signal("finishing the jobs in hand");
-    waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown).await?;
+    let pool = services.tracks.pool().clone();
+    let schedule = waveline_shared::charts::spawn_schedule(
+        charts(settings, &pool, "worker"),
+        db::plays::PgPlays::new(pool),
+        settings.play_dedup,
+        shutdown.clone(),
+    );
+    waveline_workers::run(context, services.queue, worker_options(settings, concurrency), shutdown.clone()).await?;
+    shutdown.cancel();
+    let _ = schedule.await;
     tracing::info!("worker stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -264,6 +318,12 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             .context("the mail settings are not usable")?,
         devices: db::PgDevices::new(pool.clone()),
         push: waveline_shared::push::Push::from_settings(settings),
+        plays: Arc::new(waveline_api::plays::PlayCounter::new(
+            db::plays::PgPlays::new(pool.clone()),
+            settings.play_dedup,
+            settings.plays_flush,
+        )),
+        charts: charts(settings, &pool, "serve"),
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await
@@ -275,12 +335,26 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             ..Default::default()
         });
     waveline_api::realtime::Realtime::start(&state, shutdown.clone());
+    // Plays are written until the listener has drained, then once more.
+    let plays_stop = tokio_util::sync::CancellationToken::new();
+    let plays = waveline_api::plays::PlayCounter::start(&state, plays_stop.clone());
+    let schedule = waveline_shared::charts::spawn_schedule(
+        state.charts.clone(),
+        db::plays::PgPlays::new(pool.clone()),
+        settings.play_dedup,
+        shutdown.clone(),
+    );
     tracing::info!(listen = %settings.listen, workers, stream_mode = ?settings.stream_mode, "serving the API");
     let served = listener
         .serve(waveline_api::app(state), shutdown.clone(), Duration::from_secs(10))
         .await
         .with_context(|| format!("cannot serve on {}", settings.listen));
     shutdown.cancel();
+    plays_stop.cancel();
+    if plays.await.is_err() {
+        tracing::warn!("the play writer stopped abnormally");
+    }
+    let _ = schedule.await;
     if let Some(worker) = worker {
         worker.await.context("the in-process worker panicked")??;
     }

@@ -141,6 +141,11 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Trending and the top charts.
+    Charts {
+        #[command(subcommand)]
+        command: ChartsCommand,
+    },
     /// Print the effective configuration, with secrets redacted.
     Config {
         /// Print one JSON document instead of text.
@@ -180,6 +185,17 @@ enum UsersCommand {
     /// Take the admin role away.
     Demote {
         username: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ChartsCommand {
+    /// Compute every chart now (waiting for a computation in progress), whatever the
+    /// schedule; the next scheduled tick in this interval then finds its work done.
+    Rebuild {
+        /// Print {tick, computed_at, duration_ms, entries}.
         #[arg(long)]
         json: bool,
     },
@@ -309,6 +325,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Users { command: UsersCommand::Demote { username, json } } => {
             fleet::set_role(&settings, &username, waveline_shared::db::Role::User, json).await
         }
+        Command::Charts { command: ChartsCommand::Rebuild { json } } => fleet::charts_rebuild(&settings, json).await,
         Command::Config { json } => {
             let shown = settings.redacted();
             if json {

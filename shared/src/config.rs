@@ -215,6 +215,17 @@ pub struct Settings {
     /// Where the FCM HTTP v1 API answers: `https://…`, or `http://` on a loopback address (a
     /// test double). Default `https://fcm.googleapis.com`.
     pub fcm_base_url: Url,
+    /// How often each API process writes the plays it buffered, milliseconds (also at once
+    /// when 1000 are waiting). A crash loses at most this much. Default 1000.
+    pub plays_flush: Duration,
+    /// A listener's plays of one track count once within this many seconds. Default 1800.
+    pub play_dedup: Duration,
+    /// How often the charts are computed (by one process of all, whichever ticks first),
+    /// seconds. Default 600.
+    pub charts_interval: Duration,
+    /// The charts' weights and trending's half-life (`trending_weight_plays`, `…_likes`,
+    /// `…_reposts`, `…_comments`, `…_reposts_all_time`, `trending_half_life_h`).
+    pub chart_scores: crate::charts::Scores,
     /// `WAVELINE_*` variables that matched no setting (likely typos); callers log them.
     pub unknown_env: Vec<String>,
 }
@@ -350,7 +361,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 60] = [
+const KEYS: [Key; 69] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -411,6 +422,15 @@ const KEYS: [Key; 60] = [
     Key { name: "stream_cache_bytes", secret: false },
     Key { name: "fcm_credentials_file", secret: false },
     Key { name: "fcm_base_url", secret: false },
+    Key { name: "plays_flush_ms", secret: false },
+    Key { name: "play_dedup_s", secret: false },
+    Key { name: "charts_interval_s", secret: false },
+    Key { name: "trending_weight_plays", secret: false },
+    Key { name: "trending_weight_likes", secret: false },
+    Key { name: "trending_weight_reposts", secret: false },
+    Key { name: "trending_weight_comments", secret: false },
+    Key { name: "trending_weight_reposts_all_time", secret: false },
+    Key { name: "trending_half_life_h", secret: false },
 ];
 
 /// The names of every setting key, as used in the TOML file.
@@ -702,6 +722,33 @@ impl Settings {
             Some(raw) => parse_int(&raw, 0, 1_000_000)?,
             None => 60,
         };
+        let plays_flush = match take("plays_flush_ms") {
+            Some(raw) => Duration::from_millis(parse_int(&raw, 50, 60_000)?.into()),
+            None => Duration::from_millis(1000),
+        };
+        let play_dedup = match take("play_dedup_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 1, 86_400)?.into()),
+            None => Duration::from_secs(1800),
+        };
+        let charts_interval = match take("charts_interval_s") {
+            Some(raw) => Duration::from_secs(parse_int(&raw, 1, 86_400)?.into()),
+            None => Duration::from_secs(600),
+        };
+        let mut chart_scores = crate::charts::Scores::default();
+        for (key, slot) in [
+            ("trending_weight_plays", &mut chart_scores.plays),
+            ("trending_weight_likes", &mut chart_scores.likes),
+            ("trending_weight_reposts", &mut chart_scores.reposts),
+            ("trending_weight_comments", &mut chart_scores.comments),
+            ("trending_weight_reposts_all_time", &mut chart_scores.reposts_all_time),
+        ] {
+            if let Some(raw) = take(key) {
+                *slot = parse_float(&raw, 0.0, 1_000_000.0)?;
+            }
+        }
+        if let Some(raw) = take("trending_half_life_h") {
+            chart_scores.half_life_hours = parse_float(&raw, 0.01, 8760.0)?;
+        }
         let event_streams_max = match take("event_streams_max") {
             Some(raw) => parse_int(&raw, 1, 1_000_000)?,
             None => 2000,
@@ -762,6 +809,10 @@ impl Settings {
             max_connections_per_client,
             uploads_per_account,
             social_writes_per_minute,
+            plays_flush,
+            play_dedup,
+            charts_interval,
+            chart_scores,
             event_streams_max,
             event_streams_per_client,
             smtp_url,
@@ -881,6 +932,15 @@ impl Settings {
             "stream_cache_bytes": self.stream_cache_bytes,
             "fcm_credentials_file": self.fcm_credentials_file,
             "fcm_base_url": self.fcm_base_url.as_str(),
+            "plays_flush_ms": self.plays_flush.as_millis() as u64,
+            "play_dedup_s": self.play_dedup.as_secs(),
+            "charts_interval_s": self.charts_interval.as_secs(),
+            "trending_weight_plays": self.chart_scores.plays,
+            "trending_weight_likes": self.chart_scores.likes,
+            "trending_weight_reposts": self.chart_scores.reposts,
+            "trending_weight_comments": self.chart_scores.comments,
+            "trending_weight_reposts_all_time": self.chart_scores.reposts_all_time,
+            "trending_half_life_h": self.chart_scores.half_life_hours,
         })
     }
 
@@ -936,10 +996,11 @@ fn read_file_layer(
         let value = match value {
             toml::Value::String(text) => text,
             toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Float(number) => number.to_string(),
             other => {
                 return Err(ConfigError::Invalid {
                     setting,
-                    expected: "a string or an integer".to_owned(),
+                    expected: "a string or a number".to_owned(),
                     got: format!("a TOML {}", other.type_str()),
                 });
             }
@@ -966,6 +1027,15 @@ fn parse_int(raw: &Raw, min: u32, max: u32) -> Result<u32, ConfigError> {
         .ok()
         .filter(|value| (min..=max).contains(value))
         .ok_or_else(|| raw.invalid(format!("a whole number from {min} to {max}")))
+}
+
+fn parse_float(raw: &Raw, min: f64, max: f64) -> Result<f64, ConfigError> {
+    raw.value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|value| (min..=max).contains(value))
+        .ok_or_else(|| raw.invalid(format!("a number from {min} to {max}")))
 }
 
 fn parse_database_url(raw: &Raw) -> Result<SecretString, ConfigError> {

@@ -20,6 +20,7 @@
 #![recursion_limit = "256"]
 
 pub mod bus;
+pub mod charts;
 pub mod config;
 pub mod db;
 pub mod documents;

@@ -106,6 +106,10 @@ const MATRIX: &[Row] = &[
     row("head", "/v1/tracks/{id}/hls/{variant}/{file}", READ),
     row("get", "/v1/tracks/{id}/waveform", READ),
     row("head", "/v1/tracks/{id}/waveform", READ),
+    // A track's statistics are its owner's (and admins'); to others the track is not there.
+    row("get", "/v1/tracks/{id}/stats", Expect::Track { public: [401, 404, 200, 200], private: [401, 404, 200, 200] }),
+    row("get", "/v1/charts/trending", Expect::Any(ALL_OK)),
+    row("get", "/v1/charts/top", Expect::Any(ALL_OK)),
     // A signed URL is its own key: anyone holding it plays, public or private.
     row("get", "/v1/signed/{expires}/{signature}/tracks/{id}/stream/{preset}", Expect::Any(ALL_OK)),
     row("head", "/v1/signed/{expires}/{signature}/tracks/{id}/stream/{preset}", Expect::Any(ALL_OK)),

@@ -188,6 +188,16 @@ async fn every_frame_type_flows_and_bad_frames_answer_errors() -> Result<()> {
     ensure!(new["comment"]["body"] == "so good" && new["comment"]["user"]["username"] == "carol", "{new}");
     let counters = b.next("counters", SOON).await?;
     ensure!(counters["comment_count"] == 1 && counters["likes_count"] == 1, "{counters}");
+    // A play (Carol starts the stream) reaches the watchers once it is written.
+    let response = reqwest::Client::new()
+        .get(format!("{base}/v1/tracks/{track}/stream/mp3_128"))
+        .bearer_auth(&carol.token)
+        .header("range", "bytes=0-1")
+        .send()
+        .await?;
+    ensure!(response.status() == 206, "{}", response.status());
+    let counters = b.next("counters", SOON).await?;
+    ensure!(counters["playback_count"] == 1 && counters["comment_count"] == 1, "{counters}");
     // Alice hears of the like and the comment.
     let liked = a.notification("like", SOON).await?;
     ensure!(liked["notification"]["actor"]["username"] == "carol", "{liked}");

@@ -72,6 +72,9 @@ pub struct TrackDetails {
     pub source: Option<serde_json::Value>,
     /// Presets of the live revision.
     pub presets: Vec<String>,
+    /// Counted plays (the 30 s preview's apart).
+    pub playback_count: i64,
+    pub preview_playback_count: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -100,6 +103,8 @@ struct DetailsRow {
     track_tags: Option<serde_json::Value>,
     source: Option<serde_json::Value>,
     presets: Vec<String>,
+    playback_count: i64,
+    preview_playback_count: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -108,7 +113,7 @@ const DETAILS_SELECT: &str = "
     SELECT t.id, t.owner_id, u.username AS owner_username, t.title, t.description, t.genre, t.tags,
            t.visibility, t.state, t.stage, t.progress, t.error_code, t.error_message, t.attempts,
            t.revision, t.ready_revision, t.duration_ms, t.original_size, t.loudness, t.track_tags,
-           t.source, t.created_at, t.updated_at,
+           t.source, t.playback_count, t.preview_playback_count, t.created_at, t.updated_at,
            coalesce(ARRAY(SELECT r.preset FROM renditions r
                           WHERE r.track_id = t.id AND r.revision = t.ready_revision ORDER BY r.preset),
                     '{}') AS presets
@@ -143,6 +148,8 @@ impl TryFrom<DetailsRow> for TrackDetails {
             track_tags: row.track_tags,
             source: row.source,
             presets: row.presets,
+            playback_count: row.playback_count,
+            preview_playback_count: row.preview_playback_count,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
