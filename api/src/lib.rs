@@ -270,7 +270,10 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             plays::Stats { state: state.clone() },
             (
                 charts::ChartsApi { state: state.clone() },
-                search::Search { search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()), state },
+                search::Search {
+                    search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()),
+                    state,
+                },
             ),
         ),
         "Waveline",
