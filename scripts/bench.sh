@@ -61,6 +61,15 @@
 #       side by side with the bare SQL that only reads the same engagement (the four windows'
 #       sums per track, no scoring, ranking or writes) in psql, alternating, RUNS each;
 #       prints medians and the ratio. About 2 minutes.
+#
+#   scripts/bench.sh search [SECONDS=10] [RUNS=3]
+#       GET /v1/search at scale, in a database of its own (waveline_bench_search): 10,000
+#       accounts, 100,000 tracks and 10,000 playlists with varied names written with SQL
+#       (scripts/bench-search-seed.sql); 40 searches (whole words, prefixes as typed, accented
+#       and folded words, typos) as a signed-in account, one at a time per group and mixed
+#       with 8 connections (wrk), side by side with the same searches' bare SQL (pgbench);
+#       each search's first page is checked against its bare SQL first. Prints p50/p99 and the
+#       ratios. Target: p99 <= 20 ms one search at a time. About 8 minutes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
@@ -1103,6 +1112,328 @@ social_cleanup() {
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
 }
 
+# --- search: GET /v1/search on 100,000 tracks ----------------------------------------------------
+
+# search_lua OUT PATHS: a wrk script sending a random path of the file PATHS (one a line) per
+# request; only 200s count (RESULT as expect_lua's).
+search_lua() {
+  { printf 'local paths = {'; sed 's/.*/"&",/' "$2" | tr -d '\n'; printf '}\n'; cat <<'LUA'
+local threads, counter = {}, 0
+function setup(thread) counter = counter + 1; thread:set("thread_id", counter); table.insert(threads, thread) end
+function init(args) math.randomseed(os.time() * 97 + thread_id); other = 0 end
+function request() return wrk.format("GET", paths[math.random(#paths)]) end
+function response(status, headers, body) if status ~= 200 then other = other + 1 end end
+function done(summary, latency, requests)
+  local bad, e, secs = 0, summary.errors, summary.duration / 1e6
+  for _, thread in ipairs(threads) do bad = bad + thread:get("other") end
+  io.write(string.format("RESULT %.1f %.3f %.3f %d %d %.0f\n", (summary.requests - bad) / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad,
+    e.connect + e.read + e.write + e.timeout, summary.bytes / math.max(summary.requests, 1)))
+end
+LUA
+  } >"$1"
+}
+
+# The searches the bench makes, by group: type, then the query as typed.
+search_queries() {
+  cat <<'QUERIES'
+words	tracks	love
+words	tracks	midnight
+words	tracks	summer love
+words	tracks	crystal
+words	tracks	paris
+words	tracks	lighthouse
+words	tracks	deep house remix
+words	tracks	jazz
+words	users	love
+words	playlists	golden
+prefixes	tracks	lo
+prefixes	tracks	mid
+prefixes	tracks	daft pu
+prefixes	tracks	beyo
+prefixes	tracks	summer lo
+prefixes	tracks	ele
+prefixes	tracks	thun
+prefixes	tracks	reyk
+prefixes	users	sky
+prefixes	playlists	nig
+accents	tracks	beyoncé
+accents	tracks	beyonce
+accents	tracks	café
+accents	tracks	cafe
+accents	tracks	sigur rós
+accents	tracks	sigur ros
+accents	tracks	reykjavík
+accents	tracks	montreal
+accents	users	björk
+accents	playlists	corazon
+typos	tracks	beyonse
+typos	tracks	midnigth
+typos	tracks	deadmau6
+typos	tracks	skrilex
+typos	tracks	odeza
+typos	tracks	lighthose
+typos	tracks	thundr
+typos	users	deadmau6
+typos	users	kaytranda
+typos	playlists	paradyse
+QUERIES
+}
+
+# search [SECONDS=10] [RUNS=3]: search at scale. A database of its own (waveline_bench_search,
+# made again each run) with 10,000 accounts, 100,000 tracks and 10,000 playlists of varied
+# names written with SQL (scripts/bench-search-seed.sql); one account, registered and logged
+# in through the API, blocking 100 of them; `serve --workers 0` with every rate limit off.
+# 40 searches in four groups (whole words, prefixes as typed, accented and folded, typos that
+# fall back on trigram similarity), over tracks, accounts and playlists, as that account. Each
+# group with wrk (1 connection: one search at a time), and the whole mix with 1 and 8
+# connections (2 threads), side by side with the bare SQL of the repository for the same
+# searches (pgbench, extended protocol so each is planned for its words as the API's are;
+# for a typo, both statements the API runs); RUNS runs of SECONDS each, alternating. Before
+# measuring, each search's first page from the API is checked against the bare SQL's.
+# Prints answers per second, p50/p99 and the ratios. Target: p99 <= 20 ms, one search at a
+# time. WAVELINE_BENCH_KEEP=1 keeps the database for EXPLAIN.
+search() {
+  duration=${1:-10}; local runs=${2:-3}
+  local users=10000 tracks=100000 playlists=10000
+  local started=$SECONDS
+  export PATH=$PATH:/usr/sbin
+  local missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v psql >/dev/null || missing+=(postgresql-client)
+  command -v pgbench >/dev/null || missing+=(postgresql)
+  command -v bc >/dev/null || missing+=(bc)
+  command -v python3 >/dev/null || missing+=(python3)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}…" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
+  echo "building waveline (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  work=$(mktemp -d) db=waveline_bench_search serve_pids=()
+  trap search_cleanup EXIT
+  bin=$(own_copy waveline)
+  export WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db WAVELINE_QUEUE=memory WAVELINE_LOG=warn
+  export WAVELINE_STORAGE=file://$work/store WAVELINE_DOCUMENTS=postgres WAVELINE_ACCESS_TOKEN_TTL_S=86400
+  export WAVELINE_JWT_SECRET=bench-secret-$$-0123456789abcdefghijklmnopqrstuvwxyz
+  export WAVELINE_RATE_LIMIT_PER_MINUTE=0 WAVELINE_AUTH_RATE_LIMIT_PER_MINUTE=0 WAVELINE_SOCIAL_WRITES_PER_MINUTE=0
+  local load_before; load_before=$(uptime | sed 's/.*load average: //')
+
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+  "$bin" migrate >/dev/null
+  start_serve 0 "$work/store"
+  local api=$base code token auth viewer
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"viewer@example.com","username":"viewer","password":"bench-password-123"}' "$api/v1/auth/register")
+  [ "$code" = 202 ] || die "register: HTTP $code $(cat "$work/resp")"
+  code=$(curl -sS -o "$work/resp" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"email":"viewer@example.com","password":"bench-password-123"}' "$api/v1/auth/login")
+  [ "$code" = 200 ] || die "login: HTTP $code $(cat "$work/resp")"
+  token=$(first_string access_token <"$work/resp"); auth="Authorization: Bearer $token"
+  [ -n "$token" ] || die "login: no access_token in $(cat "$work/resp")"
+  viewer=$(api_get "$api/v1/me" -H "$auth" | first_string id)
+  [ -n "$viewer" ] || die "GET /v1/me: no id"
+
+  echo "seeding $users accounts, $tracks tracks, $playlists playlists (SQL)…" >&2
+  local t0=$SECONDS seed_s vacuum_s
+  psql -h 127.0.0.1 -U postgres -X -v users=$users -v tracks=$tracks -v playlists=$playlists \
+    -v viewer="$viewer" -f "$root/scripts/bench-search-seed.sql" "$db" >"$work/seed.out" 2>&1 \
+    || { cat "$work/seed.out" >&2; die "seeding failed"; }
+  seed_s=$((SECONDS - t0)); t0=$SECONDS
+  psql -h 127.0.0.1 -U postgres -X -qc 'VACUUM (ANALYZE)' "$db" >/dev/null
+  vacuum_s=$((SECONDS - t0))
+  local counts
+  counts=$(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT (SELECT count(*) FROM users WHERE role = 'user'),
+      (SELECT count(*) FROM tracks), (SELECT count(*) FROM playlists)" "$db")
+  [ "$counts" = "$((users + 1))|$tracks|$playlists" ] || die "seeded counts (accounts|tracks|playlists): $counts"
+
+  # For each search: its path, and the bare SQL the repository runs for it
+  # (shared/src/db/search.rs: ranked_sql), as pgbench scripts per group.
+  search_queries >"$work/queries.tsv"
+  python3 - "$work" "$viewer" "$db" <<'PY' || die "preparing the searches failed"
+import json, subprocess, sys, urllib.parse
+work, viewer, db = sys.argv[1], sys.argv[2], sys.argv[3]
+CANDIDATES, INDEX_READ_COST = 1000, 4.0
+SHAPES = {  # table, columns, owner, visible, similar text
+    "tracks": ("tracks", "t.id, t.search_document, t.title", "t.owner_id",
+               "(t.owner_id = $3 OR (t.visibility = 'public' AND t.ready_revision IS NOT NULL))",
+               "waveline_unaccent(t.title)"),
+    "users": ("users", "t.id, t.search_document, t.username, t.display_name", "t.id", "t.role <> 'system'",
+              "waveline_unaccent(t.username || ' ' || t.display_name)"),
+    "playlists": ("playlists", "t.id, t.search_document, t.title", "t.owner_id",
+                  "(t.owner_id = $3 OR t.visibility = 'public')", "waveline_unaccent(t.title)"),
+}
+def ranked(kind, condition, score, materialized):
+    table, columns, owner, visible, _ = SHAPES[kind]
+    return f"""WITH matched AS {materialized} (
+    SELECT {columns} FROM {table} t
+    WHERE {condition} AND {visible}
+      AND NOT EXISTS (SELECT 1 FROM users s WHERE s.id = {owner} AND s.suspended_at IS NOT NULL)
+      AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.blocker_id = $3 AND b.blocked_id = {owner})
+      AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.blocker_id = {owner} AND b.blocked_id = $3)
+)
+SELECT r.id, r.score FROM (
+    SELECT c.id, {score} AS score FROM (
+        SELECT m.* FROM matched m ORDER BY m.id DESC LIMIT {CANDIDATES}
+    ) c
+) r
+WHERE $2::real IS NULL OR (r.score, r.id) < ($2, $4)
+ORDER BY r.score DESC, r.id DESC
+LIMIT $5"""
+def literal(text): return "'" + text.replace("'", "''") + "'"
+def words(q):
+    out, cur = [], ""
+    for ch in q:
+        if ch.isalnum(): cur += ch
+        elif cur: out.append(cur.lower()); cur = ""
+    if cur: out.append(cur.lower())
+    return out[:32]
+def psql(sql):
+    return subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-X", "-At", "-c", sql, db],
+                          check=True, capture_output=True, text=True).stdout
+groups = {}
+with open(f"{work}/queries.tsv") as rows, open(f"{work}/checks.tsv", "w") as checks:
+    for n, row in enumerate(rows):
+        group, kind, q = row.rstrip("\n").split("\t")
+        w = words(q)
+        arr = "ARRAY[" + ",".join(literal(x) for x in w) + "]::text[]"
+        params = {"$1": arr, "$2": "NULL", "$3": literal(viewer) + "::uuid", "$4": "NULL::uuid", "$5": "21",
+                  "$6": literal(" ".join(w))}
+        def bind(sql):
+            for k in sorted(params, reverse=True): sql = sql.replace(k, params[k])
+            return " ".join(sql.split())
+        table = SHAPES[kind][0]
+        # PgSearch::reading: the planner's estimates of the matches and the rows.
+        explain = bind(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {table} t WHERE t.search_document @@ "
+                       f"waveline_search_query($1, true) UNION ALL SELECT 1 FROM {table} t")
+        plans = json.loads(psql(explain))[0]["Plan"]["Plans"]
+        matches, total = plans[0]["Plan Rows"], plans[1]["Plan Rows"]
+        newest = matches * matches * INDEX_READ_COST >= CANDIDATES * total
+        by_words = bind(ranked(kind, "t.search_document @@ waveline_search_query($1, true)",
+                               "ts_rank(c.search_document, waveline_search_query($1, true))",
+                               "NOT MATERIALIZED" if newest else "MATERIALIZED"))
+        similar = SHAPES[kind][4]
+        by_similar = bind(ranked(kind, f"{similar} %> waveline_unaccent($6)",
+                                 f"word_similarity(waveline_unaccent($6), {similar.replace('t.', 'c.')})",
+                                 "MATERIALIZED"))
+        path = "/v1/search?" + urllib.parse.urlencode({"q": q, "type": kind})
+        typo = group == "typos"
+        # What the repository runs for this search: the estimate, the words, and for a typo
+        # (the words finding nothing) the similar text.
+        script = explain + ";\n" + by_words + ";\n" + (by_similar + ";\n" if typo else "")
+        with open(f"{work}/bare_{n}.sql", "w") as f: f.write(script)
+        groups.setdefault(group, []).append((path, f"{work}/bare_{n}.sql"))
+        groups.setdefault("mix", []).append((path, f"{work}/bare_{n}.sql"))
+        checks.write("\t".join([path, by_similar if typo else by_words, group, "newest" if newest else "every"]) + "\n")
+for group, items in groups.items():
+    with open(f"{work}/paths_{group}", "w") as f: f.writelines(p + "\n" for p, _ in items)
+    with open(f"{work}/scripts_{group}", "w") as f: f.writelines(s + "\n" for _, s in items)
+PY
+
+  # Each search's first page: the API's ids are the bare SQL's first 20 (typos: of the
+  # similarity statement, after the words found nothing), and no page is empty.
+  local path sql group reading api_ids bare_ids empty=0
+  while IFS=$'\t' read -r path sql group reading; do
+    api_ids=$(api_get "$api$path" -H "$auth" | python3 -c 'import json, sys
+page = json.load(sys.stdin)
+items = page.get("tracks") or page.get("users") or page.get("playlists") or []
+print(" ".join(i["id"] for i in items))')
+    bare_ids=$(psql -h 127.0.0.1 -U postgres -X -At -c "$sql" "$db" | head -20 | cut -d'|' -f1 | paste -sd' ')
+    [ "$api_ids" = "$bare_ids" ] || die "GET $path differs from its bare query: API [$api_ids] bare [$bare_ids]"
+    [ -n "$api_ids" ] || empty=$((empty + 1))
+  done <"$work/checks.tsv"
+  [ "$empty" = 0 ] || die "$empty searches found nothing"
+
+  expect_lua "$work/ok200.lua" 200
+  local groups=(words prefixes accents typos mix) g
+  for g in "${groups[@]}"; do search_lua "$work/$g.lua" "$work/paths_$g"; done
+  # pgbench_run with every script of a group, chosen at random per transaction.
+  bare_run() {
+    local name=$1 group=$2 args=() s
+    while read -r s; do args+=(-f "$s"); done <"$work/scripts_$group"
+    rm -f "$work"/pgb.log*
+    pgbench -h 127.0.0.1 -U postgres -n -M extended -c "$connections" -j "$((connections > 1 ? 2 : 1))" -T "$duration" -l \
+      --log-prefix="$work/pgb.log" "${args[@]}" "$db" >"$work/pgbench.out" 2>&1 \
+      || { cat "$work/pgbench.out" >&2; die "pgbench failed ($group)"; }
+    local tps failed
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$work/pgbench.out")
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$work/pgbench.out")
+    [ -n "$tps" ] || { cat "$work/pgbench.out" >&2; die "no tps from pgbench"; }
+    cat "$work"/pgb.log* | awk '{print $3 / 1000}' | sort -g | awk -v tps="$tps" -v failed="${failed:-0}" \
+      '{a[NR] = $1} END {if (NR == 0) exit 1; printf "%.1f %.3f %.3f %d 0 0\n", tps, a[int(NR * 0.5) + (NR % 2)], a[int(NR * 0.99 + 0.999)], failed}' \
+      >>"$work/$name" || die "pgbench logged no transactions ($group)"
+  }
+  echo "warming up, then $runs runs of ${duration}s each, alternating…" >&2
+  local saved=$duration; duration=3
+  threads=1 connections=1 wrk_run warmup "$api/" "$work/mix.lua" "$auth"
+  connections=1 bare_run warmup mix
+  duration=$saved
+  local i
+  for i in $(seq "$runs"); do
+    echo "run $i/$runs…" >&2
+    for g in "${groups[@]}"; do
+      threads=1 connections=1 wrk_run "api_$g" "$api/" "$work/$g.lua" "$auth"
+      connections=1 bare_run "bare_$g" "$g"
+    done
+    threads=2 connections=8 wrk_run api_mix8 "$api/" "$work/mix.lua" "$auth"
+    connections=8 bare_run bare_mix8 mix
+  done
+  stop_serve "$serve_pid"
+
+  ratio() { echo "$1 / $2" | bc -l; }
+  mark() { if [ "$1" = 1 ]; then echo met; else echo "**missed**"; fi; }
+  echo
+  echo "search: $users accounts, $tracks tracks ($(psql -h 127.0.0.1 -U postgres -X -Atc "SELECT count(*) FROM tracks WHERE visibility = 'public' AND ready_revision IS NOT NULL" "$db" 2>/dev/null || echo '?') public and ready), $playlists playlists; 40 searches as a signed-in account blocking 100 (10 per group; tracks, accounts and playlists), each path at random; wrk 1 connection (and 2 threads, 8 connections for the mix), pgbench the same searches' bare SQL (extended protocol, one script per search), ${duration} s per run, $runs runs each, alternating; medians ($(nproc) cores; wrk, pgbench, PostgreSQL and Waveline on the same machine)"
+  echo
+  echo "| searches | API req/s | API p50 ms | API p99 ms | bare SQL p50 ms | bare SQL p99 ms | ratio p50 | ratio p99 |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  local label r a50 a99 b50 b99 worst=0
+  for g in "${groups[@]}" mix8; do
+    case "$g" in
+      words) label="whole words (love, summer love, deep house remix, …)" ;;
+      prefixes) label="prefixes as typed (lo, daft pu, beyo, …)" ;;
+      accents) label="accented and folded (beyoncé, beyonce, sigur rós, …)" ;;
+      typos) label="typos: words find nothing, then trigrams (beyonse, deadmau6, …)" ;;
+      mix) label="all 40, one at a time" ;;
+      mix8) label="all 40, 8 connections" ;;
+    esac
+    r=$(col 1 "api_$g"); a50=$(col 2 "api_$g"); a99=$(col 3 "api_$g"); b50=$(col 2 "bare_$g"); b99=$(col 3 "bare_$g")
+    printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f× | %.2f× |\n" "$label" "$r" "$a50" "$a99" "$b50" "$b99" \
+      "$(ratio "$a50" "$b50")" "$(ratio "$a99" "$b99")"
+    if [ "$g" != mix8 ] && [ "$(echo "$a99 > $worst" | bc -l)" = 1 ]; then worst=$a99; fi
+  done
+  echo
+  echo "| target | measured | |"
+  echo "|---|---:|---|"
+  printf "| p99 ≤ 20 ms on 100,000 tracks, one search at a time (the worst group) | %.1f ms | %s |\n" "$worst" \
+    "$(mark "$(echo "$worst <= 20" | bc -l)")"
+  echo
+  local bad=0 name
+  for name in "${groups[@]/#/api_}" api_mix8 "${groups[@]/#/bare_}" bare_mix8; do
+    bad=$((bad + $(sum_col 4 "$name") + $(sum_col 5 "$name")))
+  done
+  [ "$bad" = 0 ] || echo "WARNING: $bad failed answers (another status than 200, socket errors, timeouts, failed transactions): see the runs below"
+  echo "seeding: ${seed_s} s (SQL) + ${vacuum_s} s (VACUUM ANALYZE)"
+  echo "load: before: $load_before; after: $(uptime | sed 's/.*load average: //')"
+  local every=
+  for name in "${groups[@]/#/api_}" api_mix8 "${groups[@]/#/bare_}" bare_mix8; do every+="$name: $(paste -sd';' "$work/$name") "; done
+  echo "every run (req/s p50-ms p99-ms failed socket-errors bytes/answer): $every"
+  echo "took $((SECONDS - started)) s"
+}
+
+search_cleanup() {
+  local pid
+  for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
+  if [ -n "${WAVELINE_BENCH_KEEP:-}" ]; then
+    echo "kept: database $db" >&2
+    return
+  fi
+  rm -rf "$work"
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+}
+
 realtime_cleanup() {
   local pid
   for pid in "${serve_pids[@]}"; do stop_serve "$pid"; done
@@ -1271,5 +1602,6 @@ case "$mode" in
   social) shift; social "$@" ;;
   realtime) shift; realtime "$@" ;;
   trending) shift; trending "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE] | trending [RUNS]" ;;
+  search) shift; search "$@" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE] | trending [RUNS] | search [SECONDS] [RUNS]" ;;
 esac

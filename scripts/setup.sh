@@ -37,6 +37,8 @@ wait_for() {
 }
 
 install_packages() {
+  # postgresql: Debian's postgresql-15 ships the contrib extensions too (unaccent and pg_trgm,
+  # which search's migration creates); no postgresql-contrib package is needed.
   local wanted=(pkg-config clang ffmpeg sox postgresql curl
     libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libswresample-dev libswscale-dev libavdevice-dev)
   if [ "$mode" != --embedded ]; then

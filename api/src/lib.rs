@@ -27,6 +27,7 @@
 //! | `charts` | `GET /v1/charts/trending`, `GET /v1/charts/top` |
 //! | [`billing`] | `POST /v1/billing/checkout`, `/portal`, `/webhook` (Stripe subscriptions, the tier) |
 //! | [`access`] | no routes: what a listener may play of a premium-only track |
+//! | `search` | `GET /v1/search` (tracks, accounts and playlists by their words) |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -55,6 +56,7 @@ mod playlists;
 pub mod plays;
 pub mod realtime;
 pub mod redirect;
+mod search;
 pub mod security;
 mod serve;
 pub mod session_cache;
@@ -248,8 +250,8 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
-    // poem-openapi implements its trait for tuples of at most 16; the rest nest.
-    (plays::Stats, charts::ChartsApi, billing::BillingApi),
+    // poem-openapi implements its trait for tuples of at most 16; the newest nest.
+    (plays::Stats, charts::ChartsApi, search::Search, billing::BillingApi),
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -273,6 +275,10 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             (
                 plays::Stats { state: state.clone() },
                 charts::ChartsApi { state: state.clone() },
+                search::Search {
+                    search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()),
+                    state: state.clone(),
+                },
                 billing::BillingApi { state },
             ),
         ),
@@ -282,8 +288,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
     .description(
         "The backend of a social audio platform: accounts, uploads, processing status, range streaming, \
          HLS and waveforms; profiles, follows, blocks, likes, reposts, playlists, timestamped comments, \
-         the activity feed and push notification devices; play counts and charts; Stripe subscriptions and \
-         premium-only tracks. Errors are JSON `{code, message}`.",
+         the activity feed and push notification devices; play counts, charts and search; Stripe subscriptions \
+         and premium-only tracks. Errors are JSON `{code, message}`.",
     )
 }
 

@@ -27,7 +27,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use uuid::Uuid;
 use waveline_shared::db::TrackDetails;
-use waveline_shared::db::social::{Keyset, Mark, Marked, Relate, Relation, Target, UserSummary, Viewer};
+use waveline_shared::db::social::{Keyset, Mark, Marked, Profile, Relate, Relation, Target, UserSummary, Viewer};
 use waveline_shared::documents::{ActivityKind, ActivityObject, NewActivity, NotificationKind, Subject};
 use waveline_shared::domain::{PlaylistId, TrackId, UserId};
 
@@ -411,20 +411,26 @@ async fn profile_of(state: &AppState, username: &str) -> Result<ProfileView, Api
         return Err(ApiError::not_found("user"));
     }
     let profile = state.social.profile(username).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    Ok(ProfileView {
-        id: profile.id.to_string(),
-        username: profile.username,
-        display_name: profile.display_name,
-        bio: profile.bio,
-        avatar_url: None,
-        followers_count: profile.followers_count,
-        followings_count: profile.followings_count,
-        track_count: profile.track_count,
-        playlist_count: profile.playlist_count,
-        likes_count: profile.likes_count,
-        reposts_count: profile.reposts_count,
-        created_at: profile.created_at,
-    })
+    Ok(ProfileView::from(profile))
+}
+
+impl From<Profile> for ProfileView {
+    fn from(profile: Profile) -> ProfileView {
+        ProfileView {
+            id: profile.id.to_string(),
+            username: profile.username,
+            display_name: profile.display_name,
+            bio: profile.bio,
+            avatar_url: None,
+            followers_count: profile.followers_count,
+            followings_count: profile.followings_count,
+            track_count: profile.track_count,
+            playlist_count: profile.playlist_count,
+            likes_count: profile.likes_count,
+            reposts_count: profile.reposts_count,
+            created_at: profile.created_at,
+        }
+    }
 }
 
 impl Social {

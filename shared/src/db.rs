@@ -1,5 +1,5 @@
 //! The database layer: the PostgreSQL pool, the migrations, and [`PgTracks`], the track
-//! repository (the accounts, the catalogue, the social layer and the push devices have
+//! repository (the accounts, the catalogue, the social layer, search and the push devices have
 //! modules of their own).
 //!
 //! PostgreSQL is the record of truth (DESIGN.md). Every state change is a compare-and-set
@@ -23,6 +23,7 @@ mod catalog;
 mod devices;
 pub mod plays;
 pub mod realtime;
+pub mod search;
 pub mod social;
 
 pub use accounts::{

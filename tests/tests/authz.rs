@@ -146,6 +146,8 @@ const MATRIX: &[Row] = &[
     row("get", "/v1/users/{username}/playlists", Expect::Any(ALL_OK)),
     row("get", "/v1/users/{username}/activities", Expect::Any(ALL_OK)),
     row("get", "/v1/me/feed", Expect::Any(SIGNED_IN)),
+    // Search: anyone; each sees what they may (tests/tests/search.rs checks which).
+    row("get", "/v1/search", Expect::Any(ALL_OK)),
     // Push devices: one's own; a token of another account's moves on `PUT`, and is left alone
     // (204 all the same) on `DELETE`.
     row("put", "/v1/me/devices/{token}", Expect::Any([401, 204, 204, 204])),
@@ -402,6 +404,7 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
         ("patch", "/v1/me") => request.json(&json!({"bio": "Matrix"})),
         ("put", "/v1/me/devices/{token}") => request.json(&json!({"platform": "android"})),
         ("post", "/v1/billing/webhook") => request.json(&json!({"id": "evt_matrix", "type": "invoice.paid"})),
+        ("get", "/v1/search") => request.query(&[("q", "public")]),
         ("patch", _) => request.json(&json!({"title": "Renamed"})),
         ("delete", "/v1/me") => request.json(&json!({"password": "not the password"})),
         ("post", "/v1/tracks/{id}/comments") => request.json(&json!({"body": "matrix", "timestamp_ms": 0})),

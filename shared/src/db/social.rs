@@ -268,6 +268,25 @@ const PLAYLIST_SELECT: &str = "
           AND (t.owner_id = $1 OR $2 OR (t.visibility = 'public' AND t.ready_revision IS NOT NULL))
     ) v";
 
+/// A profile with the counts a stranger sees (of `users u`).
+const PROFILE_SELECT: &str = "
+    SELECT u.id, u.username, u.display_name, u.bio, u.created_at,
+        (SELECT count(*) FROM follows f WHERE f.followee_id = u.id) AS followers_count,
+        (SELECT count(*) FROM follows f WHERE f.follower_id = u.id) AS followings_count,
+        (SELECT count(*) FROM tracks t WHERE t.owner_id = u.id
+             AND t.visibility = 'public' AND t.ready_revision IS NOT NULL) AS track_count,
+        (SELECT count(*) FROM playlists p WHERE p.owner_id = u.id AND p.visibility = 'public')
+            AS playlist_count,
+        (SELECT count(*) FROM track_likes l JOIN tracks t ON t.id = l.track_id WHERE l.user_id = u.id
+             AND t.visibility = 'public' AND t.ready_revision IS NOT NULL)
+          + (SELECT count(*) FROM playlist_likes l JOIN playlists p ON p.id = l.playlist_id
+             WHERE l.user_id = u.id AND p.visibility = 'public') AS likes_count,
+        (SELECT count(*) FROM track_reposts r JOIN tracks t ON t.id = r.track_id WHERE r.user_id = u.id
+             AND t.visibility = 'public' AND t.ready_revision IS NOT NULL)
+          + (SELECT count(*) FROM playlist_reposts r JOIN playlists p ON p.id = r.playlist_id
+             WHERE r.user_id = u.id AND p.visibility = 'public') AS reposts_count
+    FROM users u";
+
 /// Locks the pair `(a, b)` (in either order) for the rest of the transaction.
 async fn lock_pair(tx: &mut sqlx::PgConnection, a: UserId, b: UserId) -> Result<(), DbError> {
     let (low, high) = if a.0 < b.0 { (a.0, b.0) } else { (b.0, a.0) };
@@ -296,27 +315,29 @@ impl PgSocial {
 
     /// A profile by username, with the counts a stranger sees.
     pub async fn profile(&self, username: &str) -> Result<Option<Profile>, DbError> {
-        Ok(sqlx::query_as::<_, Profile>(
-            "SELECT u.id, u.username, u.display_name, u.bio, u.created_at,
-                (SELECT count(*) FROM follows f WHERE f.followee_id = u.id) AS followers_count,
-                (SELECT count(*) FROM follows f WHERE f.follower_id = u.id) AS followings_count,
-                (SELECT count(*) FROM tracks t WHERE t.owner_id = u.id
-                     AND t.visibility = 'public' AND t.ready_revision IS NOT NULL) AS track_count,
-                (SELECT count(*) FROM playlists p WHERE p.owner_id = u.id AND p.visibility = 'public')
-                    AS playlist_count,
-                (SELECT count(*) FROM track_likes l JOIN tracks t ON t.id = l.track_id WHERE l.user_id = u.id
-                     AND t.visibility = 'public' AND t.ready_revision IS NOT NULL)
-                  + (SELECT count(*) FROM playlist_likes l JOIN playlists p ON p.id = l.playlist_id
-                     WHERE l.user_id = u.id AND p.visibility = 'public') AS likes_count,
-                (SELECT count(*) FROM track_reposts r JOIN tracks t ON t.id = r.track_id WHERE r.user_id = u.id
-                     AND t.visibility = 'public' AND t.ready_revision IS NOT NULL)
-                  + (SELECT count(*) FROM playlist_reposts r JOIN playlists p ON p.id = r.playlist_id
-                     WHERE r.user_id = u.id AND p.visibility = 'public') AS reposts_count
-             FROM users u WHERE u.username = $1 AND u.role <> 'system'",
-        )
+        Ok(sqlx::query_as::<_, Profile>(sqlx::AssertSqlSafe(format!(
+            "{PROFILE_SELECT} WHERE u.username = $1 AND u.role <> 'system'"
+        )))
         .bind(username)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// The profiles of some accounts (those that exist, but the system account), in the order
+    /// of `ids`.
+    pub async fn profiles(&self, ids: &[UserId]) -> Result<Vec<Profile>, DbError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows = sqlx::query_as::<_, Profile>(sqlx::AssertSqlSafe(format!(
+            "{PROFILE_SELECT} WHERE u.id = ANY($1) AND u.role <> 'system'"
+        )))
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: HashMap<UserId, Profile> = rows.into_iter().map(|row| (row.id, row)).collect();
+        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
     }
 
     /// An account's summary by username (the system account has none).
