@@ -494,6 +494,19 @@ pub struct UserView {
     suspended_at: Option<DateTime<Utc>>,
     /// Whether the account proved it receives mail at `email`.
     email_verified: bool,
+    /// The avatar's `large` (100×100) JPEG (see the profile's `avatar_url`).
+    avatar_url: Option<String>,
+    /// The latest avatar's processing: `pending`, `processing`, `ready` or `failed`.
+    avatar_state: Option<String>,
+}
+
+impl UserView {
+    /// The view with the account's avatar.
+    pub(crate) fn with_avatar(mut self, avatar: crate::artwork::ImageFields) -> UserView {
+        self.avatar_url = avatar.url;
+        self.avatar_state = avatar.state;
+        self
+    }
 }
 
 impl From<&UserRow> for UserView {
@@ -506,6 +519,8 @@ impl From<&UserRow> for UserView {
             created_at: user.created_at,
             suspended_at: user.suspended_at,
             email_verified: user.email_verified,
+            avatar_url: None,
+            avatar_state: None,
         }
     }
 }
@@ -973,7 +988,11 @@ impl Accounts {
     /// The account behind the session.
     #[oai(path = "/v1/me", method = "get")]
     async fn me(&self, auth: Auth) -> Result<Json<UserView>, ApiError> {
-        Ok(Json(UserView::from(&auth.session().user)))
+        let user = &auth.session().user;
+        let subject = waveline_shared::images::ImageSubject::User;
+        let avatar =
+            crate::artwork::fields_of(&self.state, subject, &[user.id.0]).await?.remove(&user.id.0).unwrap_or_default();
+        Ok(Json(UserView::from(user).with_avatar(avatar)))
     }
 
     /// Changes the signed-in account's display name and bio; answers its public profile.

@@ -23,6 +23,7 @@
 //! | [`inbox`] | `POST|GET /v1/me/conversations/{conversation}/messages`, `GET /v1/me/conversations`, `PUT /v1/me/conversations/{id}/read`, `GET /v1/me/notifications`, `PUT /v1/me/notifications/read` |
 //! | [`realtime`] | `GET /v1/ws` (WebSocket), `POST /v1/ws/tickets` |
 //! | `devices` | `PUT|DELETE /v1/me/devices/{token}` (push notification devices) |
+//! | `artwork` | `PUT /v1/tracks/{id}/artwork`, `PUT /v1/playlists/{id}/artwork`, `PUT /v1/me/avatar`, `GET|HEAD /v1/images/{subjects}/{id}/{version}/{size}.jpg` |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -30,6 +31,7 @@
 
 mod account_deletion;
 mod admin;
+mod artwork;
 pub mod auth;
 pub mod body;
 mod comments;
@@ -234,6 +236,7 @@ type Apis = (
     inbox::Inbox,
     realtime::RealtimeApi,
     devices::Devices,
+    artwork::Artwork,
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -253,7 +256,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
             feed::Feed { state: state.clone() },
             inbox::Inbox { state: state.clone() },
             realtime::RealtimeApi { state: state.clone() },
-            devices::Devices { state },
+            devices::Devices { state: state.clone() },
+            artwork::Artwork { state },
         ),
         "Waveline",
         env!("CARGO_PKG_VERSION"),

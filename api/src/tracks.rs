@@ -151,6 +151,15 @@ pub struct TrackView {
     /// Progressive streams by preset, with byte ranges.
     stream_urls: BTreeMap<String, String>,
     hls_master_url: Option<String>,
+    /// The artwork's `large` (100×100) JPEG: uploaded, or else the artwork embedded in the
+    /// audio file; `t500x500`, `t300x300`, `t67x67` or `small` in place of `large` for the
+    /// other sizes. Absent until artwork is ready.
+    artwork_url: Option<String>,
+    /// The latest artwork's processing: `pending`, `processing`, `ready` or `failed`; absent
+    /// when the track has none.
+    artwork_state: Option<String>,
+    /// Why the latest artwork failed (`invalid_image`, …).
+    artwork_error: Option<ErrorBody>,
     /// Accounts that like the track.
     likes_count: i64,
     /// Accounts that reposted it.
@@ -180,6 +189,14 @@ impl TrackView {
         self.comment_count = i64::try_from(comments).unwrap_or(i64::MAX);
         self.user_liked = signed_in.then_some(stats.liked);
         self.user_reposted = signed_in.then_some(stats.reposted);
+        self
+    }
+
+    /// The view with its artwork's URL and state.
+    pub(crate) fn with_artwork(mut self, artwork: crate::artwork::ImageFields) -> TrackView {
+        self.artwork_url = artwork.url;
+        self.artwork_state = artwork.state;
+        self.artwork_error = artwork.error;
         self
     }
 
@@ -235,6 +252,9 @@ impl From<TrackDetails> for TrackView {
             waveform_url: ready.then(|| format!("{base}/waveform")),
             stream_urls,
             hls_master_url: track.presets.iter().any(|p| p == "aac_hls").then(|| format!("{base}/hls/master.m3u8")),
+            artwork_url: None,
+            artwork_state: None,
+            artwork_error: None,
             likes_count: 0,
             reposts_count: 0,
             comment_count: 0,
@@ -612,6 +632,7 @@ impl Tracks {
         self.state.documents.delete_object_activities(ActivityObject::Track(track.id), None).await?;
         self.state.tracks.delete(track.id).await?;
         self.state.track_changed(track.id);
+        // Its artwork's objects too: they lie under one of the track's prefixes.
         delete_objects(self.state.storage.as_ref(), track.id).await;
         tracing::info!(track = %track.id, "track deleted");
         Ok(Deleted::Done)

@@ -20,6 +20,7 @@ use crate::domain::{ProcessingStage, TrackId, TrackState, UserId};
 mod accounts;
 mod catalog;
 mod devices;
+pub mod images;
 pub mod realtime;
 pub mod social;
 

@@ -17,6 +17,7 @@
 
 pub mod audio;
 pub mod fake_fcm;
+pub mod images;
 pub mod oauth_provider;
 pub mod smtp_sink;
 pub mod stack;
