@@ -8,7 +8,8 @@
 //!    and the decoder's allocations bounded by [`DecodeLimits::max_alloc`]. A decompression
 //!    bomb (a tiny file declaring a huge image) fails `invalid_image` without allocating it.
 //! 3. The EXIF orientation is applied, then the picture is flattened onto white (transparent
-//!    PNG and WebP) and cropped to its centre square.
+//!    PNG and WebP) and cropped to its centre square (exactly: nothing outside the square
+//!    bleeds into its edges).
 //! 4. The largest size is resized from the original (Lanczos3, `fast_image_resize`'s SIMD
 //!    kernels); each smaller one from the 500×500, which is sharper than the original seen
 //!    through a 100:1 kernel and many times cheaper.
@@ -140,23 +141,33 @@ fn flatten(picture: DynamicImage) -> image::RgbImage {
     image::RgbImage::from_raw(width, height, rgb).unwrap_or_else(|| image::RgbImage::new(width, height))
 }
 
-/// Resizes `source` (the `crop` square of it, `(left, top, side)`) to `side`×`side`.
+/// Resizes the square `source` to `side`×`side`.
 fn resize(
     resizer: &mut fr::Resizer,
     source: &fr::images::ImageRef<'_>,
-    crop: (u32, u32, u32),
     side: u32,
 ) -> Result<fr::images::Image<'static>, ImageError> {
     let mut target = fr::images::Image::new(side, side, fr::PixelType::U8x3);
-    let (left, top, square) = crop;
-    let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3)).crop(
-        f64::from(left),
-        f64::from(top),
-        f64::from(square),
-        f64::from(square),
-    );
+    let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
     resizer.resize(source, &mut target, &options).map_err(|err| ImageError::Internal(format!("resizing: {err}")))?;
     Ok(target)
+}
+
+/// The centre square of `picture`: the picture itself when square, else a copy of the square
+/// (a crop box would let the resampling kernel read pixels beyond the square's edges).
+fn centre_square(picture: &image::RgbImage) -> std::borrow::Cow<'_, [u8]> {
+    let (width, height) = picture.dimensions();
+    if width == height {
+        return std::borrow::Cow::Borrowed(picture.as_raw());
+    }
+    let side = width.min(height) as usize;
+    let (left, top) = ((width as usize - side) / 2, (height as usize - side) / 2);
+    let stride = width as usize * 3;
+    let mut square = Vec::with_capacity(side * side * 3);
+    for row in picture.as_raw().chunks_exact(stride).skip(top).take(side) {
+        square.extend_from_slice(&row[left * 3..(left + side) * 3]);
+    }
+    std::borrow::Cow::Owned(square)
 }
 
 fn encode(pixels: &[u8], side: u32) -> Result<Vec<u8>, ImageError> {
@@ -170,19 +181,19 @@ fn encode(pixels: &[u8], side: u32) -> Result<Vec<u8>, ImageError> {
 /// Every size of an already decoded picture: the centre square, resized, as JPEGs.
 pub fn variants_of(picture: &image::RgbImage) -> Result<Vec<Variant>, ImageError> {
     let (width, height) = picture.dimensions();
-    let source = fr::images::ImageRef::new(width, height, picture.as_raw(), fr::PixelType::U8x3)
-        .map_err(|err| ImageError::Internal(format!("the decoded picture: {err}")))?;
     let square = width.min(height);
-    let crop = ((width - square) / 2, (height - square) / 2, square);
+    let pixels = centre_square(picture);
+    let source = fr::images::ImageRef::new(square, square, &pixels, fr::PixelType::U8x3)
+        .map_err(|err| ImageError::Internal(format!("the decoded picture: {err}")))?;
     let mut resizer = fr::Resizer::new();
     let mut variants = Vec::with_capacity(ImageSize::ALL.len());
     let largest = ImageSize::ALL[0];
-    let base = resize(&mut resizer, &source, crop, largest.side())?;
+    let base = resize(&mut resizer, &source, largest.side())?;
     variants.push(Variant { size: largest, jpeg: encode(base.buffer(), largest.side())? });
     let base_ref = fr::images::ImageRef::new(base.width(), base.height(), base.buffer(), fr::PixelType::U8x3)
         .map_err(|err| ImageError::Internal(format!("the largest size: {err}")))?;
     for size in &ImageSize::ALL[1..] {
-        let resized = resize(&mut resizer, &base_ref, (0, 0, largest.side()), size.side())?;
+        let resized = resize(&mut resizer, &base_ref, size.side())?;
         variants.push(Variant { size: *size, jpeg: encode(resized.buffer(), size.side())? });
     }
     Ok(variants)

@@ -25,7 +25,7 @@ use waveline_shared::images::{IMAGE_MAX_BYTES, ImageSize, ImageSubject, variant_
 use waveline_shared::storage::{ObjectKey, StorageError, byte_stream};
 
 use super::Outcome;
-use crate::images::{DecodeLimits, ImageError, Variant};
+use crate::images::{DecodeLimits, Variant};
 use crate::{Context, pipeline_thread};
 
 /// The job.
