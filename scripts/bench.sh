@@ -1186,8 +1186,10 @@ realtime() {
 
 artwork() {
   local runs=${1:-11} side=${2:-3000}
+  # Debian's ImageMagick by its own path: another `convert` may come first on PATH.
+  local convert=/usr/bin/convert identify=/usr/bin/identify
   local missing=()
-  command -v convert >/dev/null || missing+=(imagemagick)
+  "$convert" -version 2>/dev/null | grep -q '^Version: ImageMagick' || missing+=(imagemagick)
   [ -x /usr/bin/time ] || missing+=(time)
   command -v bc >/dev/null || missing+=(bc)
   if [ "${#missing[@]}" -gt 0 ]; then
@@ -1201,9 +1203,9 @@ artwork() {
   trap 'rm -rf "$work"' EXIT
   local ours; ours=$(own_copy artwork-variants)
   echo "generating a ${side}×${side} JPEG…" >&2
-  convert -seed 7 -size "${side}x${side}" plasma:fractal -quality 92 "$work/input.jpg"
+  "$convert" -seed 7 -size "${side}x${side}" plasma:fractal -quality 92 "$work/input.jpg"
   # The same job in one ImageMagick command: one decode, the centre square, each size from it.
-  local im=(convert "$work/input.jpg" -auto-orient -gravity center -crop "${side}x${side}+0+0" +repage -strip -quality 85)
+  local im=("$convert" "$work/input.jpg" -auto-orient -gravity center -crop "${side}x${side}+0+0" +repage -strip -quality 85)
   local size
   for size in t500x500:500 t300x300:300 large:100 t67x67:67 small:32; do
     im+=('(' +clone -resize "${size#*:}x${size#*:}!" -write "$work/im/${size%%:*}.jpg" +delete ')')
@@ -1219,7 +1221,7 @@ artwork() {
   for size in t500x500:500 t300x300:300 large:100 t67x67:67 small:32; do
     local name=${size%%:*} want="${size#*:}x${size#*:}" got
     for dir in ours im; do
-      got=$(identify -format '%wx%h %m' "$work/$dir/$name.jpg")
+      got=$("$identify" -format '%wx%h %m' "$work/$dir/$name.jpg")
       [ "$got" = "$want JPEG" ] || die "$dir/$name.jpg is $got, not $want JPEG"
     done
   done
@@ -1228,7 +1230,7 @@ artwork() {
   iw=$(cut -d' ' -f1 "$work/im.t" | median); ic=$(cut -d' ' -f2 "$work/im.t" | median); imr=$(cut -d' ' -f3 "$work/im.t" | median)
   i1w=$(cut -d' ' -f1 "$work/im1.t" | median); i1c=$(cut -d' ' -f2 "$work/im1.t" | median); i1m=$(cut -d' ' -f3 "$work/im1.t" | median)
   echo
-  echo "artwork: the five sizes from a ${side}×${side} JPEG ($(stat -c %s "$work/input.jpg") bytes), $runs runs each, alternating; medians ($(nproc) cores; $(convert -version | head -1 | cut -d' ' -f2-3); $(date -u +%F), commit $(cd "$root" && git rev-parse --short HEAD))"
+  echo "artwork: the five sizes from a ${side}×${side} JPEG ($(stat -c %s "$work/input.jpg") bytes), $runs runs each, alternating; medians ($(nproc) cores; $("$convert" -version | head -1 | cut -d' ' -f2-3); $(date -u +%F), commit $(cd "$root" && git rev-parse --short HEAD))"
   echo
   echo "| | wall s | CPU s | peak RSS MiB |"
   echo "|---|---:|---:|---:|"
