@@ -102,6 +102,17 @@ pub enum ImageCommitted {
     Stale,
 }
 
+/// One row of [`PgImages::statuses`].
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    subject_id: Uuid,
+    state: String,
+    version: String,
+    ready_version: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+}
+
 /// Images in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgImages {
@@ -353,7 +364,7 @@ impl PgImages {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows: Vec<(Uuid, String, String, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+        let rows: Vec<StatusRow> = sqlx::query_as(
             "SELECT subject_id, state, version, ready_version, error_code, error_message FROM images
              WHERE subject = $1 AND subject_id = ANY($2)",
         )
@@ -362,17 +373,15 @@ impl PgImages {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(id, state, version, ready_version, error_code, error_message)| {
-                Ok((
-                    id,
-                    ImageStatus {
-                        state: ImageState::parse(&state)?,
-                        version,
-                        ready_version,
-                        error_code,
-                        error_message,
-                    },
-                ))
+            .map(|row| {
+                let status = ImageStatus {
+                    state: ImageState::parse(&row.state)?,
+                    version: row.version,
+                    ready_version: row.ready_version,
+                    error_code: row.error_code,
+                    error_message: row.error_message,
+                };
+                Ok((row.subject_id, status))
             })
             .collect()
     }
