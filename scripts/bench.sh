@@ -70,6 +70,15 @@
 #       with 8 connections (wrk), side by side with the same searches' bare SQL (pgbench);
 #       each search's first page is checked against its bare SQL first. Prints p50/p99 and the
 #       ratios. Target: p99 <= 20 ms one search at a time. About 8 minutes.
+#   scripts/bench.sh artwork [RUNS=11] [SIDE=3000]
+#       the image job's variant generation (bench/src/artwork_variants.rs: the worker's own
+#       code, decode → centre square → t500x500, t300x300, large, t67x67, small → JPEG q85)
+#       against ImageMagick's `convert` making the same five sizes from the same input in one
+#       command (one decode, centre crop, each size resized from the square with its default
+#       filter, -strip, -quality 85), on a SIDE×SIDE JPEG generated once (plasma fractal, q92).
+#       RUNS runs each, alternating; wall and CPU medians, peak RSS and the ratios; ImageMagick
+#       with its default threads (OpenMP, every core) and with one thread. Installs
+#       imagemagick when `convert` is missing. Target: ≤ 0.5× ImageMagick's wall time.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Where cargo puts what it builds (CARGO_TARGET_DIR and .cargo/config.toml included).
@@ -1594,6 +1603,75 @@ trending() {
   printf "| reference: the bare SQL summing the same engagement per track, four windows | %s ms | 1.00× |\n" "$bare_ms"
 }
 
+# --- artwork: the image job's sizes against ImageMagick ---------------------------------------
+
+artwork() {
+  local runs=${1:-11} side=${2:-3000}
+  # Debian's ImageMagick by its own path: another `convert` may come first on PATH.
+  local convert=/usr/bin/convert identify=/usr/bin/identify
+  local missing=()
+  "$convert" -version 2>/dev/null | grep -q '^Version: ImageMagick' || missing+=(imagemagick)
+  [ -x /usr/bin/time ] || missing+=(time)
+  command -v bc >/dev/null || missing+=(bc)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}…" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  echo "building the variant tool (release)…" >&2
+  (cd "$root" && cargo build --release --locked --quiet -p waveline-bench --bin artwork-variants)
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  local ours; ours=$(own_copy artwork-variants)
+  echo "generating a ${side}×${side} JPEG…" >&2
+  "$convert" -seed 7 -size "${side}x${side}" plasma:fractal -quality 92 "$work/input.jpg"
+  # The same job in one ImageMagick command: one decode, the centre square, each size from it.
+  local im=("$convert" "$work/input.jpg" -auto-orient -gravity center -crop "${side}x${side}+0+0" +repage -strip -quality 85)
+  local size
+  for size in t500x500:500 t300x300:300 large:100 t67x67:67 small:32; do
+    im+=('(' +clone -resize "${size#*:}x${size#*:}!" -write "$work/im/${size%%:*}.jpg" +delete ')')
+  done
+  im+=(null:)
+  mkdir -p "$work/im" "$work/ours"
+  for i in $(seq "$runs"); do
+    echo "run $i/$runs…" >&2
+    measure "$work/ours.t" "$ours" "$work/input.jpg" "$work/ours"
+    measure "$work/im.t" "${im[@]}"
+    measure "$work/im1.t" env MAGICK_THREAD_LIMIT=1 "${im[@]}"
+  done
+  for size in t500x500:500 t300x300:300 large:100 t67x67:67 small:32; do
+    local name=${size%%:*} want="${size#*:}x${size#*:}" got
+    for dir in ours im; do
+      got=$("$identify" -format '%wx%h %m' "$work/$dir/$name.jpg")
+      [ "$got" = "$want JPEG" ] || die "$dir/$name.jpg is $got, not $want JPEG"
+    done
+  done
+  local ow oc om iw ic imr i1w i1c i1m
+  ow=$(cut -d' ' -f1 "$work/ours.t" | median); oc=$(cut -d' ' -f2 "$work/ours.t" | median); om=$(cut -d' ' -f3 "$work/ours.t" | median)
+  iw=$(cut -d' ' -f1 "$work/im.t" | median); ic=$(cut -d' ' -f2 "$work/im.t" | median); imr=$(cut -d' ' -f3 "$work/im.t" | median)
+  i1w=$(cut -d' ' -f1 "$work/im1.t" | median); i1c=$(cut -d' ' -f2 "$work/im1.t" | median); i1m=$(cut -d' ' -f3 "$work/im1.t" | median)
+  echo
+  echo "artwork: the five sizes from a ${side}×${side} JPEG ($(stat -c %s "$work/input.jpg") bytes), $runs runs each, alternating; medians ($(nproc) cores; $("$convert" -version | head -1 | cut -d' ' -f2-3); $(date -u +%F), commit $(cd "$root" && git rev-parse --short HEAD))"
+  echo
+  echo "| | wall s | CPU s | peak RSS MiB |"
+  echo "|---|---:|---:|---:|"
+  printf "| ImageMagick convert (default threads) | %.3f | %.3f | %.0f |
+" "$iw" "$ic" "$(echo "$imr / 1024" | bc -l)"
+  printf "| ImageMagick convert (MAGICK_THREAD_LIMIT=1) | %.3f | %.3f | %.0f |
+" "$i1w" "$i1c" "$(echo "$i1m / 1024" | bc -l)"
+  printf "| waveline (artwork-variants, one thread) | %.3f | %.3f | %.0f |
+" "$ow" "$oc" "$(echo "$om / 1024" | bc -l)"
+  printf "| ratio waveline / ImageMagick default | **%.2f×** | %.2f× | %.2f× |
+" \
+    "$(echo "$ow / $iw" | bc -l)" "$(echo "$oc / $ic" | bc -l)" "$(echo "$om / $imr" | bc -l)"
+  printf "| ratio waveline / ImageMagick one thread | %.2f× | %.2f× | %.2f× |
+" \
+    "$(echo "$ow / $i1w" | bc -l)" "$(echo "$oc / $i1c" | bc -l)" "$(echo "$om / $i1m" | bc -l)"
+  echo
+  echo "bytes of the five sizes: waveline $(cat "$work"/ours/*.jpg | wc -c), ImageMagick $(cat "$work"/im/*.jpg | wc -c)"
+  echo "every run (wall CPU RSS-KiB): waveline: $(tr '\n' ';' <"$work/ours.t") ImageMagick: $(tr '\n' ';' <"$work/im.t") one thread: $(tr '\n' ';' <"$work/im1.t")"
+}
+
 case "$mode" in
   pipeline) shift; pipeline "$@" ;;
   fleet) shift; fleet "$@" ;;
@@ -1603,5 +1681,6 @@ case "$mode" in
   realtime) shift; realtime "$@" ;;
   trending) shift; trending "$@" ;;
   search) shift; search "$@" ;;
-  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE] | trending [RUNS] | search [SECONDS] [RUNS]" ;;
+  artwork) shift; artwork "$@" ;;
+  *) die "usage: scripts/bench.sh pipeline [SECONDS] [RUNS] | fleet [TRACKS] [SECONDS] | stream [SECONDS] [RUNS] | stream-transcode [SECONDS] [RUNS] | social [SECONDS] [RUNS] | realtime [ACCOUNTS] [RATE] | trending [RUNS] | search [SECONDS] [RUNS] | artwork [RUNS] [SIDE]" ;;
 esac

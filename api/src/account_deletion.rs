@@ -5,7 +5,8 @@
 //! document store is down, nothing else has happened and the account still exists, so the
 //! owner can try again. Then one database transaction removes the account with every row of
 //! it (tracks, playlists, follows, blocks, likes, reposts, sessions). After that nobody can
-//! reach its objects, which are deleted last. A track or playlist created between the two
+//! reach its objects (tracks with their artwork, playlists' artwork, the avatar), which are
+//! deleted last. A track or playlist created between the two
 //! steps has its documents removed after the transaction too.
 
 use std::collections::HashSet;
@@ -13,6 +14,7 @@ use std::collections::HashSet;
 use waveline_shared::db::social::DeletedAccount;
 use waveline_shared::documents::{ActivityObject, DocumentsError};
 use waveline_shared::domain::UserId;
+use waveline_shared::images::ImageSubject;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -37,6 +39,10 @@ pub(crate) async fn delete_account(state: &AppState, user: UserId) -> Result<(),
         state.track_changed(track);
         crate::tracks::delete_objects(state.storage.as_ref(), track).await;
     }
+    for playlist in deleted.playlists {
+        crate::artwork::delete_objects(state, ImageSubject::Playlist, playlist.0).await;
+    }
+    crate::artwork::delete_objects(state, ImageSubject::User, user.0).await;
     Ok(())
 }
 

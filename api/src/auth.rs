@@ -510,6 +510,10 @@ pub struct UserView {
     tier: String,
     /// The account's Stripe subscription, once it has one (shown to its owner).
     subscription: Option<crate::billing::SubscriptionView>,
+    /// The avatar's `large` (100×100) JPEG (see the profile's `avatar_url`).
+    avatar_url: Option<String>,
+    /// The latest avatar's processing: `pending`, `processing`, `ready` or `failed`.
+    avatar_state: Option<String>,
 }
 
 impl UserView {
@@ -517,6 +521,13 @@ impl UserView {
     pub(crate) async fn with_subscription(mut self, state: &AppState, user: UserId) -> Result<UserView, ApiError> {
         self.subscription = crate::billing::subscription_view(state, user).await?;
         Ok(self)
+    }
+
+    /// The view with the account's avatar.
+    pub(crate) fn with_avatar(mut self, avatar: crate::artwork::ImageFields) -> UserView {
+        self.avatar_url = avatar.url;
+        self.avatar_state = avatar.state;
+        self
     }
 }
 
@@ -532,6 +543,8 @@ impl From<&UserRow> for UserView {
             email_verified: user.email_verified,
             tier: user.tier.as_str().to_owned(),
             subscription: None,
+            avatar_url: None,
+            avatar_state: None,
         }
     }
 }
@@ -1000,7 +1013,10 @@ impl Accounts {
     #[oai(path = "/v1/me", method = "get")]
     async fn me(&self, auth: Auth) -> Result<Json<UserView>, ApiError> {
         let user = &auth.session().user;
-        Ok(Json(UserView::from(user).with_subscription(&self.state, user.id).await?))
+        let subject = waveline_shared::images::ImageSubject::User;
+        let avatar =
+            crate::artwork::fields_of(&self.state, subject, &[user.id.0]).await?.remove(&user.id.0).unwrap_or_default();
+        Ok(Json(UserView::from(user).with_avatar(avatar).with_subscription(&self.state, user.id).await?))
     }
 
     /// Changes the signed-in account's display name and bio; answers its public profile.

@@ -1,13 +1,15 @@
 //! Request bodies: bounded in size and in time, before any handler parses them.
 //!
-//! - **JSON and every other small body** (every route but the two upload routes) is read here,
+//! - **JSON and every other small body** (every route but the upload routes) is read here,
 //!   up to `json_body_max_bytes` (64 KiB by default), within `body_read_timeout_s`. A
 //!   `Content-Length` over the limit is refused before a byte is read; a chunked body is
 //!   refused the moment it passes the limit, so a client can never make the process hold more
 //!   than the limit per request. Either way the answer is 413 `too_large` and the connection
 //!   closes (the rest of the body is never read). The handler then parses the bytes read here.
-//! - **The upload routes** (`POST /v1/tracks`, `PUT /v1/uploads/{id}`) stream into storage,
-//!   and their size limit (`upload_max_bytes`) is enforced as they stream (see `uploads`).
+//! - **The upload routes** (`POST /v1/tracks`, `PUT /v1/uploads/{id}`, and the images:
+//!   `PUT /v1/tracks/{id}/artwork`, `PUT /v1/playlists/{id}/artwork`, `PUT /v1/me/avatar`)
+//!   stream into storage, and their size limits (`upload_max_bytes`, 10 MiB for images) are
+//!   enforced as they stream (see `uploads` and `artwork`).
 //!   Here they get an idle timeout: each chunk must arrive within `body_read_timeout_s`, or
 //!   the upload fails as interrupted (400 `upload_interrupted`, saying why) and nothing is kept.
 //!
@@ -46,9 +48,18 @@ pub const WEBHOOK_MAX_BYTES: u64 = 1 << 20;
 
 /// The routes whose bodies stream into storage.
 fn is_upload(method: &Method, path: &str) -> bool {
+    let one_segment = |id: &str| !id.is_empty() && !id.contains('/');
     match *method {
         Method::POST => path == "/v1/tracks",
-        Method::PUT => path.strip_prefix("/v1/uploads/").is_some_and(|id| !id.is_empty() && !id.contains('/')),
+        Method::PUT => {
+            path.strip_prefix("/v1/uploads/").is_some_and(one_segment)
+                || path == "/v1/me/avatar"
+                || ["/v1/tracks/", "/v1/playlists/"].iter().any(|collection| {
+                    path.strip_prefix(collection)
+                        .and_then(|rest| rest.strip_suffix("/artwork"))
+                        .is_some_and(one_segment)
+                })
+        }
         _ => false,
     }
 }
@@ -133,13 +144,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_two_upload_routes_stream() {
+    fn only_the_upload_routes_stream() {
         assert!(is_upload(&Method::POST, "/v1/tracks"));
         assert!(is_upload(&Method::PUT, "/v1/uploads/01a216e7-6dd6-7549-81aa-f16443f12081"));
         assert!(!is_upload(&Method::PUT, "/v1/uploads/x/complete"));
         assert!(!is_upload(&Method::PUT, "/v1/uploads/"));
         assert!(!is_upload(&Method::POST, "/v1/auth/login"));
         assert!(!is_upload(&Method::PATCH, "/v1/tracks"));
+        assert!(is_upload(&Method::PUT, "/v1/tracks/01a216e7-6dd6-7549-81aa-f16443f12081/artwork"));
+        assert!(is_upload(&Method::PUT, "/v1/playlists/01a216e7-6dd6-7549-81aa-f16443f12081/artwork"));
+        assert!(is_upload(&Method::PUT, "/v1/me/avatar"));
+        assert!(!is_upload(&Method::PUT, "/v1/tracks//artwork"));
+        assert!(!is_upload(&Method::PUT, "/v1/tracks/a/b/artwork"));
+        assert!(!is_upload(&Method::PUT, "/v1/users/x/artwork"));
     }
 
     #[tokio::test]

@@ -167,7 +167,7 @@ const ERROR_STATUSES: [(u16, &str); 12] = [
     (408, "The request body did not arrive in time."),
     (409, "The resource is not in a state that allows this (a track not ready yet, a taken email)."),
     (413, "The body is larger than the configured maximum."),
-    (415, "The upload is not audio."),
+    (415, "The upload is not audio (an image upload: not a JPEG, PNG or WebP)."),
     (416, "The range cannot be satisfied; `Content-Range: bytes */LENGTH`."),
     (429, "Too many requests (`Retry-After` says when to try again)."),
     (500, "An internal error; the request id is in the logs."),

@@ -28,6 +28,7 @@
 //! | [`billing`] | `POST /v1/billing/checkout`, `/portal`, `/webhook` (Stripe subscriptions, the tier) |
 //! | [`access`] | no routes: what a listener may play of a premium-only track |
 //! | `search` | `GET /v1/search` (tracks, accounts and playlists by their words) |
+//! | `artwork` | `PUT /v1/tracks/{id}/artwork`, `PUT /v1/playlists/{id}/artwork`, `PUT /v1/me/avatar`, `GET|HEAD /v1/images/{subjects}/{id}/{version}/{size}.jpg` |
 //!
 //! Errors everywhere, poem's own included (unknown routes, bad parameters, malformed JSON),
 //! are JSON `{"code", "message"}` with the right status; internals are logged, never
@@ -36,6 +37,7 @@
 pub mod access;
 mod account_deletion;
 mod admin;
+mod artwork;
 pub mod auth;
 pub mod billing;
 pub mod body;
@@ -251,7 +253,7 @@ type Apis = (
     realtime::RealtimeApi,
     devices::Devices,
     // poem-openapi implements its trait for tuples of at most 16; the newest nest.
-    (plays::Stats, charts::ChartsApi, search::Search, billing::BillingApi),
+    (plays::Stats, charts::ChartsApi, search::Search, billing::BillingApi, artwork::Artwork),
 );
 
 /// The OpenAPI service: every operation of the API.
@@ -279,7 +281,8 @@ pub fn openapi(state: AppState) -> OpenApiService<Apis, ()> {
                     search: waveline_shared::db::search::PgSearch::new(state.tracks.pool().clone()),
                     state: state.clone(),
                 },
-                billing::BillingApi { state },
+                billing::BillingApi { state: state.clone() },
+                artwork::Artwork { state },
             ),
         ),
         "Waveline",

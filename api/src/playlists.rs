@@ -7,7 +7,8 @@
 //!
 //! A public playlist's creation writes a `playlist` activity (once: also when a private one
 //! is made public later). Only the owner edits, reorders or deletes; another account gets 403
-//! on a public playlist and 404 on a private one.
+//! on a public playlist and 404 on a private one. A playlist's artwork is uploaded and served
+//! by `artwork`.
 
 use chrono::{DateTime, Utc};
 use poem_openapi::param::{Path, Query};
@@ -19,10 +20,11 @@ use waveline_shared::db::social::{
 };
 use waveline_shared::documents::ActivityObject;
 use waveline_shared::domain::{PlaylistId, TrackId};
+use waveline_shared::images::ImageSubject;
 
 use crate::AppState;
 use crate::auth::{Auth, MaybeAuth, Session};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::social::{Done, UserSummaryView, decode_keyset, encode_keyset, page_limit, viewer};
 use crate::tracks::{TrackView, VisibilityChoice, check_text};
 
@@ -64,6 +66,14 @@ pub struct PlaylistView {
     user_reposted: Option<bool>,
     /// The tracks you may see, in order (on a single playlist; lists leave them out).
     tracks: Option<Vec<TrackView>>,
+    /// The artwork's `large` (100×100) JPEG; `t500x500`, `t300x300`, `t67x67` or `small` in
+    /// place of `large` for the other sizes. Absent until artwork is ready.
+    artwork_url: Option<String>,
+    /// The latest artwork's processing: `pending`, `processing`, `ready` or `failed`; absent
+    /// when the playlist has none.
+    artwork_state: Option<String>,
+    /// Why the latest artwork failed (`invalid_image`, …).
+    artwork_error: Option<ErrorBody>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -170,6 +180,8 @@ pub(crate) async fn views(
 ) -> Result<Vec<PlaylistView>, ApiError> {
     let ids: Vec<PlaylistId> = rows.iter().map(|r| r.id).collect();
     let stats = state.social.playlist_stats(&ids, session.map(|s| s.user.id)).await?;
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+    let mut artwork = crate::artwork::fields_of(state, ImageSubject::Playlist, &uuids).await?;
     // The comments of the tracks this viewer sees in them: one query for the tracks, one
     // grouped count per 500 of them.
     let tracks = state.social.playlists_track_ids(&ids, viewer(session)).await?;
@@ -186,7 +198,8 @@ pub(crate) async fn views(
             let comments: u64 =
                 tracks.get(&row.id).into_iter().flatten().map(|t| counts.get(t).copied().unwrap_or(0)).sum();
             let stats = stats.get(&row.id).copied().unwrap_or_default();
-            view(row, stats, comments, session.is_some(), None)
+            let artwork = artwork.remove(&row.id.0).unwrap_or_default();
+            view(row, stats, comments, session.is_some(), None, artwork)
         })
         .collect())
 }
@@ -207,6 +220,7 @@ fn view(
     comments: u64,
     signed_in: bool,
     tracks: Option<Vec<TrackView>>,
+    artwork: crate::artwork::ImageFields,
 ) -> PlaylistView {
     PlaylistView {
         id: row.id.to_string(),
@@ -227,6 +241,9 @@ fn view(
         user_liked: signed_in.then_some(stats.liked),
         user_reposted: signed_in.then_some(stats.reposted),
         tracks,
+        artwork_url: artwork.url,
+        artwork_state: artwork.state,
+        artwork_error: artwork.error,
         created_at: row.created_at,
         updated_at: row.updated_at,
     }
@@ -243,7 +260,11 @@ impl Playlists {
         let comments: i64 = tracks.iter().map(|t| t.comment_count()).sum();
         let stats = self.state.social.playlist_stats(&[id], session.map(|s| s.user.id)).await?;
         let stats = stats.get(&id).copied().unwrap_or_default();
-        Ok(view(row, stats, comments.max(0) as u64, session.is_some(), Some(tracks)))
+        let artwork = crate::artwork::fields_of(&self.state, ImageSubject::Playlist, &[id.0])
+            .await?
+            .remove(&id.0)
+            .unwrap_or_default();
+        Ok(view(row, stats, comments.max(0) as u64, session.is_some(), Some(tracks), artwork))
     }
 
     /// The playlist if `session` owns it: 404 when they cannot see it, 403 when they can but
@@ -328,6 +349,7 @@ impl Playlists {
         // The activities first, so a failure leaves the playlist to delete again.
         self.state.documents.delete_object_activities(ActivityObject::Playlist(row.id), None).await?;
         self.state.social.delete_playlist(row.id).await?;
+        crate::artwork::delete_objects(&self.state, ImageSubject::Playlist, row.id.0).await;
         Ok(Done::Done)
     }
 

@@ -125,8 +125,11 @@ pub struct Seen {
     trusted: bool,
 }
 
-/// The progressive streams, HLS and waveforms: read by players on any site.
+/// The progressive streams, HLS, waveforms and images: read by players and pages on any site.
 pub fn is_listening_route(path: &str) -> bool {
+    if path.starts_with("/v1/images/") {
+        return true;
+    }
     // A signed URL is `/v1/signed/{expires}/{signature}/tracks/…`.
     let unsigned = path.strip_prefix("/v1/signed/").and_then(|rest| {
         let mut parts = rest.splitn(3, '/');
@@ -182,6 +185,7 @@ mod tests {
             "/v1/tracks/abc/waveform",
             "/v1/signed/1700000000/c2ln/tracks/abc/stream/mp3_128",
             "/v1/signed/1700000000/c2ln/tracks/abc/hls/160k/seg_1.m4s",
+            "/v1/images/tracks/abc/0123/t500x500.jpg",
         ] {
             assert!(is_listening_route(yes), "{yes}");
         }
@@ -194,6 +198,7 @@ mod tests {
             "/v1/tracks/abc/streams",
             "/v1/signed/1/s/users/abc/stream/x",
             "/v1/signed/tracks/abc/stream/x",
+            "/v1/tracks/abc/artwork",
         ] {
             assert!(!is_listening_route(no), "{no}");
         }

@@ -32,7 +32,7 @@ use waveline_shared::documents::{ActivityKind, ActivityObject, NewActivity, Noti
 use waveline_shared::domain::{PlaylistId, TrackId, UserId};
 
 use crate::auth::{Auth, MaybeAuth, Session};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::playlists::PlaylistView;
 use crate::tracks::{TrackView, check_text};
 use crate::{AppState, may_see};
@@ -119,8 +119,14 @@ pub(crate) struct ProfileView {
     username: String,
     display_name: String,
     bio: String,
-    /// None until artwork exists.
+    /// The avatar's `large` (100×100) JPEG; `t500x500`, `t300x300`, `t67x67` or `small` in
+    /// place of `large` for the other sizes. Absent until an avatar is ready.
     avatar_url: Option<String>,
+    /// The latest avatar's processing: `pending`, `processing`, `ready` or `failed`; absent
+    /// when the account has none.
+    avatar_state: Option<String>,
+    /// Why the latest avatar failed (`invalid_image`, …).
+    avatar_error: Option<ErrorBody>,
     followers_count: i64,
     followings_count: i64,
     /// Public tracks that can be played.
@@ -266,10 +272,12 @@ pub(crate) async fn track_views(
 ) -> Result<Vec<TrackView>, ApiError> {
     let ids: Vec<TrackId> = tracks.iter().map(|t| t.id).collect();
     let viewer_id = session.map(|s| s.user.id);
-    let (stats, comments) =
-        tokio::try_join!(async { state.social.track_stats(&ids, viewer_id).await.map_err(ApiError::from) }, async {
-            state.documents.count_comments_of(&ids).await.map_err(ApiError::from)
-        },)?;
+    let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+    let (stats, comments, mut artwork) = tokio::try_join!(
+        async { state.social.track_stats(&ids, viewer_id).await.map_err(ApiError::from) },
+        async { state.documents.count_comments_of(&ids).await.map_err(ApiError::from) },
+        crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::Track, &uuids),
+    )?;
     Ok(tracks
         .into_iter()
         .map(|track| {
@@ -282,6 +290,7 @@ pub(crate) async fn track_views(
                     session.is_some(),
                 )
                 .with_access(premium)
+                .with_artwork(artwork.remove(&id.0).unwrap_or_default())
         })
         .collect())
 }
@@ -411,10 +420,19 @@ async fn profile_of(state: &AppState, username: &str) -> Result<ProfileView, Api
         return Err(ApiError::not_found("user"));
     }
     let profile = state.social.profile(username).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    Ok(ProfileView::from(profile))
+    let avatar = crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::User, &[profile.id.0])
+        .await?
+        .remove(&profile.id.0)
+        .unwrap_or_default();
+    let mut view = ProfileView::from(profile);
+    view.avatar_url = avatar.url;
+    view.avatar_state = avatar.state;
+    view.avatar_error = avatar.error;
+    Ok(view)
 }
 
 impl From<Profile> for ProfileView {
+    /// The view without the avatar (its fields are filled in by who has them).
     fn from(profile: Profile) -> ProfileView {
         ProfileView {
             id: profile.id.to_string(),
@@ -422,6 +440,8 @@ impl From<Profile> for ProfileView {
             display_name: profile.display_name,
             bio: profile.bio,
             avatar_url: None,
+            avatar_state: None,
+            avatar_error: None,
             followers_count: profile.followers_count,
             followings_count: profile.followings_count,
             track_count: profile.track_count,

@@ -156,6 +156,15 @@ pub struct TrackView {
     /// Progressive streams by preset, with byte ranges.
     stream_urls: BTreeMap<String, String>,
     hls_master_url: Option<String>,
+    /// The artwork's `large` (100×100) JPEG: uploaded, or else the artwork embedded in the
+    /// audio file; `t500x500`, `t300x300`, `t67x67` or `small` in place of `large` for the
+    /// other sizes. Absent until artwork is ready.
+    artwork_url: Option<String>,
+    /// The latest artwork's processing: `pending`, `processing`, `ready` or `failed`; absent
+    /// when the track has none.
+    artwork_state: Option<String>,
+    /// Why the latest artwork failed (`invalid_image`, …).
+    artwork_error: Option<ErrorBody>,
     /// Accounts that like the track.
     likes_count: i64,
     /// Accounts that reposted it.
@@ -193,6 +202,14 @@ impl TrackView {
     pub fn with_access(mut self, premium: bool) -> TrackView {
         let has_preview = self.stream_urls.contains_key("preview");
         self.access = crate::access::track_access(self.premium_only, has_preview, premium);
+        self
+    }
+
+    /// The view with its artwork's URL and state.
+    pub(crate) fn with_artwork(mut self, artwork: crate::artwork::ImageFields) -> TrackView {
+        self.artwork_url = artwork.url;
+        self.artwork_state = artwork.state;
+        self.artwork_error = artwork.error;
         self
     }
 
@@ -251,6 +268,9 @@ impl From<TrackDetails> for TrackView {
             waveform_url: ready.then(|| format!("{base}/waveform")),
             stream_urls,
             hls_master_url: track.presets.iter().any(|p| p == "aac_hls").then(|| format!("{base}/hls/master.m3u8")),
+            artwork_url: None,
+            artwork_state: None,
+            artwork_error: None,
             likes_count: 0,
             reposts_count: 0,
             comment_count: 0,
@@ -634,6 +654,7 @@ impl Tracks {
         self.state.documents.delete_object_activities(ActivityObject::Track(track.id), None).await?;
         self.state.tracks.delete(track.id).await?;
         self.state.track_changed(track.id);
+        // Its artwork's objects too: they lie under one of the track's prefixes.
         delete_objects(self.state.storage.as_ref(), track.id).await;
         tracing::info!(track = %track.id, "track deleted");
         Ok(Deleted::Done)

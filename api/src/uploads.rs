@@ -245,7 +245,7 @@ fn default_title(filename: Option<&str>) -> String {
     if title.is_empty() { "Untitled".to_owned() } else { title.to_owned() }
 }
 
-fn too_large(limit: u64) -> ApiError {
+pub(crate) fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
@@ -270,29 +270,41 @@ fn not_audio() -> ApiError {
     )
 }
 
-fn interrupted(detail: impl std::fmt::Display) -> ApiError {
+pub(crate) fn interrupted(detail: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request("upload_interrupted", format!("the upload did not arrive whole: {detail}"))
 }
 
 /// A refused upload may leave the rest of its body unread on the connection: say that it
 /// closes, so the client opens a new one for its next request instead of reusing a
 /// connection the server is about to drop.
-fn close_after(err: ApiError) -> ApiError {
+pub(crate) fn close_after(err: ApiError) -> ApiError {
     if err.header.is_some() { err } else { err.with_header("connection", "close".to_owned()) }
 }
 
 /// Refuses up front a body whose `Content-Length` already passes the limit (with room for
 /// a multipart envelope).
-fn check_declared_length(req: &Request, limit: u64, envelope: u64) -> Result<(), ApiError> {
+pub(crate) fn check_declared_length(req: &Request, limit: u64, envelope: u64) -> Result<(), ApiError> {
     match req.header("content-length").and_then(|value| value.trim().parse::<u64>().ok()) {
         Some(length) if length > limit.saturating_add(envelope) => Err(too_large(limit)),
         _ => Ok(()),
     }
 }
 
-/// Streams `body` into `key`: checks that its first bytes are audio, counts it against
-/// `limit` (refusing more with `over(limit)`), and stores it; returns its size. On any
-/// failure nothing is stored.
+/// What an upload's first bytes must be, read before anything is stored.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admit {
+    /// How many leading bytes `check` looks at.
+    pub sniff_len: usize,
+    /// The refusal, if the leading bytes are not what the route takes.
+    pub check: fn(&[u8]) -> Option<ApiError>,
+}
+
+/// Audio, by [`sniff`]; 415 `not_audio` otherwise.
+const AUDIO: Admit = Admit { sniff_len: SNIFF_LEN, check: |head| sniff(head).is_none().then(not_audio) };
+
+/// Streams `body` into `key`: checks that its first bytes are what `admit` takes, counts it
+/// against `limit` (refusing more with `over(limit)`), and stores it; returns its size. On
+/// any failure nothing is stored.
 async fn store_original<S>(
     storage: &dyn Storage,
     key: &ObjectKey,
@@ -303,13 +315,28 @@ async fn store_original<S>(
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
 {
+    store_admitted(storage, key, body, limit, over, AUDIO).await
+}
+
+/// [`store_original`] for what `admit` takes.
+pub(crate) async fn store_admitted<S>(
+    storage: &dyn Storage,
+    key: &ObjectKey,
+    body: S,
+    limit: u64,
+    over: fn(u64) -> ApiError,
+    admit: Admit,
+) -> Result<u64, ApiError>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
     let mut body = Box::pin(body);
-    let mut head = Vec::with_capacity(SNIFF_LEN);
+    let mut head = Vec::with_capacity(admit.sniff_len);
     let mut prefix = Vec::new();
-    while head.len() < SNIFF_LEN {
+    while head.len() < admit.sniff_len {
         match body.next().await {
             Some(Ok(chunk)) => {
-                let wanted = (SNIFF_LEN - head.len()).min(chunk.len());
+                let wanted = (admit.sniff_len - head.len()).min(chunk.len());
                 head.extend_from_slice(&chunk[..wanted]);
                 prefix.push(chunk);
             }
@@ -320,8 +347,8 @@ where
     if head.is_empty() {
         return Err(ApiError::bad_request("empty_upload", "the file is empty"));
     }
-    if sniff(&head).is_none() {
-        return Err(not_audio());
+    if let Some(refusal) = (admit.check)(&head) {
+        return Err(refusal);
     }
     let received = Arc::new(AtomicU64::new(0));
     let over_limit = Arc::new(AtomicBool::new(false));

@@ -2,7 +2,8 @@
 //! the file name or a declared `Content-Type`; and the media type Waveline gives each file it
 //! stores ([`content_type`]). Shared by the API (which refuses non-audio
 //! uploads with 415 before storing them) and the pipeline (which refuses them before any
-//! decoder runs). A leaf crate with no dependencies, so the pipeline keeps depending on nothing
+//! decoder runs); [`sniff_image`] does the same for artwork and avatars, between the API and
+//! the image job. A leaf crate with no dependencies, so the pipeline keeps depending on nothing
 //! else of ours and the API never depends on the pipeline.
 
 /// How many leading bytes [`sniff`] looks at; give it at least this many when there are.
@@ -121,9 +122,58 @@ pub fn sniff(head: &[u8]) -> Option<Container> {
     }
 }
 
+/// The image formats artwork and avatars may be uploaded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    Jpeg,
+    Png,
+    WebP,
+}
+
+impl ImageKind {
+    /// The name in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Jpeg => "jpeg",
+            ImageKind::Png => "png",
+            ImageKind::WebP => "webp",
+        }
+    }
+}
+
+/// How many leading bytes [`sniff_image`] looks at.
+pub const IMAGE_SNIFF_LEN: usize = 12;
+
+/// Names the image format of a file that starts with `head` (JPEG, PNG or WebP), from its
+/// signature alone.
+pub fn sniff_image(head: &[u8]) -> Option<ImageKind> {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, &[0xff, 0xd8, 0xff]) {
+        Some(ImageKind::Jpeg)
+    } else if at(0, b"\x89PNG\r\n\x1a\n") {
+        Some(ImageKind::Png)
+    } else if at(0, b"RIFF") && at(8, b"WEBP") {
+        Some(ImageKind::WebP)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_signatures_decide() {
+        assert_eq!(sniff_image(&[0xff, 0xd8, 0xff, 0xe0, 0, 0x10]), Some(ImageKind::Jpeg));
+        assert_eq!(sniff_image(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), Some(ImageKind::Png));
+        assert_eq!(sniff_image(b"RIFF\x24\0\0\0WEBPVP8 "), Some(ImageKind::WebP));
+        assert_eq!(sniff_image(b"RIFF\x24\0\0\0WAVEfmt "), None);
+        assert_eq!(sniff_image(b"GIF89a\x01\0"), None);
+        assert_eq!(sniff_image(b"<svg xmlns"), None);
+        assert_eq!(sniff_image(&[0xff, 0xd8]), None);
+        assert_eq!(sniff_image(b""), None);
+    }
 
     #[test]
     fn magic_numbers_decide() {

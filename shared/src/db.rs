@@ -21,6 +21,7 @@ mod accounts;
 pub mod billing;
 mod catalog;
 mod devices;
+pub mod images;
 pub mod plays;
 pub mod realtime;
 pub mod search;

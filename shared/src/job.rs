@@ -4,7 +4,9 @@
 //! `{"v":1,"kind":"process_track","id":"…","track_id":"…","attempt":1,"enqueued_at":"…"}`, or
 //! for a push `{"v":1,"kind":"push","id":"…","user_id":"…","push":{"title":"…","body":"…",
 //! "data":{…}},"attempt":1,"enqueued_at":"…"}` (with `"remaining":["TOKEN",…]` once an attempt
-//! reached some of the account's devices and not others).
+//! reached some of the account's devices and not others), or for artwork and avatars
+//! `{"v":1,"kind":"process_image","id":"…","subject":"track","subject_id":"…","version":"…",
+//! "attempt":1,"enqueued_at":"…"}` (see [`crate::images`]).
 //! `v` is the schema version and `kind` selects the job; both are read before anything else,
 //! so a message from a newer or older producer is recognised as such and dead-lettered with a
 //! reason instead of failing the consumer. `attempt` counts deliveries of this job that ended
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{TrackId, UserId};
+use crate::images::{ImageSubject, is_version};
 use crate::push::{DeviceToken, MAX_DEVICES_PER_ACCOUNT, PushMessage};
 
 /// The schema version this build writes and reads.
@@ -35,6 +38,14 @@ pub enum Job {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         remaining: Option<Vec<DeviceToken>>,
     },
+    /// Make the served sizes of one version of an image (a track's or playlist's artwork, an
+    /// account's avatar) from its original.
+    ProcessImage {
+        subject: ImageSubject,
+        subject_id: Uuid,
+        /// The version the job is for; a job for a version since replaced does nothing.
+        version: String,
+    },
 }
 
 impl Job {
@@ -43,6 +54,7 @@ impl Job {
         match self {
             Job::ProcessTrack { .. } => "process_track",
             Job::Push { .. } => "push",
+            Job::ProcessImage { .. } => "process_image",
         }
     }
 
@@ -50,7 +62,8 @@ impl Job {
     pub fn track_id(&self) -> Option<TrackId> {
         match self {
             Job::ProcessTrack { track_id } => Some(*track_id),
-            Job::Push { .. } => None,
+            // An image job never changes its track's processing state.
+            Job::Push { .. } | Job::ProcessImage { .. } => None,
         }
     }
 
@@ -59,14 +72,20 @@ impl Job {
         match self {
             Job::ProcessTrack { .. } => None,
             Job::Push { user_id, .. } => Some(*user_id),
+            Job::ProcessImage { subject: ImageSubject::User, subject_id, .. } => Some(UserId(*subject_id)),
+            Job::ProcessImage { .. } => None,
         }
     }
 
-    /// What the types cannot say: a push names at most as many devices as an account keeps.
+    /// What the types cannot say: a push names at most as many devices as an account keeps;
+    /// an image's version is 32 hex digits (it becomes part of storage keys).
     fn check(&self) -> Result<(), PoisonMessage> {
         match self {
             Job::Push { remaining: Some(tokens), .. } if tokens.len() > MAX_DEVICES_PER_ACCOUNT => {
                 Err(PoisonMessage::Malformed(format!("a push names at most {MAX_DEVICES_PER_ACCOUNT} devices")))
+            }
+            Job::ProcessImage { version, .. } if !is_version(version) => {
+                Err(PoisonMessage::Malformed("an image version is 32 lowercase hex digits".into()))
             }
             _ => Ok(()),
         }
@@ -74,7 +93,7 @@ impl Job {
 }
 
 /// The kinds this build knows; every [`Job`] variant's wire name.
-pub const KNOWN_KINDS: &[&str] = &["process_track", "push"];
+pub const KNOWN_KINDS: &[&str] = &["process_track", "push", "process_image"];
 
 /// A job with its envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,7 +161,7 @@ pub enum PoisonMessage {
     NotJson(String),
     #[error("schema version {0} is not supported (this build reads version {SCHEMA_VERSION})")]
     UnsupportedVersion(u64),
-    #[error("unknown job kind {0:?} (known: process_track, push)")]
+    #[error("unknown job kind {0:?} (known: process_track, push, process_image)")]
     UnknownKind(String),
     #[error("malformed job message: {0}")]
     Malformed(String),
@@ -225,6 +244,42 @@ mod tests {
             assert_eq!(err.code(), "malformed", "{payload}");
         }
         JobMessage::decode(envelope(r#""push":{"title":"t"},"remaining":["a","b"]"#).as_bytes()).expect("valid");
+    }
+
+    #[test]
+    fn an_image_job_travels_flat_and_versioned_and_checks_its_version() {
+        let subject_id = Uuid::now_v7();
+        let version = crate::images::new_version();
+        let job = Job::ProcessImage { subject: ImageSubject::Playlist, subject_id, version: version.clone() };
+        let message = JobMessage::new(job);
+        let value: serde_json::Value = serde_json::from_slice(&message.encode()).expect("json");
+        assert_eq!(value["v"], 1);
+        assert_eq!(value["kind"], "process_image");
+        assert_eq!(value["subject"], "playlist");
+        assert_eq!(value["subject_id"], subject_id.to_string());
+        assert_eq!(value["version"], version);
+        assert_eq!(JobMessage::decode(&message.encode()), Ok(message.clone()));
+        assert_eq!((message.job.kind(), message.job.track_id(), message.job.user_id()), ("process_image", None, None));
+        let avatar = Job::ProcessImage { subject: ImageSubject::User, subject_id, version };
+        assert_eq!(avatar.user_id(), Some(UserId(subject_id)));
+
+        let id = Uuid::nil();
+        let envelope = |rest: &str| {
+            format!(
+                r#"{{"v":1,"kind":"process_image","id":"{id}",{rest},"attempt":1,"enqueued_at":"2026-01-01T00:00:00Z"}}"#
+            )
+        };
+        let good = r#""subject":"user","subject_id":"00000000-0000-0000-0000-000000000001","version":"0123456789abcdef0123456789abcdef""#;
+        JobMessage::decode(envelope(good).as_bytes()).expect("valid");
+        for bad in [
+            r#""subject":"user","subject_id":"00000000-0000-0000-0000-000000000001","version":"../../originals""#,
+            r#""subject":"user","subject_id":"00000000-0000-0000-0000-000000000001","version":"0123456789ABCDEF0123456789abcdef""#,
+            r#""subject":"album","subject_id":"00000000-0000-0000-0000-000000000001","version":"0123456789abcdef0123456789abcdef""#,
+            r#""subject":"user","version":"0123456789abcdef0123456789abcdef""#,
+        ] {
+            let err = JobMessage::decode(envelope(bad).as_bytes()).expect_err("poison");
+            assert_eq!(err.code(), "malformed", "{bad}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`config`]: the one typed [`Settings`](config::Settings), layered from defaults, a TOML
 //!   file and `WAVELINE_*` environment variables;
 //! - [`domain`]: identifiers and the track's processing states with their allowed transitions;
+//! - [`images`]: artwork and avatars: their subjects, sizes, keys and URLs;
 //! - [`job`]: the versioned job message that travels through the queue;
 //! - [`network`]: addresses and networks (trusted proxies, rate-limit keys);
 //! - [`push`]: push notifications: what one carries, device tokens, and enqueueing one;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod documents;
 pub mod domain;
+pub mod images;
 pub mod job;
 pub mod network;
 pub mod push;

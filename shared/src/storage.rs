@@ -128,9 +128,14 @@ pub fn renditions_prefix(track: TrackId) -> String {
 }
 
 /// The prefixes under which every object of a track lies: its original, a direct upload not
-/// yet completed, and every revision's renditions. Deleting a track deletes all three.
-pub fn track_prefixes(track: TrackId) -> [String; 3] {
-    [format!("{ORIGINALS_PREFIX}{track}/"), format!("{UPLOADS_PREFIX}{track}/"), renditions_prefix(track)]
+/// yet completed, every revision's renditions, and its artwork. Deleting a track deletes all four.
+pub fn track_prefixes(track: TrackId) -> [String; 4] {
+    [
+        format!("{ORIGINALS_PREFIX}{track}/"),
+        format!("{UPLOADS_PREFIX}{track}/"),
+        renditions_prefix(track),
+        crate::images::image_prefix(crate::images::ImageSubject::Track, track.0),
+    ]
 }
 
 /// The prefix under which every [`original_key`] lies.
@@ -440,7 +445,14 @@ mod tests {
         let rendition = rendition_key(track, 2, "mp3_128/audio.mp3").expect("a valid key");
         assert!(rendition.as_str().starts_with(&revision_prefix(track, 2)));
         assert!(revision_prefix(track, 2).starts_with(&renditions_prefix(track)));
-        for key in [original_key(track), upload_key(track), rendition] {
+        let artwork = crate::images::variant_key(
+            crate::images::ImageSubject::Track,
+            track.0,
+            &crate::images::new_version(),
+            crate::images::ImageSize::Small,
+        )
+        .expect("a valid key");
+        for key in [original_key(track), upload_key(track), rendition, artwork] {
             assert!(prefixes.iter().any(|prefix| key.as_str().starts_with(prefix.as_str())), "{key}");
         }
         for key in [original_key(other), upload_key(other), rendition_key(other, 2, "a.mp3").expect("key")] {

@@ -18,6 +18,7 @@
 pub mod audio;
 pub mod fake_fcm;
 pub mod fake_stripe;
+pub mod images;
 pub mod oauth_provider;
 pub mod smtp_sink;
 pub mod stack;

@@ -110,6 +110,10 @@ const MATRIX: &[Row] = &[
     row("get", "/v1/tracks/{id}/stats", Expect::Track { public: [401, 404, 200, 200], private: [401, 404, 200, 200] }),
     row("get", "/v1/charts/trending", Expect::Any(ALL_OK)),
     row("get", "/v1/charts/top", Expect::Any(ALL_OK)),
+    // An image's sizes are public: the random version in the URL is the secret (before any
+    // row that replaces the owner's avatar, whose URL these use).
+    row("get", "/v1/images/{subjects}/{id}/{version}/{file}", Expect::Any(ALL_OK)),
+    row("head", "/v1/images/{subjects}/{id}/{version}/{file}", Expect::Any(ALL_OK)),
     // A signed URL is its own key: anyone holding it plays, public or private.
     row("get", "/v1/signed/{expires}/{signature}/tracks/{id}/stream/{preset}", Expect::Any(ALL_OK)),
     row("head", "/v1/signed/{expires}/{signature}/tracks/{id}/stream/{preset}", Expect::Any(ALL_OK)),
@@ -122,6 +126,7 @@ const MATRIX: &[Row] = &[
     row("put", "/v1/tracks/{id}/share", owner_only(201)),
     row("delete", "/v1/tracks/{id}/share", owner_only(204)),
     row("patch", "/v1/tracks/{id}", owner_only(200)),
+    row("put", "/v1/tracks/{id}/artwork", owner_only(202)),
     row("post", "/v1/tracks/{id}/reprocess", owner_or_admin(202)),
     row("post", "/v1/uploads", Expect::Any([401, 201, 201, 201])),
     // A direct upload is its uploader's alone, admins included.
@@ -134,6 +139,7 @@ const MATRIX: &[Row] = &[
     // The social layer. `{username}` is the owner's; following or blocking oneself is 400.
     row("get", "/v1/users/{username}", Expect::Any(ALL_OK)),
     row("patch", "/v1/me", Expect::Any(SIGNED_IN)),
+    row("put", "/v1/me/avatar", Expect::Any([401, 202, 202, 202])),
     row("put", "/v1/me/followings/{username}", Expect::Any([401, 204, 400, 204])),
     row("delete", "/v1/me/followings/{username}", Expect::Any([401, 204, 400, 204])),
     row("get", "/v1/users/{username}/followers", Expect::Any(ALL_OK)),
@@ -179,6 +185,7 @@ const MATRIX: &[Row] = &[
     row("get", "/v1/playlists/{id}", READ),
     row("patch", "/v1/playlists/{id}", owner_only(200)),
     row("put", "/v1/playlists/{id}/tracks", owner_only(200)),
+    row("put", "/v1/playlists/{id}/artwork", owner_only(202)),
     row("put", "/v1/me/likes/playlists/{id}", MARK),
     row("delete", "/v1/me/likes/playlists/{id}", MARK),
     row("put", "/v1/me/reposts/playlists/{id}", REPOST),
@@ -224,6 +231,10 @@ struct Fixture {
     conversation: (String, String),
     /// Client ids of messages sent by the matrix.
     messages: u32,
+    /// A small JPEG for the image uploads.
+    jpeg: Vec<u8>,
+    /// The `large.jpg` URL of the owner's avatar.
+    image: String,
 }
 
 struct TrackFixture {
@@ -323,6 +334,9 @@ impl Fixture {
             };
             return Ok(stack.url(url.context("signed URL")?));
         }
+        if path.starts_with("/v1/images/") {
+            return Ok(stack.url(&self.image));
+        }
         let id = if path.starts_with("/v1/uploads/") {
             track.upload.as_str()
         } else if path.starts_with("/v1/playlists/") || path.contains("/playlists/{id}") {
@@ -418,6 +432,10 @@ async fn call(stack: &Stack, fixture: &mut Fixture, row: &Row, role: Role, track
         ("put", "/v1/me/notifications/read") => request.json(&json!({"up_to": uuid::Uuid::now_v7()})),
         ("post", "/v1/uploads") => request.json(&json!({"filename": "m.wav"})),
         ("put", "/v1/uploads/{id}") => request.header("content-type", "audio/wav").body(fixture.wav.clone()),
+        ("put", "/v1/tracks/{id}/artwork" | "/v1/playlists/{id}/artwork" | "/v1/me/avatar") => {
+            let (content_type, body) = waveline_tests::stack::multipart(&[], Some(("a.jpg", &fixture.jpeg)));
+            request.header("content-type", content_type).body(body)
+        }
         _ => request,
     };
     let response = request.send().await?;
@@ -501,6 +519,11 @@ async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<
         first["conversation_id"].as_str().context("conversation_id")?.to_owned(),
         first["id"].as_str().context("message id")?.to_owned(),
     );
+    let jpeg = waveline_tests::images::jpeg(&waveline_tests::images::picture(40, 30, |x, _| [x as u8, 90, 200]))?;
+    let (status, accepted) = waveline_tests::images::put_image(&stack, &owner, "/v1/me/avatar", &jpeg).await?;
+    ensure!(status == 202, "{status} {accepted}");
+    let me = waveline_tests::images::wait_image(&stack, Some(&owner), "/v1/me", "avatar_state").await?;
+    let image = me["avatar_url"].as_str().with_context(|| format!("no avatar: {me}"))?.to_owned();
     let mut fixture = Fixture {
         other,
         owner,
@@ -513,6 +536,8 @@ async fn every_operation_by_every_role_on_public_and_private_tracks() -> Result<
         registrations: 0,
         conversation,
         messages: 0,
+        jpeg,
+        image,
     };
 
     let mut wrong = Vec::new();

@@ -84,7 +84,13 @@ async fn wait_for_stats(queue: &dyn JobQueue, check: impl Fn(u64, u64) -> bool) 
 }
 
 async fn published_jobs_arrive_once_and_ack_removes_them(b: &Backend) -> Result<()> {
-    let sent: Vec<JobMessage> = (0..5).map(|_| job()).collect();
+    // Every kind travels alike: four track jobs and an image job.
+    let mut sent: Vec<JobMessage> = (0..4).map(|_| job()).collect();
+    sent.push(JobMessage::new(Job::ProcessImage {
+        subject: waveline_shared::images::ImageSubject::Track,
+        subject_id: uuid::Uuid::now_v7(),
+        version: waveline_shared::images::new_version(),
+    }));
     for message in &sent {
         b.queue.publish(message).await?;
     }
@@ -235,8 +241,10 @@ async fn retries_may_narrow_the_job_and_wait_as_asked(b: &Backend) -> Result<()>
 async fn poison_messages_are_dead_lettered_and_the_consumer_goes_on(b: &Backend) -> Result<()> {
     let track = TrackId::new();
     let id = uuid::Uuid::now_v7();
-    let poisons: [(Vec<u8>, &str); 3] = [
+    let poisons: [(Vec<u8>, &str); 4] = [
         (b"\x00\x01 not json".to_vec(), "not_json"),
+        // An image job whose version would walk out of its storage prefix.
+        (format!(r#"{{"v":1,"kind":"process_image","id":"{id}","subject":"track","subject_id":"{track}","version":"../../originals","attempt":1,"enqueued_at":"2026-01-01T00:00:00Z"}}"#).into_bytes(), "malformed"),
         (format!(r#"{{"v":99,"kind":"process_track","id":"{id}","track_id":"{track}","attempt":1,"enqueued_at":"2026-01-01T00:00:00Z"}}"#).into_bytes(), "unsupported_version"),
         (format!(r#"{{"v":1,"kind":"mine_bitcoin","id":"{id}","track_id":"{track}","attempt":1,"enqueued_at":"2026-01-01T00:00:00Z"}}"#).into_bytes(), "unknown_kind"),
     ];
@@ -249,14 +257,14 @@ async fn poison_messages_are_dead_lettered_and_the_consumer_goes_on(b: &Backend)
     let delivery = next(&mut consumer).await?;
     ensure!(delivery.message == good, "{delivery:?}");
     delivery.ack().await?;
-    wait_for_stats(&*b.queue, |ready, dead| ready == 0 && dead == 3).await?;
+    wait_for_stats(&*b.queue, |ready, dead| ready == 0 && dead == 4).await?;
     let codes: BTreeSet<String> = b.queue.dead_letters(10).await?.into_iter().map(|d| d.code).collect();
     let want: BTreeSet<String> = poisons.iter().map(|(_, code)| (*code).to_owned()).collect();
     ensure!(codes == want, "{codes:?}");
     // Unreadable dead letters cannot be replayed and stay put.
     let report = b.queue.replay_dead(None).await?;
-    ensure!(report.replayed == 0 && report.unreadable == 3, "{report:?}");
-    ensure!(b.queue.dead_letters(10).await?.len() == 3);
+    ensure!(report.replayed == 0 && report.unreadable == 4, "{report:?}");
+    ensure!(b.queue.dead_letters(10).await?.len() == 4);
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! runs each on its own task ([`jobs`]), and alongside them the outbox relay ([`relay`]) and
 //! the reconciler ([`reconciler`], one at a time across the fleet through an advisory lock).
 //! Workers are stateless: add processes on any host to scale. Besides tracks, workers send
-//! push notifications ([`jobs::push`], through [`fcm`]). The pipeline of a job runs on
+//! push notifications ([`jobs::push`], through [`fcm`]) and make the sizes of artwork and
+//! avatars ([`jobs::process_image`], through [`images`]). The pipeline of a job runs on
 //! threads of its own, at the priority and within the thread budget of the [`Context`]
 //! ([`pipeline_thread`]), so that beside the API (`waveline serve --workers N`) it takes only
 //! what the API leaves.
@@ -14,6 +15,7 @@
 //! its message back to the queue, so another worker picks it up at once.
 
 pub mod fcm;
+pub mod images;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline_thread;
@@ -219,6 +221,9 @@ async fn handle(context: Arc<Context>, delivery: Delivery, abandon: Cancellation
                         tracing::error!(%reason, "giving up");
                         let message = format!("gave up after {max_attempts} attempts; last error: {public}");
                         let failure = Failure { code: "retries_exhausted", message: &message };
+                        if let waveline_shared::job::Job::ProcessImage { subject, subject_id, version } = &job {
+                            jobs::process_image::give_up(&context, *subject, *subject_id, version, &message).await;
+                        }
                         match track_id {
                             Some(track_id) => match context
                                 .tracks

@@ -7,7 +7,8 @@
 //!   worker) and publishes them again, or fails them `retries_exhausted` when their attempts
 //!   are spent.
 //!
-//! Both go through the outbox, so the relay publishes them with confirms. It also forgets
+//! Images (artwork, avatars) pending or processing for longer than `queued_stale` are queued
+//! again the same way. All go through the outbox, so the relay publishes them with confirms. It also forgets
 //! direct uploads abandoned for an hour past their URL's expiry: their rows, and whatever
 //! bytes reached storage; and it deletes bytes left under an upload key whose track no
 //! longer awaits them (a URL used again after `complete`, or after the track went).
@@ -41,6 +42,12 @@ pub async fn run(context: Arc<Context>, options: WorkerOptions, stop: Cancellati
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "reconciler pass failed"),
+        }
+        let images = waveline_shared::db::images::PgImages::new(context.tracks.pool().clone());
+        match images.requeue_stale(options.queued_stale).await {
+            Ok(0) => {}
+            Ok(requeued) => tracing::warn!(requeued, "queued again image jobs the queue had lost"),
+            Err(err) => tracing::warn!(error = %err, "cannot look for lost image jobs"),
         }
         sweep_abandoned_uploads(&context).await;
         sweep_stray_upload_objects(&context).await;

@@ -3,6 +3,7 @@
 //! Every job is idempotent: it may run twice (at-least-once delivery), and it carries on
 //! when its rows have vanished. All kinds are dispatched from [`run`].
 
+pub mod process_image;
 pub mod process_track;
 pub mod push;
 
@@ -47,6 +48,9 @@ pub async fn run(context: &Context, job: &Job, attempt: u32) -> Outcome {
         }
         Job::Push { user_id, push, remaining } => {
             push::SendPush { user_id: *user_id, push, remaining: remaining.as_deref() }.run(context).await
+        }
+        Job::ProcessImage { subject, subject_id, version } => {
+            process_image::ProcessImage { subject: *subject, subject_id: *subject_id, version }.run(context).await
         }
     }
 }

@@ -18,7 +18,8 @@
 //!    `renditions/{track}/{revision}/…` (deterministic keys: a retry overwrites, never
 //!    orphans).
 //! 7. Commit `ready` and the rendition rows in one transaction fenced by the claim, then delete
-//!    the objects of the revision that was live before.
+//!    the objects of the revision that was live before. Artwork embedded in the file becomes
+//!    the track's artwork (an image job) when the track has none.
 //!
 //! Bad media fails the track at once with the pipeline's code, and so does any error that
 //! says retrying cannot help (`is_permanent()` of storage and database errors); transient
@@ -201,6 +202,9 @@ impl ProcessTrack {
                     Err(err) => tracing::warn!(error = %err, "could not write the track's activity"),
                 }
                 notify_owner(context, claim.track_id, NotificationKind::TrackReady).await;
+                if let Some(artwork) = &completion.artwork_key {
+                    adopt_artwork(context, claim.track_id, artwork).await;
+                }
                 if let Some(old) = previous_revision {
                     let prefix = revision_prefix(claim.track_id, old);
                     match context.storage.delete_prefix(&prefix).await {
@@ -453,6 +457,18 @@ impl ProcessTrack {
             artwork_key,
             renditions,
         })
+    }
+}
+
+/// Makes the artwork embedded in the audio the track's artwork (its sizes made by an image
+/// job, queued through the outbox), unless the track has artwork already. A failure leaves the
+/// track without default artwork, which its owner can upload; it is logged, not retried.
+async fn adopt_artwork(context: &Context, track: TrackId, artwork_key: &str) {
+    let images = waveline_shared::db::images::PgImages::new(context.tracks.pool().clone());
+    match images.adopt_embedded(track, artwork_key).await {
+        Ok(true) => tracing::info!("the embedded artwork is queued as the track's artwork"),
+        Ok(false) => {}
+        Err(err) => tracing::warn!(error = %err, "could not queue the embedded artwork"),
     }
 }
 
