@@ -61,7 +61,14 @@ for role in user admin; do
   echo "== schemathesis as $role (${budget} s)"
   # schemathesis also exits non-zero on errors of its own (a generator that gives up); only the
   # failures it found in Waveline's answers fail this script.
-  "$st" run "$base/openapi.json" --checks all --max-time "$budget" --workers 2 \
+  # Two exclusions. Billing is off in this run (Stripe cannot be reached here), so its routes
+  # answer their documented 503 `billing_disabled`, which schemathesis counts as a server
+  # error; tests/tests/billing.rs runs them against a fake Stripe. And a request that matches
+  # the document but that the API must still refuse on its meaning is not a mismatch: an
+  # opaque cursor this API never gave, a file whose bytes are not audio, an id that names no
+  # notification (`positive_data_acceptance` counts every such 400 or 415).
+  "$st" run "$base/openapi.json" --checks all --exclude-checks positive_data_acceptance \
+    --exclude-path-regex '^/v1/billing/' --max-time "$budget" --workers 2 \
     -H "Authorization: Bearer $access" --warnings off >"$work/st-$role.txt" 2>&1 || true
   sed -n '/=== SUMMARY ===/,$p' "$work/st-$role.txt"
   grep -q '=== SUMMARY ===' "$work/st-$role.txt" || { cat "$work/st-$role.txt"; status=1; break; }

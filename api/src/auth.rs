@@ -495,6 +495,7 @@ struct Register {
 
 /// An account, as its owner sees it.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct UserView {
     id: String,
     email: String,

@@ -76,7 +76,7 @@ impl ChartsApi {
     async fn trending(
         &self,
         genre: Query<Option<String>>,
-        limit: Query<Option<i64>>,
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))] limit: Query<Option<i64>>,
         cursor: Query<Option<String>>,
         auth: MaybeAuth,
     ) -> Result<Json<ChartPage>, ApiError> {
@@ -90,7 +90,7 @@ impl ChartsApi {
         genre: Query<Option<String>>,
         /// `week` (the default), `month` or `all`.
         period: Query<Option<Period>>,
-        limit: Query<Option<i64>>,
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))] limit: Query<Option<i64>>,
         cursor: Query<Option<String>>,
         auth: MaybeAuth,
     ) -> Result<Json<ChartPage>, ApiError> {

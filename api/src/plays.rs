@@ -304,7 +304,7 @@ impl Stats {
     async fn stats(
         &self,
         id: Path<String>,
-        days: Query<Option<u32>>,
+        #[oai(validator(minimum(value = "1"), maximum(value = "365")))] days: Query<Option<u32>>,
         auth: Auth,
     ) -> Result<Json<TrackStats>, ApiError> {
         let days = days.0.unwrap_or(30);

@@ -114,6 +114,7 @@ impl From<&UserSummary> for UserSummaryView {
 
 /// A public profile. The counts are what a stranger sees.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub(crate) struct ProfileView {
     id: String,
     username: String,

@@ -78,7 +78,8 @@ fn add_middleware_errors(document: &mut Value) {
     }
 }
 
-/// The schemas named by request bodies: `additionalProperties: false`.
+/// The schemas named by request bodies: `additionalProperties: false`, and their optional
+/// fields nullable (`null` is taken as left out).
 fn close_request_bodies(document: &mut Value) {
     let mut names = Vec::new();
     for item in document.get("paths").and_then(Value::as_object).into_iter().flat_map(Map::values) {
@@ -96,6 +97,25 @@ fn close_request_bodies(document: &mut Value) {
             document.pointer_mut(&format!("/components/schemas/{name}")).and_then(Value::as_object_mut)
         {
             schema.insert("additionalProperties".into(), Value::Bool(false));
+            let required: Vec<String> = schema
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|names| names.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default();
+            // An optional field sent as `null` is taken as left out (the edit routes' "absent
+            // fields stay as they are"): the document says so.
+            let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (field, property) in properties.iter_mut() {
+                let Some(property) = property.as_object_mut().filter(|_| !required.contains(field)) else {
+                    continue;
+                };
+                if let Some(reference) = property.remove("$ref") {
+                    property.insert("allOf".into(), json!([{"$ref": reference}]));
+                }
+                property.insert("nullable".into(), Value::Bool(true));
+            }
         }
     }
 }
