@@ -309,7 +309,7 @@ impl Stats {
     ) -> Result<Json<TrackStats>, ApiError> {
         let days = days.0.unwrap_or(30);
         if !(1..=MAX_STAT_DAYS).contains(&days) {
-            return Err(ApiError::bad_request("invalid_days", format!("days is from 1 to {MAX_STAT_DAYS}")));
+            return Err(ApiError::bad_request("invalid_field", format!("days: 1 to {MAX_STAT_DAYS}, got {days}")));
         }
         let id = parse_track_id(&id)?;
         let session = auth.session();
