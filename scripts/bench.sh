@@ -3,6 +3,8 @@
 # noisy: runs alternate between Waveline and the reference, and the table quotes medians and
 # ratios. Paste the printed table into BENCHMARKS.md with the command that made it.
 #
+#   Every mode builds what it measures (release) first; WAVELINE_BENCH_PREBUILT=1 skips that.
+#
 #   scripts/bench.sh pipeline [SECONDS=600] [RUNS=3]
 #       `waveline process` against ../shared/bench/ffmpeg-reference.sh (the same ladder,
 #       loudness and waveform in one ffmpeg command) on a generated SECONDS-long signal.
@@ -93,6 +95,16 @@ shared=${WAVELINE_SHARED_DIR:-$root/../shared}
 mode=${1:-}
 
 die() { echo "bench: $*" >&2; exit 1; }
+# release_build ARGS…: the release build a mode measures. WAVELINE_BENCH_PREBUILT=1 takes the
+# binaries already in the target directory as they are (a build made before the sources were
+# edited, say); the mode then measures that build, not the work tree, and says so.
+release_build() {
+  if [ "${WAVELINE_BENCH_PREBUILT:-}" = 1 ]; then
+    echo "WAVELINE_BENCH_PREBUILT=1: measuring the release binaries in $(target_dir)/release as built, not rebuilt from the work tree" >&2
+    return 0
+  fi
+  (cd "$root" && cargo build --release --locked --quiet "$@")
+}
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # measure OUTFILE CMD...: appends "wall cpu maxrss_kib" of one run of CMD.
@@ -108,7 +120,7 @@ pipeline() {
     || die "the reference scripts are not at $shared/bench (set WAVELINE_SHARED_DIR)"
   command -v /usr/bin/time >/dev/null || die "GNU time is missing: apt-get install time"
   echo "building waveline (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  release_build -p waveline
   work=$(mktemp -d)  # global: the EXIT trap needs it
   trap 'rm -rf "$work"' EXIT
   local bin; bin=$(own_copy waveline)
@@ -142,7 +154,7 @@ pipeline() {
 fleet() {
   local tracks=${1:-20} seconds=${2:-120}
   echo "building waveline (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  release_build -p waveline
   work=$(mktemp -d)
   trap 'rm -rf "$work"; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS waveline_bench WITH (FORCE)" >/dev/null 2>&1' EXIT
   local bin; bin=$(own_copy waveline)
@@ -277,7 +289,7 @@ stream() {
   fi
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
   echo "building waveline and the bare poem reference (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
+  release_build -p waveline -p waveline-bench
   work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid= s3_pid=
   trap stream_cleanup EXIT
   bin=$(own_copy waveline)
@@ -631,7 +643,7 @@ stream_during_transcode() {
     fi
     pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
     echo "building waveline (release)…" >&2
-    (cd "$root" && cargo build --release --locked --quiet -p waveline)
+    release_build -p waveline
     work=$(mktemp -d) db=waveline_bench_$$ serve_pids=() nginx_pid= www= bare_pid=
     trap stream_cleanup EXIT
     bin=$(own_copy waveline)
@@ -843,7 +855,7 @@ social() {
     "$venv/bin/pip" install --quiet --disable-pip-version-check pymongo
   }
   echo "building waveline (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  release_build -p waveline
   work=$(mktemp -d) db=waveline_bench_social serve_pids=() mongo_pid=
   trap social_cleanup EXIT
   bin=$(own_copy waveline)
@@ -1220,7 +1232,7 @@ search() {
   fi
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
   echo "building waveline (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  release_build -p waveline
   work=$(mktemp -d) db=waveline_bench_search serve_pids=()
   trap search_cleanup EXIT
   bin=$(own_copy waveline)
@@ -1469,7 +1481,7 @@ realtime() {
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" >&2
   port_open 5672 || bash "$root/scripts/setup.sh" >&2
   echo "building waveline and ws-load (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline -p waveline-bench)
+  release_build -p waveline -p waveline-bench
   work=$(mktemp -d) db=waveline_bench_rt_$$ serve_pids=() load_pid=
   trap realtime_cleanup EXIT
   bin=$(own_copy waveline)
@@ -1554,7 +1566,7 @@ trending() {
   pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || bash "$root/scripts/setup.sh" --embedded >&2
   command -v bc >/dev/null || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bc >/dev/null; }
   echo "building waveline (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline)
+  release_build -p waveline
   work=$(mktemp -d) db=waveline_bench_trending
   trap trending_cleanup EXIT
   bin=$(own_copy waveline)
@@ -1619,7 +1631,7 @@ artwork() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   echo "building the variant tool (release)…" >&2
-  (cd "$root" && cargo build --release --locked --quiet -p waveline-bench --bin artwork-variants)
+  release_build -p waveline-bench --bin artwork-variants
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   local ours; ours=$(own_copy artwork-variants)
