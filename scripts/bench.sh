@@ -3,7 +3,7 @@
 # noisy: runs alternate between Waveline and the reference, and the table quotes medians and
 # ratios. Paste the printed table into BENCHMARKS.md with the command that made it.
 #
-#   Every mode builds what it measures (release) first; WAVELINE_BENCH_PREBUILT=1 skips that.
+#   Every mode builds what it measures (release) first; BENCH_PREBUILT=1 skips that.
 #
 #   scripts/bench.sh pipeline [SECONDS=600] [RUNS=3]
 #       `waveline process` against ../shared/bench/ffmpeg-reference.sh (the same ladder,
@@ -37,9 +37,12 @@
 #
 #   scripts/bench.sh stream-transcode [SECONDS=15] [RUNS=3]
 #       range p99 and req/s idle and during the transcode of a 10-minute WAV upload, in the
-#       embedded mode, with the pipeline's default scheduling (low: nice 10), with idle
-#       (SCHED_IDLE), and with normal priority on every core; target: busy p99 ≤ 1.5× idle
-#       (see stream_during_transcode).
+#       embedded mode, with the pipeline's default scheduling (low: nice 10, rationed to
+#       pipeline_share_under_load 0.25 while the API is busy), with the same unrationed
+#       (share 1, the defaults before the rationing), with idle (SCHED_IDLE, share 1), and
+#       with normal priority on every core (share 1); BENCH_TRANSCODE_ROWS picks some of
+#       `defaults unrationed idle normal`. Target: busy p99 ≤ 1.5× idle (see
+#       stream_during_transcode).
 #
 #   scripts/bench.sh social [SECONDS=10] [RUNS=3]
 #       the social layer at scale, in a database of its own (waveline_bench_social, dropped
@@ -95,12 +98,12 @@ shared=${WAVELINE_SHARED_DIR:-$root/../shared}
 mode=${1:-}
 
 die() { echo "bench: $*" >&2; exit 1; }
-# release_build ARGS…: the release build a mode measures. WAVELINE_BENCH_PREBUILT=1 takes the
+# release_build ARGS…: the release build a mode measures. BENCH_PREBUILT=1 takes the
 # binaries already in the target directory as they are (a build made before the sources were
 # edited, say); the mode then measures that build, not the work tree, and says so.
 release_build() {
-  if [ "${WAVELINE_BENCH_PREBUILT:-}" = 1 ]; then
-    echo "WAVELINE_BENCH_PREBUILT=1: measuring the release binaries in $(target_dir)/release as built, not rebuilt from the work tree" >&2
+  if [ "${BENCH_PREBUILT:-}" = 1 ]; then
+    echo "BENCH_PREBUILT=1: measuring the release binaries in $(target_dir)/release as built, not rebuilt from the work tree" >&2
     return 0
   fi
   (cd "$root" && cargo build --release --locked --quiet "$@")
@@ -622,9 +625,9 @@ wait_state() {
 # starve". On the embedded configuration (serve --workers 1, file store, in-process queue),
 # random 64 KiB ranges (wrk 2 threads, 32 connections, SECONDS per run) of a ready track's
 # mp3_128, idle and while a 10-minute WAV upload transcodes, RUNS of each, alternating; with
-# the pipeline's embedded defaults (pipeline_priority low, i.e. nice 10, and pipeline_threads =
-# cores - 1), with `idle` (SCHED_IDLE) in place of `low`, and as serve ran before them (normal
-# priority, every core). Prints p99 idle and busy,
+# the pipeline's embedded defaults (pipeline_priority low, i.e. nice 10, pipeline_threads =
+# cores - 1, pipeline_share_under_load 0.25), the same with share 1, with `idle` (SCHED_IDLE)
+# in place of `low`, and as serve ran at first (normal priority, every core). Prints p99 idle and busy,
 # their ratio, req/s, and the transcode's wall time (upload accepted to ready) alone and under
 # the range load. Target: busy p99 <= 1.5x idle. Runs on its own (`scripts/bench.sh
 # stream-transcode`) or at the end of stream(), whose set-up it reuses.
@@ -661,12 +664,15 @@ stream_during_transcode() {
   local load_before; load_before=$(uptime)
 
   local label rows=() i
-  for label in defaults idle normal; do
+  for label in ${BENCH_TRANSCODE_ROWS:-defaults unrationed idle normal}; do
     local store=$work/store-transcode-$label
-    unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS
+    unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS WAVELINE_PIPELINE_SHARE_UNDER_LOAD
     case $label in
-      idle) export WAVELINE_PIPELINE_PRIORITY=idle ;;
-      normal) export WAVELINE_PIPELINE_PRIORITY=normal WAVELINE_PIPELINE_THREADS=$cores ;;
+      defaults) ;;
+      unrationed) export WAVELINE_PIPELINE_SHARE_UNDER_LOAD=1 ;;
+      idle) export WAVELINE_PIPELINE_PRIORITY=idle WAVELINE_PIPELINE_SHARE_UNDER_LOAD=1 ;;
+      normal) export WAVELINE_PIPELINE_PRIORITY=normal WAVELINE_PIPELINE_THREADS=$cores WAVELINE_PIPELINE_SHARE_UNDER_LOAD=1 ;;
+      *) die "BENCH_TRANSCODE_ROWS: unknown row $label (defaults, unrationed, idle, normal)" ;;
     esac
     WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$tdb WAVELINE_STORAGE=file://$store "$bin" migrate >/dev/null
     WAVELINE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/$tdb start_serve 1 "$store"
@@ -706,7 +712,7 @@ stream_during_transcode() {
     stop_serve "$serve_pid"
     rows+=("$label")
   done
-  unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS
+  unset WAVELINE_PIPELINE_PRIORITY WAVELINE_PIPELINE_THREADS WAVELINE_PIPELINE_SHARE_UNDER_LOAD
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $tdb WITH (FORCE)" >/dev/null 2>&1 || true
 
   echo
@@ -719,16 +725,19 @@ stream_during_transcode() {
     ir=$(col 1 "tr_idle_$label"); i99=$(col 3 "tr_idle_$label"); br=$(col 1 "tr_busy_$label"); b99=$(col 3 "tr_busy_$label")
     ratio=$(echo "$b99 / $i99" | bc -l)
     case $label in
-      defaults) name="embedded defaults: pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))"; target=$ratio ;;
-      idle) name="pipeline_priority idle (SCHED_IDLE), pipeline_threads $(( cores > 1 ? cores - 1 : 1 ))" ;;
-      *) name="pipeline_priority normal, pipeline_threads $cores (as serve was before)" ;;
+      defaults) name="embedded defaults: pipeline_priority low (nice 10), pipeline_threads $(( cores > 1 ? cores - 1 : 1 )), pipeline_share_under_load 0.25"; target=$ratio ;;
+      unrationed) name="low, pipeline_threads $(( cores > 1 ? cores - 1 : 1 )), share 1 (no rationing: the defaults before it)" ;;
+      idle) name="pipeline_priority idle (SCHED_IDLE), pipeline_threads $(( cores > 1 ? cores - 1 : 1 )), share 1" ;;
+      *) name="pipeline_priority normal, pipeline_threads $cores, share 1 (as serve was at first)" ;;
     esac
     printf "| %s | %.0f | %.2f | %.0f | %.2f | **%.2f×** | %.1f | %.1f |\n" "$name" "$ir" "$i99" "$br" "$b99" "$ratio" \
       "$(col 1 "tr_alone_$label")" "$(col 1 "tr_wall_$label")"
   done
   echo
-  printf "| target | measured | |\n|---|---:|---|\n| range p99 during a transcode ≤ 1.5× idle (embedded defaults) | %.2f× | %s |\n" \
-    "$target" "$(if [ "$(echo "$target <= 1.5" | bc -l)" = 1 ]; then echo met; else echo "**missed**"; fi)"
+  if [ -n "$target" ]; then
+    printf "| target | measured | |\n|---|---:|---|\n| range p99 during a transcode ≤ 1.5× idle (embedded defaults) | %.2f× | %s |\n" \
+      "$target" "$(if [ "$(echo "$target <= 1.5" | bc -l)" = 1 ]; then echo met; else echo "**missed**"; fi)"
+  fi
   echo
   local bad=0
   for label in "${rows[@]}"; do
