@@ -204,6 +204,9 @@ pub struct AppState {
     pub charts: Arc<waveline_shared::charts::Charts>,
     /// Subscriptions and tiers (Stripe), and whether billing is on.
     pub billing: Arc<billing::Billing>,
+    /// Marked by every request, for the in-process pipeline to yield to (see
+    /// [`waveline_shared::foreground`]).
+    pub foreground: Arc<waveline_shared::foreground::Foreground>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -315,6 +318,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         ),
         throttle: throttle::Throttle::new(&state.security.throttle),
         body: state.security.body,
+        foreground: state.foreground.clone(),
     });
     let pages = Route::new().nest("/docs", docs).at("/openapi.json", poem::get(spec));
     Dispatch { api: api.into_endpoint(), pages }

@@ -160,16 +160,20 @@ pub struct Front {
     pub policy: crate::security::Policy,
     pub throttle: crate::throttle::Throttle,
     pub body: crate::body::BodyLimits,
+    /// Marked as each request arrives (the in-process pipeline yields while it is busy).
+    pub foreground: Arc<waveline_shared::foreground::Foreground>,
 }
 
 /// The middleware (`EndpointExt::around`), in order:
 ///
+/// 0. the request marks the API busy (see [`waveline_shared::foreground`]);
 /// 1. the security policy reads the request; a CORS preflight it allows is answered at once;
 /// 2. a request id and a log span, and the clock starts;
 /// 3. the throttle (429), then the body limits (413, 408);
 /// 4. the route; any error becomes JSON `{code, message}`;
 /// 5. `Allow` on a 405, the metrics, `X-Request-Id`, and the security headers.
 pub async fn front<E: Endpoint>(front: Arc<Front>, next: E, mut request: Request) -> Result<Response> {
+    front.foreground.mark();
     let seen = front.policy.see(&request);
     if let Some(mut answer) = front.policy.preflight(&seen) {
         front.policy.dress(&seen, &mut answer);

@@ -15,6 +15,7 @@ use waveline_pipeline::{PipelineConfig, ThreadBudget};
 use waveline_shared::config::{PipelinePriority, Settings};
 use waveline_shared::db::{self, PgOutbox, PgTracks, SYSTEM_USER, TrackFilter, TrackRow};
 use waveline_shared::domain::{TrackId, TrackState};
+use waveline_shared::foreground::Foreground;
 use waveline_shared::queue::{self, JobQueue};
 use waveline_shared::storage::{self, Storage};
 use waveline_workers::fcm::Fcm;
@@ -53,24 +54,36 @@ impl Services {
 }
 
 /// Where a worker's jobs run, which decides the defaults of the pipeline's scheduling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WorkerRole {
-    /// In `waveline serve`, beside the API: the pipeline yields to it.
-    Embedded,
+    /// In `waveline serve`, beside the API, whose requests mark the [`Foreground`]: the
+    /// pipeline yields to it.
+    Embedded(Arc<Foreground>),
     /// A `waveline worker` process, whose purpose is the pipeline.
     Dedicated,
 }
 
+/// The share of the pipeline's time it keeps while the API is busy, unless set.
+pub const DEFAULT_SHARE_UNDER_LOAD: f64 = 0.25;
+
 /// The pipeline's priority and thread budget: the settings, else the role's defaults (the
 /// embedded mode keeps playback first; see the README's "Playback while transcoding").
-pub fn pipeline_scheduling(settings: &Settings, role: WorkerRole) -> (PipelinePriority, ThreadBudget) {
+pub fn pipeline_scheduling(settings: &Settings, role: &WorkerRole) -> (PipelinePriority, ThreadBudget) {
     let cores = waveline_pipeline::budget::cores();
     let (priority, threads) = match role {
-        WorkerRole::Embedded => (PipelinePriority::Low, cores.saturating_sub(1).max(1)),
+        WorkerRole::Embedded(_) => (PipelinePriority::Low, cores.saturating_sub(1).max(1)),
         WorkerRole::Dedicated => (PipelinePriority::Normal, cores),
     };
     let threads = settings.pipeline_threads.map_or(threads, |threads| threads as usize);
-    (settings.pipeline_priority.unwrap_or(priority), ThreadBudget::new(threads))
+    let budget = match role {
+        WorkerRole::Embedded(foreground) => {
+            let foreground = foreground.clone();
+            let share = settings.pipeline_share_under_load.unwrap_or(DEFAULT_SHARE_UNDER_LOAD);
+            ThreadBudget::yielding(threads, share, Arc::new(move || foreground.busy()))
+        }
+        WorkerRole::Dedicated => ThreadBudget::new(threads),
+    };
+    (settings.pipeline_priority.unwrap_or(priority), budget)
 }
 
 /// The FCM client when pushes are on (`fcm_credentials_file`), its key file read and checked
@@ -93,9 +106,14 @@ pub fn worker_context(
     role: WorkerRole,
     push: Option<Arc<Fcm>>,
 ) -> anyhow::Result<Arc<Context>> {
-    let (pipeline_priority, pipeline_budget) = pipeline_scheduling(settings, role);
+    let (pipeline_priority, pipeline_budget) = pipeline_scheduling(settings, &role);
     waveline_workers::pipeline_thread::check(pipeline_priority)?;
-    tracing::info!(priority = ?pipeline_priority, threads = pipeline_budget.limit(), "pipeline scheduling");
+    tracing::info!(
+        priority = ?pipeline_priority,
+        threads = pipeline_budget.limit(),
+        share_under_load = pipeline_budget.share(),
+        "pipeline scheduling"
+    );
     let pipeline = match &settings.presets {
         Some(path) => PipelineConfig::load(path).with_context(|| format!("presets file {}", path.display()))?,
         None => PipelineConfig::default(),
@@ -243,8 +261,9 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
     let push = push_client(settings)?;
     let services = Services::connect(settings).await?;
     let shutdown = cancel_on_stop_signal("draining requests and jobs");
+    let foreground = Arc::new(Foreground::default());
     let worker = if workers > 0 {
-        let context = worker_context(settings, &services, WorkerRole::Embedded, push)?;
+        let context = worker_context(settings, &services, WorkerRole::Embedded(foreground.clone()), push)?;
         let (queue, options, stop) = (services.queue.clone(), worker_options(settings, workers), shutdown.clone());
         Some(tokio::spawn(async move { waveline_workers::run(context, queue, options, stop).await }))
     } else {
@@ -328,6 +347,7 @@ pub async fn serve(settings: &Settings, workers: u16) -> anyhow::Result<ExitCode
             waveline_api::billing::Billing::from_settings(settings, pool.clone())
                 .context("the billing settings are not usable")?,
         ),
+        foreground,
     };
     let listener = waveline_api::listener::Listener::bind(settings.listen)
         .await
@@ -670,14 +690,41 @@ mod tests {
     #[test]
     fn the_embedded_pipeline_yields_and_a_dedicated_worker_does_not_unless_told() {
         let cores = waveline_pipeline::budget::cores();
-        let (priority, budget) = pipeline_scheduling(&settings(&[]), WorkerRole::Embedded);
+        let embedded = WorkerRole::Embedded(Arc::default());
+        let (priority, budget) = pipeline_scheduling(&settings(&[]), &embedded);
         assert_eq!((priority, budget.limit()), (PipelinePriority::Low, cores.saturating_sub(1).max(1)));
-        let (priority, budget) = pipeline_scheduling(&settings(&[]), WorkerRole::Dedicated);
-        assert_eq!((priority, budget.limit()), (PipelinePriority::Normal, cores));
-        let told = settings(&[("WAVELINE_PIPELINE_PRIORITY", "low"), ("WAVELINE_PIPELINE_THREADS", "3")]);
-        for role in [WorkerRole::Embedded, WorkerRole::Dedicated] {
-            let (priority, budget) = pipeline_scheduling(&told, role);
-            assert_eq!((priority, budget.limit()), (PipelinePriority::Low, 3), "{role:?}");
+        assert_eq!(budget.share(), DEFAULT_SHARE_UNDER_LOAD);
+        let (priority, budget) = pipeline_scheduling(&settings(&[]), &WorkerRole::Dedicated);
+        assert_eq!((priority, budget.limit(), budget.share()), (PipelinePriority::Normal, cores, 1.0));
+        let told = settings(&[
+            ("WAVELINE_PIPELINE_PRIORITY", "low"),
+            ("WAVELINE_PIPELINE_THREADS", "3"),
+            ("WAVELINE_PIPELINE_SHARE_UNDER_LOAD", "0.5"),
+        ]);
+        let (priority, budget) = pipeline_scheduling(&told, &embedded);
+        assert_eq!((priority, budget.limit(), budget.share()), (PipelinePriority::Low, 3, 0.5));
+        // A dedicated worker has no API in its process to yield to.
+        let (priority, budget) = pipeline_scheduling(&told, &WorkerRole::Dedicated);
+        assert_eq!((priority, budget.limit(), budget.share()), (PipelinePriority::Low, 3, 1.0));
+    }
+
+    #[test]
+    fn the_embedded_pipeline_yields_only_while_the_api_is_busy() {
+        let foreground = Arc::new(Foreground::default());
+        let (_, budget) = pipeline_scheduling(&settings(&[]), &WorkerRole::Embedded(foreground.clone()));
+        let spend = |budget: &ThreadBudget, wall: Duration| {
+            let started = std::time::Instant::now();
+            while started.elapsed() < wall {
+                let _permit = budget.permit();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        spend(&budget, Duration::from_millis(50));
+        assert_eq!(budget.yielded(), Duration::ZERO, "yielded to an API that had no requests");
+        while !foreground.busy() {
+            foreground.mark();
         }
+        spend(&budget, Duration::from_millis(50));
+        assert!(budget.yielded() > Duration::ZERO, "never yielded to a busy API");
     }
 }

@@ -89,13 +89,19 @@ pub struct Settings {
     /// `idle` (Linux `SCHED_IDLE`: they get only CPU time no other thread wants, so the API
     /// answers as if no transcode ran, but anything else that keeps the cores busy stops the
     /// pipeline meanwhile), `low` (nice 10: the API still preempts it, and it keeps about a
-    /// tenth of a core against any busy thread) or `normal` (the process's own). Unset: `idle` under `waveline serve` with
+    /// tenth of a core against any busy thread) or `normal` (the process's own). Unset: `low` under `waveline serve` with
     /// in-process workers, `normal` under `waveline worker`.
     pub pipeline_priority: Option<PipelinePriority>,
     /// How many of the pipeline's threads may compute at once, across every job of the
     /// process (codecs get no threads of their own, so this bounds all of it). Unset: every
     /// core but one (at least 1) under `waveline serve`, every core under `waveline worker`.
     pub pipeline_threads: Option<u32>,
+    /// Under `waveline serve` with in-process workers: the most of its threads' time the
+    /// pipeline computes while the API is busy (10 requests within a 100 ms window: a rate of
+    /// 100 a second), from 0.05 to 1, in bursts of at most 5 ms; 1 turns this off. The rest of the
+    /// time the pipeline waits, so a busy API keeps its cores' caches and idle moments. A
+    /// `waveline worker` has no API to yield to and ignores it. Unset: 0.25.
+    pub pipeline_share_under_load: Option<f64>,
     /// The key that signs session tokens (HS256), at least 32 bytes. Every API replica needs
     /// the same one. Unset, `waveline serve` makes a random key at start-up and warns:
     /// sessions then end when the process does.
@@ -370,7 +376,7 @@ struct Key {
 }
 
 /// The keys in documentation order; `waveline.example.toml` lists the same.
-const KEYS: [Key; 75] = [
+const KEYS: [Key; 76] = [
     Key { name: "database_url", secret: true },
     Key { name: "database_max_connections", secret: false },
     Key { name: "queue", secret: true },
@@ -392,6 +398,7 @@ const KEYS: [Key; 75] = [
     Key { name: "pipeline_timeout_s", secret: false },
     Key { name: "pipeline_priority", secret: false },
     Key { name: "pipeline_threads", secret: false },
+    Key { name: "pipeline_share_under_load", secret: false },
     Key { name: "jwt_secret", secret: true },
     Key { name: "access_token_ttl_s", secret: false },
     Key { name: "upload_max_bytes", secret: false },
@@ -611,6 +618,8 @@ impl Settings {
             None => None,
         };
         let pipeline_threads = take("pipeline_threads").map(|raw| parse_int(&raw, 1, 1024)).transpose()?;
+        let pipeline_share_under_load =
+            take("pipeline_share_under_load").map(|raw| parse_float(&raw, 0.05, 1.0)).transpose()?;
         let jwt_secret = match take("jwt_secret") {
             Some(raw) if raw.value.len() >= 32 => Some(SecretString::from(raw.value)),
             Some(raw) => return Err(raw.invalid("a random secret of at least 32 bytes")),
@@ -880,6 +889,7 @@ impl Settings {
             pipeline_timeout,
             pipeline_priority,
             pipeline_threads,
+            pipeline_share_under_load,
             database_url,
             database_max_connections,
             queue,
@@ -919,6 +929,7 @@ impl Settings {
             "pipeline_timeout_s": self.pipeline_timeout.as_secs(),
             "pipeline_priority": self.pipeline_priority,
             "pipeline_threads": self.pipeline_threads,
+            "pipeline_share_under_load": self.pipeline_share_under_load,
             "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
             "access_token_ttl_s": self.access_token_ttl.as_secs(),
             "upload_max_bytes": self.upload_max_bytes,
@@ -1544,6 +1555,16 @@ mod tests {
         assert!(text.starts_with("WAVELINE_PIPELINE_PRIORITY: expected `idle`, `low` or `normal`"), "{text}");
         let text = error_text(&[("WAVELINE_PIPELINE_THREADS", "0")]);
         assert!(text.starts_with("WAVELINE_PIPELINE_THREADS: expected a whole number from 1"), "{text}");
+        assert_eq!(settings.pipeline_share_under_load, None, "the mode decides");
+        let settings = load(&[("WAVELINE_PIPELINE_SHARE_UNDER_LOAD", "0.5")]).expect("valid");
+        assert_eq!(settings.pipeline_share_under_load, Some(0.5));
+        for bad in ["0", "0.01", "1.5", "half", "NaN"] {
+            let text = error_text(&[("WAVELINE_PIPELINE_SHARE_UNDER_LOAD", bad)]);
+            assert!(
+                text.starts_with("WAVELINE_PIPELINE_SHARE_UNDER_LOAD: expected a number from 0.05 to 1"),
+                "{bad}: {text}"
+            );
+        }
     }
 
     #[test]

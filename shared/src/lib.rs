@@ -26,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod documents;
 pub mod domain;
+pub mod foreground;
 pub mod images;
 pub mod job;
 pub mod network;

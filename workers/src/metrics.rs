@@ -8,6 +8,8 @@
 //! - `waveline_push_sent_total{result}`: pushes by device and result (`sent`,
 //!   `token_removed`, `rejected`, `retried`);
 //! - `waveline_queue_ready`, `waveline_queue_dead`: queue depth and dead letters (polled).
+//! - `waveline_pipeline_yielded_milliseconds_total`: how long the pipeline's threads have
+//!   waited for a busy API (`pipeline_share_under_load`, embedded mode only).
 
 use std::sync::Arc;
 use std::time::Duration;

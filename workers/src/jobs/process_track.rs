@@ -319,6 +319,13 @@ impl ProcessTrack {
         let out = out.to_path_buf();
         let cancel = Arc::new(AtomicBool::new(false));
         let budget = context.pipeline_budget.clone();
+        let yielded = {
+            let budget = budget.clone();
+            move || {
+                let ms = u64::try_from(budget.yielded().as_millis()).unwrap_or(u64::MAX);
+                ::metrics::counter!("waveline_pipeline_yielded_milliseconds_total").absolute(ms);
+            }
+        };
         let pipeline = pipeline_thread::run("pipe-pass", context.pipeline_priority, {
             let cancel = cancel.clone();
             move || {
@@ -351,6 +358,7 @@ impl ProcessTrack {
                 // Beats go on after a timeout until the pass has stopped: the claim stays
                 // this worker's while its thread still runs.
                 _ = ticker.tick(), if !lost => {
+                    yielded();
                     let progress = *progress_rx.borrow_and_update();
                     let stage = match progress.stage {
                         Stage::Probing => ProcessingStage::Probing,
@@ -366,6 +374,7 @@ impl ProcessTrack {
                 }
             }
         };
+        yielded();
         if lost {
             return Err(JobError::ClaimLost);
         }
