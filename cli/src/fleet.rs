@@ -443,8 +443,8 @@ async fn import_one(
     services.tracks.get(track.id).await?.context("the track vanished")
 }
 
-/// The API's view of a track (`GET /v1/tracks/{id}`, as an anonymous listener sees its
-/// counts), as JSON.
+/// The API's view of a track (`GET /v1/tracks/{id}` as an anonymous listener gets it: its
+/// counts, its artwork, its access), as JSON.
 async fn track_view(
     tracks: &PgTracks,
     documents: &dyn waveline_shared::documents::Documents,
@@ -453,14 +453,12 @@ async fn track_view(
     let Some(details) = tracks.details(id).await? else {
         return Ok(None);
     };
-    let stats = db::social::PgSocial::new(tracks.pool().clone()).track_stats(&[id], None).await?;
-    let comments = documents.count_comments_of(&[id]).await?;
-    let view = waveline_api::TrackView::from(details).with_social(
-        stats.get(&id).copied().unwrap_or_default(),
-        comments.get(&id).copied().unwrap_or(0),
-        false,
-    );
-    Ok(Some(view.to_json()))
+    let social = db::social::PgSocial::new(tracks.pool().clone());
+    let images = db::images::PgImages::new(tracks.pool().clone());
+    let views = waveline_api::social::track_views_from(&social, documents, &images, vec![details], None)
+        .await
+        .map_err(|err| anyhow::anyhow!("{}: {}", err.code, err.message))?;
+    Ok(views.first().map(waveline_api::TrackView::to_json))
 }
 
 /// `waveline tracks list`.

@@ -200,6 +200,11 @@ async fn artwork_and_avatars_embedded() -> Result<()> {
     let done = wait_image(&stack, None, &track_path, "artwork_state").await?;
     ensure!(done["artwork_state"] == "failed" && done["artwork_error"]["code"] == "invalid_image", "{done}");
     ensure!(done["artwork_url"] == second.as_str(), "the served artwork changed: {done}");
+    // The CLI prints the API's view of the track, its artwork fields with it.
+    let shown = stack.cli(&["tracks", "show", &track, "--json"])?;
+    ensure!(shown == done, "tracks show --json: {shown}\nGET {track_path}: {done}");
+    let listed = stack.cli(&["tracks", "list", "--json"])?;
+    ensure!(listed["tracks"].as_array().is_some_and(|t| t.contains(&done)), "tracks list --json: {listed}");
 
     // Refusals at the API.
     let not_image = b"ID3\x04\0\0\0\0\0\0 not an image at all".to_vec();
