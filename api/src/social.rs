@@ -435,19 +435,28 @@ async fn profile_of(state: &AppState, username: &str) -> Result<ProfileView, Api
         return Err(ApiError::not_found("user"));
     }
     let profile = state.social.profile(username).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    let avatar = crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::User, &[profile.id.0])
-        .await?
-        .remove(&profile.id.0)
-        .unwrap_or_default();
-    let mut view = ProfileView::from(profile);
-    view.avatar_url = avatar.url;
-    view.avatar_state = avatar.state;
-    view.avatar_error = avatar.error;
-    Ok(view)
+    profile_views(state, vec![profile]).await?.pop().ok_or_else(|| ApiError::internal(&"a profile view went missing"))
+}
+
+/// Views of profiles with their avatars (one query for the lot), in the order given.
+pub(crate) async fn profile_views(state: &AppState, profiles: Vec<Profile>) -> Result<Vec<ProfileView>, ApiError> {
+    let ids: Vec<Uuid> = profiles.iter().map(|profile| profile.id.0).collect();
+    let mut avatars = crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::User, &ids).await?;
+    Ok(profiles
+        .into_iter()
+        .map(|profile| {
+            let avatar = avatars.remove(&profile.id.0).unwrap_or_default();
+            let mut view = ProfileView::from(profile);
+            view.avatar_url = avatar.url;
+            view.avatar_state = avatar.state;
+            view.avatar_error = avatar.error;
+            view
+        })
+        .collect())
 }
 
 impl From<Profile> for ProfileView {
-    /// The view without the avatar (its fields are filled in by who has them).
+    /// The view without the avatar (its fields are filled in by [`profile_views`]).
     fn from(profile: Profile) -> ProfileView {
         ProfileView {
             id: profile.id.to_string(),
