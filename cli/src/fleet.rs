@@ -635,14 +635,20 @@ pub async fn jobs_replay(settings: &Settings, ids: &[uuid::Uuid], all: bool, jso
         bail!("give either --all or one or more dead-letter ids");
     }
     let services = Services::connect(settings).await?;
-    // A dead-lettered track is `failed`; replaying its job must find it queued again.
+    // A dead-lettered track is `failed`, and so is a dead-lettered image version; replaying
+    // the job must find it queued (pending) again.
     let dead = services.queue.dead_letters(10_000).await?;
+    let images = db::images::PgImages::new(services.tracks.pool().clone());
     for letter in dead.iter().filter(|l| all || ids.contains(&l.id)) {
-        if let Some(id) = letter.job.as_ref().and_then(|job| job.job.track_id())
+        let Some(job) = letter.job.as_ref().map(|message| &message.job) else { continue };
+        if let Some(id) = job.track_id()
             && let Some(track) = services.tracks.get(id).await?
             && track.state == TrackState::Failed
         {
             services.tracks.transition(id, TrackState::Failed, TrackState::Queued, None).await?;
+        }
+        if let waveline_shared::job::Job::ProcessImage { subject, subject_id, version } = job {
+            images.retry_exhausted(*subject, *subject_id, version).await?;
         }
     }
     let report = services.queue.replay_dead(if all { None } else { Some(ids) }).await?;
