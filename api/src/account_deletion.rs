@@ -1,13 +1,18 @@
-//! Deleting an account and everything of it (`DELETE /v1/me`), across the three stores.
+//! Deleting an account and everything of it (`DELETE /v1/me`), across Stripe and the three
+//! stores.
 //!
-//! The order makes a failure safe to retry: the documents go first (the account's comments
-//! and activities, and the comments and activities about its tracks and playlists). If the
-//! document store is down, nothing else has happened and the account still exists, so the
-//! owner can try again. Then one database transaction removes the account with every row of
-//! it (tracks, playlists, follows, blocks, likes, reposts, sessions). After that nobody can
-//! reach its objects (tracks with their artwork, playlists' artwork, the avatar), which are
-//! deleted last. A track or playlist created between the two
-//! steps has its documents removed after the transaction too.
+//! The order makes a failure safe to retry. Billing ends first: the account's Stripe customer
+//! is deleted, which cancels its subscriptions, so a deleted account is never charged again.
+//! If Stripe fails (or would have to be asked but is not configured here), nothing has been
+//! removed; a retry after a later step failed finds the customer gone at Stripe and goes on.
+//! Then the documents go (the account's comments and activities, and the comments and
+//! activities about its tracks and playlists). If the document store is down, nothing else
+//! has happened and the account still exists, so the owner can try again. Then one database
+//! transaction removes the account with every row of it (tracks, playlists, follows, blocks,
+//! likes, reposts, sessions, its billing rows). After that nobody can reach its objects
+//! (tracks with their artwork, playlists' artwork, the avatar), which are deleted last. A
+//! track or playlist created between the two steps has its documents removed after the
+//! transaction too.
 
 use std::collections::HashSet;
 
@@ -21,6 +26,7 @@ use crate::error::ApiError;
 
 /// Deletes `user` and everything of it.
 pub(crate) async fn delete_account(state: &AppState, user: UserId) -> Result<(), ApiError> {
+    state.billing.end_for_deletion(user).await?;
     let owned = state.social.owned(user).await?;
     remove_documents(state, user, &owned).await?;
     let Some(deleted) = state.social.delete_account(user).await? else {

@@ -153,7 +153,16 @@ pub(crate) async fn fields_of(
     subject: ImageSubject,
     ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, ImageFields>, ApiError> {
-    let statuses = images(state).statuses(subject, ids).await?;
+    fields_from(&images(state), subject, ids).await
+}
+
+/// [`fields_of`] from the image repository itself.
+pub(crate) async fn fields_from(
+    images: &PgImages,
+    subject: ImageSubject,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, ImageFields>, ApiError> {
+    let statuses = images.statuses(subject, ids).await?;
     Ok(statuses.iter().map(|(id, status)| (*id, ImageFields::of(subject, *id, Some(status)))).collect())
 }
 

@@ -1033,7 +1033,11 @@ impl Accounts {
     /// Deletes the signed-in account and everything of it: its tracks and their files,
     /// playlists, follows, blocks, likes, reposts, comments and activities. Needs the
     /// account's password (403 `wrong_password`); an account that signs in only through a
-    /// provider sets one first, through the password reset (409 `password_not_set`).
+    /// provider sets one first, through the password reset (409 `password_not_set`). Its
+    /// Stripe customer is deleted first, which cancels its subscriptions: 503
+    /// `billing_unavailable` when Stripe fails, and 503 `billing_disabled` when the account
+    /// has a Stripe customer but billing is not configured on this server, so its
+    /// subscription cannot be cancelled. Either way nothing was deleted; try again.
     #[oai(path = "/v1/me", method = "delete")]
     async fn delete_me(
         &self,

@@ -140,7 +140,7 @@ impl Search {
             SearchType::Users => {
                 let ids: Vec<UserId> = ids.iter().map(|&id| UserId(id)).collect();
                 let profiles = state.social.profiles(&ids).await?;
-                results.users = Some(profiles.into_iter().map(ProfileView::from).collect());
+                results.users = Some(crate::social::profile_views(state, profiles).await?);
             }
             SearchType::Playlists => {
                 let keys: Vec<PlaylistId> = ids.iter().map(|&id| PlaylistId(id)).collect();

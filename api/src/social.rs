@@ -265,9 +265,23 @@ pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
-/// Views of tracks with their counts and the viewer's marks: two queries for the lot.
+/// Views of tracks with their counts, their artwork, and the viewer's access and marks.
 pub(crate) async fn track_views(
     state: &AppState,
+    tracks: Vec<TrackDetails>,
+    session: Option<&Session>,
+) -> Result<Vec<TrackView>, ApiError> {
+    let images = crate::artwork::images(state);
+    track_views_from(&state.social, state.documents.as_ref(), &images, tracks, session).await
+}
+
+/// [`track_views`] from the stores themselves, for what has no [`AppState`] (the CLI's
+/// `tracks show|list --json`): the one place a track's whole view is built. Three queries for
+/// the lot. Without a session it is the view of an anonymous listener.
+pub async fn track_views_from(
+    social: &waveline_shared::db::social::PgSocial,
+    documents: &dyn waveline_shared::documents::Documents,
+    images: &waveline_shared::db::images::PgImages,
     tracks: Vec<TrackDetails>,
     session: Option<&Session>,
 ) -> Result<Vec<TrackView>, ApiError> {
@@ -275,9 +289,9 @@ pub(crate) async fn track_views(
     let viewer_id = session.map(|s| s.user.id);
     let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
     let (stats, comments, mut artwork) = tokio::try_join!(
-        async { state.social.track_stats(&ids, viewer_id).await.map_err(ApiError::from) },
-        async { state.documents.count_comments_of(&ids).await.map_err(ApiError::from) },
-        crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::Track, &uuids),
+        async { social.track_stats(&ids, viewer_id).await.map_err(ApiError::from) },
+        async { documents.count_comments_of(&ids).await.map_err(ApiError::from) },
+        crate::artwork::fields_from(images, waveline_shared::images::ImageSubject::Track, &uuids),
     )?;
     Ok(tracks
         .into_iter()
@@ -421,19 +435,28 @@ async fn profile_of(state: &AppState, username: &str) -> Result<ProfileView, Api
         return Err(ApiError::not_found("user"));
     }
     let profile = state.social.profile(username).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    let avatar = crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::User, &[profile.id.0])
-        .await?
-        .remove(&profile.id.0)
-        .unwrap_or_default();
-    let mut view = ProfileView::from(profile);
-    view.avatar_url = avatar.url;
-    view.avatar_state = avatar.state;
-    view.avatar_error = avatar.error;
-    Ok(view)
+    profile_views(state, vec![profile]).await?.pop().ok_or_else(|| ApiError::internal(&"a profile view went missing"))
+}
+
+/// Views of profiles with their avatars (one query for the lot), in the order given.
+pub(crate) async fn profile_views(state: &AppState, profiles: Vec<Profile>) -> Result<Vec<ProfileView>, ApiError> {
+    let ids: Vec<Uuid> = profiles.iter().map(|profile| profile.id.0).collect();
+    let mut avatars = crate::artwork::fields_of(state, waveline_shared::images::ImageSubject::User, &ids).await?;
+    Ok(profiles
+        .into_iter()
+        .map(|profile| {
+            let avatar = avatars.remove(&profile.id.0).unwrap_or_default();
+            let mut view = ProfileView::from(profile);
+            view.avatar_url = avatar.url;
+            view.avatar_state = avatar.state;
+            view.avatar_error = avatar.error;
+            view
+        })
+        .collect())
 }
 
 impl From<Profile> for ProfileView {
-    /// The view without the avatar (its fields are filled in by who has them).
+    /// The view without the avatar (its fields are filled in by [`profile_views`]).
     fn from(profile: Profile) -> ProfileView {
         ProfileView {
             id: profile.id.to_string(),

@@ -463,8 +463,8 @@ async fn import_one(
     services.tracks.get(track.id).await?.context("the track vanished")
 }
 
-/// The API's view of a track (`GET /v1/tracks/{id}`, as an anonymous listener sees its
-/// counts), as JSON.
+/// The API's view of a track (`GET /v1/tracks/{id}` as an anonymous listener gets it: its
+/// counts, its artwork, its access), as JSON.
 async fn track_view(
     tracks: &PgTracks,
     documents: &dyn waveline_shared::documents::Documents,
@@ -473,14 +473,12 @@ async fn track_view(
     let Some(details) = tracks.details(id).await? else {
         return Ok(None);
     };
-    let stats = db::social::PgSocial::new(tracks.pool().clone()).track_stats(&[id], None).await?;
-    let comments = documents.count_comments_of(&[id]).await?;
-    let view = waveline_api::TrackView::from(details).with_social(
-        stats.get(&id).copied().unwrap_or_default(),
-        comments.get(&id).copied().unwrap_or(0),
-        false,
-    );
-    Ok(Some(view.to_json()))
+    let social = db::social::PgSocial::new(tracks.pool().clone());
+    let images = db::images::PgImages::new(tracks.pool().clone());
+    let views = waveline_api::social::track_views_from(&social, documents, &images, vec![details], None)
+        .await
+        .map_err(|err| anyhow::anyhow!("{}: {}", err.code, err.message))?;
+    Ok(views.first().map(waveline_api::TrackView::to_json))
 }
 
 /// `waveline tracks list`.
@@ -657,14 +655,20 @@ pub async fn jobs_replay(settings: &Settings, ids: &[uuid::Uuid], all: bool, jso
         bail!("give either --all or one or more dead-letter ids");
     }
     let services = Services::connect(settings).await?;
-    // A dead-lettered track is `failed`; replaying its job must find it queued again.
+    // A dead-lettered track is `failed`, and so is a dead-lettered image version; replaying
+    // the job must find it queued (pending) again.
     let dead = services.queue.dead_letters(10_000).await?;
+    let images = db::images::PgImages::new(services.tracks.pool().clone());
     for letter in dead.iter().filter(|l| all || ids.contains(&l.id)) {
-        if let Some(id) = letter.job.as_ref().and_then(|job| job.job.track_id())
+        let Some(job) = letter.job.as_ref().map(|message| &message.job) else { continue };
+        if let Some(id) = job.track_id()
             && let Some(track) = services.tracks.get(id).await?
             && track.state == TrackState::Failed
         {
             services.tracks.transition(id, TrackState::Failed, TrackState::Queued, None).await?;
+        }
+        if let waveline_shared::job::Job::ProcessImage { subject, subject_id, version } = job {
+            images.retry_exhausted(*subject, *subject_id, version).await?;
         }
     }
     let report = services.queue.replay_dead(if all { None } else { Some(ids) }).await?;

@@ -1,17 +1,22 @@
-//! A fake Stripe API on loopback, for the billing tests: the four calls Waveline makes
-//! (`POST /v1/customers`, `/v1/checkout/sessions`, `/v1/billing_portal/sessions`,
-//! `GET /v1/subscriptions/{id}`), strict where Stripe is, and webhook events signed the way
-//! Stripe signs them.
+//! A fake Stripe API on loopback, for the billing tests: the five calls Waveline makes
+//! (`POST /v1/customers`, `DELETE /v1/customers/{id}`, `POST /v1/checkout/sessions`,
+//! `/v1/billing_portal/sessions`, `GET /v1/subscriptions/{id}`), strict where Stripe is, and
+//! webhook events signed the way Stripe signs them.
 //!
 //! - Every call needs `Authorization: Bearer` with the test's secret key (401 otherwise, with
 //!   Stripe's error body), and POSTs need a form body.
 //! - A customer created again with the same `Idempotency-Key` is the same customer.
+//! - Deleting a customer answers Stripe's `{"id", "object": "customer", "deleted": true}` and
+//!   cancels its subscriptions, as Stripe does; one it does not have (never created, or
+//!   deleted already) is 404 `resource_missing`.
+//! - [`FakeStripe::set_failing`] makes every call answer 500 `api_error` (still recorded)
+//!   until it is turned off: Stripe having an outage.
 //! - Subscriptions are what the test says they are ([`FakeStripe::set_subscription`]): reading
 //!   one answers the whole object in Stripe's shape (every field `async-stripe` requires), or
 //!   404 `resource_missing`.
 //! - What each call sent is kept ([`FakeStripe::seen`]): form parameters decoded, in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +24,7 @@ use anyhow::{Result, ensure};
 use hmac::{Hmac, Mac};
 use poem::http::StatusCode;
 use poem::web::{Data, Json, Path};
-use poem::{EndpointExt, IntoResponse, Response, Route, get, handler, post};
+use poem::{EndpointExt, IntoResponse, Response, Route, delete, get, handler, post};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -60,9 +65,13 @@ pub struct Subscription {
 #[derive(Debug, Default)]
 pub struct State {
     pub calls: Vec<Call>,
+    /// Customer ids by the idempotency key that created them.
     customers: HashMap<String, String>,
+    /// The customers not deleted.
+    live_customers: HashSet<String>,
     subscriptions: HashMap<String, Subscription>,
     next: u32,
+    failing: bool,
 }
 
 impl State {
@@ -94,8 +103,14 @@ fn record(req: &poem::Request, body: &[u8], state: &Shared) -> Call {
     call
 }
 
-/// Stripe's answer to a call it does not take: a wrong key, or a POST that is not a form.
-fn refusal(req: &poem::Request) -> Option<Response> {
+/// Stripe's answer to a call it does not take: a wrong key, or a POST that is not a form;
+/// or any call while the fake is failing.
+fn refusal(req: &poem::Request, state: &Shared) -> Option<Response> {
+    if lock(state).failing {
+        // Stripe's `api_error` carries no code.
+        let body = json!({"error": {"type": "api_error", "message": "An unknown error occurred (failing on purpose)"}});
+        return Some(Json(body).with_status(StatusCode::INTERNAL_SERVER_ERROR).into_response());
+    }
     if req.header("authorization") != Some(format!("Bearer {SECRET_KEY}").as_str()) {
         return Some(stripe_error(
             StatusCode::UNAUTHORIZED,
@@ -124,7 +139,7 @@ fn now() -> i64 {
 #[handler]
 fn create_customer(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared>) -> Response {
     let call = record(req, &body, state);
-    if let Some(refused) = refusal(req) {
+    if let Some(refused) = refusal(req, state) {
         return refused;
     }
     let mut state = lock(state);
@@ -136,6 +151,7 @@ fn create_customer(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared
             if let Some(key) = call.idempotency_key.clone() {
                 state.customers.insert(key, id.clone());
             }
+            state.live_customers.insert(id.clone());
             id
         }
     };
@@ -148,9 +164,30 @@ fn create_customer(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared
 }
 
 #[handler]
+fn delete_customer(req: &poem::Request, Path(id): Path<String>, Data(state): Data<&Shared>) -> Response {
+    record(req, &[], state);
+    if let Some(refused) = refusal(req, state) {
+        return refused;
+    }
+    let mut state = lock(state);
+    if !state.live_customers.remove(&id) {
+        return stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "resource_missing",
+            &format!("No such customer: '{id}'"),
+        );
+    }
+    for sub in state.subscriptions.values_mut().filter(|sub| sub.customer == id) {
+        sub.status = "canceled".into();
+    }
+    Json(json!({"id": id, "object": "customer", "deleted": true})).into_response()
+}
+
+#[handler]
 fn create_checkout_session(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared>) -> Response {
     let call = record(req, &body, state);
-    if let Some(refused) = refusal(req) {
+    if let Some(refused) = refusal(req, state) {
         return refused;
     }
     let mut state = lock(state);
@@ -171,7 +208,7 @@ fn create_checkout_session(req: &poem::Request, body: Vec<u8>, Data(state): Data
 #[handler]
 fn create_portal_session(req: &poem::Request, body: Vec<u8>, Data(state): Data<&Shared>) -> Response {
     let call = record(req, &body, state);
-    if let Some(refused) = refusal(req) {
+    if let Some(refused) = refusal(req, state) {
         return refused;
     }
     let mut state = lock(state);
@@ -218,7 +255,7 @@ pub fn subscription_json(sub: &Subscription) -> Value {
 #[handler]
 fn retrieve_subscription(req: &poem::Request, Path(id): Path<String>, Data(state): Data<&Shared>) -> Response {
     record(req, &[], state);
-    if let Some(refused) = refusal(req) {
+    if let Some(refused) = refusal(req, state) {
         return refused;
     }
     match lock(state).subscriptions.get(&id) {
@@ -256,6 +293,7 @@ impl FakeStripe {
         let state: Shared = Arc::default();
         let app = Route::new()
             .at("/v1/customers", post(create_customer))
+            .at("/v1/customers/:id", delete(delete_customer))
             .at("/v1/checkout/sessions", post(create_checkout_session))
             .at("/v1/billing_portal/sessions", post(create_portal_session))
             .at("/v1/subscriptions/:id", get(retrieve_subscription))
@@ -285,6 +323,21 @@ impl FakeStripe {
     /// From now on, Stripe describes the subscription so.
     pub fn set_subscription(&self, sub: Subscription) {
         lock(&self.state).subscriptions.insert(sub.id.clone(), sub);
+    }
+
+    /// Whether every call fails (500 `api_error`) from now on.
+    pub fn set_failing(&self, failing: bool) {
+        lock(&self.state).failing = failing;
+    }
+
+    /// Whether Stripe has the customer (created and not deleted).
+    pub fn has_customer(&self, id: &str) -> bool {
+        lock(&self.state).live_customers.contains(id)
+    }
+
+    /// The customer is deleted at Stripe by someone else (the dashboard, an earlier call).
+    pub fn remove_customer(&self, id: &str) {
+        lock(&self.state).live_customers.remove(id);
     }
 
     /// What the fake has seen so far.

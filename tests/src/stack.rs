@@ -45,6 +45,26 @@ pub struct Stack {
 impl Stack {
     /// Starts the API (and, when `process` is set, something that processes uploads).
     pub async fn start(mode: Mode, process: bool, extra: &[(&str, &str)]) -> Result<Stack> {
+        Stack::start_with_s3(mode, process, extra, &s3_endpoint()).await
+    }
+
+    /// A distributed stack on the S3 server at `endpoint` (a test's own
+    /// [`crate::S3Server`], to take the storage away from it alone).
+    pub async fn start_distributed_on(endpoint: &str, process: bool, extra: &[(&str, &str)]) -> Result<Stack> {
+        Stack::start_with_s3(Mode::Distributed, process, extra, endpoint).await
+    }
+
+    /// Starts the distributed stack's worker, if it has none yet (the stack stops it).
+    pub fn start_worker(&mut self) -> Result<()> {
+        ensure!(self.distributed.is_some(), "the embedded stack's workers are in its serve process");
+        if self.worker.is_none() {
+            self.worker =
+                Some(spawn(&["worker", "--concurrency", "1"], &self.env).context("cannot start waveline worker")?);
+        }
+        Ok(())
+    }
+
+    async fn start_with_s3(mode: Mode, process: bool, extra: &[(&str, &str)], s3_endpoint: &str) -> Result<Stack> {
         let db = TestDb::new().await?;
         let mut env: Vec<(String, String)> = vec![
             ("WAVELINE_DATABASE_URL".into(), db.url.clone()),
@@ -64,14 +84,14 @@ impl Stack {
                 let (access, secret) = s3_credentials();
                 let bucket = S3Storage::new(
                     &format!("wl-api-{}", unique()),
-                    Some(&s3_endpoint()),
+                    Some(s3_endpoint),
                     "us-east-1",
                     S3Credentials::new(access.clone(), secret.clone(), None, None, "test"),
                 );
                 bucket.ensure_bucket().await.context("the S3 server is not answering; run scripts/setup.sh")?;
                 env.push((
                     "WAVELINE_STORAGE".into(),
-                    format!("s3://{}?endpoint={}&region=us-east-1", bucket.bucket(), s3_endpoint()),
+                    format!("s3://{}?endpoint={}&region=us-east-1", bucket.bucket(), s3_endpoint),
                 ));
                 let queue_name = format!("wltest.{}", unique());
                 env.push(("WAVELINE_QUEUE".into(), amqp_url()));

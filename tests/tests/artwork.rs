@@ -1,8 +1,9 @@
 //! Artwork and avatars over real HTTP, in both configurations: uploads of JPEG, PNG and WebP
 //! made at test time, the five served sizes (dimensions, JPEG bytes, no EXIF, the EXIF
 //! orientation applied, the centre square), caching (immutable, ETag, 304), replacement,
-//! refusals (not an image, too large, a decompression bomb, not the owner), and a track's
-//! embedded cover art becoming its artwork unless the owner uploads one.
+//! refusals (not an image, too large, a decompression bomb, not the owner), a track's
+//! embedded cover art becoming its artwork unless the owner uploads one, the CLI's view of a
+//! track with artwork, and an image job dead-lettered when the storage stays down.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use waveline_tests::images::{
     with_orientation,
 };
 use waveline_tests::stack::{Mode, Stack, User, json, register_and_login, upload, wait_ready};
-use waveline_tests::{audio, temp_dir};
+use waveline_tests::{S3Server, audio, temp_dir};
 
 const RED: [u8; 3] = [220, 20, 20];
 const BLUE: [u8; 3] = [20, 20, 220];
@@ -200,6 +201,11 @@ async fn artwork_and_avatars_embedded() -> Result<()> {
     let done = wait_image(&stack, None, &track_path, "artwork_state").await?;
     ensure!(done["artwork_state"] == "failed" && done["artwork_error"]["code"] == "invalid_image", "{done}");
     ensure!(done["artwork_url"] == second.as_str(), "the served artwork changed: {done}");
+    // The CLI prints the API's view of the track, its artwork fields with it.
+    let shown = stack.cli(&["tracks", "show", &track, "--json"])?;
+    ensure!(shown == done, "tracks show --json: {shown}\nGET {track_path}: {done}");
+    let listed = stack.cli(&["tracks", "list", "--json"])?;
+    ensure!(listed["tracks"].as_array().is_some_and(|t| t.contains(&done)), "tracks list --json: {listed}");
 
     // Refusals at the API.
     let not_image = b"ID3\x04\0\0\0\0\0\0 not an image at all".to_vec();
@@ -354,5 +360,53 @@ async fn embedded_cover_art_and_uploads_distributed() -> Result<()> {
     ensure!(me["avatar_state"] == "failed" && me["avatar_url"].is_null(), "{me}");
     let (_, profile) = get(&stack, None, "/v1/users/alice").await?;
     ensure!(profile["avatar_error"]["code"] == "invalid_image", "{profile}");
+    Ok(())
+}
+
+/// An image job that uses every attempt (the storage is down for all of them) is
+/// dead-lettered: the avatar shows it failed `retries_exhausted`, `waveline jobs dead` lists
+/// the letter, and once the storage is back `waveline jobs replay` makes the sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_job_out_of_attempts_is_dead_lettered_and_replays_distributed() -> Result<()> {
+    let mut s3 = S3Server::start()?;
+    let extra = [
+        ("WAVELINE_RATE_LIMIT_PER_MINUTE", "0"),
+        ("WAVELINE_JOB_MAX_ATTEMPTS", "3"),
+        ("WAVELINE_JOB_RETRY_BASE_MS", "200"),
+    ];
+    // No worker yet: the upload is stored and queued while the storage is up.
+    let mut stack = Stack::start_distributed_on(&s3.endpoint(), false, &extra).await?;
+    let alice = register_and_login(&stack, "alice").await?;
+    let (status, accepted) = put_image(&stack, &alice, "/v1/me/avatar", &jpeg(&halves(200, 100))?).await?;
+    ensure!(status == 202 && accepted["state"] == "pending", "{status} {accepted}");
+    s3.pause()?;
+    stack.start_worker()?;
+
+    let me = wait_image(&stack, Some(&alice), "/v1/me", "avatar_state").await?;
+    ensure!(me["avatar_state"] == "failed" && me.get("avatar_url").is_none(), "{me}");
+    let (_, profile) = get(&stack, None, "/v1/users/alice").await?;
+    ensure!(profile["avatar_state"] == "failed" && profile["avatar_error"]["code"] == "retries_exhausted", "{profile}");
+    // What the owner sees says what went wrong, not where.
+    let message = profile["avatar_error"]["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("3 attempts") && message.contains("storage"), "{message}");
+    ensure!(!message.contains("127.0.0.1") && !message.contains(&s3.port.to_string()), "{message}");
+
+    let dead = stack.cli(&["jobs", "dead", "--json"])?;
+    let letters = dead["dead"].as_array().context("dead")?;
+    ensure!(letters.len() == 1 && letters[0]["code"] == "retries_exhausted", "{dead}");
+    let job = &letters[0]["job"];
+    ensure!(job["kind"] == "process_image" && job["subject"] == "user" && job["subject_id"] == alice.id, "{dead}");
+
+    // With the storage back, the operator replays it and the sizes are made.
+    s3.resume()?;
+    let replayed = stack.cli(&["jobs", "replay", "--all", "--json"])?;
+    ensure!(replayed["replayed"] == 1, "{replayed}");
+    let done = wait_image(&stack, None, "/v1/users/alice", "avatar_state").await?;
+    ensure!(done["avatar_state"] == "ready" && done["avatar_error"].is_null(), "{done}");
+    let t500 = check_sizes(&stack, done["avatar_url"].as_str().context("avatar_url")?).await?;
+    let (left, right) = (t500.get_pixel(100, 250).0, t500.get_pixel(400, 250).0);
+    ensure!(near(left, RED) && near(right, BLUE), "not the uploaded avatar: {left:?} {right:?}");
+    let dead = stack.cli(&["jobs", "dead", "--json"])?;
+    ensure!(dead["dead"].as_array().is_some_and(Vec::is_empty), "{dead}");
     Ok(())
 }

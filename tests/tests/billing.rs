@@ -380,6 +380,137 @@ async fn a_tier_change_reaches_every_replica_distributed() -> Result<()> {
     Ok(())
 }
 
+/// `DELETE /v1/me` with the account's password: the status and the error body (`null` for
+/// the empty 204).
+async fn delete_account(stack: &Stack, user: &User) -> Result<(u16, Value)> {
+    let response = reqwest::Client::new()
+        .delete(stack.url("/v1/me"))
+        .bearer_auth(&user.token)
+        .json(&json!({"password": user.password}))
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+}
+
+/// The rows an account has: itself, its Stripe customer, its subscriptions, its playlists.
+async fn rows_of(stack: &Stack, user: &User) -> Result<[i64; 4]> {
+    let id: uuid::Uuid = user.id.parse()?;
+    let mut counts = [0; 4];
+    for (n, sql) in [
+        "SELECT count(*) FROM users WHERE id = $1",
+        "SELECT count(*) FROM billing_customers WHERE user_id = $1",
+        "SELECT count(*) FROM subscriptions WHERE user_id = $1",
+        "SELECT count(*) FROM playlists WHERE owner_id = $1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        counts[n] = sqlx::query_scalar(sql).bind(id).fetch_one(&stack.db.pool).await?;
+    }
+    Ok(counts)
+}
+
+/// Signing in with the account's password: the status.
+async fn sign_in(stack: &Stack, user: &User) -> Result<u16> {
+    let response = reqwest::Client::new()
+        .post(stack.url("/v1/auth/login"))
+        .json(&json!({"email": user.email, "password": user.password}))
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+/// The DELETE calls Stripe received, as paths.
+fn deletions(stripe: &FakeStripe) -> Vec<String> {
+    stripe.seen(|seen| seen.calls.iter().filter(|c| c.method == "DELETE").map(|c| c.path.clone()).collect())
+}
+
+/// Checks `user` out and makes the subscription `sub` active by its webhook event: a premium
+/// account with a Stripe customer. Returns the customer's id.
+async fn subscribe(stack: &Stack, stripe: &FakeStripe, user: &User, sub: &str) -> Result<String> {
+    let (status, body) = post(&stack.base, "/v1/billing/checkout", user).await?;
+    ensure!(status == 200, "{status} {body}");
+    let customer = stripe
+        .seen(|seen| seen.calls_to("/v1/checkout/sessions").last().and_then(|c| c.param("customer").map(str::to_owned)))
+        .context("the checkout named no customer")?;
+    let created = now();
+    stripe.set_subscription(subscription(sub, &customer, "active", created));
+    let event = fake_stripe::event(&format!("evt_{sub}"), "customer.subscription.created", created, json!({"id": sub}));
+    let (status, reply) = send_event(stack, &event, &[SECRET]).await?;
+    ensure!(status == 200, "{status} {reply}");
+    ensure!(me(&stack.base, user).await?["tier"] == "premium");
+    Ok(customer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_account_deletes_its_stripe_customer_first_embedded() -> Result<()> {
+    let stripe = FakeStripe::start().await?;
+    let stack = start(Mode::Embedded, &stripe, &[]).await?;
+    let payer = register_and_login(&stack, "payer").await?;
+    let customer = subscribe(&stack, &stripe, &payer, "sub_payer").await?;
+    ensure!(rows_of(&stack, &payer).await? == [1, 1, 1, 0], "{:?}", rows_of(&stack, &payer).await?);
+
+    // Stripe is down: 503, and nothing of the account went anywhere.
+    let (status, body) = json(
+        reqwest::Client::new()
+            .post(stack.url("/v1/playlists"))
+            .bearer_auth(&payer.token)
+            .json(&json!({"title": "Mix"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(status == 201, "{status} {body}");
+    let playlist = body["id"].as_str().context("playlist id")?.to_owned();
+    stripe.set_failing(true);
+    let (status, body) = delete_account(&stack, &payer).await?;
+    ensure!(status == 503 && body["code"] == "billing_unavailable", "{status} {body}");
+    stripe.set_failing(false);
+    ensure!(deletions(&stripe) == [format!("/v1/customers/{customer}")], "{:?}", deletions(&stripe));
+    ensure!(stripe.has_customer(&customer), "the failed call deleted the customer");
+    ensure!(rows_of(&stack, &payer).await? == [1, 1, 1, 1], "{:?}", rows_of(&stack, &payer).await?);
+    ensure!(sign_in(&stack, &payer).await? == 200, "the account no longer signs in");
+    let account = me(&stack.base, &payer).await?;
+    ensure!(account["tier"] == "premium" && account["subscription"]["status"] == "active", "{account}");
+    let (status, _, _) = get(&stack.base, &format!("/v1/playlists/{playlist}"), Some(&payer)).await?;
+    ensure!(status == 200, "the playlist went: {status}");
+
+    // Stripe is back: the retry deletes the customer (its subscription with it), then the
+    // account, with one more DELETE.
+    let (status, body) = delete_account(&stack, &payer).await?;
+    ensure!(status == 204, "{status} {body}");
+    let path = format!("/v1/customers/{customer}");
+    ensure!(deletions(&stripe) == [path.clone(), path], "{:?}", deletions(&stripe));
+    ensure!(!stripe.has_customer(&customer), "the customer is still at Stripe");
+    ensure!(rows_of(&stack, &payer).await? == [0, 0, 0, 0], "{:?}", rows_of(&stack, &payer).await?);
+    ensure!(sign_in(&stack, &payer).await? == 401, "a deleted account signs in");
+    // Stripe then reports the cancellation; for a customer of no account it changes nothing.
+    let object = json!({"id": "sub_payer", "object": "subscription", "customer": customer, "status": "canceled"});
+    let cancelled = fake_stripe::event("evt_cancelled", "customer.subscription.deleted", now(), object);
+    let (status, reply) = send_event(&stack, &cancelled, &[SECRET]).await?;
+    ensure!(status == 200 && reply["duplicate"] == false, "{status} {reply}");
+    let users: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM users WHERE username = 'payer'").fetch_one(&stack.db.pool).await?;
+    ensure!(users == 0, "the event brought the account back");
+
+    // A customer Stripe no longer has (deleted there already) does not stop the deletion;
+    // an account that never checked out asks Stripe nothing.
+    let gone = register_and_login(&stack, "gone").await?;
+    let gone_customer = subscribe(&stack, &stripe, &gone, "sub_gone").await?;
+    stripe.remove_customer(&gone_customer);
+    let (status, body) = delete_account(&stack, &gone).await?;
+    ensure!(status == 204, "{status} {body}");
+    ensure!(deletions(&stripe).last() == Some(&format!("/v1/customers/{gone_customer}")), "{:?}", deletions(&stripe));
+    ensure!(rows_of(&stack, &gone).await? == [0, 0, 0, 0], "{:?}", rows_of(&stack, &gone).await?);
+    let free = register_and_login(&stack, "free").await?;
+    let before = deletions(&stripe).len();
+    let (status, body) = delete_account(&stack, &free).await?;
+    ensure!(status == 204 && deletions(&stripe).len() == before, "{status} {body} {:?}", deletions(&stripe));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_stripe_settings_billing_answers_billing_disabled() -> Result<()> {
     let stack = Stack::start(Mode::Embedded, false, &[]).await?;
@@ -393,5 +524,21 @@ async fn without_stripe_settings_billing_answers_billing_disabled() -> Result<()
     ensure!(status == 503 && reply["code"] == "billing_disabled", "{status} {reply}");
     let account = me(&stack.base, &user).await?;
     ensure!(account["tier"] == "free" && account["subscription"].is_null(), "{account}");
+
+    // An account with a Stripe customer (billing was on once) cannot be deleted here: its
+    // subscription would go on being charged. One without deletes as ever.
+    let payer = register_and_login(&stack, "payer").await?;
+    sqlx::query("INSERT INTO billing_customers (user_id, customer_id) VALUES ($1, 'cus_from_before')")
+        .bind(payer.id.parse::<uuid::Uuid>()?)
+        .execute(&stack.db.pool)
+        .await?;
+    let (status, body) = delete_account(&stack, &payer).await?;
+    ensure!(status == 503 && body["code"] == "billing_disabled", "{status} {body}");
+    ensure!(body["message"].as_str().is_some_and(|m| m.contains("cannot be cancelled")), "{body}");
+    ensure!(rows_of(&stack, &payer).await? == [1, 1, 0, 0], "{:?}", rows_of(&stack, &payer).await?);
+    ensure!(sign_in(&stack, &payer).await? == 200, "the refused account no longer signs in");
+    let (status, body) = delete_account(&stack, &user).await?;
+    ensure!(status == 204, "{status} {body}");
+    ensure!(rows_of(&stack, &user).await? == [0, 0, 0, 0]);
     Ok(())
 }

@@ -1,17 +1,18 @@
 //! `GET /v1/search` over real HTTP.
 //!
-//! The flow runs in both configurations with tracks uploaded and processed for real. The
-//! ranking, prefix, accent, typo, privacy and paging tests need many tracks in exact shapes:
-//! their accounts are registered through the API, and their tracks are written straight into
-//! the database as a finished job leaves them (`ready`, a ready revision; `processing` for
-//! the unfinished one), so the search reads the same rows and generated columns an upload
-//! would have produced.
+//! The flow runs in both configurations with tracks (and an avatar) uploaded and processed
+//! for real. The ranking, prefix, accent, typo, privacy and paging tests need many tracks in
+//! exact shapes: their accounts are registered through the API, and their tracks are written
+//! straight into the database as a finished job leaves them (`ready`, a ready revision;
+//! `processing` for the unfinished one), so the search reads the same rows and generated
+//! columns an upload would have produced.
 
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use waveline_shared::domain::TrackId;
+use waveline_tests::images::{fetch, jpeg, picture, put_image, wait_image};
 use waveline_tests::stack::{Mode, Stack, User, register_and_login, upload, wait_ready};
 use waveline_tests::{audio, temp_dir};
 
@@ -146,6 +147,9 @@ async fn flow(mode: Mode) -> Result<()> {
     let alice = register_and_login(&stack, "alice").await?;
     let bob = register_and_login(&stack, "bob").await?;
     display_name(&stack, &alice, "Beyoncé Fan Club").await?;
+    let avatar = jpeg(&picture(64, 64, |x, _| if x < 32 { [220, 20, 20] } else { [20, 20, 220] }))?;
+    let (status, accepted) = put_image(&stack, &alice, "/v1/me/avatar", &avatar).await?;
+    ensure!(status == 202, "{status} {accepted}");
     let halo = ready_upload(
         &stack,
         &alice,
@@ -175,6 +179,13 @@ async fn flow(mode: Mode) -> Result<()> {
     let users = search(&stack, "users", "beyonce fan", None).await?;
     ensure!(field(&users, "users", "username") == ["alice"], "{users}");
     ensure!(users["users"][0]["track_count"] == 1 && users["users"][0]["display_name"] == "Beyoncé Fan Club");
+    // With the avatar: the whole profile view, to the byte.
+    let profile = wait_image(&stack, None, "/v1/users/alice", "avatar_state").await?;
+    ensure!(profile["avatar_state"] == "ready" && profile["avatar_url"].is_string(), "{profile}");
+    let users = search(&stack, "users", "beyonce fan", None).await?;
+    ensure!(users["users"][0] == profile, "search: {users}\nGET /v1/users/alice: {profile}");
+    let (status, _, bytes) = fetch(&stack, profile["avatar_url"].as_str().context("avatar_url")?).await?;
+    ensure!(status == 200 && bytes.starts_with(&[0xff, 0xd8, 0xff]), "the avatar is not served: {status}");
     let lists = search(&stack, "playlists", "covers", Some(&bob)).await?;
     ensure!(field(&lists, "playlists", "id") == [list.as_str()], "{lists}");
     ensure!(lists["playlists"][0]["track_count"] == 1, "bob sees one of its tracks: {lists}");

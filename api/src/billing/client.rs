@@ -1,6 +1,6 @@
 //! The calls Waveline makes to Stripe's API, through `async-stripe` (hyper 1, rustls on
-//! aws-lc-rs): create a customer, a Checkout Session, a customer-portal session, and read a
-//! subscription. Every call has a timeout; the base URL is `stripe_api_base`, so the tests run
+//! aws-lc-rs): create and delete a customer, a Checkout Session, a customer-portal session,
+//! and read a subscription. Every call has a timeout; the base URL is `stripe_api_base`, so the tests run
 //! against a fake Stripe on loopback.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use stripe_billing::subscription::RetrieveSubscription;
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionSubscriptionData,
 };
-use stripe_core::customer::CreateCustomer;
+use stripe_core::customer::{CreateCustomer, DeleteCustomer};
 use waveline_shared::config::BillingSettings;
 use waveline_shared::db::UserRow;
 use waveline_shared::db::billing::Subscription;
@@ -29,8 +29,9 @@ pub const ACCOUNT_KEY: &str = "waveline_account";
 /// Why a call to Stripe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StripeError {
-    #[error("Stripe answered {status}: {message}")]
-    Refused { status: u16, message: String },
+    /// `code` is Stripe's error code (`resource_missing`, …), empty when it gave none.
+    #[error("Stripe answered {status} {code}: {message}")]
+    Refused { status: u16, code: String, message: String },
     #[error("Stripe did not answer: {0}")]
     Unreachable(String),
     #[error("Stripe's answer lacks {0}")]
@@ -55,9 +56,11 @@ impl StripeError {
 impl From<stripe::StripeError> for StripeError {
     fn from(err: stripe::StripeError) -> StripeError {
         match err {
-            stripe::StripeError::Stripe(api, status) => {
-                StripeError::Refused { status, message: api.message.unwrap_or_default() }
-            }
+            stripe::StripeError::Stripe(api, status) => StripeError::Refused {
+                status,
+                code: api.code.as_ref().map(|code| code.as_str().to_owned()).unwrap_or_default(),
+                message: api.message.unwrap_or_default(),
+            },
             stripe::StripeError::JSONDeserialize(message) => StripeError::Unreadable(message),
             other => StripeError::Unreachable(other.to_string()),
         }
@@ -114,6 +117,17 @@ impl StripeApi {
             .send(&self.client)
             .await?;
         Ok(customer.id.as_str().to_owned())
+    }
+
+    /// Deletes a customer, which cancels every subscription of it at once (Stripe's
+    /// `DELETE /v1/customers/{id}`). `Ok(false)` when Stripe has no such customer: it was
+    /// deleted before (an earlier attempt whose account deletion did not complete).
+    pub async fn delete_customer(&self, customer: &str) -> Result<bool, StripeError> {
+        match DeleteCustomer::new(customer).send(&self.client).await.map_err(StripeError::from) {
+            Ok(_) => Ok(true),
+            Err(StripeError::Refused { status: 404, code, .. }) if code == "resource_missing" => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 
     /// A Checkout Session for the premium subscription; answers its URL.

@@ -8,6 +8,9 @@
 //!
 //! Without Stripe settings every route answers 503 `billing_disabled`.
 //!
+//! **Account deletion** ([`Billing::end_for_deletion`]) deletes the account's Stripe customer
+//! before anything else of the account goes, which cancels its subscriptions at once.
+//!
 //! **Webhook.** The signature is checked over the raw body (read whole, at most
 //! [`crate::body::WEBHOOK_MAX_BYTES`]) before anything parses it; a missing, malformed, stale or
 //! wrong one is 400 with its code. Then one transaction applies the event: its id goes in
@@ -86,6 +89,35 @@ impl Billing {
                 "billing is not configured on this server",
             )
         })
+    }
+}
+
+impl Billing {
+    /// Ends the account's billing before the account is deleted: deletes its Stripe customer,
+    /// which cancels every subscription of it at once, so a deleted account is never charged
+    /// again. An account that never checked out has nothing to end. A customer Stripe no
+    /// longer has (an earlier attempt deleted it) is as good as deleted.
+    ///
+    /// 503 `billing_unavailable` when Stripe fails, and 503 `billing_disabled` when the
+    /// account has a customer but this server has no Stripe settings to cancel it with: the
+    /// caller removes nothing then, so the account stays whole and the deletion can be tried
+    /// again.
+    pub(crate) async fn end_for_deletion(&self, user: UserId) -> Result<(), ApiError> {
+        let Some(customer) = self.db.customer_of(user).await? else {
+            return Ok(());
+        };
+        let Some((stripe, _)) = &self.stripe else {
+            tracing::error!(%user, %customer, "cannot delete an account with a Stripe customer: billing is not configured");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "billing_disabled",
+                "this account has a Stripe subscription that cannot be cancelled: billing is not configured on this \
+                 server; the account was not deleted",
+            ));
+        };
+        let deleted = stripe.delete_customer(&customer).await.map_err(|err| stripe_failed(&err))?;
+        tracing::info!(%user, %customer, deleted, "the Stripe customer of a deleted account is gone");
+        Ok(())
     }
 }
 

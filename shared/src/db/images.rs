@@ -310,6 +310,24 @@ impl PgImages {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Makes `version` `pending` again with a clean attempt count, when it is still the
+    /// latest upload and failed `retries_exhausted`: its dead-lettered job is about to be
+    /// replayed, and a failed version claims nothing. Returns whether it did.
+    pub async fn retry_exhausted(&self, subject: ImageSubject, id: Uuid, version: &str) -> Result<bool, DbError> {
+        let result = sqlx::query(
+            "UPDATE images SET state = 'pending', attempts = 0, error_code = NULL, error_message = NULL,
+                 updated_at = now()
+             WHERE subject = $1 AND subject_id = $2 AND version = $3 AND state = 'failed'
+                 AND error_code = 'retries_exhausted'",
+        )
+        .bind(subject.as_str())
+        .bind(id)
+        .bind(version)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Whether `version` of the subject's image is still wanted: the latest upload or the one
     /// served. A version that is neither has objects no one will ever name.
     pub async fn is_live(&self, subject: ImageSubject, id: Uuid, version: &str) -> Result<bool, DbError> {
