@@ -35,7 +35,10 @@
 //! The activity feed is built on read: [`Documents::feed`] merges the newest activities of a
 //! set of actors (the accounts a viewer follows, at most [`MAX_FEED_ACTORS`]). Activities are
 //! indexed by actor, then newest first: `(actor, created_at, id)` in PostgreSQL, `(actor, id)`
-//! in MongoDB (the same order, see below). PostgreSQL reads that index in two steps: first
+//! in MongoDB (the same order, see below). PostgreSQL first reads everyone's newest activities
+//! below the cursor by id (at most 100 per item of the page), keeping the actors': when the
+//! actors wrote enough of them to fill the page, that is the page, at a few index pages
+//! whatever the depth. Otherwise it reads the actors' index in two steps: first
 //! each actor's newest activity below the cursor (one entry per actor), then, only for the
 //! actors whose newest reaches the page-size-th newest of those, their activities down to it (a
 //! `LATERAL` walk each). Every item of the page is at or above that bound, since that many
